@@ -1,0 +1,115 @@
+"""gradxform: optax-style gradient transformations for PyTorch.
+
+The flat public API, as in optax::
+
+    import gradxform as gx
+    tx = gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(1e-3))
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    params = gx.apply_updates(params, updates)
+
+or, as a ``torch.optim.Optimizer``: ``opt = gx.Optimizer(model.parameters(), tx)``.
+"""
+
+from __future__ import annotations
+
+from . import schedules, tree
+from .alias import adam, adamw, sgd
+from .base import (
+    EmptyState,
+    ExtraArgs,
+    GradientTransformation,
+    apply_updates,
+    chain,
+    extra_args_of,
+    identity,
+    with_extra_args,
+)
+from .combine import (
+    ApplyIfFiniteState,
+    InjectHyperparamsState,
+    MaskedState,
+    MultiStepsState,
+    PartitionState,
+    apply_if_finite,
+    inject_hyperparams,
+    masked,
+    multi_steps,
+    partition,
+)
+from .optim import Optimizer
+from .schedules import (
+    constant_schedule,
+    cosine_decay_schedule,
+    exponential_decay,
+    join_schedules,
+    linear_schedule,
+    piecewise_constant_schedule,
+    polynomial_schedule,
+    warmup_cosine_decay_schedule,
+)
+from .transforms import (
+    ScaleByAdamState,
+    ScaleByRmsState,
+    ScaleByScheduleState,
+    TraceState,
+    add_decayed_weights,
+    clip_by_global_norm,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_rms,
+    scale_by_schedule,
+    trace,
+)
+from .tree import tree_global_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientTransformation",
+    "EmptyState",
+    "ExtraArgs",
+    "extra_args_of",
+    "with_extra_args",
+    "identity",
+    "chain",
+    "apply_updates",
+    "scale",
+    "scale_by_schedule",
+    "scale_by_learning_rate",
+    "trace",
+    "scale_by_adam",
+    "scale_by_rms",
+    "add_decayed_weights",
+    "clip_by_global_norm",
+    "masked",
+    "partition",
+    "inject_hyperparams",
+    "apply_if_finite",
+    "multi_steps",
+    "sgd",
+    "adam",
+    "adamw",
+    "Optimizer",
+    "constant_schedule",
+    "linear_schedule",
+    "polynomial_schedule",
+    "cosine_decay_schedule",
+    "exponential_decay",
+    "warmup_cosine_decay_schedule",
+    "piecewise_constant_schedule",
+    "join_schedules",
+    "tree_global_norm",
+    "schedules",
+    "tree",
+    "ScaleByScheduleState",
+    "TraceState",
+    "ScaleByAdamState",
+    "ScaleByRmsState",
+    "MaskedState",
+    "PartitionState",
+    "InjectHyperparamsState",
+    "ApplyIfFiniteState",
+    "MultiStepsState",
+]

@@ -1,0 +1,151 @@
+"""Named optimisers with torch.optim's defaults, names and semantics.
+
+Each alias is a chain of generic blocks wrapped in :func:`~gradxform.combine.inject_hyperparams`,
+so its numeric hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum``,
+``dampening``) live in the state as tensors. That is what lets :class:`gradxform.Optimizer` expose
+a live ``group["lr"]`` to ``torch.optim.lr_scheduler`` and ``torch.compile`` take a new value
+without recompiling. Any of them may also be a schedule ``count -> value``.
+
+Which blocks the chain contains is fixed at construction: momentum and weight decay that start
+at 0 are left out (as torch.optim skips them), so turning them on later through the state has
+no effect; construct the alias with a non-zero value instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import GradientTransformation, chain
+from .combine import inject_hyperparams
+from .transforms import (
+    ScalarOrSchedule,
+    add_decayed_weights,
+    check_float,
+    scale,
+    scale_by_adam,
+    scale_by_learning_rate,
+    trace,
+)
+
+__all__ = ["sgd", "adam", "adamw"]
+
+
+def _nonzero(x: Any) -> bool:
+    if callable(x) and not isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, torch.Tensor):
+        return bool((x != 0).any())
+    return x != 0
+
+
+def _sgd(lr: Any, momentum: Any, dampening: Any, weight_decay: Any, nesterov: bool, maximize: bool,
+         use_momentum: bool, use_weight_decay: bool) -> GradientTransformation:
+    parts = []
+    if maximize:
+        parts.append(scale(-1.0))
+    if use_weight_decay:
+        parts.append(add_decayed_weights(weight_decay))
+    if use_momentum:
+        parts.append(trace(momentum, nesterov=nesterov, dampening=dampening))
+    parts.append(scale_by_learning_rate(lr))
+    return chain(*parts)
+
+
+def sgd(
+    lr: ScalarOrSchedule = 1e-3,
+    momentum: ScalarOrSchedule = 0.0,
+    dampening: ScalarOrSchedule = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
+    nesterov: bool = False,
+    *,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """Stochastic gradient descent as ``torch.optim.SGD`` (Sutskever et al., 2013 for momentum).
+
+    ``g <- -g`` if maximize; ``g <- g + wd * p``; ``b_1 = g_1``,
+    ``b_t = momentum * b_{t-1} + (1 - dampening) * g_t``; ``g <- g + momentum * b_t`` (nesterov) or
+    ``g <- b_t``; ``p <- p - lr * g``. Built as ``chain(add_decayed_weights, trace,
+    scale_by_learning_rate)`` inside ``inject_hyperparams``.
+    """
+    check_float("lr", lr, low=0.0)
+    check_float("momentum", momentum, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    if nesterov and (not _nonzero(momentum) or _nonzero(dampening)):
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+    return inject_hyperparams(_sgd, static_args=("nesterov", "maximize", "use_momentum", "use_weight_decay"))(
+        lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+        maximize=maximize, use_momentum=_nonzero(momentum), use_weight_decay=_nonzero(weight_decay),
+    )
+
+
+def _adam(lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: bool, maximize: bool,
+          decoupled: bool, use_weight_decay: bool) -> GradientTransformation:
+    b1, b2 = betas
+    parts = []
+    if maximize:
+        parts.append(scale(-1.0))
+    if use_weight_decay and not decoupled:
+        parts.append(add_decayed_weights(weight_decay))
+    parts.append(scale_by_adam(b1, b2, eps, amsgrad=amsgrad))
+    if use_weight_decay and decoupled:
+        parts.append(add_decayed_weights(weight_decay))
+    parts.append(scale_by_learning_rate(lr))
+    return chain(*parts)
+
+
+def _check_betas(betas: Any) -> None:
+    if callable(betas) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
+    check_float("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    check_float("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+
+
+def adam(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 0.0,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """Adam as ``torch.optim.Adam`` (Kingma & Ba, 2015; AMSGrad: Reddi et al., 2018).
+
+    L2 weight decay is added to the gradient *before* the moments: ``g <- g + wd * p``; then
+    :func:`~gradxform.scale_by_adam` and ``p <- p - lr * u``.
+    """
+    check_float("lr", lr, low=0.0)
+    _check_betas(betas)
+    check_float("eps", eps, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    return inject_hyperparams(_adam, static_args=("amsgrad", "maximize", "decoupled", "use_weight_decay"))(
+        lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+        decoupled=False, use_weight_decay=_nonzero(weight_decay),
+    )
+
+
+def adamw(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-2,
+    amsgrad: bool = False,
+    *,
+    maximize: bool = False,
+) -> GradientTransformation:
+    """AdamW as ``torch.optim.AdamW`` (Loshchilov & Hutter, ICLR 2019, arXiv 1711.05101).
+
+    Decoupled decay, multiplied by the learning rate: ``p <- p - lr * (u_adam + wd * p)`` with the
+    params *before* the step, i.e. ``chain(scale_by_adam, add_decayed_weights(wd),
+    scale_by_learning_rate(lr))``.
+    """
+    check_float("lr", lr, low=0.0)
+    _check_betas(betas)
+    check_float("eps", eps, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    return inject_hyperparams(_adam, static_args=("amsgrad", "maximize", "decoupled", "use_weight_decay"))(
+        lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+        decoupled=True, use_weight_decay=_nonzero(weight_decay),
+    )

@@ -1,0 +1,303 @@
+"""``gradxform.Optimizer``: any gradient transformation as a ``torch.optim.Optimizer``.
+
+::
+
+    opt = gx.Optimizer(model.parameters(), gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(1e-3)))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
+    for x, y in loader:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()            # extra arguments: opt.step(losses=...)
+        sched.step()
+
+How it maps onto torch.optim:
+
+- Each param group holds a transform under ``group["tx"]`` (the one given to the constructor
+  unless the group brings its own) and one transform state over the list of its params.
+- ``step()`` passes ``[p.grad for p in group["params"]]`` through ``tx.update`` (a ``None`` grad
+  is a frozen leaf: that param and its state are left alone) and adds the updates to the params
+  in place. Complex params are seen by the transform as ``torch.view_as_real`` views, as
+  torch.optim does.
+- The numeric hyperparameters of every :func:`~gradxform.inject_hyperparams` transform in the
+  state (all the aliases: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum``, ...) appear as
+  group keys. They are live: a value written into ``group["lr"]`` by you or by a
+  ``torch.optim.lr_scheduler`` is copied into the state before the next update. A hyperparameter
+  given as a schedule overrides the group value and is written back to the group after each step.
+- ``state_dict()`` has torch's layout: ``state`` maps a param index to that param's buffers
+  (keyed by their path in the transform state, e.g. ``"1.inner_state.0.mu"``), and each entry of
+  ``param_groups`` carries the group's hyperparameters, its param indices and, under
+  ``"tx_state"``, the state's non-per-param tensors (step counts, injected hyperparameters).
+  ``load_state_dict`` restores them exactly, so a resumed run is bit-identical.
+- Because the adapter owns the state, transforms may update its buffers in place
+  (:func:`gradxform.tree.owned_buffers`); the user's ``.grad`` tensors are never written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, Callable
+
+import torch
+
+from . import tree as _tree
+from .base import GradientTransformation
+from .combine import InjectHyperparamsState
+
+__all__ = ["Optimizer"]
+
+logger = logging.getLogger(__name__)
+
+_RESERVED = ("params", "tx", "tx_state")
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _find_injected(state: Any) -> list[InjectHyperparamsState]:
+    """Every InjectHyperparamsState in a transform state, outermost first."""
+    found: list[InjectHyperparamsState] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, InjectHyperparamsState):
+            found.append(node)
+            walk(node.inner_state)
+        elif isinstance(node, tuple):
+            for child in node:
+                walk(child)
+        elif isinstance(node, dict):
+            for child in node.values():
+                walk(child)
+
+    walk(state)
+    return found
+
+
+def _hyperparam_values(state: Any) -> dict[str, Any]:
+    """Group-facing values (floats, tuples of floats) of the injected hyperparameters."""
+    values: dict[str, Any] = {}
+    for inj in _find_injected(state):
+        for name, t in inj.hyperparams.items():
+            if name not in values:
+                values[name] = tuple(t.tolist()) if t.ndim == 1 else t.item()
+    return values
+
+
+def _is_per_param(node: Any, n: int) -> bool:
+    return (
+        isinstance(node, list)
+        and len(node) == n
+        and n > 0
+        and all(x is None or isinstance(x, torch.Tensor) for x in node)
+    )
+
+
+def _children(node: Any) -> list[tuple[str, Any]]:
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return [(f, getattr(node, f)) for f in node._fields]
+    if isinstance(node, (tuple, list)):
+        return [(str(i), c) for i, c in enumerate(node)]
+    if isinstance(node, dict):
+        return [(str(k), v) for k, v in node.items()]
+    return []
+
+
+def _split_state(state: Any, n: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Per-param buffers (lists mirroring the group's params) and the other tensors, by path."""
+    per_param: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    shared: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if _is_per_param(node, n):
+            for i, x in enumerate(node):
+                if x is not None:
+                    per_param[i][path] = x
+        elif isinstance(node, torch.Tensor):
+            shared[path] = node
+        else:
+            for key, child in _children(node):
+                walk(child, f"{path}.{key}" if path else key)
+
+    walk(state, "")
+    return per_param, shared
+
+
+def _merge_state(template: Any, n: int, per_param: list[dict[str, torch.Tensor]], shared: dict[str, torch.Tensor],
+                 where: str) -> Any:
+    """Rebuild a state shaped like ``template`` from the tensors of :func:`_split_state`."""
+
+    def load(saved: torch.Tensor | None, like: torch.Tensor, path: str, owner: str) -> torch.Tensor:
+        if saved is None:
+            raise KeyError(f"{where}: the saved state has no tensor '{path}' for {owner}; was it saved from an "
+                           "optimizer with the same transform?")
+        if saved.shape != like.shape:
+            raise ValueError(f"{where}: saved tensor '{path}' for {owner} has shape {tuple(saved.shape)}, "
+                             f"expected {tuple(like.shape)}")
+        return saved.detach().to(device=like.device, dtype=saved.dtype, copy=True)
+
+    def walk(node: Any, path: str) -> Any:
+        if _is_per_param(node, n):
+            return [None if x is None else load(per_param[i].get(path), x, path, f"param {i}")
+                    for i, x in enumerate(node)]
+        if isinstance(node, torch.Tensor):
+            return load(shared.get(path), node, path, "the group")
+        kids = _children(node)
+        if not kids:
+            return node
+        new = [walk(child, f"{path}.{key}" if path else key) for key, child in kids]
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*new)
+        if isinstance(node, (tuple, list)):
+            return type(node)(new)
+        return dict(zip(node.keys(), new))
+
+    return walk(template, "")
+
+
+class Optimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that runs a :class:`~gradxform.GradientTransformation`.
+
+    Args:
+        params: an iterable of tensors or of param-group dicts, as for any torch optimizer. A group
+            dict may carry its own transform under ``"tx"`` and hyperparameter overrides such as
+            ``"lr"``.
+        tx: the transform for groups that bring none. Its injected hyperparameters (see
+            :func:`~gradxform.inject_hyperparams`; all aliases have them) become the defaults.
+
+    ``step(closure=None, **extra_args)`` forwards extra keyword arguments to ``tx.update``.
+    """
+
+    def __init__(self, params: Iterable[Any], tx: GradientTransformation) -> None:
+        if not (isinstance(tx, tuple) and len(tx) == 2 and callable(tx[0]) and callable(tx[1])):
+            raise TypeError(f"gradxform.Optimizer needs a GradientTransformation as tx; got {tx!r}")
+        self._gx_states: dict[int, Any] = {}
+        defaults = {"tx": GradientTransformation(*tx), **_hyperparam_values(tx.init([]))}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; a group with its own ``"tx"`` takes its hyperparameter defaults from it."""
+        if isinstance(param_group, dict) and "tx" in param_group:
+            own = param_group["tx"]
+            if not (isinstance(own, tuple) and len(own) == 2):
+                raise TypeError(f"param group 'tx' must be a GradientTransformation; got {own!r}")
+            param_group = dict(param_group)
+            param_group["tx"] = GradientTransformation(*own)
+            for k, v in _hyperparam_values(own.init([])).items():
+                param_group.setdefault(k, v)
+        super().add_param_group(param_group)
+
+    # -- hyperparameters ------------------------------------------------------------------------
+
+    @staticmethod
+    def _sync_in(state: Any, group: dict[str, Any]) -> None:
+        for inj in _find_injected(state):
+            for name, t in inj.hyperparams.items():
+                if name in group:
+                    value = group[name]
+                    if isinstance(value, torch.Tensor):
+                        t.copy_(value.detach().reshape(t.shape))
+                    elif t.ndim == 1:
+                        t.copy_(torch.tensor([float(v) for v in value], dtype=t.dtype))
+                    else:
+                        t.fill_(float(value))
+
+    @staticmethod
+    def _sync_out(state: Any, group: dict[str, Any]) -> None:
+        for name, value in _hyperparam_values(state).items():
+            current = group.get(name)
+            if isinstance(current, torch.Tensor):
+                continue
+            group[name] = value
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def _init_group_state(self, group: dict[str, Any]) -> Any:
+        return group["tx"].init([_real(p.detach()) for p in group["params"]])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, **extra_args: Any) -> Any:  # type: ignore[override]
+        """Run one update of every group's transform and add it to the params in place."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            grads: list[torch.Tensor | None] = []
+            for i, p in enumerate(params):
+                g = p.grad
+                if g is not None and g.is_sparse:
+                    raise RuntimeError(f"param {i} of group {gi} has a sparse gradient; gradxform supports dense ones only")
+                grads.append(None if g is None else _real(g))
+            if all(g is None for g in grads):
+                continue
+            ps = [_real(p) for p in params]
+            state = self._gx_states.get(gi)
+            if state is None:
+                state = self._init_group_state(group)
+            self._sync_in(state, group)
+            protected = [g for g in grads if g is not None]
+            with _tree.owned_buffers(protected):
+                updates, state = group["tx"].update(grads, state, ps, **extra_args)
+            if not isinstance(updates, list) or len(updates) != len(ps):
+                raise TypeError(f"the transform of group {gi} returned {type(updates).__name__} updates; expected a "
+                                f"list of {len(ps)} tensors (or None) mirroring the params")
+            idx = [i for i, u in enumerate(updates) if u is not None]
+            if idx:
+                targets = [ps[i] for i in idx]
+                deltas = [updates[i] if updates[i].dtype == ps[i].dtype else updates[i].to(ps[i].dtype) for i in idx]
+                torch._foreach_add_(targets, deltas)
+            self._gx_states[gi] = state
+            self._sync_out(state, group)
+        return loss
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def tx_state(self, group_index: int = 0) -> Any:
+        """The transform state of a param group (``None`` before its first step)."""
+        return self._gx_states.get(group_index)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """torch's layout: ``{"state": {index: {path: tensor}}, "param_groups": [...]}``."""
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        groups = []
+        start = 0
+        for gi, group in enumerate(self.param_groups):
+            n = len(group["params"])
+            ids = list(range(start, start + n))
+            start += n
+            packed = {k: v for k, v in group.items() if k not in _RESERVED}
+            packed["params"] = ids
+            st = self._gx_states.get(gi)
+            if st is not None:
+                per_param, shared = _split_state(st, n)
+                packed["tx_state"] = shared
+                for pid, d in zip(ids, per_param):
+                    if d:
+                        state[pid] = d
+            groups.append(packed)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Restore what :meth:`state_dict` saved; the groups must hold the same number of params."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups; this optimizer has "
+                             f"{len(self.param_groups)}")
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"group {gi}: the loaded state dict has {len(saved['params'])} params, this "
+                                 f"optimizer's group has {len(group['params'])}")
+        new_states: dict[int, Any] = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if "tx_state" in saved:
+                n = len(group["params"])
+                per_param = [state_dict["state"].get(pid, {}) for pid in saved["params"]]
+                template = self._init_group_state(group)
+                new_states[gi] = _merge_state(template, n, per_param, saved["tx_state"], f"group {gi}")
+        for group, saved in zip(self.param_groups, saved_groups):
+            for k, v in saved.items():
+                if k not in _RESERVED:
+                    group[k] = v
+        self._gx_states = new_states

@@ -1,0 +1,434 @@
+"""Generic building blocks: scaling, momentum, Adam and RMS moments, weight decay, norm clipping.
+
+Each function returns a :class:`~gradxform.base.GradientTransformation`. Updates are added to
+params, so an optimiser ends with a negative scale (``scale_by_learning_rate`` flips the sign).
+Hyperparameters may be Python numbers or 0-d tensors (``inject_hyperparams`` passes tensors when
+compiling, so a changed value does not recompile). All leaf arithmetic runs as
+``torch._foreach_*`` kernels over the list of live (non-``None``) leaves.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+
+from . import tree as _tree
+from .base import EmptyState, GradientTransformation, Params, Updates, expect_state
+
+__all__ = [
+    "ScalarOrSchedule",
+    "ScaleByScheduleState",
+    "TraceState",
+    "ScaleByAdamState",
+    "ScaleByRmsState",
+    "scale",
+    "scale_by_schedule",
+    "scale_by_learning_rate",
+    "trace",
+    "scale_by_adam",
+    "scale_by_rms",
+    "add_decayed_weights",
+    "clip_by_global_norm",
+]
+
+ScalarOrSchedule = float | torch.Tensor | Callable[[Any], Any]
+
+
+# --- helpers shared by the transforms ---------------------------------------------------------
+
+
+class _Flat:
+    """Updates flattened once: ``leaves`` (``None`` kept), ``idx`` of live leaves, ``live`` list."""
+
+    __slots__ = ("tree", "leaves", "spec", "idx", "live")
+
+    def __init__(self, updates: Updates) -> None:
+        self.tree = updates
+        self.leaves, self.spec = _tree.tree_flatten(updates)
+        self.idx, self.live = _tree.live(self.leaves)
+
+    def paths(self) -> list[str]:
+        return _tree.tree_paths(self.tree)
+
+    def state_live(self, state_tree: Any, what: str) -> list[torch.Tensor]:
+        """Leaves of a params-shaped state tree at the live positions, structure-checked."""
+        leaves = _tree.check_structure(self.spec, state_tree, what, reference=self.tree)
+        out = []
+        for i in self.idx:
+            if leaves[i] is None:
+                raise ValueError(
+                    f"updates has a tensor at '{self.paths()[i]}' but {what} holds None there: the "
+                    "transform was initialised with that leaf frozen (None)"
+                )
+            out.append(leaves[i])
+        _tree.check_shapes(lambda: [self.paths()[i] for i in self.idx], self.live, out, what)
+        return out
+
+    def params_live(self, params: Params, who: str) -> list[torch.Tensor]:
+        if params is None:
+            raise ValueError(f"{who} needs params: call update(updates, state, params)")
+        return self.state_live(params, "params")
+
+    def rebuild(self, new_live: Sequence[torch.Tensor], like: Any = None) -> Any:
+        """Unflatten ``new_live`` into the updates' structure, ``None`` at frozen leaves.
+
+        With ``like`` (a previous state tree), frozen positions keep ``like``'s leaves.
+        """
+        base = self.leaves if like is None else _tree.tree_flatten(like)[0]
+        if like is None:
+            base = [None] * len(self.leaves)
+        return _tree.tree_unflatten(self.spec, _tree.scatter(base, self.idx, new_live))
+
+
+def _mul(xs: list[torch.Tensor], s: Any, inplace: bool) -> list[torch.Tensor]:
+    if inplace:
+        torch._foreach_mul_(xs, s)
+        return xs
+    return list(torch._foreach_mul(xs, s))
+
+
+def _ema(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplace: bool) -> list[torch.Tensor]:
+    """decay * old + (1 - decay) * new (as torch.optim: ``old.lerp_(new, 1 - decay)``)."""
+    if not isinstance(decay, torch.Tensor):
+        if inplace:
+            torch._foreach_lerp_(old, new, 1.0 - decay)
+            return old
+        return list(torch._foreach_lerp(old, new, 1.0 - decay))
+    out = _mul(old, decay, inplace)
+    torch._foreach_add_(out, torch._foreach_mul(new, 1.0 - decay))
+    return out
+
+
+def _ema_sq(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplace: bool) -> list[torch.Tensor]:
+    """decay * old + (1 - decay) * new**2 (as torch.optim: ``mul_(decay).addcmul_(g, g, 1 - decay)``)."""
+    out = _mul(old, decay, inplace)
+    if isinstance(decay, torch.Tensor):
+        torch._foreach_add_(out, torch._foreach_mul(torch._foreach_mul(new, new), 1.0 - decay))
+    else:
+        torch._foreach_addcmul_(out, new, new, 1.0 - decay)
+    return out
+
+
+def check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Validate a hyperparameter given as a number or a 0-d tensor (schedules are not checked).
+
+    Called at construction time, so reading a tensor value here is not in any hot path.
+    """
+    if callable(value) and not isinstance(value, torch.Tensor):
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or _tree.is_compiling():
+            return
+        v = float(value.detach().reshape(()).cpu())
+    else:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a number, a 0-d tensor or a schedule; got {value!r}") from None
+    if math.isnan(v):
+        raise ValueError(f"{name} must not be NaN")
+    if low is not None and (v < low or (low_open and v == low)):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{name} must be {bound}; got {v}")
+    if high is not None and (v > high or (high_open and v == high)):
+        bound = f"< {high}" if high_open else f"<= {high}"
+        raise ValueError(f"{name} must be {bound}; got {v}")
+
+
+def _zero_count() -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64)
+
+
+def _schedule_value(schedule: Callable[[Any], Any], count: torch.Tensor) -> Any:
+    return _tree.as_scalar(schedule(count))
+
+
+# --- scaling ------------------------------------------------------------------------------------
+
+
+def scale(step_size: float | torch.Tensor) -> GradientTransformation:
+    """Multiply every update by a constant: ``u <- step_size * u``."""
+    check_float("step_size", step_size)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates: Updates, state: EmptyState, params: Params | None = None) -> tuple[Updates, EmptyState]:
+        del params
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        s = _tree.as_scalar(step_size)
+        return flat.rebuild(_mul(flat.live, s, _tree.updates_inplace(flat.live))), state
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByScheduleState(NamedTuple):
+    """``count``: number of updates so far (0-d int64)."""
+
+    count: torch.Tensor
+
+
+def scale_by_schedule(step_size_fn: Callable[[Any], Any]) -> GradientTransformation:
+    """Scale by a schedule of the step count: ``u <- step_size_fn(count) * u``, ``count`` 0-based."""
+    if not callable(step_size_fn):
+        raise TypeError(f"step_size_fn must be callable count -> value; got {step_size_fn!r}")
+
+    def init(params: Params) -> ScaleByScheduleState:
+        del params
+        return ScaleByScheduleState(_zero_count())
+
+    def update(updates: Updates, state: ScaleByScheduleState, params: Params | None = None) -> tuple[Updates, ScaleByScheduleState]:
+        del params
+        expect_state(state, ScaleByScheduleState, "scale_by_schedule")
+        flat = _Flat(updates)
+        s = _schedule_value(step_size_fn, state.count)
+        new = _mul(flat.live, s, _tree.updates_inplace(flat.live)) if flat.live else []
+        return flat.rebuild(new), ScaleByScheduleState(state.count + 1)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True) -> GradientTransformation:
+    """``u <- -lr * u`` (``+lr * u`` with ``flip_sign=False``); ``lr`` a number, tensor or schedule.
+
+    A negative learning rate is rejected (use ``flip_sign`` to ascend).
+    """
+    check_float("learning rate", learning_rate, low=0.0)
+    sign = -1.0 if flip_sign else 1.0
+    if callable(learning_rate) and not isinstance(learning_rate, torch.Tensor):
+        fn = learning_rate
+        return scale_by_schedule(lambda count: sign * fn(count))
+    return scale(sign * learning_rate)
+
+
+# --- momentum -----------------------------------------------------------------------------------
+
+
+class TraceState(NamedTuple):
+    """``count``: updates so far; ``trace``: the momentum buffer (params-shaped)."""
+
+    count: torch.Tensor
+    trace: Any
+
+
+def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float | torch.Tensor = 0.0) -> GradientTransformation:
+    """Heavy-ball momentum with torch.optim.SGD's semantics.
+
+    ``b_1 = g_1``; ``b_t = decay * b_{t-1} + (1 - dampening) * g_t``; output ``b_t``, or
+    ``g_t + decay * b_t`` with ``nesterov=True`` (Sutskever et al., 2013, as torch.optim.SGD).
+    Note the first step: the buffer starts at the gradient itself, without dampening.
+    """
+    check_float("momentum (decay)", decay, low=0.0)
+    check_float("dampening", dampening, low=0.0, high=1.0)
+
+    def init(params: Params) -> TraceState:
+        return TraceState(_zero_count(), _tree.tree_zeros_like(params))
+
+    def update(updates: Updates, state: TraceState, params: Params | None = None) -> tuple[Updates, TraceState]:
+        del params
+        expect_state(state, TraceState, "trace")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, TraceState(state.count + 1, state.trace)
+        buf = flat.state_live(state.trace, "state.trace")
+        mu, damp = _tree.as_scalar(decay), _tree.as_scalar(dampening)
+        inplace = _tree.state_inplace()
+        g = flat.live
+        buf = _mul(buf, mu, inplace)
+        if isinstance(damp, (int, float)) and damp == 0:
+            torch._foreach_add_(buf, g)
+        else:
+            # b_t = mu * b_{t-1} + (1 - damp * [t > 1]) g_t; b_0 = 0, so step 1 gives b_1 = g_1.
+            first = state.count == 0
+            w = 1.0 - damp * (~first).to(torch.float64)
+            w = _tree.as_scalar(w)
+            if isinstance(w, torch.Tensor):
+                torch._foreach_add_(buf, torch._foreach_mul(g, w))
+            else:
+                torch._foreach_add_(buf, g, alpha=w)
+        if nesterov:
+            if isinstance(mu, torch.Tensor):
+                out = list(torch._foreach_add(g, torch._foreach_mul(buf, mu)))
+            else:
+                out = list(torch._foreach_add(g, buf, alpha=mu))
+        else:
+            out = buf if inplace else [b for b in buf]
+        new_trace = flat.rebuild(buf, like=state.trace)
+        if out is buf and inplace:
+            out = [b.clone() for b in buf]  # the output must not alias the state buffer
+        return flat.rebuild(out), TraceState(state.count + 1, new_trace)
+
+    return GradientTransformation(init, update)
+
+
+# --- adaptive moments ---------------------------------------------------------------------------
+
+
+class ScaleByAdamState(NamedTuple):
+    """``count``: updates so far; ``mu``, ``nu``: first and second moments; ``nu_max``: the
+    running maximum of ``nu`` (AMSGrad) or ``None``."""
+
+    count: torch.Tensor
+    mu: Any
+    nu: Any
+    nu_max: Any
+
+
+def scale_by_adam(
+    b1: float | torch.Tensor = 0.9,
+    b2: float | torch.Tensor = 0.999,
+    eps: float | torch.Tensor = 1e-8,
+    amsgrad: bool = False,
+) -> GradientTransformation:
+    """Adam's preconditioning (Kingma & Ba, 2015, arXiv 1412.6980), eps placed as torch.optim.
+
+    ``m_t = b1 m + (1-b1) g``; ``v_t = b2 v + (1-b2) g^2``; with AMSGrad (Reddi et al., 2018)
+    ``vmax_t = max(vmax, v_t)`` replaces ``v_t`` below;
+    ``u = (m_t / (1-b1^t)) / (sqrt(v_t) / sqrt(1-b2^t) + eps)``.
+    """
+    check_float("b1 (betas[0])", b1, low=0.0, high=1.0, high_open=True)
+    check_float("b2 (betas[1])", b2, low=0.0, high=1.0, high_open=True)
+    check_float("eps", eps, low=0.0)
+
+    def init(params: Params) -> ScaleByAdamState:
+        zeros = _tree.tree_zeros_like
+        return ScaleByAdamState(_zero_count(), zeros(params), zeros(params), zeros(params) if amsgrad else None)
+
+    def update(updates: Updates, state: ScaleByAdamState, params: Params | None = None) -> tuple[Updates, ScaleByAdamState]:
+        del params
+        expect_state(state, ScaleByAdamState, "scale_by_adam")
+        count = state.count + 1
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state._replace(count=count)
+        beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
+        t = _tree.as_scalar(count)
+        inplace = _tree.state_inplace()
+        g = flat.live
+        mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, inplace)
+        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), g, beta2, inplace)
+        nu_max = None
+        if amsgrad:
+            old_max = flat.state_live(state.nu_max, "state.nu_max")
+            if inplace:
+                torch._foreach_maximum_(old_max, nu)
+                nu_max = old_max
+            else:
+                nu_max = list(torch._foreach_maximum(old_max, nu))
+        bc1 = 1 - beta1**t
+        bc2_sqrt = (1 - beta2**t) ** 0.5
+        denom = torch._foreach_sqrt(nu_max if amsgrad else nu)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, e)
+        # u = (m / bc1) / denom; fold 1/bc1 into the denominator to save a pass.
+        torch._foreach_mul_(denom, bc1)
+        out = list(torch._foreach_div(mu, denom))
+        new_state = ScaleByAdamState(
+            count,
+            flat.rebuild(mu, like=state.mu),
+            flat.rebuild(nu, like=state.nu),
+            flat.rebuild(nu_max, like=state.nu_max) if amsgrad else None,
+        )
+        return flat.rebuild(out), new_state
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByRmsState(NamedTuple):
+    """``nu``: the running mean of squared updates (params-shaped)."""
+
+    nu: Any
+
+
+def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor = 1e-8,
+                 initial_scale: float = 0.0) -> GradientTransformation:
+    """RMSProp's preconditioning (Tieleman & Hinton, 2012), eps placed as torch.optim.RMSprop.
+
+    ``v_t = decay v + (1 - decay) g^2``; ``u = g / (sqrt(v_t) + eps)``; ``v_0 = initial_scale``.
+    """
+    check_float("decay", decay, low=0.0, high=1.0)
+    check_float("eps", eps, low=0.0)
+
+    def init(params: Params) -> ScaleByRmsState:
+        return ScaleByRmsState(_tree.tree_map(lambda p: torch.full_like(p, initial_scale), params))
+
+    def update(updates: Updates, state: ScaleByRmsState, params: Params | None = None) -> tuple[Updates, ScaleByRmsState]:
+        del params
+        expect_state(state, ScaleByRmsState, "scale_by_rms")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        d, e = _tree.as_scalar(decay), _tree.as_scalar(eps)
+        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, _tree.state_inplace())
+        denom = torch._foreach_sqrt(nu)
+        torch._foreach_add_(denom, e)
+        out = list(torch._foreach_div(flat.live, denom))
+        return flat.rebuild(out), ScaleByRmsState(flat.rebuild(nu, like=state.nu))
+
+    return GradientTransformation(init, update)
+
+
+# --- weight decay -------------------------------------------------------------------------------
+
+
+def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = None) -> GradientTransformation:
+    """``u <- u + weight_decay * params`` (L2 decay; decoupled when placed after the preconditioner,
+    as AdamW, Loshchilov & Hutter 2019). ``mask``: a pytree of bools (or a function of params
+    returning one) that selects the leaves to decay; the others pass through unchanged."""
+    check_float("weight_decay", weight_decay, low=0.0)
+    if mask is not None:
+        from .combine import masked
+
+        return masked(add_decayed_weights(weight_decay), mask)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates: Updates, state: EmptyState, params: Params | None = None) -> tuple[Updates, EmptyState]:
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        p = flat.params_live(params, "add_decayed_weights")
+        wd = _tree.as_scalar(weight_decay)
+        if isinstance(wd, torch.Tensor):
+            out = list(torch._foreach_add(flat.live, torch._foreach_mul(p, wd)))
+        elif _tree.updates_inplace(flat.live):
+            torch._foreach_add_(flat.live, p, alpha=wd)
+            out = flat.live
+        else:
+            out = list(torch._foreach_add(flat.live, p, alpha=wd))
+        return flat.rebuild(out), state
+
+    return GradientTransformation(init, update)
+
+
+# --- clipping (the rest of the family lives in clipping.py) -------------------------------------
+
+
+def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
+    """Rescale all updates together so that their global L2 norm is at most ``max_norm``:
+    ``u <- u * max_norm / max(||u||, max_norm)`` (Pascanu et al., 2013). A zero update passes."""
+    check_float("max_norm", max_norm, low=0.0, low_open=True)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates: Updates, state: EmptyState, params: Params | None = None) -> tuple[Updates, EmptyState]:
+        del params
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        norm = _tree.global_norm(flat.live)
+        factor = max_norm / torch.clamp(norm, min=max_norm) if not isinstance(max_norm, torch.Tensor) else max_norm / torch.maximum(norm, max_norm)
+        out = _mul(flat.live, factor, _tree.updates_inplace(flat.live))
+        return flat.rebuild(out), state
+
+    return GradientTransformation(init, update)

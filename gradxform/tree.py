@@ -1,0 +1,252 @@
+"""Pytree helpers built on optree.
+
+Every transform in gradxform works on *flat lists* of tensors: it flattens the incoming updates
+once (``None`` counts as a leaf, so frozen / gradient-less leaves keep their place), checks that
+its params-shaped state has the same structure, runs ``torch._foreach_*`` kernels on the list of
+live leaves, and unflattens the result. The helpers here do that bookkeeping, produce error
+messages that name the offending pytree path, and hold the few scalar utilities that keep
+``update`` free of host syncs under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import optree
+import torch
+
+__all__ = [
+    "tree_flatten",
+    "tree_unflatten",
+    "tree_paths",
+    "path_to_str",
+    "check_structure",
+    "tree_map",
+    "tree_zeros_like",
+    "tree_to",
+    "tree_clone",
+    "tree_global_norm",
+    "tree_all_finite",
+    "is_compiling",
+    "as_scalar",
+]
+
+Tree = Any
+
+
+def tree_flatten(tree: Tree) -> tuple[list[Any], optree.PyTreeSpec]:
+    """Flatten ``tree`` with ``None`` treated as a leaf (it marks a frozen entry)."""
+    return optree.tree_flatten(tree, none_is_leaf=True)
+
+
+def tree_unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Any]) -> Tree:
+    """Inverse of :func:`tree_flatten`."""
+    return optree.tree_unflatten(spec, list(leaves))
+
+
+def path_to_str(path: Sequence[Any]) -> str:
+    """Render an optree path such as ``('layers', 0, 'weight')`` as ``layers.0.weight``."""
+    if not path:
+        return "<root>"
+    return ".".join(str(p) for p in path)
+
+
+def tree_paths(tree: Tree) -> list[str]:
+    """The dotted path of every leaf of ``tree`` (``None`` leaves included)."""
+    paths, _, _ = optree.tree_flatten_with_path(tree, none_is_leaf=True)
+    return [path_to_str(p) for p in paths]
+
+
+def _first_difference(reference: Tree, other: Tree) -> str:
+    ref_paths = tree_paths(reference)
+    other_paths = tree_paths(other)
+    for a, b in zip(ref_paths, other_paths):
+        if a != b:
+            return f"path '{a}' in the first has '{b}' at the same position in the second"
+    if len(ref_paths) != len(other_paths):
+        longer, name = (ref_paths, "first") if len(ref_paths) > len(other_paths) else (other_paths, "second")
+        extra = longer[min(len(ref_paths), len(other_paths))]
+        return f"path '{extra}' exists only in the {name}"
+    return "the container types differ (e.g. list vs tuple, or dict keys)"
+
+
+def check_structure(
+    spec: optree.PyTreeSpec,
+    tree: Tree,
+    what: str,
+    against: str = "updates",
+    reference: Tree | None = None,
+) -> list[Any]:
+    """Flatten ``tree`` and check it has structure ``spec``; return its leaves.
+
+    On mismatch raise a ``ValueError`` that names both trees and the first differing path.
+    ``reference`` (the tree ``spec`` came from) makes the message precise.
+    """
+    leaves, other_spec = tree_flatten(tree)
+    if other_spec != spec:
+        detail = _first_difference(reference, tree) if reference is not None else str(other_spec)
+        raise ValueError(
+            f"{against} and {what} have different tree structures: {detail}. "
+            f"{against}: {spec}; {what}: {other_spec}. Did you init the transform with the same "
+            "params tree you now pass updates for?"
+        )
+    return leaves
+
+
+def check_shapes(
+    paths_of: Callable[[], list[str]],
+    updates: Sequence[torch.Tensor | None],
+    others: Sequence[torch.Tensor | None],
+    what: str,
+) -> None:
+    """Raise a ``ValueError`` naming the path of the first leaf whose shape differs."""
+    for i, (u, o) in enumerate(zip(updates, others)):
+        if u is not None and o is not None and u.shape != o.shape:
+            path = paths_of()[i]
+            raise ValueError(
+                f"shape mismatch at '{path}': updates leaf has shape {tuple(u.shape)} but "
+                f"{what} leaf has shape {tuple(o.shape)}"
+            )
+
+
+def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
+    """``optree.tree_map`` where a ``None`` leaf in ``tree`` maps to ``None``."""
+
+    def wrapped(x: Any, *xs: Any) -> Any:
+        return None if x is None else fn(x, *xs)
+
+    return optree.tree_map(wrapped, tree, *rest, none_is_leaf=True)
+
+
+def tree_zeros_like(tree: Tree) -> Tree:
+    """Zeros with the shape, dtype and device of each leaf (``None`` stays ``None``)."""
+    return tree_map(torch.zeros_like, tree)
+
+
+def tree_clone(tree: Tree) -> Tree:
+    """A deep copy of every tensor leaf."""
+    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def tree_to(tree: Tree, *args: Any, **kwargs: Any) -> Tree:
+    """``Tensor.to(*args, **kwargs)`` on every tensor leaf, e.g. to move a state to a device."""
+    return tree_map(lambda x: x.to(*args, **kwargs) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def live(leaves: Sequence[Any]) -> tuple[list[int], list[torch.Tensor]]:
+    """Indices and values of the non-``None`` leaves."""
+    idx = [i for i, x in enumerate(leaves) if x is not None]
+    return idx, [leaves[i] for i in idx]
+
+
+def scatter(template: Sequence[Any], idx: Sequence[int], values: Sequence[Any]) -> list[Any]:
+    """Copy of ``template`` with positions ``idx`` replaced by ``values``."""
+    out = list(template)
+    for i, v in zip(idx, values):
+        out[i] = v
+    return out
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sqrt(sum_j ||t_j||^2) over a list of tensors, as a 0-d tensor (no host sync).
+
+    Computed in float32 or wider, on the device of the first tensor.
+    """
+    if not tensors:
+        return torch.zeros(())
+    device = tensors[0].device
+    norms = torch._foreach_norm(list(tensors))
+    stacked = torch.stack([n.to(device=device, dtype=torch.promote_types(n.dtype, torch.float32)) for n in norms])
+    return torch.linalg.vector_norm(stacked)
+
+
+def tree_global_norm(tree: Tree) -> torch.Tensor:
+    """Global L2 norm of all tensor leaves of ``tree`` (``None`` leaves are skipped)."""
+    leaves, _ = tree_flatten(tree)
+    return global_norm([x for x in leaves if x is not None])
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """0-d bool tensor: every entry of every tensor is finite (no host sync)."""
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    device = tensors[0].device
+    flags = [torch.isfinite(t).all().to(device) for t in tensors]
+    return torch.stack(flags).all()
+
+
+def tree_all_finite(tree: Tree) -> torch.Tensor:
+    """0-d bool tensor: all tensor leaves of ``tree`` are finite."""
+    leaves, _ = tree_flatten(tree)
+    return all_finite([x for x in leaves if x is not None])
+
+
+def is_compiling() -> bool:
+    """True while torch.compile (dynamo) traces the calling code.
+
+    ``torch.compiler.is_compiling`` appeared in torch 2.3; older versions use the dynamo helper.
+    """
+    fn = getattr(torch.compiler, "is_compiling", None)
+    if fn is None:  # torch < 2.3
+        fn = torch._dynamo.is_compiling  # type: ignore[attr-defined]
+    return bool(fn())
+
+
+def as_scalar(x: Any) -> Any:
+    """Hyperparameter to use in kernels: a Python number in eager mode, a tensor when compiling.
+
+    gradxform keeps scalar state (counts, injected hyperparameters) in 0-d *CPU* tensors, as
+    torch.optim keeps ``step``. Reading such a tensor in eager mode is a memory read, not a device
+    synchronisation, and lets ``torch._foreach_*`` use its fast scalar overloads. Under
+    ``torch.compile`` the value stays a tensor so that a changed value does not recompile.
+    """
+    if isinstance(x, torch.Tensor) and x.ndim == 0 and x.device.type == "cpu" and not is_compiling():
+        return x.item()
+    return x
+
+
+def scalar_tensor(value: Any, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A 0-d CPU tensor holding ``value`` (a number or a tensor)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device="cpu", dtype=dtype).reshape(())
+    return torch.tensor(value, dtype=dtype)
+
+
+# --- buffer ownership --------------------------------------------------------------------------
+#
+# ``update`` is pure: it returns new tensors and never writes to its inputs. An owner of the
+# buffers (the torch.optim adapter) may let transforms reuse them in place, which saves the
+# allocation and a pass over memory per state buffer. That is an optimisation behind the same
+# contract: results are identical either way (tests check it).
+
+_OWNERSHIP: dict[str, Any] = {"active": False, "protected": frozenset()}
+
+
+@contextlib.contextmanager
+def owned_buffers(protected: Sequence[torch.Tensor] = ()) -> Iterator[None]:
+    """Let transforms update state buffers (and non-``protected`` updates) in place.
+
+    Only for a caller that owns the state and discards the old one, as :class:`gradxform.Optimizer`
+    does. ``protected`` tensors (e.g. the user's ``.grad``) are never written.
+    """
+    previous = dict(_OWNERSHIP)
+    _OWNERSHIP["active"] = True
+    _OWNERSHIP["protected"] = frozenset(id(t) for t in protected)
+    try:
+        yield
+    finally:
+        _OWNERSHIP.update(previous)
+
+
+def state_inplace() -> bool:
+    """True when state buffers may be overwritten (inside :func:`owned_buffers`, not compiling)."""
+    return bool(_OWNERSHIP["active"]) and not is_compiling()
+
+
+def updates_inplace(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when the given updates may be overwritten (owned and none of them protected)."""
+    if not state_inplace():
+        return False
+    protected = _OWNERSHIP["protected"]
+    return not any(id(t) in protected for t in tensors)
