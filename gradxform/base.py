@@ -97,12 +97,33 @@ def extra_args_of(tx: GradientTransformation) -> ExtraArgs:
     keyword-only parameter is an extra argument (required when it has no default); a bare
     ``**kwargs`` accepts anything.
     """
-    spec = getattr(tx.update, _ATTR, None)
+    fn = tx.update
+    fn_dict = getattr(fn, "__dict__", None) or {}
+    spec = fn_dict.get(_ATTR)
     if spec is not None:
         return spec
+    code = getattr(fn, "__code__", None)
+    if code is not None and not inspect.ismethod(fn):
+        # Plain functions (closures included): read the code object. Unlike inspect.signature
+        # this also traces under torch.compile, where an inject_hyperparams transform rebuilds
+        # its inner chain on every update.
+        start = code.co_argcount
+        kwonly = code.co_varnames[start:start + code.co_kwonlyargcount]
+        accepts_any = bool(code.co_flags & inspect.CO_VARKEYWORDS)
+        if _tree.is_compiling():
+            # dynamo cannot read __kwdefaults__ of a closure created while tracing (an
+            # inject_hyperparams transform rebuilds its inner chain on every update); the names
+            # suffice to route extras, and the eager call has already checked required ones.
+            return ExtraArgs(frozenset(), frozenset(kwonly), accepts_any)
+        defaults = (fn.__kwdefaults__ or {}) if kwonly else {}
+        return ExtraArgs(
+            frozenset(k for k in kwonly if k not in defaults),
+            frozenset(k for k in kwonly if k in defaults),
+            accepts_any,
+        )
     required, optional, accepts_any = set(), set(), False
     try:
-        sig = inspect.signature(tx.update)
+        sig = inspect.signature(fn)
     except (TypeError, ValueError):  # builtins without a signature
         return ExtraArgs(accepts_any=True)
     for p in sig.parameters.values():
@@ -115,7 +136,7 @@ def extra_args_of(tx: GradientTransformation) -> ExtraArgs:
 
 def transform_name(tx: GradientTransformation) -> str:
     """A readable name for error messages, e.g. ``scale_by_adam``."""
-    name = getattr(tx.update, "__qualname__", repr(tx.update))
+    name = getattr(tx.update, "__qualname__", None) or type(tx.update).__name__
     return name.split(".<locals>")[0]
 
 
@@ -186,13 +207,12 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             isinstance(tx, tuple) and len(tx) == 2 and all(callable(f) for f in tx)
         ):
             raise TypeError(f"chain() takes GradientTransformations; got {type(tx).__name__}: {tx!r}")
-        nested = getattr(tx.update, _CHAIN_ATTR, None)
+        nested = (getattr(tx.update, "__dict__", None) or {}).get(_CHAIN_ATTR)
         if nested is not None:
             members.extend(nested)
         else:
             members.append(GradientTransformation(*tx))
     specs = [extra_args_of(tx) for tx in members]
-    names = [transform_name(tx) for tx in members]
     union = ExtraArgs()
     for s in specs:
         union = union | s
@@ -210,12 +230,12 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if not union.accepts_any:
             check_extra(ExtraArgs(optional=union.names, accepts_any=False), extra, "chain")
         new_states = []
-        for tx, s, spec, name in zip(members, state, specs, names):
+        for tx, s, spec in zip(members, state, specs):
             kwargs = select_extra(spec, extra)
             missing = sorted(spec.required - kwargs.keys())
             if missing:
                 raise TypeError(
-                    f"{name} (in chain) needs the extra argument {missing[0]!r}, which was not given "
+                    f"{transform_name(tx)} (in chain) needs the extra argument {missing[0]!r}, which was not given "
                     f"to update(); pass it as update(updates, state, params, {missing[0]}=...)"
                 )
             updates, s = tx.update(updates, s, params, **kwargs)

@@ -74,6 +74,19 @@ def _find_injected(state: Any) -> list[InjectHyperparamsState]:
     return found
 
 
+def _probe_hyperparams(tx: GradientTransformation, params: list[torch.Tensor]) -> dict[str, Any]:
+    """Initial hyperparameter values of ``tx``, read from ``tx.init``.
+
+    Tries an empty params list first (no allocation); a transform that cannot be initialised on
+    an empty list (e.g. ``partition`` with a fixed labels list) is initialised on ``params``.
+    """
+    try:
+        return _hyperparam_values(tx.init([]))
+    except Exception:  # noqa: BLE001 - any failure on the empty probe: use the real params
+        logger.debug("tx.init([]) failed; probing hyperparameters with the group's params", exc_info=True)
+        return _hyperparam_values(tx.init([_real(p.detach()) for p in params]))
+
+
 def _hyperparam_values(state: Any) -> dict[str, Any]:
     """Group-facing values (floats, tuples of floats) of the injected hyperparameters."""
     values: dict[str, Any] = {}
@@ -172,7 +185,11 @@ class Optimizer(torch.optim.Optimizer):
         if not (isinstance(tx, tuple) and len(tx) == 2 and callable(tx[0]) and callable(tx[1])):
             raise TypeError(f"gradxform.Optimizer needs a GradientTransformation as tx; got {tx!r}")
         self._gx_states: dict[int, Any] = {}
-        defaults = {"tx": GradientTransformation(*tx), **_hyperparam_values(tx.init([]))}
+        params = list(params)
+        first = params[0]["params"] if params and isinstance(params[0], dict) else params
+        first = [first] if isinstance(first, torch.Tensor) else list(first)
+        tx = GradientTransformation(*tx)
+        defaults = {"tx": tx, **_probe_hyperparams(tx, first)}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -183,7 +200,10 @@ class Optimizer(torch.optim.Optimizer):
                 raise TypeError(f"param group 'tx' must be a GradientTransformation; got {own!r}")
             param_group = dict(param_group)
             param_group["tx"] = GradientTransformation(*own)
-            for k, v in _hyperparam_values(own.init([])).items():
+            own_params = param_group["params"]
+            own_params = [own_params] if isinstance(own_params, torch.Tensor) else list(own_params)
+            param_group["params"] = own_params
+            for k, v in _probe_hyperparams(param_group["tx"], own_params).items():
                 param_group.setdefault(k, v)
         super().add_param_group(param_group)
 
