@@ -7,8 +7,10 @@ a live ``group["lr"]`` to ``torch.optim.lr_scheduler`` and ``torch.compile`` tak
 without recompiling. Any of them may also be a schedule ``count -> value``.
 
 Which blocks the chain contains is fixed at construction: momentum and weight decay that start
-at 0 are left out (as torch.optim skips them), so turning them on later through the state has
-no effect; construct the alias with a non-zero value instead.
+at 0 are left out (as torch.optim skips them, and so that SGD without momentum keeps no buffer).
+Turning them on later by writing the state has no effect. :class:`gradxform.Optimizer` handles
+the common case for you: a param group that sets ``weight_decay`` or ``momentum`` (e.g. the
+decay / no-decay split) gets its own copy of the alias rebuilt with that value.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ from .transforms import (
 )
 
 __all__ = ["sgd", "adam", "adamw"]
+
+_REBUILD_ATTR = "__gx_rebuild__"
+
+
+def _with_rebuild(tx: GradientTransformation, alias: Any, kwargs: dict[str, Any]) -> GradientTransformation:
+    """Remember how the alias was built, so that :class:`gradxform.Optimizer` can rebuild it for a
+    param group that overrides a hyperparameter whose block was left out (e.g. a group with
+    ``weight_decay=0.1`` under ``sgd(weight_decay=0)``)."""
+    setattr(tx.update, _REBUILD_ATTR, lambda **overrides: alias(**{**kwargs, **overrides}))
+    return tx
 
 
 def _nonzero(x: Any) -> bool:
@@ -74,10 +86,12 @@ def sgd(
     check_float("weight_decay", weight_decay, low=0.0)
     if nesterov and (not _nonzero(momentum) or _nonzero(dampening)):
         raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-    return inject_hyperparams(_sgd, static_args=("nesterov", "maximize", "use_momentum", "use_weight_decay"))(
+    tx = inject_hyperparams(_sgd, static_args=("nesterov", "maximize", "use_momentum", "use_weight_decay"))(
         lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
         maximize=maximize, use_momentum=_nonzero(momentum), use_weight_decay=_nonzero(weight_decay),
     )
+    return _with_rebuild(tx, sgd, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                       nesterov=nesterov, maximize=maximize))
 
 
 def _adam(lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: bool, maximize: bool,
@@ -120,10 +134,12 @@ def adam(
     _check_betas(betas)
     check_float("eps", eps, low=0.0)
     check_float("weight_decay", weight_decay, low=0.0)
-    return inject_hyperparams(_adam, static_args=("amsgrad", "maximize", "decoupled", "use_weight_decay"))(
+    tx = inject_hyperparams(_adam, static_args=("amsgrad", "maximize", "decoupled", "use_weight_decay"))(
         lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
         decoupled=False, use_weight_decay=_nonzero(weight_decay),
     )
+    return _with_rebuild(tx, adam, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                        amsgrad=amsgrad, maximize=maximize))
 
 
 def adamw(
@@ -145,7 +161,9 @@ def adamw(
     _check_betas(betas)
     check_float("eps", eps, low=0.0)
     check_float("weight_decay", weight_decay, low=0.0)
-    return inject_hyperparams(_adam, static_args=("amsgrad", "maximize", "decoupled", "use_weight_decay"))(
+    tx = inject_hyperparams(_adam, static_args=("amsgrad", "maximize", "decoupled", "use_weight_decay"))(
         lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
         decoupled=True, use_weight_decay=_nonzero(weight_decay),
     )
+    return _with_rebuild(tx, adamw, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                        amsgrad=amsgrad, maximize=maximize))

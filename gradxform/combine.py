@@ -372,7 +372,8 @@ def multi_steps(inner: GradientTransformation, every_k: int, use_grad_mean: bool
         emit = state.mini_step + 1 >= every_k
         zeros_out = _tree.tree_map(torch.zeros_like, updates)
         scale = 1.0 / every_k if use_grad_mean else 1.0
-        mean = _tree.tree_map(lambda a: a * scale, acc_tree)
+        # Leaves frozen in this call stay frozen (None) for the inner transform.
+        mean = _tree.tree_unflatten(spec, [None if u is None else a * scale for a, u in zip(acc, leaves)])
         if not _tree.is_compiling():
             if bool(emit):  # CPU tensor: no device sync
                 new_u, new_inner = inner.update(mean, state.inner_state, params, **extra)

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import torch
 
 from . import tree as _tree
-from .base import GradientTransformation
+from .base import GradientTransformation, chain
 from .combine import InjectHyperparamsState
 
 __all__ = ["Optimizer"]
@@ -95,6 +95,30 @@ def _hyperparam_values(state: Any) -> dict[str, Any]:
             if name not in values:
                 values[name] = tuple(t.tolist()) if t.ndim == 1 else t.item()
     return values
+
+
+def _rebuild_for_group(tx: GradientTransformation, group: dict[str, Any]) -> GradientTransformation:
+    """Rebuild alias members of ``tx`` whose hyperparameters the group overrides.
+
+    An alias leaves out blocks whose hyperparameter starts at 0 (momentum, weight decay). A group
+    that overrides such a value needs the alias rebuilt with it, else the value would be ignored.
+    """
+
+    def rebuilt(member: GradientTransformation) -> GradientTransformation:
+        hook = (getattr(member.update, "__dict__", None) or {}).get("__gx_rebuild__")
+        if hook is None:
+            return member
+        current = _hyperparam_values(member.init([]))
+        overrides = {k: group[k] for k in current if k in group and group[k] != current[k]}
+        return hook(**overrides) if overrides else member
+
+    members = (getattr(tx.update, "__dict__", None) or {}).get("__gx_chain_members__")
+    if members is None:
+        return rebuilt(tx)
+    new = [rebuilt(m) for m in members]
+    if all(a is b for a, b in zip(new, members)):
+        return tx
+    return chain(*new)
 
 
 def _is_per_param(node: Any, n: int) -> bool:
@@ -206,6 +230,8 @@ class Optimizer(torch.optim.Optimizer):
             for k, v in _probe_hyperparams(param_group["tx"], own_params).items():
                 param_group.setdefault(k, v)
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["tx"] = _rebuild_for_group(group["tx"], group)
 
     # -- hyperparameters ------------------------------------------------------------------------
 

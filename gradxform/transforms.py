@@ -258,10 +258,10 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
             else:
                 out = list(torch._foreach_add(g, buf, alpha=mu))
         else:
-            out = buf if inplace else [b for b in buf]
+            # A copy: the output must not alias the state buffer, which the caller (or a later
+            # in-place transform inside the adapter) may otherwise overwrite.
+            out = [b.clone() for b in buf]
         new_trace = flat.rebuild(buf, like=state.trace)
-        if out is buf and inplace:
-            out = [b.clone() for b in buf]  # the output must not alias the state buffer
         return flat.rebuild(out), TraceState(state.count + 1, new_trace)
 
     return GradientTransformation(init, update)

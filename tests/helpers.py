@@ -1,0 +1,86 @@
+"""Shared test utilities: a small MLP with real gradients, and tree comparisons."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.func import functional_call, grad
+
+import gradxform as gx
+
+
+def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)
+    ).to(dtype)
+
+
+def make_data(seed: int = 1, dtype: torch.dtype = torch.float64, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, sign: float = 1.0) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    def f(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sign * torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+
+    return f
+
+
+def run_functional(tx: gx.GradientTransformation, steps: int, seed: int = 0, sign: float = 1.0,
+                   **extra: Any) -> dict[str, torch.Tensor]:
+    """Train the MLP with ``tx`` through the functional API; the batch changes every step.
+
+    ``sign=-1`` makes the objective the negative loss (a ``maximize=True`` optimiser then still
+    descends the loss, so the run stays stable and comparable over many steps)."""
+    model = make_mlp(seed)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    state = tx.init(params)
+    for t in range(steps):
+        x, y = make_data(seed=100 + t)
+        g = grad(loss_of(model, x, y, sign))(params)
+        updates, state = tx.update(g, state, params, **extra)
+        params = gx.apply_updates(params, updates)
+    return params
+
+
+def run_torch(make_opt: Callable[[Any], torch.optim.Optimizer], steps: int, seed: int = 0,
+              make_sched: Callable[[torch.optim.Optimizer], Any] | None = None, sign: float = 1.0) -> dict[str, torch.Tensor]:
+    """The same training loop with a torch.optim optimizer (``make_opt(model.parameters())``)."""
+    model = make_mlp(seed)
+    opt = make_opt(model.parameters())
+    sched = make_sched(opt) if make_sched else None
+    for t in range(steps):
+        x, y = make_data(seed=100 + t)
+        opt.zero_grad()
+        (sign * torch.nn.functional.cross_entropy(model(x), y)).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def assert_trees_close(a: Any, b: Any, rtol: float = 1e-6, atol: float = 1e-12) -> None:
+    la, sa = gx.tree.tree_flatten(a)
+    lb, sb = gx.tree.tree_flatten(b)
+    assert sa == sb, f"structures differ: {sa} vs {sb}"
+    for path, x, y in zip(gx.tree.tree_paths(a), la, lb):
+        if x is None or y is None:
+            assert x is None and y is None, path
+            continue
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"at {path}: {m}")
+
+
+def assert_trees_equal(a: Any, b: Any) -> None:
+    la, sa = gx.tree.tree_flatten(a)
+    lb, sb = gx.tree.tree_flatten(b)
+    assert sa == sb
+    for path, x, y in zip(gx.tree.tree_paths(a), la, lb):
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and torch.equal(x, y), f"differs at {path}"
+        else:
+            assert x == y, f"differs at {path}"

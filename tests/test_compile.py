@@ -1,0 +1,92 @@
+"""``torch.compile(fullgraph=True)`` of a chain's update equals eager and compiles once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import gradxform as gx
+from helpers import assert_trees_close
+
+
+def _params_and_grads(steps):
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(16, 8, generator=g), "b": torch.randn(8, generator=g)}
+    grads = [{"w": torch.randn(16, 8, generator=g), "b": torch.randn(8, generator=g)} for _ in range(steps)]
+    return params, grads
+
+
+def _run(step, params, grads, state):
+    for g in grads:
+        params, state = step(params, g, state)
+    return params, state
+
+
+TXS = {
+    "clip+adamw(cosine)": lambda: gx.chain(
+        gx.clip_by_global_norm(1.0), gx.adamw(gx.cosine_decay_schedule(1e-2, 10), weight_decay=0.1, amsgrad=True)
+    ),
+    "sgd(nesterov,warmup)": lambda: gx.sgd(gx.warmup_cosine_decay_schedule(0.0, 0.1, 3, 10), momentum=0.9,
+                                           nesterov=True, weight_decay=1e-3),
+    "apply_if_finite(adam)": lambda: gx.apply_if_finite(gx.adam(1e-2)),
+    "multi_steps(rms)": lambda: gx.multi_steps(gx.chain(gx.scale_by_rms(), gx.scale(-1e-2)), every_k=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TXS))
+def test_compiled_update_equals_eager_and_compiles_once(name):
+    torch._dynamo.reset()
+    tx = TXS[name]()
+
+    def step(params, grads, state):
+        updates, state = tx.update(grads, state, params)
+        return gx.apply_updates(params, updates), state
+
+    params, grads = _params_and_grads(10)
+    counter = CompileCounter()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    eager_p, eager_s = _run(step, params, grads, tx.init(params))
+    comp_p, comp_s = _run(compiled, params, grads, tx.init(params))
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for 10 steps"
+    assert_trees_close(comp_p, eager_p, rtol=1e-5, atol=1e-6)
+    assert_trees_close(comp_s, eager_s, rtol=1e-5, atol=1e-6)
+
+
+def test_inductor_compiled_step_equals_eager():
+    """The real backend (C++ codegen on CPU) too, for the chain the issue names."""
+    torch._dynamo.reset()
+    tx = TXS["clip+adamw(cosine)"]()
+
+    def step(params, grads, state):
+        updates, state = tx.update(grads, state, params)
+        return gx.apply_updates(params, updates), state
+
+    params, grads = _params_and_grads(5)
+    eager_p, _ = _run(step, params, grads, tx.init(params))
+    comp_p, _ = _run(torch.compile(step, fullgraph=True), params, grads, tx.init(params))
+    assert_trees_close(comp_p, eager_p, rtol=1e-5, atol=1e-6)
+
+
+def test_changing_injected_lr_does_not_recompile():
+    torch._dynamo.reset()
+    tx = gx.adamw(1e-3)
+
+    def step(params, grads, state):
+        updates, state = tx.update(grads, state, params)
+        return gx.apply_updates(params, updates), state
+
+    params, grads = _params_and_grads(4)
+    counter = CompileCounter()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    state = tx.init(params)
+    eager_state = tx.init(params)
+    eager_params = params
+    for i, g in enumerate(grads):
+        lr = 1e-3 * (i + 1)
+        state.hyperparams["lr"].fill_(lr)
+        eager_state.hyperparams["lr"].fill_(lr)
+        params, state = compiled(params, g, state)
+        eager_params, eager_state = step(eager_params, g, eager_state)
+    assert counter.frame_count == 1
+    assert_trees_close(params, eager_params, rtol=1e-5, atol=1e-7)
