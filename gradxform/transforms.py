@@ -52,7 +52,7 @@ class _Flat:
     def paths(self) -> list[str]:
         return _tree.tree_paths(self.tree)
 
-    def state_live(self, state_tree: Any, what: str) -> list[torch.Tensor]:
+    def state_live(self, state_tree: Any, what: str, check_shapes: bool = True) -> list[torch.Tensor]:
         """Leaves of a params-shaped state tree at the live positions, structure-checked."""
         leaves = _tree.check_structure(self.spec, state_tree, what, reference=self.tree)
         out = []
@@ -63,7 +63,8 @@ class _Flat:
                     "transform was initialised with that leaf frozen (None)"
                 )
             out.append(leaves[i])
-        _tree.check_shapes(lambda: [self.paths()[i] for i in self.idx], self.live, out, what)
+        if check_shapes:
+            _tree.check_shapes(lambda: [self.paths()[i] for i in self.idx], self.live, out, what)
         return out
 
     def params_live(self, params: Params, who: str) -> list[torch.Tensor]:
@@ -211,10 +212,25 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
 
 
 class TraceState(NamedTuple):
-    """``count``: updates so far; ``trace``: the momentum buffer (params-shaped)."""
+    """``count``: per-leaf number of updates received (params-shaped 0-d int64 tensors, like
+    torch.optim's per-param ``step``); ``trace``: the momentum buffer (params-shaped)."""
 
-    count: torch.Tensor
+    count: Any
     trace: Any
+
+
+def _leaf_counts(params: Params) -> Any:
+    return _tree.tree_map(lambda p: _zero_count(), params)
+
+
+def _step_counts(flat: "_Flat", counts_tree: Any, inplace: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The live leaves' counts before and after this update (``+1`` only where a leaf is live)."""
+    old = flat.state_live(counts_tree, "state.count", check_shapes=False)
+    if inplace:
+        before = [c.clone() for c in old]
+        torch._foreach_add_(old, 1)
+        return before, old
+    return old, list(torch._foreach_add(old, 1))
 
 
 def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float | torch.Tensor = 0.0) -> GradientTransformation:
@@ -222,36 +238,37 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
 
     ``b_1 = g_1``; ``b_t = decay * b_{t-1} + (1 - dampening) * g_t``; output ``b_t``, or
     ``g_t + decay * b_t`` with ``nesterov=True`` (Sutskever et al., 2013, as torch.optim.SGD).
-    Note the first step: the buffer starts at the gradient itself, without dampening.
+    Note the first step: the buffer starts at the gradient itself, without dampening. "First"
+    is per leaf, as torch.optim's per-param buffer: a leaf frozen (``None``) for a while starts
+    when it first receives an update.
     """
     check_float("momentum (decay)", decay, low=0.0)
     check_float("dampening", dampening, low=0.0, high=1.0)
 
     def init(params: Params) -> TraceState:
-        return TraceState(_zero_count(), _tree.tree_zeros_like(params))
+        return TraceState(_leaf_counts(params), _tree.tree_zeros_like(params))
 
     def update(updates: Updates, state: TraceState, params: Params | None = None) -> tuple[Updates, TraceState]:
         del params
         expect_state(state, TraceState, "trace")
         flat = _Flat(updates)
         if not flat.live:
-            return updates, TraceState(state.count + 1, state.trace)
+            return updates, state
+        inplace = _tree.state_inplace()
+        before, after = _step_counts(flat, state.count, inplace)
         buf = flat.state_live(state.trace, "state.trace")
         mu, damp = _tree.as_scalar(decay), _tree.as_scalar(dampening)
-        inplace = _tree.state_inplace()
         g = flat.live
         buf = _mul(buf, mu, inplace)
         if isinstance(damp, (int, float)) and damp == 0:
             torch._foreach_add_(buf, g)
-        else:
+        elif not _tree.is_compiling():
             # b_t = mu * b_{t-1} + (1 - damp * [t > 1]) g_t; b_0 = 0, so step 1 gives b_1 = g_1.
-            first = state.count == 0
-            w = 1.0 - damp * (~first).to(torch.float64)
-            w = _tree.as_scalar(w)
-            if isinstance(w, torch.Tensor):
-                torch._foreach_add_(buf, torch._foreach_mul(g, w))
-            else:
-                torch._foreach_add_(buf, g, alpha=w)
+            weights = [1.0 if int(c) == 0 else 1.0 - damp for c in before]  # CPU counters
+            torch._foreach_add_(buf, torch._foreach_mul(g, weights))
+        else:
+            for b, x, c in zip(buf, g, before):
+                b.add_(x * (1.0 - damp * (c > 0).to(x.dtype)))
         if nesterov:
             if isinstance(mu, torch.Tensor):
                 out = list(torch._foreach_add(g, torch._foreach_mul(buf, mu)))
@@ -261,8 +278,8 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
             # A copy: the output must not alias the state buffer, which the caller (or a later
             # in-place transform inside the adapter) may otherwise overwrite.
             out = [b.clone() for b in buf]
-        new_trace = flat.rebuild(buf, like=state.trace)
-        return flat.rebuild(out), TraceState(state.count + 1, new_trace)
+        new_state = TraceState(flat.rebuild(after, like=state.count), flat.rebuild(buf, like=state.trace))
+        return flat.rebuild(out), new_state
 
     return GradientTransformation(init, update)
 
@@ -271,10 +288,12 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
 
 
 class ScaleByAdamState(NamedTuple):
-    """``count``: updates so far; ``mu``, ``nu``: first and second moments; ``nu_max``: the
-    running maximum of ``nu`` (AMSGrad) or ``None``."""
+    """``count``: per-leaf number of updates received (params-shaped 0-d int64 tensors, like
+    torch.optim's per-param ``step``, so a leaf frozen for a while gets the bias correction of
+    its own first step); ``mu``, ``nu``: first and second moments; ``nu_max``: the running
+    maximum of ``nu`` (AMSGrad) or ``None``."""
 
-    count: torch.Tensor
+    count: Any
     mu: Any
     nu: Any
     nu_max: Any
@@ -290,7 +309,7 @@ def scale_by_adam(
 
     ``m_t = b1 m + (1-b1) g``; ``v_t = b2 v + (1-b2) g^2``; with AMSGrad (Reddi et al., 2018)
     ``vmax_t = max(vmax, v_t)`` replaces ``v_t`` below;
-    ``u = (m_t / (1-b1^t)) / (sqrt(v_t) / sqrt(1-b2^t) + eps)``.
+    ``u = (m_t / (1-b1^t)) / (sqrt(v_t) / sqrt(1-b2^t) + eps)``, with ``t`` the leaf's own step.
     """
     check_float("b1 (betas[0])", b1, low=0.0, high=1.0, high_open=True)
     check_float("b2 (betas[1])", b2, low=0.0, high=1.0, high_open=True)
@@ -298,18 +317,17 @@ def scale_by_adam(
 
     def init(params: Params) -> ScaleByAdamState:
         zeros = _tree.tree_zeros_like
-        return ScaleByAdamState(_zero_count(), zeros(params), zeros(params), zeros(params) if amsgrad else None)
+        return ScaleByAdamState(_leaf_counts(params), zeros(params), zeros(params), zeros(params) if amsgrad else None)
 
     def update(updates: Updates, state: ScaleByAdamState, params: Params | None = None) -> tuple[Updates, ScaleByAdamState]:
         del params
         expect_state(state, ScaleByAdamState, "scale_by_adam")
-        count = state.count + 1
         flat = _Flat(updates)
         if not flat.live:
-            return updates, state._replace(count=count)
+            return updates, state
         beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
-        t = _tree.as_scalar(count)
         inplace = _tree.state_inplace()
+        _, counts = _step_counts(flat, state.count, inplace)
         g = flat.live
         mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, inplace)
         nu = _ema_sq(flat.state_live(state.nu, "state.nu"), g, beta2, inplace)
@@ -321,16 +339,20 @@ def scale_by_adam(
                 nu_max = old_max
             else:
                 nu_max = list(torch._foreach_maximum(old_max, nu))
-        bc1 = 1 - beta1**t
-        bc2_sqrt = (1 - beta2**t) ** 0.5
         denom = torch._foreach_sqrt(nu_max if amsgrad else nu)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, e)
-        # u = (m / bc1) / denom; fold 1/bc1 into the denominator to save a pass.
-        torch._foreach_mul_(denom, bc1)
+        if _tree.is_compiling() or isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor):
+            for d, c in zip(denom, counts):
+                t = c.to(torch.float64)
+                d.div_((1 - beta2**t) ** 0.5).add_(e).mul_(1 - beta1**t)
+        else:
+            ts = [int(c) for c in counts]  # CPU counters: no device sync
+            torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in ts])
+            torch._foreach_add_(denom, e)
+            # u = (m / bc1) / denom; fold 1/bc1 into the denominator to save a pass.
+            torch._foreach_mul_(denom, [1 - beta1**t for t in ts])
         out = list(torch._foreach_div(mu, denom))
         new_state = ScaleByAdamState(
-            count,
+            flat.rebuild(counts, like=state.count),
             flat.rebuild(mu, like=state.mu),
             flat.rebuild(nu, like=state.nu),
             flat.rebuild(nu_max, like=state.nu_max) if amsgrad else None,

@@ -126,7 +126,7 @@ def test_apply_if_finite_skips_bad_steps_and_counts_them():
     for k in params:
         assert torch.equal(params[k], snapshot[k])
     inner_good, inner_now = good_state.inner_state.inner_state[0], state.inner_state.inner_state[0]
-    assert torch.equal(inner_good.mu["a"], inner_now.mu["a"]) and int(inner_now.count) == 1
+    assert torch.equal(inner_good.mu["a"], inner_now.mu["a"]) and int(inner_now.count["a"]) == 1
     # a good step afterwards is applied as the second Adam step, and resets the streak
     u, state = tx.update(tree(), state, params)
     assert int(state.notfinite_count) == 0 and bool(state.last_finite) and int(state.total_notfinite) == 10

@@ -1,0 +1,817 @@
+"""Tests for ``gradxform.Optimizer``, the torch.optim adapter.
+
+Every test asserts values against ``torch.optim`` run side by side on an identical model: the same
+MLP (10 -> 32 -> 32 -> 3, Tanh), the same fixed classification batches, the same schedulers. Runs in
+float64 are compared to ``atol=1e-12`` (the two implementations order a few float operations
+differently, so bit equality with torch is not expected); a resumed gradxform run is compared to
+an uninterrupted gradxform run bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import lr_scheduler as lrs
+
+import gradxform as gx
+from gradxform import tree as gxtree
+
+STEPS = 200
+ATOL = 1e-12
+RTOL = 1e-10
+N_BATCHES = 4
+BATCH = 32
+
+
+# --- fixtures: data, model, comparison helpers ----------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tensors here are tiny: intra-op threads only add overhead (and are very slow on a
+    loaded machine), so run this module single-threaded and restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+_DATA: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def data(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """N_BATCHES fixed batches of a 3-class problem (labels from a noisy linear teacher)."""
+    if dtype not in _DATA:
+        g = torch.Generator().manual_seed(1234)
+        x = torch.randn(N_BATCHES, BATCH, 10, generator=g, dtype=torch.float64)
+        w = torch.randn(10, 3, generator=g, dtype=torch.float64)
+        y = (x @ w + 0.5 * torch.randn(N_BATCHES, BATCH, 3, generator=g, dtype=torch.float64)).argmax(-1)
+        _DATA[dtype] = (x.to(dtype), y)
+    return _DATA[dtype]
+
+
+def make_model(dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Sequential:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+    return model.to(dtype)
+
+
+def twins(dtype: torch.dtype = torch.float64) -> tuple[nn.Sequential, nn.Sequential]:
+    """Two identical models: one for torch.optim, one for gradxform."""
+    model = make_model(dtype)
+    return model, copy.deepcopy(model)
+
+
+def split(model: nn.Sequential) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """First layer / the rest: the two param groups used throughout."""
+    return list(model[0].parameters()), list(model[2].parameters()) + list(model[4].parameters())
+
+
+def loss_of(model: nn.Module, step: int, sign: float = 1.0) -> torch.Tensor:
+    x, y = data(next(model.parameters()).dtype)
+    return sign * F.cross_entropy(model(x[step % N_BATCHES]), y[step % N_BATCHES])
+
+
+def assert_params_close(got: nn.Module, want: nn.Module, atol: float = ATOL, rtol: float = RTOL) -> None:
+    for (name, g), w in zip(got.named_parameters(), want.parameters()):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m, name=name: f"param {name}: {m}")
+
+
+def assert_params_equal(got: nn.Module, want: nn.Module) -> None:
+    for (name, g), w in zip(got.named_parameters(), want.parameters()):
+        assert torch.equal(g, w), f"param {name} differs (max abs diff {(g - w).abs().max().item():.3e})"
+
+
+def assert_trees_equal(a, b) -> None:
+    la, sa = gxtree.tree_flatten(a)
+    lb, sb = gxtree.tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+        else:
+            assert x == y
+
+
+def assert_state_dicts_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, dict):
+            assert isinstance(y, dict)
+            assert_state_dicts_equal(x, y)
+        elif isinstance(x, (list, tuple)) and x and isinstance(x[0], dict):
+            assert len(x) == len(y)
+            for xi, yi in zip(x, y):
+                assert_state_dicts_equal(xi, yi)
+        elif isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), k
+        else:
+            assert x == y, k
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, step: int, sign: float = 1.0) -> float:
+    opt.zero_grad()
+    loss = loss_of(model, step, sign)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def run_lockstep(model_t, opts_t, model_g, opt_g, steps=STEPS, scheds_t=(), scheds_g=(), sign=1.0, plateau=False,
+                 keys=("lr",)):
+    """Train both models side by side; after every optimizer step and every scheduler step the
+    gradxform groups' ``keys`` must equal torch's (``opts_t`` may be several torch optimizers
+    standing for the gradxform groups, in order)."""
+    groups_t = lambda: [g for o in opts_t for g in o.param_groups]  # noqa: E731
+
+    def check(step: int, when: str) -> None:
+        assert len(opt_g.param_groups) == len(groups_t())
+        for gi, (gg, gt) in enumerate(zip(opt_g.param_groups, groups_t())):
+            for k in keys:
+                assert gg[k] == gt[k], f"step {step} ({when}), group {gi}, {k!r}: gradxform {gg[k]!r} torch {gt[k]!r}"
+
+    for step in range(steps):
+        for o in opts_t:
+            o.zero_grad()
+        loss_t = loss_of(model_t, step, sign)
+        loss_t.backward()
+        for o in opts_t:
+            o.step()
+        loss_g = train_step(model_g, opt_g, step, sign)
+        check(step, "after opt.step")
+        for s in scheds_t:
+            s.step(loss_t.item()) if plateau else s.step()
+        for s in scheds_g:
+            s.step(loss_g) if plateau else s.step()
+        check(step, "after sched.step")
+
+
+# --- the aliases through the adapter = torch.optim --------------------------------------------------
+
+
+SGD_CASES = {
+    "plain": dict(lr=0.1),
+    "momentum": dict(lr=0.05, momentum=0.9),
+    "dampening": dict(lr=0.05, momentum=0.9, dampening=0.3),
+    "nesterov": dict(lr=0.05, momentum=0.9, nesterov=True),
+    "weight_decay": dict(lr=0.1, weight_decay=1e-2),
+    "momentum_wd_nesterov": dict(lr=0.05, momentum=0.8, weight_decay=1e-2, nesterov=True),
+    "maximize": dict(lr=0.1, maximize=True),
+    "maximize_all": dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3, maximize=True),
+}
+
+
+@pytest.mark.parametrize("kw", SGD_CASES.values(), ids=SGD_CASES.keys())
+def test_sgd_matches_torch(kw):
+    model_t, model_g = twins()
+    opt_t = torch.optim.SGD(model_t.parameters(), **kw)
+    opt_g = gx.Optimizer(model_g.parameters(), gx.sgd(**kw))
+    # maximize=True ascends; ascend -loss so that training behaves like descent on the loss
+    sign = -1.0 if kw.get("maximize") else 1.0
+    run_lockstep(model_t, [opt_t], model_g, opt_g, sign=sign, keys=("lr", "momentum", "dampening", "weight_decay"))
+    assert_params_close(model_g, model_t)
+
+
+ADAM_CASES = [
+    dict(name=name, amsgrad=ams, weight_decay=wd, maximize=mx)
+    for name, ams, wd, mx in itertools.product(["adam", "adamw"], [False, True], [0.0, 0.05], [False, True])
+]
+
+
+@pytest.mark.parametrize(
+    "case", ADAM_CASES, ids=lambda c: f"{c['name']}-ams{int(c['amsgrad'])}-wd{c['weight_decay']}-max{int(c['maximize'])}"
+)
+def test_adam_adamw_match_torch(case):
+    kw = dict(lr=1e-2, betas=(0.85, 0.995), eps=1e-7, weight_decay=case["weight_decay"], amsgrad=case["amsgrad"],
+              maximize=case["maximize"])
+    model_t, model_g = twins()
+    torch_cls = torch.optim.Adam if case["name"] == "adam" else torch.optim.AdamW
+    opt_t = torch_cls(model_t.parameters(), **kw)
+    opt_g = gx.Optimizer(model_g.parameters(), getattr(gx, case["name"])(**kw))
+    sign = -1.0 if case["maximize"] else 1.0
+    run_lockstep(model_t, [opt_t], model_g, opt_g, sign=sign, keys=("lr", "betas", "eps", "weight_decay"))
+    assert_params_close(model_g, model_t)
+
+
+OPT_CASES = {
+    "adamw_amsgrad": (lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.05, amsgrad=True),
+                      lambda p: gx.Optimizer(p, gx.adamw(3e-3, weight_decay=0.05, amsgrad=True))),
+    "adam": (lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=1e-3),
+             lambda p: gx.Optimizer(p, gx.adam(3e-3, weight_decay=1e-3))),
+    "sgd_momentum": (lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+                     lambda p: gx.Optimizer(p, gx.sgd(0.05, momentum=0.9, weight_decay=1e-3))),
+}
+
+
+@pytest.mark.parametrize("opt_case", ["adamw_amsgrad", "sgd_momentum"])
+def test_two_param_groups_with_different_lr(opt_case):
+    make_t, make_g = OPT_CASES[opt_case]
+    model_t, model_g = twins()
+    a_t, b_t = split(model_t)
+    a_g, b_g = split(model_g)
+    opt_t = make_t([{"params": a_t}, {"params": b_t, "lr": 1e-2}])
+    opt_g = make_g([{"params": a_g}, {"params": b_g, "lr": 1e-2}])
+    assert opt_g.param_groups[1]["lr"] == 1e-2
+    assert opt_g.param_groups[0]["lr"] == opt_t.param_groups[0]["lr"]
+    run_lockstep(model_t, [opt_t], model_g, opt_g)
+    assert_params_close(model_g, model_t)
+
+
+GROUP_OVERRIDE_CASES = {
+    # the usual decay / no-decay split, with the optimizer's default weight_decay=0
+    "sgd_weight_decay": (lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.9), lambda g: gx.Optimizer(g, gx.sgd(0.05, momentum=0.9)),
+                         {"weight_decay": 0.1}),
+    "adam_weight_decay": (lambda g: torch.optim.Adam(g, lr=3e-3), lambda g: gx.Optimizer(g, gx.adam(3e-3)),
+                          {"weight_decay": 0.1}),
+    # momentum for one group only, the optimizer's default momentum=0
+    "sgd_momentum": (lambda g: torch.optim.SGD(g, lr=0.05), lambda g: gx.Optimizer(g, gx.sgd(0.05)), {"momentum": 0.9}),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUP_OVERRIDE_CASES))
+def test_group_override_of_a_zero_default_matches_torch(case):
+    """A group turns on weight decay / momentum that the optimizer's defaults leave at 0.
+    torch.optim applies the group's value; the adapter documents its group keys as live, accepts
+    the key and reports it back in param_groups, so it must apply it too (or refuse it)."""
+    make_t, make_g, override = GROUP_OVERRIDE_CASES[case]
+    model_t, model_g = twins()
+    a_t, b_t = split(model_t)
+    a_g, b_g = split(model_g)
+    opt_t = make_t([{"params": a_t, **override}, {"params": b_t}])
+    opt_g = make_g([{"params": a_g, **override}, {"params": b_g}])
+    run_lockstep(model_t, [opt_t], model_g, opt_g, steps=50, keys=("lr", *override))
+    assert_params_close(model_g, model_t)
+
+
+# --- schedulers -------------------------------------------------------------------------------------
+
+
+SCHED_OPTS = {
+    "adamw": (lambda p: torch.optim.AdamW(p, lr=1e-2, amsgrad=True), lambda p: gx.Optimizer(p, gx.adamw(1e-2, amsgrad=True)),
+              ("lr", "betas")),
+    "adam": (lambda p: torch.optim.Adam(p, lr=1e-2), lambda p: gx.Optimizer(p, gx.adam(1e-2)), ("lr", "betas")),
+    "sgd_momentum": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+                     lambda p: gx.Optimizer(p, gx.sgd(0.1, momentum=0.9, nesterov=True)), ("lr", "momentum")),
+}
+
+
+def make_sched(kind: str, opt: torch.optim.Optimizer, steps: int = STEPS):
+    if kind == "step":
+        return lrs.StepLR(opt, step_size=30, gamma=0.5)
+    if kind == "cosine":
+        return lrs.CosineAnnealingLR(opt, T_max=steps, eta_min=1e-4)
+    if kind == "onecycle":
+        max_lr = [g["lr"] for g in opt.param_groups]
+        return lrs.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, cycle_momentum=True)
+    if kind == "plateau":
+        return lrs.ReduceLROnPlateau(opt, factor=0.5, patience=2, threshold=5e-2, cooldown=20)
+    if kind == "sequential":
+        warm = 20
+        return lrs.SequentialLR(opt, [lrs.LinearLR(opt, start_factor=0.1, total_iters=warm),
+                                      lrs.CosineAnnealingLR(opt, T_max=steps - warm, eta_min=1e-4)], milestones=[warm])
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("opt_case", list(SCHED_OPTS))
+@pytest.mark.parametrize("sched", ["step", "cosine", "onecycle", "plateau", "sequential"])
+def test_lr_schedulers_match_torch(sched, opt_case):
+    make_t, make_g, keys = SCHED_OPTS[opt_case]
+    model_t, model_g = twins()
+    opt_t, opt_g = make_t(model_t.parameters()), make_g(model_g.parameters())
+    sched_t, sched_g = make_sched(sched, opt_t), make_sched(sched, opt_g)
+    lr0 = opt_t.param_groups[0]["lr"]
+    run_lockstep(model_t, [opt_t], model_g, opt_g, scheds_t=[sched_t], scheds_g=[sched_g], plateau=sched == "plateau",
+                 keys=keys)
+    assert_params_close(model_g, model_t)
+    assert opt_t.param_groups[0]["lr"] != lr0  # the schedule did change the lr
+    if sched == "onecycle":  # and cycled the momentum (betas[0] / momentum)
+        assert opt_g.param_groups[0][keys[1]] == opt_t.param_groups[0][keys[1]]
+        first = opt_g.param_groups[0][keys[1]]
+        assert (first[0] if isinstance(first, tuple) else first) != 0.9
+
+
+def test_onecycle_two_groups_with_different_lr():
+    model_t, model_g = twins()
+    a_t, b_t = split(model_t)
+    a_g, b_g = split(model_g)
+    opt_t = torch.optim.AdamW([{"params": a_t}, {"params": b_t, "lr": 3e-3}], lr=1e-2)
+    opt_g = gx.Optimizer([{"params": a_g}, {"params": b_g, "lr": 3e-3}], gx.adamw(1e-2))
+    sched_t, sched_g = make_sched("onecycle", opt_t), make_sched("onecycle", opt_g)
+    run_lockstep(model_t, [opt_t], model_g, opt_g, scheds_t=[sched_t], scheds_g=[sched_g], keys=("lr", "betas"))
+    assert_params_close(model_g, model_t)
+
+
+# --- a param group that brings its own transform ----------------------------------------------------
+
+
+def test_group_with_own_tx_matches_separate_torch_optimizers():
+    model_t, model_g = twins()
+    a_t, b_t = split(model_t)
+    a_g, b_g = split(model_g)
+    sgd_t = torch.optim.SGD(a_t, lr=0.1, momentum=0.9)
+    adamw_t = torch.optim.AdamW(b_t, lr=1e-3)
+    opt_g = gx.Optimizer([{"params": a_g, "tx": gx.sgd(0.1, momentum=0.9)}, {"params": b_g}], gx.adamw(1e-3))
+    assert opt_g.param_groups[0]["lr"] == 0.1 and opt_g.param_groups[0]["momentum"] == 0.9
+    assert opt_g.param_groups[1]["lr"] == 1e-3 and opt_g.param_groups[1]["betas"] == (0.9, 0.999)
+    assert opt_g.param_groups[1]["weight_decay"] == 1e-2
+    # a StepLR on the gradxform optimizer drives both groups, as one on each torch optimizer does
+    scheds_t = [lrs.StepLR(sgd_t, 40, 0.5), lrs.StepLR(adamw_t, 40, 0.5)]
+    sched_g = lrs.StepLR(opt_g, 40, 0.5)
+    run_lockstep(model_t, [sgd_t, adamw_t], model_g, opt_g, scheds_t=scheds_t, scheds_g=[sched_g])
+    assert_params_close(model_g, model_t)
+
+
+# --- state_dict / load_state_dict ------------------------------------------------------------------
+
+
+def _resume_setup(case: str, model: nn.Module):
+    p = model.parameters()
+    if case == "adamw_amsgrad":
+        return gx.Optimizer(p, gx.adamw(3e-3, weight_decay=0.05, amsgrad=True)), None
+    if case == "sgd_momentum":
+        return gx.Optimizer(p, gx.sgd(0.05, momentum=0.9, dampening=0.1, weight_decay=1e-3)), None
+    if case == "adamw_onecycle":
+        opt = gx.Optimizer(p, gx.adamw(1e-2, amsgrad=True))
+        return opt, make_sched("onecycle", opt, steps=100)
+    if case == "sgd_sequential":
+        opt = gx.Optimizer(p, gx.sgd(0.1, momentum=0.9, nesterov=True))
+        return opt, make_sched("sequential", opt, steps=100)
+    if case == "own_tx_groups_plateau":
+        a, b = split(model)
+        opt = gx.Optimizer([{"params": a, "tx": gx.sgd(0.1, momentum=0.9)}, {"params": b, "lr": 3e-3}],
+                           gx.adamw(1e-3, amsgrad=True))
+        return opt, lrs.ReduceLROnPlateau(opt, factor=0.5, patience=2, threshold=1e-2)
+    raise AssertionError(case)
+
+
+def _train(model, opt, sched, start, stop):
+    for step in range(start, stop):
+        loss = train_step(model, opt, step)
+        if isinstance(sched, lrs.ReduceLROnPlateau):
+            sched.step(loss)
+        elif sched is not None:
+            sched.step()
+
+
+@pytest.mark.parametrize("case", ["adamw_amsgrad", "sgd_momentum", "adamw_onecycle", "sgd_sequential",
+                                  "own_tx_groups_plateau"])
+def test_resume_is_bit_identical(case):
+    ref_model = make_model()
+    ref_opt, ref_sched = _resume_setup(case, ref_model)
+    _train(ref_model, ref_opt, ref_sched, 0, 100)
+
+    model = make_model()
+    opt, sched = _resume_setup(case, model)
+    _train(model, opt, sched, 0, 50)
+    buf = io.BytesIO()
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict()}
+    if sched is not None:
+        ckpt["sched"] = sched.state_dict()
+    torch.save(ckpt, buf)
+    del model, opt, sched
+    buf.seek(0)
+    loaded = torch.load(buf)  # weights_only=True by default in torch >= 2.6: the checkpoint must be plain data
+
+    model2 = make_model(seed=7)  # a different init: everything must come from the checkpoint
+    model2.load_state_dict(loaded["model"])
+    opt2, sched2 = _resume_setup(case, model2)
+    opt2.load_state_dict(loaded["opt"])
+    if sched2 is not None:
+        sched2.load_state_dict(loaded["sched"])
+    for gi, g in enumerate(opt2.param_groups):  # the loaded optimizer resumes where the saved one stopped
+        assert g["lr"] == loaded["opt"]["param_groups"][gi]["lr"]
+    _train(model2, opt2, sched2, 50, 100)
+
+    assert_params_equal(model2, ref_model)
+    for gi in range(len(ref_opt.param_groups)):
+        assert_trees_equal(opt2.tx_state(gi), ref_opt.tx_state(gi))
+    assert_state_dicts_equal(opt2.state_dict(), ref_opt.state_dict())
+
+
+def test_state_dict_layout_is_torchs():
+    model_t, model_g = twins()
+    a_t, b_t = split(model_t)
+    a_g, b_g = split(model_g)
+    opt_t = torch.optim.AdamW([{"params": a_t}, {"params": b_t, "lr": 1e-2}], lr=3e-3, betas=(0.8, 0.99), eps=1e-7,
+                              weight_decay=0.05, amsgrad=True)
+    opt_g = gx.Optimizer([{"params": a_g}, {"params": b_g, "lr": 1e-2}],
+                         gx.adamw(3e-3, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.05, amsgrad=True))
+    empty = opt_g.state_dict()
+    assert set(empty) == {"state", "param_groups"} and empty["state"] == {}
+    run_lockstep(model_t, [opt_t], model_g, opt_g, steps=10)
+    sd_t, sd_g = opt_t.state_dict(), opt_g.state_dict()
+
+    assert set(sd_g) == {"state", "param_groups"}
+    assert list(sd_g["state"]) == list(sd_t["state"]) == list(range(6))
+    assert all(type(k) is int for k in sd_g["state"])
+    assert [g["params"] for g in sd_g["param_groups"]] == [g["params"] for g in sd_t["param_groups"]] == [[0, 1], [2, 3, 4, 5]]
+    for gg, gt in zip(sd_g["param_groups"], sd_t["param_groups"]):
+        assert type(gg["params"]) is list and all(type(i) is int for i in gg["params"])
+        for k in ("lr", "betas", "eps", "weight_decay"):
+            assert gg[k] == gt[k], k
+        assert "tx" not in gg
+        assert isinstance(gg["tx_state"], dict) and all(isinstance(v, torch.Tensor) for v in gg["tx_state"].values())
+
+    # per-param buffers are the same numbers as torch's exp_avg / exp_avg_sq / max_exp_avg_sq
+    params_g = [p for g in opt_g.param_groups for p in g["params"]]
+    for idx, p in enumerate(params_g):
+        st_g, st_t = sd_g["state"][idx], sd_t["state"][idx]
+        assert all(isinstance(k, str) for k in st_g)
+        by_leaf = {k.rsplit(".", 1)[-1]: v for k, v in st_g.items()}
+        assert set(by_leaf) == {"count", "mu", "nu", "nu_max"}, st_g.keys()
+        assert all(by_leaf[k].shape == p.shape for k in ("mu", "nu", "nu_max"))
+        # the per-param step count is 0-d and equals torch's per-param "step"
+        assert by_leaf["count"].ndim == 0 and int(by_leaf["count"]) == int(st_t["step"])
+        torch.testing.assert_close(by_leaf["mu"], st_t["exp_avg"], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(by_leaf["nu"], st_t["exp_avg_sq"], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(by_leaf["nu_max"], st_t["max_exp_avg_sq"], atol=ATOL, rtol=RTOL)
+
+
+def test_load_state_dict_wrong_number_of_groups():
+    model = make_model()
+    a, b = split(model)
+    two = gx.Optimizer([{"params": a}, {"params": b}], gx.adamw(1e-3))
+    train_step(model, two, 0)
+    one = gx.Optimizer(make_model().parameters(), gx.adamw(1e-3))
+    with pytest.raises(ValueError, match=r"2 parameter groups.*1"):
+        one.load_state_dict(two.state_dict())
+
+
+def test_load_state_dict_wrong_number_of_params():
+    model = make_model()
+    opt = gx.Optimizer(model.parameters(), gx.adamw(1e-3))
+    train_step(model, opt, 0)
+    other = make_model()
+    fewer = gx.Optimizer(list(other.parameters())[:4], gx.adamw(1e-3))
+    with pytest.raises(ValueError, match=r"group 0.*6 params.*4"):
+        fewer.load_state_dict(opt.state_dict())
+    # nothing was half-loaded
+    assert fewer.tx_state(0) is None and fewer.state_dict()["state"] == {}
+
+
+def test_load_state_dict_wrong_shapes():
+    model = make_model()
+    opt = gx.Optimizer(model.parameters(), gx.adamw(1e-3))
+    train_step(model, opt, 0)
+    wide = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    opt2 = gx.Optimizer(wide.parameters(), gx.adamw(1e-3))
+    with pytest.raises(ValueError, match=r"shape"):
+        opt2.load_state_dict(opt.state_dict())
+
+
+# --- GradScaler -------------------------------------------------------------------------------------
+
+
+def _grad_scaler():
+    amp = getattr(torch, "amp", None)
+    if amp is None or not hasattr(amp, "GradScaler"):
+        pytest.skip("torch.amp.GradScaler is not available in this torch")
+    try:
+        return torch.amp.GradScaler("cpu")
+    except Exception as e:  # pragma: no cover - old torch without a CPU scaler
+        pytest.skip(f"torch.amp.GradScaler('cpu') is not available: {e}")
+
+
+def _scaled_step(model, opt, scaler, step, poison=False):
+    opt.zero_grad()
+    scaler.scale(loss_of(model, step)).backward()
+    if poison:
+        with torch.no_grad():
+            model[2].weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+
+
+def test_grad_scaler_matches_unscaled_and_skips_inf_steps_like_torch():
+    scaler_g, scaler_t = _grad_scaler(), _grad_scaler()
+    model_g = make_model(torch.float32)
+    model_plain = copy.deepcopy(model_g)
+    model_t = copy.deepcopy(model_g)
+    opt_g = gx.Optimizer(model_g.parameters(), gx.adamw(1e-2, amsgrad=True))
+    opt_plain = gx.Optimizer(model_plain.parameters(), gx.adamw(1e-2, amsgrad=True))
+    opt_t = torch.optim.AdamW(model_t.parameters(), lr=1e-2, amsgrad=True)
+
+    for step in range(30):
+        _scaled_step(model_g, opt_g, scaler_g, step)
+        _scaled_step(model_t, opt_t, scaler_t, step)
+        train_step(model_plain, opt_plain, step)
+    assert scaler_g.get_scale() == scaler_t.get_scale() > 1
+    assert_params_close(model_g, model_plain, atol=1e-7, rtol=1e-6)
+    assert_params_close(model_g, model_t, atol=1e-6, rtol=1e-5)
+
+    # an overflowing step is skipped: params and state untouched, scale backed off
+    params_before = [p.detach().clone() for p in model_g.parameters()]
+    state_before = gxtree.tree_clone(opt_g.tx_state(0))
+    torch_before = [p.detach().clone() for p in model_t.parameters()]
+    torch_state_before = copy.deepcopy(opt_t.state_dict()["state"])
+    scale_before = scaler_g.get_scale()
+    _scaled_step(model_g, opt_g, scaler_g, 30, poison=True)
+    _scaled_step(model_t, opt_t, scaler_t, 30, poison=True)
+    assert scaler_g.get_scale() == scaler_t.get_scale() == scale_before * 0.5
+    for p, q in zip(model_g.parameters(), params_before):
+        assert torch.equal(p, q)
+    assert_trees_equal(opt_g.tx_state(0), state_before)
+    for p, q in zip(model_t.parameters(), torch_before):  # torch does the same
+        assert torch.equal(p, q)
+    for k, v in opt_t.state_dict()["state"].items():
+        for name, t in v.items():
+            assert torch.equal(t, torch_state_before[k][name])
+
+    # and training goes on in step with torch
+    for step in range(31, 50):
+        _scaled_step(model_g, opt_g, scaler_g, step)
+        _scaled_step(model_t, opt_t, scaler_t, step)
+    assert_params_close(model_g, model_t, atol=1e-6, rtol=1e-5)
+
+
+# --- frozen params, zero_grad, add_param_group -----------------------------------------------------
+
+
+@pytest.mark.parametrize("opt_case", ["adamw_amsgrad", "sgd_momentum"])
+def test_frozen_param_is_left_alone(opt_case):
+    make_t, make_g = OPT_CASES[opt_case]
+    model_t, model_g = twins()
+    for m in (model_t, model_g):
+        m[2].weight.requires_grad_(False)  # in the optimizer, but its .grad stays None
+    frozen_init = model_g[2].weight.detach().clone()
+    opt_t, opt_g = make_t(model_t.parameters()), make_g(model_g.parameters())
+    run_lockstep(model_t, [opt_t], model_g, opt_g, steps=50)
+    assert model_g[2].weight.grad is None
+    assert torch.equal(model_g[2].weight, frozen_init)
+    assert_params_close(model_g, model_t)
+    # its buffers, if kept at all, are still their initial zeros
+    frozen_idx = [i for i, p in enumerate(model_g.parameters()) if p is model_g[2].weight][0]
+    for path, buf in opt_g.state_dict()["state"].get(frozen_idx, {}).items():
+        assert torch.equal(buf, torch.zeros_like(buf)), path
+
+
+@pytest.mark.parametrize("opt_case", ["adamw_amsgrad", "sgd_momentum"])
+def test_param_unfrozen_later_matches_torch(opt_case):
+    """A param without a grad for the first 20 steps (e.g. a frozen backbone) then trained:
+    torch.optim starts its state (Adam's step count for the bias correction, SGD's momentum
+    buffer) at its first gradient."""
+    make_t, make_g = OPT_CASES[opt_case]
+    if opt_case == "sgd_momentum":  # dampening makes SGD's first step special too
+        make_t = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.5)  # noqa: E731
+        make_g = lambda p: gx.Optimizer(p, gx.sgd(0.05, momentum=0.9, dampening=0.5))  # noqa: E731
+    model_t, model_g = twins()
+    for m in (model_t, model_g):
+        m[0].requires_grad_(False)
+    opt_t, opt_g = make_t(model_t.parameters()), make_g(model_g.parameters())
+    run_lockstep(model_t, [opt_t], model_g, opt_g, steps=20)
+    for m in (model_t, model_g):
+        m[0].requires_grad_(True)
+    run_lockstep(model_t, [opt_t], model_g, opt_g, steps=30)
+    assert_params_close(model_g, model_t)
+
+
+@pytest.mark.parametrize("opt_case", ["adamw_amsgrad", "sgd_momentum"])
+def test_zero_grad(opt_case):
+    make_t, make_g = OPT_CASES[opt_case]
+    model_t, model_g = twins()
+    opt_t, opt_g = make_t(model_t.parameters()), make_g(model_g.parameters())
+    run_lockstep(model_t, [opt_t], model_g, opt_g, steps=10)
+
+    # set_to_none=False: zero grads are real grads, the optimizers step on them (momentum moves)
+    for opt in (opt_t, opt_g):
+        opt.zero_grad(set_to_none=False)
+    for p in model_g.parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p))
+    before = [p.detach().clone() for p in model_g.parameters()]
+    opt_t.step()
+    opt_g.step()
+    assert_params_close(model_g, model_t)
+    assert any(not torch.equal(p, q) for p, q in zip(model_g.parameters(), before))
+
+    # set_to_none=True: no grads, the step changes nothing, not even the step count
+    for opt in (opt_t, opt_g):
+        opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model_g.parameters())
+    before = [p.detach().clone() for p in model_g.parameters()]
+    state_before = gxtree.tree_clone(opt_g.tx_state(0))
+    opt_t.step()
+    opt_g.step()
+    for p, q in zip(model_g.parameters(), before):
+        assert torch.equal(p, q)
+    assert_trees_equal(opt_g.tx_state(0), state_before)
+
+    run_lockstep(model_t, [opt_t], model_g, opt_g, steps=10)
+    assert_params_close(model_g, model_t)
+
+
+def _lockstep_model_zero_grad(model_t, opts_t, model_g, opt_g, start, stop):
+    """Like run_lockstep, but zeroes the whole model's grads (some params are in no optimizer yet)."""
+    for step in range(start, stop):
+        for model, opts in ((model_t, opts_t), (model_g, [opt_g])):
+            model.zero_grad()
+            loss_of(model, step).backward()
+            for o in opts:
+                o.step()
+        for gg, gt in zip(opt_g.param_groups, [g for o in opts_t for g in o.param_groups]):
+            assert gg["lr"] == gt["lr"]
+
+
+def test_add_param_group_after_construction():
+    model_t, model_g = twins()
+    a_t, b_t = split(model_t)
+    a_g, b_g = split(model_g)
+    opt_t = torch.optim.AdamW(a_t, lr=3e-3, amsgrad=True)
+    opt_g = gx.Optimizer(a_g, gx.adamw(3e-3, amsgrad=True))
+    _lockstep_model_zero_grad(model_t, [opt_t], model_g, opt_g, 0, 20)
+    opt_t.add_param_group({"params": b_t, "lr": 1e-2, "weight_decay": 0.1})
+    opt_g.add_param_group({"params": b_g, "lr": 1e-2, "weight_decay": 0.1})
+    assert opt_g.param_groups[1]["lr"] == 1e-2 and opt_g.param_groups[1]["betas"] == (0.9, 0.999)
+    _lockstep_model_zero_grad(model_t, [opt_t], model_g, opt_g, 20, 80)
+    assert_params_close(model_g, model_t)
+    assert not torch.equal(b_g[0], split(make_model())[1][0])  # the new group did train
+
+
+def test_add_param_group_with_own_tx():
+    model_t, model_g = twins()
+    a_t, b_t = split(model_t)
+    a_g, b_g = split(model_g)
+    adamw_t = torch.optim.AdamW(a_t, lr=3e-3)
+    opt_g = gx.Optimizer(a_g, gx.adamw(3e-3))
+    _lockstep_model_zero_grad(model_t, [adamw_t], model_g, opt_g, 0, 20)
+    sgd_t = torch.optim.SGD(b_t, lr=0.05, momentum=0.9, nesterov=True)
+    opt_g.add_param_group({"params": b_g, "tx": gx.sgd(0.05, momentum=0.9, nesterov=True)})
+    assert opt_g.param_groups[1]["lr"] == 0.05 and opt_g.param_groups[1]["momentum"] == 0.9
+    _lockstep_model_zero_grad(model_t, [adamw_t, sgd_t], model_g, opt_g, 20, 80)
+    assert_params_close(model_g, model_t)
+
+
+# --- complex params ---------------------------------------------------------------------------------
+
+
+def _complex_problem():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(64, 4, generator=g, dtype=torch.complex128)
+    w_true = torch.randn(4, 3, generator=g, dtype=torch.complex128)
+    y = x @ w_true + 0.1 * torch.randn(64, 3, generator=g, dtype=torch.complex128)
+    w0 = torch.randn(4, 3, generator=g, dtype=torch.complex128)
+    b0 = torch.randn(3, generator=g, dtype=torch.complex128)
+    return x, y, w0, b0
+
+
+COMPLEX_CASES = {
+    "adamw": (lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05), lambda: gx.adamw(1e-2, weight_decay=0.05)),
+    "adamw_amsgrad": (lambda p: torch.optim.AdamW(p, lr=1e-2, amsgrad=True), lambda: gx.adamw(1e-2, amsgrad=True)),
+    "sgd_momentum": (lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, weight_decay=1e-3),
+                     lambda: gx.sgd(1e-2, momentum=0.9, weight_decay=1e-3)),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPLEX_CASES))
+def test_complex_params_match_torch(case):
+    make_t, make_tx = COMPLEX_CASES[case]
+    x, y, w0, b0 = _complex_problem()
+    pt = [nn.Parameter(w0.clone()), nn.Parameter(b0.clone())]
+    pg = [nn.Parameter(w0.clone()), nn.Parameter(b0.clone())]
+    opt_t, opt_g = make_t(pt), gx.Optimizer(pg, make_tx())
+    for _ in range(STEPS):
+        for (w, b), opt in ((pt, opt_t), (pg, opt_g)):
+            opt.zero_grad()
+            (x @ w + b - y).abs().pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(pg, pt):
+        assert a.dtype == torch.complex128
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    assert not torch.equal(pg[0], w0)
+
+
+# --- closures and extra arguments -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt_case", ["adamw_amsgrad", "sgd_momentum"])
+def test_step_with_closure(opt_case):
+    make_t, make_g = OPT_CASES[opt_case]
+    model_t, model_g = twins()
+    opt_t, opt_g = make_t(model_t.parameters()), make_g(model_g.parameters())
+    calls = []
+    for step in range(50):
+        def closure_t(step=step):
+            opt_t.zero_grad()
+            loss = loss_of(model_t, step)
+            loss.backward()
+            return loss
+
+        returned = []
+
+        def closure_g(step=step):
+            calls.append(step)
+            opt_g.zero_grad()
+            loss = loss_of(model_g, step)
+            loss.backward()
+            returned.append(loss)
+            return loss
+
+        loss_t = opt_t.step(closure_t)
+        loss_g = opt_g.step(closure_g)
+        assert loss_g is returned[0]  # the closure's own return value
+        assert loss_g.item() == pytest.approx(loss_t.item(), rel=1e-12, abs=1e-12)
+    assert calls == list(range(50))  # once per step
+    assert_params_close(model_g, model_t)
+
+
+def _scale_by_factor() -> gx.GradientTransformation:
+    """A transform with a required extra argument ``factor``."""
+
+    def init(params):
+        return gx.EmptyState()
+
+    def update(updates, state, params=None, *, factor):
+        return [None if u is None else u * factor for u in updates], state
+
+    return gx.GradientTransformation(init, update)
+
+
+def test_unknown_extra_arg_raises_type_error_and_changes_nothing():
+    model = make_model()
+    opt = gx.Optimizer(model.parameters(), gx.adamw(1e-2))
+    train_step(model, opt, 0)
+    loss_of(model, 1).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = gxtree.tree_clone(opt.tx_state(0))
+    with pytest.raises(TypeError, match="foo"):
+        opt.step(foo=1)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    assert_trees_equal(opt.tx_state(0), state_before)
+
+
+def test_declared_extra_arg_is_forwarded():
+    model_t, model_g = twins()
+    opt_t = torch.optim.SGD(model_t.parameters(), lr=0.05, momentum=0.9)
+    # scaling the grads by 0.5 before SGD = SGD on the halved loss
+    opt_g = gx.Optimizer(model_g.parameters(), gx.chain(_scale_by_factor(), gx.sgd(0.1, momentum=0.9)))
+    assert opt_g.param_groups[0]["lr"] == 0.1
+    for step in range(50):
+        train_step(model_t, opt_t, step)
+        opt_g.zero_grad()
+        loss_of(model_g, step).backward()
+        opt_g.step(factor=0.5)
+    # lr 0.05 on g vs lr 0.1 on g/2: equal up to rounding
+    assert_params_close(model_g, model_t, atol=1e-12, rtol=1e-10)
+    loss_of(model_g, 0).backward()
+    with pytest.raises(TypeError, match="factor"):
+        opt_g.step()
+    with pytest.raises(TypeError, match="foo"):
+        opt_g.step(factor=0.5, foo=1)
+
+
+# --- the user's grads are never written ---------------------------------------------------------------
+
+
+GRAD_CASES = {
+    "sgd": lambda: gx.sgd(0.1),
+    "sgd_maximize": lambda: gx.sgd(0.1, maximize=True),
+    "sgd_weight_decay": lambda: gx.sgd(0.1, weight_decay=0.1),
+    "sgd_momentum": lambda: gx.sgd(0.1, momentum=0.9),
+    "sgd_nesterov_wd_maximize": lambda: gx.sgd(0.1, momentum=0.9, nesterov=True, weight_decay=0.1, maximize=True),
+    "sgd_dampening": lambda: gx.sgd(0.1, momentum=0.9, dampening=0.5),
+    "adam_wd": lambda: gx.adam(1e-2, weight_decay=0.1),
+    "adamw_amsgrad_maximize": lambda: gx.adamw(1e-2, amsgrad=True, maximize=True),
+    "clip_then_sgd": lambda: gx.chain(gx.clip_by_global_norm(1e-3), gx.sgd(0.1)),
+    "bare_scale": lambda: gx.scale(-0.1),
+    "identity": lambda: gx.identity(),
+}
+
+
+@pytest.mark.parametrize("make_tx", GRAD_CASES.values(), ids=GRAD_CASES.keys())
+def test_step_never_modifies_grads(make_tx):
+    model = make_model()
+    opt = gx.Optimizer(model.parameters(), make_tx())
+    for step in range(3):
+        opt.zero_grad()
+        loss_of(model, step).backward()
+        grads = [p.grad for p in model.parameters()]
+        saved = [g.clone() for g in grads]
+        opt.step()
+        for p, g, s in zip(model.parameters(), grads, saved):
+            assert p.grad is g
+            assert torch.equal(g, s)
+        # a second step on the same grads (gradient accumulation without zero_grad) reads the same values
+        opt.step()
+        for g, s in zip(grads, saved):
+            assert torch.equal(g, s)
+
+
+def test_step_never_modifies_complex_grads():
+    x, y, w0, b0 = _complex_problem()
+    ps = [nn.Parameter(w0.clone()), nn.Parameter(b0.clone())]
+    opt = gx.Optimizer(ps, gx.sgd(0.1, weight_decay=0.1, maximize=True))
+    for _ in range(3):
+        opt.zero_grad()
+        (x @ ps[0] + ps[1] - y).abs().pow(2).mean().backward()
+        saved = [p.grad.clone() for p in ps]
+        opt.step()
+        for p, s in zip(ps, saved):
+            assert torch.equal(p.grad, s)
