@@ -1,6 +1,6 @@
 """gradxform: optax-style gradient transformations for PyTorch.
 
-The flat public API, as in optax::
+The flat public API, as in optax:
 
     import gradxform as gx
     tx = gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(1e-3))
@@ -12,6 +12,8 @@ or, as a ``torch.optim.Optimizer``: ``opt = gx.Optimizer(model.parameters(), tx)
 """
 
 from __future__ import annotations
+
+import torch
 
 from . import schedules, tree
 from .alias import adam, adamw, sgd
@@ -65,6 +67,21 @@ from .transforms import (
 from .tree import tree_global_norm
 
 __version__ = "0.1.0"
+
+
+def _register_safe_globals() -> None:
+    """Let ``torch.load(weights_only=True)`` (the default since torch 2.6) read saved states.
+
+    ``torch.serialization.add_safe_globals`` exists from torch 2.4; older versions need
+    ``weights_only=False`` to load a functional state.
+    """
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is not None:
+        add([EmptyState, ScaleByScheduleState, TraceState, ScaleByAdamState, ScaleByRmsState, MaskedState,
+             PartitionState, InjectHyperparamsState, ApplyIfFiniteState, MultiStepsState])
+
+
+_register_safe_globals()
 
 __all__ = [
     "GradientTransformation",

@@ -1,14 +1,14 @@
 """Named optimisers with torch.optim's defaults, names and semantics.
 
-Each alias is a chain of generic blocks wrapped in :func:`~gradxform.combine.inject_hyperparams`,
+Each alias is a chain of generic blocks wrapped in `gradxform.combine.inject_hyperparams`,
 so its numeric hyperparameters (``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum``,
-``dampening``) live in the state as tensors. That is what lets :class:`gradxform.Optimizer` expose
+``dampening``) live in the state as tensors. That is what lets `gradxform.Optimizer` expose
 a live ``group["lr"]`` to ``torch.optim.lr_scheduler`` and ``torch.compile`` take a new value
 without recompiling. Any of them may also be a schedule ``count -> value``.
 
 Which blocks the chain contains is fixed at construction: momentum and weight decay that start
 at 0 are left out (as torch.optim skips them, and so that SGD without momentum keeps no buffer).
-Turning them on later by writing the state has no effect. :class:`gradxform.Optimizer` handles
+Turning them on later by writing the state has no effect. `gradxform.Optimizer` handles
 the common case for you: a param group that sets ``weight_decay`` or ``momentum`` (e.g. the
 decay / no-decay split) gets its own copy of the alias rebuilt with that value.
 """
@@ -37,7 +37,7 @@ _REBUILD_ATTR = "__gx_rebuild__"
 
 
 def _with_rebuild(tx: GradientTransformation, alias: Any, kwargs: dict[str, Any]) -> GradientTransformation:
-    """Remember how the alias was built, so that :class:`gradxform.Optimizer` can rebuild it for a
+    """Remember how the alias was built, so that `gradxform.Optimizer` can rebuild it for a
     param group that overrides a hyperparameter whose block was left out (e.g. a group with
     ``weight_decay=0.1`` under ``sgd(weight_decay=0)``)."""
     setattr(tx.update, _REBUILD_ATTR, lambda **overrides: alias(**{**kwargs, **overrides}))
@@ -128,7 +128,7 @@ def adam(
     """Adam as ``torch.optim.Adam`` (Kingma & Ba, 2015; AMSGrad: Reddi et al., 2018).
 
     L2 weight decay is added to the gradient *before* the moments: ``g <- g + wd * p``; then
-    :func:`~gradxform.scale_by_adam` and ``p <- p - lr * u``.
+    `gradxform.scale_by_adam` and ``p <- p - lr * u``.
     """
     check_float("lr", lr, low=0.0)
     _check_betas(betas)

@@ -1,17 +1,17 @@
 """The core contract: gradient transformations, ``chain``, ``identity`` and ``apply_updates``.
 
-A :class:`GradientTransformation` is a pair of pure functions::
+A `GradientTransformation` is a pair of pure functions:
 
     state = tx.init(params)
     updates, state = tx.update(updates, state, params=None, **extra_args)
 
 ``params``, ``updates`` and ``state`` are pytrees (optree) whose leaves are tensors; ``None`` marks
 a frozen or gradient-less leaf and passes through every transform untouched. ``update`` never
-mutates its inputs. Updates are *added* to params (:func:`apply_updates`), so descent needs a final
+mutates its inputs. Updates are *added* to params (`apply_updates`), so descent needs a final
 negative scale, as in optax.
 
 Extra arguments (``losses=``, ``sum_grad_squared=``, ...) are keyword-only parameters of a
-transform's ``update``. :func:`chain` forwards each one to the members that declare it, raises a
+transform's ``update``. `chain` forwards each one to the members that declare it, raises a
 ``TypeError`` naming a required extra argument that was not given, and rejects an extra argument
 that no member declares.
 """
@@ -93,7 +93,7 @@ def with_extra_args(update: Callable[..., Any], spec: ExtraArgs) -> Callable[...
 def extra_args_of(tx: GradientTransformation) -> ExtraArgs:
     """The extra arguments ``tx.update`` declares.
 
-    Read from a declaration made with :func:`with_extra_args`, else from the signature: every
+    Read from a declaration made with `with_extra_args`, else from the signature: every
     keyword-only parameter is an extra argument (required when it has no default); a bare
     ``**kwargs`` accepts anything.
     """

@@ -209,7 +209,7 @@ def inject_hyperparams(
     """Wrap a transform factory so that its numeric hyperparameters live in the state.
 
     ``inject_hyperparams(gx.adamw)(lr=1e-3)`` returns a transform whose state is
-    :class:`InjectHyperparamsState`; ``state.hyperparams["lr"]`` holds the learning rate as a
+    `InjectHyperparamsState`; ``state.hyperparams["lr"]`` holds the learning rate as a
     float64 CPU tensor. Numbers, 0-d tensors and tuples of numbers (``betas``) are injected;
     callables are schedules of the step count, evaluated at every update; bools, strings,
     ``None`` and the names in ``static_args`` stay static. Each update rebuilds the inner

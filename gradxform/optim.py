@@ -1,6 +1,6 @@
 """``gradxform.Optimizer``: any gradient transformation as a ``torch.optim.Optimizer``.
 
-::
+Usage:
 
     opt = gx.Optimizer(model.parameters(), gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(1e-3)))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
@@ -18,7 +18,7 @@ How it maps onto torch.optim:
   is a frozen leaf: that param and its state are left alone) and adds the updates to the params
   in place. Complex params are seen by the transform as ``torch.view_as_real`` views, as
   torch.optim does.
-- The numeric hyperparameters of every :func:`~gradxform.inject_hyperparams` transform in the
+- The numeric hyperparameters of every `gradxform.inject_hyperparams` transform in the
   state (all the aliases: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum``, ...) appear as
   group keys. They are live: a value written into ``group["lr"]`` by you or by a
   ``torch.optim.lr_scheduler`` is copied into the state before the next update. A hyperparameter
@@ -29,7 +29,7 @@ How it maps onto torch.optim:
   ``"tx_state"``, the state's non-per-param tensors (step counts, injected hyperparameters).
   ``load_state_dict`` restores them exactly, so a resumed run is bit-identical.
 - Because the adapter owns the state, transforms may update its buffers in place
-  (:func:`gradxform.tree.owned_buffers`); the user's ``.grad`` tensors are never written.
+  (`gradxform.tree.owned_buffers`); the user's ``.grad`` tensors are never written.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def _split_state(state: Any, n: int) -> tuple[list[dict[str, torch.Tensor]], dic
 
 def _merge_state(template: Any, n: int, per_param: list[dict[str, torch.Tensor]], shared: dict[str, torch.Tensor],
                  where: str) -> Any:
-    """Rebuild a state shaped like ``template`` from the tensors of :func:`_split_state`."""
+    """Rebuild a state shaped like ``template`` from the tensors of `_split_state`."""
 
     def load(saved: torch.Tensor | None, like: torch.Tensor, path: str, owner: str) -> torch.Tensor:
         if saved is None:
@@ -193,14 +193,14 @@ def _merge_state(template: Any, n: int, per_param: list[dict[str, torch.Tensor]]
 
 
 class Optimizer(torch.optim.Optimizer):
-    """A ``torch.optim.Optimizer`` that runs a :class:`~gradxform.GradientTransformation`.
+    """A ``torch.optim.Optimizer`` that runs a `gradxform.GradientTransformation`.
 
     Args:
         params: an iterable of tensors or of param-group dicts, as for any torch optimizer. A group
             dict may carry its own transform under ``"tx"`` and hyperparameter overrides such as
             ``"lr"``.
         tx: the transform for groups that bring none. Its injected hyperparameters (see
-            :func:`~gradxform.inject_hyperparams`; all aliases have them) become the defaults.
+            `gradxform.inject_hyperparams`; all aliases have them) become the defaults.
 
     ``step(closure=None, **extra_args)`` forwards extra keyword arguments to ``tx.update``.
     """
@@ -209,15 +209,21 @@ class Optimizer(torch.optim.Optimizer):
         if not (isinstance(tx, tuple) and len(tx) == 2 and callable(tx[0]) and callable(tx[1])):
             raise TypeError(f"gradxform.Optimizer needs a GradientTransformation as tx; got {tx!r}")
         self._gx_states: dict[int, Any] = {}
-        params = list(params)
-        first = params[0]["params"] if params and isinstance(params[0], dict) else params
-        first = [first] if isinstance(first, torch.Tensor) else list(first)
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if params and isinstance(params[0], dict):
+            # materialise every group's params once (they may be generators)
+            params = [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
+                      for g in params]
+            first = params[0]["params"]
+        else:
+            first = params
         tx = GradientTransformation(*tx)
         defaults = {"tx": tx, **_probe_hyperparams(tx, first)}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; a group with its own ``"tx"`` takes its hyperparameter defaults from it."""
+        param_group_keys = set(param_group) if isinstance(param_group, dict) else set()
         if isinstance(param_group, dict) and "tx" in param_group:
             own = param_group["tx"]
             if not (isinstance(own, tuple) and len(own) == 2):
@@ -231,6 +237,12 @@ class Optimizer(torch.optim.Optimizer):
                 param_group.setdefault(k, v)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if group["tx"] is not self.defaults["tx"]:
+            # torch fills every default key; drop hyperparameters only the default tx has
+            own_keys = set(_probe_hyperparams(group["tx"], group["params"]))
+            for k in list(group):
+                if k in self.defaults and k != "tx" and k not in own_keys and k not in param_group_keys:
+                    del group[k]
         group["tx"] = _rebuild_for_group(group["tx"], group)
 
     # -- hyperparameters ------------------------------------------------------------------------
@@ -326,7 +338,7 @@ class Optimizer(torch.optim.Optimizer):
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Restore what :meth:`state_dict` saved; the groups must hold the same number of params."""
+        """Restore what `state_dict` saved; the groups must hold the same number of params."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups; this optimizer has "

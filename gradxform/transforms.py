@@ -1,6 +1,6 @@
 """Generic building blocks: scaling, momentum, Adam and RMS moments, weight decay, norm clipping.
 
-Each function returns a :class:`~gradxform.base.GradientTransformation`. Updates are added to
+Each function returns a `gradxform.base.GradientTransformation`. Updates are added to
 params, so an optimiser ends with a negative scale (``scale_by_learning_rate`` flips the sign).
 Hyperparameters may be Python numbers or 0-d tensors (``inject_hyperparams`` passes tensors when
 compiling, so a changed value does not recompile). All leaf arithmetic runs as

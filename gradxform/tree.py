@@ -30,6 +30,7 @@ __all__ = [
     "tree_all_finite",
     "is_compiling",
     "as_scalar",
+    "owned_buffers",
 ]
 
 Tree = Any
@@ -41,7 +42,7 @@ def tree_flatten(tree: Tree) -> tuple[list[Any], optree.PyTreeSpec]:
 
 
 def tree_unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Any]) -> Tree:
-    """Inverse of :func:`tree_flatten`."""
+    """Inverse of `tree_flatten`."""
     return optree.tree_unflatten(spec, list(leaves))
 
 
@@ -129,9 +130,17 @@ def tree_clone(tree: Tree) -> Tree:
     return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
-def tree_to(tree: Tree, *args: Any, **kwargs: Any) -> Tree:
-    """``Tensor.to(*args, **kwargs)`` on every tensor leaf, e.g. to move a state to a device."""
-    return tree_map(lambda x: x.to(*args, **kwargs) if isinstance(x, torch.Tensor) else x, tree)
+def tree_to(tree: Tree, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tree:
+    """Move every tensor leaf to ``device``; with ``dtype``, cast the floating-point leaves only
+    (integer step counts and boolean flags keep their dtype)."""
+
+    def move(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        cast = dtype if dtype is not None and x.is_floating_point() else None
+        return x.to(device=device, dtype=cast)
+
+    return tree_map(move, tree)
 
 
 def live(leaves: Sequence[Any]) -> tuple[list[int], list[torch.Tensor]]:
@@ -227,7 +236,7 @@ _OWNERSHIP: dict[str, Any] = {"active": False, "protected": frozenset()}
 def owned_buffers(protected: Sequence[torch.Tensor] = ()) -> Iterator[None]:
     """Let transforms update state buffers (and non-``protected`` updates) in place.
 
-    Only for a caller that owns the state and discards the old one, as :class:`gradxform.Optimizer`
+    Only for a caller that owns the state and discards the old one, as `gradxform.Optimizer`
     does. ``protected`` tensors (e.g. the user's ``.grad``) are never written.
     """
     previous = dict(_OWNERSHIP)
@@ -240,7 +249,7 @@ def owned_buffers(protected: Sequence[torch.Tensor] = ()) -> Iterator[None]:
 
 
 def state_inplace() -> bool:
-    """True when state buffers may be overwritten (inside :func:`owned_buffers`, not compiling)."""
+    """True when state buffers may be overwritten (inside `owned_buffers`, not compiling)."""
     return bool(_OWNERSHIP["active"]) and not is_compiling()
 
 
