@@ -166,3 +166,29 @@ def test_add_decayed_weights_needs_params():
 def test_chain_rejects_non_transforms():
     with pytest.raises(TypeError, match="chain.. takes GradientTransformations"):
         gx.chain(gx.scale(1.0), 3.0)
+
+
+def test_state_saves_and_loads_with_weights_only():
+    import io
+
+    params = {"w": torch.ones(3, dtype=torch.float64)}
+    tx = gx.chain(gx.clip_by_global_norm(1.0), gx.apply_if_finite(gx.adamw(gx.cosine_decay_schedule(1e-2, 10))),
+                  gx.masked(gx.trace(0.9), {"w": True}), gx.multi_steps(gx.scale_by_rms(), 2))
+    state = tx.init(params)
+    _, state = tx.update(params, state, params)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    u1, s1 = tx.update(params, state, params)
+    u2, s2 = tx.update(params, loaded, params)
+    assert torch.equal(u1["w"], u2["w"])
+    assert type(loaded[1]).__name__ == "ApplyIfFiniteState"
+
+
+def test_tree_to_casts_only_floating_leaves():
+    state = gx.adam(0.1).init({"w": torch.ones(2)})
+    moved = gx.tree.tree_to(state, dtype=torch.float64)
+    assert moved.inner_state[0].mu["w"].dtype == torch.float64
+    assert moved.inner_state[0].count["w"].dtype == torch.int64
+    assert moved.count.dtype == torch.int64

@@ -815,3 +815,13 @@ def test_step_never_modifies_complex_grads():
         opt.step()
         for p, s in zip(ps, saved):
             assert torch.equal(p.grad, s)
+
+
+def test_param_groups_given_as_generators_keep_their_params():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = gx.Optimizer([{"params": model[0].parameters()}, {"params": model[1].parameters(), "tx": gx.sgd(0.1)}],
+                       gx.adamw(1e-3))
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    # a group with its own transform shows its own hyperparameters, not the default's
+    assert "betas" not in opt.param_groups[1] and opt.param_groups[1]["lr"] == 0.1
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
