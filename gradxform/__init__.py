@@ -25,6 +25,7 @@ from .base import (
     chain,
     extra_args_of,
     identity,
+    stateless,
     with_extra_args,
 )
 from .combine import (
@@ -90,6 +91,7 @@ __all__ = [
     "extra_args_of",
     "with_extra_args",
     "identity",
+    "stateless",
     "chain",
     "apply_updates",
     "scale",

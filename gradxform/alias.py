@@ -116,6 +116,18 @@ def _check_betas(betas: Any) -> None:
     check_float("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
 
 
+def _adam_family(alias: Any, decoupled: bool, lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: bool,
+                 maximize: bool) -> GradientTransformation:
+    check_float("lr", lr, low=0.0)
+    _check_betas(betas)
+    check_float("eps", eps, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+    tx = inject_hyperparams(_adam, static_args=("amsgrad", "maximize", "decoupled", "use_weight_decay"))(
+        **kwargs, decoupled=decoupled, use_weight_decay=_nonzero(weight_decay))
+    return _with_rebuild(tx, alias, kwargs)
+
+
 def adam(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -130,16 +142,7 @@ def adam(
     L2 weight decay is added to the gradient *before* the moments: ``g <- g + wd * p``; then
     `gradxform.scale_by_adam` and ``p <- p - lr * u``.
     """
-    check_float("lr", lr, low=0.0)
-    _check_betas(betas)
-    check_float("eps", eps, low=0.0)
-    check_float("weight_decay", weight_decay, low=0.0)
-    tx = inject_hyperparams(_adam, static_args=("amsgrad", "maximize", "decoupled", "use_weight_decay"))(
-        lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-        decoupled=False, use_weight_decay=_nonzero(weight_decay),
-    )
-    return _with_rebuild(tx, adam, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                        amsgrad=amsgrad, maximize=maximize))
+    return _adam_family(adam, False, lr, betas, eps, weight_decay, amsgrad, maximize)
 
 
 def adamw(
@@ -157,13 +160,4 @@ def adamw(
     params *before* the step, i.e. ``chain(scale_by_adam, add_decayed_weights(wd),
     scale_by_learning_rate(lr))``.
     """
-    check_float("lr", lr, low=0.0)
-    _check_betas(betas)
-    check_float("eps", eps, low=0.0)
-    check_float("weight_decay", weight_decay, low=0.0)
-    tx = inject_hyperparams(_adam, static_args=("amsgrad", "maximize", "decoupled", "use_weight_decay"))(
-        lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-        decoupled=True, use_weight_decay=_nonzero(weight_decay),
-    )
-    return _with_rebuild(tx, adamw, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                        amsgrad=amsgrad, maximize=maximize))
+    return _adam_family(adamw, True, lr, betas, eps, weight_decay, amsgrad, maximize)

@@ -35,6 +35,7 @@ __all__ = [
     "ExtraArgs",
     "extra_args_of",
     "identity",
+    "stateless",
     "chain",
     "apply_updates",
     "with_extra_args",
@@ -174,6 +175,20 @@ def check_extra(spec: ExtraArgs, extra: dict[str, Any], owner: str) -> None:
                 f"{owner} got an unknown extra argument {unknown[0]!r}: no transform in it declares "
                 f"it (declared extra arguments: {declared})"
             )
+
+
+def stateless(fn: Callable[[Updates, Params | None], Updates]) -> GradientTransformation:
+    """A transform without state from ``fn(updates, params) -> updates`` (as optax.stateless)."""
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(updates: Updates, state: EmptyState, params: Params | None = None) -> tuple[Updates, EmptyState]:
+        return fn(updates, params), state
+
+    update.__qualname__ = getattr(fn, "__qualname__", "stateless")
+    return GradientTransformation(init, update)
 
 
 def identity() -> GradientTransformation:

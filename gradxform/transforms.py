@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from . import tree as _tree
-from .base import EmptyState, GradientTransformation, Params, Updates, expect_state
+from .base import GradientTransformation, Params, Updates, expect_state, stateless
 
 __all__ = [
     "ScalarOrSchedule",
@@ -154,19 +154,14 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     """Multiply every update by a constant: ``u <- step_size * u``."""
     check_float("step_size", step_size)
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(updates: Updates, state: EmptyState, params: Params | None = None) -> tuple[Updates, EmptyState]:
-        del params
+    def update_fn(updates: Updates, params: Params | None) -> Updates:
         flat = _Flat(updates)
         if not flat.live:
-            return updates, state
+            return updates
         s = _tree.as_scalar(step_size)
-        return flat.rebuild(_mul(flat.live, s, _tree.updates_inplace(flat.live))), state
+        return flat.rebuild(_mul(flat.live, s, _tree.updates_inplace(flat.live)))
 
-    return GradientTransformation(init, update)
+    return stateless(update_fn)
 
 
 class ScaleByScheduleState(NamedTuple):
@@ -409,14 +404,10 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
 
         return masked(add_decayed_weights(weight_decay), mask)
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(updates: Updates, state: EmptyState, params: Params | None = None) -> tuple[Updates, EmptyState]:
+    def update_fn(updates: Updates, params: Params | None) -> Updates:
         flat = _Flat(updates)
         if not flat.live:
-            return updates, state
+            return updates
         p = flat.params_live(params, "add_decayed_weights")
         wd = _tree.as_scalar(weight_decay)
         if isinstance(wd, torch.Tensor):
@@ -426,9 +417,9 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
             out = flat.live
         else:
             out = list(torch._foreach_add(flat.live, p, alpha=wd))
-        return flat.rebuild(out), state
+        return flat.rebuild(out)
 
-    return GradientTransformation(init, update)
+    return stateless(update_fn)
 
 
 # --- clipping (the rest of the family lives in clipping.py) -------------------------------------
@@ -439,18 +430,12 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
     ``u <- u * max_norm / max(||u||, max_norm)`` (Pascanu et al., 2013). A zero update passes."""
     check_float("max_norm", max_norm, low=0.0, low_open=True)
 
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(updates: Updates, state: EmptyState, params: Params | None = None) -> tuple[Updates, EmptyState]:
-        del params
+    def update_fn(updates: Updates, params: Params | None) -> Updates:
         flat = _Flat(updates)
         if not flat.live:
-            return updates, state
+            return updates
         norm = _tree.global_norm(flat.live)
-        factor = max_norm / torch.clamp(norm, min=max_norm) if not isinstance(max_norm, torch.Tensor) else max_norm / torch.maximum(norm, max_norm)
-        out = _mul(flat.live, factor, _tree.updates_inplace(flat.live))
-        return flat.rebuild(out), state
+        factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype))
+        return flat.rebuild(_mul(flat.live, factor, _tree.updates_inplace(flat.live)))
 
-    return GradientTransformation(init, update)
+    return stateless(update_fn)

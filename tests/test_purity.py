@@ -20,6 +20,7 @@ def _grads(seed):
 
 CASES = {
     "identity": lambda: gx.identity(),
+    "stateless": lambda: gx.stateless(lambda u, p: gx.tree.tree_map(lambda x, y: x * y, u, p)),
     "scale": lambda: gx.scale(0.5),
     "scale_by_schedule": lambda: gx.scale_by_schedule(gx.cosine_decay_schedule(1.0, 10)),
     "scale_by_learning_rate": lambda: gx.scale_by_learning_rate(0.1),
