@@ -17,6 +17,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def load_example(name: str):
     path = EXAMPLES / f"{name}.py"
+    if str(EXAMPLES) not in sys.path:  # the examples import their shared digits_data module
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"gradxform_example_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
