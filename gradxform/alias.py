@@ -41,6 +41,7 @@ def _with_rebuild(tx: GradientTransformation, alias: Any, kwargs: dict[str, Any]
     param group that overrides a hyperparameter whose block was left out (e.g. a group with
     ``weight_decay=0.1`` under ``sgd(weight_decay=0)``)."""
     setattr(tx.update, _REBUILD_ATTR, lambda **overrides: alias(**{**kwargs, **overrides}))
+    setattr(tx.update, "__gx_alias__", (alias.__name__, dict(kwargs)))
     return tx
 
 

@@ -43,6 +43,7 @@ import torch
 from . import tree as _tree
 from .base import GradientTransformation, chain
 from .combine import InjectHyperparamsState
+from .transforms import ScaleByAdamState
 
 __all__ = ["Optimizer"]
 
@@ -119,6 +120,57 @@ def _rebuild_for_group(tx: GradientTransformation, group: dict[str, Any]) -> Gra
     if all(a is b for a, b in zip(new, members)):
         return tx
     return chain(*new)
+
+
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fused_kind(tx: GradientTransformation) -> str | None:
+    """``"adam"`` / ``"adamw"`` when ``tx`` is that alias with constant hyperparameters, which
+    torch's fused kernels (``torch._fused_adam_`` / ``torch._fused_adamw_``) compute in one pass."""
+    info = (getattr(tx.update, "__dict__", None) or {}).get("__gx_alias__")
+    if info is None or info[0] not in ("adam", "adamw"):
+        return None
+    name, kwargs = info
+    for k in ("lr", "eps", "weight_decay"):
+        if not isinstance(kwargs[k], (int, float)) or isinstance(kwargs[k], bool):
+            return None  # schedules and tensors take the generic path
+    if not all(isinstance(b, (int, float)) for b in kwargs["betas"]):
+        return None
+    return name
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params)
+
+
+def _fused_adam_step(kind: str, state: InjectHyperparamsState, ps: list[torch.Tensor],
+                     grads: list[torch.Tensor | None], amsgrad: bool, maximize: bool) -> InjectHyperparamsState:
+    """One step of an adam / adamw alias on torch's fused kernel, updating ``state`` in place.
+
+    The state is the one the generic path keeps (``ScaleByAdamState`` inside the alias), so a run
+    can switch between the paths and checkpoints do not depend on it.
+    """
+    hp = state.hyperparams
+    lr, eps, wd = hp["lr"].item(), hp["eps"].item(), hp["weight_decay"].item()
+    beta1, beta2 = hp["betas"].tolist()
+    members = state.inner_state
+    adam = next(m for m in members if isinstance(m, ScaleByAdamState))
+    kernel = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, g in enumerate(grads):
+        if g is not None:
+            groups.setdefault((ps[i].device, ps[i].dtype), []).append(i)
+    for (device, _), idx in groups.items():
+        counts = [adam.count[i] for i in idx]
+        torch._foreach_add_(counts, 1)
+        steps = [c.to(device=device, dtype=torch.float32) for c in counts]
+        kernel(
+            [ps[i] for i in idx], [grads[i] for i in idx], [adam.mu[i] for i in idx], [adam.nu[i] for i in idx],
+            [adam.nu_max[i] for i in idx] if amsgrad else [], steps,
+            lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=amsgrad, maximize=maximize,
+        )
+    return state._replace(count=state.count + 1)
 
 
 def _is_per_param(node: Any, n: int) -> bool:
@@ -201,14 +253,22 @@ class Optimizer(torch.optim.Optimizer):
             ``"lr"``.
         tx: the transform for groups that bring none. Its injected hyperparameters (see
             `gradxform.inject_hyperparams`; all aliases have them) become the defaults.
+        fused: run a group whose transform is exactly ``gx.adam`` / ``gx.adamw`` with constant
+            hyperparameters (the learning rate may still be changed through ``group["lr"]``,
+            e.g. by a scheduler) on torch's fused kernel, one pass over memory, as
+            ``torch.optim.AdamW(fused=True)``. ``None`` (default): when the params' device and
+            dtype allow it; ``False``: never (the generic ``torch._foreach_*`` path, which
+            rounds as ``torch.optim.AdamW(foreach=True)``); ``True``: require it. The state is
+            the same either way.
 
     ``step(closure=None, **extra_args)`` forwards extra keyword arguments to ``tx.update``.
     """
 
-    def __init__(self, params: Iterable[Any], tx: GradientTransformation) -> None:
+    def __init__(self, params: Iterable[Any], tx: GradientTransformation, *, fused: bool | None = None) -> None:
         if not (isinstance(tx, tuple) and len(tx) == 2 and callable(tx[0]) and callable(tx[1])):
             raise TypeError(f"gradxform.Optimizer needs a GradientTransformation as tx; got {tx!r}")
         self._gx_states: dict[int, Any] = {}
+        self._fused = fused
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         if params and isinstance(params[0], dict):
             # materialise every group's params once (they may be generators)
@@ -270,6 +330,16 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- the step -------------------------------------------------------------------------------
 
+    def _fused_kind(self, group: dict[str, Any], ps: list[torch.Tensor]) -> str | None:
+        if self._fused is False:
+            return None
+        kind = _fused_kind(group["tx"])
+        ok = kind is not None and _fused_supported(ps)
+        if self._fused is True and not ok:
+            raise ValueError("fused=True needs a group transform that is exactly gx.adam or gx.adamw with constant "
+                             "hyperparameters, and float params on CPU or CUDA")
+        return kind if ok else None
+
     def _init_group_state(self, group: dict[str, Any]) -> Any:
         return group["tx"].init([_real(p.detach()) for p in group["params"]])
 
@@ -295,6 +365,12 @@ class Optimizer(torch.optim.Optimizer):
             if state is None:
                 state = self._init_group_state(group)
             self._sync_in(state, group)
+            kind = self._fused_kind(group, ps)
+            if kind is not None and not extra_args:
+                info = group["tx"].update.__gx_alias__[1]
+                state = _fused_adam_step(kind, state, ps, grads, info["amsgrad"], info["maximize"])
+                self._gx_states[gi] = state
+                continue
             protected = [g for g in grads if g is not None]
             with _tree.owned_buffers(protected):
                 updates, state = group["tx"].update(grads, state, ps, **extra_args)

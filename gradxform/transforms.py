@@ -218,14 +218,13 @@ def _leaf_counts(params: Params) -> Any:
     return _tree.tree_map(lambda p: _zero_count(), params)
 
 
-def _step_counts(flat: "_Flat", counts_tree: Any, inplace: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The live leaves' counts before and after this update (``+1`` only where a leaf is live)."""
+def _step_counts(flat: "_Flat", counts_tree: Any, inplace: bool) -> list[torch.Tensor]:
+    """The live leaves' counts after this update (``+1`` only where a leaf is live)."""
     old = flat.state_live(counts_tree, "state.count", check_shapes=False)
     if inplace:
-        before = [c.clone() for c in old]
         torch._foreach_add_(old, 1)
-        return before, old
-    return old, list(torch._foreach_add(old, 1))
+        return old
+    return list(torch._foreach_add(old, 1))
 
 
 def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float | torch.Tensor = 0.0) -> GradientTransformation:
@@ -250,7 +249,7 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
         if not flat.live:
             return updates, state
         inplace = _tree.state_inplace()
-        before, after = _step_counts(flat, state.count, inplace)
+        after = _step_counts(flat, state.count, inplace)
         buf = flat.state_live(state.trace, "state.trace")
         mu, damp = _tree.as_scalar(decay), _tree.as_scalar(dampening)
         g = flat.live
@@ -259,11 +258,11 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
             torch._foreach_add_(buf, g)
         elif not _tree.is_compiling():
             # b_t = mu * b_{t-1} + (1 - damp * [t > 1]) g_t; b_0 = 0, so step 1 gives b_1 = g_1.
-            weights = [1.0 if int(c) == 0 else 1.0 - damp for c in before]  # CPU counters
+            weights = [1.0 if int(c) == 1 else 1.0 - damp for c in after]  # CPU counters
             torch._foreach_add_(buf, torch._foreach_mul(g, weights))
         else:
-            for b, x, c in zip(buf, g, before):
-                b.add_(x * (1.0 - damp * (c > 0).to(x.dtype)))
+            for b, x, c in zip(buf, g, after):
+                b.add_(x * (1.0 - damp * (c > 1).to(x.dtype)))
         if nesterov:
             if isinstance(mu, torch.Tensor):
                 out = list(torch._foreach_add(g, torch._foreach_mul(buf, mu)))
@@ -322,7 +321,7 @@ def scale_by_adam(
             return updates, state
         beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
         inplace = _tree.state_inplace()
-        _, counts = _step_counts(flat, state.count, inplace)
+        counts = _step_counts(flat, state.count, inplace)
         g = flat.live
         mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, inplace)
         nu = _ema_sq(flat.state_live(state.nu, "state.nu"), g, beta2, inplace)
@@ -334,7 +333,15 @@ def scale_by_adam(
                 nu_max = old_max
             else:
                 nu_max = list(torch._foreach_maximum(old_max, nu))
-        denom = torch._foreach_sqrt(nu_max if amsgrad else nu)
+        second = nu_max if amsgrad else nu
+        if _tree.updates_inplace(g):
+            # The incoming updates are ours (e.g. a clip's output inside the adapter) and mu, nu
+            # have consumed them: their buffers take the denominator, saving an allocation.
+            denom = g
+            for d, v in zip(denom, second):
+                torch.sqrt(v, out=d)
+        else:
+            denom = list(torch._foreach_sqrt(second))
         if _tree.is_compiling() or isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor):
             for d, c in zip(denom, counts):
                 t = c.to(torch.float64)
@@ -345,7 +352,13 @@ def scale_by_adam(
             torch._foreach_add_(denom, e)
             # u = (m / bc1) / denom; fold 1/bc1 into the denominator to save a pass.
             torch._foreach_mul_(denom, [1 - beta1**t for t in ts])
-        out = list(torch._foreach_div(mu, denom))
+        if _tree.is_compiling():
+            out = list(torch._foreach_div(mu, denom))
+        else:
+            # the denominator is private to this call: write the quotient into it (no allocation)
+            for m, d in zip(mu, denom):
+                torch.div(m, d, out=d)
+            out = denom
         new_state = ScaleByAdamState(
             flat.rebuild(counts, like=state.count),
             flat.rebuild(mu, like=state.mu),

@@ -249,13 +249,20 @@ def owned_buffers(protected: Sequence[torch.Tensor] = ()) -> Iterator[None]:
 
 
 def state_inplace() -> bool:
-    """True when state buffers may be overwritten (inside `owned_buffers`, not compiling)."""
-    return bool(_OWNERSHIP["active"]) and not is_compiling()
+    """True when state buffers may be overwritten (inside :func:`owned_buffers`).
+
+    Also while compiling: a step compiled inside ``owned_buffers`` mutates its state inputs,
+    which inductor turns into in-place writes (the caller donates the old state).
+    """
+    return bool(_OWNERSHIP["active"])
 
 
 def updates_inplace(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when the given updates may be overwritten (owned and none of them protected)."""
-    if not state_inplace():
+    """True when the given updates may be overwritten (owned and none of them protected).
+
+    Never while compiling: the traced tensors are not the objects that were protected.
+    """
+    if not _OWNERSHIP["active"] or is_compiling():
         return False
     protected = _OWNERSHIP["protected"]
     return not any(id(t) in protected for t in tensors)
