@@ -100,8 +100,10 @@ IMPLS = (
     ("torchopt", "torchopt.adamw, functional, inplace=True"),
     ("torchopt_accel", "torchopt.adamw(use_accelerated_op=True), inplace"),
     ("gx_adapter", "gx.Optimizer(params, tx)"),
+    ("gx_adapter_generic", "gx.Optimizer(params, tx, fused=False)"),
     ("gx_eager", "tx.update + gx.apply_updates, eager"),
     ("gx_compiled", "torch.compile(step_fn, fullgraph=True)"),
+    ("gx_compiled_owned", "the same, inside gx.tree.owned_buffers(), apply_updates(inplace=True)"),
 )
 IMPL_DESC = dict(IMPLS)
 ALL_KEYS = [f"{rule}:{impl}" for rule in RULES for impl, _ in IMPLS]
@@ -209,13 +211,13 @@ class Runner:
 
     def prepare(self) -> None:
         impl = self.impl
-        if impl in ("torch_foreach", "torch_fused", "gx_adapter"):
+        if impl in ("torch_foreach", "torch_fused", "gx_adapter", "gx_adapter_generic"):
             self.ps = [p.clone().requires_grad_(True) for p in self.p0]
             for p, g in zip(self.ps, self.grads):
                 p.grad = g
         elif impl in ("torchopt", "torchopt_accel"):
             self.ps = [p.clone() for p in self.p0]
-        elif impl in ("gx_eager", "gx_compiled"):
+        elif impl in ("gx_eager", "gx_compiled", "gx_compiled_owned"):
             self.ps = {n: p.clone() for n, p in zip(self.names, self.p0)}
             self.g_tree = dict(zip(self.names, self.grads))
         else:
@@ -225,11 +227,11 @@ class Runner:
         import torch
 
         impl, clip = self.impl, self.clip
-        if impl == "gx_adapter":
+        if impl in ("gx_adapter", "gx_adapter_generic"):
             import gradxform as gx
 
             tx = gx.chain(gx.clip_by_global_norm(MAX_NORM), gx.adamw(LR)) if clip else gx.adamw(LR)
-            self.opt = gx.Optimizer(self.ps, tx)
+            self.opt = gx.Optimizer(self.ps, tx, fused=False if impl == "gx_adapter_generic" else None)
         elif impl in ("torch_foreach", "torch_fused"):
             kw = {"foreach": True} if impl == "torch_foreach" else {"fused": True}
             self.opt = torch.optim.AdamW(self.ps, lr=LR, weight_decay=WD, **kw)
@@ -239,17 +241,18 @@ class Runner:
             adamw = torchopt.adamw(LR, weight_decay=WD, use_accelerated_op=impl == "torchopt_accel")
             self.tx = torchopt.chain(torchopt.clip_grad_norm(MAX_NORM), adamw) if clip else adamw
             self.st = self.tx.init(self.ps)
-        else:  # gx_eager, gx_compiled
+        else:  # gx_eager, gx_compiled, gx_compiled_owned
             import gradxform as gx
 
             tx = gx.chain(gx.clip_by_global_norm(MAX_NORM), gx.adamw(LR)) if clip else gx.adamw(LR)
             self.st = tx.init(self.ps)
+            donate = impl == "gx_compiled_owned"
 
             def step_fn(params, grads, state):
                 updates, state = tx.update(grads, state, params)
-                return gx.apply_updates(params, updates), state
+                return gx.apply_updates(params, updates, inplace=donate), state
 
-            compiled = impl == "gx_compiled" and self.compile_
+            compiled = impl in ("gx_compiled", "gx_compiled_owned") and self.compile_
             self.fn = torch.compile(step_fn, fullgraph=True) if compiled else step_fn
 
     def step(self) -> None:
@@ -260,18 +263,23 @@ class Runner:
 
                 torch.nn.utils.clip_grad_norm_(self.ps, MAX_NORM, foreach=True)
             self.opt.step()
-        elif impl == "gx_adapter":
+        elif impl in ("gx_adapter", "gx_adapter_generic"):
             self.opt.step()
         elif impl in ("torchopt", "torchopt_accel"):
             import torchopt
 
             updates, self.st = self.tx.update(self.grads, self.st, params=self.ps, inplace=True)
             torchopt.apply_updates(self.ps, updates, inplace=True)
+        elif impl == "gx_compiled_owned":
+            import gradxform as gx
+
+            with gx.tree.owned_buffers():  # the step donates its params and state buffers
+                self.ps, self.st = self.fn(self.ps, self.g_tree, self.st)
         else:
             self.ps, self.st = self.fn(self.ps, self.g_tree, self.st)
 
     def state(self):
-        if self.impl == "gx_adapter":
+        if self.impl in ("gx_adapter", "gx_adapter_generic"):
             return self.opt.tx_state(0)
         if self.impl in ("torch_foreach", "torch_fused"):
             return torch_state_tree(self.opt)
@@ -346,7 +354,7 @@ def run_one(key: str, args: argparse.Namespace) -> dict:
         p90_ms=times_sorted[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))] * 1e3,
         first_step_s=warm_times[0],
         # First call minus a steady step: the compile (tracing + inductor + C++ build) alone.
-        compile_s=(warm_times[0] - median) if impl == "gx_compiled" else None,
+        compile_s=(warm_times[0] - median) if impl.startswith("gx_compiled") else None,
         slow_warmup=[round(t, 3) for t in warm_times[1:] if t > 5 * median],  # recompiles show up here
         state_bytes=state_nbytes(get_state())[0],
         state_small_bytes=state_nbytes(get_state())[1],
@@ -544,7 +552,7 @@ def main() -> None:
                   f"{fmt(ratio(res, ref['torchopt']), '.2f'):>7s} {res['state_bytes'] / 2**20:8.1f} "
                   f"{res['peak_mb']:8.1f} {res['peak_mb'] - res['state_bytes'] / 2**20:8.1f} {fmt(res['step_mb'], '.1f', 'n/a'):>8s} {res['faults_per_step'] / 1e3:7.1f} "
                   f"{fmt(res['compile_s'], '.1f'):>9s} {fmt(dev, '.1e'):>8s}")
-            if impl == "gx_compiled" and res.get("slow_warmup"):
+            if impl.startswith("gx_compiled") and res.get("slow_warmup"):
                 print(f"{'':26s} note: slow warmup steps after the first (recompiles?): {res['slow_warmup']} s")
         if printed:
             print()
@@ -576,14 +584,22 @@ def main() -> None:
         ref = refs[rule]
         a = results.get(f"{rule}:gx_adapter")
         c = results.get(f"{rule}:gx_compiled")
+        co = results.get(f"{rule}:gx_compiled_owned")
+        ag = results.get(f"{rule}:gx_adapter_generic")
         if a is not None or ref["foreach"] is not None:
             print(f"  [{rule:10s}] adapter  / torch foreach : {verdict(a, ref['foreach'], TARGET_ADAPTER_VS_FOREACH)}")
+        if ag is not None:
+            print(f"  [{rule:10s}] adapter fused=False / torch foreach : "
+                  f"{verdict(ag, ref['foreach'], TARGET_ADAPTER_VS_FOREACH)}")
         if c is not None or ref["fused"] is not None:
             print(f"  [{rule:10s}] compiled / torch fused   : {verdict(c, ref['fused'], TARGET_COMPILED_VS_FUSED)}")
+        if co is not None:
+            print(f"  [{rule:10s}] compiled, owned buffers / torch fused : "
+                  f"{verdict(co, ref['fused'], TARGET_COMPILED_VS_FUSED)}")
         torch_refs = [r for r in (ref["foreach"], ref["fused"]) if r]
         if torch_refs:
             t = min(torch_refs, key=lambda r: r["state_bytes"])
-            for impl in ("gx_adapter", "gx_eager", "gx_compiled"):
+            for impl in ("gx_adapter", "gx_eager", "gx_compiled", "gx_compiled_owned"):
                 r = results.get(f"{rule}:{impl}")
                 if r and "error" not in r:
                     diff = r["state_bytes"] - t["state_bytes"]

@@ -188,6 +188,7 @@ def stateless(fn: Callable[[Updates, Params | None], Updates]) -> GradientTransf
         return fn(updates, params), state
 
     update.__qualname__ = getattr(fn, "__qualname__", "stateless")
+    update.__dict__.update(getattr(fn, "__dict__", {}))  # keep fn's markers (e.g. for lowering)
     return GradientTransformation(init, update)
 
 
@@ -262,10 +263,12 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def apply_updates(params: Params, updates: Updates) -> Params:
-    """Return ``params + updates`` leaf by leaf (pure; a ``None`` update keeps the param).
+def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) -> Params:
+    """Return ``params + updates`` leaf by leaf (a ``None`` update keeps the param).
 
-    Each update is cast to its param's dtype, as optax does.
+    Each update is cast to its param's dtype, as optax does. Pure by default; with
+    ``inplace=True`` the params' tensors are updated in place and returned (for a caller that
+    owns them, e.g. a compiled training step that donates its inputs).
     """
     p_leaves, spec = _tree.tree_flatten(params)
     u_leaves = _tree.check_structure(spec, updates, "updates", against="params", reference=params)
@@ -274,6 +277,8 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         ps = [p_leaves[i] for i in idx]
         us = [u_leaves[i] if u_leaves[i].dtype == p_leaves[i].dtype else u_leaves[i].to(p_leaves[i].dtype) for i in idx]
         _tree.check_shapes(lambda: [_tree.tree_paths(params)[i] for i in idx], ps, us, "updates")
-        new = torch._foreach_add(ps, us)
-        p_leaves = _tree.scatter(p_leaves, idx, new)
+        if inplace:
+            torch._foreach_add_(ps, us)
+        else:
+            p_leaves = _tree.scatter(p_leaves, idx, torch._foreach_add(ps, us))
     return _tree.tree_unflatten(spec, p_leaves)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -125,9 +125,14 @@ def _rebuild_for_group(tx: GradientTransformation, group: dict[str, Any]) -> Gra
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _fused_kind(tx: GradientTransformation) -> str | None:
-    """``"adam"`` / ``"adamw"`` when ``tx`` is that alias with constant hyperparameters, which
-    torch's fused kernels (``torch._fused_adam_`` / ``torch._fused_adamw_``) compute in one pass."""
+class _FusedPlan(NamedTuple):
+    kind: str  # "adam" or "adamw"
+    amsgrad: bool
+    maximize: bool
+    max_norm: float | None  # clip_by_global_norm before the alias, or None
+
+
+def _alias_info(tx: GradientTransformation) -> tuple[str, dict[str, Any]] | None:
     info = (getattr(tx.update, "__dict__", None) or {}).get("__gx_alias__")
     if info is None or info[0] not in ("adam", "adamw"):
         return None
@@ -137,40 +142,75 @@ def _fused_kind(tx: GradientTransformation) -> str | None:
             return None  # schedules and tensors take the generic path
     if not all(isinstance(b, (int, float)) for b in kwargs["betas"]):
         return None
-    return name
+    return name, kwargs
+
+
+def _fused_plan(tx: GradientTransformation) -> _FusedPlan | None:
+    """How to run ``tx`` on torch's fused Adam kernels, or ``None``.
+
+    Lowered: ``gx.adam`` / ``gx.adamw`` with constant hyperparameters (``group["lr"]`` stays
+    live), alone or as ``chain(clip_by_global_norm(c), alias)``.
+    """
+    members = (getattr(tx.update, "__dict__", None) or {}).get("__gx_chain_members__")
+    max_norm = None
+    if members is not None:
+        if len(members) != 2:
+            return None
+        max_norm = (getattr(members[0].update, "__dict__", None) or {}).get("__gx_clip_max_norm__")
+        if max_norm is None:
+            return None
+        tx = members[1]
+    info = _alias_info(tx)
+    if info is None:
+        return None
+    name, kwargs = info
+    return _FusedPlan(name, bool(kwargs["amsgrad"]), bool(kwargs["maximize"]), max_norm)
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
     return all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params)
 
 
-def _fused_adam_step(kind: str, state: InjectHyperparamsState, ps: list[torch.Tensor],
-                     grads: list[torch.Tensor | None], amsgrad: bool, maximize: bool) -> InjectHyperparamsState:
-    """One step of an adam / adamw alias on torch's fused kernel, updating ``state`` in place.
+def _fused_adam_step(plan: _FusedPlan, state: Any, ps: list[torch.Tensor], grads: list[torch.Tensor | None],
+                     scratch: list[torch.Tensor | None]) -> Any:
+    """One step of a lowered group on torch's fused kernel, updating ``state`` in place.
 
     The state is the one the generic path keeps (``ScaleByAdamState`` inside the alias), so a run
-    can switch between the paths and checkpoints do not depend on it.
+    can switch between the paths and checkpoints do not depend on it. With a clip, the clipped
+    gradients are written into ``scratch`` (one params-sized buffer, kept between steps) and the
+    user's ``.grad`` stays untouched; on CPU a step whose norm is below the level skips that copy.
     """
-    hp = state.hyperparams
+    alias_state = state if plan.max_norm is None else state[1]
+    hp = alias_state.hyperparams
     lr, eps, wd = hp["lr"].item(), hp["eps"].item(), hp["weight_decay"].item()
     beta1, beta2 = hp["betas"].tolist()
-    members = state.inner_state
-    adam = next(m for m in members if isinstance(m, ScaleByAdamState))
-    kernel = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
+    adam = next(m for m in alias_state.inner_state if isinstance(m, ScaleByAdamState))
+    live = [i for i, g in enumerate(grads) if g is not None]
+    inputs = list(grads)
+    if plan.max_norm is not None and live:
+        norm = _tree.global_norm([grads[i] for i in live])
+        factor = plan.max_norm / torch.clamp(norm, min=plan.max_norm)
+        if norm.device.type != "cpu" or float(factor) < 1.0:  # a CPU read, not a device sync
+            for i in live:
+                if scratch[i] is None:
+                    scratch[i] = torch.empty_like(grads[i])
+                torch.mul(grads[i], factor.to(grads[i].device), out=scratch[i])
+                inputs[i] = scratch[i]
+    kernel = torch._fused_adamw_ if plan.kind == "adamw" else torch._fused_adam_
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, g in enumerate(grads):
-        if g is not None:
-            groups.setdefault((ps[i].device, ps[i].dtype), []).append(i)
+    for i in live:
+        groups.setdefault((ps[i].device, ps[i].dtype), []).append(i)
     for (device, _), idx in groups.items():
         counts = [adam.count[i] for i in idx]
         torch._foreach_add_(counts, 1)
         steps = [c.to(device=device, dtype=torch.float32) for c in counts]
         kernel(
-            [ps[i] for i in idx], [grads[i] for i in idx], [adam.mu[i] for i in idx], [adam.nu[i] for i in idx],
-            [adam.nu_max[i] for i in idx] if amsgrad else [], steps,
-            lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=amsgrad, maximize=maximize,
+            [ps[i] for i in idx], [inputs[i] for i in idx], [adam.mu[i] for i in idx], [adam.nu[i] for i in idx],
+            [adam.nu_max[i] for i in idx] if plan.amsgrad else [], steps,
+            lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=plan.amsgrad, maximize=plan.maximize,
         )
-    return state._replace(count=state.count + 1)
+    new_alias = alias_state._replace(count=alias_state.count + 1)
+    return new_alias if plan.max_norm is None else (state[0], new_alias)
 
 
 def _is_per_param(node: Any, n: int) -> bool:
@@ -269,6 +309,7 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"gradxform.Optimizer needs a GradientTransformation as tx; got {tx!r}")
         self._gx_states: dict[int, Any] = {}
         self._fused = fused
+        self._gx_scratch: dict[int, list[torch.Tensor | None]] = {}
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         if params and isinstance(params[0], dict):
             # materialise every group's params once (they may be generators)
@@ -330,15 +371,16 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- the step -------------------------------------------------------------------------------
 
-    def _fused_kind(self, group: dict[str, Any], ps: list[torch.Tensor]) -> str | None:
+    def _fused_plan(self, group: dict[str, Any], ps: list[torch.Tensor]) -> _FusedPlan | None:
         if self._fused is False:
             return None
-        kind = _fused_kind(group["tx"])
-        ok = kind is not None and _fused_supported(ps)
+        plan = _fused_plan(group["tx"])
+        ok = plan is not None and _fused_supported(ps)
         if self._fused is True and not ok:
             raise ValueError("fused=True needs a group transform that is exactly gx.adam or gx.adamw with constant "
-                             "hyperparameters, and float params on CPU or CUDA")
-        return kind if ok else None
+                             "hyperparameters (optionally after gx.clip_by_global_norm), and float params on CPU "
+                             "or CUDA")
+        return plan if ok else None
 
     def _init_group_state(self, group: dict[str, Any]) -> Any:
         return group["tx"].init([_real(p.detach()) for p in group["params"]])
@@ -365,11 +407,10 @@ class Optimizer(torch.optim.Optimizer):
             if state is None:
                 state = self._init_group_state(group)
             self._sync_in(state, group)
-            kind = self._fused_kind(group, ps)
-            if kind is not None and not extra_args:
-                info = group["tx"].update.__gx_alias__[1]
-                state = _fused_adam_step(kind, state, ps, grads, info["amsgrad"], info["maximize"])
-                self._gx_states[gi] = state
+            plan = self._fused_plan(group, ps)
+            if plan is not None and not extra_args:
+                scratch = self._gx_scratch.setdefault(gi, [None] * len(ps))
+                self._gx_states[gi] = _fused_adam_step(plan, state, ps, grads, scratch)
                 continue
             protected = [g for g in grads if g is not None]
             with _tree.owned_buffers(protected):

@@ -343,9 +343,16 @@ def scale_by_adam(
         else:
             denom = list(torch._foreach_sqrt(second))
         if _tree.is_compiling() or isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor):
-            for d, c in zip(denom, counts):
-                t = c.to(torch.float64)
-                d.div_((1 - beta2**t) ** 0.5).add_(e).mul_(1 - beta1**t)
+            # One small vector of bias corrections for all leaves: the compiler materialises it
+            # once instead of recomputing pow() inside every element loop.
+            t = torch.stack(counts).to(torch.float64)
+            # A reduction is always materialised by inductor: the amax over a duplicated column
+            # makes the n bias corrections one tiny kernel instead of a pow per element.
+            both = torch.stack([1 - beta1**t, (1 - beta2**t) ** 0.5], dim=1)
+            both = torch.stack([both, both], dim=2).amax(dim=2)
+            bc1, bc2_sqrt = both[:, 0], both[:, 1]
+            for i, d in enumerate(denom):
+                d.div_(bc2_sqrt[i]).add_(e).mul_(bc1[i])
         else:
             ts = [int(c) for c in counts]  # CPU counters: no device sync
             torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in ts])
@@ -451,4 +458,6 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype))
         return flat.rebuild(_mul(flat.live, factor, _tree.updates_inplace(flat.live)))
 
+    if isinstance(max_norm, (int, float)):
+        update_fn.__gx_clip_max_norm__ = float(max_norm)  # lets the adapter lower clip + adamw
     return stateless(update_fn)
