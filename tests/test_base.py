@@ -192,3 +192,11 @@ def test_tree_to_casts_only_floating_leaves():
     assert moved.inner_state[0].mu["w"].dtype == torch.float64
     assert moved.inner_state[0].count["w"].dtype == torch.int64
     assert moved.count.dtype == torch.int64
+
+
+def test_apply_updates_inplace_writes_the_params():
+    p = {"w": torch.ones(2), "frozen": torch.ones(1)}
+    w = p["w"]
+    new = gx.apply_updates(p, {"w": torch.full((2,), 0.5), "frozen": None}, inplace=True)
+    assert new["w"] is w and torch.equal(w, torch.full((2,), 1.5))
+    assert torch.equal(new["frozen"], torch.ones(1))
