@@ -28,6 +28,22 @@ from .base import (
     stateless,
     with_extra_args,
 )
+from .clipping import (
+    AutoClipState,
+    ClipStats,
+    MonitorNormState,
+    RandomClipState,
+    adaptive_grad_clip,
+    autoclip,
+    clip,
+    clip_by_block_rms,
+    clip_by_leaf_norm,
+    clip_fraction,
+    clipped_sgd,
+    monitor_norm,
+    norm_history,
+    random_clip_by_global_norm,
+)
 from .combine import (
     ApplyIfFiniteState,
     InjectHyperparamsState,
@@ -41,6 +57,7 @@ from .combine import (
     partition,
 )
 from .optim import Optimizer
+from .sstm import ClippedSSTMState, RestartsState, clipped_sstm, with_restarts
 from .schedules import (
     constant_schedule,
     cosine_decay_schedule,
@@ -70,19 +87,10 @@ from .tree import tree_global_norm
 __version__ = "0.1.0"
 
 
-def _register_safe_globals() -> None:
-    """Let ``torch.load(weights_only=True)`` (the default since torch 2.6) read saved states.
-
-    ``torch.serialization.add_safe_globals`` exists from torch 2.4; older versions need
-    ``weights_only=False`` to load a functional state.
-    """
-    add = getattr(torch.serialization, "add_safe_globals", None)
-    if add is not None:
-        add([EmptyState, ScaleByScheduleState, TraceState, ScaleByAdamState, ScaleByRmsState, MaskedState,
-             PartitionState, InjectHyperparamsState, ApplyIfFiniteState, MultiStepsState])
-
-
-_register_safe_globals()
+tree.register_state_types(
+    EmptyState, ScaleByScheduleState, TraceState, ScaleByAdamState, ScaleByRmsState, MaskedState, PartitionState,
+    InjectHyperparamsState, ApplyIfFiniteState, MultiStepsState, ClippedSSTMState, RestartsState,
+)
 
 __all__ = [
     "GradientTransformation",
@@ -110,6 +118,24 @@ __all__ = [
     "sgd",
     "adam",
     "adamw",
+    "clip_by_leaf_norm",
+    "clip",
+    "clip_by_block_rms",
+    "adaptive_grad_clip",
+    "autoclip",
+    "random_clip_by_global_norm",
+    "monitor_norm",
+    "norm_history",
+    "clip_fraction",
+    "clipped_sgd",
+    "clipped_sstm",
+    "with_restarts",
+    "ClipStats",
+    "AutoClipState",
+    "RandomClipState",
+    "MonitorNormState",
+    "ClippedSSTMState",
+    "RestartsState",
     "Optimizer",
     "constant_schedule",
     "linear_schedule",

@@ -31,6 +31,7 @@ __all__ = [
     "is_compiling",
     "as_scalar",
     "owned_buffers",
+    "register_state_types",
 ]
 
 Tree = Any
@@ -220,6 +221,15 @@ def scalar_tensor(value: Any, dtype: torch.dtype = torch.float64) -> torch.Tenso
     if isinstance(value, torch.Tensor):
         return value.detach().to(device="cpu", dtype=dtype).reshape(())
     return torch.tensor(value, dtype=dtype)
+
+
+def register_state_types(*classes: type) -> None:
+    """Let ``torch.load(weights_only=True)`` (the default since torch 2.6) read states holding
+    these NamedTuple classes. ``torch.serialization.add_safe_globals`` exists from torch 2.4; on
+    older versions load a saved state with ``weights_only=False``."""
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is not None:
+        add(list(classes))
 
 
 # --- buffer ownership --------------------------------------------------------------------------

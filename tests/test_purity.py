@@ -39,6 +39,17 @@ CASES = {
     "sgd": lambda: gx.sgd(0.1, momentum=0.9, weight_decay=0.1, nesterov=True),
     "adam": lambda: gx.adam(0.1, weight_decay=0.1),
     "adamw": lambda: gx.adamw(gx.warmup_cosine_decay_schedule(0.0, 0.1, 2, 10), amsgrad=True),
+    "clip_by_leaf_norm": lambda: gx.clip_by_leaf_norm(0.5),
+    "clip": lambda: gx.clip(0.1),
+    "clip_by_block_rms": lambda: gx.clip_by_block_rms(0.1),
+    "adaptive_grad_clip": lambda: gx.adaptive_grad_clip(0.01),
+    "autoclip": lambda: gx.autoclip(0.5, history=4),
+    "autoclip_random": lambda: gx.autoclip(0.5, history=4, beta=0.5, power=2),
+    "random_clip_by_global_norm": lambda: gx.random_clip_by_global_norm(0.5, beta=0.5),
+    "monitor_norm": lambda: gx.monitor_norm(8),
+    "clipped_sgd": lambda: gx.clipped_sgd(0.1, momentum=0.9, rule="auto", q=0.5),
+    "clipped_sstm": lambda: gx.clipped_sstm(1.0, 1.0, 0.5),
+    "with_restarts": lambda: gx.with_restarts(gx.sgd(0.1, momentum=0.9), first_period=1, coeff=1.0),
 }
 
 # Public names that are not transform factories.
@@ -46,13 +57,13 @@ NOT_TRANSFORMS = {
     "GradientTransformation", "EmptyState", "ExtraArgs", "extra_args_of", "with_extra_args", "apply_updates",
     "Optimizer", "tree_global_norm", "schedules", "tree", "constant_schedule", "linear_schedule",
     "polynomial_schedule", "cosine_decay_schedule", "exponential_decay", "warmup_cosine_decay_schedule",
-    "piecewise_constant_schedule", "join_schedules",
+    "piecewise_constant_schedule", "join_schedules", "norm_history", "clip_fraction", "ClipStats",
 }
 
 
 def test_every_public_transform_is_covered():
     public = {n for n in gx.__all__ if not n.endswith("State")} - NOT_TRANSFORMS
-    covered = {name.split("_dampening")[0] for name in CASES}
+    covered = {name.split("_dampening")[0].split("_random")[0] for name in CASES}
     assert public <= covered, f"add a purity case for: {sorted(public - covered)}"
 
 
