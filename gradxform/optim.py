@@ -213,6 +213,96 @@ def _fused_adam_step(plan: _FusedPlan, state: Any, ps: list[torch.Tensor], grads
     return new_alias if plan.max_norm is None else (state[0], new_alias)
 
 
+_GLOBAL_FACTOR_RULES = ("norm", "auto", "linear_rand_norm", "quadratic_rand_norm", "linear_rand_autoclip",
+                        "quadratic_rand_autoclip")
+
+
+def _sgd_plan(tx: GradientTransformation) -> dict[str, Any] | None:
+    """The build kwargs of a ``clipped_sgd`` alias that the adapter can run in one fused tail."""
+    info = (getattr(tx.update, "__dict__", None) or {}).get("__gx_alias__")
+    if info is None or info[0] != "clipped_sgd":
+        return None
+    kwargs = info[1]
+    for k in ("lr", "momentum", "level"):
+        v = kwargs[k]
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            return None
+    return kwargs
+
+
+def _clipped_sgd_step(kwargs: dict[str, Any], state: InjectHyperparamsState, ps: list[torch.Tensor],
+                      grads: list[torch.Tensor | None], scratch: list[torch.Tensor | None]) -> InjectHyperparamsState:
+    """One ``clipped_sgd`` step with the clip factor folded into the momentum update (CPU).
+
+    For a rule that scales all leaves by one factor (norm, auto and random rules), the rule's own
+    transform runs on a single proxy leaf holding the global norm: its output divided by the norm
+    is the factor, and its state (AutoClip history, seeded counter, stats) advances exactly as on
+    the full tree. Then ``b <- mu b + f g`` and ``p <- p - lr b`` run as two in-place passes, the
+    clipped gradient is never materialised, and ``.grad`` is not written. ``layer_wise`` uses one
+    proxy leaf per param; ``coordinate_wise`` clamps into a kept scratch buffer. The state is the
+    one the generic path keeps.
+    """
+    from .clipping import _RULE_ALIASES, _clip_rule
+
+    hp = state.hyperparams
+    lr, mu = hp["lr"].item(), hp["momentum"].item()
+    level = hp["level"].item() if "level" in hp else None
+    rule = _RULE_ALIASES.get(kwargs["rule"], kwargs["rule"])
+    rule_tx = _clip_rule(rule, level, kwargs["q"], kwargs["beta"], _clipped_power(rule, kwargs["power"]),
+                         kwargs["history"], kwargs["method"], kwargs["seed"])
+    members = state.inner_state
+    live = [i for i, g in enumerate(grads) if g is not None]
+    g_live = [grads[i] for i in live]
+    if rule in _GLOBAL_FACTOR_RULES or rule == "layer_wise":
+        norms = [_tree.global_norm(g_live).reshape(1)] if rule != "layer_wise" else \
+            [n.reshape(1).to(torch.promote_types(n.dtype, torch.float32)) for n in torch._foreach_norm(g_live)]
+        if rule == "layer_wise":
+            proxy: list[torch.Tensor | None] = [None] * len(grads)
+            for j, i in enumerate(live):
+                proxy[i] = norms[j]
+        else:
+            proxy = norms
+        out, rule_state = rule_tx.update(proxy, members[0], None)
+        outs = [out[i] for i in live] if rule == "layer_wise" else out
+        factors = [float(torch.where(n > 0, o / n, torch.ones_like(n))) for o, n in zip(outs, norms)]
+        if rule != "layer_wise":
+            factors = factors * len(live)
+        inputs, alphas = g_live, factors
+    else:  # coordinate_wise: an elementwise clamp has no factor; clamp into the kept scratch
+        _, rule_state = rule_tx.update(g_live, members[0], None)
+        inputs = []
+        for i in live:
+            if scratch[i] is None:
+                scratch[i] = torch.empty_like(grads[i])
+            torch.clamp(grads[i], -level, level, out=scratch[i])
+            inputs.append(scratch[i])
+        alphas = [1.0] * len(live)
+    targets = [ps[i] for i in live]
+    if len(members) == 3:  # with momentum: b <- mu b + f g (b_1 = f g_1, the buffer starts at 0)
+        tr = members[1]
+        counts = [tr.count[i] for i in live]
+        torch._foreach_add_(counts, 1)
+        bufs = [tr.trace[i] for i in live]
+        torch._foreach_mul_(bufs, mu)
+        for b, x, a in zip(bufs, inputs, alphas):
+            b.add_(x, alpha=a)
+        torch._foreach_add_(targets, bufs, alpha=-lr)
+        new_members = (rule_state, tr, members[2])
+    else:
+        for p, x, a in zip(targets, inputs, alphas):
+            p.add_(x, alpha=-lr * a)
+        new_members = (rule_state, members[1])
+    return state._replace(count=state.count + 1, inner_state=new_members)
+
+
+def _clipped_power(rule: str, power: Any) -> Any:
+    if rule.startswith("linear_rand"):
+        return 1
+    if rule.startswith("quadratic_rand"):
+        return 2
+    return power
+
+
 def _is_per_param(node: Any, n: int) -> bool:
     return (
         isinstance(node, list)
@@ -411,6 +501,11 @@ class Optimizer(torch.optim.Optimizer):
             if plan is not None and not extra_args:
                 scratch = self._gx_scratch.setdefault(gi, [None] * len(ps))
                 self._gx_states[gi] = _fused_adam_step(plan, state, ps, grads, scratch)
+                continue
+            sgd_kwargs = _sgd_plan(group["tx"]) if self._fused is not False else None
+            if sgd_kwargs is not None and not extra_args and all(p.device.type == "cpu" for p in ps):
+                scratch = self._gx_scratch.setdefault(gi, [None] * len(ps))
+                self._gx_states[gi] = _clipped_sgd_step(sgd_kwargs, state, ps, grads, scratch)
                 continue
             protected = [g for g in grads if g is not None]
             with _tree.owned_buffers(protected):

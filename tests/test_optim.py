@@ -920,3 +920,41 @@ def test_fused_clip_adamw_matches_generic_and_keeps_grads(max_norm):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # the lowering really ran: the scratch buffers exist exactly when clipping was active
     assert (opts[0]._gx_scratch[0][0] is not None) == (max_norm < 1)
+
+
+CLIPPED_SGD_LOWERING = [
+    ("norm", dict(level=0.05)),
+    ("layer_wise", dict(level=0.02)),
+    ("coordinate_wise", dict(level=0.01)),
+    ("auto", dict(q=0.5, history=8)),
+    ("linear_rand_norm", dict(level=0.05, beta=0.5)),
+    ("quadratic_rand_autoclip", dict(q=0.5, beta=0.5)),
+]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("rule,kw", CLIPPED_SGD_LOWERING, ids=[r for r, _ in CLIPPED_SGD_LOWERING])
+def test_clipped_sgd_lowering_matches_generic_path(rule, kw, momentum):
+    """The adapter folds the clip factor into the momentum step for clipped_sgd: same params and
+    the same state (AutoClip history, seeded counter, stats, momentum) as the generic path, and
+    the user's .grad untouched."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    models = [copy.deepcopy(base) for _ in range(2)]
+    make = lambda: gx.clipped_sgd(0.1, momentum=momentum, rule=rule, **kw)  # noqa: E731
+    opts = [gx.Optimizer(models[0].parameters(), make()), gx.Optimizer(models[1].parameters(), make(), fused=False)]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(25):
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            before = [p.grad.clone() for p in m.parameters()]
+            o.step()
+            assert all(torch.equal(p.grad, b) for p, b in zip(m.parameters(), before))
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    lowered, generic = opts[0].tx_state(0), opts[1].tx_state(0)
+    for x, y in zip(gx.tree.tree_flatten(lowered)[0], gx.tree.tree_flatten(generic)[0]):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
