@@ -237,7 +237,7 @@ def _clipped_sgd_step(kwargs: dict[str, Any], state: InjectHyperparamsState, ps:
     For a rule that scales all leaves by one factor (norm, auto and random rules), the rule's own
     transform runs on a single proxy leaf holding the global norm: its output divided by the norm
     is the factor, and its state (AutoClip history, seeded counter, stats) advances exactly as on
-    the full tree. Then ``b <- mu b + f g`` and ``p <- p - lr b`` run as two in-place passes, the
+    the full tree. Then ``b <- mu b + f g`` and ``p <- p - lr b`` run as one pass of torch's fused SGD kernel (the factor enters as its dampening), the
     clipped gradient is never materialised, and ``.grad`` is not written. ``layer_wise`` uses one
     proxy leaf per param; ``coordinate_wise`` clamps into a kept scratch buffer. The state is the
     one the generic path keeps.
@@ -278,19 +278,26 @@ def _clipped_sgd_step(kwargs: dict[str, Any], state: InjectHyperparamsState, ps:
             inputs.append(scratch[i])
         alphas = [1.0] * len(live)
     targets = [ps[i] for i in live]
-    if len(members) == 3:  # with momentum: b <- mu b + f g (b_1 = f g_1, the buffer starts at 0)
+    # torch's fused SGD kernel in one pass: b <- mu b + (1 - dampening) g, p <- p - lr b. A
+    # dampening of 1 - f puts the clip factor f on the gradient (b_1 = f g_1: the buffer starts
+    # at zero, so is_first_step stays False); without momentum the factor goes into the lr.
+    uniform = len(set(alphas)) == 1
+    runs = [(list(range(len(live))), alphas[0])] if uniform else [([j], a) for j, a in enumerate(alphas)]
+    if len(members) == 3:
         tr = members[1]
         counts = [tr.count[i] for i in live]
         torch._foreach_add_(counts, 1)
         bufs = [tr.trace[i] for i in live]
-        torch._foreach_mul_(bufs, mu)
-        for b, x, a in zip(bufs, inputs, alphas):
-            b.add_(x, alpha=a)
-        torch._foreach_add_(targets, bufs, alpha=-lr)
+        for js, a in runs:
+            torch._fused_sgd_([targets[j] for j in js], [inputs[j] for j in js], [bufs[j] for j in js],
+                              weight_decay=0.0, momentum=mu, lr=lr, dampening=1.0 - a, nesterov=False,
+                              maximize=False, is_first_step=False)
         new_members = (rule_state, tr, members[2])
     else:
-        for p, x, a in zip(targets, inputs, alphas):
-            p.add_(x, alpha=-lr * a)
+        for js, a in runs:
+            torch._fused_sgd_([targets[j] for j in js], [inputs[j] for j in js], [], weight_decay=0.0,
+                              momentum=0.0, lr=lr * a, dampening=0.0, nesterov=False, maximize=False,
+                              is_first_step=False)
         new_members = (rule_state, members[1])
     return state._replace(count=state.count + 1, inner_state=new_members)
 
