@@ -43,3 +43,21 @@ def test_demo_functional_and_optimizer_agree():
     assert match, f"no max-abs-difference line in the demo's output:\n{proc.stdout}"
     assert float(match.group(1)) < 1e-5, proc.stdout
     assert len(re.findall(r"^\s+\d+\s+\d", proc.stdout, flags=re.M)) == 2, proc.stdout  # one row per epoch
+
+
+def test_heavy_tailed_noise_example_runs_and_reports_every_method():
+    """A short run of the clipping example: every method trains (no divergence, accuracy well
+    above chance) and the clip fractions it reads from the clippers' state are in [0, 100]%."""
+    out = subprocess.run([sys.executable, str(EXAMPLES / "heavy_tailed_noise.py"), "--seeds", "1", "--steps", "60"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {}
+    for line in out.stdout.splitlines():
+        m = re.match(r"^(\S.*?)\s{2,}([\d.]+) \+- [\d.]+\s+([\d.]+) \+- [\d.]+\s+(\d+)/1\s+(\S+)$", line)
+        if m:
+            rows[m.group(1)] = (float(m.group(2)), float(m.group(3)), int(m.group(4)), m.group(5))
+    assert {"sgd", "global norm", "coordinate-wise", "autoclip q=0.1", "random norm", "clipped SSTM"} <= set(rows)
+    for name, (loss, acc, diverged, clipped) in rows.items():
+        assert diverged == 0 and loss < 2.3 and acc > 0.5, (name, rows[name])
+        if clipped != "-":
+            assert 0 <= float(clipped.rstrip("%")) <= 100
