@@ -84,3 +84,18 @@ def assert_trees_equal(a: Any, b: Any) -> None:
             assert isinstance(y, torch.Tensor) and torch.equal(x, y), f"differs at {path}"
         else:
             assert x == y, f"differs at {path}"
+
+
+def snapshot(tree: Any) -> Any:
+    """A deep copy of the tensor leaves, to check later that nothing was mutated."""
+    return gx.tree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
+def assert_unchanged(before: Any, after: Any, what: str) -> None:
+    """Every tensor leaf of ``after`` equals the snapshot ``before`` (same structure too)."""
+    lb, sb = gx.tree.tree_flatten(before)
+    la, sa = gx.tree.tree_flatten(after)
+    assert sb == sa, f"{what}: structure changed"
+    for path, x, y in zip(gx.tree.tree_paths(before), lb, la):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), f"{what} was modified at {path}"

@@ -32,7 +32,7 @@ from gradxform.clipping import (
     random_clip_by_global_norm,
     uniform_from_hash,
 )
-from helpers import assert_trees_close, loss_of, make_data, make_mlp, run_functional, run_torch
+from helpers import assert_trees_close, loss_of, make_data, make_mlp, run_functional, run_torch, assert_unchanged, snapshot
 
 F64 = torch.float64
 
@@ -595,17 +595,8 @@ def test_compiles_once_and_equals_eager(name):
     assert_trees_close(s_c, s_e, rtol=1e-5, atol=1e-6)
 
 
-def _snapshot(tree):
-    return gx.tree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
-def _assert_unchanged(before, after, what):
-    lb, sb = gx.tree.tree_flatten(before)
-    la, sa = gx.tree.tree_flatten(after)
-    assert sb == sa, f"{what}: structure changed"
-    for path, x, y in zip(gx.tree.tree_paths(before), lb, la):
-        if isinstance(x, torch.Tensor):
-            assert torch.equal(x, y), f"{what} was modified at {path}"
 
 
 @pytest.mark.parametrize("name", sorted(CLIPPERS))
@@ -616,11 +607,11 @@ def test_update_is_pure(name):
     state = tx.init(params)
     for g in grads:
         g = {**g, "frozen": None}
-        before = (_snapshot(g), _snapshot(state), _snapshot(params))
+        before = (snapshot(g), snapshot(state), snapshot(params))
         out, new_state = tx.update(g, state, params)
-        _assert_unchanged(before[0], g, "updates")
-        _assert_unchanged(before[1], state, "state")
-        _assert_unchanged(before[2], params, "params")
+        assert_unchanged(before[0], g, "updates")
+        assert_unchanged(before[1], state, "state")
+        assert_unchanged(before[2], params, "params")
         held = [x for x in gx.tree.tree_flatten(params)[0] + gx.tree.tree_flatten(new_state)[0]
                 if isinstance(x, torch.Tensor) and x.numel() > 1]
         for leaf in gx.tree.tree_flatten(out)[0]:

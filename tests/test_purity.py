@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import gradxform as gx
+from helpers import assert_unchanged, snapshot
 
 
 def _params():
@@ -67,17 +68,8 @@ def test_every_public_transform_is_covered():
     assert public <= covered, f"add a purity case for: {sorted(public - covered)}"
 
 
-def _snapshot(tree):
-    return gx.tree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
-def _assert_unchanged(before, after, what):
-    lb, sb = gx.tree.tree_flatten(before)
-    la, sa = gx.tree.tree_flatten(after)
-    assert sb == sa, f"{what}: structure changed"
-    for path, x, y in zip(gx.tree.tree_paths(before), lb, la):
-        if isinstance(x, torch.Tensor):
-            assert torch.equal(x, y), f"{what} was modified at {path}"
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -87,11 +79,11 @@ def test_update_is_pure(name):
     state = tx.init(params)
     for step in range(3):
         updates = _grads(step)
-        before = (_snapshot(updates), _snapshot(state), _snapshot(params))
+        before = (snapshot(updates), snapshot(state), snapshot(params))
         new_updates, new_state = tx.update(updates, state, params)
-        _assert_unchanged(before[0], updates, "updates")
-        _assert_unchanged(before[1], state, "state")
-        _assert_unchanged(before[2], params, "params")
+        assert_unchanged(before[0], updates, "updates")
+        assert_unchanged(before[1], state, "state")
+        assert_unchanged(before[2], params, "params")
         # outputs may pass an incoming update through, but must never alias params or state
         # buffers: the caller adds them to the params, and the adapter updates state in place
         held = [x for x in gx.tree.tree_flatten(params)[0] + gx.tree.tree_flatten(new_state)[0]

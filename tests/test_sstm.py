@@ -11,7 +11,7 @@ from torch.func import grad
 
 import gradxform as gx
 from gradxform.sstm import ClippedSSTMState, RestartsState, clipped_sstm, with_restarts
-from helpers import assert_trees_close, assert_trees_equal, loss_of, make_data, make_mlp
+from helpers import assert_trees_close, assert_trees_equal, loss_of, make_data, make_mlp, snapshot
 
 F64 = torch.float64
 
@@ -22,10 +22,6 @@ def t(*values: float) -> torch.Tensor:
 
 def close(x: torch.Tensor, *expected: float, rtol: float = 1e-9, atol: float = 1e-12) -> None:
     torch.testing.assert_close(x, t(*expected), rtol=rtol, atol=atol)
-
-
-def _snapshot(tree):
-    return gx.tree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
 # --- restarts: the numerical check of 4.4 ---------------------------------------------------------
@@ -560,7 +556,7 @@ def test_pure(name):
     state = tx.init(params)
     for step in range(4):  # with first_period = 1, steps 2 and 4 restart
         grads = {"w": torch.randn(3, 2, generator=g), "b": torch.randn(2, generator=g), "frozen": None}
-        before = (_snapshot(grads), _snapshot(state), _snapshot(params))
+        before = (snapshot(grads), snapshot(state), snapshot(params))
         updates, new_state = tx.update(grads, state, params)
         assert_trees_equal(grads, before[0])
         assert_trees_equal(state, before[1])
