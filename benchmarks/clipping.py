@@ -120,23 +120,7 @@ TARGET_GLOBAL_NORM = 1.1
 # --- the parameter set (as in benchmarks/optimizer_step.py) ----------------------------------------
 
 
-def make_shapes(params_millions: float) -> list[tuple[str, tuple[int, ...]]]:
-    """~50 tensors of a 4-layer transformer of width d with a 48*d vocabulary: ~96 d^2 params."""
-    target = params_millions * 1e6
-    d = max(8, int(round(math.sqrt(target / 96) / 8)) * 8)
-    shapes: list[tuple[str, tuple[int, ...]]] = [("tok_emb.weight", (48 * d, d))]
-    for layer in range(4):
-        pre = f"layers.{layer}."
-        shapes += [
-            (pre + "ln1.weight", (d,)), (pre + "ln1.bias", (d,)),
-            (pre + "attn.qkv.weight", (3 * d, d)), (pre + "attn.qkv.bias", (3 * d,)),
-            (pre + "attn.out.weight", (d, d)), (pre + "attn.out.bias", (d,)),
-            (pre + "ln2.weight", (d,)), (pre + "ln2.bias", (d,)),
-            (pre + "mlp.fc1.weight", (4 * d, d)), (pre + "mlp.fc1.bias", (4 * d,)),
-            (pre + "mlp.fc2.weight", (d, 4 * d)), (pre + "mlp.fc2.bias", (d,)),
-        ]
-    shapes.append(("ln_f.weight", (d,)))
-    return shapes
+from optimizer_step import make_shapes  # noqa: E402  (same directory; the same parameter set)
 
 
 # --- the transforms under test ---------------------------------------------------------------------
