@@ -30,6 +30,10 @@ How it maps onto torch.optim:
   ``load_state_dict`` restores them exactly, so a resumed run is bit-identical.
 - Because the adapter owns the state, transforms may update its buffers in place
   (`gradxform.tree.owned_buffers`); the user's ``.grad`` tensors are never written.
+- Lowering (``fused=None``, the default): a group whose transform is ``gx.adam`` / ``gx.adamw``
+  (optionally after ``gx.clip_by_global_norm``) runs on torch's fused Adam kernels, and
+  ``gx.clipped_sgd`` on CPU folds its clip factor into torch's fused SGD kernel. Both keep the
+  state the generic path keeps; ``fused=False`` turns the lowering off.
 """
 
 from __future__ import annotations
