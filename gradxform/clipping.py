@@ -275,6 +275,15 @@ def _random_decision(seed: torch.Tensor, count: torch.Tensor, norm: torch.Tensor
 # --- constant-level rules -------------------------------------------------------------------------
 
 
+def _factor_rule(tx: GradientTransformation, kind: str, level: Any = None) -> GradientTransformation:
+    """Mark a rule whose output is a factor times its input, computable from norms alone
+    (``"global"``: one factor from the global norm; ``"leaf"``: one factor per leaf from its
+    norm) or an elementwise clamp (``"coordinate"``). `gradxform.Optimizer` uses the mark to fold
+    the clip into torch's fused SGD kernel; the transform itself is unchanged."""
+    tx.update.__gx_factor_rule__ = (kind, level)
+    return tx
+
+
 def clip_by_leaf_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
     """Clip each leaf to L2 norm ``max_norm`` separately: ``g_j <- g_j * min(1, max_norm / ||g_j||)``.
 
@@ -292,7 +301,7 @@ def clip_by_leaf_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
         return flat.rebuild(_scale_leaves(flat.live, factors, _tree.updates_inplace(flat.live)))
 
     update_fn.__qualname__ = "clip_by_leaf_norm"
-    return stateless(update_fn)
+    return _factor_rule(stateless(update_fn), "leaf", max_norm)
 
 
 def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
@@ -312,7 +321,7 @@ def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
         return flat.rebuild(_clamp_leaves(flat.live, level, _tree.updates_inplace(flat.live)))
 
     update_fn.__qualname__ = "clip"
-    return stateless(update_fn)
+    return _factor_rule(stateless(update_fn), "coordinate", max_delta)
 
 
 def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation:
@@ -539,7 +548,7 @@ def autoclip(
         new_state = AutoClipState(count + 1, buf, state.seed, thr, _stats_next(state.stats, clipped, norm, factor))
         return flat.rebuild(out), new_state
 
-    return GradientTransformation(init, update)
+    return _factor_rule(GradientTransformation(init, update), "global")
 
 
 # --- random norm clipping -------------------------------------------------------------------------
@@ -598,7 +607,7 @@ def random_clip_by_global_norm(
         new_state = RandomClipState(state.count + 1, state.seed, _stats_next(state.stats, clipped, norm, factor))
         return flat.rebuild(out), new_state
 
-    return GradientTransformation(init, update)
+    return _factor_rule(GradientTransformation(init, update), "global")
 
 
 # --- monitoring -------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ How it maps onto torch.optim:
   (`gradxform.tree.owned_buffers`); the user's ``.grad`` tensors are never written.
 - Lowering (``fused=None``, the default): a group whose transform is ``gx.adam`` / ``gx.adamw``
   (optionally after ``gx.clip_by_global_norm``) runs on torch's fused Adam kernels, and
-  ``gx.clipped_sgd`` on CPU folds its clip factor into torch's fused SGD kernel. Both keep the
+  ``gx.clipped_sgd`` or ``gx.chain(clip rule, gx.sgd(lr, momentum))`` on CPU folds the clip
+  factor into torch's fused SGD kernel. Both keep the
   state the generic path keeps; ``fused=False`` turns the lowering off.
 """
 
@@ -217,63 +218,103 @@ def _fused_adam_step(plan: _FusedPlan, state: Any, ps: list[torch.Tensor], grads
     return new_alias if plan.max_norm is None else (state[0], new_alias)
 
 
-_GLOBAL_FACTOR_RULES = ("norm", "auto", "linear_rand_norm", "quadratic_rand_norm", "linear_rand_autoclip",
-                        "quadratic_rand_autoclip")
+def _marker(tx: GradientTransformation, name: str) -> Any:
+    return (getattr(tx.update, "__dict__", None) or {}).get(name)
 
 
-def _sgd_plan(tx: GradientTransformation) -> dict[str, Any] | None:
-    """The build kwargs of a ``clipped_sgd`` alias that the adapter can run in one fused tail."""
-    info = (getattr(tx.update, "__dict__", None) or {}).get("__gx_alias__")
-    if info is None or info[0] != "clipped_sgd":
+def _constant(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _sgd_plan(tx: GradientTransformation) -> tuple[str, dict[str, Any]] | None:
+    """``("clipped_sgd", kwargs)`` for a ``clipped_sgd`` alias, or ``("chain", {})`` for
+    ``chain(clip rule, gx.sgd(lr, momentum))`` (a rule marked by ``clipping._factor_rule``, plain
+    momentum), with constant hyperparameters: what the adapter runs on torch's fused SGD kernel."""
+    info = _marker(tx, "__gx_alias__")
+    if info is not None and info[0] == "clipped_sgd":
+        kwargs = info[1]
+        if all(kwargs[k] is None or _constant(kwargs[k]) for k in ("lr", "momentum", "level")):
+            return "clipped_sgd", kwargs
         return None
-    kwargs = info[1]
-    for k in ("lr", "momentum", "level"):
-        v = kwargs[k]
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-            return None
-    return kwargs
+    members = _marker(tx, "__gx_chain_members__")
+    if members is None or len(members) != 2 or _marker(members[0], "__gx_factor_rule__") is None:
+        return None
+    info = _marker(members[1], "__gx_alias__")
+    if info is None or info[0] != "sgd":
+        return None
+    kw = info[1]
+    if not (_constant(kw["lr"]) and _constant(kw["momentum"]) and kw["dampening"] == 0 and kw["weight_decay"] == 0
+            and not kw["nesterov"] and not kw["maximize"]):
+        return None
+    kind, level = _marker(members[0], "__gx_factor_rule__")
+    if kind == "coordinate" and not _constant(level):
+        return None
+    return "chain", {}
 
 
-def _clipped_sgd_step(kwargs: dict[str, Any], state: InjectHyperparamsState, ps: list[torch.Tensor],
-                      grads: list[torch.Tensor | None], scratch: list[torch.Tensor | None]) -> InjectHyperparamsState:
-    """One ``clipped_sgd`` step with the clip factor folded into the momentum update (CPU).
+def _sgd_lowered_step(plan: tuple[str, dict[str, Any]], state: Any, ps: list[torch.Tensor],
+                      grads: list[torch.Tensor | None], scratch: list[torch.Tensor | None],
+                      tx: GradientTransformation) -> Any:
+    """One step of a lowered clip + SGD group, dispatching on the two supported layouts."""
+    name, kwargs = plan
+    if name == "clipped_sgd":  # InjectHyperparamsState(inner=(rule, [trace,] scale))
+        from .clipping import _RULE_ALIASES, _clip_rule
 
-    For a rule that scales all leaves by one factor (norm, auto and random rules), the rule's own
-    transform runs on a single proxy leaf holding the global norm: its output divided by the norm
-    is the factor, and its state (AutoClip history, seeded counter, stats) advances exactly as on
-    the full tree. Then ``b <- mu b + f g`` and ``p <- p - lr b`` run as one pass of torch's fused SGD kernel (the factor enters as its dampening), the
-    clipped gradient is never materialised, and ``.grad`` is not written. ``layer_wise`` uses one
-    proxy leaf per param; ``coordinate_wise`` clamps into a kept scratch buffer. The state is the
-    one the generic path keeps.
+        hp = state.hyperparams
+        level = hp["level"].item() if "level" in hp else None
+        rule = _RULE_ALIASES.get(kwargs["rule"], kwargs["rule"])
+        rule_tx = _clip_rule(rule, level, kwargs["q"], kwargs["beta"], _clipped_power(rule, kwargs["power"]),
+                             kwargs["history"], kwargs["method"], kwargs["seed"])
+        members = state.inner_state
+        trace_state = members[1] if len(members) == 3 else None
+        rule_state, trace_state = _clip_sgd_step(
+            rule_tx, members[0], hp["lr"].item(), hp["momentum"].item(), trace_state, ps, grads, scratch)
+        new_members = (rule_state, trace_state, members[2]) if len(members) == 3 else (rule_state, members[1])
+        return state._replace(count=state.count + 1, inner_state=new_members)
+    # chain(rule, sgd): (rule_state, InjectHyperparamsState(inner=([trace,] scale)))
+    rule_tx = _marker(tx, "__gx_chain_members__")[0]
+    sgd_state = state[1]
+    hp = sgd_state.hyperparams
+    members = sgd_state.inner_state
+    trace_state = members[0] if len(members) == 2 else None
+    rule_state, trace_state = _clip_sgd_step(
+        rule_tx, state[0], hp["lr"].item(), hp["momentum"].item(), trace_state, ps, grads, scratch)
+    new_members = (trace_state, members[1]) if len(members) == 2 else members
+    return (rule_state, sgd_state._replace(count=sgd_state.count + 1, inner_state=new_members))
+
+
+def _clip_sgd_step(rule_tx: GradientTransformation, rule_state: Any, lr: float, mu: float, trace_state: Any,
+                   ps: list[torch.Tensor], grads: list[torch.Tensor | None],
+                   scratch: list[torch.Tensor | None]) -> tuple[Any, Any]:
+    """Clip with ``rule_tx`` and take an SGD (momentum) step, the clip folded into one fused pass.
+
+    For a rule that scales all leaves by one factor (norm, AutoClip and random rules), the rule's
+    own transform runs on a single proxy leaf holding the global norm: its output divided by the
+    norm is the factor, and its state (AutoClip history, seeded counter, stats) advances exactly
+    as on the full tree. A per-leaf rule gets one proxy leaf per param; an elementwise clamp
+    writes into a kept scratch buffer. Then one pass of torch's fused SGD kernel does
+    ``b <- mu b + f g; p <- p - lr b``, the factor entering as its dampening ``1 - f`` (``b_1 =
+    f g_1``: the buffer starts at zero, so ``is_first_step`` stays False); without momentum the
+    factor goes into the lr. The clipped gradient is never materialised and ``.grad`` is not
+    written. Returns the new rule state and trace state (updated in place).
     """
-    from .clipping import _RULE_ALIASES, _clip_rule
-
-    hp = state.hyperparams
-    lr, mu = hp["lr"].item(), hp["momentum"].item()
-    level = hp["level"].item() if "level" in hp else None
-    rule = _RULE_ALIASES.get(kwargs["rule"], kwargs["rule"])
-    rule_tx = _clip_rule(rule, level, kwargs["q"], kwargs["beta"], _clipped_power(rule, kwargs["power"]),
-                         kwargs["history"], kwargs["method"], kwargs["seed"])
-    members = state.inner_state
+    kind, level = _marker(rule_tx, "__gx_factor_rule__")
     live = [i for i, g in enumerate(grads) if g is not None]
     g_live = [grads[i] for i in live]
-    if rule in _GLOBAL_FACTOR_RULES or rule == "layer_wise":
-        norms = [_tree.global_norm(g_live).reshape(1)] if rule != "layer_wise" else \
-            [n.reshape(1).to(torch.promote_types(n.dtype, torch.float32)) for n in torch._foreach_norm(g_live)]
-        if rule == "layer_wise":
-            proxy: list[torch.Tensor | None] = [None] * len(grads)
-            for j, i in enumerate(live):
-                proxy[i] = norms[j]
-        else:
-            proxy = norms
-        out, rule_state = rule_tx.update(proxy, members[0], None)
-        outs = [out[i] for i in live] if rule == "layer_wise" else out
-        factors = [float(torch.where(n > 0, o / n, torch.ones_like(n))) for o, n in zip(outs, norms)]
-        if rule != "layer_wise":
-            factors = factors * len(live)
-        inputs, alphas = g_live, factors
-    else:  # coordinate_wise: an elementwise clamp has no factor; clamp into the kept scratch
-        _, rule_state = rule_tx.update(g_live, members[0], None)
+    if kind == "global":
+        norms = [_tree.global_norm(g_live).reshape(1)]
+        out, rule_state = rule_tx.update(norms, rule_state, None)
+        factor = float(torch.where(norms[0] > 0, out[0] / norms[0], torch.ones_like(norms[0])))
+        inputs, alphas = g_live, [factor] * len(live)
+    elif kind == "leaf":
+        norms = [n.reshape(1).to(torch.promote_types(n.dtype, torch.float32)) for n in torch._foreach_norm(g_live)]
+        proxy: list[torch.Tensor | None] = [None] * len(grads)
+        for j, i in enumerate(live):
+            proxy[i] = norms[j]
+        out, rule_state = rule_tx.update(proxy, rule_state, None)
+        alphas = [float(torch.where(n > 0, out[i] / n, torch.ones_like(n))) for i, n in zip(live, norms)]
+        inputs = g_live
+    else:  # an elementwise clamp has no factor: clamp into the kept scratch
         inputs = []
         for i in live:
             if scratch[i] is None:
@@ -282,28 +323,21 @@ def _clipped_sgd_step(kwargs: dict[str, Any], state: InjectHyperparamsState, ps:
             inputs.append(scratch[i])
         alphas = [1.0] * len(live)
     targets = [ps[i] for i in live]
-    # torch's fused SGD kernel in one pass: b <- mu b + (1 - dampening) g, p <- p - lr b. A
-    # dampening of 1 - f puts the clip factor f on the gradient (b_1 = f g_1: the buffer starts
-    # at zero, so is_first_step stays False); without momentum the factor goes into the lr.
-    uniform = len(set(alphas)) == 1
-    runs = [(list(range(len(live))), alphas[0])] if uniform else [([j], a) for j, a in enumerate(alphas)]
-    if len(members) == 3:
-        tr = members[1]
-        counts = [tr.count[i] for i in live]
+    runs = [(list(range(len(live))), alphas[0])] if len(set(alphas)) == 1 else [([j], a) for j, a in enumerate(alphas)]
+    if trace_state is not None:
+        counts = [trace_state.count[i] for i in live]
         torch._foreach_add_(counts, 1)
-        bufs = [tr.trace[i] for i in live]
+        bufs = [trace_state.trace[i] for i in live]
         for js, a in runs:
             torch._fused_sgd_([targets[j] for j in js], [inputs[j] for j in js], [bufs[j] for j in js],
                               weight_decay=0.0, momentum=mu, lr=lr, dampening=1.0 - a, nesterov=False,
                               maximize=False, is_first_step=False)
-        new_members = (rule_state, tr, members[2])
     else:
         for js, a in runs:
             torch._fused_sgd_([targets[j] for j in js], [inputs[j] for j in js], [], weight_decay=0.0,
                               momentum=0.0, lr=lr * a, dampening=0.0, nesterov=False, maximize=False,
                               is_first_step=False)
-        new_members = (rule_state, members[1])
-    return state._replace(count=state.count + 1, inner_state=new_members)
+    return rule_state, trace_state
 
 
 def _clipped_power(rule: str, power: Any) -> Any:
@@ -513,10 +547,10 @@ class Optimizer(torch.optim.Optimizer):
                 scratch = self._gx_scratch.setdefault(gi, [None] * len(ps))
                 self._gx_states[gi] = _fused_adam_step(plan, state, ps, grads, scratch)
                 continue
-            sgd_kwargs = _sgd_plan(group["tx"]) if self._fused is not False else None
-            if sgd_kwargs is not None and not extra_args and all(p.device.type == "cpu" for p in ps):
+            sgd = _sgd_plan(group["tx"]) if self._fused is not False else None
+            if sgd is not None and not extra_args and all(p.device.type == "cpu" for p in ps):
                 scratch = self._gx_scratch.setdefault(gi, [None] * len(ps))
-                self._gx_states[gi] = _clipped_sgd_step(sgd_kwargs, state, ps, grads, scratch)
+                self._gx_states[gi] = _sgd_lowered_step(sgd, state, ps, grads, scratch, group["tx"])
                 continue
             protected = [g for g in grads if g is not None]
             with _tree.owned_buffers(protected):

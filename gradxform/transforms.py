@@ -460,4 +460,5 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
 
     if isinstance(max_norm, (int, float)):
         update_fn.__gx_clip_max_norm__ = float(max_norm)  # lets the adapter lower clip + adamw
+    update_fn.__gx_factor_rule__ = ("global", max_norm)  # and clip + sgd (see gradxform.Optimizer)
     return stateless(update_fn)

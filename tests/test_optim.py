@@ -932,6 +932,39 @@ CLIPPED_SGD_LOWERING = [
 ]
 
 
+CHAIN_RULES = {
+    "norm": lambda: gx.clip_by_global_norm(0.05),
+    "layer_wise": lambda: gx.clip_by_leaf_norm(0.02),
+    "coordinate_wise": lambda: gx.clip(0.01),
+    "auto": lambda: gx.autoclip(0.5, history=8),
+    "random": lambda: gx.random_clip_by_global_norm(0.05, beta=0.5),
+}
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("rule", list(CHAIN_RULES))
+def test_chain_rule_sgd_lowering_matches_generic_path(rule, momentum):
+    """gx.chain(<clip rule>, gx.sgd(lr, momentum)) is lowered like clipped_sgd."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    models = [copy.deepcopy(base) for _ in range(2)]
+    make = lambda: gx.chain(CHAIN_RULES[rule](), gx.sgd(0.1, momentum=momentum))  # noqa: E731
+    opts = [gx.Optimizer(models[0].parameters(), make()), gx.Optimizer(models[1].parameters(), make(), fused=False)]
+    assert gx.optim._sgd_plan(opts[0].param_groups[0]["tx"]) == ("chain", {})
+    g = torch.Generator().manual_seed(3)
+    for _ in range(25):
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for x, y in zip(gx.tree.tree_flatten(opts[0].tx_state(0))[0], gx.tree.tree_flatten(opts[1].tx_state(0))[0]):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("rule,kw", CLIPPED_SGD_LOWERING, ids=[r for r, _ in CLIPPED_SGD_LOWERING])
 def test_clipped_sgd_lowering_matches_generic_path(rule, kw, momentum):
