@@ -13,8 +13,6 @@ or, as a ``torch.optim.Optimizer``: ``opt = gx.Optimizer(model.parameters(), tx)
 
 from __future__ import annotations
 
-import torch
-
 from . import schedules, tree
 from .alias import adam, adamw, sgd
 from .base import (

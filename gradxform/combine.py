@@ -21,7 +21,6 @@ from .base import (
     GradientTransformation,
     Params,
     Updates,
-    check_extra,
     expect_state,
     extra_args_of,
     transform_name,
