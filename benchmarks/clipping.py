@@ -53,9 +53,9 @@ Each group (a rule, or "global norm alone") runs in a fresh Python process (the 
 itself with ``--only GROUP``), so that no group inherits another's compiled code or allocator
 state: glibc's mmap threshold adapts to the sizes freed so far, and with it how many page faults
 the rows that allocate a fresh 100 MB update tree per step pay; in one process the same row
-measured 72 ms in the first group and 34 ms in the fourth. Within a group, all rows are built
-first (each with its own copy of the params), each gets
-``--warmup`` untimed steps (the first call of a compiled row compiles), then the timed steps are
+measured 72 ms in the first group and 34 ms in the fourth (an allocating row, before the adapter
+lowering). Within a group, all rows are built first (each with its own copy of the params), each
+gets ``--warmup`` untimed steps (the first call of a compiled row compiles), then the timed steps are
 *interleaved*: round r runs one step of every row, in a rotated order, so that a load spike on a
 shared machine hits all rows of the group alike. Each step is timed with ``time.perf_counter``
 (CPU ops are synchronous); the table shows the median, min and p90 of ``--steps`` timed steps.
