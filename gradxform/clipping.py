@@ -40,6 +40,7 @@ from .transforms import (
     ScalarOrSchedule,
     _Flat,
     _mul,
+    _zero_count,
     check_float,
     clip_by_global_norm,
     scale_by_learning_rate,
@@ -218,10 +219,6 @@ def _home(params: Params) -> tuple[torch.device, torch.dtype]:
     first = leaves[0]
     dtype = _wide(first.dtype) if first.is_floating_point() else torch.float32
     return first.device, dtype
-
-
-def _zero_count() -> torch.Tensor:
-    return torch.zeros((), dtype=torch.int64)
 
 
 def _stats_init(device: torch.device, dtype: torch.dtype) -> ClipStats:

@@ -26,7 +26,7 @@ from . import tree as _tree
 from .base import GradientTransformation, Params, Updates, expect_state
 from .clipping import clip_leaves
 from .combine import _forwarding
-from .transforms import _Flat, check_float
+from .transforms import _Flat, check_float, to_float
 
 __all__ = [
     "SSTM_RULES",
@@ -108,10 +108,6 @@ def _positive_int(name: str, value: Any, low: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
 
 
-def _number(value: Any) -> float:
-    return float(value.detach().reshape(()).cpu()) if isinstance(value, torch.Tensor) else float(value)
-
-
 def clipped_sstm(
     a: float | torch.Tensor,
     L: float | torch.Tensor,
@@ -181,9 +177,9 @@ def clipped_sstm(
                              "^(2nu/(1+nu)) / (2aL); pass B=None")
         if clip != "norm":
             raise ValueError(f"clip_start needs clip='norm'; got clip={clip!r}")
-        if _number(nu) <= 0.0:
+        if to_float(nu) <= 0.0:
             raise ValueError("clip_start needs nu > 0: with nu = 0 the clipping level B/alpha is constant")
-        nu_v, a_v, L_v = _number(nu), _number(a), _number(L)
+        nu_v, a_v, L_v = to_float(nu), to_float(a), to_float(L)
         B = (clip_start + index_offset) ** (2 * nu_v / (1 + nu_v)) / (2 * a_v * L_v)
     elif B is None:
         raise ValueError("B (the clipping parameter) must be given, or clip_start")

@@ -112,6 +112,11 @@ def _ema_sq(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplac
     return out
 
 
+def to_float(value: Any) -> float:
+    """A number or a one-element tensor as a Python float (construction-time checks only)."""
+    return float(value.detach().reshape(()).cpu()) if isinstance(value, torch.Tensor) else float(value)
+
+
 def check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False) -> None:
     """Validate a hyperparameter given as a number or a 0-d tensor (schedules are not checked).
@@ -123,7 +128,7 @@ def check_float(name: str, value: Any, *, low: float | None = None, high: float 
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or _tree.is_compiling():
             return
-        v = float(value.detach().reshape(()).cpu())
+        v = to_float(value)
     else:
         try:
             v = float(value)

@@ -99,3 +99,29 @@ def assert_unchanged(before: Any, after: Any, what: str) -> None:
     for path, x, y in zip(gx.tree.tree_paths(before), lb, la):
         if isinstance(x, torch.Tensor):
             assert torch.equal(x, y), f"{what} was modified at {path}"
+
+
+def eager_and_compiled(tx: gx.GradientTransformation, params: Any, grads: list[Any]) -> tuple[list, list, int]:
+    """Run ``update`` + ``apply_updates`` over ``grads`` eagerly and under
+    ``torch.compile(fullgraph=True)`` (a counting backend, after ``torch._dynamo.reset()``).
+
+    Returns the per-step ``(params, state)`` histories of both runs and the number of frames
+    compiled (1 means no recompilation)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+
+    def step(p: Any, g: Any, s: Any) -> tuple[Any, Any]:
+        updates, s = tx.update(g, s, p)
+        return gx.apply_updates(p, updates), s
+
+    counter = CompileCounter()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    histories = []
+    for fn in (step, compiled):
+        p, s, hist = params, tx.init(params), []
+        for g in grads:
+            p, s = fn(p, g, s)
+            hist.append((p, s))
+        histories.append(hist)
+    return histories[0], histories[1], counter.frame_count

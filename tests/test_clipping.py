@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch._dynamo.testing import CompileCounter
 from torch.func import grad
 
 import gradxform as gx
@@ -32,7 +31,7 @@ from gradxform.clipping import (
     random_clip_by_global_norm,
     uniform_from_hash,
 )
-from helpers import assert_trees_close, loss_of, make_data, make_mlp, run_functional, run_torch, assert_unchanged, snapshot
+from helpers import assert_trees_close, loss_of, make_data, make_mlp, run_functional, run_torch, assert_unchanged, snapshot, eager_and_compiled
 
 F64 = torch.float64
 
@@ -575,22 +574,10 @@ def _compile_problem(steps, dtype=torch.float32):
 
 @pytest.mark.parametrize("name", sorted(CLIPPERS))
 def test_compiles_once_and_equals_eager(name):
-    torch._dynamo.reset()
-    tx = CLIPPERS[name]()
-
-    def step(params, grads, state):
-        updates, state = tx.update(grads, state, params)
-        return gx.apply_updates(params, updates), state
-
     params, grads = _compile_problem(7)
-    counter = CompileCounter()
-    compiled = torch.compile(step, fullgraph=True, backend=counter)
-    p_e, s_e = params, tx.init(params)
-    p_c, s_c = params, tx.init(params)
-    for g in grads:
-        p_e, s_e = step(p_e, g, s_e)
-        p_c, s_c = compiled(p_c, g, s_c)
-    assert counter.frame_count == 1, f"{counter.frame_count} frames for {len(grads)} steps"
+    eager, comp, frames = eager_and_compiled(CLIPPERS[name](), params, grads)
+    assert frames == 1, f"{frames} frames for {len(grads)} steps"
+    (p_e, s_e), (p_c, s_c) = eager[-1], comp[-1]
     assert_trees_close(p_c, p_e, rtol=1e-5, atol=1e-6)
     assert_trees_close(s_c, s_e, rtol=1e-5, atol=1e-6)
 

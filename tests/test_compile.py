@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import gradxform as gx
-from helpers import assert_trees_close
+from helpers import assert_trees_close, eager_and_compiled
 
 
 def _params_and_grads(steps):
@@ -36,21 +36,11 @@ TXS = {
 
 @pytest.mark.parametrize("name", sorted(TXS))
 def test_compiled_update_equals_eager_and_compiles_once(name):
-    torch._dynamo.reset()
-    tx = TXS[name]()
-
-    def step(params, grads, state):
-        updates, state = tx.update(grads, state, params)
-        return gx.apply_updates(params, updates), state
-
     params, grads = _params_and_grads(10)
-    counter = CompileCounter()
-    compiled = torch.compile(step, fullgraph=True, backend=counter)
-    eager_p, eager_s = _run(step, params, grads, tx.init(params))
-    comp_p, comp_s = _run(compiled, params, grads, tx.init(params))
-    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for 10 steps"
-    assert_trees_close(comp_p, eager_p, rtol=1e-5, atol=1e-6)
-    assert_trees_close(comp_s, eager_s, rtol=1e-5, atol=1e-6)
+    eager, comp, frames = eager_and_compiled(TXS[name](), params, grads)
+    assert frames == 1, f"recompiled: {frames} frames for 10 steps"
+    assert_trees_close(comp[-1][0], eager[-1][0], rtol=1e-5, atol=1e-6)
+    assert_trees_close(comp[-1][1], eager[-1][1], rtol=1e-5, atol=1e-6)
 
 
 def test_inductor_compiled_step_equals_eager():

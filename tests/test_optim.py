@@ -897,18 +897,17 @@ def test_fused_true_rejects_what_it_cannot_lower():
         opt.step()
 
 
-@pytest.mark.parametrize("max_norm", [0.05, 100.0], ids=["clipping", "not-clipping"])
-def test_fused_clip_adamw_matches_generic_and_keeps_grads(max_norm):
-    """chain(clip_by_global_norm, adamw) is lowered too; the clipped grads go to a scratch
-    buffer, so the user's .grad is untouched, and the result equals the generic path."""
+def _lowered_and_generic(make, steps, lowered_fused=None):
+    """Train twin MLPs on the same batches, one with ``gx.Optimizer(..., make(), fused=lowered_fused)``
+    (the lowered path) and one with ``fused=False`` (the generic path), checking at every step that
+    ``.grad`` is left untouched. Returns the two models and the two optimizers."""
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     models = [copy.deepcopy(base) for _ in range(2)]
-    make = lambda: gx.chain(gx.clip_by_global_norm(max_norm), gx.adamw(1e-2))  # noqa: E731
-    opts = [gx.Optimizer(models[0].parameters(), make(), fused=True),
+    opts = [gx.Optimizer(models[0].parameters(), make(), fused=lowered_fused),
             gx.Optimizer(models[1].parameters(), make(), fused=False)]
     g = torch.Generator().manual_seed(3)
-    for _ in range(30):
+    for _ in range(steps):
         x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
         for m, o in zip(models, opts):
             o.zero_grad()
@@ -916,6 +915,23 @@ def test_fused_clip_adamw_matches_generic_and_keeps_grads(max_norm):
             before = [p.grad.clone() for p in m.parameters()]
             o.step()
             assert all(torch.equal(p.grad, b) for p, b in zip(m.parameters(), before))
+    return models, opts
+
+
+def _assert_same_params_and_state(models, opts):
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for x, y in zip(gx.tree.tree_flatten(opts[0].tx_state(0))[0], gx.tree.tree_flatten(opts[1].tx_state(0))[0]):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 100.0], ids=["clipping", "not-clipping"])
+def test_fused_clip_adamw_matches_generic_and_keeps_grads(max_norm):
+    """chain(clip_by_global_norm, adamw) is lowered too; the clipped grads go to a scratch
+    buffer, so the user's .grad is untouched, and the result equals the generic path."""
+    make = lambda: gx.chain(gx.clip_by_global_norm(max_norm), gx.adamw(1e-2))  # noqa: E731
+    models, opts = _lowered_and_generic(make, 30, lowered_fused=True)
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # the lowering really ran: the scratch buffers exist exactly when clipping was active
@@ -945,24 +961,9 @@ CHAIN_RULES = {
 @pytest.mark.parametrize("rule", list(CHAIN_RULES))
 def test_chain_rule_sgd_lowering_matches_generic_path(rule, momentum):
     """gx.chain(<clip rule>, gx.sgd(lr, momentum)) is lowered like clipped_sgd."""
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    models = [copy.deepcopy(base) for _ in range(2)]
     make = lambda: gx.chain(CHAIN_RULES[rule](), gx.sgd(0.1, momentum=momentum))  # noqa: E731
-    opts = [gx.Optimizer(models[0].parameters(), make()), gx.Optimizer(models[1].parameters(), make(), fused=False)]
-    assert gx.optim._sgd_plan(opts[0].param_groups[0]["tx"]) == ("chain", {})
-    g = torch.Generator().manual_seed(3)
-    for _ in range(25):
-        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
-        for m, o in zip(models, opts):
-            o.zero_grad()
-            torch.nn.functional.mse_loss(m(x), y).backward()
-            o.step()
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    for x, y in zip(gx.tree.tree_flatten(opts[0].tx_state(0))[0], gx.tree.tree_flatten(opts[1].tx_state(0))[0]):
-        if isinstance(x, torch.Tensor):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert gx.optim._sgd_plan(make()) == ("chain", {})
+    _assert_same_params_and_state(*_lowered_and_generic(make, 25))
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -971,23 +972,5 @@ def test_clipped_sgd_lowering_matches_generic_path(rule, kw, momentum):
     """The adapter folds the clip factor into the momentum step for clipped_sgd: same params and
     the same state (AutoClip history, seeded counter, stats, momentum) as the generic path, and
     the user's .grad untouched."""
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    models = [copy.deepcopy(base) for _ in range(2)]
     make = lambda: gx.clipped_sgd(0.1, momentum=momentum, rule=rule, **kw)  # noqa: E731
-    opts = [gx.Optimizer(models[0].parameters(), make()), gx.Optimizer(models[1].parameters(), make(), fused=False)]
-    g = torch.Generator().manual_seed(3)
-    for _ in range(25):
-        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
-        for m, o in zip(models, opts):
-            o.zero_grad()
-            torch.nn.functional.mse_loss(m(x), y).backward()
-            before = [p.grad.clone() for p in m.parameters()]
-            o.step()
-            assert all(torch.equal(p.grad, b) for p, b in zip(m.parameters(), before))
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    lowered, generic = opts[0].tx_state(0), opts[1].tx_state(0)
-    for x, y in zip(gx.tree.tree_flatten(lowered)[0], gx.tree.tree_flatten(generic)[0]):
-        if isinstance(x, torch.Tensor):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    _assert_same_params_and_state(*_lowered_and_generic(make, 25))

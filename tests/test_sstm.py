@@ -11,7 +11,7 @@ from torch.func import grad
 
 import gradxform as gx
 from gradxform.sstm import ClippedSSTMState, RestartsState, clipped_sstm, with_restarts
-from helpers import assert_trees_close, assert_trees_equal, loss_of, make_data, make_mlp, snapshot
+from helpers import assert_trees_close, assert_trees_equal, loss_of, make_data, make_mlp, snapshot, eager_and_compiled
 
 F64 = torch.float64
 
@@ -494,23 +494,12 @@ COMPILE_CASES = {
 
 @pytest.mark.parametrize("name", sorted(COMPILE_CASES))
 def test_compiles_once_and_equals_eager(name):
-    torch._dynamo.reset()
-    tx = COMPILE_CASES[name]()
-
-    def step(params, grads, state):
-        updates, state = tx.update(grads, state, params)
-        return gx.apply_updates(params, updates), state
-
     params, grads = _compile_problem(10)
-    counter = CompileCounter()
-    compiled = torch.compile(step, fullgraph=True, backend=counter)
-    eager_p, eager_s = params, tx.init(params)
-    comp_p, comp_s = params, tx.init(params)
-    for g in grads:
-        eager_p, eager_s = step(eager_p, g, eager_s)
-        comp_p, comp_s = compiled(comp_p, g, comp_s)
+    eager, comp, frames = eager_and_compiled(COMPILE_CASES[name](), params, grads)
+    for (eager_p, _), (comp_p, _) in zip(eager, comp):
         assert_trees_close(comp_p, eager_p, rtol=1e-10, atol=1e-12)
-    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for 10 steps"
+    assert frames == 1, f"recompiled: {frames} frames for 10 steps"
+    eager_s, comp_s = eager[-1][1], comp[-1][1]
     assert_trees_close(comp_s, eager_s, rtol=1e-10, atol=1e-12)
     if isinstance(eager_s, RestartsState):
         assert int(eager_s.restarts) >= 2
