@@ -48,6 +48,7 @@ import torch
 from . import tree as _tree
 from .base import GradientTransformation, chain
 from .combine import InjectHyperparamsState
+from .persample import PerParam
 from .transforms import ScaleByAdamState
 
 __all__ = ["Optimizer"]
@@ -59,6 +60,21 @@ _RESERVED = ("params", "tx", "tx_state")
 
 def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _group_extras(extra: dict[str, Any], params: list[torch.Tensor]) -> dict[str, Any]:
+    """Per-param extras (a `gradxform.PerParam`, e.g. ``sum_grad_squared``) become the group's list,
+    ``None`` for params without an entry; other extras pass unchanged."""
+    if not any(isinstance(v, PerParam) for v in extra.values()):
+        return extra
+    out = {}
+    for k, v in extra.items():
+        if isinstance(v, PerParam):
+            vals = [v.get(p) for p in params]
+            out[k] = [None if x is None else _real(x) for x in vals]
+        else:
+            out[k] = v
+    return out
 
 
 def _find_injected(state: Any) -> list[InjectHyperparamsState]:
@@ -436,7 +452,10 @@ class Optimizer(torch.optim.Optimizer):
             rounds as ``torch.optim.AdamW(foreach=True)``); ``True``: require it. The state is
             the same either way.
 
-    ``step(closure=None, **extra_args)`` forwards extra keyword arguments to ``tx.update``.
+    ``step(closure=None, **extra_args)`` forwards extra keyword arguments to ``tx.update``. A
+    per-param extra (``sum_grad_squared``) is given as a `gradxform.PerParam` (what
+    `gradxform.track_sum_grad_squared` returns): each group receives the list of its params'
+    entries, ``None`` where a param has none.
     """
 
     def __init__(self, params: Iterable[Any], tx: GradientTransformation, *, fused: bool | None = None) -> None:
@@ -543,6 +562,7 @@ class Optimizer(torch.optim.Optimizer):
                 state = self._init_group_state(group)
             self._sync_in(state, group)
             plan = self._fused_plan(group, ps)
+            group_extra = _group_extras(extra_args, params)
             if plan is not None and not extra_args:
                 scratch = self._gx_scratch.setdefault(gi, [None] * len(ps))
                 self._gx_states[gi] = _fused_adam_step(plan, state, ps, grads, scratch)
@@ -554,7 +574,7 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             protected = [g for g in grads if g is not None]
             with _tree.owned_buffers(protected):
-                updates, state = group["tx"].update(grads, state, ps, **extra_args)
+                updates, state = group["tx"].update(grads, state, ps, **group_extra)
             if not isinstance(updates, list) or len(updates) != len(ps):
                 raise TypeError(f"the transform of group {gi} returned {type(updates).__name__} updates; expected a "
                                 f"list of {len(ps)} tensors (or None) mirroring the params")

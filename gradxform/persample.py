@@ -1,0 +1,782 @@
+"""Per-example gradient statistics: the gradient and ``sum_grad_squared`` in one backward pass.
+
+TrueGrad-style optimisers (`gradxform.moments`) need, per parameter tensor, the sum over the
+examples of a batch of the squared per-example gradients. With a mean-reduced loss
+``L = (1/N) sum_n l_n`` the convention (BackPACK's ``SumGradSquared``, TECHNIQUES.md 3.1) is
+
+    S = sum_n (grad l_n / N)^2            (with reduction="sum": S = sum_n (grad l_n)^2),
+
+i.e. the sum of the squares of each example's *contribution* to the gradient of the loss as
+given. The obvious route, ``vmap(grad(...))``, materialises batch x params; this module gets
+``S`` from the quantities one ordinary backward already computes.
+
+How. While ``loss_fn`` runs, a `torch.overrides.TorchFunctionMode` watches every torch call
+that receives one of the params. A param used exactly once, by a layer whose per-example
+gradient has a closed form, takes the **fast path**: a hook on that layer's output receives the
+output gradient during the backward pass and turns it, with the saved layer input, into the
+layer's contribution to ``S`` (and optionally to the per-example gradient norms) without ever
+holding per-example gradients of more than one chunk of examples. Covered layers: ``linear``
+(any number of leading dims; per-example gradients are sums over positions, so the
+elementwise-square shortcut is used only without extra dims), ``conv1d/2d/3d`` (any stride,
+padding, dilation, groups), ``embedding``, ``layer_norm``, ``group_norm``, ``batch_norm`` in
+eval mode, and plain elementwise ``+`` / ``*`` with a param (biases, layer scales).
+
+Every other param (used by any other op, used twice, tied weights, a layer whose input does not
+carry the batch in dim 0) takes the **exact fallback**: ``vmap(grad)`` over the examples,
+restricted to those params and run in chunks whose per-example gradients stay under
+``chunk_bytes``. The result's ``methods`` says which path each param took and why, so the engine
+never returns a wrong number silently.
+
+Assumption shared by both paths (as for BackPACK, truegrad and ``vmap``): dim 0 of every batch
+tensor indexes examples, and example ``n``'s loss depends on example ``n`` only (no BatchNorm in
+training mode; that case raises).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from . import tree as _tree
+
+__all__ = [
+    "PerExampleStats",
+    "PerParam",
+    "grad_and_sum_grad_squared",
+    "sum_grad_squared",
+    "track_sum_grad_squared",
+]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_CHUNK_BYTES = 1 << 28
+
+
+class PerParam(Mapping[torch.Tensor, Any]):
+    """A mapping from parameter tensors (by identity) to values, e.g. ``sum_grad_squared`` of an
+    `nn.Module`'s parameters. `gradxform.Optimizer.step` turns it into the per-group lists its
+    transforms expect; params without an entry get ``None``."""
+
+    def __init__(self, items: Sequence[tuple[torch.Tensor, Any]] = ()) -> None:
+        self._keys: dict[int, torch.Tensor] = {}
+        self._values: dict[int, Any] = {}
+        for k, v in items:
+            self._keys[id(k)] = k
+            self._values[id(k)] = v
+
+    def __getitem__(self, key: torch.Tensor) -> Any:
+        try:
+            return self._values[id(key)]
+        except KeyError:
+            raise KeyError("no entry for this parameter") from None
+
+    def get(self, key: torch.Tensor, default: Any = None) -> Any:  # type: ignore[override]
+        return self._values.get(id(key), default)
+
+    def __contains__(self, key: object) -> bool:
+        return id(key) in self._values
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self._keys.values())
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"PerParam({len(self)} params)"
+
+
+class PerExampleStats(NamedTuple):
+    """What `grad_and_sum_grad_squared` returns.
+
+    ``loss``: the loss (detached); ``grads``: its gradient, shaped like params (zeros for unused
+    params); ``sum_grad_squared``: shaped like params; ``per_example_norms``: ``(N,)`` norms of each
+    example's contribution to the gradient over all params, or ``None`` when not asked for;
+    ``aux``: ``loss_fn``'s auxiliary output with ``has_aux=True``; ``methods``: pytree path ->
+    ``"fast:<op>"``, ``"fallback: <reason>"`` or ``"unused"``.
+    """
+
+    loss: torch.Tensor
+    grads: Any
+    sum_grad_squared: Any
+    per_example_norms: torch.Tensor | None
+    aux: Any
+    methods: dict[str, str]
+
+
+# --- per-example contributions of the covered layers ------------------------------------------
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``t`` of shape ``(N, *rest)`` down to ``(N, *shape)`` (``shape`` broadcast into rest)."""
+    extra = t.dim() - 1 - len(shape)
+    if extra > 0:
+        t = t.sum(dim=tuple(range(1, 1 + extra)))
+    dims = tuple(1 + i for i, s in enumerate(shape) if s == 1 and t.shape[1 + i] != 1)
+    if dims:
+        t = t.sum(dim=dims, keepdim=True)
+    return t
+
+
+def _chunks(n: int, per_example_bytes: int, budget: int) -> Iterator[slice]:
+    c = max(1, min(n, budget // max(1, per_example_bytes)))
+    for s in range(0, n, c):
+        yield slice(s, min(n, s + c))
+
+
+class _Rule(NamedTuple):
+    name: str
+    slots: tuple[str, ...]  # the argument slots params may occupy
+    parse: Callable[..., dict[str, Any]]
+
+
+def _bind(names: Sequence[str], defaults: dict[str, Any]) -> Callable[..., dict[str, Any]]:
+    def parse(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        out = dict(defaults)
+        out.update(zip(names, args))
+        out.update(kwargs)
+        return out
+    return parse
+
+
+_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_RULES: dict[Any, _Rule] = {
+    F.linear: _Rule("linear", ("weight", "bias"), _bind(("input", "weight", "bias"), {"bias": None})),
+    F.embedding: _Rule("embedding", ("weight",), _bind(
+        ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+        {"padding_idx": None, "max_norm": None, "scale_grad_by_freq": False})),
+    F.layer_norm: _Rule("layer_norm", ("weight", "bias"), _bind(
+        ("input", "normalized_shape", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})),
+    F.group_norm: _Rule("group_norm", ("weight", "bias"), _bind(
+        ("input", "num_groups", "weight", "bias", "eps"), {"weight": None, "bias": None, "eps": 1e-5})),
+    F.batch_norm: _Rule("batch_norm", ("weight", "bias"), _bind(
+        ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+        {"weight": None, "bias": None, "training": False, "eps": 1e-5})),
+}
+for _f, _d in _CONV.items():
+    _RULES[_f] = _Rule(f"conv{_d}d", ("weight", "bias"), _bind(
+        ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+        {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}))
+_ELEMENTWISE: dict[Any, str] = {}
+for _name in ("add", "mul"):
+    for _f in (getattr(torch, _name), getattr(torch.Tensor, _name), getattr(torch.Tensor, f"__{_name}__"),
+               getattr(torch.Tensor, f"__r{_name}__")):
+        _ELEMENTWISE[_f] = _name
+_BN_TRAINING = "batch_norm in training mode mixes the examples of a batch: per-example gradients are undefined (use eval mode, GroupNorm or LayerNorm)"
+
+
+class _Contribution:
+    """Accumulates one param's ``S`` and the per-example squared norms."""
+
+    __slots__ = ("sgs", "fired")
+
+    def __init__(self) -> None:
+        self.sgs: torch.Tensor | None = None
+        self.fired = False
+
+
+class _Tracker(TorchFunctionMode):
+    """Watches torch calls that receive a tracked param; installs backward hooks for the fast path."""
+
+    def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], batch_size: int | None,
+                 norms: bool, chunk_bytes: int) -> None:
+        super().__init__()
+        self.index = {id(p): i for i, p in enumerate(params)}
+        self.names = list(names)
+        self.batch_size = batch_size
+        self.uses = [0] * len(params)
+        self.method: list[str | None] = [None] * len(params)
+        self.contrib = [_Contribution() for _ in params]
+        self.want_norms = norms
+        self.norms_sq: torch.Tensor | None = None
+        self.chunk_bytes = chunk_bytes
+        self.quiet = False
+        self.hooks_fired = 0
+        self.error: str | None = None
+
+    # -- the interception -----------------------------------------------------------------------
+
+    def _hits(self, args: Any, kwargs: dict[str, Any]) -> list[int]:
+        hits = []
+        stack = [args, list(kwargs.values())]
+        while stack:
+            obj = stack.pop()
+            if isinstance(obj, torch.Tensor):
+                i = self.index.get(id(obj))
+                if i is not None:
+                    hits.append(i)
+            elif isinstance(obj, (list, tuple)):
+                stack.extend(obj)
+        return hits
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.quiet:
+            return func(*args, **kwargs)
+        hits = self._hits(args, kwargs)
+        out = func(*args, **kwargs)
+        if not hits:
+            return out
+        outs = [t for t in (out if isinstance(out, (list, tuple)) else (out,)) if isinstance(t, torch.Tensor)]
+        if not any(t.requires_grad for t in outs):
+            return out  # metadata, detach(), shape queries: not a differentiable use
+        for i in hits:
+            self.uses[i] += 1
+        name = getattr(func, "__name__", repr(func))
+        if len(set(hits)) != len(hits):
+            self._fallback(hits, f"passed twice to {name}")
+            return out
+        try:
+            installed = self._install(func, args, kwargs, out, hits)
+        except _Unsupported as e:
+            self._fallback(hits, str(e))
+            return out
+        if not installed:
+            self._fallback(hits, f"used by {name}, which has no fast rule")
+        return out
+
+    def _fallback(self, hits: list[int], reason: str) -> None:
+        for i in hits:
+            if self.method[i] is None or self.method[i].startswith("fast"):
+                self.method[i] = f"fallback: {reason}"
+
+    def _mark(self, hits: list[int], op: str) -> bool:
+        ok = True
+        for i in hits:
+            if self.uses[i] > 1:
+                self._fallback([i], "used more than once (e.g. tied weights)")
+                ok = False
+            elif self.method[i] is None:
+                self.method[i] = f"fast:{op}"
+        return ok
+
+    def _check_batch(self, x: Any, op: str) -> int:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise _Unsupported(f"{op} input has no batch dimension")
+        n = x.shape[0]
+        if self.batch_size is None:
+            self.batch_size = n
+        elif n != self.batch_size:
+            raise _Unsupported(f"{op} input has {n} rows in dim 0, not the batch size {self.batch_size}")
+        return n
+
+    def _install(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any, hits: list[int]) -> bool:
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return False
+        rule = _RULES.get(func)
+        if rule is not None:
+            a = rule.parse(*args, **kwargs)
+            slot_of = {}
+            for slot in rule.slots:
+                t = a.get(slot)
+                if isinstance(t, torch.Tensor) and id(t) in self.index:
+                    slot_of[self.index[id(t)]] = slot
+            if set(hits) != set(slot_of):
+                raise _Unsupported(f"a param is passed to {rule.name} as something other than {'/'.join(rule.slots)}")
+            if rule.name == "batch_norm" and (a.get("training") or a.get("running_mean") is None):
+                self.error = _BN_TRAINING
+                raise _Unsupported(_BN_TRAINING)
+            if rule.name == "embedding" and (a.get("max_norm") is not None or a.get("scale_grad_by_freq")):
+                raise _Unsupported("embedding with max_norm or scale_grad_by_freq")
+            x = a["input"]
+            self._check_batch(x, rule.name)
+            if rule.name == "linear" and x.dim() < 2:
+                raise _Unsupported("linear on an unbatched input")
+            if rule.name.startswith("conv") and x.dim() != int(rule.name[4]) + 2:
+                raise _Unsupported(f"{rule.name} on an unbatched input")
+            if not self._mark(hits, rule.name):
+                return True
+            targets = {slot: i for i, slot in slot_of.items()}
+            out.register_hook(self._hook(rule.name, a, targets))
+            return True
+        op = _ELEMENTWISE.get(func)
+        if op is not None and len(hits) == 1 and len(args) >= 2 and not kwargs:
+            i = hits[0]
+            p = self._param_arg(args[:2], i)
+            other = args[1] if p is args[0] else args[0]
+            if not isinstance(other, torch.Tensor) or other.dim() <= p.dim() or out.shape != other.shape:
+                raise _Unsupported(f"{op} of a param with a tensor that does not carry the batch")
+            self._check_batch(other, op)
+            if not self._mark(hits, op):
+                return True
+            out.register_hook(self._hook(op, {"other": other if op == "mul" else None, "shape": p.shape},
+                                         {"param": i}))
+            return True
+        return False
+
+    def _param_arg(self, args: Any, i: int) -> torch.Tensor:
+        for a in args:
+            if isinstance(a, torch.Tensor) and self.index.get(id(a)) == i:
+                return a
+        raise _Unsupported("param not among the operands")
+
+    # -- backward-time computation --------------------------------------------------------------
+
+    def _hook(self, op: str, a: dict[str, Any], targets: dict[str, int]) -> Callable[[torch.Tensor], None]:
+        def hook(go: torch.Tensor) -> None:
+            prev, self.quiet = self.quiet, True
+            try:
+                with torch.no_grad():
+                    parts = _contributions(op, a, go, set(targets), self.want_norms, self.chunk_bytes)
+                for slot, (sgs, nsq) in parts.items():
+                    self._add(targets[slot], sgs, nsq)
+            except Exception as e:  # never a wrong number: the exact fallback takes over
+                log.warning("fast %s rule failed (%s); those params take the exact fallback", op, e)
+                self._fallback(list(targets.values()), f"fast {op} rule failed: {e}")
+            finally:
+                self.hooks_fired += 1
+                self.quiet = prev
+        return hook
+
+    def _add(self, i: int, sgs: torch.Tensor, nsq: torch.Tensor | None) -> None:
+        if not (self.method[i] or "").startswith("fast"):
+            return  # a later use sent it to the fallback: this partial contribution is void
+        c = self.contrib[i]
+        c.sgs = sgs if c.sgs is None else c.sgs + sgs
+        c.fired = True
+        if nsq is not None:
+            nsq = nsq.to(torch.float64)
+            self.norms_sq = nsq if self.norms_sq is None else self.norms_sq + nsq
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _square_stats(per_ex: torch.Tensor, norms: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    sq = per_ex.square()
+    return sq.sum(0), (sq.flatten(1).sum(1) if norms else None)
+
+
+def _chunked(n: int, per_example_numel: int, elem: int, budget: int,
+             make: Callable[[slice], torch.Tensor], norms: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``S`` and norms from per-example contributions built chunk by chunk (``make(sl)``)."""
+    sgs, parts = None, []
+    for sl in _chunks(n, per_example_numel * elem, budget):
+        s, ns = _square_stats(make(sl), norms)
+        sgs = s if sgs is None else sgs + s
+        if ns is not None:
+            parts.append(ns)
+    return sgs, (torch.cat(parts) if norms else None)  # type: ignore[return-value]
+
+
+def _pair(v: Any, d: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (list, tuple)) else (v,) * d
+
+
+def _conv_weight_per_example(a: dict[str, Any], go: torch.Tensor, d: int, budget: int,
+                             norms: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x, w = a["input"], a["weight"]
+    n = x.shape[0]
+    stride, dil, groups, pad = _pair(a["stride"], d), _pair(a["dilation"], d), a["groups"], a["padding"]
+    if d <= 2 and groups == 1 and not isinstance(pad, str):
+        # im2col: per-example weight gradient = go_n @ unfold(x_n)^T, one bmm per chunk
+        pad2, k = _pair(pad, d), w.shape[2:]
+        if d == 1:
+            x4, g4 = x.unsqueeze(2), go.unsqueeze(2)
+            k2, s2, p2, d2 = (1, k[0]), (1, stride[0]), (0, pad2[0]), (1, dil[0])
+        else:
+            x4, g4, k2, s2, p2, d2 = x, go, tuple(k), stride, pad2, dil
+        cols_per = w[0].numel()  # C * prod(k)
+
+        def make(sl: slice) -> torch.Tensor:
+            cols = F.unfold(x4[sl], k2, dilation=d2, padding=p2, stride=s2)  # (c, C*k, L)
+            g = g4[sl].flatten(2)  # (c, O, L)
+            return torch.bmm(g, cols.transpose(1, 2)).reshape((-1,) + tuple(w.shape))
+
+        return _chunked(n, w.numel() + cols_per * go[0, 0].numel(), x.element_size(), budget, make, norms)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[d]
+
+    def one(xi: torch.Tensor, gi: torch.Tensor) -> torch.Tensor:
+        _, vjp = torch.func.vjp(lambda ww: conv(xi[None], ww, None, a["stride"], pad, a["dilation"], groups), w)
+        return vjp(gi[None])[0]
+
+    return _chunked(n, w.numel(), x.element_size(), budget, lambda sl: torch.func.vmap(one)(x[sl], go[sl]), norms)
+
+
+def _contributions(op: str, a: dict[str, Any], go: torch.Tensor, slots: set[str], norms: bool,
+                   budget: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``{slot: (S, per-example squared norms or None)}`` of one layer call, from its output grad."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    n = go.shape[0]
+    if op == "linear":
+        x, w = a["input"], a["weight"]
+        if x.dim() == 2:
+            g2, x2 = go.square(), x.square()
+            if "weight" in slots:
+                out["weight"] = (g2.t() @ x2, (g2.sum(1) * x2.sum(1)) if norms else None)
+            if "bias" in slots:
+                out["bias"] = (g2.sum(0), g2.sum(1) if norms else None)
+            return out
+        x3, g3 = x.reshape(n, -1, x.shape[-1]), go.reshape(n, -1, go.shape[-1])
+        if "weight" in slots:
+            out["weight"] = _chunked(n, w.numel(), x.element_size(), budget,
+                                     lambda sl: torch.bmm(g3[sl].transpose(1, 2), x3[sl]), norms)
+        if "bias" in slots:
+            out["bias"] = _square_stats(g3.sum(1), norms)
+        return out
+    if op.startswith("conv"):
+        d = int(op[4])
+        if "weight" in slots:
+            out["weight"] = _conv_weight_per_example(a, go, d, budget, norms)
+        if "bias" in slots:
+            out["bias"] = _square_stats(go.flatten(2).sum(2), norms)
+        return out
+    if op == "embedding":
+        idx, w = a["input"], a["weight"]
+        vocab, dim = w.shape
+        rows = idx.reshape(n, -1)
+        ex = torch.arange(n, device=idx.device).unsqueeze(1).expand_as(rows)
+        keys = (ex * vocab + rows).reshape(-1)
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        sums = go.new_zeros((uniq.numel(), dim)).index_add_(0, inv, go.reshape(-1, dim))
+        which = uniq % vocab
+        if a.get("padding_idx") is not None:
+            pad = a["padding_idx"] % vocab
+            sums = sums * (which != pad).unsqueeze(1).to(sums.dtype)
+        sq = sums.square()
+        sgs = w.new_zeros(w.shape).index_add_(0, which, sq)
+        nsq = go.new_zeros(n).index_add_(0, uniq // vocab, sq.sum(1)) if norms else None
+        out["weight"] = (sgs, nsq)
+        return out
+    if op in ("layer_norm", "group_norm", "batch_norm"):
+        x = a["input"]
+        if op == "layer_norm":
+            shape = torch.Size(a["normalized_shape"] if isinstance(a["normalized_shape"], (list, tuple, torch.Size))
+                               else (a["normalized_shape"],))
+            xhat = F.layer_norm(x, shape, None, None, a["eps"])
+
+            def reduce(t: torch.Tensor) -> torch.Tensor:
+                return _sum_to(t, shape)
+        else:
+            c = x.shape[1]
+            if op == "group_norm":
+                xhat = F.group_norm(x, a["num_groups"], None, None, a["eps"])
+            else:
+                view = (1, c) + (1,) * (x.dim() - 2)
+                xhat = (x - a["running_mean"].reshape(view)) * torch.rsqrt(a["running_var"].reshape(view) + a["eps"])
+
+            def reduce(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(n, c, -1).sum(2)
+        if "weight" in slots:
+            out["weight"] = _square_stats(reduce(go * xhat), norms)
+        if "bias" in slots:
+            out["bias"] = _square_stats(reduce(go), norms)
+        return out
+    if op in ("add", "mul"):
+        t = go if op == "add" else go * a["other"]
+        out["param"] = _square_stats(_sum_to(t, a["shape"]), norms)
+        return out
+    raise AssertionError(op)  # pragma: no cover
+
+
+# --- the engine ---------------------------------------------------------------------------------
+
+
+def _check_engine_args(reduction: str, chunk_bytes: int, randomness: str) -> None:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' (how loss_fn reduces over the batch); got {reduction!r}")
+    if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive int; got {chunk_bytes!r}")
+    if randomness not in ("error", "different", "same"):
+        raise ValueError(f"randomness must be 'error', 'different' or 'same' (see torch.func.vmap); got {randomness!r}")
+
+
+def _batch_size(batch: Any) -> int:
+    leaves, _ = torch.utils._pytree.tree_flatten(batch)
+    sizes = []
+    for j, t in enumerate(leaves):
+        if isinstance(t, torch.Tensor):
+            if t.dim() == 0:
+                raise ValueError(f"batch leaf {j} is a 0-d tensor: every batch tensor needs a leading example "
+                                 "dimension (pass per-call constants through *args instead)")
+            sizes.append((j, t.shape[0]))
+    if not sizes:
+        raise ValueError("the batch holds no tensor: per-example statistics need a batch whose tensors have a "
+                         "leading example dimension")
+    n = sizes[0][1]
+    bad = [(j, m) for j, m in sizes if m != n]
+    if bad:
+        raise ValueError(f"batch tensors disagree on the number of examples (dim 0): leaf 0 has {n}, "
+                         + ", ".join(f"leaf {j} has {m}" for j, m in bad))
+    if n == 0:
+        raise ValueError("the batch is empty (0 examples)")
+    return n
+
+
+def _split_result(res: Any, has_aux: bool, reduction: str) -> tuple[torch.Tensor, Any]:
+    if has_aux:
+        if not (isinstance(res, tuple) and len(res) == 2):
+            raise TypeError("has_aux=True: loss_fn must return a (loss, aux) pair")
+        loss, aux = res
+    else:
+        loss, aux = res, None
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn must return a tensor loss; got {type(loss).__name__}"
+                        + ("" if has_aux else " (pass has_aux=True if it returns (loss, aux))"))
+    if loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar loss reduced over the batch (reduction={reduction!r}); got "
+                         f"shape {tuple(loss.shape)}: reduce the per-example losses with .{reduction}()")
+    return loss.reshape(()), aux
+
+
+def _fallback(loss_fn: Callable[..., Any], spec: Any, leaves: list[Any], live: list[int], work: list[torch.Tensor],
+              fb: list[int], batch: Any, args: tuple, kwargs: dict[str, Any], reduction: str, has_aux: bool,
+              n: int, chunk_bytes: int, randomness: str, norms: bool
+              ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Exact ``S`` (and squared norms) for the params in ``fb`` by chunked ``vmap(grad)``."""
+    consts = [w.detach() for w in work]
+
+    def per_example(fb_vals: list[torch.Tensor], example: Any) -> torch.Tensor:
+        vals = list(consts)
+        for j, k in enumerate(fb):
+            vals[k] = fb_vals[j]
+        full = list(leaves)
+        for k, i in enumerate(live):
+            full[i] = vals[k]
+        one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
+        loss, _ = _split_result(loss_fn(_tree.tree_unflatten(spec, full), one, *args, **kwargs), has_aux, reduction)
+        return loss
+
+    in_dims = torch.utils._pytree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, batch)
+    per_ex_grad = torch.func.vmap(torch.func.grad(per_example), in_dims=(None, in_dims), randomness=randomness)
+    fb_vals = [consts[k] for k in fb]
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    per_example_bytes = 2 * sum(v.numel() * v.element_size() for v in fb_vals)
+    sgs = [torch.zeros_like(v) for v in fb_vals]
+    parts = []
+    for sl in _chunks(n, per_example_bytes, chunk_bytes):
+        chunk = torch.utils._pytree.tree_map(lambda t: t[sl] if isinstance(t, torch.Tensor) else t, batch)
+        with torch.enable_grad():
+            gs = per_ex_grad(fb_vals, chunk)
+        nsq = None
+        for j, g in enumerate(gs):
+            sq = (g * scale).square()
+            sgs[j] += sq.sum(0)
+            if norms:
+                part = sq.flatten(1).sum(1).to(torch.float64)
+                nsq = part if nsq is None else nsq + part
+        if norms:
+            parts.append(nsq)
+    return sgs, (torch.cat(parts) if norms else None)
+
+
+def grad_and_sum_grad_squared(
+    loss_fn: Callable[..., Any],
+    *,
+    reduction: str = "mean",
+    has_aux: bool = False,
+    per_example_norms: bool = False,
+    fast: bool = True,
+    chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+    randomness: str = "error",
+) -> Callable[..., PerExampleStats]:
+    """Function transform: ``loss_fn(params, batch, *args)`` -> the loss, its gradient and
+    ``sum_grad_squared`` (plus, optionally, per-example gradient norms), in one backward pass.
+
+    ``S = sum_n (grad l_n / N)^2`` for ``loss = mean_n l_n`` (``reduction="mean"``) and
+    ``S = sum_n (grad l_n)^2`` for ``loss = sum_n l_n``: the sum of the squared per-example
+    contributions to the gradient (BackPACK's ``SumGradSquared`` convention, used by TrueGrad).
+    ``per_example_norms[n] = ||contribution of example n||_2`` over all params.
+
+    ``params`` is any pytree of tensors (``None`` leaves are frozen); every tensor in ``batch``
+    must have the examples in dim 0; ``loss_fn`` typically calls
+    ``torch.func.functional_call(model, params, batch)`` on an unmodified module. Params used
+    once by a covered layer (see the module docstring) take the fast path; the others take an
+    exact, chunked ``vmap(grad)`` over the examples (at most ``chunk_bytes`` of per-example
+    gradients at a time; ``randomness`` is passed to ``torch.func.vmap``, so dropout in training
+    mode needs ``"different"`` there and then differs from the main pass). ``fast=False`` sends
+    every param to the fallback (a reference). ``result.methods`` names each param's path.
+
+    Eager only: the fast path relies on a torch-function mode and backward hooks.
+    """
+    _check_engine_args(reduction, chunk_bytes, randomness)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (params, batch, *args) -> loss; got {loss_fn!r}")
+
+    def run(params: Any, batch: Any, *args: Any, **kwargs: Any) -> PerExampleStats:
+        leaves, spec = _tree.tree_flatten(params)
+        paths = _tree.tree_paths(params)
+        live = [i for i, t in enumerate(leaves) if t is not None]
+        for i in live:
+            t = leaves[i]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"params leaf '{paths[i]}' is a {type(t).__name__}, not a tensor")
+            if not t.is_floating_point():
+                raise TypeError(f"params leaf '{paths[i]}' has dtype {t.dtype}: only floating-point params have gradients")
+        n = _batch_size(batch)
+        work = [leaves[i].detach().requires_grad_(True) for i in live]
+        full = list(leaves)
+        for k, i in enumerate(live):
+            full[i] = work[k]
+        p_tree = _tree.tree_unflatten(spec, full)
+        names = [paths[i] for i in live]
+        tracker = _Tracker(work, names, n, per_example_norms, chunk_bytes) if fast else None
+        with torch.enable_grad():
+            if tracker is not None:
+                with tracker:
+                    res = loss_fn(p_tree, batch, *args, **kwargs)
+            else:
+                res = loss_fn(p_tree, batch, *args, **kwargs)
+            loss, aux = _split_result(res, has_aux, reduction)
+            grads: Sequence[torch.Tensor | None]
+            if loss.requires_grad and work:
+                grads = torch.autograd.grad(loss, work, allow_unused=True)
+            else:
+                grads = [None] * len(work)
+        if tracker is not None and tracker.error:
+            raise ValueError(tracker.error)
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, work)]
+        sgs: list[torch.Tensor | None] = [None] * len(work)
+        methods: dict[str, str] = {}
+        fb = []
+        for k, w in enumerate(work):
+            m = "fallback: fast=False" if tracker is None else tracker.method[k]
+            if tracker is not None and m is None and tracker.uses[k] == 0:
+                m = "unused"
+            if m is not None and m.startswith("fast") and not tracker.contrib[k].fired:  # type: ignore[union-attr]
+                m = "unused"  # its layer's output did not reach the loss
+            if m == "unused":
+                sgs[k] = torch.zeros_like(w)
+            elif m is not None and m.startswith("fast"):
+                sgs[k] = tracker.contrib[k].sgs.to(w.dtype)  # type: ignore[union-attr]
+            else:
+                m = m or "fallback"
+                fb.append(k)
+            methods[names[k]] = m
+        norms_sq = tracker.norms_sq if tracker is not None else None
+        if fb:
+            log.debug("exact fallback for %d of %d params: %s", len(fb), len(work), [names[k] for k in fb])
+            fb_sgs, fb_nsq = _fallback(loss_fn, spec, leaves, live, work, fb, batch, args, kwargs, reduction,
+                                       has_aux, n, chunk_bytes, randomness, per_example_norms)
+            for k, s in zip(fb, fb_sgs):
+                sgs[k] = s
+            if fb_nsq is not None:
+                norms_sq = fb_nsq if norms_sq is None else norms_sq + fb_nsq
+        norms = None
+        if per_example_norms:
+            dtype = work[0].dtype if work else torch.float32
+            norms = (norms_sq.sqrt().to(dtype) if norms_sq is not None
+                     else torch.zeros(n, dtype=dtype, device=work[0].device if work else None))
+
+        def rebuild(vals: Sequence[Any]) -> Any:
+            out = [None] * len(leaves)
+            for k, i in enumerate(live):
+                out[i] = vals[k]
+            return _tree.tree_unflatten(spec, out)
+
+        return PerExampleStats(loss.detach(), rebuild(grads), rebuild(sgs), norms, aux, methods)
+
+    return run
+
+
+def sum_grad_squared(loss_fn: Callable[..., Any], params: Any, batch: Any, *args: Any,
+                     reduction: str = "mean", **options: Any) -> tuple[Any, Any]:
+    """``(grads, sum_grad_squared)`` of ``loss_fn(params, batch, *args)``; shorthand for
+    `grad_and_sum_grad_squared` (same options and convention)."""
+    res = grad_and_sum_grad_squared(loss_fn, reduction=reduction, **options)(params, batch, *args)
+    return res.grads, res.sum_grad_squared
+
+
+class track_sum_grad_squared:
+    """Fill ``sum_grad_squared`` during an ordinary ``loss.backward()`` on an unmodified module.
+
+    ::
+
+        with gx.track_sum_grad_squared(model) as stats:
+            loss = F.cross_entropy(model(x), y)      # a mean over the batch
+            loss.backward()
+        opt.step(sum_grad_squared=stats.sum_grad_squared)   # a gx.PerParam
+
+    Same convention and fast path as `grad_and_sum_grad_squared`: the statistic is the sum of
+    squared per-example contributions to the gradient of the loss that was back-propagated (so
+    ``S = sum_n (grad l_n / N)^2`` for a mean). One forward per ``with`` block: a param used twice
+    (two forwards, tied weights) or by an op without a fast rule has no exact statistic here,
+    because there is no loss function to re-run. ``missing="raise"`` (default) makes reading
+    ``sum_grad_squared`` fail with the names and reasons of those params; ``missing="none"``
+    leaves them out (``None``), e.g. for a transform with ``fallback="adam"``. Nothing is
+    attached to the parameters.
+    """
+
+    def __init__(self, params: Any, *, missing: str = "raise", per_example_norms: bool = False,
+                 chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> None:
+        if missing not in ("raise", "none"):
+            raise ValueError(f"missing must be 'raise' or 'none'; got {missing!r}")
+        _check_engine_args("mean", chunk_bytes, "error")
+        if isinstance(params, torch.nn.Module):
+            named = [(k, p) for k, p in params.named_parameters() if p.requires_grad]
+        else:
+            plist = list(params)
+            named = [(str(i), p) for i, p in enumerate(plist)]
+        for k, p in named:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"param '{k}' is a {type(p).__name__}, not a tensor")
+        self._names = [k for k, _ in named]
+        self._params = [p for _, p in named]
+        self._missing = missing
+        self._tracker = _Tracker(self._params, self._names, None, per_example_norms, chunk_bytes)
+
+    def __enter__(self) -> "track_sum_grad_squared":
+        self._tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._tracker.__exit__(*exc)
+
+    @property
+    def methods(self) -> dict[str, str]:
+        """name -> ``"fast:<op>"``, ``"unused"`` or ``"missing: <reason>"``."""
+        t = self._tracker
+        out = {}
+        for k, name in enumerate(self._names):
+            m = t.method[k]
+            if m is None and t.uses[k] == 0 or (m or "").startswith("fast") and not t.contrib[k].fired:
+                out[name] = "unused"
+            elif m is not None and m.startswith("fast"):
+                out[name] = m
+            else:
+                out[name] = "missing: " + (m or "fallback").removeprefix("fallback: ")
+        return out
+
+    def _check_ran(self) -> None:
+        if self._tracker.error:
+            raise ValueError(self._tracker.error)
+        if self._tracker.hooks_fired == 0:
+            raise RuntimeError("no statistic yet: run the forward inside the with-block and call backward() "
+                               "before reading it")
+
+    @property
+    def sum_grad_squared(self) -> PerParam:
+        """``{param: S}`` for every param (zeros for unused ones)."""
+        self._check_ran()
+        methods = self.methods
+        missing = [(n, m) for n, m in methods.items() if m.startswith("missing")]
+        if missing and self._missing == "raise":
+            raise ValueError("no exact sum_grad_squared for " + "; ".join(f"'{n}' ({m[9:]})" for n, m in missing)
+                             + ". Use gx.grad_and_sum_grad_squared with a loss function (exact fallback), or "
+                             "missing='none' with a transform whose fallback='adam'")
+        items = []
+        for k, p in enumerate(self._params):
+            m = methods[self._names[k]]
+            if m == "unused":
+                items.append((p, torch.zeros_like(p)))
+            elif m.startswith("fast"):
+                items.append((p, self._tracker.contrib[k].sgs.to(p.dtype)))  # type: ignore[union-attr]
+        return PerParam(items)
+
+    @property
+    def per_example_norms(self) -> torch.Tensor:
+        """``(N,)`` norms of each example's gradient contribution (needs ``per_example_norms=True``
+        and every param on the fast path)."""
+        self._check_ran()
+        if not self._tracker.want_norms:
+            raise RuntimeError("construct with per_example_norms=True to get per-example norms")
+        missing = [n for n, m in self.methods.items() if m.startswith("missing")]
+        if missing:
+            raise ValueError(f"per-example norms are incomplete: no fast rule for {missing}")
+        return self._tracker.norms_sq.sqrt()  # type: ignore[union-attr]

@@ -1,0 +1,373 @@
+"""The per-example statistics engine: sum_grad_squared against vmap(grad), BackPACK and truegrad."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+import gradxform as gx
+
+warnings.filterwarnings("ignore", message=".*batching rule.*")
+
+
+def reference(model, params, batch, loss, reduction="mean"):
+    """sum_n (grad l_n / N)^2 (or sum_n (grad l_n)^2) by vmap(grad) over single examples."""
+    x, y = batch
+
+    def one(p, xi, yi):
+        return loss(functional_call(model, p, (xi[None],)), yi[None])
+
+    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    scale = 1.0 / x.shape[0] if reduction == "mean" else 1.0
+    sgs = {k: ((v * scale) ** 2).sum(0) for k, v in g.items()}
+    norms = torch.stack([(v * scale).flatten(1).square().sum(1) for v in g.values()]).sum(0).sqrt()
+    return sgs, norms
+
+
+def engine_run(model, batch, loss=F.cross_entropy, **kw):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_fn(p, b):
+        return loss(functional_call(model, p, (b[0],)), b[1])
+
+    return params, gx.grad_and_sum_grad_squared(loss_fn, per_example_norms=True, **kw)(params, batch)
+
+
+def assert_matches_reference(model, batch, loss=F.cross_entropy, rtol=1e-9, expect_fast=None, **kw):
+    params, res = engine_run(model, batch, loss, **kw)
+    ref, ref_norms = reference(model, params, batch, loss, kw.get("reduction", "mean"))
+    for k, v in ref.items():
+        torch.testing.assert_close(res.sum_grad_squared[k], v, rtol=rtol, atol=1e-12 * v.abs().max().item(),
+                                   msg=lambda m, k=k: f"{k} ({res.methods[k]}): {m}")
+    torch.testing.assert_close(res.per_example_norms, ref_norms, rtol=rtol, atol=0)
+    plain = torch.func.grad(lambda p: loss(functional_call(model, p, (batch[0],)), batch[1]))(params)
+    for k, v in plain.items():
+        torch.testing.assert_close(res.grads[k], v, rtol=1e-12, atol=0)
+    if expect_fast is not None:
+        fast = {k for k, m in res.methods.items() if m.startswith("fast")}
+        assert fast == set(expect_fast), res.methods
+    return res
+
+
+def mlp(dtype=torch.float64):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)).to(dtype)
+
+
+def cnn():
+    torch.manual_seed(1)
+    m = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.GroupNorm(2, 8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4),
+    ).double()
+    with torch.no_grad():  # non-trivial running statistics, then eval mode
+        m(torch.randn(16, 3, 8, 8, dtype=torch.float64))
+    return m.eval()
+
+
+class Block(nn.Module):
+    """Embedding, LayerNorm, multi-head attention, Linear over the sequence dim, a layer scale."""
+
+    def __init__(self, vocab=13, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.ln1 = nn.LayerNorm(d)
+        self.att = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.gamma = nn.Parameter(torch.full((d,), 0.5))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        a = self.ln1(h)
+        h = h + self.att(a, a, a, need_weights=False)[0]
+        h = h + self.gamma * self.fc2(F.gelu(self.fc1(self.ln2(h))))
+        return self.head(h).mean(1)
+
+
+def block():
+    torch.manual_seed(2)
+    return Block().double()
+
+
+def test_mlp_matches_vmap_grad():
+    x, y = torch.randn(10, 12, dtype=torch.float64), torch.randint(0, 5, (10,))
+    res = assert_matches_reference(mlp(), (x, y), expect_fast=[f"{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")])
+    assert res.loss.shape == () and res.aux is None
+
+
+def test_mlp_float32_to_1e5():
+    x, y = torch.randn(32, 12), torch.randint(0, 5, (32,))
+    assert_matches_reference(mlp(torch.float32), (x, y), rtol=1e-5)
+
+
+def test_cnn_with_pooling_and_eval_batchnorm_matches_vmap_grad():
+    x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (6,))
+    res = assert_matches_reference(cnn(), (x, y))
+    assert all(m.startswith("fast") for m in res.methods.values()), res.methods
+    assert res.methods["0.weight"] == "fast:conv2d" and res.methods["1.weight"] == "fast:batch_norm"
+
+
+def test_transformer_block_matches_vmap_grad():
+    idx, y = torch.randint(0, 13, (5, 7)), torch.randint(0, 13, (5,))
+    idx[0, :2] = 0  # the padding row gets no gradient
+    res = assert_matches_reference(block(), (idx, y))
+    assert res.methods["emb.weight"] == "fast:embedding"
+    assert res.methods["fc1.weight"] == "fast:linear"  # over a sequence dim: sums over positions
+    assert res.methods["gamma"] == "fast:mul"
+    assert res.methods["ln1.weight"] == "fast:layer_norm"
+    # attention goes through one fused functional that has no fast rule: exact fallback, said so
+    assert res.methods["att.in_proj_weight"].startswith("fallback: used by multi_head_attention_forward")
+
+
+def test_linear_over_sequence_is_not_the_elementwise_shortcut():
+    torch.manual_seed(3)
+    lin = nn.Linear(4, 3).double()
+    x = torch.randn(5, 6, 4, dtype=torch.float64)
+    params, res = engine_run(lin, (x, torch.zeros(5)), loss=lambda out, _: out.pow(2).sum((1, 2)).mean())
+    # the per-example gradient sums over positions before squaring; squaring per position is wrong
+    go = 2 * lin(x).detach() / 5
+    per_example = torch.einsum("nto,nti->noi", go, x)
+    torch.testing.assert_close(res.sum_grad_squared["weight"], per_example.square().sum(0))
+    shortcut = torch.einsum("nto,nti->oi", go.square(), x.square())
+    assert not torch.allclose(shortcut, per_example.square().sum(0), rtol=1e-3)
+
+
+def test_conv1d_and_conv3d_and_dilation():
+    torch.manual_seed(4)
+    m1 = nn.Sequential(nn.Conv1d(3, 4, 3, dilation=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8, 2)).double()
+    assert_matches_reference(m1, (torch.randn(4, 3, 10, dtype=torch.float64), torch.randint(0, 2, (4,))))
+    m3 = nn.Sequential(nn.Conv3d(2, 3, 2, stride=(1, 2, 1)), nn.Flatten(), nn.Linear(3 * 3 * 2 * 3, 2)).double()
+    res = assert_matches_reference(m3, (torch.randn(3, 2, 4, 4, 4, dtype=torch.float64), torch.randint(0, 2, (3,))))
+    assert res.methods["0.weight"] == "fast:conv3d"
+
+
+def test_sum_reduction():
+    x, y = torch.randn(7, 12, dtype=torch.float64), torch.randint(0, 5, (7,))
+    assert_matches_reference(mlp(), (x, y), loss=lambda o, t: F.cross_entropy(o, t, reduction="sum"),
+                             reduction="sum")
+
+
+def test_tied_weights_take_the_exact_fallback():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 6)
+            self.mix = nn.Linear(6, 6)
+
+        def forward(self, idx):
+            h = torch.tanh(self.mix(self.emb(idx)))
+            return F.linear(h, self.emb.weight).mean(1)  # the output projection reuses the embedding
+
+    torch.manual_seed(5)
+    res = assert_matches_reference(Tied().double(), (torch.randint(0, 9, (4, 3)), torch.randint(0, 9, (4,))))
+    assert res.methods["emb.weight"] == "fallback: used more than once (e.g. tied weights)"
+    assert res.methods["mix.weight"] == "fast:linear"
+
+
+def test_unknown_ops_take_the_fallback_and_small_chunks_give_the_same_numbers():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(5, 4))
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(x @ self.w))  # matmul: no fast rule
+
+    torch.manual_seed(6)
+    m = Odd().double()
+    batch = (torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,)))
+    big = assert_matches_reference(m, batch)
+    assert big.methods["w"].startswith("fallback: used by")
+    small = assert_matches_reference(m, batch, chunk_bytes=1)  # one example per chunk
+    torch.testing.assert_close(small.sum_grad_squared["w"], big.sum_grad_squared["w"], rtol=1e-12, atol=0)
+    everything = assert_matches_reference(m, batch, fast=False)
+    assert set(everything.methods.values()) == {"fallback: fast=False"}
+
+
+def test_unused_and_frozen_params():
+    torch.manual_seed(7)
+    m = nn.ModuleDict({"a": nn.Linear(3, 2), "b": nn.Linear(3, 2)}).double()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    params["a.bias"] = None  # frozen
+
+    def loss_fn(p, b):
+        return functional_call(m, p, (b,), strict=False) if False else F.linear(b, p["a.weight"]).pow(2).mean()
+
+    res = gx.grad_and_sum_grad_squared(loss_fn)(params, torch.randn(4, 3, dtype=torch.float64))
+    assert res.sum_grad_squared["a.bias"] is None and res.grads["a.bias"] is None
+    assert res.methods["b.weight"] == "unused"
+    assert torch.equal(res.sum_grad_squared["b.weight"], torch.zeros(2, 3, dtype=torch.float64))
+    assert res.methods["a.weight"] == "fast:linear"
+
+
+def test_has_aux_and_extra_args():
+    m = mlp()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+
+    def loss_fn(p, b, temperature):
+        out = functional_call(m, p, (b[0],)) / temperature
+        return F.cross_entropy(out, b[1]), out.detach()
+
+    batch = (torch.randn(5, 12, dtype=torch.float64), torch.randint(0, 5, (5,)))
+    res = gx.grad_and_sum_grad_squared(loss_fn, has_aux=True)(params, batch, 2.0)
+    assert res.aux.shape == (5, 5)
+    grads, sgs = gx.sum_grad_squared(lambda p, b: loss_fn(p, b, 2.0)[0], params, batch)
+    for k in params:
+        torch.testing.assert_close(sgs[k], res.sum_grad_squared[k], rtol=1e-12, atol=0)
+        torch.testing.assert_close(grads[k], res.grads[k], rtol=1e-12, atol=0)
+
+
+def test_dropout_needs_randomness_for_the_fallback():
+    class Drop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x):
+            return F.dropout(x @ self.w, 0.5, training=True)
+
+    m = Drop()
+    params = {"w": m.w.detach()}
+    batch = torch.randn(4, 4)
+    fn = gx.grad_and_sum_grad_squared(lambda p, b: functional_call(m, p, (b,)).pow(2).mean())
+    with pytest.raises(RuntimeError, match="randomness"):
+        fn(params, batch)
+    res = gx.grad_and_sum_grad_squared(lambda p, b: functional_call(m, p, (b,)).pow(2).mean(),
+                                       randomness="different")(params, batch)
+    assert res.sum_grad_squared["w"].shape == (4, 3)
+
+
+# --- against BackPACK and truegrad ---------------------------------------------------------------
+
+
+def test_equals_backpack_sum_grad_squared():
+    backpack = pytest.importorskip("backpack", reason="BackPACK (backpack-for-pytorch) not installed")
+    from backpack.extensions import SumGradSquared
+
+    for make, batch in ((mlp, (torch.randn(8, 12, dtype=torch.float64), torch.randint(0, 5, (8,)))),
+                        (cnn, (torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (5,))))):
+        model = make()
+        params, res = engine_run(model, batch)
+        if make is cnn:  # BackPACK has no GroupNorm / grouped-conv SumGradSquared: compare the rest
+            model = nn.Sequential(*list(model)[:4], nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).double().eval()
+            params, res = engine_run(model, batch)
+        bp_model = backpack.extend(model)
+        loss = backpack.extend(nn.CrossEntropyLoss())(bp_model(batch[0]), batch[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with backpack.backpack(SumGradSquared()):
+                loss.backward()
+        for k, p in bp_model.named_parameters():
+            torch.testing.assert_close(res.sum_grad_squared[k], p.sum_grad_squared, rtol=1e-9, atol=1e-15)
+
+
+def test_equals_truegrad_nn_linear_weight_and_shows_its_bias_quirk():
+    tg_nn = pytest.importorskip("truegrad.nn", reason="truegrad not installed")
+    torch.manual_seed(8)
+    lin = tg_nn.Linear(4, 2).double()
+    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    F.mse_loss(lin(x), y).backward()
+    ref = nn.Linear(4, 2).double()
+    ref.load_state_dict({"weight": lin.weight.detach(), "bias": lin.bias.detach()})
+    params, res = engine_run(ref, (x, y), loss=F.mse_loss)
+    torch.testing.assert_close(res.sum_grad_squared["weight"], lin.weight.sum_grad_squared, rtol=1e-9, atol=0)
+    # TECHNIQUES.md 3.3 quirk 2: truegrad's bias statistic is N = 4 times BackPACK's convention
+    torch.testing.assert_close(lin.bias.sum_grad_squared, 4 * res.sum_grad_squared["bias"], rtol=1e-9, atol=0)
+
+
+# --- the torch.optim route -----------------------------------------------------------------------
+
+
+def test_track_sum_grad_squared_with_backward_equals_the_engine():
+    model = cnn()
+    batch = (torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (6,)))
+    params, res = engine_run(model, batch)
+    with gx.track_sum_grad_squared(model, per_example_norms=True) as stats:
+        F.cross_entropy(model(batch[0]), batch[1]).backward()
+    sgs = stats.sum_grad_squared
+    assert isinstance(sgs, gx.PerParam) and len(sgs) == len(params)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(sgs[p], res.sum_grad_squared[k], rtol=1e-12, atol=0)
+        assert not hasattr(p, "sum_grad_squared")  # nothing attached to the params
+    torch.testing.assert_close(stats.per_example_norms, res.per_example_norms, rtol=1e-12, atol=0)
+
+
+def test_track_reports_params_without_a_fast_rule():
+    model = block()
+    idx = torch.randint(0, 13, (3, 4))
+    with gx.track_sum_grad_squared(model) as stats:
+        F.cross_entropy(model(idx), idx[:, 0]).backward()
+    with pytest.raises(ValueError, match=r"att.in_proj_weight.*multi_head_attention_forward"):
+        stats.sum_grad_squared
+    assert stats.methods["att.out_proj.weight"].startswith("missing:")
+    with gx.track_sum_grad_squared(model, missing="none") as lenient:
+        F.cross_entropy(model(idx), idx[:, 0]).backward()
+    sgs = lenient.sum_grad_squared
+    assert model.att.in_proj_weight not in sgs and model.fc1.weight in sgs
+
+
+def test_track_before_backward_is_an_error():
+    model = mlp()
+    with gx.track_sum_grad_squared(model) as stats:
+        model(torch.randn(3, 12, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="backward"):
+        stats.sum_grad_squared
+
+
+def test_optimizer_step_takes_per_param_statistics_per_group():
+    """A PerParam extra is split into each group's list (two groups here)."""
+    model = mlp()
+    seen = []
+
+    def spy(**kw):
+        def update(updates, state, params=None, *, sum_grad_squared=None):
+            seen.append(sum_grad_squared)
+            return [None if u is None else torch.zeros_like(u) for u in updates], state
+        return gx.GradientTransformation(lambda p: gx.EmptyState(), update)
+
+    first, rest = list(model.parameters())[:2], list(model.parameters())[2:]
+    opt = gx.Optimizer([{"params": first}, {"params": rest}], spy())
+    batch = (torch.randn(4, 12, dtype=torch.float64), torch.randint(0, 5, (4,)))
+    with gx.track_sum_grad_squared(model) as stats:
+        F.cross_entropy(model(batch[0]), batch[1]).backward()
+    opt.step(sum_grad_squared=stats.sum_grad_squared)
+    assert [len(s) for s in seen] == [2, 4]
+    for s, ps in zip(seen, (first, rest)):
+        for v, p in zip(s, ps):
+            assert torch.equal(v, stats.sum_grad_squared[p])
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_bad_input_gets_clear_errors():
+    m = mlp()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x, y = torch.randn(4, 12, dtype=torch.float64), torch.randint(0, 5, (4,))
+    unreduced = gx.grad_and_sum_grad_squared(
+        lambda p, b: F.cross_entropy(functional_call(m, p, (b[0],)), b[1], reduction="none"))
+    with pytest.raises(ValueError, match=r"scalar loss reduced over the batch.*shape \(4,\)"):
+        unreduced(params, (x, y))
+    fn = gx.grad_and_sum_grad_squared(lambda p, b: F.cross_entropy(functional_call(m, p, (b[0],)), b[1]))
+    with pytest.raises(ValueError, match="leading example dimension"):
+        fn(params, (x, torch.tensor(3)))
+    with pytest.raises(ValueError, match="disagree on the number of examples"):
+        fn(params, (x, y[:3]))
+    with pytest.raises(ValueError, match="reduction must be"):
+        gx.grad_and_sum_grad_squared(lambda p, b: 0, reduction="avg")
+    with pytest.raises(TypeError, match="'0.weight' has dtype torch.int64"):
+        fn({**params, "0.weight": torch.zeros(32, 12, dtype=torch.long)}, (x, y))
+    bn = nn.Sequential(nn.Linear(12, 4), nn.BatchNorm1d(4)).double().train()
+    bparams = {k: v.detach() for k, v in bn.named_parameters()}
+    with pytest.raises(ValueError, match="batch_norm in training mode"):
+        gx.grad_and_sum_grad_squared(lambda p, b: functional_call(bn, p, (b,)).pow(2).mean())(bparams, x)
