@@ -55,6 +55,13 @@ from .combine import (
     partition,
 )
 from .optim import Optimizer
+from .persample import (
+    PerExampleStats,
+    PerParam,
+    grad_and_sum_grad_squared,
+    sum_grad_squared,
+    track_sum_grad_squared,
+)
 from .sstm import ClippedSSTMState, RestartsState, clipped_sstm, with_restarts
 from .schedules import (
     constant_schedule,
@@ -135,6 +142,11 @@ __all__ = [
     "ClippedSSTMState",
     "RestartsState",
     "Optimizer",
+    "grad_and_sum_grad_squared",
+    "sum_grad_squared",
+    "track_sum_grad_squared",
+    "PerExampleStats",
+    "PerParam",
     "constant_schedule",
     "linear_schedule",
     "polynomial_schedule",
