@@ -167,6 +167,12 @@ for _name in ("add", "mul"):
     for _f in (getattr(torch, _name), getattr(torch.Tensor, _name), getattr(torch.Tensor, f"__{_name}__"),
                getattr(torch.Tensor, f"__r{_name}__")):
         _ELEMENTWISE[_f] = _name
+_MHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+             "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+             "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
+_MHA_DEFAULTS = {"training": True, "key_padding_mask": None, "need_weights": True, "attn_mask": None,
+                 "use_separate_proj_weight": False, "static_k": None, "static_v": None, "is_causal": False}
 _BN_TRAINING = "batch_norm in training mode mixes the examples of a batch: per-example gradients are undefined (use eval mode, GroupNorm or LayerNorm)"
 
 
@@ -219,6 +225,10 @@ class _Tracker(TorchFunctionMode):
         if self.quiet:
             return func(*args, **kwargs)
         hits = self._hits(args, kwargs)
+        if hits and func is F.multi_head_attention_forward:
+            rewritten = self._attention(args, kwargs)
+            if rewritten is not None:
+                return rewritten
         out = func(*args, **kwargs)
         if not hits:
             return out
@@ -239,6 +249,29 @@ class _Tracker(TorchFunctionMode):
         if not installed:
             self._fallback(hits, f"used by {name}, which has no fast rule")
         return out
+
+    def _attention(self, args: Any, kwargs: dict[str, Any]) -> Any:
+        """Self-attention without masks, as ``linear -> scaled_dot_product_attention -> linear``
+        with the batch in dim 0, so its projections take the linear fast path (the same math as
+        ``F.multi_head_attention_forward``). ``None`` when the call is outside that case."""
+        a = _bind(_MHA_ARGS, _MHA_DEFAULTS)(*args, **kwargs)
+        q = a["query"]
+        if not (q is a["key"] is a["value"] and isinstance(q, torch.Tensor) and q.dim() == 3
+                and a["in_proj_weight"] is not None and a["bias_k"] is None and a["bias_v"] is None
+                and not a["add_zero_attn"] and not a["need_weights"] and a["attn_mask"] is None
+                and a["key_padding_mask"] is None and not a["is_causal"] and not a["use_separate_proj_weight"]
+                and a["static_k"] is None and a["static_v"] is None
+                and not (a["training"] and a["dropout_p"] > 0)):
+            return None
+        length, n, e = q.shape
+        h = a["num_heads"]
+        with self:
+            x = q.transpose(0, 1)
+            qkv = F.linear(x, a["in_proj_weight"], a["in_proj_bias"]).view(n, length, 3, h, e // h)
+            qh, kh, vh = (t.transpose(1, 2) for t in qkv.unbind(2))
+            o = F.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2).reshape(n, length, e)
+            out = F.linear(o, a["out_proj_weight"], a["out_proj_bias"]).transpose(0, 1)
+        return out, None
 
     def _fallback(self, hits: list[int], reason: str) -> None:
         for i in hits:
