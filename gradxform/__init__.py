@@ -14,7 +14,7 @@ or, as a ``torch.optim.Optimizer``: ``opt = gx.Optimizer(model.parameters(), tx)
 from __future__ import annotations
 
 from . import schedules, tree
-from .alias import adam, adamw, sgd
+from .alias import adam, adamw, sgd, tg_adamw, tg_laprop, tg_rmsprop
 from .base import (
     EmptyState,
     ExtraArgs,
@@ -44,15 +44,25 @@ from .clipping import (
 )
 from .combine import (
     ApplyIfFiniteState,
+    GraftState,
     InjectHyperparamsState,
     MaskedState,
     MultiStepsState,
     PartitionState,
     apply_if_finite,
+    graft,
     inject_hyperparams,
     masked,
     multi_steps,
     partition,
+)
+from .moments import (
+    ScaleByTrueGradAdamState,
+    ScaleByTrueGradLaPropState,
+    ScaleByTrueGradRmsPropState,
+    scale_by_truegrad_adam,
+    scale_by_truegrad_laprop,
+    scale_by_truegrad_rmsprop,
 )
 from .optim import Optimizer
 from .persample import (
@@ -167,4 +177,15 @@ __all__ = [
     "InjectHyperparamsState",
     "ApplyIfFiniteState",
     "MultiStepsState",
+    "graft",
+    "GraftState",
+    "scale_by_truegrad_adam",
+    "scale_by_truegrad_laprop",
+    "scale_by_truegrad_rmsprop",
+    "ScaleByTrueGradAdamState",
+    "ScaleByTrueGradLaPropState",
+    "ScaleByTrueGradRmsPropState",
+    "tg_adamw",
+    "tg_laprop",
+    "tg_rmsprop",
 ]

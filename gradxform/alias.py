@@ -21,6 +21,11 @@ import torch
 
 from .base import GradientTransformation, chain
 from .combine import inject_hyperparams
+from .moments import (
+    scale_by_truegrad_adam,
+    scale_by_truegrad_laprop,
+    scale_by_truegrad_rmsprop,
+)
 from .transforms import (
     ScalarOrSchedule,
     add_decayed_weights,
@@ -31,7 +36,7 @@ from .transforms import (
     trace,
 )
 
-__all__ = ["sgd", "adam", "adamw"]
+__all__ = ["adam", "adamw", "sgd", "tg_adamw", "tg_laprop", "tg_rmsprop"]
 
 _REBUILD_ATTR = "__gx_rebuild__"
 
@@ -41,7 +46,7 @@ def _with_rebuild(tx: GradientTransformation, alias: Any, kwargs: dict[str, Any]
     param group that overrides a hyperparameter whose block was left out (e.g. a group with
     ``weight_decay=0.1`` under ``sgd(weight_decay=0)``)."""
     setattr(tx.update, _REBUILD_ATTR, lambda **overrides: alias(**{**kwargs, **overrides}))
-    setattr(tx.update, "__gx_alias__", (alias.__name__, dict(kwargs)))
+    tx.update.__gx_alias__ = alias.__name__, dict(kwargs)
     return tx
 
 
@@ -91,8 +96,8 @@ def sgd(
         lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
         maximize=maximize, use_momentum=_nonzero(momentum), use_weight_decay=_nonzero(weight_decay),
     )
-    return _with_rebuild(tx, sgd, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                       nesterov=nesterov, maximize=maximize))
+    return _with_rebuild(tx, sgd, {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
+                                       "nesterov": nesterov, "maximize": maximize})
 
 
 def _adam(lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: bool, maximize: bool,
@@ -123,7 +128,7 @@ def _adam_family(alias: Any, decoupled: bool, lr: Any, betas: Any, eps: Any, wei
     _check_betas(betas)
     check_float("eps", eps, low=0.0)
     check_float("weight_decay", weight_decay, low=0.0)
-    kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+    kwargs = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad, "maximize": maximize}
     tx = inject_hyperparams(_adam, static_args=("amsgrad", "maximize", "decoupled", "use_weight_decay"))(
         **kwargs, decoupled=decoupled, use_weight_decay=_nonzero(weight_decay))
     return _with_rebuild(tx, alias, kwargs)
@@ -162,3 +167,124 @@ def adamw(
     scale_by_learning_rate(lr))``.
     """
     return _adam_family(adamw, True, lr, betas, eps, weight_decay, amsgrad, maximize)
+
+
+# --- TrueGrad (truegrad 5.0.0, L. Nestler) -------------------------------------------------------
+
+
+def _tg_betas(betas: Any, sizes: tuple[int, ...], who: str) -> tuple[Any, ...]:
+    if callable(betas) or isinstance(betas, torch.Tensor) or not hasattr(betas, "__len__") or len(betas) not in sizes:
+        raise ValueError(f"{who}: betas must be a tuple of {' or '.join(map(str, sizes))} numbers; got {betas!r}")
+    for i, b in enumerate(betas):
+        check_float(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+    return tuple(betas)
+
+
+def _tg_chain(moments: GradientTransformation, lr: Any, weight_decay: Any, use_weight_decay: bool) -> GradientTransformation:
+    parts = [moments]
+    if use_weight_decay:
+        parts.append(add_decayed_weights(weight_decay))
+    parts.append(scale_by_learning_rate(lr))
+    return chain(*parts)
+
+
+def _tg_adamw(lr: Any, betas: Any, eps: Any, weight_decay: Any, graft: bool, fallback: str,
+              use_weight_decay: bool) -> GradientTransformation:
+    b1, b2, b3 = betas
+    return _tg_chain(scale_by_truegrad_adam(b1, b2, b3, eps, graft=graft, fallback=fallback), lr, weight_decay,
+                     use_weight_decay)
+
+
+def _tg_laprop(lr: Any, betas: Any, eps: Any, weight_decay: Any, graft: bool, fallback: str,
+               use_weight_decay: bool) -> GradientTransformation:
+    b1, b2, b3, b4 = betas
+    return _tg_chain(scale_by_truegrad_laprop(b1, b2, b3, b4, eps, graft=graft, fallback=fallback), lr,
+                     weight_decay, use_weight_decay)
+
+
+def _tg_rmsprop(lr: Any, betas: Any, eps: Any, weight_decay: Any, graft: bool, fallback: str,
+                use_weight_decay: bool) -> GradientTransformation:
+    b1, b2 = betas
+    return _tg_chain(scale_by_truegrad_rmsprop(b1, b2, eps, graft=graft, fallback=fallback), lr, weight_decay,
+                     use_weight_decay)
+
+
+def _tg_family(alias: Any, builder: Any, lr: Any, betas: tuple[Any, ...], eps: Any, weight_decay: Any, graft: bool,
+               fallback: str, given_betas: Any) -> GradientTransformation:
+    check_float("lr", lr, low=0.0)
+    check_float("eps", eps, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    if fallback not in ("raise", "adam"):
+        raise ValueError(f"fallback must be 'raise' or 'adam'; got {fallback!r}")
+    tx = inject_hyperparams(builder, static_args=("graft", "fallback", "use_weight_decay"))(
+        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, graft=bool(graft), fallback=fallback,
+        use_weight_decay=_nonzero(weight_decay))
+    kwargs = {"lr": lr, "betas": tuple(given_betas), "eps": eps, "weight_decay": weight_decay, "graft": graft,
+              "fallback": fallback}
+    return _with_rebuild(tx, alias, kwargs)
+
+
+def tg_adamw(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[float, ...] = (0.9, 0.999, 0.999),
+    eps: float = 1e-12,
+    weight_decay: ScalarOrSchedule = 1e-2,
+    graft: bool = True,
+    fallback: str = "raise",
+) -> GradientTransformation:
+    """TrueGrad-AdamW (truegrad 5.0.0 ``TGAdamW`` by L. Nestler; no paper), without its bugs.
+
+    ``p <- p - lr * u_tg - lr * wd * p`` with ``u_tg`` from `gradxform.scale_by_truegrad_adam`
+    (betas ``(b1, b2, b3)``; with two betas ``b3 = b2``) and the decay using the params *before*
+    the step, once per step (the reference decays once per parameter per step, TECHNIQUES.md
+    3.3): ``chain(scale_by_truegrad_adam, add_decayed_weights(wd), scale_by_learning_rate(lr))``
+    inside ``inject_hyperparams``, so ``group["lr"]`` is live in `gradxform.Optimizer`.
+    ``update`` takes the extra argument ``sum_grad_squared`` (required unless
+    ``fallback="adam"``): ``opt.step(sum_grad_squared=[S_1, ..., S_n])`` through the adapter.
+    """
+    full = _tg_betas(betas, (2, 3), "tg_adamw")
+    if len(full) == 2:
+        full = (full[0], full[1], full[1])
+    return _tg_family(tg_adamw, _tg_adamw, lr, full, eps, weight_decay, graft, fallback, betas)
+
+
+def tg_laprop(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[float, ...] = (0.9, 0.99),
+    eps: float = 1e-12,
+    weight_decay: ScalarOrSchedule = 1e-2,
+    graft: bool = True,
+    fallback: str = "raise",
+) -> GradientTransformation:
+    """TrueGrad-LaProp (truegrad 5.0.0 ``TGLaProp``; LaProp: Ziyin et al., 2020, arXiv 2002.04839).
+
+    ``p <- p - lr * u - lr * wd * p`` with ``u`` from `gradxform.scale_by_truegrad_laprop`;
+    betas ``(b1, b2)`` (then ``b3 = b1``, ``b4 = b2``) or ``(b1, b2, b3, b4)``. Decoupled decay
+    with the params before the step, once per step. Extra argument ``sum_grad_squared``.
+    """
+    full = _tg_betas(betas, (2, 4), "tg_laprop")
+    if len(full) == 2:
+        full = (full[0], full[1], full[0], full[1])
+    return _tg_family(tg_laprop, _tg_laprop, lr, full, eps, weight_decay, graft, fallback, betas)
+
+
+def tg_rmsprop(
+    lr: ScalarOrSchedule = 1e-3,
+    betas: tuple[float, ...] = (0.9,),
+    eps: float = 1e-12,
+    weight_decay: ScalarOrSchedule = 1e-2,
+    graft: bool = True,
+    fallback: str = "raise",
+) -> GradientTransformation:
+    """TrueGrad-RMSProp (truegrad 5.0.0 ``TGRMSProp``) on debiased RMSProp (Tieleman & Hinton, 2012).
+
+    ``p <- p - lr * u - lr * wd * p`` with ``u`` from `gradxform.scale_by_truegrad_rmsprop`;
+    betas ``(b,)`` (one decay for both moments) or ``(b1, b2)`` (``g^2``, then ``S``). Decoupled
+    decay with the params before the step, once per step. Extra argument ``sum_grad_squared``.
+    """
+    if isinstance(betas, (int, float)) and not isinstance(betas, bool):
+        betas = (betas,)
+    full = _tg_betas(betas, (1, 2), "tg_rmsprop")
+    if len(full) == 1:
+        full = (full[0], full[0])
+    return _tg_family(tg_rmsprop, _tg_rmsprop, lr, full, eps, weight_decay, graft, fallback, betas)

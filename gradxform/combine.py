@@ -3,15 +3,19 @@
 ``masked`` and ``partition`` restrict transforms to some leaves (that is how param groups are
 expressed functionally), ``inject_hyperparams`` moves hyperparameters into the state as tensors
 (which is how the torch.optim adapter exposes ``group["lr"]``), ``apply_if_finite`` skips
-non-finite steps and ``multi_steps`` accumulates gradients over micro-batches.
+non-finite steps, ``multi_steps`` accumulates gradients over micro-batches and ``graft`` combines
+the step size of one transform with the direction of another.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import numbers
-from typing import Any, Callable, Hashable, Mapping, NamedTuple
+import types
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,21 +27,24 @@ from .base import (
     Updates,
     expect_state,
     extra_args_of,
+    select_extra,
     transform_name,
     with_extra_args,
 )
 
 __all__ = [
-    "MaskedState",
-    "masked",
-    "PartitionState",
-    "partition",
-    "InjectHyperparamsState",
-    "inject_hyperparams",
     "ApplyIfFiniteState",
-    "apply_if_finite",
+    "GraftState",
+    "InjectHyperparamsState",
+    "MaskedState",
     "MultiStepsState",
+    "PartitionState",
+    "apply_if_finite",
+    "graft",
+    "inject_hyperparams",
+    "masked",
     "multi_steps",
+    "partition",
 ]
 
 
@@ -180,9 +187,8 @@ def _is_numeric(x: Any) -> bool:
         return True
     if isinstance(x, torch.Tensor):
         return x.numel() >= 1 and x.ndim <= 1 and (x.is_floating_point() or not x.dtype.is_complex)
-    if isinstance(x, (tuple, list)) and x and all(_is_number(v) or (isinstance(v, torch.Tensor) and v.ndim == 0) for v in x):
-        return True
-    return False
+    return isinstance(x, (tuple, list)) and bool(x) and all(
+        _is_number(v) or (isinstance(v, torch.Tensor) and v.ndim == 0) for v in x)
 
 
 def _to_state_value(x: Any) -> torch.Tensor:
@@ -330,7 +336,7 @@ class _no_ownership:
         self._prev = dict(_tree._OWNERSHIP)
         _tree._OWNERSHIP["active"] = False
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         _tree._OWNERSHIP.update(self._prev)
 
 
@@ -339,28 +345,82 @@ class _no_ownership:
 
 class MultiStepsState(NamedTuple):
     """``mini_step``: micro-batches accumulated since the last real step; ``gradient_step``: real
-    steps taken; ``acc_grads``: the running sum of micro-batch updates; ``inner_state``."""
+    steps taken; ``acc_grads``: the running sum of micro-batch updates; ``inner_state``;
+    ``acc_extras``: name -> running sum of that params-shaped extra argument (see ``accumulate``
+    in `multi_steps`), or ``None`` when the inner transform takes none of them."""
 
     mini_step: torch.Tensor
     gradient_step: torch.Tensor
     acc_grads: Any
     inner_state: Any
+    acc_extras: Any = None
 
 
-def multi_steps(inner: GradientTransformation, every_k: int, use_grad_mean: bool = True) -> GradientTransformation:
+_DEFAULT_ACCUMULATE: Mapping[str, float] = types.MappingProxyType({"sum_grad_squared": 2})
+
+
+def multi_steps(
+    inner: GradientTransformation,
+    every_k: int,
+    use_grad_mean: bool = True,
+    accumulate: Mapping[str, float] = _DEFAULT_ACCUMULATE,
+) -> GradientTransformation:
     """Gradient accumulation: apply ``inner`` once every ``every_k`` calls.
 
     Calls 1..k-1 of each cycle add the updates to ``acc_grads`` and return zeros; call k passes
     ``sum / k`` (or the sum, with ``use_grad_mean=False``) through ``inner`` and returns its
     output. In eager mode the branch reads the CPU step counter (no device sync); under
     ``torch.compile`` both branches are computed and selected with ``torch.where``.
+
+    ``accumulate`` maps the names of params-shaped extra arguments to a power ``q``: such an
+    extra is summed over the micro-steps too, and call k hands ``inner`` the sum times
+    ``(1/k)^q`` (times 1 with ``use_grad_mean=False``, i.e. for sum-reduced losses). The default
+    ``{"sum_grad_squared": 2}`` is right for TrueGrad's statistic: with ``k`` equal micro-batches
+    whose losses are means, the full batch's per-example gradients are the micro-batch ones times
+    ``1/k``, so the full-batch ``S = sum_n (grad l_n / N)^2`` is ``(1/k^2) sum_j S_j``. An extra is
+    accumulated only if ``inner`` declares it (`gradxform.base.extra_args_of`); otherwise the
+    state holds no accumulator for it (``acc_extras`` is ``None`` when there is none). A ``None``
+    leaf in the extra of the emitting call stays ``None`` for ``inner``; other extra arguments
+    are handed to ``inner`` as given on the emitting call.
     """
     if not isinstance(every_k, int) or isinstance(every_k, bool) or every_k < 1:
         raise ValueError(f"every_k must be an int >= 1; got {every_k!r}")
+    if not isinstance(accumulate, Mapping):
+        raise TypeError(f"accumulate must be a mapping name -> power; got {accumulate!r}")
+    for name, power in accumulate.items():
+        if not isinstance(name, str) or not _is_number(power):
+            raise TypeError(f"accumulate must map extra-argument names to numbers; got {name!r}: {power!r}")
+    declared = extra_args_of(inner).names
+    acc_names = tuple(n for n in accumulate if n in declared)
+    grad_scale = 1.0 / every_k if use_grad_mean else 1.0
 
     def init(params: Params) -> MultiStepsState:
         zero = torch.zeros((), dtype=torch.int64)
-        return MultiStepsState(zero, zero.clone(), _tree.tree_zeros_like(params), inner.init(params))
+        acc_extras = {n: _tree.tree_zeros_like(params) for n in acc_names} if acc_names else None
+        return MultiStepsState(zero, zero.clone(), _tree.tree_zeros_like(params), inner.init(params), acc_extras)
+
+    def accumulate_extras(state: MultiStepsState, spec: Any, updates: Updates,
+                          extra: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """The new sums, and the extras to hand ``inner`` if this call emits."""
+        if not acc_names:
+            return None, extra
+        if not isinstance(state.acc_extras, dict):
+            raise TypeError("multi_steps: state.acc_extras is missing; the state was not made by this transform's init")
+        sums: dict[str, Any] = {}
+        handed = dict(extra)
+        for n in acc_names:
+            old = _tree.check_structure(spec, state.acc_extras[n], f"state.acc_extras[{n!r}]", reference=updates)
+            x = extra.get(n)
+            if x is None:
+                sums[n] = _tree.tree_unflatten(spec, old)
+                continue
+            new_leaves = _tree.check_structure(spec, x, n, reference=updates)
+            acc = [a if v is None or a is None else a + v for a, v in zip(old, new_leaves)]
+            sums[n] = _tree.tree_unflatten(spec, acc)
+            factor = grad_scale ** accumulate[n]
+            handed[n] = _tree.tree_unflatten(
+                spec, [None if v is None or a is None else a * factor for a, v in zip(acc, new_leaves)])
+        return sums, handed
 
     def update(updates: Updates, state: MultiStepsState, params: Params | None = None, **extra: Any) -> tuple[Updates, MultiStepsState]:
         expect_state(state, MultiStepsState, "multi_steps")
@@ -368,26 +428,113 @@ def multi_steps(inner: GradientTransformation, every_k: int, use_grad_mean: bool
         acc_leaves = _tree.check_structure(spec, state.acc_grads, "state.acc_grads", reference=updates)
         acc = [a if u is None else (a + u if a is not None else None) for a, u in zip(acc_leaves, leaves)]
         acc_tree = _tree.tree_unflatten(spec, acc)
+        sums, handed = accumulate_extras(state, spec, updates, extra)
         emit = state.mini_step + 1 >= every_k
         zeros_out = _tree.tree_map(torch.zeros_like, updates)
-        scale = 1.0 / every_k if use_grad_mean else 1.0
         # Leaves frozen in this call stay frozen (None) for the inner transform.
-        mean = _tree.tree_unflatten(spec, [None if u is None else a * scale for a, u in zip(acc, leaves)])
+        mean = _tree.tree_unflatten(spec, [None if u is None else a * grad_scale for a, u in zip(acc, leaves)])
         if not _tree.is_compiling():
             if bool(emit):  # CPU tensor: no device sync
-                new_u, new_inner = inner.update(mean, state.inner_state, params, **extra)
+                new_u, new_inner = inner.update(mean, state.inner_state, params, **handed)
+                reset = None if sums is None else {n: _tree.tree_zeros_like(t) for n, t in sums.items()}
                 return new_u, MultiStepsState(torch.zeros_like(state.mini_step), state.gradient_step + 1,
-                                              _tree.tree_zeros_like(acc_tree), new_inner)
-            return zeros_out, MultiStepsState(state.mini_step + 1, state.gradient_step, acc_tree, state.inner_state)
-        new_u, new_inner = inner.update(mean, state.inner_state, params, **extra)
+                                              _tree.tree_zeros_like(acc_tree), new_inner, reset)
+            return zeros_out, MultiStepsState(state.mini_step + 1, state.gradient_step, acc_tree, state.inner_state, sums)
+        new_u, new_inner = inner.update(mean, state.inner_state, params, **handed)
 
         def pick(a: Any, b: Any) -> Any:
             return torch.where(emit.to(a.device), a, b) if isinstance(a, torch.Tensor) else a
 
+        def cleared(a: Any) -> Any:
+            return torch.where(emit.to(a.device), torch.zeros_like(a), a)
+
         out = _tree.tree_map(pick, new_u, zeros_out)
         inner_state = _tree.tree_map(pick, new_inner, state.inner_state)
-        new_acc = _tree.tree_map(lambda a: torch.where(emit.to(a.device), torch.zeros_like(a), a), acc_tree)
+        new_acc = _tree.tree_map(cleared, acc_tree)
+        new_sums = None if sums is None else {n: _tree.tree_map(cleared, t) for n, t in sums.items()}
         mini = torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1)
-        return out, MultiStepsState(mini, state.gradient_step + emit.to(torch.int64), new_acc, inner_state)
+        return out, MultiStepsState(mini, state.gradient_step + emit.to(torch.int64), new_acc, inner_state, new_sums)
 
     return GradientTransformation(init, _forwarding(update, inner))
+
+
+# --- graft --------------------------------------------------------------------------------------
+
+
+class GraftState(NamedTuple):
+    """The states of the two grafted transforms."""
+
+    magnitude_state: Any
+    direction_state: Any
+
+
+@contextlib.contextmanager
+def _protected(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Add ``tensors`` to the buffers that an owner's in-place transforms must not overwrite.
+
+    A no-op when nothing is owned, and while compiling (updates are never written in place then).
+    """
+    if not _tree._OWNERSHIP["active"] or _tree.is_compiling():
+        yield
+        return
+    previous = dict(_tree._OWNERSHIP)
+    _tree._OWNERSHIP["protected"] = frozenset(previous["protected"]) | frozenset(id(t) for t in tensors)
+    try:
+        yield
+    finally:
+        _tree._OWNERSHIP.update(previous)
+
+
+def graft(magnitude_tx: GradientTransformation, direction_tx: GradientTransformation,
+          eps: float | torch.Tensor = 1e-12) -> GradientTransformation:
+    """Learning-rate grafting (Agarwal et al., 2020, "Disentangling adaptive gradient methods from
+    learning rates", arXiv 2002.11803): the step size of one transform, the direction of another.
+
+    Both transforms see the same updates, each with its own state. Per leaf, with ``m`` the output
+    of ``magnitude_tx`` and ``d`` that of ``direction_tx``::
+
+        u = d * ||m||_F / (||d||_F + eps)
+
+    e.g. ``graft(gx.scale_by_adam(), gx.identity())`` is SGD's direction with Adam's per-layer
+    step size (Adam#SGD in the paper's notation). Extra arguments go to whichever of the two
+    declares them. The state is ``GraftState(magnitude_state, direction_state)``.
+    """
+    from .transforms import check_float
+
+    check_float("eps", eps, low=0.0)
+    m_spec, d_spec = extra_args_of(magnitude_tx), extra_args_of(direction_tx)
+
+    def init(params: Params) -> GraftState:
+        return GraftState(magnitude_tx.init(params), direction_tx.init(params))
+
+    def update(updates: Updates, state: GraftState, params: Params | None = None, **extra: Any) -> tuple[Updates, GraftState]:
+        expect_state(state, GraftState, "graft")
+        leaves, spec = _tree.tree_flatten(updates)
+        # Inside the adapter, the magnitude transform may reuse its input buffers; the direction
+        # transform needs them intact, so they are protected for the first call.
+        with _protected([x for x in leaves if x is not None]):
+            m_u, m_state = magnitude_tx.update(updates, state.magnitude_state, params, **select_extra(m_spec, extra))
+        d_u, d_state = direction_tx.update(updates, state.direction_state, params, **select_extra(d_spec, extra))
+        m_leaves = _tree.check_structure(spec, m_u, "graft magnitude output", reference=updates)
+        d_leaves = _tree.check_structure(spec, d_u, "graft direction output", reference=updates)
+        idx = [i for i, (m, d) in enumerate(zip(m_leaves, d_leaves)) if m is not None and d is not None]
+        out: list[Any] = [None] * len(leaves)
+        if idx:
+            ms = [m_leaves[i] for i in idx]
+            ds = [d_leaves[i] for i in idx]
+            e = _tree.as_scalar(eps)
+            d_norms = list(torch._foreach_norm(ds))
+            torch._foreach_add_(d_norms, e)
+            factors = list(torch._foreach_div(list(torch._foreach_norm(ms)), d_norms))
+            if _tree.updates_inplace(ds):
+                torch._foreach_mul_(ds, factors)
+                scaled = ds
+            else:
+                scaled = list(torch._foreach_mul(ds, factors))
+            out = _tree.scatter(out, idx, scaled)
+        return _tree.tree_unflatten(spec, out), GraftState(m_state, d_state)
+
+    return GradientTransformation(init, _forwarding(update, [magnitude_tx, direction_tx]))
+
+
+_tree.register_state_types(GraftState)

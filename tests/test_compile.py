@@ -31,6 +31,9 @@ TXS = {
                                            nesterov=True, weight_decay=1e-3),
     "apply_if_finite(adam)": lambda: gx.apply_if_finite(gx.adam(1e-2)),
     "multi_steps(rms)": lambda: gx.multi_steps(gx.chain(gx.scale_by_rms(), gx.scale(-1e-2)), every_k=2),
+    # with sum_grad_squared: tests/test_moments.py::test_compiled_update_equals_eager_and_compiles_once
+    "tg_adamw(fallback)": lambda: gx.tg_adamw(1e-2, fallback="adam"),
+    "graft(adam, trace)": lambda: gx.chain(gx.graft(gx.scale_by_adam(), gx.trace(0.9)), gx.scale(-1e-2)),
 }
 
 

@@ -33,6 +33,12 @@ BLOCKS = {
     "scale": lambda: gx.scale(0.7),
     "apply_if_finite_adam": lambda: gx.apply_if_finite(gx.scale_by_adam()),
     "multi_steps_trace": lambda: gx.multi_steps(gx.trace(0.5), every_k=2),
+    # TrueGrad transforms without a statistic take their fallback (plain) step everywhere
+    "truegrad_adam_fallback": lambda: gx.scale_by_truegrad_adam(fallback="adam"),
+    "truegrad_laprop_fallback": lambda: gx.scale_by_truegrad_laprop(fallback="adam"),
+    "truegrad_rmsprop_baseline": lambda: gx.scale_by_truegrad_rmsprop(enforce_baseline=True),
+    "graft_adam_trace": lambda: gx.graft(gx.scale_by_adam(), gx.trace(0.9)),
+    "graft_clip_adam": lambda: gx.graft(gx.clip_by_global_norm(0.5), gx.scale_by_adam()),
 }
 
 

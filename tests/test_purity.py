@@ -53,6 +53,33 @@ CASES = {
     "with_restarts": lambda: gx.with_restarts(gx.sgd(0.1, momentum=0.9), first_period=1, coeff=1.0),
 }
 
+
+def _with_sgs(tx):
+    """The purity test passes no extras: feed ``sum_grad_squared = g^2 / 2`` (``None`` where the
+    update is) so that the TrueGrad path runs. The statistic is made here, fresh every call."""
+
+    def update(updates, state, params=None):
+        sgs = gx.tree.tree_map(lambda g: 0.5 * g * g, updates)
+        return tx.update(updates, state, params, sum_grad_squared=sgs)
+
+    return gx.GradientTransformation(tx.init, update)
+
+
+CASES.update({
+    "scale_by_truegrad_adam": lambda: _with_sgs(gx.scale_by_truegrad_adam()),
+    "scale_by_truegrad_adam_fallback": lambda: gx.scale_by_truegrad_adam(graft=False, fallback="adam"),
+    "scale_by_truegrad_laprop": lambda: _with_sgs(gx.scale_by_truegrad_laprop()),
+    "scale_by_truegrad_laprop_fallback": lambda: gx.scale_by_truegrad_laprop(fallback="adam"),
+    "scale_by_truegrad_rmsprop": lambda: _with_sgs(gx.scale_by_truegrad_rmsprop()),
+    "scale_by_truegrad_rmsprop_fallback": lambda: gx.scale_by_truegrad_rmsprop(fallback="adam"),
+    "tg_adamw": lambda: _with_sgs(gx.tg_adamw(0.1)),
+    "tg_laprop": lambda: _with_sgs(gx.tg_laprop(0.1, graft=False)),
+    "tg_rmsprop": lambda: _with_sgs(gx.tg_rmsprop(0.1)),
+    "graft": lambda: gx.graft(gx.scale_by_adam(), gx.trace(0.9)),
+    "graft_clip_truegrad": lambda: _with_sgs(gx.graft(gx.clip_by_global_norm(0.5), gx.scale_by_truegrad_adam(graft=False))),
+    "multi_steps_truegrad": lambda: _with_sgs(gx.multi_steps(gx.tg_adamw(0.1), every_k=2)),
+})
+
 # Public names that are not transform factories.
 NOT_TRANSFORMS = {
     "GradientTransformation", "EmptyState", "ExtraArgs", "extra_args_of", "with_extra_args", "apply_updates",
