@@ -61,3 +61,30 @@ def test_heavy_tailed_noise_example_runs_and_reports_every_method():
         assert diverged == 0 and loss < 2.3 and acc > 0.5, (name, rows[name])
         if clipped != "-":
             assert 0 <= float(clipped.rstrip("%")) <= 100
+
+
+def test_truegrad_digits_smoke_trains_all_three_optimizers():
+    """The TrueGrad example's --smoke run: every optimizer's full-train loss falls well below its
+    initial value with accuracy far above chance, and the engine takes its fast path for every
+    param of the CNN (conv2d and linear rules, no fallback)."""
+    out = subprocess.run([sys.executable, str(EXAMPLES / "truegrad_digits.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    initial = re.search(r"^initial train loss ([\d.]+)$", out.stdout, flags=re.M)
+    assert initial, out.stdout
+    initial_loss = float(initial.group(1))
+    assert 2.0 < initial_loss < 2.6, out.stdout  # ~ln(10) at init
+    methods = re.search(r"^engine methods: (.*)$", out.stdout, flags=re.M)
+    assert methods and "fast:conv2d" in methods.group(1) and "fast:linear" in methods.group(1), out.stdout
+    assert "fallback" not in methods.group(1), out.stdout
+    rows = {}
+    for line in out.stdout.splitlines():
+        m = re.match(r"^(\S.*?)\s{2,}([\d.e+-]+)\s+([\d.e+-]+) \+- \S+\s+([\d.]+) \+- \S+\s+([\d.]+)\s+([\d.]+)$", line)
+        if m:
+            rows[m.group(1)] = [float(v) for v in m.groups()[1:]]
+    assert set(rows) == {"AdamW", "TG-AdamW", "TG-AdamW no-graft"}, out.stdout
+    for name, (lr, loss, acc, grad_ms, step_ms) in rows.items():
+        assert lr == 3e-3, (name, rows[name])
+        assert loss < 0.5 * initial_loss, (name, rows[name])
+        assert acc > 0.7, (name, rows[name])
+        assert 0 < grad_ms <= step_ms, (name, rows[name])
