@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
@@ -54,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_CHUNK_BYTES = 1 << 28
+_DEFAULT_CHUNK_BYTES = 1 << 26
 
 
 class PerParam(Mapping[torch.Tensor, Any]):
@@ -402,34 +403,60 @@ def _pair(v: Any, d: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (list, tuple)) else (v,) * d
 
 
+# Which per-example conv rule is faster depends on the shapes (im2col + bmm wins for few input
+# channels, a vmapped weight vjp for many): the first call of each configuration times both on its
+# first chunk and remembers the winner, as cudnn.benchmark does. Both are exact.
+_CONV_CHOICE: dict[tuple, str] = {}
+
+
 def _conv_weight_per_example(a: dict[str, Any], go: torch.Tensor, d: int, budget: int,
                              norms: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     x, w = a["input"], a["weight"]
     n = x.shape[0]
     stride, dil, groups, pad = _pair(a["stride"], d), _pair(a["dilation"], d), a["groups"], a["padding"]
-    if d <= 2 and groups == 1 and not isinstance(pad, str):
-        # im2col: per-example weight gradient = go_n @ unfold(x_n)^T, one bmm per chunk
-        pad2, k = _pair(pad, d), w.shape[2:]
-        if d == 1:
-            x4, g4 = x.unsqueeze(2), go.unsqueeze(2)
-            k2, s2, p2, d2 = (1, k[0]), (1, stride[0]), (0, pad2[0]), (1, dil[0])
-        else:
-            x4, g4, k2, s2, p2, d2 = x, go, tuple(k), stride, pad2, dil
-        cols_per = w[0].numel()  # C * prod(k)
-
-        def make(sl: slice) -> torch.Tensor:
-            cols = F.unfold(x4[sl], k2, dilation=d2, padding=p2, stride=s2)  # (c, C*k, L)
-            g = g4[sl].flatten(2)  # (c, O, L)
-            return torch.bmm(g, cols.transpose(1, 2)).reshape((-1,) + tuple(w.shape))
-
-        return _chunked(n, w.numel() + cols_per * go[0, 0].numel(), x.element_size(), budget, make, norms)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[d]
 
     def one(xi: torch.Tensor, gi: torch.Tensor) -> torch.Tensor:
         _, vjp = torch.func.vjp(lambda ww: conv(xi[None], ww, None, a["stride"], pad, a["dilation"], groups), w)
         return vjp(gi[None])[0]
 
-    return _chunked(n, w.numel(), x.element_size(), budget, lambda sl: torch.func.vmap(one)(x[sl], go[sl]), norms)
+    def by_vjp(sl: slice) -> torch.Tensor:
+        return torch.func.vmap(one)(x[sl], go[sl])
+
+    per_example = w.numel()
+    if not (d <= 2 and groups == 1 and not isinstance(pad, str)):
+        return _chunked(n, per_example, x.element_size(), budget, by_vjp, norms)
+    # im2col: per-example weight gradient = go_n @ unfold(x_n)^T, one bmm per chunk
+    pad2, k = _pair(pad, d), w.shape[2:]
+    if d == 1:
+        x4, g4 = x.unsqueeze(2), go.unsqueeze(2)
+        k2, s2, p2, d2 = (1, k[0]), (1, stride[0]), (0, pad2[0]), (1, dil[0])
+    else:
+        x4, g4, k2, s2, p2, d2 = x, go, tuple(k), stride, pad2, dil
+
+    def by_unfold(sl: slice) -> torch.Tensor:
+        cols = F.unfold(x4[sl], k2, dilation=d2, padding=p2, stride=s2)  # (c, C*k, L)
+        return torch.bmm(g4[sl].flatten(2), cols.transpose(1, 2)).reshape((-1,) + tuple(w.shape))
+
+    per_example_unfold = per_example + w[0].numel() * go[0, 0].numel()  # G_n and the columns
+    key = (d, tuple(x.shape), tuple(w.shape), stride, pad2, dil, x.dtype, x.device.type, budget)
+    choice = _CONV_CHOICE.get(key)
+    if choice is None:
+        first = next(_chunks(n, per_example_unfold * x.element_size(), budget))
+        timed = {}
+        for name, fn in (("unfold", by_unfold), ("vjp", by_vjp)):
+            fn(first)  # warm-up
+            best = math.inf
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn(first)
+                best = min(best, time.perf_counter() - t0)
+            timed[name] = best
+        choice = _CONV_CHOICE[key] = min(timed, key=timed.__getitem__)
+        log.debug("conv%dd %s: per-example rule %s (%s)", d, key, choice, timed)
+    if choice == "unfold":
+        return _chunked(n, per_example_unfold, x.element_size(), budget, by_unfold, norms)
+    return _chunked(n, per_example, x.element_size(), budget, by_vjp, norms)
 
 
 def _contributions(op: str, a: dict[str, Any], go: torch.Tensor, slots: set[str], norms: bool,

@@ -403,3 +403,21 @@ def test_bad_input_gets_clear_errors():
     bparams = {k: v.detach() for k, v in bn.named_parameters()}
     with pytest.raises(ValueError, match="batch_norm in training mode"):
         gx.grad_and_sum_grad_squared(lambda p, b: functional_call(bn, p, (b,)).pow(2).mean())(bparams, x)
+
+
+@pytest.mark.parametrize("rule", ["unfold", "vjp"])
+def test_both_per_example_conv_rules_are_exact(monkeypatch, rule):
+    """The engine times the two conv rules once per shape and keeps the faster: test each one."""
+    import gradxform.persample as ps
+
+    class Forced(dict):
+        def get(self, key, default=None):
+            return rule
+
+    monkeypatch.setattr(ps, "_CONV_CHOICE", Forced())
+    x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (5,))
+    assert_matches_reference(cnn(), (x, y))
+    torch.manual_seed(12)
+    m1 = nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=2), nn.Flatten(), nn.Linear(4 * 6, 2)).double()
+    assert_matches_reference(m1, (torch.randn(4, 3, 10, dtype=torch.float64), torch.randint(0, 2, (4,))),
+                             chunk_bytes=1500)  # several chunks
