@@ -55,7 +55,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_CHUNK_BYTES = 1 << 26
+_MIN_CHUNK_BYTES = 8 << 20
+
+
+def _default_budget(params: Sequence[torch.Tensor]) -> int:
+    """Per-example gradients held at once by default: twice the params' size, at least 8 MiB."""
+    return max(_MIN_CHUNK_BYTES, 2 * sum(p.numel() * p.element_size() for p in params))
 
 
 class PerParam(Mapping[torch.Tensor, Any]):
@@ -389,13 +394,15 @@ def _square_stats(per_ex: torch.Tensor, norms: bool) -> tuple[torch.Tensor, torc
 
 def _chunked(n: int, per_example_numel: int, elem: int, budget: int,
              make: Callable[[slice], torch.Tensor], norms: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``S`` and norms from per-example contributions built chunk by chunk (``make(sl)``)."""
+    """``S`` and norms from per-example contributions built chunk by chunk (``make(sl)``, a fresh
+    tensor each time, squared in place)."""
     sgs, parts = None, []
     for sl in _chunks(n, per_example_numel * elem, budget):
-        s, ns = _square_stats(make(sl), norms)
-        sgs = s if sgs is None else sgs + s
-        if ns is not None:
-            parts.append(ns)
+        sq = make(sl).square_()
+        s = sq.sum(0)
+        sgs = s if sgs is None else sgs.add_(s)
+        if norms:
+            parts.append(sq.flatten(1).sum(1))
     return sgs, (torch.cat(parts) if norms else None)  # type: ignore[return-value]
 
 
@@ -538,11 +545,12 @@ def _contributions(op: str, a: dict[str, Any], go: torch.Tensor, slots: set[str]
 # --- the engine ---------------------------------------------------------------------------------
 
 
-def _check_engine_args(reduction: str, chunk_bytes: int, randomness: str) -> None:
+def _check_engine_args(reduction: str, chunk_bytes: int | None, randomness: str) -> None:
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' (how loss_fn reduces over the batch); got {reduction!r}")
-    if not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool) or chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be a positive int; got {chunk_bytes!r}")
+    if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or isinstance(chunk_bytes, bool)
+                                    or chunk_bytes < 1):
+        raise ValueError(f"chunk_bytes must be None or a positive int; got {chunk_bytes!r}")
     if randomness not in ("error", "different", "same"):
         raise ValueError(f"randomness must be 'error', 'different' or 'same' (see torch.func.vmap); got {randomness!r}")
 
@@ -633,7 +641,7 @@ def grad_and_sum_grad_squared(
     has_aux: bool = False,
     per_example_norms: bool = False,
     fast: bool = True,
-    chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
     randomness: str = "error",
 ) -> Callable[..., PerExampleStats]:
     """Function transform: ``loss_fn(params, batch, *args)`` -> the loss, its gradient and
@@ -649,7 +657,8 @@ def grad_and_sum_grad_squared(
     ``torch.func.functional_call(model, params, batch)`` on an unmodified module. Params used
     once by a covered layer (see the module docstring) take the fast path; the others take an
     exact, chunked ``vmap(grad)`` over the examples (at most ``chunk_bytes`` of per-example
-    gradients at a time; ``randomness`` is passed to ``torch.func.vmap``, so dropout in training
+    gradients at a time, the same bound for the fast rules that materialise them; default twice
+    the params' size, at least 8 MiB; ``randomness`` is passed to ``torch.func.vmap``, so dropout in training
     mode needs ``"different"`` there and then differs from the main pass). ``fast=False`` sends
     every param to the fallback (a reference). ``result.methods`` names each param's path.
 
@@ -676,7 +685,8 @@ def grad_and_sum_grad_squared(
             full[i] = work[k]
         p_tree = _tree.tree_unflatten(spec, full)
         names = [paths[i] for i in live]
-        tracker = _Tracker(work, names, n, per_example_norms, chunk_bytes) if fast else None
+        budget = chunk_bytes if chunk_bytes is not None else _default_budget(work)
+        tracker = _Tracker(work, names, n, per_example_norms, budget) if fast else None
         with torch.enable_grad():
             if tracker is not None:
                 with tracker:
@@ -713,7 +723,7 @@ def grad_and_sum_grad_squared(
         if fb:
             log.debug("exact fallback for %d of %d params: %s", len(fb), len(work), [names[k] for k in fb])
             fb_sgs, fb_nsq = _fallback(loss_fn, spec, leaves, live, work, fb, batch, args, kwargs, reduction,
-                                       has_aux, n, chunk_bytes, randomness, per_example_norms)
+                                       has_aux, n, budget, randomness, per_example_norms)
             for k, s in zip(fb, fb_sgs):
                 sgs[k] = s
             if fb_nsq is not None:
@@ -764,7 +774,7 @@ class track_sum_grad_squared:
     """
 
     def __init__(self, params: Any, *, missing: str = "raise", per_example_norms: bool = False,
-                 chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> None:
+                 chunk_bytes: int | None = None) -> None:
         if missing not in ("raise", "none"):
             raise ValueError(f"missing must be 'raise' or 'none'; got {missing!r}")
         _check_engine_args("mean", chunk_bytes, "error")
@@ -779,7 +789,8 @@ class track_sum_grad_squared:
         self._names = [k for k, _ in named]
         self._params = [p for _, p in named]
         self._missing = missing
-        self._tracker = _Tracker(self._params, self._names, None, per_example_norms, chunk_bytes)
+        budget = chunk_bytes if chunk_bytes is not None else _default_budget(self._params)
+        self._tracker = _Tracker(self._params, self._names, None, per_example_norms, budget)
 
     def __enter__(self) -> "track_sum_grad_squared":
         self._tracker.__enter__()
