@@ -240,7 +240,9 @@ def tg_adamw(
     3.3): ``chain(scale_by_truegrad_adam, add_decayed_weights(wd), scale_by_learning_rate(lr))``
     inside ``inject_hyperparams``, so ``group["lr"]`` is live in `gradxform.Optimizer`.
     ``update`` takes the extra argument ``sum_grad_squared`` (required unless
-    ``fallback="adam"``): ``opt.step(sum_grad_squared=[S_1, ..., S_n])`` through the adapter.
+    ``fallback="adam"``): through the adapter ``opt.step(sum_grad_squared=stats.sum_grad_squared)``
+    with a `gradxform.PerParam` from `gradxform.track_sum_grad_squared` (or a list, one entry per
+    param, for a single param group).
     """
     full = _tg_betas(betas, (2, 3), "tg_adamw")
     if len(full) == 2:
