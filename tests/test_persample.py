@@ -421,3 +421,54 @@ def test_both_per_example_conv_rules_are_exact(monkeypatch, rule):
     m1 = nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=2), nn.Flatten(), nn.Linear(4 * 6, 2)).double()
     assert_matches_reference(m1, (torch.randn(4, 3, 10, dtype=torch.float64), torch.randint(0, 2, (4,))),
                              chunk_bytes=1500)  # several chunks
+
+
+# --- end to end with the TrueGrad transforms -----------------------------------------------------
+
+
+def _data(step, n=16):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, 12, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g)
+
+
+def test_adapter_with_tracker_equals_the_functional_engine_over_steps():
+    model = mlp()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    tx = gx.tg_adamw(1e-2, weight_decay=1e-2)
+    state = tx.init(params)
+    engine = gx.grad_and_sum_grad_squared(lambda p, b: F.cross_entropy(functional_call(model, p, (b[0],)), b[1]))
+    for step in range(10):
+        res = engine(params, _data(step))
+        updates, state = tx.update(res.grads, state, params, sum_grad_squared=res.sum_grad_squared)
+        params = gx.apply_updates(params, updates)
+
+    opt = gx.Optimizer(model.parameters(), gx.tg_adamw(1e-2, weight_decay=1e-2))
+    for step in range(10):
+        x, y = _data(step)
+        opt.zero_grad()
+        with gx.track_sum_grad_squared(model) as stats:
+            F.cross_entropy(model(x), y).backward()
+        opt.step(sum_grad_squared=stats.sum_grad_squared)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), params[k], rtol=1e-10, atol=1e-13)
+
+
+def test_micro_batches_through_multi_steps_equal_the_full_batch():
+    """Two half batches accumulated by multi_steps give the full batch's gradient and S."""
+    model = mlp()
+    engine = gx.grad_and_sum_grad_squared(lambda p, b: F.cross_entropy(functional_call(model, p, (b[0],)), b[1]))
+    full = {k: v.detach().clone() for k, v in model.named_parameters()}
+    micro = {k: v.clone() for k, v in full.items()}
+    tx_full, tx_micro = gx.tg_adamw(1e-2, graft=False), gx.multi_steps(gx.tg_adamw(1e-2, graft=False), every_k=2)
+    s_full, s_micro = tx_full.init(full), tx_micro.init(micro)
+    for step in range(4):
+        x, y = _data(step)
+        res = engine(full, (x, y))
+        u, s_full = tx_full.update(res.grads, s_full, full, sum_grad_squared=res.sum_grad_squared)
+        full = gx.apply_updates(full, u)
+        for half in (slice(0, 8), slice(8, 16)):
+            r = engine(micro, (x[half], y[half]))
+            u, s_micro = tx_micro.update(r.grads, s_micro, micro, sum_grad_squared=r.sum_grad_squared)
+            micro = gx.apply_updates(micro, u)
+    for k in full:
+        torch.testing.assert_close(micro[k], full[k], rtol=1e-10, atol=1e-13)
