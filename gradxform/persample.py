@@ -619,7 +619,7 @@ def _fallback(loss_fn: Callable[..., Any], spec: Any, leaves: list[Any], live: l
     sgs = [torch.zeros_like(v) for v in fb_vals]
     parts = []
     for sl in _chunks(n, per_example_bytes, chunk_bytes):
-        chunk = torch.utils._pytree.tree_map(lambda t: t[sl] if isinstance(t, torch.Tensor) else t, batch)
+        chunk = torch.utils._pytree.tree_map(lambda t, sl=sl: t[sl] if isinstance(t, torch.Tensor) else t, batch)
         with torch.enable_grad():
             gs = per_ex_grad(fb_vals, chunk)
         nsq = None

@@ -72,7 +72,7 @@ def assert_trees_close(a: Any, b: Any, rtol: float = 1e-6, atol: float = 1e-12) 
         if x is None or y is None:
             assert x is None and y is None, path
             continue
-        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"at {path}: {m}")
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"at {path}: {m}")  # noqa: B023 (called at once)
 
 
 def assert_trees_equal(a: Any, b: Any) -> None:

@@ -710,7 +710,7 @@ def test_step_with_closure(opt_case):
             opt_g.zero_grad()
             loss = loss_of(model_g, step)
             loss.backward()
-            returned.append(loss)
+            returned.append(loss)  # noqa: B023 (called at once)
             return loss
 
         loss_t = opt_t.step(closure_t)

@@ -340,7 +340,7 @@ def test_track_reports_params_without_a_fast_rule():
     with gx.track_sum_grad_squared(model) as stats:
         F.cross_entropy(model(idx), idx[:, 0]).backward()
     with pytest.raises(ValueError, match=r"'w' \(used by matmul, which has no fast rule\)"):
-        stats.sum_grad_squared
+        _ = stats.sum_grad_squared
     assert stats.methods["w"] == "missing: used by matmul, which has no fast rule"
     with gx.track_sum_grad_squared(model, missing="none") as lenient:
         F.cross_entropy(model(idx), idx[:, 0]).backward()
@@ -353,7 +353,7 @@ def test_track_before_backward_is_an_error():
     with gx.track_sum_grad_squared(model) as stats:
         model(torch.randn(3, 12, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="backward"):
-        stats.sum_grad_squared
+        _ = stats.sum_grad_squared
 
 
 def test_optimizer_step_takes_per_param_statistics_per_group():

@@ -543,7 +543,7 @@ def test_pure(name):
     g = torch.Generator().manual_seed(0)
     params = {"w": torch.randn(3, 2, generator=g), "b": torch.randn(2, generator=g), "frozen": torch.randn(2, generator=g)}
     state = tx.init(params)
-    for step in range(4):  # with first_period = 1, steps 2 and 4 restart
+    for _step in range(4):  # with first_period = 1, steps 2 and 4 restart
         grads = {"w": torch.randn(3, 2, generator=g), "b": torch.randn(2, generator=g), "frozen": None}
         before = (snapshot(grads), snapshot(state), snapshot(params))
         updates, new_state = tx.update(grads, state, params)
