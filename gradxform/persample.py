@@ -199,6 +199,7 @@ class _Tracker(TorchFunctionMode):
                  norms: bool, chunk_bytes: int) -> None:
         super().__init__()
         self.index = {id(p): i for i, p in enumerate(params)}
+        self.dtypes = [p.dtype for p in params]
         self.names = list(names)
         self.batch_size = batch_size
         self.uses = [0] * len(params)
@@ -360,8 +361,13 @@ class _Tracker(TorchFunctionMode):
         def hook(go: torch.Tensor) -> None:
             prev, self.quiet = self.quiet, True
             try:
-                with torch.no_grad():
-                    parts = _contributions(op, a, go, set(targets), self.want_norms, self.chunk_bytes)
+                # Under autocast the layer ran in low precision; the statistic is computed in the
+                # param's dtype, from the saved (full-precision) input.
+                dt = self.dtypes[next(iter(targets.values()))]
+                args = {k: v.to(dt) if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dt else v
+                        for k, v in a.items()}
+                with torch.no_grad(), torch.autocast(go.device.type, enabled=False):
+                    parts = _contributions(op, args, go.to(dt), set(targets), self.want_norms, self.chunk_bytes)
                 for slot, (sgs, nsq) in parts.items():
                     self._add(targets[slot], sgs, nsq)
             except Exception as e:  # never a wrong number: the exact fallback takes over

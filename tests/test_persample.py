@@ -472,3 +472,18 @@ def test_micro_batches_through_multi_steps_equal_the_full_batch():
             micro = gx.apply_updates(micro, u)
     for k in full:
         torch.testing.assert_close(micro[k], full[k], rtol=1e-10, atol=1e-13)
+
+
+def test_autocast_bf16_forward_gives_the_float32_statistic_to_bf16_accuracy():
+    model = mlp(torch.float32)
+    x, y = torch.randn(16, 12), torch.randint(0, 5, (16,))
+    params, ref = engine_run(model, (x, y))
+    with gx.track_sum_grad_squared(model) as stats:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    assert all(m.startswith("fast") for m in stats.methods.values()), stats.methods
+    for k, p in model.named_parameters():
+        got = stats.sum_grad_squared[p]
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref.sum_grad_squared[k], rtol=0.1, atol=1e-3 * ref.sum_grad_squared[k].max().item())
