@@ -72,6 +72,20 @@ from .persample import (
     sum_grad_squared,
     track_sum_grad_squared,
 )
+from .weighting import (
+    DWAState,
+    FixedWeightsState,
+    GradNormState,
+    UncertaintyWeightingState,
+    WeightedGrads,
+    dwa,
+    fixed_weights,
+    gradnorm,
+    loss_weights,
+    task_grad_norms,
+    uncertainty_weighting,
+    weighted_grad_and_task_norms,
+)
 from .sstm import ClippedSSTMState, RestartsState, clipped_sstm, with_restarts
 from .schedules import (
     constant_schedule,
@@ -188,4 +202,16 @@ __all__ = [
     "tg_adamw",
     "tg_laprop",
     "tg_rmsprop",
+    "gradnorm",
+    "uncertainty_weighting",
+    "dwa",
+    "fixed_weights",
+    "loss_weights",
+    "task_grad_norms",
+    "weighted_grad_and_task_norms",
+    "WeightedGrads",
+    "GradNormState",
+    "UncertaintyWeightingState",
+    "DWAState",
+    "FixedWeightsState",
 ]
