@@ -78,10 +78,17 @@ def _group_extras(extra: dict[str, Any], params: list[torch.Tensor]) -> dict[str
 
 
 def _find_injected(state: Any) -> list[InjectHyperparamsState]:
-    """Every InjectHyperparamsState in a transform state, outermost first."""
+    """Every InjectHyperparamsState in a transform state, outermost first.
+
+    States that declare ``_gx_private_hyperparams = True`` (a loss-weight updater's own optimizer,
+    which moves the task weights, not the params) are not searched: their learning rate is not the
+    group's ``lr``.
+    """
     found: list[InjectHyperparamsState] = []
 
     def walk(node: Any) -> None:
+        if getattr(type(node), "_gx_private_hyperparams", False):
+            return
         if isinstance(node, InjectHyperparamsState):
             found.append(node)
             walk(node.inner_state)

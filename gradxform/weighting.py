@@ -150,6 +150,8 @@ class GradNormState(NamedTuple):
     task_grad_norms: torch.Tensor
     skipped: torch.Tensor
 
+    _gx_private_hyperparams = True  # weight_state's lr is not the param group's lr (gx.Optimizer)
+
 
 def gradnorm(
     num_tasks: int,
@@ -310,6 +312,8 @@ class UncertaintyWeightingState(NamedTuple):
     count: torch.Tensor
     weight_state: Any
     skipped: torch.Tensor
+
+    _gx_private_hyperparams = True  # weight_state's lr is not the param group's lr (gx.Optimizer)
 
 
 def uncertainty_weighting(

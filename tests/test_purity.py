@@ -80,6 +80,23 @@ CASES.update({
     "multi_steps_truegrad": lambda: _with_sgs(gx.multi_steps(gx.tg_adamw(0.1), every_k=2)),
 })
 
+def _with_task_stats(tx, t=3):
+    """Fixed per-task losses and norms for the loss-weight updaters (made fresh every call)."""
+
+    def update(updates, state, params=None):
+        return tx.update(updates, state, params, losses=torch.tensor([2.0, 1.0, 0.5]),
+                         task_grad_norms=torch.tensor([1.0, 3.0, 0.2]))
+
+    return gx.GradientTransformation(tx.init, update)
+
+
+CASES.update({
+    "gradnorm": lambda: _with_task_stats(gx.chain(gx.gradnorm(3), gx.adam(0.1))),
+    "uncertainty_weighting": lambda: _with_task_stats(gx.chain(gx.uncertainty_weighting(3), gx.sgd(0.1))),
+    "dwa": lambda: _with_task_stats(gx.chain(gx.dwa(3), gx.sgd(0.1))),
+    "fixed_weights": lambda: _with_task_stats(gx.chain(gx.fixed_weights([1.0, 2.0, 3.0]), gx.sgd(0.1))),
+})
+
 # Public names that are not transform factories.
 NOT_TRANSFORMS = {
     "GradientTransformation", "EmptyState", "ExtraArgs", "extra_args_of", "with_extra_args", "apply_updates",
@@ -87,6 +104,7 @@ NOT_TRANSFORMS = {
     "polynomial_schedule", "cosine_decay_schedule", "exponential_decay", "warmup_cosine_decay_schedule",
     "piecewise_constant_schedule", "join_schedules", "norm_history", "clip_fraction", "ClipStats",
     "grad_and_sum_grad_squared", "sum_grad_squared", "track_sum_grad_squared", "PerExampleStats", "PerParam",
+    "loss_weights", "task_grad_norms", "weighted_grad_and_task_norms", "WeightedGrads",
 }
 
 
