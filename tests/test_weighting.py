@@ -351,3 +351,27 @@ def test_fixed_weights_and_loss_weights_reader():
         gx.loss_weights(both.init(p))
     with pytest.raises(ValueError, match="weights"):
         gx.fixed_weights([1.0, float("nan")])
+
+
+def test_seed_inverts_the_restoring_force_and_we_follow_the_paper():
+    """gradnorm-pytorch 0.2.3 targets Gbar * r^-alpha; the paper (eq. 2) targets Gbar * r^alpha.
+
+    Task 1's loss falls fast (L/L0 = 0.2 vs 1.0), so the paper lowers its weight; the seed raises it.
+    With lr 0.2 in the seed (its l1 loss is a mean over tasks) and sgd(0.1) here, the first step
+    agrees (r = 1) and the second differs.
+    """
+    seed = pytest.importorskip("gradnorm_pytorch", reason="gradnorm-pytorch not installed")
+    a = [torch.tensor([0.6, 0.8], dtype=D), torch.tensor([1.2, 1.6], dtype=D)]  # n = (1, 2)
+    W = torch.nn.Parameter(torch.zeros(2, dtype=D))
+    weighter = seed.GradNormLossWeighter(num_losses=2, learning_rate=0.2, restoring_force_alpha=1.5,
+                                         grad_norm_parameters=W).double()
+    tx = gx.gradnorm(2, alpha=1.5, weight_tx=gx.sgd(0.1), dtype=D)
+    s = tx.init({"W": W.detach()})
+    hand = [(1.1578947368421053, 0.8421052631578947), (1.0075187969924813, 0.9924812030075188)]
+    seed_second = (1.3240997229916898, 0.6759002770083102)
+    for c, expected in zip(([1.0, 1.0], [0.2, 1.0]), hand):
+        weighter.backward(torch.stack([a[0] @ W + c[0], a[1] @ W + c[1]]))
+        W.grad = None
+        s = _step(tx, s, c, norms=(1.0, 2.0))
+        np.testing.assert_allclose(s.weights.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(weighter.loss_weights.numpy(), seed_second, rtol=1e-12)
