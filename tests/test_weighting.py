@@ -374,4 +374,4 @@ def test_seed_inverts_the_restoring_force_and_we_follow_the_paper():
         W.grad = None
         s = _step(tx, s, c, norms=(1.0, 2.0))
         np.testing.assert_allclose(s.weights.numpy(), expected, rtol=1e-12)
-    np.testing.assert_allclose(weighter.loss_weights.numpy(), seed_second, rtol=1e-12)
+    np.testing.assert_allclose(weighter.loss_weights.detach().numpy(), seed_second, rtol=1e-12)
