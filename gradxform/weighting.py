@@ -195,8 +195,9 @@ def gradnorm(
         initial_losses_decay: below 1, ``L_i(0)`` is an EMA of the losses of the updates that
             move the weights (``L0 <- d L0 + (1-d) L``), as the reference's option.
         min_weight: a floor before renormalisation, so that no weight reaches 0 or below.
-        update_every, update_after: move the weights only on updates ``k`` with
-            ``k >= update_after`` and ``(k - update_after) % update_every == 0`` (0-based count).
+        update_every: move the weights only on updates ``k`` with ``k >= update_after`` and
+            ``(k - update_after) % update_every == 0`` (0-based count).
+        update_after: see ``update_every``.
         mask: tasks to balance (``True``) and tasks whose weight stays fixed (``False``); ``Gbar``,
             the mean training rate and the renormalisation use the balanced tasks only, which
             keep the sum of their weights.
