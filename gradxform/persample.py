@@ -647,6 +647,7 @@ def grad_and_sum_grad_squared(
     has_aux: bool = False,
     per_example_norms: bool = False,
     fast: bool = True,
+    check: bool = True,
     chunk_bytes: int | None = None,
     randomness: str = "error",
 ) -> Callable[..., PerExampleStats]:
@@ -668,13 +669,32 @@ def grad_and_sum_grad_squared(
     mode needs ``"different"`` there and then differs from the main pass). ``fast=False`` sends
     every param to the fallback (a reference). ``result.methods`` names each param's path.
 
+    ``check=True`` (default): on the first call for a given params structure, the fast rules are
+    verified against the exact fallback on the first two examples; a param whose fast statistic
+    disagrees, or whose layer's dim 0 does not follow the batch size (a layer that sees the batch
+    in another dim, with a dim 0 of the same size by chance), takes the fallback from then on. If the check cannot run (dropout with ``randomness="error"``), it is
+    skipped with a log message.
+
     Eager only: the fast path relies on a torch-function mode and backward hooks.
     """
     _check_engine_args(reduction, chunk_bytes, randomness)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (params, batch, *args) -> loss; got {loss_fn!r}")
 
+    checked: dict[Any, frozenset[str]] = {}  # structure -> params whose fast rule failed the check
+
     def run(params: Any, batch: Any, *args: Any, **kwargs: Any) -> PerExampleStats:
+        forced: frozenset[str] = frozenset()
+        if fast and check:
+            key = _tree.tree_flatten(params)[1], tuple(
+                (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None for t in _tree.tree_flatten(params)[0])
+            if key not in checked:
+                checked[key] = _check_fast_rules(compute, params, batch, args, kwargs)
+            forced = checked[key]
+        return compute(params, batch, args, kwargs, fast, forced)
+
+    def compute(params: Any, batch: Any, args: tuple, kwargs: dict[str, Any], use_fast: bool,
+                forced: frozenset[str]) -> PerExampleStats:
         leaves, spec = _tree.tree_flatten(params)
         paths = _tree.tree_paths(params)
         live = [i for i, t in enumerate(leaves) if t is not None]
@@ -692,7 +712,11 @@ def grad_and_sum_grad_squared(
         p_tree = _tree.tree_unflatten(spec, full)
         names = [paths[i] for i in live]
         budget = chunk_bytes if chunk_bytes is not None else _default_budget(work)
-        tracker = _Tracker(work, names, n, per_example_norms, budget) if fast else None
+        tracker = _Tracker(work, names, n, per_example_norms, budget) if use_fast else None
+        if tracker is not None:
+            for k, name in enumerate(names):
+                if name in forced:
+                    tracker.method[k] = f"fallback: {_CHECK_FAILED}"
         with torch.enable_grad():
             if tracker is not None:
                 with tracker:
@@ -749,6 +773,41 @@ def grad_and_sum_grad_squared(
         return PerExampleStats(loss.detach(), rebuild(grads), rebuild(sgs), norms, aux, methods)
 
     return run
+
+
+_CHECK_FAILED = "the fast rule disagreed with the exact per-example gradient on the first call (batch not in dim 0?)"
+
+
+def _check_fast_rules(compute: Callable[..., PerExampleStats], params: Any, batch: Any, args: tuple,
+                      kwargs: dict[str, Any]) -> frozenset[str]:
+    """Names of params whose fast statistic differs from the exact one on a sub-batch, or whose layer
+    does not see the sub-batch's size in dim 0 (its dim 0 is something else that happened to equal
+    the full batch size)."""
+    n = _batch_size(batch)
+    k = 2 if n > 2 else 1
+    sub = torch.utils._pytree.tree_map(lambda t: t[:k] if isinstance(t, torch.Tensor) else t, batch)
+    try:
+        fast = compute(params, sub, args, kwargs, True, frozenset())
+        if all(not m.startswith("fast") for m in fast.methods.values()):
+            return frozenset()
+        exact = compute(params, sub, args, kwargs, False, frozenset())
+    except Exception as e:  # e.g. dropout under randomness="error": no check, the fast rules stand
+        log.info("fast-rule check skipped: %s", e)
+        return frozenset()
+    bad = {name for name, m in fast.methods.items() if "rows in dim 0" in m}
+    f_leaves = dict(zip(_tree.tree_paths(params), _tree.tree_flatten(fast.sum_grad_squared)[0]))
+    e_leaves = dict(zip(_tree.tree_paths(params), _tree.tree_flatten(exact.sum_grad_squared)[0]))
+    for name, m in fast.methods.items():
+        if not m.startswith("fast"):
+            continue
+        a, b = f_leaves[name], e_leaves[name]
+        tol = 1e-3 if a.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-7
+        if not torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max()) + 1e-30):
+            bad.add(name)
+    if bad:
+        log.warning("fast rules disagree with the exact per-example gradients for %s; they take the fallback",
+                    sorted(bad))
+    return frozenset(bad)
 
 
 def sum_grad_squared(loss_fn: Callable[..., Any], params: Any, batch: Any, *args: Any,

@@ -487,3 +487,28 @@ def test_autocast_bf16_forward_gives_the_float32_statistic_to_bf16_accuracy():
         got = stats.sum_grad_squared[p]
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, ref.sum_grad_squared[k], rtol=0.1, atol=1e-3 * ref.sum_grad_squared[k].max().item())
+
+
+def test_first_call_check_catches_a_layer_that_sees_the_batch_outside_dim_0():
+    """A seq-first linear whose sequence length equals the batch size passes the size check; the
+    first-call check against the exact gradient catches it and sends the param to the fallback."""
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):  # x: (N, L, 3) with L == N
+            h = torch.tanh(self.lin(x.transpose(0, 1))).transpose(0, 1)
+            return self.head(h.mean(1))
+
+    torch.manual_seed(13)
+    m = SeqFirst().double()
+    batch = (torch.randn(4, 4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
+    res = assert_matches_reference(m, batch)
+    assert res.methods["lin.weight"].startswith("fallback: the fast rule disagreed")
+    assert res.methods["head.weight"] == "fast:linear"
+    params, unchecked = engine_run(m, batch, check=False)
+    ref, _ = reference(m, params, batch, F.cross_entropy)
+    assert not torch.allclose(unchecked.sum_grad_squared["lin.weight"], ref["lin.weight"], rtol=1e-3)
