@@ -88,3 +88,36 @@ def test_truegrad_digits_smoke_trains_all_three_optimizers():
         assert loss < 0.5 * initial_loss, (name, rows[name])
         assert acc > 0.7, (name, rows[name])
         assert 0 < grad_ms <= step_ms, (name, rows[name])
+
+
+def test_gradnorm_toy_smoke_balances_the_tasks(tmp_path):
+    """The GradNorm toy example's --smoke run (60 steps, tiny data, T = 2 and T = 10): for both T,
+    GradNorm's weights sum to T and shrink the spread max G / min G well below equal weights'; for
+    T = 2 the sigma = 1 task gets the larger weight, for T = 10 the weights fall with sigma; with
+    --plot (when matplotlib is installed) both figures are written."""
+    prefix = tmp_path / "toy"
+    out = subprocess.run([sys.executable, str(EXAMPLES / "gradnorm_toy.py"), "--smoke", "--plot", str(prefix)],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    blocks = re.split(r"^== ", out.stdout, flags=re.M)[1:]
+    assert [int(re.match(r"T = (\d+)", b).group(1)) for b in blocks] == [2, 10], out.stdout
+    for block, t in zip(blocks, (2, 10)):
+        rows = dict(re.findall(r"^(equal weights|GradNorm)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s", block, flags=re.M))
+        assert set(rows) == {"equal weights", "GradNorm"}, block
+        spread_eq, spread_gn = float(rows["equal weights"]), float(rows["GradNorm"])
+        assert spread_gn >= 1.0 and spread_eq > 5 * spread_gn, block
+        losses = [float(v) for v in re.findall(r"^(?:equal weights|GradNorm)\s+[\d.]+\s+([\d.]+)\s", block, flags=re.M)]
+        assert all(0.5 * t < v < 1.5 * t for v in losses), block  # finite, near T after 60 short steps
+        w = [float(v) for v in re.search(r"^GradNorm final weights: (.*)$", block, flags=re.M).group(1).split()]
+        assert len(w) == t and abs(sum(w) - t) < 1e-3 and min(w) > 0, block
+        rho = float(re.search(r"^Spearman\(w, sigma\): (\S+)$", block, flags=re.M).group(1))
+        if t == 2:
+            assert w[0] > 1.5 > 0.5 > w[1], block  # sigma = (1, 100)
+        else:
+            assert rho < -0.7, block
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for t in (2, 10):
+        assert (tmp_path / f"toy_T{t}.png").stat().st_size > 10_000
