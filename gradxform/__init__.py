@@ -86,6 +86,13 @@ from .weighting import (
     uncertainty_weighting,
     weighted_grad_and_task_norms,
 )
+from .initscale import (
+    InitReport,
+    gradinit,
+    gradinit_objective,
+    gradinit_scale_tx,
+    project_lower_bound,
+)
 from .sstm import ClippedSSTMState, RestartsState, clipped_sstm, with_restarts
 from .schedules import (
     constant_schedule,
@@ -214,4 +221,9 @@ __all__ = [
     "UncertaintyWeightingState",
     "DWAState",
     "FixedWeightsState",
+    "InitReport",
+    "gradinit",
+    "gradinit_objective",
+    "gradinit_scale_tx",
+    "project_lower_bound",
 ]
