@@ -344,6 +344,19 @@ def gradinit_objective(
     return objective
 
 
+def _math_attention() -> Any:
+    """GradInit differentiates through a gradient: fused attention kernels have no double
+    backward, so attention runs on the math backend inside the solver (torch >= 2.3's
+    ``torch.nn.attention.sdpa_kernel``; a no-op before)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def _value_and_grad(fn: Callable[[list[torch.Tensor], Any], torch.Tensor], xs: list[torch.Tensor],
                     batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``fn(xs, batch)`` and its gradient w.r.t. ``xs``, differentiable (create_graph)."""
@@ -451,8 +464,9 @@ def gradinit(
         if grad_scaler is not None and grad_scaler.is_enabled():
             # scale() is the public way to (lazily) set the scaler up; its value is the factor
             factor = float(grad_scaler.scale(torch.ones((), device=device_type)))
-            gs, aux = torch.func.grad(lambda s: _scaled(objective(s, params0, s_batch, la_batch), factor),
-                                      has_aux=True)(scales)
+            with _math_attention():
+                gs, aux = torch.func.grad(lambda s: _scaled(objective(s, params0, s_batch, la_batch), factor),
+                                          has_aux=True)(scales)
             gs = _tree.tree_map(lambda t: t / factor, gs)
             finite = all(bool(torch.isfinite(t).all()) for t in _tree.tree_flatten(gs)[0] if t is not None)
             good_steps = _update_scaler(grad_scaler, finite, good_steps)
@@ -463,7 +477,8 @@ def gradinit(
                 report.backward_passes += 2
                 continue
         else:
-            gs, aux = obj_grad(scales, params0, s_batch, la_batch)
+            with _math_attention():
+                gs, aux = obj_grad(scales, params0, s_batch, la_batch)
         updates, state = tx.update(gs, state, scales)
         scales = _tree.tree_map(lambda s, u: s + u, scales, updates)
         report.objective.append(float(aux["value"]) if "value" in aux else float(aux["grad_norm"]))
