@@ -93,6 +93,12 @@ from .initscale import (
     gradinit_scale_tx,
     project_lower_bound,
 )
+from .empirical import (
+    ScaleByEmpiricalInitState,
+    empirical_init,
+    empirical_init_params,
+    scale_by_empirical_init,
+)
 from .sstm import ClippedSSTMState, RestartsState, clipped_sstm, with_restarts
 from .schedules import (
     constant_schedule,
@@ -226,4 +232,8 @@ __all__ = [
     "gradinit_objective",
     "gradinit_scale_tx",
     "project_lower_bound",
+    "scale_by_empirical_init",
+    "ScaleByEmpiricalInitState",
+    "empirical_init",
+    "empirical_init_params",
 ]

@@ -95,6 +95,7 @@ CASES.update({
     "uncertainty_weighting": lambda: _with_task_stats(gx.chain(gx.uncertainty_weighting(3), gx.sgd(0.1))),
     "dwa": lambda: _with_task_stats(gx.chain(gx.dwa(3), gx.sgd(0.1))),
     "gradinit_scale_tx": lambda: gx.gradinit_scale_tx(0.1, 0.5),
+    "scale_by_empirical_init": lambda: gx.scale_by_empirical_init({"w": 2.0, "b": torch.tensor(0.5), "frozen": 3.0}),
     "project_lower_bound": lambda: gx.chain(gx.sgd(0.5), gx.project_lower_bound(0.0)),
     "fixed_weights": lambda: _with_task_stats(gx.chain(gx.fixed_weights([1.0, 2.0, 3.0]), gx.sgd(0.1))),
 })
@@ -108,6 +109,7 @@ NOT_TRANSFORMS = {
     "grad_and_sum_grad_squared", "sum_grad_squared", "track_sum_grad_squared", "PerExampleStats", "PerParam",
     "loss_weights", "task_grad_norms", "weighted_grad_and_task_norms", "WeightedGrads",
     "InitReport", "gradinit", "gradinit_objective",
+    "empirical_init", "empirical_init_params",
 }
 
 
