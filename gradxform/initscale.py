@@ -273,6 +273,7 @@ def gradinit_objective(
     gamma: float = 1.0,
     p: float | None = None,
     simplified: bool = False,
+    _autograd: bool = False,
 ) -> Callable[[Any, Any, Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """GradInit's objective ``J(scales, params0, batch, lookahead_batch) -> (J, aux)``.
 
@@ -322,7 +323,11 @@ def gradinit_objective(
             return _scalar_loss(loss_fn(_tree.tree_unflatten(spec, full), b), "gradinit")
 
         th = [theta[i] for i in live]
-        loss_s, g = _value_and_grad(loss_at, th, batch)
+        if _autograd:  # the driver's path: torch.autograd with create_graph (faster than nesting torch.func.grad)
+            loss_s = loss_at(th, batch)
+            g = list(torch.autograd.grad(loss_s, th, create_graph=True))
+        else:
+            loss_s, g = _value_and_grad(loss_at, th, batch)
         gnorm = _norm_p(g, order)
         norm_branch = gnorm > gamma
         if simplified:
@@ -438,7 +443,22 @@ def gradinit(
             out = apply(theta, x)
         return _scalar_loss(loss(out, y), "gradinit")
 
-    objective = gradinit_objective(loss_fn, target=target, lr=lr, gamma=gamma, p=p, simplified=simplified)
+    objective = gradinit_objective(loss_fn, target=target, lr=lr, gamma=gamma, p=p, simplified=simplified,
+                                   _autograd=True)
+
+    def obj_grad(scales: Any, s_batch: Any, la_batch: Any, factor: float = 1.0) -> tuple[Any, dict[str, torch.Tensor]]:
+        """``grad_m J`` (of ``factor * J``) by torch.autograd: the scales become leaves that
+        require grad, ``g`` is taken with create_graph, and one backward reaches the scales."""
+        s_leaves, s_spec = _tree.tree_flatten(scales)
+        req = [None if t is None else t.detach().requires_grad_(True) for t in s_leaves]
+        with torch.enable_grad():
+            value, aux = objective(_tree.tree_unflatten(s_spec, req), params0, s_batch, la_batch)
+            live = [t for t in req if t is not None]
+            grads = torch.autograd.grad(value * factor, live, allow_unused=True)
+        it_g = iter(grads)
+        out = [None if t is None else (torch.zeros_like(t) if (g := next(it_g)) is None else g.detach())
+               for t in req]
+        return _tree.tree_unflatten(s_spec, out), aux
     tx = scale_tx if scale_tx is not None else gradinit_scale_tx(tau, alpha, scale_grad_clip)
     scales = _tree.tree_map(lambda x: torch.ones((), dtype=x.dtype, device=x.device), params0)
     state = tx.init(scales)
@@ -453,7 +473,6 @@ def gradinit(
         it = itertools.islice(it, iters)
     first_batch = None
     good_steps = 0
-    obj_grad = torch.func.grad(lambda s, a, b, c: objective(s, a, b, c), has_aux=True)
     for batch in progress_iter(it, iters, progress, "gradinit"):
         if first_batch is None:
             first_batch = batch
@@ -465,8 +484,7 @@ def gradinit(
             # scale() is the public way to (lazily) set the scaler up; its value is the factor
             factor = float(grad_scaler.scale(torch.ones((), device=device_type)))
             with _math_attention():
-                gs, aux = torch.func.grad(lambda s: _scaled(objective(s, params0, s_batch, la_batch), factor),
-                                          has_aux=True)(scales)
+                gs, aux = obj_grad(scales, s_batch, la_batch, factor)
             gs = _tree.tree_map(lambda t: t / factor, gs)
             finite = all(bool(torch.isfinite(t).all()) for t in _tree.tree_flatten(gs)[0] if t is not None)
             good_steps = _update_scaler(grad_scaler, finite, good_steps)
@@ -478,7 +496,7 @@ def gradinit(
                 continue
         else:
             with _math_attention():
-                gs, aux = obj_grad(scales, params0, s_batch, la_batch)
+                gs, aux = obj_grad(scales, s_batch, la_batch)
         updates, state = tx.update(gs, state, scales)
         scales = _tree.tree_map(lambda s, u: s + u, scales, updates)
         report.objective.append(float(aux["value"]) if "value" in aux else float(aux["grad_norm"]))
@@ -496,11 +514,6 @@ def gradinit(
         if isinstance(model, torch.nn.Module):
             report.act_rms_after = module_activation_rms(model, new_params, first_batch[0])
     return new_params, report
-
-
-def _scaled(res: tuple[torch.Tensor, dict[str, torch.Tensor]], factor: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    value, aux = res
-    return value * factor, aux
 
 
 def _update_scaler(scaler: Any, finite: bool, good_steps: int) -> int:
