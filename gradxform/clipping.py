@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
+from . import _foreach as _fe
 from . import tree as _tree
 from .alias import _with_rebuild
 from .base import GradientTransformation, Params, Updates, chain, expect_state, stateless
@@ -86,7 +87,7 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 def _leaf_norms(leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The L2 norm of each leaf, in float32 or wider (one foreach kernel per dtype on CUDA)."""
     if all(_wide(g.dtype) == g.dtype for g in leaves):
-        return list(torch._foreach_norm(list(leaves)))
+        return list(_fe.norm(list(leaves)))
     return [torch.linalg.vector_norm(g, dtype=_wide(g.dtype)) for g in leaves]
 
 
@@ -111,9 +112,9 @@ def _scale_leaves(leaves: list[torch.Tensor], factors: list[torch.Tensor], inpla
     """``leaves[j] * factors[j]`` with 0-d factors (cast to each leaf's dtype)."""
     factors = [f if f.dtype == g.dtype else f.to(g.dtype) for f, g in zip(factors, leaves)]
     if inplace:
-        torch._foreach_mul_(leaves, factors)
+        _fe.mul_(leaves, factors)
         return leaves
-    return list(torch._foreach_mul(leaves, factors))
+    return list(_fe.mul(leaves, factors))
 
 
 def _clamp_leaves(leaves: list[torch.Tensor], level: Any, inplace: bool) -> list[torch.Tensor]:
@@ -121,11 +122,11 @@ def _clamp_leaves(leaves: list[torch.Tensor], level: Any, inplace: bool) -> list
     if not isinstance(level, torch.Tensor):
         lam = float(level)
         if inplace:
-            torch._foreach_clamp_min_(leaves, -lam)
-            torch._foreach_clamp_max_(leaves, lam)
+            _fe.clamp_min_(leaves, -lam)
+            _fe.clamp_max_(leaves, lam)
             return leaves
-        out = torch._foreach_clamp_min(leaves, -lam)
-        torch._foreach_clamp_max_(out, lam)
+        out = _fe.clamp_min(leaves, -lam)
+        _fe.clamp_max_(out, lam)
         return list(out)
     out = []
     for g in leaves:
@@ -151,7 +152,7 @@ def clip_leaves(rule: str, leaves: Sequence[torch.Tensor], level: torch.Tensor |
         return []
     if rule == "norm":
         factor = _norm_factor(_tree.global_norm(leaves), level)
-        return list(torch._foreach_mul(leaves, factor))
+        return list(_fe.mul(leaves, factor))
     if rule == "layer_wise":
         factors = [_norm_factor(n, level) for n in _leaf_norms(leaves)]
         return _scale_leaves(leaves, factors, False)

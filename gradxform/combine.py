@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import _foreach as _fe
 from . import tree as _tree
 from .base import (
     ExtraArgs,
@@ -201,7 +202,7 @@ def _to_state_value(x: Any) -> torch.Tensor:
 
 def _from_state_value(t: torch.Tensor, was_sequence: bool) -> Any:
     if was_sequence:
-        if t.device.type == "cpu" and not _tree.is_compiling():
+        if t.device.type == "cpu" and not _tree.traced():
             return tuple(t.tolist())
         return tuple(t.unbind(0))
     return _tree.as_scalar(t)
@@ -433,7 +434,7 @@ def multi_steps(
         zeros_out = _tree.tree_map(torch.zeros_like, updates)
         # Leaves frozen in this call stay frozen (None) for the inner transform.
         mean = _tree.tree_unflatten(spec, [None if u is None else a * grad_scale for a, u in zip(acc, leaves)])
-        if not _tree.is_compiling():
+        if not _tree.traced():
             if bool(emit):  # CPU tensor: no device sync
                 new_u, new_inner = inner.update(mean, state.inner_state, params, **handed)
                 reset = None if sums is None else {n: _tree.tree_zeros_like(t) for n, t in sums.items()}
@@ -474,7 +475,7 @@ def _protected(tensors: list[torch.Tensor]) -> Iterator[None]:
 
     A no-op when nothing is owned, and while compiling (updates are never written in place then).
     """
-    if not _tree._OWNERSHIP["active"] or _tree.is_compiling():
+    if not _tree._OWNERSHIP["active"] or _tree.traced():
         yield
         return
     previous = dict(_tree._OWNERSHIP)
@@ -523,14 +524,14 @@ def graft(magnitude_tx: GradientTransformation, direction_tx: GradientTransforma
             ms = [m_leaves[i] for i in idx]
             ds = [d_leaves[i] for i in idx]
             e = _tree.as_scalar(eps)
-            d_norms = list(torch._foreach_norm(ds))
-            torch._foreach_add_(d_norms, e)
-            factors = list(torch._foreach_div(list(torch._foreach_norm(ms)), d_norms))
+            d_norms = list(_fe.norm(ds))
+            _fe.add_(d_norms, e)
+            factors = list(_fe.div(list(_fe.norm(ms)), d_norms))
             if _tree.updates_inplace(ds):
-                torch._foreach_mul_(ds, factors)
+                _fe.mul_(ds, factors)
                 scaled = ds
             else:
-                scaled = list(torch._foreach_mul(ds, factors))
+                scaled = list(_fe.mul(ds, factors))
             out = _tree.scatter(out, idx, scaled)
         return _tree.tree_unflatten(spec, out), GraftState(m_state, d_state)
 

@@ -61,6 +61,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from . import _foreach as _fe
 from . import tree as _tree
 from .base import GradientTransformation, Params, Updates, expect_state
 from .initscale import (
@@ -183,10 +184,10 @@ def scale_by_empirical_init(multipliers: Params) -> GradientTransformation:
         scalars = [_tree.as_scalar(c) for c in cs]
         if all(isinstance(s, (int, float)) for s in scalars):
             if _tree.updates_inplace(flat.live):
-                torch._foreach_mul_(flat.live, scalars)
+                _fe.mul_(flat.live, scalars)
                 new = flat.live
             else:
-                new = list(torch._foreach_mul(flat.live, scalars))
+                new = list(_fe.mul(flat.live, scalars))
         else:  # compiling, or multipliers moved off the CPU
             new = [u * c.to(u.dtype) for u, c in zip(flat.live, cs)]
         return flat.rebuild(new), state

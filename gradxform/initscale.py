@@ -485,7 +485,7 @@ def gradinit(
             factor = float(grad_scaler.scale(torch.ones((), device=device_type)))
             with _math_attention():
                 gs, aux = obj_grad(scales, s_batch, la_batch, factor)
-            gs = _tree.tree_map(lambda t: t / factor, gs)
+            gs = _tree.tree_map(lambda t, f=factor: t / f, gs)
             finite = all(bool(torch.isfinite(t).all()) for t in _tree.tree_flatten(gs)[0] if t is not None)
             good_steps = _update_scaler(grad_scaler, finite, good_steps)
             if not finite:

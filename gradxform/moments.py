@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import _foreach as _fe
 from . import tree as _tree
 from .base import GradientTransformation, Params, Updates, expect_state
 from .transforms import _ema, _ema_sq, _Flat, _leaf_counts, _step_counts, check_float
@@ -84,7 +85,7 @@ def _corrections(counts: Sequence[torch.Tensor], beta: Any, root: bool = False) 
     """
     if not counts:
         return []
-    if not _tree.is_compiling() and not isinstance(beta, torch.Tensor):
+    if not _tree.traced() and not isinstance(beta, torch.Tensor):
         out = [1.0 - beta ** int(c) for c in counts]
         return [x ** 0.5 for x in out] if root else out
     t = torch.stack(list(counts)).to(torch.float64)
@@ -96,28 +97,26 @@ def _corrections(counts: Sequence[torch.Tensor], beta: Any, root: bool = False) 
 
 def _div_each_(xs: list[torch.Tensor], factors: list[Any]) -> None:
     if factors and not isinstance(factors[0], torch.Tensor):
-        torch._foreach_div_(xs, factors)
+        _fe.div_(xs, factors)
     else:
-        for x, f in zip(xs, factors):
-            x.div_(f)
+        xs[:] = [x / f for x, f in zip(xs, factors)]
 
 
 def _root_floor(second: list[torch.Tensor], counts: Sequence[torch.Tensor], beta: Any, eps: Any) -> list[torch.Tensor]:
     """New tensors ``max(sqrt(second / (1 - beta^t)), eps)``."""
-    denom = list(torch._foreach_sqrt(second))
+    denom = list(_fe.sqrt(second))
     _div_each_(denom, _corrections(counts, beta, root=True))
     if isinstance(eps, torch.Tensor):
-        for d in denom:
-            d.clamp_min_(eps)
+        denom = [torch.clamp_min(d, eps) for d in denom]
     else:
-        torch._foreach_clamp_min_(denom, eps)
+        _fe.clamp_min_(denom, eps)
     return denom
 
 
 def _quotient(num: list[torch.Tensor], denom: list[torch.Tensor]) -> list[torch.Tensor]:
     """``num / denom``; ``denom`` must be private to the caller (eager mode writes into it)."""
-    if _tree.is_compiling():
-        return list(torch._foreach_div(num, denom))
+    if _tree.traced():
+        return list(_fe.div(num, denom))
     for n, d in zip(num, denom):
         torch.div(n, d, out=d)
     return denom
@@ -127,10 +126,10 @@ def _graft_(direction: list[torch.Tensor], magnitude: list[torch.Tensor], eps: A
     """In place: ``direction *= ||magnitude||_F / (||direction||_F + eps)``, leaf by leaf."""
     if not direction:
         return
-    n_dir = list(torch._foreach_norm(direction))
-    torch._foreach_add_(n_dir, eps)
-    factors = list(torch._foreach_div(list(torch._foreach_norm(magnitude)), n_dir))
-    torch._foreach_mul_(direction, factors)
+    n_dir = list(_fe.norm(direction))
+    _fe.add_(n_dir, eps)
+    factors = list(_fe.div(list(_fe.norm(magnitude)), n_dir))
+    _fe.mul_(direction, factors)
 
 
 def _pick(xs: list[Any], pos: list[int]) -> list[Any]:
@@ -390,16 +389,16 @@ def scale_by_truegrad_laprop(
         if tg_pos:
             c_tg = _pick(counts, tg_pos)
             if graft:
-                u_tg = list(torch._foreach_mul(m_tg, 1.0))
+                u_tg = list(_fe.mul(m_tg, 1.0))
                 _graft_(u_tg, _pick(mb, tg_pos), e)
                 _div_each_(u_tg, _corrections(c_tg, beta1))
             else:
-                u_tg = list(torch._foreach_mul(m_tg, 1.0))
+                u_tg = list(_fe.mul(m_tg, 1.0))
                 _div_each_(u_tg, _corrections(c_tg, beta3))
             for j, u in zip(tg_pos, u_tg):
                 out[j] = u
         if base_pos:
-            u_b = list(torch._foreach_mul(_pick(mb, base_pos), 1.0))
+            u_b = list(_fe.mul(_pick(mb, base_pos), 1.0))
             _div_each_(u_b, _corrections(_pick(counts, base_pos), beta1))
             for j, u in zip(base_pos, u_b):
                 out[j] = u

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
+from . import _foreach as _fe
 from . import tree as _tree
 from .base import GradientTransformation, Params, Updates, expect_state
 from .clipping import clip_leaves
@@ -56,29 +57,29 @@ def _minimum(x: Any, y: Any) -> Any:
 def _combine(x: list[torch.Tensor], a: Any, y: Sequence[torch.Tensor], b: Any, inplace: bool) -> list[torch.Tensor]:
     """``a * x + b * y`` leaf by leaf (written into ``x`` when ``inplace``)."""
     if inplace:
-        torch._foreach_mul_(x, a)
+        _fe.mul_(x, a)
         out = x
     else:
-        out = list(torch._foreach_mul(x, a))
+        out = list(_fe.mul(x, a))
     if isinstance(b, torch.Tensor):
-        torch._foreach_add_(out, torch._foreach_mul(list(y), b))
+        _fe.add_(out, _fe.mul(list(y), b))
     else:
-        torch._foreach_add_(out, list(y), alpha=b)
+        _fe.add_(out, list(y), alpha=b)
     return out
 
 
 def _axpy(x: list[torch.Tensor], y: Sequence[torch.Tensor], b: Any, inplace: bool) -> list[torch.Tensor]:
     """``x + b * y`` leaf by leaf (written into ``x`` when ``inplace``)."""
     if isinstance(b, torch.Tensor):
-        by = torch._foreach_mul(list(y), b)
+        by = _fe.mul(list(y), b)
         if inplace:
-            torch._foreach_add_(x, by)
+            _fe.add_(x, by)
             return x
-        return list(torch._foreach_add(x, by))
+        return list(_fe.add(x, by))
     if inplace:
-        torch._foreach_add_(x, list(y), alpha=b)
+        _fe.add_(x, list(y), alpha=b)
         return x
-    return list(torch._foreach_add(x, list(y), alpha=b))
+    return list(_fe.add(x, list(y), alpha=b))
 
 
 # --- clipped SSTM -------------------------------------------------------------------------------
@@ -211,15 +212,15 @@ def clipped_sstm(
         clipped = clip_leaves(clip, flat.live, lam)
         z = _axpy(z, clipped, -alpha, inplace)  # z_{k+1}
         y = _combine(y, A, z, alpha, inplace)  # A_k y_k + alpha_{k+1} z_{k+1} ...
-        torch._foreach_div_(y, A_next)  # ... / A_{k+1}
+        _fe.div_(y, A_next)  # ... / A_{k+1}
         alpha_after = c * (k + 1 + index_offset) ** power  # alpha_{k+2}
         if isinstance(r, torch.Tensor):  # under compile: r = 1 gives +inf, i.e. no clamp
             A_next = _minimum(A_next, r / (1 - r) * alpha_after)
         elif r < 1:
             A_next = _minimum(A_next, r / (1 - r) * alpha_after)
         x = _combine(y, A_next, z, alpha_after, False)
-        torch._foreach_div_(x, A_next + alpha_after)
-        torch._foreach_sub_(x, p)
+        _fe.div_(x, A_next + alpha_after)
+        _fe.sub_(x, p)
         new_state = ClippedSSTMState(
             state.k + 1,
             _tree.scalar_tensor(A_next),
@@ -306,16 +307,16 @@ def with_restarts(
         inplace = _tree.state_inplace()
         sums = [s_leaves[i] for i in idx]
         if inplace:
-            torch._foreach_add_(sums, xs)
+            _fe.add_(sums, xs)
         else:
-            sums = list(torch._foreach_add(sums, xs)) if sums else []
+            sums = list(_fe.add(sums, xs)) if sums else []
         n = state.n + 1
         restart = (n == state.period + 1) & (n < max_steps)
         new_period = torch.floor(state.period.to(torch.float64) * coeff).to(torch.int64)
 
         def restarted(zero_inplace: bool) -> tuple[list[Any], Any, list[torch.Tensor]]:
             """The restart branch: outputs (in params' leaf order), fresh inner state, zero sums."""
-            means = list(torch._foreach_div(sums, _tree.as_scalar(n.to(torch.float64)))) if sums else []
+            means = list(_fe.div(sums, _tree.as_scalar(n.to(torch.float64)))) if sums else []
             mean_tree = _tree.tree_unflatten(spec, _tree.scatter([None] * len(p_leaves), idx, means))
             out = list(u_leaves)
             for j, i in enumerate(idx):
@@ -327,7 +328,7 @@ def with_restarts(
         def rebuild_sum(values: list[torch.Tensor]) -> Any:
             return _tree.tree_unflatten(spec, _tree.scatter(s_leaves, idx, values))
 
-        if not _tree.is_compiling():
+        if not _tree.traced():
             if bool(restart):  # CPU counters: no device sync
                 out, fresh, zeros = restarted(inplace)
                 return _tree.tree_unflatten(spec, out), RestartsState(

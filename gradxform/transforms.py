@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
+from . import _foreach as _fe
 from . import tree as _tree
 from .base import GradientTransformation, Params, Updates, expect_state, stateless
 
@@ -85,20 +86,20 @@ class _Flat:
 
 def _mul(xs: list[torch.Tensor], s: Any, inplace: bool) -> list[torch.Tensor]:
     if inplace:
-        torch._foreach_mul_(xs, s)
+        _fe.mul_(xs, s)
         return xs
-    return list(torch._foreach_mul(xs, s))
+    return list(_fe.mul(xs, s))
 
 
 def _ema(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplace: bool) -> list[torch.Tensor]:
     """decay * old + (1 - decay) * new (as torch.optim: ``old.lerp_(new, 1 - decay)``)."""
     if not isinstance(decay, torch.Tensor):
         if inplace:
-            torch._foreach_lerp_(old, new, 1.0 - decay)
+            _fe.lerp_(old, new, 1.0 - decay)
             return old
-        return list(torch._foreach_lerp(old, new, 1.0 - decay))
+        return list(_fe.lerp(old, new, 1.0 - decay))
     out = _mul(old, decay, inplace)
-    torch._foreach_add_(out, torch._foreach_mul(new, 1.0 - decay))
+    _fe.add_(out, _fe.mul(new, 1.0 - decay))
     return out
 
 
@@ -106,9 +107,9 @@ def _ema_sq(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplac
     """decay * old + (1 - decay) * new**2 (as torch.optim: ``mul_(decay).addcmul_(g, g, 1 - decay)``)."""
     out = _mul(old, decay, inplace)
     if isinstance(decay, torch.Tensor):
-        torch._foreach_add_(out, torch._foreach_mul(torch._foreach_mul(new, new), 1.0 - decay))
+        _fe.add_(out, _fe.mul(_fe.mul(new, new), 1.0 - decay))
     else:
-        torch._foreach_addcmul_(out, new, new, 1.0 - decay)
+        _fe.addcmul_(out, new, new, 1.0 - decay)
     return out
 
 
@@ -126,7 +127,7 @@ def check_float(name: str, value: Any, *, low: float | None = None, high: float 
     if callable(value) and not isinstance(value, torch.Tensor):
         return
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or _tree.is_compiling():
+        if value.numel() != 1 or _tree.traced():
             return
         v = to_float(value)
     else:
@@ -227,9 +228,9 @@ def _step_counts(flat: "_Flat", counts_tree: Any, inplace: bool) -> list[torch.T
     """The live leaves' counts after this update (``+1`` only where a leaf is live)."""
     old = flat.state_live(counts_tree, "state.count", check_shapes=False)
     if inplace:
-        torch._foreach_add_(old, 1)
+        _fe.add_(old, 1)
         return old
-    return list(torch._foreach_add(old, 1))
+    return list(_fe.add(old, 1))
 
 
 def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float | torch.Tensor = 0.0) -> GradientTransformation:
@@ -260,19 +261,18 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
         g = flat.live
         buf = _mul(buf, mu, inplace)
         if isinstance(damp, (int, float)) and damp == 0:
-            torch._foreach_add_(buf, g)
-        elif not _tree.is_compiling():
+            _fe.add_(buf, g)
+        elif not _tree.traced():
             # b_t = mu * b_{t-1} + (1 - damp * [t > 1]) g_t; b_0 = 0, so step 1 gives b_1 = g_1.
             weights = [1.0 if int(c) == 1 else 1.0 - damp for c in after]  # CPU counters
-            torch._foreach_add_(buf, torch._foreach_mul(g, weights))
+            _fe.add_(buf, _fe.mul(g, weights))
         else:
-            for b, x, c in zip(buf, g, after):
-                b.add_(x * (1.0 - damp * (c > 1).to(x.dtype)))
+            buf[:] = [b + x * (1.0 - damp * (c > 1).to(x.dtype)) for b, x, c in zip(buf, g, after)]
         if nesterov:
             if isinstance(mu, torch.Tensor):
-                out = list(torch._foreach_add(g, torch._foreach_mul(buf, mu)))
+                out = list(_fe.add(g, _fe.mul(buf, mu)))
             else:
-                out = list(torch._foreach_add(g, buf, alpha=mu))
+                out = list(_fe.add(g, buf, alpha=mu))
         else:
             # A copy: the output must not alias the state buffer, which the caller (or a later
             # in-place transform inside the adapter) may otherwise overwrite.
@@ -334,10 +334,10 @@ def scale_by_adam(
         if amsgrad:
             old_max = flat.state_live(state.nu_max, "state.nu_max")
             if inplace:
-                torch._foreach_maximum_(old_max, nu)
+                _fe.maximum_(old_max, nu)
                 nu_max = old_max
             else:
-                nu_max = list(torch._foreach_maximum(old_max, nu))
+                nu_max = list(_fe.maximum(old_max, nu))
         second = nu_max if amsgrad else nu
         if _tree.updates_inplace(g):
             # The incoming updates are ours (e.g. a clip's output inside the adapter) and mu, nu
@@ -346,8 +346,8 @@ def scale_by_adam(
             for d, v in zip(denom, second):
                 torch.sqrt(v, out=d)
         else:
-            denom = list(torch._foreach_sqrt(second))
-        if _tree.is_compiling() or isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor):
+            denom = list(_fe.sqrt(second))
+        if _tree.traced() or isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor):
             # One small vector of bias corrections for all leaves: the compiler materialises it
             # once instead of recomputing pow() inside every element loop.
             t = torch.stack(counts).to(torch.float64)
@@ -356,16 +356,16 @@ def scale_by_adam(
             both = torch.stack([1 - beta1**t, (1 - beta2**t) ** 0.5], dim=1)
             both = torch.stack([both, both], dim=2).amax(dim=2)
             bc1, bc2_sqrt = both[:, 0], both[:, 1]
-            for i, d in enumerate(denom):
-                d.div_(bc2_sqrt[i]).add_(e).mul_(bc1[i])
+            # out of place: inside torch.func an in-place write would break grad and vmap
+            denom = [(d / bc2_sqrt[i] + e) * bc1[i] for i, d in enumerate(denom)]
         else:
             ts = [int(c) for c in counts]  # CPU counters: no device sync
-            torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in ts])
-            torch._foreach_add_(denom, e)
+            _fe.div_(denom, [(1 - beta2**t) ** 0.5 for t in ts])
+            _fe.add_(denom, e)
             # u = (m / bc1) / denom; fold 1/bc1 into the denominator to save a pass.
-            torch._foreach_mul_(denom, [1 - beta1**t for t in ts])
-        if _tree.is_compiling():
-            out = list(torch._foreach_div(mu, denom))
+            _fe.mul_(denom, [1 - beta1**t for t in ts])
+        if _tree.traced():
+            out = list(_fe.div(mu, denom))
         else:
             # the denominator is private to this call: write the quotient into it (no allocation)
             for m, d in zip(mu, denom):
@@ -408,9 +408,9 @@ def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor =
             return updates, state
         d, e = _tree.as_scalar(decay), _tree.as_scalar(eps)
         nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, _tree.state_inplace())
-        denom = torch._foreach_sqrt(nu)
-        torch._foreach_add_(denom, e)
-        out = list(torch._foreach_div(flat.live, denom))
+        denom = _fe.sqrt(nu)
+        _fe.add_(denom, e)
+        out = list(_fe.div(flat.live, denom))
         return flat.rebuild(out), ScaleByRmsState(flat.rebuild(nu, like=state.nu))
 
     return GradientTransformation(init, update)
@@ -436,12 +436,12 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
         p = flat.params_live(params, "add_decayed_weights")
         wd = _tree.as_scalar(weight_decay)
         if isinstance(wd, torch.Tensor):
-            out = list(torch._foreach_add(flat.live, torch._foreach_mul(p, wd)))
+            out = list(_fe.add(flat.live, _fe.mul(p, wd)))
         elif _tree.updates_inplace(flat.live):
-            torch._foreach_add_(flat.live, p, alpha=wd)
+            _fe.add_(flat.live, p, alpha=wd)
             out = flat.live
         else:
-            out = list(torch._foreach_add(flat.live, p, alpha=wd))
+            out = list(_fe.add(flat.live, p, alpha=wd))
         return flat.rebuild(out)
 
     return stateless(update_fn)

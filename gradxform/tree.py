@@ -29,6 +29,8 @@ __all__ = [
     "tree_global_norm",
     "tree_all_finite",
     "is_compiling",
+    "functorch_active",
+    "traced",
     "as_scalar",
     "owned_buffers",
     "register_state_types",
@@ -166,7 +168,10 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(())
     device = tensors[0].device
-    norms = torch._foreach_norm(list(tensors))
+    if functorch_active():  # no vmap rule for the foreach kernel
+        norms = [torch.linalg.vector_norm(t) for t in tensors]
+    else:
+        norms = torch._foreach_norm(list(tensors))
     stacked = torch.stack([n.to(device=device, dtype=torch.promote_types(n.dtype, torch.float32)) for n in norms])
     return torch.linalg.vector_norm(stacked)
 
@@ -203,15 +208,35 @@ def is_compiling() -> bool:
     return bool(fn())
 
 
+def functorch_active() -> bool:
+    """True inside a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...).
+
+    There, a 0-d tensor may be batched or carry a gradient: it must stay a tensor (no ``.item()``,
+    no Python branch on its value).
+    """
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # pragma: no cover - torch without functorch internals
+        return False
+
+
+def traced() -> bool:
+    """True when host reads of tensor values are not allowed: under ``torch.compile`` or inside a
+    ``torch.func`` transform. Transforms then take their all-tensor code paths."""
+    return is_compiling() or functorch_active()
+
+
 def as_scalar(x: Any) -> Any:
     """Hyperparameter to use in kernels: a Python number in eager mode, a tensor when compiling.
 
     gradxform keeps scalar state (counts, injected hyperparameters) in 0-d *CPU* tensors, as
     torch.optim keeps ``step``. Reading such a tensor in eager mode is a memory read, not a device
     synchronisation, and lets ``torch._foreach_*`` use its fast scalar overloads. Under
-    ``torch.compile`` the value stays a tensor so that a changed value does not recompile.
+    ``torch.compile`` the value stays a tensor so that a changed value does not recompile; inside a
+    ``torch.func`` transform, or when it requires grad (a hypergradient), it stays a tensor too.
     """
-    if isinstance(x, torch.Tensor) and x.ndim == 0 and x.device.type == "cpu" and not is_compiling():
+    if (isinstance(x, torch.Tensor) and x.ndim == 0 and x.device.type == "cpu" and not x.requires_grad
+            and not traced()):
         return x.item()
     return x
 
@@ -272,7 +297,7 @@ def updates_inplace(tensors: Sequence[torch.Tensor]) -> bool:
 
     Never while compiling: the traced tensors are not the objects that were protected.
     """
-    if not _OWNERSHIP["active"] or is_compiling():
+    if not _OWNERSHIP["active"] or traced():
         return False
     protected = _OWNERSHIP["protected"]
     return not any(id(t) in protected for t in tensors)

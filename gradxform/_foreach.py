@@ -1,0 +1,69 @@
+"""``torch._foreach_*`` that also work inside ``torch.func`` transforms.
+
+The transforms run their leaf arithmetic as ``torch._foreach_*`` kernels (one launch for all
+leaves). Those ops have no ``vmap`` batching rule, so inside a ``torch.func`` transform (``vmap``
+over a model dimension, ``grad`` through an update) every function here falls back to the same
+operation leaf by leaf; elsewhere it is the foreach kernel itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from . import tree as _tree
+
+
+def _at(arg: Any, i: int) -> Any:
+    return arg[i] if isinstance(arg, (list, tuple)) else arg
+
+
+def _op(name: str, per_leaf: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+    """The foreach kernel ``name``; inside ``torch.func``, ``per_leaf`` (out of place) per leaf.
+
+    In-place names (``add_``, ...) then write the results back *into the list* rather than into
+    the tensors: an in-place write would break ``grad`` (a saved tensor modified) and ``vmap``
+    (an unbatched tensor written with batched values). Callers keep using the same list.
+    """
+    kernel = getattr(torch, f"_foreach_{name}")
+    inplace = name.endswith("_")
+
+    def op(xs: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _tree.functorch_active():
+            return kernel(xs, *args, **kwargs)
+        out = [per_leaf(x, *[_at(a, i) for a in args], **kwargs) for i, x in enumerate(xs)]
+        if inplace:
+            if not isinstance(xs, list):
+                raise TypeError(f"gradxform._foreach.{name} needs a list inside torch.func transforms")
+            xs[:] = out
+            return None
+        return out
+
+    op.__name__ = name
+    return op
+
+
+add = _op("add", lambda x, o, alpha=1: torch.add(x, o, alpha=alpha))
+add_ = _op("add_", lambda x, o, alpha=1: torch.add(x, o, alpha=alpha))
+sub_ = _op("sub_", lambda x, o, alpha=1: torch.sub(x, o, alpha=alpha))
+mul = _op("mul", torch.mul)
+mul_ = _op("mul_", torch.mul)
+div = _op("div", torch.div)
+div_ = _op("div_", torch.div)
+maximum = _op("maximum", torch.maximum)
+maximum_ = _op("maximum_", torch.maximum)
+clamp_min = _op("clamp_min", torch.clamp_min)
+clamp_min_ = _op("clamp_min_", torch.clamp_min)
+clamp_max_ = _op("clamp_max_", torch.clamp_max)
+sqrt = _op("sqrt", torch.sqrt)
+lerp = _op("lerp", torch.lerp)
+lerp_ = _op("lerp_", torch.lerp)
+addcmul_ = _op("addcmul_", lambda x, a, b, value=1: torch.addcmul(x, a, b, value=value))
+
+
+def norm(xs: Any, ord: Any = 2, **kwargs: Any) -> Any:
+    """``torch._foreach_norm`` (the L-``ord`` norm of each tensor)."""
+    if not _tree.functorch_active():
+        return torch._foreach_norm(xs, ord, **kwargs)
+    return [torch.linalg.vector_norm(x, ord) for x in xs]
