@@ -86,6 +86,7 @@ from .weighting import (
     uncertainty_weighting,
     weighted_grad_and_task_norms,
 )
+from .batching import batched, get_hyperparam, set_hyperparam
 from .initscale import (
     InitReport,
     gradinit,
@@ -236,4 +237,7 @@ __all__ = [
     "ScaleByEmpiricalInitState",
     "empirical_init",
     "empirical_init_params",
+    "batched",
+    "set_hyperparam",
+    "get_hyperparam",
 ]

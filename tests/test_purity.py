@@ -100,6 +100,20 @@ CASES.update({
     "fixed_weights": lambda: _with_task_stats(gx.chain(gx.fixed_weights([1.0, 2.0, 3.0]), gx.sgd(0.1))),
 })
 
+def _one_model(btx):
+    """``batched`` needs every leaf stacked along one model dim: here N = 1 (unsqueeze / squeeze)."""
+    up = lambda t: gx.tree.tree_map(lambda x: x.unsqueeze(0), t)  # noqa: E731
+    down = lambda t: gx.tree.tree_map(lambda x: x.squeeze(0), t)  # noqa: E731
+
+    def update(updates, state, params=None):
+        u, s = btx.update(up(updates), state, None if params is None else up(params))
+        return down(u), s
+
+    return gx.GradientTransformation(lambda p: btx.init(up(p)), update)
+
+
+CASES["batched"] = lambda: _one_model(gx.batched(gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(0.1))))
+
 # Public names that are not transform factories.
 NOT_TRANSFORMS = {
     "GradientTransformation", "EmptyState", "ExtraArgs", "extra_args_of", "with_extra_args", "apply_updates",
@@ -108,7 +122,7 @@ NOT_TRANSFORMS = {
     "piecewise_constant_schedule", "join_schedules", "norm_history", "clip_fraction", "ClipStats",
     "grad_and_sum_grad_squared", "sum_grad_squared", "track_sum_grad_squared", "PerExampleStats", "PerParam",
     "loss_weights", "task_grad_norms", "weighted_grad_and_task_norms", "WeightedGrads",
-    "InitReport", "gradinit", "gradinit_objective",
+    "InitReport", "gradinit", "gradinit_objective", "set_hyperparam", "get_hyperparam",
     "empirical_init", "empirical_init_params",
 }
 

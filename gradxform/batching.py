@@ -1,0 +1,150 @@
+"""Many models at once, and hyperparameters as differentiable inputs: gradxform with torch.func.
+
+`batched` runs a transform on ``N`` independent models stacked along a leading dimension (an
+ensemble from ``torch.func.stack_module_state``, a hyperparameter sweep) with ``torch.func.vmap``:
+one call updates all ``N``. `set_hyperparam` / `get_hyperparam` read and write injected
+hyperparameters in any state, so a learning rate can be a vector of ``N`` values under `batched`
+or a tensor that requires grad for a hypergradient through unrolled steps.
+
+Inside ``torch.func`` transforms every gradxform transform takes its all-tensor code path (no
+host reads, no in-place writes: see `gradxform.tree.traced`), so ``torch.func.grad`` through
+``tx.update`` and `gradxform.apply_updates` works for the differentiable transforms.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from . import tree as _tree
+from .base import GradientTransformation, Params, Updates
+from .combine import InjectHyperparamsState
+
+__all__ = ["batched", "set_hyperparam", "get_hyperparam"]
+
+
+class _Packed:
+    """A pytree split into its tensor leaves (vmapped) and everything else (kept aside)."""
+
+    __slots__ = ("spec", "consts", "idx")
+
+    def __init__(self, tree: Any) -> None:
+        leaves, self.spec = _tree.tree_flatten(tree)
+        self.idx = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        self.consts = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+
+    @staticmethod
+    def tensors(tree: Any) -> list[torch.Tensor]:
+        return [x for x in _tree.tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
+
+    def unpack(self, tensors: Any) -> Any:
+        leaves = list(self.consts)
+        for i, t in zip(self.idx, tensors):
+            leaves[i] = t
+        return _tree.tree_unflatten(self.spec, leaves)
+
+
+def batched(tx: GradientTransformation, *, unbatched_extras: tuple[str, ...] = (),
+            randomness: str = "error") -> GradientTransformation:
+    """``tx`` applied to ``N`` independent models at once with ``torch.func.vmap``.
+
+    Every tensor of ``params``, ``updates`` and the state carries the model index in dim 0 (as
+    ``torch.func.stack_module_state`` stacks params); ``init`` builds each model's state from its
+    own params (``vmap`` of ``tx.init``), ``update`` is ``vmap`` of ``tx.update``. Extra
+    arguments are batched along dim 0 too, except those named in ``unbatched_extras`` (shared by
+    all models). ``None`` leaves (frozen params, absent optional state) are allowed anywhere:
+    they are set aside around ``vmap``. Hyperparameters injected in the state become ``(N,)``
+    vectors, so each model can have its own learning rate (`set_hyperparam`).
+
+    Mathematically ``batched(tx).update`` equals ``N`` separate ``tx.update`` calls.
+    Transforms with data-dependent Python control flow that the all-tensor path does not cover
+    raise inside ``vmap``; the docs list them.
+    """
+    if randomness not in ("error", "different", "same"):
+        raise ValueError(f"randomness must be 'error', 'different' or 'same'; got {randomness!r}")
+
+    def init(params: Params) -> Any:
+        box: dict[str, _Packed] = {}
+
+        def one(p_tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            st = tx.init(p_pack.unpack(p_tensors))
+            box["state"] = _Packed(st)
+            return _Packed.tensors(st)
+
+        p_pack = _Packed(params)
+        out = torch.func.vmap(one, randomness=randomness)(_Packed.tensors(params))
+        return box["state"].unpack(out)
+
+    def update(updates: Updates, state: Any, params: Params | None = None, **extra: Any) -> tuple[Updates, Any]:
+        u_pack, s_pack, p_pack = _Packed(updates), _Packed(state), _Packed(params)
+        names = sorted(extra)
+        e_packs = {k: _Packed(extra[k]) for k in names}
+        groups = [_Packed.tensors(updates), _Packed.tensors(state), _Packed.tensors(params)]
+        groups += [_Packed.tensors(extra[k]) for k in names]
+        dims: list[Any] = [0, 0, 0] + [None if k in unbatched_extras else 0 for k in names]
+        box: dict[str, _Packed] = {}
+
+        def one(u_t: list[torch.Tensor], s_t: list[torch.Tensor], p_t: list[torch.Tensor],
+                *e_t: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            ex = {k: e_packs[k].unpack(t) for k, t in zip(names, e_t)}
+            new_u, new_s = tx.update(u_pack.unpack(u_t), s_pack.unpack(s_t),
+                                     None if params is None else p_pack.unpack(p_t), **ex)
+            box["u"], box["s"] = _Packed(new_u), _Packed(new_s)
+            return _Packed.tensors(new_u), _Packed.tensors(new_s)
+
+        out_u, out_s = torch.func.vmap(one, in_dims=tuple(dims), randomness=randomness)(*groups)
+        return box["u"].unpack(out_u), box["s"].unpack(out_s)
+
+    return GradientTransformation(init, update)
+
+
+def _injected(state: Any) -> list[InjectHyperparamsState]:
+    found: list[InjectHyperparamsState] = []
+
+    def walk(node: Any) -> None:
+        if getattr(type(node), "_gx_private_hyperparams", False):
+            return
+        if isinstance(node, InjectHyperparamsState):
+            found.append(node)
+            walk(node.inner_state)
+        elif isinstance(node, tuple):
+            for child in node:
+                walk(child)
+        elif isinstance(node, Mapping):
+            for child in node.values():
+                walk(child)
+
+    walk(state)
+    return found
+
+
+def set_hyperparam(state: Any, name: str, value: Any) -> Any:
+    """Write injected hyperparameter ``name`` (e.g. ``"lr"``) in every
+    `gradxform.inject_hyperparams` state inside ``state`` (a chain's state included; a loss-weight
+    updater's private optimizer is skipped) and return ``state``.
+
+    ``value`` may be a number, a 0-d tensor that requires grad (a hypergradient: the update then
+    uses it as a tensor), or under `batched` an ``(N,)`` vector, one value per model. The state's
+    dict is updated in place (the rest of the state is untouched); raises ``KeyError`` when no
+    injected state has ``name``.
+    """
+    hits = [inj for inj in _injected(state) if name in inj.hyperparams]
+    if not hits:
+        names = sorted({k for inj in _injected(state) for k in inj.hyperparams})
+        raise KeyError(f"no injected hyperparameter {name!r} in this state; it has {names}")
+    for inj in hits:
+        old = inj.hyperparams[name]
+        if isinstance(value, torch.Tensor):
+            inj.hyperparams[name] = value
+        else:
+            inj.hyperparams[name] = torch.full_like(old, float(value))
+    return state
+
+
+def get_hyperparam(state: Any, name: str) -> torch.Tensor:
+    """The value of injected hyperparameter ``name`` (from the outermost injected state that has it)."""
+    for inj in _injected(state):
+        if name in inj.hyperparams:
+            return inj.hyperparams[name]
+    raise KeyError(f"no injected hyperparameter {name!r} in this state")
