@@ -208,12 +208,16 @@ def _acc(r: dict[str, Any]) -> str:
     return f"{r['test_acc']:.1%}" + ("" if r["finite"] else " NaN")
 
 
-def plot_losses(gi: dict[int, dict[str, Any]], ei: dict[int, dict[str, Any]], path: str) -> None:
+def plot_losses(gi: dict[int, dict[str, Any]], ei: dict[int, dict[str, Any]], path: str) -> bool:
     """Train loss per epoch: left GradInit's experiment, right empirical init's (one line per seed)."""
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"--plot {path}: matplotlib is not installed (pip install matplotlib); no plot written")
+        return False
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     lr_colors = {0.001: "tab:gray", 0.01: "tab:orange", 0.1: "tab:red"}
@@ -247,6 +251,7 @@ def plot_losses(gi: dict[int, dict[str, Any]], ei: dict[int, dict[str, Any]], pa
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -292,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         f"default init (exp. 2, best lr) {max(sum(r['baseline'][lr]['test_acc'] for r in ei.values()) for lr in BASELINE_LRS) / len(ei):.1%}",
         f"empirical init {sum(r['empirical']['test_acc'] for r in ei.values()) / len(ei):.1%}"]))
     if args.plot:
-        plot_losses(gi, ei, args.plot)
-        print(f"saved {args.plot}")
+        if plot_losses(gi, ei, args.plot):
+            print(f"saved {args.plot}")
 
 
 if __name__ == "__main__":
