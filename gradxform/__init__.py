@@ -87,6 +87,7 @@ from .weighting import (
     weighted_grad_and_task_norms,
 )
 from .batching import batched, get_hyperparam, set_hyperparam
+from .tree import differentiable
 from .initscale import (
     InitReport,
     gradinit,
@@ -240,4 +241,5 @@ __all__ = [
     "batched",
     "set_hyperparam",
     "get_hyperparam",
+    "differentiable",
 ]

@@ -2,8 +2,9 @@
 
 The transforms run their leaf arithmetic as ``torch._foreach_*`` kernels (one launch for all
 leaves). Those ops have no ``vmap`` batching rule, so inside a ``torch.func`` transform (``vmap``
-over a model dimension, ``grad`` through an update) every function here falls back to the same
-operation leaf by leaf; elsewhere it is the foreach kernel itself.
+over a model dimension, ``grad`` through an update) and inside `gradxform.tree.differentiable`,
+every function here falls back to the same operation leaf by leaf, out of place; elsewhere it is
+the foreach kernel itself.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _op(name: str, per_leaf: Callable[..., torch.Tensor]) -> Callable[..., Any]:
     inplace = name.endswith("_")
 
     def op(xs: Any, *args: Any, **kwargs: Any) -> Any:
-        if not _tree.functorch_active():
+        if not _tree.pure_ops():
             return kernel(xs, *args, **kwargs)
         out = [per_leaf(x, *[_at(a, i) for a in args], **kwargs) for i, x in enumerate(xs)]
         if inplace:
@@ -56,7 +57,14 @@ maximum_ = _op("maximum_", torch.maximum)
 clamp_min = _op("clamp_min", torch.clamp_min)
 clamp_min_ = _op("clamp_min_", torch.clamp_min)
 clamp_max_ = _op("clamp_max_", torch.clamp_max)
-sqrt = _op("sqrt", torch.sqrt)
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` whose derivative at 0 is 0 instead of inf (which times a zero tangent is NaN:
+    a second moment that is exactly 0, e.g. a dead unit, would poison a hypergradient)."""
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+sqrt = _op("sqrt", _safe_sqrt)
 lerp = _op("lerp", torch.lerp)
 lerp_ = _op("lerp_", torch.lerp)
 addcmul_ = _op("addcmul_", lambda x, a, b, value=1: torch.addcmul(x, a, b, value=value))
@@ -64,6 +72,6 @@ addcmul_ = _op("addcmul_", lambda x, a, b, value=1: torch.addcmul(x, a, b, value
 
 def norm(xs: Any, ord: Any = 2, **kwargs: Any) -> Any:
     """``torch._foreach_norm`` (the L-``ord`` norm of each tensor)."""
-    if not _tree.functorch_active():
+    if not _tree.pure_ops():
         return torch._foreach_norm(xs, ord, **kwargs)
     return [torch.linalg.vector_norm(x, ord) for x in xs]

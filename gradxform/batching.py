@@ -74,7 +74,9 @@ def batched(tx: GradientTransformation, *, unbatched_extras: tuple[str, ...] = (
 
         p_pack = _Packed(params)
         out = torch.func.vmap(one, randomness=randomness)(_Packed.tensors(params))
-        return box["state"].unpack(out)
+        # vmap returns broadcast (stride-0) tensors for values that do not depend on the params
+        # (counts): make them ordinary, so that a compiled step sees the same strides every call
+        return box["state"].unpack([t.contiguous() for t in out])
 
     def update(updates: Updates, state: Any, params: Params | None = None, **extra: Any) -> tuple[Updates, Any]:
         u_pack, s_pack, p_pack = _Packed(updates), _Packed(state), _Packed(params)
@@ -125,7 +127,9 @@ def set_hyperparam(state: Any, name: str, value: Any) -> Any:
     updater's private optimizer is skipped) and return ``state``.
 
     ``value`` may be a number, a 0-d tensor that requires grad (a hypergradient: the update then
-    uses it as a tensor), or under `batched` an ``(N,)`` vector, one value per model. The state's
+    uses it as a tensor; with ``torch.func.grad`` nothing else is needed, with ``torch.autograd``
+    run the unrolled updates inside `gradxform.differentiable`), or under `batched` an ``(N,)``
+    vector, one value per model. The state's
     dict is updated in place (the rest of the state is untouched); raises ``KeyError`` when no
     injected state has ``name``.
     """

@@ -405,7 +405,7 @@ def adaptive_grad_clip(clipping: float | torch.Tensor, eps: float | torch.Tensor
         out = []
         for g, p in zip(flat.live, ps):
             g_norm = _unit_norms(g, vector_unit)
-            p_norm = _unit_norms(p.detach(), vector_unit).to(g_norm.dtype)
+            p_norm = _unit_norms(p, vector_unit).to(g_norm.dtype)
             if isinstance(e, torch.Tensor):
                 max_norm = torch.maximum(p_norm, e.to(p_norm.dtype)) * c
             else:
@@ -540,8 +540,9 @@ def autoclip(
             clipped = norm > thr
         else:
             clipped = _random_decision(state.seed, count, norm, thr, beta, power)
-        # thr / norm only where norm > thr > = 0; elsewhere the factor is exactly 1
-        factor = torch.where(clipped, thr / norm, torch.ones_like(norm))
+        # thr / norm only where norm > thr >= 0; elsewhere the factor is exactly 1 (the divisor is
+        # 1 there too, so a zero norm cannot put inf * 0 = NaN into a gradient)
+        factor = torch.where(clipped, thr / torch.where(clipped, norm, torch.ones_like(norm)), torch.ones_like(norm))
         out = _mul(flat.live, factor, _tree.updates_inplace(flat.live))
         new_state = AutoClipState(count + 1, buf, state.seed, thr, _stats_next(state.stats, clipped, norm, factor))
         return flat.rebuild(out), new_state
@@ -600,7 +601,7 @@ def random_clip_by_global_norm(
         level = _tree.as_scalar(max_norm)
         clipped = _random_decision(state.seed, state.count, norm, level, beta, power)
         lam = _as_level(level, norm.dtype)
-        factor = torch.where(clipped, lam / norm, torch.ones_like(norm))
+        factor = torch.where(clipped, lam / torch.where(clipped, norm, torch.ones_like(norm)), torch.ones_like(norm))
         out = _mul(flat.live, factor, _tree.updates_inplace(flat.live))
         new_state = RandomClipState(state.count + 1, state.seed, _stats_next(state.stats, clipped, norm, factor))
         return flat.rebuild(out), new_state

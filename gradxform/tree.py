@@ -31,6 +31,8 @@ __all__ = [
     "is_compiling",
     "functorch_active",
     "traced",
+    "pure_ops",
+    "differentiable",
     "as_scalar",
     "owned_buffers",
     "register_state_types",
@@ -168,7 +170,7 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(())
     device = tensors[0].device
-    if functorch_active():  # no vmap rule for the foreach kernel
+    if pure_ops():  # no vmap rule for the foreach kernel
         norms = [torch.linalg.vector_norm(t) for t in tensors]
     else:
         norms = torch._foreach_norm(list(tensors))
@@ -220,10 +222,35 @@ def functorch_active() -> bool:
         return False
 
 
+_DIFFERENTIABLE = {"on": False}
+
+
+@contextlib.contextmanager
+def differentiable() -> Iterator[None]:
+    """Make updates differentiable with ``torch.autograd``: inside this context transforms take
+    their all-tensor, out-of-place code paths (as inside ``torch.func`` transforms, where this is
+    automatic), so ``loss.backward()`` through unrolled ``tx.update`` calls reaches a learning
+    rate or the initial params. Like ``torch.optim``'s ``differentiable=True``; slower."""
+    previous = _DIFFERENTIABLE["on"]
+    _DIFFERENTIABLE["on"] = True
+    try:
+        yield
+    finally:
+        _DIFFERENTIABLE["on"] = previous
+
+
+def pure_ops() -> bool:
+    """True when leaf arithmetic must be out of place and per leaf: inside ``torch.func``
+    transforms (no vmap rule for foreach kernels; in-place writes break ``grad``) and inside
+    `differentiable`."""
+    return _DIFFERENTIABLE["on"] or functorch_active()
+
+
 def traced() -> bool:
-    """True when host reads of tensor values are not allowed: under ``torch.compile`` or inside a
-    ``torch.func`` transform. Transforms then take their all-tensor code paths."""
-    return is_compiling() or functorch_active()
+    """True when host reads of tensor values are not allowed or not wanted: under
+    ``torch.compile``, inside a ``torch.func`` transform, or inside `differentiable`. Transforms
+    then take their all-tensor code paths."""
+    return is_compiling() or pure_ops()
 
 
 def as_scalar(x: Any) -> Any:

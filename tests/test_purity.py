@@ -122,7 +122,7 @@ NOT_TRANSFORMS = {
     "piecewise_constant_schedule", "join_schedules", "norm_history", "clip_fraction", "ClipStats",
     "grad_and_sum_grad_squared", "sum_grad_squared", "track_sum_grad_squared", "PerExampleStats", "PerParam",
     "loss_weights", "task_grad_norms", "weighted_grad_and_task_norms", "WeightedGrads",
-    "InitReport", "gradinit", "gradinit_objective", "set_hyperparam", "get_hyperparam",
+    "InitReport", "gradinit", "gradinit_objective", "set_hyperparam", "get_hyperparam", "differentiable",
     "empirical_init", "empirical_init_params",
 }
 
