@@ -13,13 +13,13 @@ host reads, no in-place writes: see `gradxform.tree.traced`), so ``torch.func.gr
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from . import tree as _tree
 from .base import GradientTransformation, Params, Updates
-from .combine import InjectHyperparamsState
+from .combine import find_injected
 
 __all__ = ["batched", "set_hyperparam", "get_hyperparam"]
 
@@ -101,26 +101,6 @@ def batched(tx: GradientTransformation, *, unbatched_extras: tuple[str, ...] = (
     return GradientTransformation(init, update)
 
 
-def _injected(state: Any) -> list[InjectHyperparamsState]:
-    found: list[InjectHyperparamsState] = []
-
-    def walk(node: Any) -> None:
-        if getattr(type(node), "_gx_private_hyperparams", False):
-            return
-        if isinstance(node, InjectHyperparamsState):
-            found.append(node)
-            walk(node.inner_state)
-        elif isinstance(node, tuple):
-            for child in node:
-                walk(child)
-        elif isinstance(node, Mapping):
-            for child in node.values():
-                walk(child)
-
-    walk(state)
-    return found
-
-
 def set_hyperparam(state: Any, name: str, value: Any) -> Any:
     """Write injected hyperparameter ``name`` (e.g. ``"lr"``) in every
     `gradxform.inject_hyperparams` state inside ``state`` (a chain's state included; a loss-weight
@@ -133,9 +113,9 @@ def set_hyperparam(state: Any, name: str, value: Any) -> Any:
     dict is updated in place (the rest of the state is untouched); raises ``KeyError`` when no
     injected state has ``name``.
     """
-    hits = [inj for inj in _injected(state) if name in inj.hyperparams]
+    hits = [inj for inj in find_injected(state) if name in inj.hyperparams]
     if not hits:
-        names = sorted({k for inj in _injected(state) for k in inj.hyperparams})
+        names = sorted({k for inj in find_injected(state) for k in inj.hyperparams})
         raise KeyError(f"no injected hyperparameter {name!r} in this state; it has {names}")
     for inj in hits:
         old = inj.hyperparams[name]
@@ -148,7 +128,7 @@ def set_hyperparam(state: Any, name: str, value: Any) -> Any:
 
 def get_hyperparam(state: Any, name: str) -> torch.Tensor:
     """The value of injected hyperparameter ``name`` (from the outermost injected state that has it)."""
-    for inj in _injected(state):
+    for inj in find_injected(state):
         if name in inj.hyperparams:
             return inj.hyperparams[name]
     raise KeyError(f"no injected hyperparameter {name!r} in this state")

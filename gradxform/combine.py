@@ -539,3 +539,29 @@ def graft(magnitude_tx: GradientTransformation, direction_tx: GradientTransforma
 
 
 _tree.register_state_types(GraftState)
+
+
+def find_injected(state: Any) -> list[InjectHyperparamsState]:
+    """Every InjectHyperparamsState in a transform state, outermost first.
+
+    States that declare ``_gx_private_hyperparams = True`` (a loss-weight updater's own optimizer,
+    which moves the task weights, not the params) are not searched: their learning rate is not the
+    group's ``lr``.
+    """
+    found: list[InjectHyperparamsState] = []
+
+    def walk(node: Any) -> None:
+        if getattr(type(node), "_gx_private_hyperparams", False):
+            return
+        if isinstance(node, InjectHyperparamsState):
+            found.append(node)
+            walk(node.inner_state)
+        elif isinstance(node, tuple):
+            for child in node:
+                walk(child)
+        elif isinstance(node, dict):
+            for child in node.values():
+                walk(child)
+
+    walk(state)
+    return found

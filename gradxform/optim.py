@@ -47,7 +47,7 @@ import torch
 
 from . import tree as _tree
 from .base import GradientTransformation, chain
-from .combine import InjectHyperparamsState
+from .combine import find_injected as _find_injected
 from .persample import PerParam
 from .transforms import ScaleByAdamState
 
@@ -77,30 +77,6 @@ def _group_extras(extra: dict[str, Any], params: list[torch.Tensor]) -> dict[str
     return out
 
 
-def _find_injected(state: Any) -> list[InjectHyperparamsState]:
-    """Every InjectHyperparamsState in a transform state, outermost first.
-
-    States that declare ``_gx_private_hyperparams = True`` (a loss-weight updater's own optimizer,
-    which moves the task weights, not the params) are not searched: their learning rate is not the
-    group's ``lr``.
-    """
-    found: list[InjectHyperparamsState] = []
-
-    def walk(node: Any) -> None:
-        if getattr(type(node), "_gx_private_hyperparams", False):
-            return
-        if isinstance(node, InjectHyperparamsState):
-            found.append(node)
-            walk(node.inner_state)
-        elif isinstance(node, tuple):
-            for child in node:
-                walk(child)
-        elif isinstance(node, dict):
-            for child in node.values():
-                walk(child)
-
-    walk(state)
-    return found
 
 
 def _probe_hyperparams(tx: GradientTransformation, params: list[torch.Tensor]) -> dict[str, Any]:
