@@ -67,6 +67,16 @@ def _device_of(params: Params) -> torch.device:
     return torch.device("cpu")
 
 
+def _dtype_of(params: Params, dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype`` if given, else the params' floating dtype promoted to at least float32."""
+    if dtype is not None:
+        return dtype
+    for leaf in _tree.tree_flatten(params)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return torch.promote_types(leaf.dtype, torch.float32)
+    return torch.float32
+
+
 def _vector(name: str, value: Any, num_tasks: int, like: torch.Tensor) -> torch.Tensor:
     """``value`` as a detached ``(T,)`` vector on ``like``'s device and dtype, or a clear error."""
     if value is None:
@@ -166,7 +176,7 @@ def gradnorm(
     mask: Sequence[bool] | torch.Tensor | None = None,
     frozen: bool = False,
     sync: bool = True,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """GradNorm (Chen et al., ICML 2018, arXiv 1711.02257): learn loss weights that balance the
     tasks' gradient norms at a shared tensor ``W``.
@@ -206,7 +216,8 @@ def gradnorm(
             ``losses`` over the ranks, so that every rank computes the same weights. The norms
             must be those of the global per-task gradients: `task_grad_norms` and
             `weighted_grad_and_task_norms` average the per-task gradients before the norm.
-        dtype: dtype of the weights and statistics.
+        dtype: dtype of the weights and statistics (default: the params' floating dtype, at least
+            float32).
 
     Extra arguments of ``update``: ``losses`` and ``task_grad_norms``, ``(T,)`` each (a list of
     scalars is accepted). An update whose losses or norms are not all finite leaves the weights
@@ -236,10 +247,10 @@ def gradnorm(
 
     def init(params: Params) -> GradNormState:
         dev = _device_of(params)
-        w = torch.ones(t, dtype=dtype, device=dev)
-        l0 = given_l0.to(dtype=dtype, device=dev) if given_l0 is not None else torch.zeros(t, dtype=dtype, device=dev)
+        w = torch.ones(t, dtype=_dtype_of(params, dtype), device=dev)
+        l0 = given_l0.to(dtype=_dtype_of(params, dtype), device=dev) if given_l0 is not None else torch.zeros(t, dtype=_dtype_of(params, dtype), device=dev)
         return GradNormState(w, l0, torch.zeros((), dtype=torch.int64), weight_tx.init(w),
-                             torch.zeros(t, dtype=dtype, device=dev), torch.zeros((), dtype=torch.int64, device=dev))
+                             torch.zeros(t, dtype=_dtype_of(params, dtype), device=dev), torch.zeros((), dtype=torch.int64, device=dev))
 
     def update(updates: Updates, state: GradNormState, params: Params | None = None, *,
                losses: Any, task_grad_norms: Any) -> tuple[Updates, GradNormState]:
@@ -323,7 +334,7 @@ def uncertainty_weighting(
     *,
     initial_log_vars: Sequence[float] | torch.Tensor | None = None,
     sync: bool = True,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> GradientTransformation:
     """Homoscedastic-uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018, arXiv 1705.07115).
 
@@ -351,7 +362,7 @@ def uncertainty_weighting(
 
     def init(params: Params) -> UncertaintyWeightingState:
         dev = _device_of(params)
-        s = s0.to(dtype=dtype, device=dev) if s0 is not None else torch.zeros(t, dtype=dtype, device=dev)
+        s = s0.to(dtype=_dtype_of(params, dtype), device=dev) if s0 is not None else torch.zeros(t, dtype=_dtype_of(params, dtype), device=dev)
         return UncertaintyWeightingState(torch.exp(-s), s, torch.zeros((), dtype=torch.int64), weight_tx.init(s),
                                          torch.zeros((), dtype=torch.int64, device=dev))
 
@@ -393,7 +404,7 @@ class DWAState(NamedTuple):
 
 
 def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1, *, sync: bool = True,
-        dtype: torch.dtype = torch.float32) -> GradientTransformation:
+        dtype: torch.dtype | None = None) -> GradientTransformation:
     """Dynamic Weight Average (Liu, Johns & Davison, "End-to-end multi-task learning with
     attention", CVPR 2019, arXiv 1803.10704).
 
@@ -413,9 +424,9 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1, *, sync: bool
 
     def init(params: Params) -> DWAState:
         dev = _device_of(params)
-        z = torch.zeros(t, dtype=dtype, device=dev)
+        z = torch.zeros(t, dtype=_dtype_of(params, dtype), device=dev)
         zero = torch.zeros((), dtype=torch.int64)
-        return DWAState(torch.ones(t, dtype=dtype, device=dev), z, z.clone(), z.clone(), zero, zero.clone(),
+        return DWAState(torch.ones(t, dtype=_dtype_of(params, dtype), device=dev), z, z.clone(), z.clone(), zero, zero.clone(),
                         torch.zeros((), dtype=torch.int64, device=dev))
 
     def update(updates: Updates, state: DWAState, params: Params | None = None, *,
@@ -452,7 +463,7 @@ class FixedWeightsState(NamedTuple):
     weights: torch.Tensor
 
 
-def fixed_weights(weights: Sequence[float] | torch.Tensor, *, dtype: torch.dtype = torch.float32) -> GradientTransformation:
+def fixed_weights(weights: Sequence[float] | torch.Tensor, *, dtype: torch.dtype | None = None) -> GradientTransformation:
     """Constant loss weights (the equal-weights baseline: ``fixed_weights([1.0] * T)``).
 
     Accepts and ignores the extra arguments ``losses`` and ``task_grad_norms``, so that it can
@@ -463,7 +474,7 @@ def fixed_weights(weights: Sequence[float] | torch.Tensor, *, dtype: torch.dtype
         raise ValueError(f"weights must be one or more finite numbers >= 0; got {weights!r}")
 
     def init(params: Params) -> FixedWeightsState:
-        return FixedWeightsState(w0.to(dtype=dtype, device=_device_of(params)))
+        return FixedWeightsState(w0.to(dtype=_dtype_of(params, dtype), device=_device_of(params)))
 
     def update(updates: Updates, state: FixedWeightsState, params: Params | None = None, *,
                losses: Any = None, task_grad_norms: Any = None) -> tuple[Updates, FixedWeightsState]:
