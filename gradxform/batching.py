@@ -39,10 +39,7 @@ class _Packed:
         return [x for x in _tree.tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
 
     def unpack(self, tensors: Any) -> Any:
-        leaves = list(self.consts)
-        for i, t in zip(self.idx, tensors):
-            leaves[i] = t
-        return _tree.tree_unflatten(self.spec, leaves)
+        return _tree.tree_unflatten(self.spec, _tree.scatter(self.consts, self.idx, tensors))
 
 
 def batched(tx: GradientTransformation, *, unbatched_extras: tuple[str, ...] = (),

@@ -69,6 +69,7 @@ from .initscale import (
     _batches,
     _check_params,
     _param_stats,
+    _rms,
     _scalar_loss,
     apply_fn_of,
     module_activation_rms,
@@ -196,16 +197,6 @@ def scale_by_empirical_init(multipliers: Params) -> GradientTransformation:
 
 
 # --- the tuner -----------------------------------------------------------------------------------
-
-
-def _rms(t: torch.Tensor) -> float:
-    """RMS in at least float32 (float64 stays float64, so the 1e-9 check can hold)."""
-    t = t.detach()
-    if t.is_complex():
-        t = t.abs()
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.float()
-    return float(t.square().mean().sqrt()) if t.numel() else 0.0
 
 
 def _default_rule(model: nn.Module) -> Callable[[str, nn.Module], bool]:

@@ -88,7 +88,12 @@ def progress_iter(it: Iterable[Any], total: int | None, enabled: bool, desc: str
 
 
 def _rms(t: torch.Tensor) -> float:
-    t = t.detach().float()
+    """RMS in at least float32 (float64 stays float64)."""
+    t = t.detach()
+    if t.is_complex():
+        t = t.abs()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
     return float(t.square().mean().sqrt()) if t.numel() else 0.0
 
 
@@ -317,9 +322,7 @@ def gradinit_objective(
             theta[i] = s_leaves[i] * leaves0[i]
 
         def loss_at(live_vals: list[torch.Tensor], b: Any) -> torch.Tensor:
-            full = list(theta)
-            for k, i in enumerate(live):
-                full[i] = live_vals[k]
+            full = _tree.scatter(theta, live, live_vals)
             return _scalar_loss(loss_fn(_tree.tree_unflatten(spec, full), b), "gradinit")
 
         th = [theta[i] for i in live]

@@ -136,13 +136,17 @@ def _pick(xs: list[Any], pos: list[int]) -> list[Any]:
     return [xs[j] for j in pos]
 
 
-def _read_sgs(flat: _Flat, sgs: Any, fallback: str, who: str) -> tuple[list[int], list[torch.Tensor], list[int]]:
-    """Split the live leaves into those with an ``S`` (TrueGrad) and those without (plain).
+def _read_sgs(flat: _Flat, sgs: Any, fallback: str, who: str,
+              enforce_baseline: bool = False) -> tuple[list[int], list[torch.Tensor], list[int]]:
+    """Split the live leaves into those with an ``S`` (TrueGrad) and those without (plain; all of
+    them with ``enforce_baseline``).
 
     Returns positions in ``flat.live`` of the TrueGrad leaves, their ``S`` tensors, and the
     positions of the plain leaves.
     """
     n = len(flat.live)
+    if enforce_baseline:
+        return [], [], list(range(n))
     if sgs is None:
         if fallback == "adam":
             return [], [], list(range(n))
@@ -170,6 +174,21 @@ def _read_sgs(flat: _Flat, sgs: Any, fallback: str, who: str) -> tuple[list[int]
     _tree.check_shapes(lambda: [flat.paths()[flat.idx[j]] for j in tg_pos], _pick(flat.live, tg_pos), s_live,
                        "sum_grad_squared")
     return tg_pos, s_live, base_pos
+
+
+def _assemble(n: int, tg_pos: list[int], u_tg: list[torch.Tensor], base_pos: list[int], graft: bool, eps: Any,
+              base_dir: Any) -> list[Any]:
+    """The ``n`` output leaves: the TrueGrad directions ``u_tg`` at ``tg_pos`` (with ``graft``,
+    rescaled in place to the per-leaf norm of the base direction) and the base direction at
+    ``base_pos``. ``base_dir(positions)`` computes the base direction at those live positions."""
+    out: list[Any] = [None] * n
+    ad_pos = sorted(set(base_pos) | set(tg_pos)) if graft else base_pos
+    if ad_pos:
+        by_pos = dict(zip(ad_pos, base_dir(ad_pos)))
+        if graft and tg_pos:
+            _graft_(u_tg, [by_pos[j] for j in tg_pos], eps)
+        out = _tree.scatter(out, base_pos, [by_pos[j] for j in base_pos])
+    return _tree.scatter(out, tg_pos, u_tg)
 
 
 def _ema_at(state_live: list[torch.Tensor], pos: list[int], new: list[torch.Tensor], decay: Any,
@@ -263,10 +282,7 @@ def scale_by_truegrad_adam(
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        if enforce_baseline:
-            tg_pos, s_in, base_pos = [], [], list(range(len(flat.live)))
-        else:
-            tg_pos, s_in, base_pos = _read_sgs(flat, sgs, fallback, who)
+        tg_pos, s_in, base_pos = _read_sgs(flat, sgs, fallback, who, enforce_baseline)
         beta1, beta2, beta3, e = (_tree.as_scalar(x) for x in (b1, b2, b3, eps))
         inplace = _tree.state_inplace()
         counts = _step_counts(flat, state.count, inplace)
@@ -274,23 +290,14 @@ def scale_by_truegrad_adam(
         mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, inplace)
         nu = _ema_sq(flat.state_live(state.nu, "state.nu"), g, beta2, inplace) if keep_nu else None
         s_all = None
-        out: list[Any] = [None] * len(g)
         u_tg: list[torch.Tensor] = []
         if keep_s:
             s_all, s_new = _ema_at(flat.state_live(state.s, "state.s"), tg_pos, s_in, beta3, inplace)
             if tg_pos:
                 c_tg = _pick(counts, tg_pos)
                 u_tg = _quotient(_pick(mu, tg_pos), _root_floor(s_new, c_tg, beta3, e))
-        ad_pos = sorted(set(base_pos) | set(tg_pos)) if graft else base_pos
-        if ad_pos:
-            u_ad = _quotient(_pick(mu, ad_pos), _root_floor(_pick(nu, ad_pos), _pick(counts, ad_pos), beta2, e))
-            by_pos = dict(zip(ad_pos, u_ad))
-            if graft and tg_pos:
-                _graft_(u_tg, [by_pos[j] for j in tg_pos], e)
-            for j in base_pos:
-                out[j] = by_pos[j]
-        for j, u in zip(tg_pos, u_tg):
-            out[j] = u
+        out = _assemble(len(g), tg_pos, u_tg, base_pos, graft, e, lambda pos: _quotient(
+            _pick(mu, pos), _root_floor(_pick(nu, pos), _pick(counts, pos), beta2, e)))
         _div_each_(out, _corrections(counts, beta1))
         new_state = ScaleByTrueGradAdamState(
             flat.rebuild(counts, like=state.count),
@@ -364,10 +371,7 @@ def scale_by_truegrad_laprop(
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        if enforce_baseline:
-            tg_pos, s_in, base_pos = [], [], list(range(len(flat.live)))
-        else:
-            tg_pos, s_in, base_pos = _read_sgs(flat, sgs, fallback, who)
+        tg_pos, s_in, base_pos = _read_sgs(flat, sgs, fallback, who, enforce_baseline)
         beta1, beta2, beta3, beta4, e = (_tree.as_scalar(x) for x in (b1, b2, b3, b4, eps))
         inplace = _tree.state_inplace()
         counts = _step_counts(flat, state.count, inplace)
@@ -387,21 +391,15 @@ def scale_by_truegrad_laprop(
             mb = _ema(flat.state_live(state.mu_base, "state.mu_base"), normed_b, beta1, inplace)
         # outputs are fresh tensors (the momenta are state and must not be aliased)
         if tg_pos:
-            c_tg = _pick(counts, tg_pos)
+            u_tg = list(_fe.mul(m_tg, 1.0))
             if graft:
-                u_tg = list(_fe.mul(m_tg, 1.0))
                 _graft_(u_tg, _pick(mb, tg_pos), e)
-                _div_each_(u_tg, _corrections(c_tg, beta1))
-            else:
-                u_tg = list(_fe.mul(m_tg, 1.0))
-                _div_each_(u_tg, _corrections(c_tg, beta3))
-            for j, u in zip(tg_pos, u_tg):
-                out[j] = u
+            _div_each_(u_tg, _corrections(_pick(counts, tg_pos), beta1 if graft else beta3))
+            out = _tree.scatter(out, tg_pos, u_tg)
         if base_pos:
             u_b = list(_fe.mul(_pick(mb, base_pos), 1.0))
             _div_each_(u_b, _corrections(_pick(counts, base_pos), beta1))
-            for j, u in zip(base_pos, u_b):
-                out[j] = u
+            out = _tree.scatter(out, base_pos, u_b)
         new_state = ScaleByTrueGradLaPropState(
             flat.rebuild(counts, like=state.count),
             flat.rebuild(mu_all, like=state.mu) if keep_tg else None,
@@ -467,15 +465,11 @@ def scale_by_truegrad_rmsprop(
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        if enforce_baseline:
-            tg_pos, s_in, base_pos = [], [], list(range(len(flat.live)))
-        else:
-            tg_pos, s_in, base_pos = _read_sgs(flat, sgs, fallback, who)
+        tg_pos, s_in, base_pos = _read_sgs(flat, sgs, fallback, who, enforce_baseline)
         beta1, beta2, e = (_tree.as_scalar(x) for x in (b1, b2, eps))
         inplace = _tree.state_inplace()
         counts = _step_counts(flat, state.count, inplace)
         g = flat.live
-        out: list[Any] = [None] * len(g)
         s_all = nu = None
         u_tg: list[torch.Tensor] = []
         if keep_s:
@@ -484,16 +478,8 @@ def scale_by_truegrad_rmsprop(
                 u_tg = _quotient(_pick(g, tg_pos), _root_floor(s_new, _pick(counts, tg_pos), beta2, e))
         if keep_nu:
             nu = _ema_sq(flat.state_live(state.nu, "state.nu"), g, beta1, inplace)
-        ad_pos = sorted(set(base_pos) | set(tg_pos)) if graft else base_pos
-        if ad_pos:
-            u_b = _quotient(_pick(g, ad_pos), _root_floor(_pick(nu, ad_pos), _pick(counts, ad_pos), beta1, e))
-            by_pos = dict(zip(ad_pos, u_b))
-            if graft and tg_pos:
-                _graft_(u_tg, [by_pos[j] for j in tg_pos], e)
-            for j in base_pos:
-                out[j] = by_pos[j]
-        for j, u in zip(tg_pos, u_tg):
-            out[j] = u
+        out = _assemble(len(g), tg_pos, u_tg, base_pos, graft, e, lambda pos: _quotient(
+            _pick(g, pos), _root_floor(_pick(nu, pos), _pick(counts, pos), beta1, e)))
         new_state = ScaleByTrueGradRmsPropState(
             flat.rebuild(counts, like=state.count),
             flat.rebuild(s_all, like=state.s) if keep_s else None,

@@ -607,12 +607,7 @@ def _fallback(loss_fn: Callable[..., Any], spec: Any, leaves: list[Any], live: l
     consts = [w.detach() for w in work]
 
     def per_example(fb_vals: list[torch.Tensor], example: Any) -> torch.Tensor:
-        vals = list(consts)
-        for j, k in enumerate(fb):
-            vals[k] = fb_vals[j]
-        full = list(leaves)
-        for k, i in enumerate(live):
-            full[i] = vals[k]
+        full = _tree.scatter(leaves, live, _tree.scatter(consts, fb, fb_vals))
         one = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
         loss, _ = _split_result(loss_fn(_tree.tree_unflatten(spec, full), one, *args, **kwargs), has_aux, reduction)
         return loss
@@ -706,10 +701,7 @@ def grad_and_sum_grad_squared(
                 raise TypeError(f"params leaf '{paths[i]}' has dtype {t.dtype}: only floating-point params have gradients")
         n = _batch_size(batch)
         work = [leaves[i].detach().requires_grad_(True) for i in live]
-        full = list(leaves)
-        for k, i in enumerate(live):
-            full[i] = work[k]
-        p_tree = _tree.tree_unflatten(spec, full)
+        p_tree = _tree.tree_unflatten(spec, _tree.scatter(leaves, live, work))
         names = [paths[i] for i in live]
         budget = chunk_bytes if chunk_bytes is not None else _default_budget(work)
         tracker = _Tracker(work, names, n, per_example_norms, budget) if use_fast else None
@@ -765,10 +757,7 @@ def grad_and_sum_grad_squared(
                      else torch.zeros(n, dtype=dtype, device=work[0].device if work else None))
 
         def rebuild(vals: Sequence[Any]) -> Any:
-            out = [None] * len(leaves)
-            for k, i in enumerate(live):
-                out[i] = vals[k]
-            return _tree.tree_unflatten(spec, out)
+            return _tree.tree_unflatten(spec, _tree.scatter([None] * len(leaves), live, vals))
 
         return PerExampleStats(loss.detach(), rebuild(grads), rebuild(sgs), norms, aux, methods)
 

@@ -620,9 +620,7 @@ def weighted_grad_and_task_norms(
         paths = _tree.tree_paths(params)
         live = [i for i, x in enumerate(leaves) if x is not None]
         work = [leaves[i].detach().requires_grad_(True) for i in live]
-        full = list(leaves)
-        for k, i in enumerate(live):
-            full[i] = work[k]
+        full = _tree.scatter(leaves, live, work)
         w_shared = None
         if shared is not None:
             if shared not in paths:
@@ -652,9 +650,8 @@ def weighted_grad_and_task_norms(
             norms = task_grad_norms(losses, w_shared, retain_graph=True, group=group)
             total = (w * losses).sum()
             grads = torch.autograd.grad(total, work, allow_unused=True)
-        out_leaves: list[Any] = [None] * len(leaves)
-        for k, i in enumerate(live):
-            out_leaves[i] = torch.zeros_like(work[k]) if grads[k] is None else grads[k]
+        out_leaves = _tree.scatter([None] * len(leaves), live,
+                                   [torch.zeros_like(x) if g is None else g for x, g in zip(work, grads)])
         return WeightedGrads(total.detach(), losses.detach(), _tree.tree_unflatten(spec, out_leaves), norms, aux)
 
     return run
