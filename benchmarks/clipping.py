@@ -103,6 +103,8 @@ import sys
 import tempfile
 import time
 
+from _report import fmt, ok, ratio  # same directory: helpers shared by the benchmarks
+
 RULES = ("norm", "layer_wise", "coordinate_wise", "auto", "linear_rand_norm")
 LEVELS = {"norm": 1.0, "layer_wise": 0.3, "coordinate_wise": 0.1, "auto": None, "linear_rand_norm": 1.0}
 TORCH_CLIP_NAMES = {"auto": "auto_clip"}  # ours -> torch-clip's clipping_type, where they differ
@@ -351,19 +353,6 @@ def run_group(group: str, impls: list[str], p0: list, grads: list, names: list[s
 
 
 # --- the driver ------------------------------------------------------------------------------------
-
-
-def fmt(x, spec: str = ".2f", none: str = "-") -> str:
-    return none if x is None else format(x, spec)
-
-
-def ok(res: dict | None) -> dict | None:
-    return res if res and "error" not in res else None
-
-
-def ratio(a: dict | None, b: dict | None, key: str = "median_ms") -> float | None:
-    a, b = ok(a), ok(b)
-    return None if a is None or b is None else a[key] / b[key]
 
 
 def make_tensors(shapes: list) -> tuple[list, list]:

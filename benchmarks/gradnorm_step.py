@@ -73,6 +73,8 @@ import platform
 import statistics
 import time
 
+from _report import fmt, ok, ratio  # same directory: helpers shared by the benchmarks
+
 ROWS = ("equal", "gx_fixed", "gx_adapter", "gx_functional", "gn_pytorch")
 SHARED_PATH = "trunk.6.weight"  # the last trunk Linear (trunk = L, ReLU, L, ReLU, L, ReLU, L, ReLU)
 LR, ALPHA, SEED = 1e-3, 1.5, 0
@@ -270,19 +272,6 @@ def bench_tasks(num_tasks: int, cfg: dict, rows: list[str], peer: tuple[bool, st
 
 
 # --- the driver ----------------------------------------------------------------------------------
-
-
-def fmt(x, spec: str = ".2f", none: str = "-") -> str:
-    return none if x is None else format(x, spec)
-
-
-def ok(row: dict | None) -> dict | None:
-    return row if row and "error" not in row else None
-
-
-def ratio(a: dict | None, b: dict | None, key: str = "median_ms") -> float | None:
-    a, b = ok(a), ok(b)
-    return None if a is None or b is None else a[key] / b[key]
 
 
 def verdict(value: float | None, limit: float) -> str:

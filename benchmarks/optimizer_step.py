@@ -93,6 +93,8 @@ import sys
 import tempfile
 import time
 
+from _report import reset_peak_rss  # same directory: helpers shared by the benchmarks
+
 RULES = ("adamw", "clip+adamw")
 IMPLS = (
     ("torch_foreach", "torch.optim.AdamW(foreach=True)"),
@@ -160,16 +162,6 @@ def current_rss_kb() -> int:
 def max_rss_kb() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r // 1024 if sys.platform == "darwin" else r  # bytes on macOS, KiB on Linux
-
-
-def reset_peak_rss() -> bool:
-    """Reset the peak-RSS counter to the current RSS (Linux >= 4.0). False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def state_nbytes(tree) -> tuple[int, int]:

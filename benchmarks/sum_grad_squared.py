@@ -104,6 +104,8 @@ import subprocess
 import sys
 import time
 
+from _report import fmt, ok, ratio, reset_peak_rss  # same directory: helpers shared by the benchmarks
+
 MODELS = ("mlp", "cnn", "transformer")
 METHODS = ("plain", "gx_engine", "gx_track", "backpack", "truegrad", "naive")
 SEED = 0
@@ -481,15 +483,6 @@ def max_rss_kb() -> int:
     return r // 1024 if sys.platform == "darwin" else r  # bytes on macOS, KiB on Linux
 
 
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_child(key: str, args) -> dict:
     import torch
 
@@ -633,19 +626,6 @@ def bench_model(name: str, cfg: dict, methods: list[str], peers: dict, args) -> 
 
 
 # --- the driver ------------------------------------------------------------------------------------
-
-
-def fmt(x, spec: str = ".2f", none: str = "-") -> str:
-    return none if x is None else format(x, spec)
-
-
-def ok(row: dict | None) -> dict | None:
-    return row if row and "error" not in row else None
-
-
-def ratio(a: dict | None, b: dict | None, key: str = "median_ms") -> float | None:
-    a, b = ok(a), ok(b)
-    return None if a is None or b is None else a[key] / b[key]
 
 
 def print_model(name: str, cfg: dict, res: dict, mem: dict, args) -> None:
