@@ -20,6 +20,15 @@ def _at(arg: Any, i: int) -> Any:
     return arg[i] if isinstance(arg, (list, tuple)) else arg
 
 
+def _keep_dtypes(xs: Any, out: Any) -> Any:
+    """Each result in its leaf's dtype: a 0-d leaf combined with a 0-d tensor of a wider dtype
+    (a clip factor, an injected hyperparameter, a bias correction) would otherwise be promoted,
+    e.g. bfloat16 * float32 -> float32, unlike a leaf with dimensions."""
+    if all(o.dtype == x.dtype for o, x in zip(out, xs)):
+        return out
+    return [o if o.dtype == x.dtype else o.to(x.dtype) for o, x in zip(out, xs)]
+
+
 def _op(name: str, per_leaf: Callable[..., torch.Tensor]) -> Callable[..., Any]:
     """The foreach kernel ``name``; inside ``torch.func``, ``per_leaf`` (out of place) per leaf.
 
@@ -32,8 +41,11 @@ def _op(name: str, per_leaf: Callable[..., torch.Tensor]) -> Callable[..., Any]:
 
     def op(xs: Any, *args: Any, **kwargs: Any) -> Any:
         if not _tree.pure_ops():
-            return kernel(xs, *args, **kwargs)
-        out = [per_leaf(x, *[_at(a, i) for a in args], **kwargs) for i, x in enumerate(xs)]
+            out = kernel(xs, *args, **kwargs)
+            if inplace or not (_tree.is_compiling() or any(isinstance(a, (torch.Tensor, list, tuple)) for a in args)):
+                return out
+            return _keep_dtypes(xs, out)
+        out = _keep_dtypes(xs, [per_leaf(x, *[_at(a, i) for a in args], **kwargs) for i, x in enumerate(xs)])
         if inplace:
             if not isinstance(xs, list):
                 raise TypeError(f"gradxform._foreach.{name} needs a list inside torch.func transforms")
@@ -73,5 +85,7 @@ addcmul_ = _op("addcmul_", lambda x, a, b, value=1: torch.addcmul(x, a, b, value
 def norm(xs: Any, ord: Any = 2, **kwargs: Any) -> Any:
     """``torch._foreach_norm`` (the L-``ord`` norm of each tensor)."""
     if not _tree.pure_ops():
-        return torch._foreach_norm(xs, ord, **kwargs)
+        out = torch._foreach_norm(xs, ord, **kwargs)
+        # norms of sharded leaves: the full norm, as plain tensors (see tree.reduced)
+        return [_tree.reduced(n) for n in out] if any(_tree.is_dtensor(n) for n in out) else out
     return [torch.linalg.vector_norm(x, ord) for x in xs]

@@ -79,6 +79,11 @@ def _group_extras(extra: dict[str, Any], params: list[torch.Tensor]) -> dict[str
 
 
 
+# hyperparameters that are a tuple of numbers (torch.optim's ``betas``); any other 1-d value is a
+# per-model vector of `gradxform.batched`
+_TUPLE_HYPERPARAMS = frozenset({"betas"})
+
+
 def _probe_hyperparams(tx: GradientTransformation, params: list[torch.Tensor]) -> dict[str, Any]:
     """Initial hyperparameter values of ``tx``, read from ``tx.init``.
 
@@ -93,12 +98,19 @@ def _probe_hyperparams(tx: GradientTransformation, params: list[torch.Tensor]) -
 
 
 def _hyperparam_values(state: Any) -> dict[str, Any]:
-    """Group-facing values (floats, tuples of floats) of the injected hyperparameters."""
+    """Group-facing values (floats, tuples of floats) of the injected hyperparameters.
+
+    Per-model values (a `gradxform.batched` transform holds an ``(N,)`` lr, ``(N, 2)`` betas) are
+    not one group's number and are left out."""
     values: dict[str, Any] = {}
     for inj in _find_injected(state):
         for name, t in inj.hyperparams.items():
-            if name not in values:
-                values[name] = tuple(t.tolist()) if t.ndim == 1 else t.item()
+            if name in values:
+                continue
+            if t.ndim == 0:
+                values[name] = t.item()
+            elif t.ndim == 1 and name in _TUPLE_HYPERPARAMS:
+                values[name] = tuple(t.tolist())
     return values
 
 
@@ -172,7 +184,10 @@ def _fused_plan(tx: GradientTransformation) -> _FusedPlan | None:
 
 
 def _fused_supported(params: list[torch.Tensor]) -> bool:
-    return all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params)
+    """Plain (not sharded) float params on CPU or CUDA: sharded ``DTensor`` params take the generic
+    path, whose reductions see the whole tensor."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES and not _tree.is_dtensor(p)
+               for p in params)
 
 
 def _fused_adam_step(plan: _FusedPlan, state: Any, ps: list[torch.Tensor], grads: list[torch.Tensor | None],
@@ -551,7 +566,7 @@ class Optimizer(torch.optim.Optimizer):
                 self._gx_states[gi] = _fused_adam_step(plan, state, ps, grads, scratch)
                 continue
             sgd = _sgd_plan(group["tx"]) if self._fused is not False else None
-            if sgd is not None and not extra_args and all(p.device.type == "cpu" for p in ps):
+            if sgd is not None and not extra_args and all(p.device.type == "cpu" and not _tree.is_dtensor(p) for p in ps):
                 scratch = self._gx_scratch.setdefault(gi, [None] * len(ps))
                 self._gx_states[gi] = _sgd_lowered_step(sgd, state, ps, grads, scratch, group["tx"])
                 continue

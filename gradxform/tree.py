@@ -67,6 +67,13 @@ def tree_paths(tree: Tree) -> list[str]:
 def _first_difference(reference: Tree, other: Tree) -> str:
     ref_paths = tree_paths(reference)
     other_paths = tree_paths(other)
+    # A missing or extra key is named as such (a positional comparison would name a neighbour).
+    only_ref = [p for p in ref_paths if p not in set(other_paths)]
+    only_other = [p for p in other_paths if p not in set(ref_paths)]
+    if only_ref or only_other:
+        parts = [f"path '{only_ref[0]}' exists only in the first"] if only_ref else []
+        parts += [f"path '{only_other[0]}' exists only in the second"] if only_other else []
+        return "; ".join(parts)
     for a, b in zip(ref_paths, other_paths):
         if a != b:
             return f"path '{a}' in the first has '{b}' at the same position in the second"
@@ -162,10 +169,48 @@ def scatter(template: Sequence[Any], idx: Sequence[int], values: Sequence[Any]) 
     return out
 
 
+def _dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor`` (public from torch 2.4; ``torch.distributed._tensor``
+    before), or ``None`` where torch.distributed is not built."""
+    global _DTENSOR
+    if _DTENSOR is False:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:
+            try:
+                from torch.distributed._tensor import DTensor  # type: ignore[no-redef]  # torch < 2.4
+            except ImportError:
+                DTensor = None  # type: ignore[assignment,misc]
+        _DTENSOR = DTensor
+    return _DTENSOR  # type: ignore[return-value]
+
+
+_DTENSOR: Any = False
+
+
+def is_dtensor(x: Any) -> bool:
+    """Whether ``x`` is a ``DTensor`` (a param or gradient sharded by FSDP2 / tensor parallel)."""
+    cls = _dtensor_type()
+    return cls is not None and isinstance(x, cls)
+
+
+def reduced(x: torch.Tensor) -> torch.Tensor:
+    """The full value of a reduction: a norm, sum or all-finite flag of a sharded (``DTensor``)
+    tensor comes back as a ``DTensor`` with a *partial* placement (each rank holds its shard's
+    part); this returns the plain tensor holding the total (one all-reduce over the mesh), so
+    that it can be stored in a state beside plain tensors and combined with any leaf. Plain
+    tensors are returned as they are (no communication, no copy)."""
+    if is_dtensor(x):
+        return x.full_tensor()  # type: ignore[attr-defined]
+    return x
+
+
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """sqrt(sum_j ||t_j||^2) over a list of tensors, as a 0-d tensor (no host sync).
 
-    Computed in float32 or wider, on the device of the first tensor.
+    Computed in float32 or wider, on the device of the first tensor. For sharded (``DTensor``)
+    tensors the norm is over the full tensors (all ranks) and the result a plain tensor, equal on
+    every rank.
     """
     if not tensors:
         return torch.zeros(())
@@ -174,6 +219,8 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         norms = [torch.linalg.vector_norm(t) for t in tensors]
     else:
         norms = torch._foreach_norm(list(tensors))
+    if any(is_dtensor(n) for n in norms):
+        norms = [reduced(n) for n in norms]
     stacked = torch.stack([n.to(device=device, dtype=torch.promote_types(n.dtype, torch.float32)) for n in norms])
     return torch.linalg.vector_norm(stacked)
 
@@ -189,7 +236,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.ones((), dtype=torch.bool)
     device = tensors[0].device
-    flags = [torch.isfinite(t).all().to(device) for t in tensors]
+    flags = [reduced(torch.isfinite(t).all()).to(device) for t in tensors]
     return torch.stack(flags).all()
 
 

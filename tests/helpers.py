@@ -125,3 +125,43 @@ def eager_and_compiled(tx: gx.GradientTransformation, params: Any, grads: list[A
             hist.append((p, s))
         histories.append(hist)
     return histories[0], histories[1], counter.frame_count
+
+
+# --- torch.distributed: run a function on N gloo ranks ---------------------------------------------
+
+
+def _rank_main(rank: int, world: int, init_file: str, out_dir: str, fn: Callable[[int, int], Any]) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.save(fn(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable[[int, int], Any], world: int, tmp: Any, timeout_s: float = 120.0) -> list[Any]:
+    """Start ``world`` CPU processes (``torch.multiprocessing`` spawn, gloo, ``file://`` rendezvous
+    in the folder ``tmp``), run ``fn(rank, world)`` in each and return what each returned (saved
+    with ``torch.save``). ``fn`` must be a module-level function (spawn imports it by name)."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(_rank_main, args=(world, str(tmp / "rendezvous"), str(tmp), fn), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world} gloo ranks did not finish within {timeout_s} s")
+    finally:
+        for p in ctx.processes:  # only the processes spawned here
+            if p.is_alive():
+                p.kill()
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]

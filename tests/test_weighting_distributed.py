@@ -25,9 +25,6 @@ Scenarios (``T = 3`` tasks of different scales on a small shared-trunk MLP, 5 st
 
 from __future__ import annotations
 
-import datetime
-import os
-import time
 
 import pytest
 import torch
@@ -36,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradxform as gx
+from helpers import run_on_ranks
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -172,36 +170,12 @@ def _run_all(rank: int, world: int) -> dict:
     return res
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.save(_run_all(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 # --- fixture: spawn the ranks once -------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    tmp = tmp_path_factory.mktemp("dist")
-    init_file = str(tmp / "rendezvous")
-    ctx = mp.spawn(_worker, args=(WORLD, init_file, str(tmp)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} gloo ranks did not finish within {SPAWN_TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:  # only the processes spawned here
-            if p.is_alive():
-                p.kill()
-    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = run_on_ranks(_run_all, WORLD, tmp_path_factory.mktemp("dist"), SPAWN_TIMEOUT_S)
     assert not dist.is_initialized()
     reference = _run_all(0, 1)  # this process, the whole batch
     return ranks, reference

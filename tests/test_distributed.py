@@ -1,0 +1,172 @@
+"""Every public transform on two gloo ranks (CPU) equals the same run in one process.
+
+The ranks are started once (a module fixture). Each holds half of a global batch of a small
+model whose params are those of ``tests/test_purity.py`` (``w``, ``b`` and a frozen ``frozen``),
+so every entry of that file's ``CASES`` registry (one per public transform) runs here unchanged.
+Each case takes 3 steps in four settings:
+
+- ``fsdp``: the model is ``fully_shard``-ed (FSDP2): params, gradients and per-param state are
+  ``DTensor`` shards (``w`` split 3/3 rows, ``b`` 2/2, ``frozen`` 2/1), so everything that reduces
+  over a leaf or the whole model (global and per-leaf norms, AutoClip's history, grafting norms,
+  ``apply_if_finite``'s flag) must reduce across the ranks;
+- ``ddp``: the model is wrapped in ``DistributedDataParallel`` (replicated params, averaged
+  gradients);
+
+each through the functional route (``tx.update`` + ``gx.apply_updates``, written back into the
+module) and through ``gx.Optimizer``. The reference is this process on the whole batch. Params
+and every state leaf (gathered with ``full_tensor()``) must agree to rtol 1e-6 (float64), and the
+two ranks must hold the same values. A control case runs ``clip_by_global_norm`` on the local
+shards: it must *not* match (the comparison can fail).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import gradxform as gx
+from helpers import assert_trees_close, run_on_ranks
+from test_purity import CASES
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with the gloo backend is not available in this torch build",
+)
+
+try:  # public from torch 2.6; torch.distributed._composable.fsdp from 2.4
+    from torch.distributed.fsdp import fully_shard
+except ImportError:  # pragma: no cover - older torch
+    try:
+        from torch.distributed._composable.fsdp import fully_shard
+    except ImportError:
+        fully_shard = None
+
+WORLD = 2
+N = 8  # global batch
+STEPS = 3
+DT = torch.float64
+# transforms whose construction names the dict keys "w" / "b" / "frozen" (masks, partitions, a
+# per-key scale tree): the functional route covers them; the adapter passes a list of params
+BY_KEY = {"masked", "partition", "add_decayed_weights", "scale_by_empirical_init"}
+MODES = ["ddp"] + (["fsdp"] if fully_shard is not None else [])
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = nn.Parameter(torch.randn(6, 4, generator=g, dtype=DT))
+        self.b = nn.Parameter(torch.randn(4, generator=g, dtype=DT))
+        self.frozen = nn.Parameter(torch.randn(3, generator=g, dtype=DT), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w + self.b).sum(-1) + (x[:, :3] * self.frozen).sum(-1)
+
+
+def _batch(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(N, 6, generator=g, dtype=DT), torch.randn(N, generator=g, dtype=DT)
+    rows = slice(rank * N // world, (rank + 1) * N // world)
+    return x[rows], y[rows]
+
+
+def _full(x):
+    return x.full_tensor() if gx.tree.is_dtensor(x) else x
+
+
+def _gathered(tree) -> list:
+    return [_full(x) if isinstance(x, torch.Tensor) else x for x in gx.tree.tree_flatten(tree)[0]]
+
+
+def _wrap(mode: str | None) -> tuple[Tiny, nn.Module]:
+    model = Tiny()
+    if mode == "fsdp":
+        fully_shard(model)
+        return model, model
+    if mode == "ddp":
+        return model, nn.parallel.DistributedDataParallel(model)
+    return model, model
+
+
+def _run_case(make_tx, mode: str | None, route: str, rank: int, world: int, local: bool = False) -> dict:
+    model, net = _wrap(mode)
+    x, y = _batch(rank, world)
+    tx = make_tx()
+    opt = gx.Optimizer(model.parameters(), tx) if route == "adapter" else None
+    view = (lambda p: p.detach().to_local()) if local else (lambda p: p.detach())
+    state = None
+    for _ in range(STEPS):
+        (net(x) - y).pow(2).mean().backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad()
+            continue
+        params = {k: view(p) for k, p in model.named_parameters()}
+        grads = {k: None if p.grad is None else view(p.grad) for k, p in model.named_parameters()}
+        if state is None:
+            state = tx.init(params)
+        updates, state = tx.update(grads, state, params)
+        new = gx.apply_updates(params, updates)
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                (p.to_local() if local else p).copy_(new[k])
+                p.grad = None
+    if opt is not None:
+        state = opt.tx_state()
+    return {"params": {k: _full(p.detach()).clone() for k, p in model.named_parameters()}, "state": _gathered(state)}
+
+
+def _scenarios(mode: str | None) -> list[tuple[str, str]]:
+    return [(name, route) for name in sorted(CASES) for route in ("functional", "adapter")
+            if not (route == "adapter" and name in BY_KEY)]
+
+
+def _run_all(rank: int, world: int) -> dict:
+    torch.set_num_threads(1)
+    out: dict = {}
+    modes = MODES if world > 1 else [None]
+    for mode in modes:
+        for name, route in _scenarios(mode):
+            out[(mode, name, route)] = _run_case(CASES[name], mode, route, rank, world)
+    if world > 1 and fully_shard is not None:
+        out["local_shards"] = _run_case(lambda: gx.clip_by_global_norm(0.1), "fsdp", "functional", rank, world,
+                                        local=True)
+    else:
+        out["local_shards"] = _run_case(lambda: gx.clip_by_global_norm(0.1), None, "functional", rank, world)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    ranks = run_on_ranks(_run_all, WORLD, tmp_path_factory.mktemp("dist"), timeout_s=300)
+    assert not dist.is_initialized()
+    return ranks, _run_all(0, 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name,route", _scenarios(None))
+def test_two_ranks_equal_one_process(results, mode, name, route):
+    ranks, ref = results
+    want = ref[(None, name, route)]
+    for r in range(WORLD):
+        got = ranks[r][(mode, name, route)]
+        assert_trees_close(got["params"], want["params"], rtol=1e-6, atol=1e-12)
+        assert len(got["state"]) == len(want["state"])
+        for i, (a, b) in enumerate(zip(got["state"], want["state"])):
+            if isinstance(b, torch.Tensor):
+                assert isinstance(a, torch.Tensor) and not gx.tree.is_dtensor(a), f"state leaf {i}"
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12, msg=lambda m, i=i: f"state leaf {i}: {m}")
+            else:
+                assert a == b, f"state leaf {i}"
+    # the params moved: the comparison is of a real update
+    assert not torch.equal(want["params"]["w"], Tiny().w.detach())
+
+
+@pytest.mark.skipif(fully_shard is None, reason="FSDP2 (fully_shard) needs torch >= 2.4")
+def test_local_shard_norms_would_differ(results):
+    """Control: clipping each rank's shard by its own norm is not what one process computes."""
+    ranks, ref = results
+    got, want = ranks[0]["local_shards"]["params"]["w"], ref["local_shards"]["params"]["w"]
+    assert not torch.allclose(got, want, rtol=1e-3)
