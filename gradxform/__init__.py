@@ -68,6 +68,7 @@ from .optim import Optimizer
 from .persample import (
     PerExampleStats,
     PerParam,
+    all_reduce_sum_grad_squared,
     grad_and_sum_grad_squared,
     sum_grad_squared,
     track_sum_grad_squared,
@@ -181,6 +182,7 @@ __all__ = [
     "ClippedSSTMState",
     "RestartsState",
     "Optimizer",
+    "all_reduce_sum_grad_squared",
     "grad_and_sum_grad_squared",
     "sum_grad_squared",
     "track_sum_grad_squared",

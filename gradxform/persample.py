@@ -645,6 +645,7 @@ def grad_and_sum_grad_squared(
     check: bool = True,
     chunk_bytes: int | None = None,
     randomness: str = "error",
+    sync: bool = False,
 ) -> Callable[..., PerExampleStats]:
     """Function transform: ``loss_fn(params, batch, *args)`` -> the loss, its gradient and
     ``sum_grad_squared`` (plus, optionally, per-example gradient norms), in one backward pass.
@@ -670,6 +671,13 @@ def grad_and_sum_grad_squared(
     in another dim, with a dim 0 of the same size by chance), takes the fallback from then on. If the check cannot run (dropout with ``randomness="error"``), it is
     skipped with a log message.
 
+    ``sync=True`` (data parallelism without DDP: each rank passes its shard of the batch): the
+    loss and the gradients are combined over the ranks of the default process group as one
+    process would compute them on the whole batch (for ``"mean"``: weighted by each rank's
+    example count), and the statistic through `all_reduce_sum_grad_squared`;
+    ``per_example_norms`` stay this rank's. Under DDP, whose backward already averages the
+    gradients, use `track_sum_grad_squared` and `all_reduce_sum_grad_squared` instead.
+
     Eager only: the fast path relies on a torch-function mode and backward hooks.
     """
     _check_engine_args(reduction, chunk_bytes, randomness)
@@ -686,7 +694,8 @@ def grad_and_sum_grad_squared(
             if key not in checked:
                 checked[key] = _check_fast_rules(compute, params, batch, args, kwargs)
             forced = checked[key]
-        return compute(params, batch, args, kwargs, fast, forced)
+        res = compute(params, batch, args, kwargs, fast, forced)
+        return _synced(res, _batch_size(batch), reduction) if sync else res
 
     def compute(params: Any, batch: Any, args: tuple, kwargs: dict[str, Any], use_fast: bool,
                 forced: frozenset[str]) -> PerExampleStats:
@@ -762,6 +771,89 @@ def grad_and_sum_grad_squared(
         return PerExampleStats(loss.detach(), rebuild(grads), rebuild(sgs), norms, aux, methods)
 
     return run
+
+
+def _process_group_size(group: Any) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _synced(res: PerExampleStats, n: int, reduction: str) -> PerExampleStats:
+    """``res`` of this rank's shard -> the loss, gradients and statistic of the whole batch."""
+    if _process_group_size(None) == 1:
+        return res
+    import torch.distributed as dist
+
+    total = torch.tensor(float(n), dtype=torch.float64)
+    dist.all_reduce(total)
+    w = n / float(total) if reduction == "mean" else 1.0
+
+    def combined(t: torch.Tensor) -> torch.Tensor:
+        r = t * w
+        dist.all_reduce(r)
+        return r
+
+    grads = _tree.tree_map(combined, res.grads)
+    sgs = all_reduce_sum_grad_squared(res.sum_grad_squared, n, reduction=reduction)
+    return res._replace(loss=combined(res.loss), grads=grads, sum_grad_squared=sgs)
+
+
+def all_reduce_sum_grad_squared(sum_grad_squared: Any, batch_size: int, *, reduction: str = "mean",
+                                group: Any = None) -> Any:
+    """Combine each rank's ``sum_grad_squared`` into the statistic of the global batch.
+
+    With data parallelism each rank holds ``n_r`` of the ``N = sum_r n_r`` examples and computes
+    its statistic over them. For ``loss = sum_n l_n`` the global statistic is the sum over ranks,
+    ``S = sum_r S_r``. For ``loss = mean_n l_n`` each rank's contributions were divided by its
+    ``n_r`` instead of ``N``, so ``S = sum_r (n_r / N)^2 S_r``: with equal shards,
+    ``sum_r S_r / R^2`` (averaging the ``S_r``, as DDP does with gradients, would be ``R`` times
+    too large). One all-reduce of ``n_r`` and one per leaf; nothing happens without an initialised
+    process group of more than one rank.
+
+    Args:
+        sum_grad_squared: a pytree of tensors (``None`` leaves pass) or the `PerParam` that
+            `track_sum_grad_squared` returns; not modified.
+        batch_size: this rank's number of examples ``n_r``.
+        reduction: how the loss reduces over the batch, as for `grad_and_sum_grad_squared`.
+        group: the process group (default: the world).
+
+    Returns:
+        The same structure holding the global statistic (equal on every rank).
+    """
+    _check_engine_args(reduction, None, "error")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be this rank's number of examples (a positive int); got {batch_size!r}")
+    if _process_group_size(group) == 1:
+        return sum_grad_squared
+    import torch.distributed as dist
+
+    if isinstance(sum_grad_squared, PerParam):
+        keys = list(sum_grad_squared)
+        values = all_reduce_sum_grad_squared([sum_grad_squared[k] for k in keys], batch_size, reduction=reduction,
+                                             group=group)
+        return PerParam(list(zip(keys, values)))
+    leaves, spec = _tree.tree_flatten(sum_grad_squared)
+    live = [t for t in leaves if t is not None]
+    if not live:
+        return sum_grad_squared
+    weight = torch.ones((), dtype=torch.float64)
+    if reduction == "mean":
+        n = torch.tensor(float(batch_size), dtype=torch.float64, device=live[0].device)
+        total = n.clone()
+        dist.all_reduce(total, group=group)
+        weight = (n / total) ** 2
+    out = []
+    for t in leaves:
+        if t is None:
+            out.append(None)
+            continue
+        r = t * weight.to(device=t.device, dtype=t.dtype) if reduction == "mean" else t.clone()
+        dist.all_reduce(r, group=group)
+        out.append(r)
+    return _tree.tree_unflatten(spec, out)
 
 
 _CHECK_FAILED = "the fast rule disagreed with the exact per-example gradient on the first call (batch not in dim 0?)"

@@ -118,6 +118,52 @@ def _run_case(make_tx, mode: str | None, route: str, rank: int, world: int, loca
     return {"params": {k: _full(p.detach()).clone() for k, p in model.named_parameters()}, "state": _gathered(state)}
 
 
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)).to(DT)
+
+
+def _sgs_functional(rank: int, world: int) -> dict:
+    """``grad_and_sum_grad_squared(sync=True)`` on this rank's shard + TG-AdamW, functional."""
+    model = _mlp()
+    x, y = _batch(rank, world)
+
+    def loss_fn(params, batch):
+        xb, yb = batch
+        return (torch.func.functional_call(model, params, (xb,)).squeeze(-1) - yb).pow(2).mean()
+
+    engine = gx.grad_and_sum_grad_squared(loss_fn, sync=True)
+    tx = gx.tg_adamw(0.05)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    own = gx.grad_and_sum_grad_squared(loss_fn)(params, (x, y)).sum_grad_squared  # this rank alone
+    state, first = tx.init(params), None
+    for _ in range(STEPS):
+        res = engine(params, (x, y))
+        first = first or res
+        updates, state = tx.update(res.grads, state, params, sum_grad_squared=res.sum_grad_squared)
+        params = gx.apply_updates(params, updates)
+    return {"params": params, "state": _gathered(state), "loss": first.loss, "grads": first.grads,
+            "sgs": first.sum_grad_squared, "own": own}
+
+
+def _sgs_ddp_tracker(rank: int, world: int) -> dict:
+    """DDP + ``track_sum_grad_squared`` + ``all_reduce_sum_grad_squared`` + ``gx.Optimizer``."""
+    model = _mlp()
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    x, y = _batch(rank, world)
+    opt = gx.Optimizer(model.parameters(), gx.tg_adamw(0.05))
+    first = None
+    for _ in range(STEPS):
+        with gx.track_sum_grad_squared(model.parameters()) as stats:
+            (net(x).squeeze(-1) - y).pow(2).mean().backward()
+        sgs = gx.all_reduce_sum_grad_squared(stats.sum_grad_squared, len(x))
+        first = first or [sgs[p].clone() for p in model.parameters()]
+        opt.step(sum_grad_squared=sgs)
+        opt.zero_grad()
+    return {"params": {k: p.detach().clone() for k, p in model.named_parameters()},
+            "state": _gathered(opt.tx_state()), "sgs": first}
+
+
 def _scenarios(mode: str | None) -> list[tuple[str, str]]:
     return [(name, route) for name in sorted(CASES) for route in ("functional", "adapter")
             if not (route == "adapter" and name in BY_KEY)]
@@ -130,6 +176,8 @@ def _run_all(rank: int, world: int) -> dict:
     for mode in modes:
         for name, route in _scenarios(mode):
             out[(mode, name, route)] = _run_case(CASES[name], mode, route, rank, world)
+    out["sgs_functional"] = _sgs_functional(rank, world)
+    out["sgs_ddp_tracker"] = _sgs_ddp_tracker(rank, world)
     if world > 1 and fully_shard is not None:
         out["local_shards"] = _run_case(lambda: gx.clip_by_global_norm(0.1), "fsdp", "functional", rank, world,
                                         local=True)
@@ -170,3 +218,39 @@ def test_local_shard_norms_would_differ(results):
     ranks, ref = results
     got, want = ranks[0]["local_shards"]["params"]["w"], ref["local_shards"]["params"]["w"]
     assert not torch.allclose(got, want, rtol=1e-3)
+
+
+def _assert_state_close(got: list, want: list) -> None:
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        if isinstance(b, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12, msg=lambda m, i=i: f"state leaf {i}: {m}")
+        else:
+            assert a == b, f"state leaf {i}"
+
+
+@pytest.mark.parametrize("scenario", ["sgs_functional", "sgs_ddp_tracker"])
+def test_sum_grad_squared_over_ranks_equals_the_whole_batch(results, scenario):
+    """The statistic of the global batch is sum_r (n_r / N)^2 S_r, not the mean of the S_r."""
+    ranks, ref = results
+    want = ref[scenario]
+    for r in range(WORLD):
+        got = ranks[r][scenario]
+        assert_trees_close(got["sgs"], want["sgs"], rtol=1e-9, atol=1e-15)
+        assert_trees_close(got["params"], want["params"], rtol=1e-6, atol=1e-12)
+        _assert_state_close(got["state"], want["state"])
+        if scenario == "sgs_functional":
+            torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-12, atol=0)
+            assert_trees_close(got["grads"], want["grads"], rtol=1e-9, atol=1e-15)
+    # not vacuous: a rank's own statistic (its half of the batch, divided by n_r) is far off
+    own, full = ranks[0]["sgs_functional"]["own"]["0.weight"], ref["sgs_functional"]["sgs"]["0.weight"]
+    assert not torch.allclose(own, full, rtol=1e-2)
+
+
+def test_all_reduce_sum_grad_squared_without_a_process_group_is_the_identity():
+    sgs = {"a": torch.tensor([1.0, 2.0]), "b": None}
+    assert gx.all_reduce_sum_grad_squared(sgs, 4) is sgs
+    with pytest.raises(ValueError, match="batch_size"):
+        gx.all_reduce_sum_grad_squared(sgs, 0)
+    with pytest.raises(ValueError, match="reduction"):
+        gx.all_reduce_sum_grad_squared(sgs, 4, reduction="max")
