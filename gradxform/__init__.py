@@ -88,6 +88,7 @@ from .weighting import (
     weighted_grad_and_task_norms,
 )
 from .batching import batched, get_hyperparam, set_hyperparam
+from .precision import upcast
 from .tree import differentiable
 from .initscale import (
     InitReport,
@@ -240,6 +241,7 @@ __all__ = [
     "ScaleByEmpiricalInitState",
     "empirical_init",
     "empirical_init_params",
+    "upcast",
     "batched",
     "set_hyperparam",
     "get_hyperparam",

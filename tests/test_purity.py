@@ -112,6 +112,7 @@ def _one_model(btx):
     return gx.GradientTransformation(lambda p: btx.init(up(p)), update)
 
 
+CASES["upcast"] = lambda: gx.upcast(gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(0.1)), torch.float64)
 CASES["batched"] = lambda: _one_model(gx.batched(gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(0.1))))
 
 # Public names that are not transform factories.
