@@ -89,6 +89,7 @@ from .weighting import (
 )
 from .batching import batched, get_hyperparam, set_hyperparam
 from .precision import upcast
+from .checkpoint import state_from_dict, state_to_dict
 from .tree import differentiable
 from .initscale import (
     InitReport,
@@ -241,6 +242,8 @@ __all__ = [
     "ScaleByEmpiricalInitState",
     "empirical_init",
     "empirical_init_params",
+    "state_to_dict",
+    "state_from_dict",
     "upcast",
     "batched",
     "set_hyperparam",

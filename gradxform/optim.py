@@ -45,6 +45,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from .checkpoint import FORMAT_VERSION, _children
 from . import tree as _tree
 from .base import GradientTransformation, chain
 from .combine import find_injected as _find_injected
@@ -55,7 +56,7 @@ __all__ = ["Optimizer"]
 
 logger = logging.getLogger(__name__)
 
-_RESERVED = ("params", "tx", "tx_state")
+_RESERVED = ("params", "tx", "tx_state", "gradxform_format")
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -371,16 +372,6 @@ def _is_per_param(node: Any, n: int) -> bool:
     )
 
 
-def _children(node: Any) -> list[tuple[str, Any]]:
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
-        return [(f, getattr(node, f)) for f in node._fields]
-    if isinstance(node, (tuple, list)):
-        return [(str(i), c) for i, c in enumerate(node)]
-    if isinstance(node, dict):
-        return [(str(k), v) for k, v in node.items()]
-    return []
-
-
 def _split_state(state: Any, n: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """Per-param buffers (lists mirroring the group's params) and the other tensors, by path."""
     per_param: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
@@ -587,6 +578,15 @@ class Optimizer(torch.optim.Optimizer):
 
     # -- checkpoints ----------------------------------------------------------------------------
 
+    def init_state(self) -> None:
+        """Create the state of every group that has none yet (what its first step would start
+        from), without taking a step: a fresh optimizer then has a full `state_dict`, the
+        template that ``torch.distributed.checkpoint.load`` fills in place."""
+        for gi, group in enumerate(self.param_groups):
+            if gi not in self._gx_states:
+                self._gx_states[gi] = self._init_group_state(group)
+                self._sync_in(self._gx_states[gi], group)
+
     def tx_state(self, group_index: int = 0) -> Any:
         """The transform state of a param group (``None`` before its first step)."""
         return self._gx_states.get(group_index)
@@ -602,6 +602,7 @@ class Optimizer(torch.optim.Optimizer):
             start += n
             packed = {k: v for k, v in group.items() if k not in _RESERVED}
             packed["params"] = ids
+            packed["gradxform_format"] = FORMAT_VERSION
             st = self._gx_states.get(gi)
             if st is not None:
                 per_param, shared = _split_state(st, n)
@@ -615,6 +616,15 @@ class Optimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore what `state_dict` saved; the groups must hold the same number of params."""
         saved_groups = state_dict["param_groups"]
+        for gi, saved in enumerate(saved_groups):
+            version = saved.get("gradxform_format")
+            if version is None:
+                raise ValueError(f"param group {gi} of the loaded state dict has no 'gradxform_format': it was not saved "
+                                 "by gradxform.Optimizer (a torch.optim state dict names its buffers differently; "
+                                 "see the torch.optim migration page)")
+            if version > FORMAT_VERSION:
+                raise ValueError(f"the loaded state dict has format version {version}; this gradxform reads versions up "
+                                 f"to {FORMAT_VERSION}: it was saved by a newer gradxform, upgrade to load it")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups; this optimizer has "
                              f"{len(self.param_groups)}")

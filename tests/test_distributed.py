@@ -164,6 +164,62 @@ def _sgs_ddp_tracker(rank: int, world: int) -> dict:
             "state": _gathered(opt.tx_state()), "sgs": first}
 
 
+def _resume(rank: int, world: int) -> dict:
+    """``torch.distributed.checkpoint`` of a sharded model + ``gx.Optimizer`` after 2 steps, loaded
+    into a fresh sharded model and optimizer (``init_state`` makes the template), 2 more steps;
+    and the functional state through ``gx.state_to_dict``. Returns both finals and the
+    uninterrupted run's."""
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+
+    box = [tempfile.mkdtemp() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    make = lambda: gx.chain(gx.autoclip(0.5, history=3), gx.adamw(0.05))  # noqa: E731
+    x, y = _batch(rank, world)
+
+    def run(model, opt, steps):
+        for _ in range(steps):
+            (model(x) - y).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    straight, _ = _wrap("fsdp")
+    opt = gx.Optimizer(straight.parameters(), make())
+    run(straight, opt, 4)
+
+    first, _ = _wrap("fsdp")
+    opt1 = gx.Optimizer(first.parameters(), make())
+    run(first, opt1, 2)
+    dcp.save({"model": first.state_dict(), "optim": opt1.state_dict()}, checkpoint_id=f"{box[0]}/adapter")
+    second, _ = _wrap("fsdp")
+    with torch.no_grad():
+        for p in second.parameters():
+            p.zero_()  # nothing of the fresh model survives the load
+    opt2 = gx.Optimizer(second.parameters(), make())
+    opt2.init_state()
+    template = {"model": second.state_dict(), "optim": opt2.state_dict()}
+    dcp.load(template, checkpoint_id=f"{box[0]}/adapter")
+    second.load_state_dict(template["model"])
+    opt2.load_state_dict(template["optim"])
+    sharded = any(gx.tree.is_dtensor(v) for d in template["optim"]["state"].values() for v in d.values())
+    run(second, opt2, 2)
+
+    # functional: a DTensor state through state_to_dict
+    tx = make()
+    params = {k: p.detach() for k, p in first.named_parameters()}
+    grads = {k: torch.ones_like(p) if p.requires_grad else None for k, p in params.items()}
+    state = tx.update(grads, tx.init(params), params)[1]
+    dcp.save({"opt": gx.state_to_dict(state)}, checkpoint_id=f"{box[0]}/functional")
+    loaded = {"opt": gx.state_to_dict(tx.init(params))}
+    dcp.load(loaded, checkpoint_id=f"{box[0]}/functional")
+    restored = gx.state_from_dict(tx.init(params), loaded["opt"])
+    return {"straight": {k: _full(p.detach()).clone() for k, p in straight.named_parameters()},
+            "resumed": {k: _full(p.detach()).clone() for k, p in second.named_parameters()},
+            "straight_state": _gathered(opt.tx_state()), "resumed_state": _gathered(opt2.tx_state()),
+            "sharded": sharded, "functional": _gathered(state), "functional_restored": _gathered(restored)}
+
+
 def _scenarios(mode: str | None) -> list[tuple[str, str]]:
     return [(name, route) for name in sorted(CASES) for route in ("functional", "adapter")
             if not (route == "adapter" and name in BY_KEY)]
@@ -179,6 +235,7 @@ def _run_all(rank: int, world: int) -> dict:
     out["sgs_functional"] = _sgs_functional(rank, world)
     out["sgs_ddp_tracker"] = _sgs_ddp_tracker(rank, world)
     if world > 1 and fully_shard is not None:
+        out["resume"] = _resume(rank, world)
         out["local_shards"] = _run_case(lambda: gx.clip_by_global_norm(0.1), "fsdp", "functional", rank, world,
                                         local=True)
     else:
@@ -254,3 +311,18 @@ def test_all_reduce_sum_grad_squared_without_a_process_group_is_the_identity():
         gx.all_reduce_sum_grad_squared(sgs, 0)
     with pytest.raises(ValueError, match="reduction"):
         gx.all_reduce_sum_grad_squared(sgs, 4, reduction="max")
+
+
+@pytest.mark.skipif(fully_shard is None, reason="FSDP2 (fully_shard) needs torch >= 2.4")
+def test_sharded_checkpoint_resumes_exactly(results):
+    ranks, _ = results
+    for r in range(WORLD):
+        res = ranks[r]["resume"]
+        assert res["sharded"], "the optimizer state in the checkpoint should be DTensor shards"
+        for k in res["straight"]:
+            assert torch.equal(res["resumed"][k], res["straight"][k]), k
+        assert len(res["resumed_state"]) == len(res["straight_state"])
+        for a, b in zip(res["resumed_state"], res["straight_state"]):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+        for a, b in zip(res["functional_restored"], res["functional"]):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b

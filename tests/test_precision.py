@@ -114,7 +114,7 @@ def test_apply_if_finite_skips_exactly_what_grad_scaler_skips():
         scaler.step(opt)
         scaler.update()
         # functional route
-        grads = torch.func.grad(lambda p: (torch.func.functional_call(model, p, (x,)) - y).pow(2).mean())(params)
+        grads = torch.func.grad(lambda p, x=x, y=y: (torch.func.functional_call(model, p, (x,)) - y).pow(2).mean())(params)
         if k == poisoned:
             grads["0.weight"] = grads["0.weight"].clone()
             grads["0.weight"][0, 0] = float("inf")

@@ -121,7 +121,7 @@ NOT_TRANSFORMS = {
     "Optimizer", "tree_global_norm", "schedules", "tree", "constant_schedule", "linear_schedule",
     "polynomial_schedule", "cosine_decay_schedule", "exponential_decay", "warmup_cosine_decay_schedule",
     "piecewise_constant_schedule", "join_schedules", "norm_history", "clip_fraction", "ClipStats",
-    "grad_and_sum_grad_squared", "all_reduce_sum_grad_squared", "sum_grad_squared", "track_sum_grad_squared", "PerExampleStats", "PerParam",
+    "grad_and_sum_grad_squared", "all_reduce_sum_grad_squared", "state_to_dict", "state_from_dict", "sum_grad_squared", "track_sum_grad_squared", "PerExampleStats", "PerParam",
     "loss_weights", "task_grad_norms", "weighted_grad_and_task_norms", "WeightedGrads",
     "InitReport", "gradinit", "gradinit_objective", "set_hyperparam", "get_hyperparam", "differentiable",
     "empirical_init", "empirical_init_params",

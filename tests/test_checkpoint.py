@@ -1,0 +1,156 @@
+"""Checkpoints: every public transform's state saved with ``gx.state_to_dict`` (``torch.save`` with
+``weights_only=True``, and ``torch.distributed.checkpoint``) resumes bit-exactly; the adapter's
+``state_dict`` carries the format version; mismatches and newer formats give clear errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import gradxform as gx
+from helpers import assert_trees_equal, make_mlp
+from test_purity import CASES, _grads, _params
+
+
+def _steps(tx, params, state, seeds):
+    for s in seeds:
+        updates, state = tx.update(_grads(s), state, params)
+        params = gx.apply_updates(params, updates)
+    return params, state
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_resume_is_bit_exact(name):
+    tx = CASES[name]()
+    p0 = _params()
+    straight_p, straight_s = _steps(tx, p0, tx.init(p0), range(6))
+
+    p, s = _steps(tx, p0, tx.init(p0), range(3))
+    saved = _roundtrip({"params": p, "opt": gx.state_to_dict(s)})
+    assert saved["opt"]["format"] == "gradxform.state" and saved["opt"]["version"] == 1
+    restored = gx.state_from_dict(tx.init(p0), saved["opt"])
+    assert_trees_equal(restored, s)
+    p, s = _steps(tx, saved["params"], restored, range(3, 6))
+    assert_trees_equal(p, straight_p)
+    assert_trees_equal(s, straight_s)
+
+
+def test_saved_paths_name_the_fields():
+    tx = gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(0.1))
+    d = gx.state_to_dict(tx.init(_params()))
+    assert "1.inner_state.0.mu.w" in d["tensors"] and "1.inner_state.0.nu.b" in d["tensors"]
+    assert d["types"]["1.inner_state.0"] == "ScaleByAdamState"
+    assert all(isinstance(k, str) for k in d["tensors"])
+
+
+def test_mismatches_are_named():
+    p = _params()
+    adam = gx.state_to_dict(gx.adam(0.1).init(p))
+    with pytest.raises(ValueError, match="ScaleByAdamState.*TraceState|saved from a"):
+        gx.state_from_dict(gx.sgd(0.1, momentum=0.9).init(p), adam)
+    with pytest.raises(ValueError, match="not a gradxform state dict"):
+        gx.state_from_dict(gx.adam(0.1).init(p), {"state": {}})
+    with pytest.raises(ValueError, match="version 2.*up to 1.*newer gradxform"):
+        gx.state_from_dict(gx.adam(0.1).init(p), {**adam, "version": 2})
+    wide = {**p, "w": torch.zeros(5, 2)}
+    with pytest.raises(ValueError, match=r"'inner_state.0.mu.w' has shape \(3, 2\).*\(5, 2\)"):
+        gx.state_from_dict(gx.adam(0.1).init(wide), adam)
+    more = {**p, "extra": torch.zeros(2)}
+    with pytest.raises(KeyError, match="no tensor at '.*extra'"):
+        gx.state_from_dict(gx.adam(0.1).init(more), adam)
+    fewer = {k: v for k, v in p.items() if k != "frozen"}
+    with pytest.raises(ValueError, match="a tensor at '.*frozen' that"):
+        gx.state_from_dict(gx.adam(0.1).init(fewer), adam)
+    bad = {**adam, "tensors": {**adam["tensors"]}}
+    count = next(k for k, v in bad["tensors"].items() if v.dtype == torch.int64)
+    bad["tensors"][count] = bad["tensors"][count].float()
+    with pytest.raises(ValueError, match=f"'{count}' has dtype torch.float32"):
+        gx.state_from_dict(gx.adam(0.1).init(p), bad)
+
+
+def test_floating_state_is_cast_to_the_template_dtype():
+    """As torch.optim does on load: a float64 checkpoint into a float32 run."""
+    p64 = {k: v.double() for k, v in _params().items()}
+    tx = gx.adam(0.1)
+    _, s = _steps(tx, p64, tx.init(p64), [])
+    s = tx.update({k: (None if v is None else v.double()) for k, v in _grads(0).items()}, s, p64)[1]
+    restored = gx.state_from_dict(tx.init(_params()), gx.state_to_dict(s))
+    mu = restored.inner_state[0].mu["w"]
+    assert mu.dtype == torch.float32
+    torch.testing.assert_close(mu, s.inner_state[0].mu["w"].float())
+
+
+def test_torch_distributed_checkpoint_roundtrip(tmp_path):
+    """``torch.distributed.checkpoint`` in one process: save the dict, load it into a template."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    if not hasattr(dcp, "save"):  # torch < 2.2 has only save_state_dict
+        pytest.skip("torch.distributed.checkpoint.save needs torch >= 2.2")
+    tx = CASES["chain"]()
+    p0 = _params()
+    p, s = _steps(tx, p0, tx.init(p0), range(3))
+    dcp.save({"opt": gx.state_to_dict(s)}, checkpoint_id=str(tmp_path / "ckpt"))
+    template = {"opt": gx.state_to_dict(tx.init(p0))}
+    dcp.load(template, checkpoint_id=str(tmp_path / "ckpt"))
+    assert template["opt"]["version"] == 1
+    assert_trees_equal(gx.state_from_dict(tx.init(p0), template["opt"]), s)
+
+
+# --- the adapter --------------------------------------------------------------------------------
+
+
+def _trained(steps=3):
+    model = make_mlp(0)
+    opt = gx.Optimizer(model.parameters(), gx.chain(gx.autoclip(0.5, history=4), gx.adamw(1e-2)))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt.step()
+    return model, opt
+
+
+def test_adapter_state_dict_carries_the_format_version():
+    _, opt = _trained()
+    sd = _roundtrip(opt.state_dict())
+    assert [g["gradxform_format"] for g in sd["param_groups"]] == [1]
+    fresh = gx.Optimizer(make_mlp(0).parameters(), gx.chain(gx.autoclip(0.5, history=4), gx.adamw(1e-2)))
+    fresh.load_state_dict(sd)
+    assert "gradxform_format" not in fresh.param_groups[0]
+    assert_trees_equal(fresh.tx_state(), opt.tx_state())
+
+    newer = {**sd, "param_groups": [{**sd["param_groups"][0], "gradxform_format": 2}]}
+    with pytest.raises(ValueError, match="format version 2.*newer gradxform"):
+        fresh.load_state_dict(newer)
+    model = make_mlp(0)
+    torch_opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, model[0].in_features, dtype=torch.float64)).sum().backward()
+    torch_opt.step()
+    with pytest.raises(ValueError, match="not saved by gradxform.Optimizer"):
+        fresh.load_state_dict(torch_opt.state_dict())
+
+
+def test_adapter_init_state_gives_a_full_template():
+    model, opt = _trained()
+    fresh = gx.Optimizer(make_mlp(0).parameters(), gx.chain(gx.autoclip(0.5, history=4), gx.adamw(1e-2)))
+    assert fresh.state_dict()["state"] == {}
+    fresh.init_state()
+    template = fresh.state_dict()
+    saved = opt.state_dict()
+    assert set(template["state"]) == set(saved["state"])
+    assert all(set(template["state"][i]) == set(saved["state"][i]) for i in saved["state"])
+    # and the init state is the one a first step starts from
+    twin = gx.Optimizer(make_mlp(0).parameters(), gx.chain(gx.autoclip(0.5, history=4), gx.adamw(1e-2)))
+    for a, b in zip(fresh.param_groups[0]["params"], twin.param_groups[0]["params"]):
+        a.grad = b.grad = torch.ones_like(a)
+    fresh.step()
+    twin.step()
+    assert_trees_equal(fresh.tx_state(), twin.tx_state())
