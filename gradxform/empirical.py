@@ -68,8 +68,10 @@ from .initscale import (
     InitReport,
     _batches,
     _check_params,
+    _dp_mean,
     _param_stats,
     _rms,
+    _world_size,
     _scalar_loss,
     apply_fn_of,
     module_activation_rms,
@@ -243,8 +245,9 @@ class _Hooks:
     """Forward hooks on the chosen layers: multiply the output by ``a_l`` (stage ``"act"`` first
     sets ``a_l`` from the raw output), optionally keep the layer's inputs for the jvps."""
 
-    def __init__(self, layers: list[_Layer]) -> None:
+    def __init__(self, layers: list[_Layer], sync: bool = False) -> None:
         self.layers = layers
+        self.sync = sync
         self.mode: str | None = None  # None: inactive; "act0", "act", "fwd"
         self.capture = False
         self.order: list[_Layer] = []
@@ -262,7 +265,7 @@ class _Hooks:
                 raise TypeError(f"empirical_init: layer '{lay.name}' returned {type(output).__name__}, not a tensor")
             self.order.append(lay)
             if self.mode in ("act0", "act"):
-                r = _rms(output)
+                r = _global_rms(output, self.sync)
                 old = 1.0 if self.mode == "act0" else lay.a
                 lay.err = abs(math.log(old * r)) if r > 0 and math.isfinite(r) else math.inf
                 if not (r > 0 and math.isfinite(r)):
@@ -273,7 +276,7 @@ class _Hooks:
                 else:
                     lay.a = math.sqrt(lay.a / r)  # a / RMS(a * raw)^(1/2)
             out = output * lay.a
-            lay.out_rms = _rms(out)
+            lay.out_rms = _global_rms(out, self.sync)
             if self.capture:
                 lay.args = _tree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, tuple(args))
                 lay.kwargs = _tree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, dict(kwargs))
@@ -318,6 +321,20 @@ class _Source:
         return next(self.cycle)
 
 
+def _global_rms(t: torch.Tensor, sync: bool) -> float:
+    """RMS of ``t``; with ``sync``, over the tensors of all ranks (equal sizes: the mean of the
+    ranks' mean squares, one all-reduce)."""
+    if not sync:
+        return _rms(t)
+    import torch.distributed as dist
+
+    t = t.detach()
+    t = t.abs() if t.is_complex() else t
+    ms = t.double().square().mean() if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device)
+    dist.all_reduce(ms)
+    return float((ms / dist.get_world_size()).sqrt())
+
+
 def _unpack(batch: Any) -> tuple[Any, Any]:
     try:
         x, y = batch
@@ -338,6 +355,7 @@ def empirical_init(
     reinit: bool = True,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    sync: bool = False,
 ) -> tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor | None], InitReport]:
     """Tune empirical init's per-layer multipliers and return ``(new_params, multipliers, report)``.
 
@@ -354,6 +372,13 @@ def empirical_init(
     must be one of `HOMOGENEOUS_LAYERS` and run once per forward. ``reinit``: first re-draw the
     chosen layers' params with `empirical_init_params` (from ``generator``); other params keep
     their values and get multiplier 1.
+
+    Data parallel (``sync=True`` under an initialised ``torch.distributed`` process group): each
+    rank passes its own batches, all of the same size, and gets what one process computes on the
+    union of the ranks' batches: every RMS (pillars 1 and 3) is taken over all ranks' examples,
+    the gradients are averaged over the ranks, and ``reinit`` draws are broadcast from rank 0, so
+    the multipliers and params are equal on every rank. ``act_rms_before/after`` in the report
+    stay this rank's.
 
     Returns plain params for the unmodified module (``a_l`` folded in: ``theta_l' = a_l *
     theta_l``), the gradient multipliers in the folded convention (``c_l * a_l^2`` on each leaf of
@@ -409,6 +434,13 @@ def empirical_init(
                 key = lay.names["weight"]
                 theta[key] = theta[key].clone()
                 theta[key][lay.module.padding_idx] = 0
+    sync = sync and _world_size() > 1
+    if sync and reinit:
+        import torch.distributed as dist
+
+        for k in owner:
+            theta[k] = theta[k].clone()
+            dist.broadcast(theta[k], src=0)
     buffers = {k: b.detach() for k, b in model.named_buffers()}
     apply = apply_fn_of(model)
 
@@ -418,7 +450,7 @@ def empirical_init(
 
     src = _Source(batches)
     report = InitReport("empirical_init", {}, _param_stats(dict(params)), {})
-    hooks = _Hooks(chosen)
+    hooks = _Hooks(chosen, sync)
     n_jvps = 0
 
     def forward_backward() -> dict[str, torch.Tensor]:
@@ -438,6 +470,8 @@ def empirical_init(
         keys = list(live)
         grads = torch.autograd.grad(value, [live[k] for k in keys], allow_unused=True)
         g = {k: torch.zeros_like(live[k]) if gk is None else gk.detach() for k, gk in zip(keys, grads)}
+        if sync:  # the gradient of the loss on all ranks' batches
+            g = dict(zip(keys, _dp_mean([g[k] for k in keys])))
         report.forward_passes += 1
         report.backward_passes += 1
         return g
@@ -460,7 +494,7 @@ def empirical_init(
         if tang is None:
             tang = torch.zeros_like(out)
         n_jvps += 1
-        return lay.a * _rms(tang)
+        return lay.a * _global_rms(tang, sync)
 
     total = 2 + act_iters + upd_iters
     steps = iter(progress_iter(range(total), total, progress, "empirical_init"))

@@ -279,6 +279,7 @@ def gradinit_objective(
     p: float | None = None,
     simplified: bool = False,
     _autograd: bool = False,
+    _sync: bool = False,
 ) -> Callable[[Any, Any, Any, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """GradInit's objective ``J(scales, params0, batch, lookahead_batch) -> (J, aux)``.
 
@@ -329,6 +330,8 @@ def gradinit_objective(
         if _autograd:  # the driver's path: torch.autograd with create_graph (faster than nesting torch.func.grad)
             loss_s = loss_at(th, batch)
             g = list(torch.autograd.grad(loss_s, th, create_graph=True))
+            if _sync:  # the gradient and loss of the batch of all ranks (differentiable all-reduce)
+                g, loss_s = _dp_mean(g), _dp_mean([loss_s])[0]
         else:
             loss_s, g = _value_and_grad(loss_at, th, batch)
         gnorm = _norm_p(g, order)
@@ -346,10 +349,31 @@ def gradinit_objective(
                 stepped = [t + x for t, x in zip(th, _tree.tree_flatten(u)[0])]
             safe = [torch.where(norm_branch, t.detach(), s) for t, s in zip(th, stepped)]
             second = loss_at(safe, lookahead_batch)
+            if _sync:
+                second = _dp_mean([second])[0]
         value = torch.where(norm_branch, gnorm, second)
         return value, {"value": value.detach(), "grad_norm": gnorm.detach(), "norm_branch": norm_branch.detach()}
 
     return objective
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _dp_mean(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean over the ranks of each tensor, differentiable (one all-reduce for the list):
+    ``torch.distributed.nn``'s all-reduce, whose backward all-reduces the incoming gradients."""
+    from torch.distributed.nn.functional import all_reduce
+
+    flat = all_reduce(torch.cat([x.reshape(-1) for x in xs])) / _world_size()
+    out, start = [], 0
+    for x in xs:
+        out.append(flat[start:start + x.numel()].reshape(x.shape))
+        start += x.numel()
+    return out
 
 
 def _math_attention() -> Any:
@@ -406,6 +430,7 @@ def gradinit(
     autocast: torch.dtype | None = None,
     grad_scaler: Any = None,
     progress: bool = False,
+    sync: bool = False,
 ) -> tuple[Any, InitReport]:
     """Solve GradInit's scales and return ``(new_params, report)``; the module is not touched.
 
@@ -424,6 +449,14 @@ def gradinit(
     ``torch.autocast``; with a ``grad_scaler`` (``torch.amp.GradScaler``) the objective is
     scaled before the scales' backward and unscaled after, and an iteration whose scale gradients
     are not finite is skipped and the scaler updated, as in a training loop.
+
+    Data parallel (``sync=True`` under an initialised ``torch.distributed`` process group): each
+    rank passes its own batches, all of the same size, and the solver computes what one process
+    computes on the union of the ranks' batches (the union of the first halves is ``S``, of the
+    second halves ``S~``): ``g`` and the losses are averaged over the ranks by a differentiable
+    all-reduce inside the objective, and the scale gradients (each rank's share of ``d(R J)/dm``)
+    are averaged before the scale step, so the scales and the returned params are equal on every
+    rank. The report's RMS statistics stay this rank's.
 
     Returns ``{k: m_k * theta0_k}`` and an `InitReport` (scales, norms, gradient and activation
     RMS before and after, objective trace, norm-branch count, final ``||g||_p``, pass counts).
@@ -446,8 +479,9 @@ def gradinit(
             out = apply(theta, x)
         return _scalar_loss(loss(out, y), "gradinit")
 
+    sync = sync and _world_size() > 1
     objective = gradinit_objective(loss_fn, target=target, lr=lr, gamma=gamma, p=p, simplified=simplified,
-                                   _autograd=True)
+                                   _autograd=True, _sync=sync)
 
     def obj_grad(scales: Any, s_batch: Any, la_batch: Any, factor: float = 1.0) -> tuple[Any, dict[str, torch.Tensor]]:
         """``grad_m J`` (of ``factor * J``) by torch.autograd: the scales become leaves that
@@ -461,6 +495,10 @@ def gradinit(
         it_g = iter(grads)
         out = [None if t is None else (torch.zeros_like(t) if (g := next(it_g)) is None else g.detach())
                for t in req]
+        if sync:  # each rank holds its paths' share of d(R J)/dm: their mean is dJ/dm
+            live_out = [t for t in out if t is not None]
+            out = _tree.scatter(out, [i for i, t in enumerate(out) if t is not None],
+                                [t.detach() for t in _dp_mean(live_out)])
         return _tree.tree_unflatten(s_spec, out), aux
     tx = scale_tx if scale_tx is not None else gradinit_scale_tx(tau, alpha, scale_grad_clip)
     scales = _tree.tree_map(lambda x: torch.ones((), dtype=x.dtype, device=x.device), params0)

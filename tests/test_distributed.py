@@ -220,6 +220,46 @@ def _resume(rank: int, world: int) -> dict:
             "sharded": sharded, "functional": _gathered(state), "functional_restored": _gathered(restored)}
 
 
+def _init_problem(rank: int, world: int, halves: bool):
+    """A deep tanh MLP at twice the He std, and 8 draws of a global batch of 16 rows. GradInit
+    (``halves``): rank r gets ``cat(S_r, S~_r)`` and one process ``cat(S_0, S_1, S~_0, S~_1)``, so
+    that the union of the ranks' first halves is one process's first half; empirical init: rank
+    r gets rows ``r::world`` ... as a contiguous block."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(6, 6), nn.Tanh())], nn.Linear(6, 3)).to(DT)
+    with torch.no_grad():
+        for m in model:
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, 2 * (2.0 / m.in_features) ** 0.5)
+    g = torch.Generator().manual_seed(7)
+    batches = []
+    for _ in range(8):
+        x, y = torch.randn(16, 6, generator=g, dtype=DT), torch.randint(0, 3, (16,), generator=g)
+        blocks = [(x[i * 4:(i + 1) * 4], y[i * 4:(i + 1) * 4]) for i in range(4)]  # S_0, S_1, S~_0, S~_1
+        if world == 1:
+            batches.append((x, y))
+        elif halves:
+            batches.append((torch.cat([blocks[rank][0], blocks[2 + rank][0]]),
+                            torch.cat([blocks[rank][1], blocks[2 + rank][1]])))
+        else:
+            batches.append((x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8]))
+    return model, {k: p.detach() for k, p in model.named_parameters()}, batches
+
+
+def _gradinit_sync(rank: int, world: int) -> dict:
+    model, params, batches = _init_problem(rank, world, halves=True)
+    new, report = gx.gradinit(model, params, batches, nn.functional.cross_entropy, lr=0.1, gamma=3.0, sync=True)
+    return {"params": new, "scales": report.scales, "objective": report.objective,
+            "branch": report.norm_branch_steps}
+
+
+def _empirical_sync(rank: int, world: int) -> dict:
+    model, params, batches = _init_problem(rank, world, halves=False)
+    new, mult, report = gx.empirical_init(model, params, batches, nn.functional.cross_entropy, act_iters=2,
+                                          upd_iters=3, generator=torch.Generator().manual_seed(rank), sync=True)
+    return {"params": new, "multipliers": mult, "pillar1": report.extra["pillar1"], "pillar3": report.extra["pillar3"]}
+
+
 def _scenarios(mode: str | None) -> list[tuple[str, str]]:
     return [(name, route) for name in sorted(CASES) for route in ("functional", "adapter")
             if not (route == "adapter" and name in BY_KEY)]
@@ -232,6 +272,8 @@ def _run_all(rank: int, world: int) -> dict:
     for mode in modes:
         for name, route in _scenarios(mode):
             out[(mode, name, route)] = _run_case(CASES[name], mode, route, rank, world)
+    out["gradinit"] = _gradinit_sync(rank, world)
+    out["empirical"] = _empirical_sync(rank, world)
     out["sgs_functional"] = _sgs_functional(rank, world)
     out["sgs_ddp_tracker"] = _sgs_ddp_tracker(rank, world)
     if world > 1 and fully_shard is not None:
@@ -326,3 +368,30 @@ def test_sharded_checkpoint_resumes_exactly(results):
             assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
         for a, b in zip(res["functional_restored"], res["functional"]):
             assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_gradinit_over_ranks_equals_the_union_of_their_batches(results):
+    """``gradinit(sync=True)``: g, the look-ahead loss and the scale gradients over all ranks."""
+    ranks, ref = results
+    want = ref["gradinit"]
+    assert want["branch"] not in (0, len(want["objective"]))  # both branches were taken
+    for r in range(WORLD):
+        got = ranks[r]["gradinit"]
+        assert got["branch"] == want["branch"]
+        assert got["scales"] == pytest.approx(want["scales"], rel=1e-9)
+        assert got["objective"] == pytest.approx(want["objective"], rel=1e-9)
+        assert_trees_close(got["params"], want["params"], rtol=1e-9, atol=1e-14)
+    assert max(abs(v - 1.0) for v in want["scales"].values()) > 1e-3  # the scales moved
+
+
+def test_empirical_init_over_ranks_equals_the_union_of_their_batches(results):
+    """``empirical_init(sync=True)``: RMS over all ranks' examples, averaged gradients, and the
+    re-draw broadcast from rank 0 (each rank passed a different generator)."""
+    ranks, ref = results
+    want = ref["empirical"]
+    for r in range(WORLD):
+        got = ranks[r]["empirical"]
+        assert got["pillar1"] == pytest.approx(want["pillar1"], rel=1e-9)
+        assert got["pillar3"] == pytest.approx(want["pillar3"], rel=1e-9)
+        assert_trees_close(got["multipliers"], want["multipliers"], rtol=1e-9, atol=1e-14)
+        assert_trees_close(got["params"], want["params"], rtol=1e-9, atol=1e-14)
