@@ -562,17 +562,30 @@ def task_grad_norms(losses: Any, shared: torch.Tensor, *, retain_graph: bool = T
 
     ``shared`` is the tensor GradNorm compares at: a parameter (the paper: the last shared layer's
     weight) or a shared activation. Each of the ``T`` gradients runs the backward only through the
-    layers between that task's loss and ``shared``, not through the trunk below it. Under ``torch.distributed`` the per-task gradients are averaged over the
-    ranks of ``group`` before the norm, so the norms are those of the global batch.
+    layers between that task's loss and ``shared``, not through the trunk below it.
+
+    Under ``torch.distributed`` the norms are those of the global batch (the losses being means
+    over each rank's ``n_r`` examples): at a parameter (a leaf tensor) the per-task gradients are
+    averaged over the ranks of ``group`` before the norm; at an activation (batch in dim 0, each
+    rank holding its own examples' rows) ``n_i^2 = sum_r (n_r / N)^2 ||grad_r||^2``.
     """
     losses = _check_losses(losses)
     if not isinstance(shared, torch.Tensor) or not shared.requires_grad:
         raise ValueError("shared must be a tensor that is part of the losses' autograd graph (requires_grad)")
     g = _per_task_grads(losses, shared, retain_graph).detach()
     world = _world(group)
-    if world > 1:
+    if world > 1 and shared.is_leaf:
         torch.distributed.all_reduce(g, group=group)
         g = g / world
+    elif world > 1:
+        if shared.ndim == 0:
+            raise ValueError("a shared activation must have the batch in dim 0 (got a 0-d tensor)")
+        n = torch.tensor([float(shared.shape[0])], dtype=torch.float64, device=g.device)
+        total = n.clone()
+        torch.distributed.all_reduce(total, group=group)
+        sq = g.flatten(1).double().square().sum(dim=1) * (n / total) ** 2
+        torch.distributed.all_reduce(sq, group=group)
+        return sq.sqrt().to(g.dtype)
     return g.flatten(1).norm(dim=1)
 
 

@@ -97,7 +97,10 @@ def _params_of(model: nn.Module) -> dict:
 # --- scenarios (run by each rank, and by this process as the reference) ---------------------------
 
 
-def _gradnorm_functional(rank: int, world: int) -> dict:
+def _gradnorm_functional(rank: int, world: int, activation: bool = False) -> dict:
+    """GradNorm through ``weighted_grad_and_task_norms``; norms at the shared weight, or with
+    ``activation`` at the trunk's output (``shared=None``: each rank's gradient rows are its own
+    examples', so the global norm is sum_r (n_r / N)^2 ||g_r||^2, not a mean)."""
     from torch.func import functional_call
 
     model = _model()
@@ -106,7 +109,14 @@ def _gradnorm_functional(rank: int, world: int) -> dict:
     def losses_fn(params, batch):
         return _losses(functional_call(model, params, (batch[0],)), batch[1])
 
-    f = gx.weighted_grad_and_task_norms(losses_fn, shared=SHARED)
+    def losses_and_activation(params, batch):
+        h = functional_call(model.trunk, {k[6:]: v for k, v in params.items() if k.startswith("trunk.")}, (batch[0],))
+        outs = [functional_call(model.heads[i], {k.split(".", 2)[2]: v for k, v in params.items()
+                                                 if k.startswith(f"heads.{i}.")}, (h,)) for i in range(T)]
+        return _losses(outs, batch[1]), h
+
+    f = (gx.weighted_grad_and_task_norms(losses_and_activation, shared=None) if activation
+         else gx.weighted_grad_and_task_norms(losses_fn, shared=SHARED))
     tx = gx.chain(gx.gradnorm(T, alpha=1.5, dtype=DT), gx.adam(1e-2))
     params = _params_of(model)
     state = tx.init(params)
@@ -159,6 +169,7 @@ def _adapter_run(rank: int, world: int, weighter, *, ddp: bool = False, norms: b
 def _run_all(rank: int, world: int) -> dict:
     res = {
         "gn_functional": _gradnorm_functional(rank, world),
+        "gn_activation": _gradnorm_functional(rank, world, activation=True),
         "gn_adapter": _adapter_run(rank, world, gx.gradnorm(T, alpha=1.5, dtype=DT)),
         "uw": _adapter_run(rank, world, gx.uncertainty_weighting(T, gx.adam(0.05), dtype=DT), norms=False),
         "dwa": _adapter_run(rank, world, gx.dwa(T, temperature=2.0, period=1, dtype=DT), norms=False),
@@ -217,6 +228,16 @@ def test_gradnorm_functional_matches_single_process(results):
     for r in range(WORLD):
         for step in range(STEPS):
             _close(ranks[r]["gn_functional"]["norms"][step], ref["gn_functional"]["norms"][step])
+
+
+def test_gradnorm_at_a_shared_activation_matches_single_process(results):
+    ranks, ref = results
+    _check_against_reference(ranks, ref, "gn_activation")
+    for r in range(WORLD):
+        for step in range(STEPS):
+            _close(ranks[r]["gn_activation"]["norms"][step], ref["gn_activation"]["norms"][step])
+    # not vacuous: the activation norms differ from the weight norms of the same run
+    assert not torch.allclose(ref["gn_activation"]["norms"][0], ref["gn_functional"]["norms"][0])
 
 
 def test_gradnorm_adapter_manual_allreduce_matches_single_process(results):
