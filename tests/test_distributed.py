@@ -260,6 +260,20 @@ def _empirical_sync(rank: int, world: int) -> dict:
     return {"params": new, "multipliers": mult, "pillar1": report.extra["pillar1"], "pillar3": report.extra["pillar3"]}
 
 
+def _task_norms_fsdp(rank: int, world: int) -> dict:
+    """``gx.task_grad_norms`` at a sharded shared weight and at a shared activation (FSDP2)."""
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)).to(DT)
+    heads = nn.ModuleList([nn.Linear(6, 1) for _ in range(3)]).to(DT)
+    if world > 1:
+        for m in (trunk, *heads):
+            fully_shard(m)
+    x, y = _batch(rank, world)
+    h = trunk(x)
+    losses = torch.stack([(head(h).squeeze(-1) - s * y).pow(2).mean() for s, head in zip((1.0, 3.0, 10.0), heads)])
+    return {"weight": gx.task_grad_norms(losses, trunk[2].weight), "activation": gx.task_grad_norms(losses, h)}
+
+
 def _scenarios(mode: str | None) -> list[tuple[str, str]]:
     return [(name, route) for name in sorted(CASES) for route in ("functional", "adapter")
             if not (route == "adapter" and name in BY_KEY)]
@@ -276,6 +290,8 @@ def _run_all(rank: int, world: int) -> dict:
     out["empirical"] = _empirical_sync(rank, world)
     out["sgs_functional"] = _sgs_functional(rank, world)
     out["sgs_ddp_tracker"] = _sgs_ddp_tracker(rank, world)
+    if fully_shard is not None:
+        out["task_norms"] = _task_norms_fsdp(rank, world)
     if world > 1 and fully_shard is not None:
         out["resume"] = _resume(rank, world)
         out["local_shards"] = _run_case(lambda: gx.clip_by_global_norm(0.1), "fsdp", "functional", rank, world,
@@ -395,3 +411,15 @@ def test_empirical_init_over_ranks_equals_the_union_of_their_batches(results):
         assert got["pillar3"] == pytest.approx(want["pillar3"], rel=1e-9)
         assert_trees_close(got["multipliers"], want["multipliers"], rtol=1e-9, atol=1e-14)
         assert_trees_close(got["params"], want["params"], rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.skipif(fully_shard is None, reason="FSDP2 (fully_shard) needs torch >= 2.4")
+def test_gradnorm_task_norms_under_fsdp2(results):
+    """GradNorm's per-task norms at a sharded weight and at an activation, on two FSDP2 ranks,
+    equal one process on the whole batch."""
+    ranks, ref = results
+    for r in range(WORLD):
+        for where in ("weight", "activation"):
+            got = ranks[r]["task_norms"][where]
+            assert not gx.tree.is_dtensor(got)
+            torch.testing.assert_close(got, ref["task_norms"][where], rtol=1e-9, atol=0)
