@@ -2,7 +2,8 @@
 
 Training in bfloat16 or float16 keeps the params (and gradients) in 2 bytes, but an optimizer
 whose moments live in the same dtype loses them: float16's squared gradients underflow below
-``6e-8`` (Adam's ``v`` becomes 0 and the step ``m / (sqrt(v) + eps)`` explodes), and bfloat16's
+``6e-8`` (Adam's ``v`` becomes 0 and the step ``m / (sqrt(v) + eps)`` is infinite, ``eps = 1e-8``
+being 0 in float16 too), and bfloat16's
 8-bit mantissa rounds ``b2 * v + (1 - b2) g^2`` back to ``v`` once ``g^2 < v / 256``.
 `upcast` runs any transform in a wider dtype and hands back updates in each param's dtype.
 """

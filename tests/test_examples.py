@@ -194,3 +194,16 @@ def test_learned_lr_smoke_moves_the_lr_up_from_a_poor_start():
     assert learned and fixed, out.stdout
     assert float(learned.group(1)) < 0.6 * vals[0] and float(learned.group(1)) < 0.6 * float(fixed.group(1)), out.stdout
     assert float(learned.group(2)) > 50, out.stdout
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_distributed_example_matches_one_process_and_resumes_exactly(mode):
+    if mode == "fsdp":
+        pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.4")
+    out = subprocess.run([sys.executable, str(EXAMPLES / "distributed_digits.py"), "--mode", mode, "--smoke"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    diff = float(re.search(r"max abs param difference, 2 ranks vs one process: (\S+)", out.stdout).group(1))
+    hist = float(re.search(r"norm history: (\S+)", out.stdout).group(1))
+    assert diff < 1e-5 and hist < 1e-5, out.stdout
+    assert "bit-exact = True" in out.stdout, out.stdout
