@@ -99,7 +99,7 @@ def _div_each_(xs: list[torch.Tensor], factors: list[Any]) -> None:
     if factors and not isinstance(factors[0], torch.Tensor):
         _fe.div_(xs, factors)
     else:
-        xs[:] = [x / f for x, f in zip(xs, factors)]
+        xs[:] = [(x / f).to(x.dtype) for x, f in zip(xs, factors)]  # a 0-d x would promote to f's float64
 
 
 def _root_floor(second: list[torch.Tensor], counts: Sequence[torch.Tensor], beta: Any, eps: Any) -> list[torch.Tensor]:
