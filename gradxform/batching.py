@@ -73,7 +73,8 @@ def batched(tx: GradientTransformation, *, unbatched_extras: tuple[str, ...] = (
         out = torch.func.vmap(one, randomness=randomness)(_Packed.tensors(params))
         # vmap returns broadcast (stride-0) tensors for values that do not depend on the params
         # (counts): make them ordinary, so that a compiled step sees the same strides every call
-        return box["state"].unpack([t.contiguous() for t in out])
+        # (a fresh copy: ``contiguous()`` keeps stride 0 on a size-1 dim, e.g. when N = 1)
+        return box["state"].unpack([t.clone(memory_format=torch.contiguous_format) for t in out])
 
     def update(updates: Updates, state: Any, params: Params | None = None, **extra: Any) -> tuple[Updates, Any]:
         u_pack, s_pack, p_pack = _Packed(updates), _Packed(state), _Packed(params)

@@ -190,6 +190,10 @@ _DTENSOR: Any = False
 
 def is_dtensor(x: Any) -> bool:
     """Whether ``x`` is a ``DTensor`` (a param or gradient sharded by FSDP2 / tensor parallel)."""
+    if type(x) is torch.Tensor:
+        # plain tensors (every reduction result): no lookup, so that the lazy ``_DTENSOR`` global
+        # is never first set inside a torch.compile trace (its guard would recompile next call)
+        return False
     cls = _dtensor_type()
     return cls is not None and isinstance(x, cls)
 

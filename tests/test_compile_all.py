@@ -1,0 +1,165 @@
+"""Every public transform compiles with ``torch.compile(fullgraph=True)``, equals eager, and does
+not recompile.
+
+The transforms are the cases of ``tests/test_purity.py::CASES`` (52 when this was written: the 45
+public transform factories of ``gx.__all__`` plus variants such as the TrueGrad fallbacks, random
+autoclip and nesterov/dampened trace); ``test_every_public_transform_is_covered`` there keeps them
+covering ``gx.__all__``. The wrappers feeding ``sum_grad_squared`` / ``losses`` /
+``task_grad_norms`` and ``batched`` run inside the compiled step too. For each case:
+
+* ``test_compiled_equals_eager_and_compiles_once``: 6 steps of ``update`` + ``apply_updates``
+  eagerly and compiled (a counting backend); params and state match at every step and exactly
+  one frame is compiled (schedules advance, and the random clips draw from their seeded state,
+  without recompiling). A case with its own injected ``lr`` (19 when written: the aliases and
+  what is built on them) gets a new rate every step through the state (`gx.set_hyperparam`),
+  and the changing rate must reach the params.
+* ``test_changing_learning_rate_does_not_recompile``: the other cases that take a step size
+  (static, or an ``lr`` schedule: 6) are chained with an injected ``scale_by_learning_rate``
+  whose rate changes every step: still one frame, still equal to eager.
+* ``test_aot_eager_backend_equals_eager``: one case per family (clipping, TrueGrad, loss
+  weighting, init scaling) through the ``aot_eager`` backend (AOTAutograd), with a changing
+  rate: equal to eager, one compiled entry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
+
+import gradxform as gx
+from gradxform.combine import find_injected
+from helpers import assert_trees_close, snapshot
+from test_purity import CASES, _grads, _params
+
+STEPS = 6
+TOL = {"rtol": 1e-5, "atol": 1e-6}  # float32 params
+# Multipliers of the learning rate, one per step (not monotone, so a stale value shows).
+LR_FACTORS = [1.0, 0.5, 2.0, 0.25, 1.5, 0.75]
+
+
+def _has_injected(name: str, hyper: str) -> bool:
+    return any(hyper in inj.hyperparams for inj in find_injected(CASES[name]().init(_params())))
+
+
+# Cases whose injected ``lr`` follows a schedule (recomputed from the count at every update, so a
+# value written into the state is overwritten): like a static step size, they get a chained one.
+SCHEDULED_LR = {"adamw"}
+# Cases whose state holds an injected ``lr`` (the aliases and everything built on them).
+OWN_LR = {n for n in CASES if _has_injected(n, "lr")} - SCHEDULED_LR
+# Cases that take a static step size: an injected learning rate is chained after them.
+STATIC_STEP = {"scale", "scale_by_schedule", "scale_by_learning_rate", "clipped_sstm", "gradinit_scale_tx"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo(monkeypatch):
+    # as in a fresh process: gradxform resolves the DTensor class lazily, and a lookup first made
+    # inside a trace would leave a guard on that global that fails (recompiles) on the next call
+    monkeypatch.setattr(gx.tree, "_DTENSOR", False)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _assert_histories_close(eager: list, comp: list) -> None:
+    assert len(eager) == len(comp) == STEPS
+    for t, ((pe, se), (pc, sc)) in enumerate(zip(eager, comp)):
+        try:
+            assert_trees_close(pc, pe, **TOL)
+            assert_trees_close(sc, se, **TOL)
+        except AssertionError as e:
+            raise AssertionError(f"compiled differs from eager at step {t}: {e}") from None
+
+
+def _moved(before: Any, after: Any) -> bool:
+    """Some tensor leaf differs (the run was not a no-op)."""
+    return any(not torch.equal(a, b) for a, b in zip(gx.tree.tree_flatten(before)[0], gx.tree.tree_flatten(after)[0])
+               if isinstance(a, torch.Tensor))
+
+
+def _step_of(tx: gx.GradientTransformation) -> Any:
+    def step(p: Any, g: Any, s: Any) -> tuple[Any, Any]:
+        updates, s = tx.update(g, s, p)
+        return gx.apply_updates(p, updates), s
+
+    return step
+
+
+def _run_with_lrs(tx: gx.GradientTransformation, lr_name: str | None, lrs: list[float], fn: Any) -> list:
+    """``len(lrs)`` steps of ``fn``; before each, ``lr_name`` (if any) is set to the next value."""
+    params = _params()
+    state = tx.init(params)
+    hist = []
+    for t, lr in enumerate(lrs):
+        if lr_name is not None:
+            gx.set_hyperparam(state, lr_name, lr)
+        params, state = fn(params, _grads(t), state)
+        # a copy: the next set_hyperparam writes into this state's dict, which an eager step may
+        # share with its input state (multi_steps keeps the inner state between applications)
+        hist.append((params, snapshot(state)))
+    return hist
+
+
+def _check_compiled(tx: gx.GradientTransformation, lr_name: str | None, name: str, backend: Any = None) -> Any:
+    """Compiled vs eager over STEPS steps (the rate changing every step when ``lr_name``)."""
+    lrs = [0.1 * f for f in LR_FACTORS]
+    step = _step_of(tx)
+    counter = backend if backend is not None else CompileCounter()
+    comp = _run_with_lrs(tx, lr_name, lrs, torch.compile(step, fullgraph=True, backend=counter))
+    eager = _run_with_lrs(tx, lr_name, lrs, step)
+    _assert_histories_close(eager, comp)
+    if backend is None:
+        assert counter.frame_count == 1, f"{name}: {counter.frame_count} frames compiled for {STEPS} steps (recompiled)"
+    if lr_name is not None:  # the changing value is used: a constant rate gives other params
+        constant = _run_with_lrs(tx, lr_name, [lrs[0]] * STEPS, step)
+        assert _moved(constant[-1][0], eager[-1][0]), f"{name}: changing {lr_name} had no effect on the params"
+    elif name not in ("identity", "monitor_norm"):  # these pass the gradient through unchanged
+        assert _moved(_params(), eager[-1][0]), f"{name}: the params never changed"
+    return step
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_compiled_equals_eager_and_compiles_once(name):
+    """A case with its own injected ``lr`` gets a new rate every step (one compile serves both
+    checks: a changing rate that does not recompile implies a constant one does not)."""
+    _check_compiled(CASES[name](), "lr" if name in OWN_LR else None, name)
+
+
+def _with_chained_lr(name: str) -> gx.GradientTransformation:
+    return gx.chain(CASES[name](), gx.inject_hyperparams(gx.scale_by_learning_rate)(learning_rate=0.1))
+
+
+@pytest.mark.parametrize("name", sorted(STATIC_STEP | SCHEDULED_LR))
+def test_changing_learning_rate_does_not_recompile(name):
+    """Cases whose step size is static or scheduled: a chained injected rate changes every step.
+    (The cases with their own injected ``lr`` change it in the test above.)"""
+    _check_compiled(_with_chained_lr(name), "learning_rate", name)
+
+
+@pytest.mark.parametrize("name", ["random_clip_by_global_norm", "scale_by_truegrad_adam", "dwa", "scale_by_empirical_init"])
+def test_aot_eager_backend_equals_eager(name):
+    """AOTAutograd traces the same step (functionalisation of the state updates, and its pass
+    that turns Python-float inputs into tensors, included), the rate changing every step."""
+    lr_name, tx = ("lr", CASES[name]()) if name in OWN_LR else ("learning_rate", _with_chained_lr(name))
+    counter = CompileCounterWithBackend("aot_eager")
+    step = _check_compiled(tx, lr_name, name, backend=counter)
+    # One compiled entry for the step: no recompilation. (counter.frame_count can read 2: dynamo
+    # may restart its first analysis once for that float pass, handing the backend an empty graph.)
+    assert len(_debug_get_cache_entry_list(step.__code__)) == 1
+    assert counter.graphs and len(counter.graphs[-1].graph.nodes) > 0
+
+
+def test_step_size_lists_match_the_cases():
+    """The case lists name real cases, and the scheduled ``lr`` does follow its schedule."""
+    assert STATIC_STEP | SCHEDULED_LR <= set(CASES)
+    assert not (STATIC_STEP | SCHEDULED_LR) & OWN_LR
+    assert all(_has_injected(n, "lr") for n in SCHEDULED_LR)
+    assert len(OWN_LR) >= 19  # the aliases and what is built on them (19 when written)
+    for name in SCHEDULED_LR:  # a written lr is overwritten by the schedule: hence the chained one
+        tx = CASES[name]()
+        state = gx.set_hyperparam(tx.init(_params()), "lr", 123.0)
+        _, state = tx.update(_grads(0), state, _params())
+        assert gx.get_hyperparam(state, "lr").item() != 123.0
