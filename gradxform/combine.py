@@ -26,6 +26,7 @@ from .base import (
     GradientTransformation,
     Params,
     Updates,
+    check_extra,
     expect_state,
     extra_args_of,
     select_extra,
@@ -56,6 +57,11 @@ def _resolve(tree_or_fn: Any, params: Any) -> Any:
 def _labels_for(labels: Any, reference: Any, what: str) -> list[Any]:
     """Flatten a labels / mask tree that must have ``reference``'s structure."""
     _, spec = _tree.tree_flatten(reference)
+    if _tree.is_compiling():
+        # dynamo constant-folds flattening a dict of Python constants (a mask of bools) through
+        # optree's own dict flatten and cannot wrap its result; walk the params' structure instead
+        # (``flatten_up_to`` raises ValueError on a mismatch; eager mode keeps the precise message).
+        return spec.flatten_up_to(labels)
     return _tree.check_structure(spec, labels, what, against="params", reference=reference)
 
 
@@ -65,6 +71,17 @@ def _forwarding(update: Callable[..., Any], inner: GradientTransformation | list
     for tx in inners:
         spec = spec | extra_args_of(tx)
     return with_extra_args(update, spec)
+
+
+def _reject_unknown_extra(specs: Any, extra: dict[str, Any], owner: str) -> None:
+    """A ``TypeError`` for an extra argument no inner transform declares (a typo such as
+    ``loses=``), raised on every call: a combinator that filters or defers extras would
+    otherwise drop it silently."""
+    union = ExtraArgs()
+    for spec in specs:
+        union = union | spec
+    if not union.accepts_any:
+        check_extra(ExtraArgs(optional=union.names), extra, owner)
 
 
 # --- masked -------------------------------------------------------------------------------------
@@ -150,8 +167,11 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
 
     def update(updates: Updates, state: PartitionState, params: Params | None = None, **extra: Any) -> tuple[Updates, PartitionState]:
         expect_state(state, PartitionState, "partition")
+        _reject_unknown_extra(specs.values(), extra, "partition")
         labels = labels_of(params if params is not None else updates)
         u_leaves, spec = _tree.tree_flatten(updates)
+        if params is not None:  # labels come from params: a different updates tree would misroute
+            _tree.check_structure(spec, params, "params", reference=updates)
         out = list(u_leaves)
         new_states = {}
         for k, tx in transforms.items():
@@ -391,7 +411,8 @@ def multi_steps(
     for name, power in accumulate.items():
         if not isinstance(name, str) or not _is_number(power):
             raise TypeError(f"accumulate must map extra-argument names to numbers; got {name!r}: {power!r}")
-    declared = extra_args_of(inner).names
+    inner_spec = extra_args_of(inner)
+    declared = inner_spec.names
     acc_names = tuple(n for n in accumulate if n in declared)
     grad_scale = 1.0 / every_k if use_grad_mean else 1.0
 
@@ -425,8 +446,10 @@ def multi_steps(
 
     def update(updates: Updates, state: MultiStepsState, params: Params | None = None, **extra: Any) -> tuple[Updates, MultiStepsState]:
         expect_state(state, MultiStepsState, "multi_steps")
+        _reject_unknown_extra([inner_spec], extra, "multi_steps")
         leaves, spec = _tree.tree_flatten(updates)
         acc_leaves = _tree.check_structure(spec, state.acc_grads, "state.acc_grads", reference=updates)
+        _tree.check_shapes(lambda: _tree.tree_paths(updates), leaves, acc_leaves, "state.acc_grads")
         acc = [a if u is None else (a + u if a is not None else None) for a, u in zip(acc_leaves, leaves)]
         acc_tree = _tree.tree_unflatten(spec, acc)
         sums, handed = accumulate_extras(state, spec, updates, extra)

@@ -66,6 +66,7 @@ class _Flat:
             out.append(leaves[i])
         if check_shapes:
             _tree.check_shapes(lambda: [self.paths()[i] for i in self.idx], self.live, out, what)
+            _check_dtypes(lambda: [self.paths()[i] for i in self.idx], self.live, out, what)
         return out
 
     def params_live(self, params: Params, who: str) -> list[torch.Tensor]:
@@ -82,6 +83,29 @@ class _Flat:
         if like is None:
             base = [None] * len(self.leaves)
         return _tree.tree_unflatten(self.spec, _tree.scatter(base, self.idx, new_live))
+
+
+def _check_dtypes(paths_of: Callable[[], list[str]], updates: Sequence[torch.Tensor],
+                  others: Sequence[torch.Tensor], what: str) -> None:
+    """Raise a ``TypeError`` naming the path of the first live leaf that is not a real floating
+    tensor, or whose dtype or device differs from its params-shaped state / params leaf (a deep
+    kernel error, or a silent promotion, otherwise)."""
+    for i, (u, o) in enumerate(zip(updates, others)):
+        if u.dtype == o.dtype and u.device == o.device and u.is_floating_point():
+            continue
+        path = paths_of()[i]
+        if u.device != o.device:
+            raise TypeError(f"device mismatch at '{path}': updates leaf is on {u.device} but {what} leaf is on "
+                            f"{o.device}; move the gradients (or init the transform) onto the params' device")
+        if u.is_complex() or o.is_complex():
+            raise TypeError(f"complex leaf at '{path}' ({u.dtype} update, {o.dtype} {what}): gradxform's "
+                            "transforms take real floating-point leaves; optimise torch.view_as_real(p) instead "
+                            "(what torch.optim does for complex params)")
+        if not u.is_floating_point() or not o.is_floating_point():
+            raise TypeError(f"non-floating leaf at '{path}' ({u.dtype} update, {o.dtype} {what}): gradxform's "
+                            "transforms take floating-point params and gradients")
+        raise TypeError(f"dtype mismatch at '{path}': updates leaf is {u.dtype} but {what} leaf is {o.dtype}; "
+                        "cast the gradients to the params' dtype (or init the transform with params of that dtype)")
 
 
 def _mul(xs: list[torch.Tensor], s: Any, inplace: bool) -> list[torch.Tensor]:
@@ -131,6 +155,8 @@ def check_float(name: str, value: Any, *, low: float | None = None, high: float 
             return
         v = to_float(value)
     else:
+        if isinstance(value, (str, bytes)):  # float("0.1") would pass, then fail deep in a kernel
+            raise TypeError(f"{name} must be a number, a 0-d tensor or a schedule; got {value!r}")
         try:
             v = float(value)
         except (TypeError, ValueError):
@@ -267,7 +293,8 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
             weights = [1.0 if int(c) == 1 else 1.0 - damp for c in after]  # CPU counters
             _fe.add_(buf, _fe.mul(g, weights))
         else:
-            buf[:] = [b + x * (1.0 - damp * (c > 1).to(x.dtype)) for b, x, c in zip(buf, g, after)]
+            # cast: a 0-d leaf times the float64 weight would promote the buffer to float64
+            buf[:] = [(b + x * (1.0 - damp * (c > 1).to(x.dtype))).to(b.dtype) for b, x, c in zip(buf, g, after)]
         if nesterov:
             if isinstance(mu, torch.Tensor):
                 out = list(_fe.add(g, _fe.mul(buf, mu)))
@@ -450,6 +477,23 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
 # --- clipping (the rest of the family lives in clipping.py) -------------------------------------
 
 
+def _overflow_safe_factor(factor: torch.Tensor, norm: torch.Tensor, leaves: list[torch.Tensor], max_norm: Any) -> torch.Tensor:
+    """The clip factor when the float32 sum of squares overflowed (finite leaves, ``norm`` inf):
+    recomputed from norms accumulated in float64, which cannot overflow for float32 or narrower
+    leaves. Only in eager mode on CPU, where the check is a free read and the float64 pass runs
+    only on overflow (accumulating in float64 on every step costs about 15x the float32 norm on
+    CPU). On an accelerator or under torch.compile the factor stays as computed: an overflowing
+    norm gives a zero factor, as ``torch.nn.utils.clip_grad_norm_`` does (no host sync, no extra
+    pass); wrap the chain in ``apply_if_finite`` to skip such steps instead. A genuinely
+    non-finite leaf still gives inf or NaN."""
+    if norm.dtype == torch.float64 or _tree.traced() or norm.device.type != "cpu" or not bool(torch.isinf(norm)):
+        return factor
+    norms = [_tree.reduced(torch.linalg.vector_norm(x, dtype=torch.float64)) for x in leaves]
+    n = torch.linalg.vector_norm(torch.stack([x.to(norm.device) for x in norms]))
+    level = torch.as_tensor(max_norm, dtype=torch.float64, device=n.device)
+    return (level / torch.maximum(n, level)).to(factor.dtype)
+
+
 def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
     """Rescale all updates together so that their global L2 norm is at most ``max_norm``:
     ``u <- u * max_norm / max(||u||, max_norm)`` (Pascanu et al., 2013). A zero update passes."""
@@ -459,8 +503,13 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         flat = _Flat(updates)
         if not flat.live:
             return updates
+        for i, x in zip(flat.idx, flat.live):
+            if not (x.is_floating_point() or x.is_complex()):
+                raise TypeError(f"non-floating leaf at '{flat.paths()[i]}' ({x.dtype} update): "
+                                "clip_by_global_norm takes floating-point updates")
         norm = _tree.global_norm(flat.live)
         factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype))
+        factor = _overflow_safe_factor(factor, norm, flat.live, max_norm)
         return flat.rebuild(_mul(flat.live, factor, _tree.updates_inplace(flat.live)))
 
     if isinstance(max_norm, (int, float)):
