@@ -345,7 +345,8 @@ def gradinit_objective(
             else:
                 g_tree = _tree.tree_unflatten(_tree.tree_flatten(th)[1], g)
                 th_tree = _tree.tree_unflatten(_tree.tree_flatten(th)[1], th)
-                u, _ = target.update(g_tree, target.init(th_tree), th_tree)
+                with _tree.differentiable():  # out-of-place ops: the step is differentiated through
+                    u, _ = target.update(g_tree, target.init(th_tree), th_tree)
                 stepped = [t + x for t, x in zip(th, _tree.tree_flatten(u)[0])]
             safe = [torch.where(norm_branch, t.detach(), s) for t, s in zip(th, stepped)]
             second = loss_at(safe, lookahead_batch)

@@ -114,6 +114,32 @@ def test_driver_report_scales_and_unchanged_module():
     assert "norm-branch steps" in str(report) and "0.weight" in str(report)
 
 
+@pytest.mark.parametrize("gamma", [1e-3, 1e3])  # the norm branch, the look-ahead branch
+def test_driver_differentiates_through_a_chain_target(gamma):
+    """The driver (torch.autograd with create_graph) through gx.adam's first step, whose in-place
+    division autograd refuses unless the transform runs its out-of-place path: one iteration with
+    scale_tx = sgd(1) moves the scales by exactly -dJ/dm, equal to torch.func.grad of the
+    objective on the same halves of the batch."""
+    model = deep_mlp(depth=3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = next(batches(1))
+    new, report = gx.gradinit(model, params, [batch], F.cross_entropy, target=gx.adam(0.01), lr=0.01, gamma=gamma,
+                              scale_tx=gx.sgd(1.0))
+    assert report.norm_branch_steps == (1 if gamma < 1 else 0)
+
+    def loss_fn(p, b):
+        return F.cross_entropy(torch.func.functional_call(model, p, (b[0],)), b[1])
+
+    J = gx.gradinit_objective(loss_fn, target=gx.adam(0.01), lr=0.01, gamma=gamma)
+    ones = {k: torch.ones((), dtype=D) for k in params}
+    half = len(batch[0]) // 2
+    g, _ = torch.func.grad(J, has_aux=True)(ones, params, (batch[0][:half], batch[1][:half]),
+                                              (batch[0][half:], batch[1][half:]))
+    for k in params:
+        assert math.isclose(report.scales[k], 1.0 - float(g[k]), rel_tol=1e-9, abs_tol=1e-12), k
+    assert max(abs(float(v)) for v in g.values()) > 1e-6
+
+
 def test_report_plot(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib (the plot extra) not installed")
     model = deep_mlp(depth=3)
