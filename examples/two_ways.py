@@ -18,7 +18,7 @@ and the learning rate in effect (functional: read from the adamw member's
 ``InjectHyperparamsState.hyperparams["lr"]``; adapter: ``opt.param_groups[0]["lr"]``). At the end
 it reports the largest absolute difference between the parameters the two ways arrive at.
 
-Run:  python examples/demo.py [--epochs 20] [--seed 0]        (needs scikit-learn)
+Run:  python examples/two_ways.py [--epochs 20] [--seed 0]        (needs scikit-learn)
 """
 
 from __future__ import annotations

@@ -33,12 +33,12 @@ def test_functional_digits_learns():
     assert result["losses"][-1] < result["losses"][0], result["losses"]
 
 
-def test_demo_functional_and_optimizer_agree():
+def test_two_ways_functional_and_optimizer_agree():
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "demo.py"), "--epochs", "2", "--seed", "0"],
+        [sys.executable, str(EXAMPLES / "two_ways.py"), "--epochs", "2", "--seed", "0"],
         capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode == 0, f"demo.py failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, f"two_ways.py failed:\n{proc.stdout}\n{proc.stderr}"
     match = re.search(r"max abs difference between \(a\) and \(b\) parameters: (\S+)", proc.stdout)
     assert match, f"no max-abs-difference line in the demo's output:\n{proc.stdout}"
     assert float(match.group(1)) < 1e-5, proc.stdout
@@ -207,3 +207,20 @@ def test_distributed_example_matches_one_process_and_resumes_exactly(mode):
     hist = float(re.search(r"norm history: (\S+)", out.stdout).group(1))
     assert diff < 1e-5 and hist < 1e-5, out.stdout
     assert "bit-exact = True" in out.stdout, out.stdout
+
+
+def test_showcase_demo_all_four_families():
+    """The README's demo: GradInit rescues a deep net at 2x He std, GradNorm moves the weights,
+    AutoClip clips some steps, TG-AdamW trains; the functional loop and gx.Optimizer agree."""
+    demo = load_example("demo")
+    res = demo.main(["--epochs", "12", "--seed", "0"])
+    assert res["diff"] < 1e-6
+    assert res["acc"] >= 0.85 and res["mae"] < 1.5, res
+    assert res["acc_base"] <= 0.2 and res["mae_base"] > 10, res  # the same chain without GradInit
+    report = res["report"]
+    assert 0 < report.norm_branch_steps < report.iterations  # both GradInit branches
+    assert min(report.scales.values()) >= 0.01
+    w = res["rows"][-1]["w"]
+    assert abs(sum(w) - 2.0) < 1e-9 and w[0] > w[1]  # renormalised to T; the MSE task is turned down
+    assert 0.0 < res["clip_fraction"] < 1.0
+    assert len(res["rows"]) == 12
