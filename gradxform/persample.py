@@ -48,6 +48,7 @@ from . import tree as _tree
 __all__ = [
     "PerExampleStats",
     "PerParam",
+    "all_reduce_sum_grad_squared",
     "grad_and_sum_grad_squared",
     "sum_grad_squared",
     "track_sum_grad_squared",

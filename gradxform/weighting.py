@@ -458,7 +458,7 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1, *, sync: bool
 
 
 class FixedWeightsState(NamedTuple):
-    """``weights`` ``(T,)``."""
+    """State of `fixed_weights`: ``weights``, the constant ``(T,)`` loss weights."""
 
     weights: torch.Tensor
 

@@ -224,3 +224,11 @@ def test_showcase_demo_all_four_families():
     assert abs(sum(w) - 2.0) < 1e-9 and w[0] > w[1]  # renormalised to T; the MSE task is turned down
     assert 0.0 < res["clip_fraction"] < 1.0
     assert len(res["rows"]) == 12
+
+
+def test_every_example_has_a_smoke_test():
+    """No example rots: each script under examples/ is run by a test in this file."""
+    source = Path(__file__).read_text()
+    scripts = {p.stem for p in EXAMPLES.glob("*.py")} - {"digits_data"}  # a shared data module
+    missing = [s for s in sorted(scripts) if f'"{s}.py"' not in source and f'"{s}"' not in source]
+    assert not missing, f"add a smoke test for: {missing}"
