@@ -2,7 +2,7 @@
 
 A deep, unnormalised MLP trunk (10 Linear + ReLU layers, initialised at twice the He standard
 deviation, which makes its activations grow 2x per layer) feeds two heads: the digit's class
-(cross-entropy) and the digit's value as a number (mean squared error, a loss 10x larger at the
+(cross-entropy) and the digit's value as a number (mean squared error, a loss several times larger at the
 start). Then:
 
 1. **init-scale solver**: ``gx.gradinit`` learns one scale per parameter tensor so that the first

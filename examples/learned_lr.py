@@ -166,13 +166,38 @@ def main() -> None:
     parser.add_argument("--outer-lr", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="20 outer steps of 5 inner steps (for CI)")
+    parser.add_argument("--plot", default=None, help="save the lr and val-loss trajectories here (needs matplotlib)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print_every = 5
     if args.smoke:
         args.outer_steps, args.unroll, args.outer_lr, print_every = 20, 5, 0.3, 2
-    train(inner=args.inner, outer_steps=args.outer_steps, unroll=args.unroll, lr0=args.lr0, outer_lr=args.outer_lr,
-          seed=args.seed, verbose=True, print_every=print_every)
+    res = train(inner=args.inner, outer_steps=args.outer_steps, unroll=args.unroll, lr0=args.lr0,
+                outer_lr=args.outer_lr, seed=args.seed, verbose=True, print_every=print_every)
+    if args.plot:
+        plot(res, args.unroll, args.plot)
+
+
+def plot(res: dict, unroll: int, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: no figure written to {path})")
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    steps = [unroll * k for k in range(len(res["lrs"]))]
+    ax[0].semilogy(steps, res["lrs"])
+    ax[0].set_title("learned lr (hypergradient descent on log lr)")
+    ax[1].semilogy([unroll * (k + 1) for k in range(len(res["val_losses"]))], res["val_losses"])
+    ax[1].set_title("validation loss after each unroll")
+    for a in ax:
+        a.set_xlabel("inner step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"figure written to {path}")
 
 
 if __name__ == "__main__":
