@@ -19,7 +19,7 @@ def loss_fn(params):
 lr = gx.cosine_decay_schedule(3e-2, decay_steps=60)  # CosineAnnealingLR(T_max=60), eta_min=0
 tx = gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(lr=lr, weight_decay=1e-2))
 state = tx.init(params)
-for step in range(60):
+for _ in range(60):
     grads, loss = grad_and_value(loss_fn)(params)
     updates, state = tx.update(grads, state, params)
     params = gx.apply_updates(params, updates)

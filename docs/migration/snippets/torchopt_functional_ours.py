@@ -18,7 +18,7 @@ def loss_fn(params):
 
 tx = gx.chain(gx.clip_by_global_norm(1.0), gx.adam(1e-2))
 state = tx.init(params)
-for step in range(50):
+for _ in range(50):
     grads, loss = grad_and_value(loss_fn)(params)
     updates, state = tx.update(grads, state, params)
     params = gx.apply_updates(params, updates)

@@ -17,7 +17,7 @@ def loss_fn(params):
 
 tx = torchopt.chain(torchopt.clip_grad_norm(1.0), torchopt.adam(1e-2))
 state = tx.init(params)
-for step in range(50):
+for _ in range(50):
     grads, loss = grad_and_value(loss_fn)(params)
     updates, state = tx.update(grads, state, params=params, inplace=False)
     params = torchopt.apply_updates(params, updates, inplace=False)
