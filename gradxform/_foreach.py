@@ -87,5 +87,5 @@ def norm(xs: Any, ord: Any = 2, **kwargs: Any) -> Any:
     if not _tree.pure_ops():
         out = torch._foreach_norm(xs, ord, **kwargs)
         # norms of sharded leaves: the full norm, as plain tensors (see tree.reduced)
-        return [_tree.reduced(n) for n in out] if any(_tree.is_dtensor(n) for n in out) else out
+        return _tree.reduced_all(out) if any(_tree.is_dtensor(n) for n in out) else out
     return [torch.linalg.vector_norm(x, ord) for x in xs]

@@ -88,7 +88,7 @@ def _leaf_norms(leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The L2 norm of each leaf, in float32 or wider (one foreach kernel per dtype on CUDA)."""
     if all(_wide(g.dtype) == g.dtype for g in leaves):
         return list(_fe.norm(list(leaves)))
-    return [_tree.reduced(torch.linalg.vector_norm(g, dtype=_wide(g.dtype))) for g in leaves]
+    return _tree.reduced_all([torch.linalg.vector_norm(g, dtype=_wide(g.dtype)) for g in leaves])
 
 
 def _as_level(level: Any, dtype: torch.dtype) -> Any:

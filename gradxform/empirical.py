@@ -62,6 +62,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from . import _foreach as _fe
+from . import _dist
 from . import tree as _tree
 from .base import GradientTransformation, Params, Updates, expect_state
 from .initscale import (
@@ -71,7 +72,6 @@ from .initscale import (
     _dp_mean,
     _param_stats,
     _rms,
-    _world_size,
     _scalar_loss,
     apply_fn_of,
     module_activation_rms,
@@ -326,13 +326,10 @@ def _global_rms(t: torch.Tensor, sync: bool) -> float:
     ranks' mean squares, one all-reduce)."""
     if not sync:
         return _rms(t)
-    import torch.distributed as dist
-
     t = t.detach()
     t = t.abs() if t.is_complex() else t
     ms = t.double().square().mean() if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device)
-    dist.all_reduce(ms)
-    return float((ms / dist.get_world_size()).sqrt())
+    return float((_dist.all_reduce_sum([ms])[0] / _dist.world_size()).sqrt())
 
 
 def _unpack(batch: Any) -> tuple[Any, Any]:
@@ -434,7 +431,7 @@ def empirical_init(
                 key = lay.names["weight"]
                 theta[key] = theta[key].clone()
                 theta[key][lay.module.padding_idx] = 0
-    sync = sync and _world_size() > 1
+    sync = sync and _dist.world_size() > 1
     if sync and reinit:
         import torch.distributed as dist
 

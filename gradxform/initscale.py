@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
 
+from . import _dist
 from . import tree as _tree
 from .base import GradientTransformation, Params, Updates, chain, stateless
 from .transforms import check_float, clip_by_global_norm, scale, scale_by_adam
@@ -358,23 +359,10 @@ def gradinit_objective(
     return objective
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _dp_mean(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The mean over the ranks of each tensor, differentiable (one all-reduce for the list):
-    ``torch.distributed.nn``'s all-reduce, whose backward all-reduces the incoming gradients."""
-    from torch.distributed.nn.functional import all_reduce
-
-    flat = all_reduce(torch.cat([x.reshape(-1) for x in xs])) / _world_size()
-    out, start = [], 0
-    for x in xs:
-        out.append(flat[start:start + x.numel()].reshape(x.shape))
-        start += x.numel()
-    return out
+    """The mean over the ranks of each tensor, differentiable (one all-reduce for the list)."""
+    world = _dist.world_size()
+    return [x / world for x in _dist.all_reduce_sum(xs, differentiable=True)]
 
 
 def _math_attention() -> Any:
@@ -480,7 +468,7 @@ def gradinit(
             out = apply(theta, x)
         return _scalar_loss(loss(out, y), "gradinit")
 
-    sync = sync and _world_size() > 1
+    sync = sync and _dist.world_size() > 1
     objective = gradinit_objective(loss_fn, target=target, lr=lr, gamma=gamma, p=p, simplified=simplified,
                                    _autograd=True, _sync=sync)
 

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import _dist
 from . import tree as _tree
 
 __all__ = [
@@ -774,32 +775,18 @@ def grad_and_sum_grad_squared(
     return run
 
 
-def _process_group_size(group: Any) -> int:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
-
-
 def _synced(res: PerExampleStats, n: int, reduction: str) -> PerExampleStats:
-    """``res`` of this rank's shard -> the loss, gradients and statistic of the whole batch."""
-    if _process_group_size(None) == 1:
+    """``res`` of this rank's shard -> the loss, gradients and statistic of the whole batch (one
+    all-reduce for the loss and the gradients, one for the statistic)."""
+    if _dist.world_size() == 1:
         return res
-    import torch.distributed as dist
-
-    total = torch.tensor(float(n), dtype=torch.float64)
-    dist.all_reduce(total)
-    w = n / float(total) if reduction == "mean" else 1.0
-
-    def combined(t: torch.Tensor) -> torch.Tensor:
-        r = t * w
-        dist.all_reduce(r)
-        return r
-
-    grads = _tree.tree_map(combined, res.grads)
+    leaves, spec = _tree.tree_flatten(res.grads)
+    live_idx, live = _tree.live(leaves)
+    w = _dist.share_of_examples(n) if reduction == "mean" else torch.ones((), dtype=torch.float64)
+    loss, *grads = _dist.all_reduce_sum([x * w.to(x.dtype) for x in [res.loss, *live]])
     sgs = all_reduce_sum_grad_squared(res.sum_grad_squared, n, reduction=reduction)
-    return res._replace(loss=combined(res.loss), grads=grads, sum_grad_squared=sgs)
+    return res._replace(loss=loss, grads=_tree.tree_unflatten(spec, _tree.scatter(leaves, live_idx, grads)),
+                        sum_grad_squared=sgs)
 
 
 def all_reduce_sum_grad_squared(sum_grad_squared: Any, batch_size: int, *, reduction: str = "mean",
@@ -811,8 +798,8 @@ def all_reduce_sum_grad_squared(sum_grad_squared: Any, batch_size: int, *, reduc
     ``S = sum_r S_r``. For ``loss = mean_n l_n`` each rank's contributions were divided by its
     ``n_r`` instead of ``N``, so ``S = sum_r (n_r / N)^2 S_r``: with equal shards,
     ``sum_r S_r / R^2`` (averaging the ``S_r``, as DDP does with gradients, would be ``R`` times
-    too large). One all-reduce of ``n_r`` and one per leaf; nothing happens without an initialised
-    process group of more than one rank.
+    too large). One all-reduce of ``n_r`` and one of all the leaves together; nothing happens
+    without an initialised process group of more than one rank.
 
     Args:
         sum_grad_squared: a pytree of tensors (``None`` leaves pass) or the `PerParam` that
@@ -827,34 +814,22 @@ def all_reduce_sum_grad_squared(sum_grad_squared: Any, batch_size: int, *, reduc
     _check_engine_args(reduction, None, "error")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be this rank's number of examples (a positive int); got {batch_size!r}")
-    if _process_group_size(group) == 1:
+    if _dist.world_size(group) == 1:
         return sum_grad_squared
-    import torch.distributed as dist
-
     if isinstance(sum_grad_squared, PerParam):
         keys = list(sum_grad_squared)
         values = all_reduce_sum_grad_squared([sum_grad_squared[k] for k in keys], batch_size, reduction=reduction,
                                              group=group)
         return PerParam(list(zip(keys, values)))
     leaves, spec = _tree.tree_flatten(sum_grad_squared)
-    live = [t for t in leaves if t is not None]
+    live_idx, live = _tree.live(leaves)
     if not live:
         return sum_grad_squared
-    weight = torch.ones((), dtype=torch.float64)
     if reduction == "mean":
-        n = torch.tensor(float(batch_size), dtype=torch.float64, device=live[0].device)
-        total = n.clone()
-        dist.all_reduce(total, group=group)
-        weight = (n / total) ** 2
-    out = []
-    for t in leaves:
-        if t is None:
-            out.append(None)
-            continue
-        r = t * weight.to(device=t.device, dtype=t.dtype) if reduction == "mean" else t.clone()
-        dist.all_reduce(r, group=group)
-        out.append(r)
-    return _tree.tree_unflatten(spec, out)
+        weight = _dist.share_of_examples(batch_size, live[0].device, group) ** 2
+        live = [t * weight.to(device=t.device, dtype=t.dtype) for t in live]
+    total = _dist.all_reduce_sum(live, group)
+    return _tree.tree_unflatten(spec, _tree.scatter(leaves, live_idx, total))
 
 
 _CHECK_FAILED = "the fast rule disagreed with the exact per-example gradient on the first call (batch not in dim 0?)"

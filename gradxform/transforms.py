@@ -65,8 +65,7 @@ class _Flat:
                 )
             out.append(leaves[i])
         if check_shapes:
-            _tree.check_shapes(lambda: [self.paths()[i] for i in self.idx], self.live, out, what)
-            _check_dtypes(lambda: [self.paths()[i] for i in self.idx], self.live, out, what)
+            _tree.check_shapes(lambda: [self.paths()[i] for i in self.idx], self.live, out, what, dtypes=True)
         return out
 
     def params_live(self, params: Params, who: str) -> list[torch.Tensor]:
@@ -83,29 +82,6 @@ class _Flat:
         if like is None:
             base = [None] * len(self.leaves)
         return _tree.tree_unflatten(self.spec, _tree.scatter(base, self.idx, new_live))
-
-
-def _check_dtypes(paths_of: Callable[[], list[str]], updates: Sequence[torch.Tensor],
-                  others: Sequence[torch.Tensor], what: str) -> None:
-    """Raise a ``TypeError`` naming the path of the first live leaf that is not a real floating
-    tensor, or whose dtype or device differs from its params-shaped state / params leaf (a deep
-    kernel error, or a silent promotion, otherwise)."""
-    for i, (u, o) in enumerate(zip(updates, others)):
-        if u.dtype == o.dtype and u.device == o.device and u.is_floating_point():
-            continue
-        path = paths_of()[i]
-        if u.device != o.device:
-            raise TypeError(f"device mismatch at '{path}': updates leaf is on {u.device} but {what} leaf is on "
-                            f"{o.device}; move the gradients (or init the transform) onto the params' device")
-        if u.is_complex() or o.is_complex():
-            raise TypeError(f"complex leaf at '{path}' ({u.dtype} update, {o.dtype} {what}): gradxform's "
-                            "transforms take real floating-point leaves; optimise torch.view_as_real(p) instead "
-                            "(what torch.optim does for complex params)")
-        if not u.is_floating_point() or not o.is_floating_point():
-            raise TypeError(f"non-floating leaf at '{path}' ({u.dtype} update, {o.dtype} {what}): gradxform's "
-                            "transforms take floating-point params and gradients")
-        raise TypeError(f"dtype mismatch at '{path}': updates leaf is {u.dtype} but {what} leaf is {o.dtype}; "
-                        "cast the gradients to the params' dtype (or init the transform with params of that dtype)")
 
 
 def _mul(xs: list[torch.Tensor], s: Any, inplace: bool) -> list[torch.Tensor]:
@@ -488,7 +464,7 @@ def _overflow_safe_factor(factor: torch.Tensor, norm: torch.Tensor, leaves: list
     non-finite leaf still gives inf or NaN."""
     if norm.dtype == torch.float64 or _tree.traced() or norm.device.type != "cpu" or not bool(torch.isinf(norm)):
         return factor
-    norms = [_tree.reduced(torch.linalg.vector_norm(x, dtype=torch.float64)) for x in leaves]
+    norms = _tree.reduced_all([torch.linalg.vector_norm(x, dtype=torch.float64) for x in leaves])
     n = torch.linalg.vector_norm(torch.stack([x.to(norm.device) for x in norms]))
     level = torch.as_tensor(max_norm, dtype=torch.float64, device=n.device)
     return (level / torch.maximum(n, level)).to(factor.dtype)

@@ -112,15 +112,37 @@ def check_shapes(
     updates: Sequence[torch.Tensor | None],
     others: Sequence[torch.Tensor | None],
     what: str,
+    dtypes: bool = False,
 ) -> None:
-    """Raise a ``ValueError`` naming the path of the first leaf whose shape differs."""
+    """Raise a ``ValueError`` naming the path of the first leaf whose shape differs; with
+    ``dtypes``, in the same pass a ``TypeError`` for a leaf that is not a real floating tensor or
+    whose dtype or device differs from its params-shaped state / params leaf (a deep kernel
+    error, or a silent promotion, otherwise)."""
     for i, (u, o) in enumerate(zip(updates, others)):
-        if u is not None and o is not None and u.shape != o.shape:
-            path = paths_of()[i]
+        if u is None or o is None:
+            continue
+        if u.shape != o.shape:
             raise ValueError(
-                f"shape mismatch at '{path}': updates leaf has shape {tuple(u.shape)} but "
+                f"shape mismatch at '{paths_of()[i]}': updates leaf has shape {tuple(u.shape)} but "
                 f"{what} leaf has shape {tuple(o.shape)}"
             )
+        if dtypes and not (u.dtype == o.dtype and u.is_floating_point() and u.device == o.device):
+            _dtype_error(paths_of()[i], u, o, what)
+
+
+def _dtype_error(path: str, u: torch.Tensor, o: torch.Tensor, what: str) -> None:
+    if u.device != o.device:
+        raise TypeError(f"device mismatch at '{path}': updates leaf is on {u.device} but {what} leaf is on "
+                        f"{o.device}; move the gradients (or init the transform) onto the params' device")
+    if u.is_complex() or o.is_complex():
+        raise TypeError(f"complex leaf at '{path}' ({u.dtype} update, {o.dtype} {what}): gradxform's "
+                        "transforms take real floating-point leaves; optimise torch.view_as_real(p) instead "
+                        "(what torch.optim does for complex params)")
+    if not u.is_floating_point() or not o.is_floating_point():
+        raise TypeError(f"non-floating leaf at '{path}' ({u.dtype} update, {o.dtype} {what}): gradxform's "
+                        "transforms take floating-point params and gradients")
+    raise TypeError(f"dtype mismatch at '{path}': updates leaf is {u.dtype} but {what} leaf is {o.dtype}; "
+                    "cast the gradients to the params' dtype (or init the transform with params of that dtype)")
 
 
 def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
@@ -209,6 +231,19 @@ def reduced(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def reduced_all(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`reduced` of each 0-d tensor in ``xs``, the sharded ones completed together: one
+    collective for a list of per-leaf norms or flags rather than one per leaf."""
+    sharded = [i for i, x in enumerate(xs) if is_dtensor(x)]
+    if len(sharded) < 2:
+        return [reduced(x) for x in xs]
+    try:
+        full = reduced(torch.stack([xs[i] for i in sharded])).unbind(0)
+    except (RuntimeError, NotImplementedError, ValueError):  # leaves on different meshes or placements
+        full = [reduced(xs[i]) for i in sharded]
+    return scatter(list(xs), sharded, full)
+
+
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """sqrt(sum_j ||t_j||^2) over a list of tensors, as a 0-d tensor (no host sync).
 
@@ -224,7 +259,7 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     else:
         norms = torch._foreach_norm(list(tensors))
     if any(is_dtensor(n) for n in norms):
-        norms = [reduced(n) for n in norms]
+        norms = reduced_all(norms)
     stacked = torch.stack([n.to(device=device, dtype=torch.promote_types(n.dtype, torch.float32)) for n in norms])
     return torch.linalg.vector_norm(stacked)
 
@@ -240,7 +275,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.ones((), dtype=torch.bool)
     device = tensors[0].device
-    flags = [reduced(torch.isfinite(t).all()).to(device) for t in tensors]
+    flags = [x.to(device) for x in reduced_all([torch.isfinite(t).all() for t in tensors])]
     return torch.stack(flags).all()
 
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
+from . import _dist
 from . import tree as _tree
 from .base import GradientTransformation, Params, Updates, expect_state
 from .combine import _no_ownership
@@ -115,23 +116,12 @@ def _schedule_gate(count: torch.Tensor, every: int, after: int) -> torch.Tensor:
     return (count >= after) & (torch.remainder(count - after, every) == 0)
 
 
-def _world(group: Any = None) -> int:
-    dist = torch.distributed
-    if _tree.is_compiling() or not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size(group)
-
-
 def _mean_over_ranks(x: torch.Tensor, sync: bool, group: Any = None) -> torch.Tensor:
     """The mean of ``x`` over the ranks of ``group`` (eager, initialised process group), else ``x``."""
-    if not sync:
-        return x
-    world = _world(group)
+    world = _dist.world_size(group) if sync else 1
     if world == 1:
         return x
-    out = x.clone()
-    torch.distributed.all_reduce(out, group=group)
-    return out / world
+    return _dist.all_reduce_sum([x], group)[0] / world
 
 
 def _renormalise(w: torch.Tensor, active: torch.Tensor | None, total: torch.Tensor | float) -> torch.Tensor:
@@ -573,20 +563,15 @@ def task_grad_norms(losses: Any, shared: torch.Tensor, *, retain_graph: bool = T
     if not isinstance(shared, torch.Tensor) or not shared.requires_grad:
         raise ValueError("shared must be a tensor that is part of the losses' autograd graph (requires_grad)")
     g = _per_task_grads(losses, shared, retain_graph).detach()
-    world = _world(group)
-    if world > 1 and shared.is_leaf:
-        torch.distributed.all_reduce(g, group=group)
-        g = g / world
-    elif world > 1:
-        if shared.ndim == 0:
-            raise ValueError("a shared activation must have the batch in dim 0 (got a 0-d tensor)")
-        n = torch.tensor([float(shared.shape[0])], dtype=torch.float64, device=g.device)
-        total = n.clone()
-        torch.distributed.all_reduce(total, group=group)
-        sq = g.flatten(1).double().square().sum(dim=1) * (n / total) ** 2
-        torch.distributed.all_reduce(sq, group=group)
-        return sq.sqrt().to(g.dtype)
-    return g.flatten(1).norm(dim=1)
+    if shared.is_leaf:
+        return _mean_over_ranks(g, True, group).flatten(1).norm(dim=1)
+    if _dist.world_size(group) == 1:
+        return g.flatten(1).norm(dim=1)
+    if shared.ndim == 0:
+        raise ValueError("a shared activation must have the batch in dim 0 (got a 0-d tensor)")
+    share = _dist.share_of_examples(shared.shape[0], g.device, group)
+    sq = _dist.all_reduce_sum([g.flatten(1).double().square().sum(dim=1) * share**2], group)[0]
+    return sq.sqrt().to(g.dtype)
 
 
 class WeightedGrads(NamedTuple):
