@@ -9,7 +9,8 @@ Gates:
   GradInit >= 85% for every seed. Seed 1 reaches only ~67%: GradInit's scales (~0.3) leave the
   net in a vanishing-signal regime and some draws sit on the ln(10) plateau for most of the 20
   epochs (over seeds 0-9, 3 of 10 end below 85%). That case is an explicit strict xfail (it
-  turns red if it starts passing) and still has to train (finite, > 50%).
+  turns red if it starts passing) and still has to train (finite, > 50%); trained 30 epochs
+  it passes (a separate test).
 - 5.5 (20 hidden layers, PyTorch default init): baseline <= 15% for every seed at every lr in
   {0.001, 0.01, 0.1}, and empirical init + SGD lr 1e-3 >= 80% for every seed.
 """
@@ -84,6 +85,17 @@ def test_gradinit_rescues_training(seed):
             pytest.xfail(f"TECHNIQUES.md 1.5 gate (>= 85%) not met for seed {seed}: {res['test_acc']:.1%}")
         pytest.fail(f"seed {seed} now meets the 85% gate ({res['test_acc']:.1%}): drop it from GRADINIT_BELOW_GATE")
     assert res["test_acc"] >= 0.85, res["test_acc"]
+
+
+@pytest.mark.parametrize("seed", sorted(GRADINIT_BELOW_GATE))
+def test_gradinit_seed_below_gate_reaches_it_with_a_longer_budget(seed):
+    """The miss is the 20-epoch budget: the same solved init, trained 30 epochs, passes the gate
+    (measured 92.7% for seed 1; it leaves the ln(10) plateau in epoch 14, docs/init-scale.md)."""
+    torch.set_num_threads(1)
+    res = exp.run_gradinit_experiment(seed, epochs=30, iters=200)["gradinit"]
+    assert res["finite"] and res["test_acc"] >= 0.85, res["test_acc"]
+    # 20 epochs of the same run are on the plateau or just off it; 30 are well below it
+    assert res["losses"][19] > 0.5 and res["losses"][29] < 0.3, res["losses"]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
