@@ -464,7 +464,11 @@ def multi_steps(
                 return new_u, MultiStepsState(torch.zeros_like(state.mini_step), state.gradient_step + 1,
                                               _tree.tree_zeros_like(acc_tree), new_inner, reset)
             return zeros_out, MultiStepsState(state.mini_step + 1, state.gradient_step, acc_tree, state.inner_state, sums)
-        new_u, new_inner = inner.update(mean, state.inner_state, params, **handed)
+        # Traced: the inner step runs every call and is selected below, so it must not overwrite
+        # its state in place (a donating compiled step would otherwise advance it on every
+        # micro-batch).
+        with _no_ownership():
+            new_u, new_inner = inner.update(mean, state.inner_state, params, **handed)
 
         def pick(a: Any, b: Any) -> Any:
             return torch.where(emit.to(a.device), a, b) if isinstance(a, torch.Tensor) else a

@@ -269,8 +269,10 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
             weights = [1.0 if int(c) == 1 else 1.0 - damp for c in after]  # CPU counters
             _fe.add_(buf, _fe.mul(g, weights))
         else:
-            # cast: a 0-d leaf times the float64 weight would promote the buffer to float64
-            buf[:] = [(b + x * (1.0 - damp * (c > 1).to(x.dtype))).to(b.dtype) for b, x, c in zip(buf, g, after)]
+            # the weights as tensors (no host read); in place where the buffers are owned (a
+            # donating compiled step), out of place inside torch.func (see _foreach). The add
+            # keeps the buffer's dtype (a 0-d leaf times a float64 weight would be float64).
+            _fe.add_(buf, [x * (1.0 - damp * (c > 1).to(x.dtype)) for x, c in zip(g, after)])
         if nesterov:
             if isinstance(mu, torch.Tensor):
                 out = list(_fe.add(g, _fe.mul(buf, mu)))

@@ -16,6 +16,10 @@ covering ``gx.__all__``. The wrappers feeding ``sum_grad_squared`` / ``losses`` 
 * ``test_changing_learning_rate_does_not_recompile``: the other cases that take a step size
   (static, or an ``lr`` schedule: 6) are chained with an injected ``scale_by_learning_rate``
   whose rate changes every step: still one frame, still equal to eager.
+* ``test_donating_compiled_step_equals_eager_and_writes_state_in_place``: the compiled step inside
+  ``owned_buffers`` with ``apply_updates(inplace=True)`` equals the pure eager step, compiles once,
+  and returns its state in the buffers it was given wherever the eager donating step does (the
+  three cases that select an inner step with ``where`` under the compiler excepted).
 * ``test_aot_eager_backend_equals_eager``: one case per family (clipping, TrueGrad, loss
   weighting, init scaling) through the ``aot_eager`` backend (AOTAutograd), with a changing
   rate: equal to eager, one compiled entry.
@@ -126,6 +130,60 @@ def test_compiled_equals_eager_and_compiles_once(name):
     """A case with its own injected ``lr`` gets a new rate every step (one compile serves both
     checks: a changing rate that does not recompile implies a constant one does not)."""
     _check_compiled(CASES[name](), "lr" if name in OWN_LR else None, name)
+
+
+# Cases whose compiled step computes the inner step on every call and selects it with ``where``
+# (no Python branch under the compiler): their state comes back in new buffers when compiled.
+SELECT_UNDER_COMPILE = {"multi_steps", "multi_steps_truegrad", "with_restarts"}
+
+
+def _state_buffers(state: Any) -> list[torch.Tensor]:
+    """The params-shaped state leaves (moments, traces, accumulators) of a case."""
+    shapes = {tuple(v.shape) for v in _params().values()}
+    return [x for x in gx.tree.tree_flatten(state)[0] if isinstance(x, torch.Tensor) and tuple(x.shape) in shapes
+            and x.ndim > 0]
+
+
+def _donating_run(tx: gx.GradientTransformation, fn: Any) -> tuple[list, int]:
+    """STEPS donating steps (``owned_buffers`` + ``apply_updates(inplace=True)``): the history and
+    how many state buffers came back as new tensors after the first step."""
+    params = gx.tree.tree_clone(_params())
+    state = tx.init(params)
+    hist, fresh = [], 0
+    for t in range(STEPS):
+        before = {id(x) for x in _state_buffers(state)}
+        with gx.tree.owned_buffers():
+            params, state = fn(params, _grads(t), state)
+        if t > 0:
+            fresh += sum(id(x) not in before for x in _state_buffers(state))
+        hist.append((gx.tree.tree_clone(params), snapshot(state)))
+    return hist, fresh
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_donating_compiled_step_equals_eager_and_writes_state_in_place(name):
+    """The compiled step that donates its buffers (the fast recipe) equals the pure eager step,
+    compiles once, and writes the state into the buffers it was given wherever the eager
+    donating step does (a compiled step that allocated new moments every call once ran 2-3x
+    torch's fused AdamW unnoticed; a compiled multi_steps advanced its inner state on every
+    micro-batch when it wrote it in place)."""
+    tx = CASES[name]()
+
+    def donating(p: Any, g: Any, s: Any) -> tuple[Any, Any]:
+        updates, s = tx.update(g, s, p)
+        return gx.apply_updates(p, updates, inplace=True), s
+
+    eager = _run_with_lrs(tx, None, [0.1] * STEPS, _step_of(tx))
+    counter = CompileCounter()
+    comp, comp_fresh = _donating_run(tx, torch.compile(donating, fullgraph=True, backend=counter))
+    _assert_histories_close(eager, comp)
+    assert counter.frame_count == 1, f"{name}: {counter.frame_count} frames compiled (recompiled)"
+    eager_donating, eager_fresh = _donating_run(tx, donating)
+    _assert_histories_close(eager, eager_donating)
+    if name in SELECT_UNDER_COMPILE:
+        assert eager_fresh < comp_fresh, (eager_fresh, comp_fresh)  # the list is not stale
+    else:
+        assert comp_fresh == eager_fresh, f"{name}: {comp_fresh} new state buffers compiled, {eager_fresh} eager"
 
 
 def _with_chained_lr(name: str) -> gx.GradientTransformation:
