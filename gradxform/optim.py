@@ -191,6 +191,18 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
                for p in params)
 
 
+def _eager_only(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` outside any ``torch.compile`` trace (a graph break where it is called).
+
+    Used for the hyperparameter sync between a param group (Python floats that an LR scheduler
+    rewrites between steps) and the state's tensors: traced inside ``torch.compile(opt.step)``,
+    the value read at trace time was baked into the graph and a later lr never reached the
+    state. ``torch.compiler.disable`` is in torch >= 2.1; without it the function runs as is.
+    """
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
 def _fused_adam_step(plan: _FusedPlan, state: Any, ps: list[torch.Tensor], grads: list[torch.Tensor | None],
                      scratch: list[torch.Tensor | None]) -> Any:
     """One step of a lowered group on torch's fused kernel, updating ``state`` in place.
@@ -492,6 +504,7 @@ class Optimizer(torch.optim.Optimizer):
     # -- hyperparameters ------------------------------------------------------------------------
 
     @staticmethod
+    @_eager_only
     def _sync_in(state: Any, group: dict[str, Any]) -> None:
         for inj in _find_injected(state):
             for name, t in inj.hyperparams.items():
@@ -505,6 +518,7 @@ class Optimizer(torch.optim.Optimizer):
                         t.fill_(float(value))
 
     @staticmethod
+    @_eager_only
     def _sync_out(state: Any, group: dict[str, Any]) -> None:
         for name, value in _hyperparam_values(state).items():
             current = group.get(name)
@@ -515,7 +529,10 @@ class Optimizer(torch.optim.Optimizer):
     # -- the step -------------------------------------------------------------------------------
 
     def _fused_plan(self, group: dict[str, Any], ps: list[torch.Tensor]) -> _FusedPlan | None:
-        if self._fused is False:
+        # Under torch.compile (``torch.compile(opt.step)``) the generic path runs: inductor fuses
+        # its foreach ops itself, while the lowered steps read hyperparameters on the host and
+        # hand torch's fused kernels tensors that functionalisation rejects.
+        if self._fused is False or _tree.is_compiling():
             return None
         plan = _fused_plan(group["tx"])
         ok = plan is not None and _fused_supported(ps)
@@ -556,7 +573,7 @@ class Optimizer(torch.optim.Optimizer):
                 scratch = self._gx_scratch.setdefault(gi, [None] * len(ps))
                 self._gx_states[gi] = _fused_adam_step(plan, state, ps, grads, scratch)
                 continue
-            sgd = _sgd_plan(group["tx"]) if self._fused is not False else None
+            sgd = _sgd_plan(group["tx"]) if self._fused is not False and not _tree.is_compiling() else None
             if sgd is not None and not extra_args and all(p.device.type == "cpu" and not _tree.is_dtensor(p) for p in ps):
                 scratch = self._gx_scratch.setdefault(gi, [None] * len(ps))
                 self._gx_states[gi] = _sgd_lowered_step(sgd, state, ps, grads, scratch, group["tx"])
