@@ -313,8 +313,14 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     """Skip steps whose updates are not finite.
 
     If any incoming update, or any update ``inner`` produces, holds a NaN or an Inf, the step
-    returns zero updates and keeps ``inner``'s previous state, and the counters record it. The
-    decision is a tensor selection, not a Python branch, so there is no host sync.
+    returns zero updates and keeps ``inner``'s previous state, and the counters record it.
+
+    Eagerly on CPU the decision is a Python branch on a CPU flag (a memory read): a non-finite
+    input skips ``inner`` altogether, and a good step returns ``inner``'s new state as it is.
+    Elsewhere (accelerators, ``torch.compile``, ``torch.func``) it is a ``torch.where`` selection
+    of every update and state leaf (on an accelerator the flag is read to the CPU once, as
+    GradScaler's skip reads its found-inf flag). ``inner`` runs out of place either way (its old
+    state must survive a bad output).
 
     Unlike optax's ``apply_if_finite(inner, max_consecutive_errors)``, gradxform never applies a
     non-finite update, however many consecutive steps fail: doing so would write NaN into the
@@ -331,6 +337,25 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
         expect_state(state, ApplyIfFiniteState, "apply_if_finite")
         in_leaves, spec = _tree.tree_flatten(updates)
         live_in = [x for x in in_leaves if x is not None]
+
+        def skipped(bad: Any) -> ApplyIfFiniteState:
+            return ApplyIfFiniteState(torch.where(bad, state.notfinite_count + 1, torch.zeros_like(state.notfinite_count)),
+                                      ~bad, state.total_notfinite + bad.to(torch.int64), state.inner_state)
+
+        if not _tree.traced() and all(x.device.type == "cpu" for x in live_in):
+            # Eager on CPU: branch on the flag (a memory read, as the selection below reads it).
+            def zeros() -> Updates:
+                return _tree.tree_unflatten(spec, [None if x is None else torch.zeros_like(x) for x in in_leaves])
+
+            if not bool(_tree.all_finite(live_in).cpu()):
+                return zeros(), skipped(torch.ones((), dtype=torch.bool))
+            with _no_ownership():  # the old state must survive a non-finite output
+                new_u, new_inner = inner.update(updates, state.inner_state, params, **extra)
+            out_leaves = _tree.check_structure(spec, new_u, "apply_if_finite inner output", reference=updates)
+            if not bool(_tree.all_finite([x for x in out_leaves if x is not None]).cpu()):
+                return zeros(), skipped(torch.ones((), dtype=torch.bool))
+            return new_u, ApplyIfFiniteState(torch.zeros_like(state.notfinite_count), torch.ones((), dtype=torch.bool),
+                                             state.total_notfinite.clone(), new_inner)
         # The inner transform must not overwrite its state in place: we may need the old one.
         with _no_ownership():
             new_u, new_inner = inner.update(updates, state.inner_state, params, **extra)

@@ -6,6 +6,8 @@ Each case is a row of docs/bad-input.md. Non-finite gradients propagate through 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -432,3 +434,49 @@ def test_state_none_says_call_init():
 def test_state_from_other_params_names_the_path():
     with pytest.raises(ValueError, match="different tree structures"):
         gx.adam(0.1).update(_grads(0), gx.adam(0.1).init({"x": torch.ones(2)}), _params())
+
+
+# --- all_finite's fast path and apply_if_finite's output check -----------------------------------
+
+_FINITE_CASES = {
+    "mixed dtypes": ([torch.randn(3, dtype=torch.float16), torch.randn((), dtype=torch.bfloat16),
+                      torch.randn(4, dtype=torch.float64)], True),
+    "float32 squares overflow": ([torch.full((3,), 1e30), torch.randn(2)], True),
+    "float16 squares overflow": ([torch.full((3,), 6e4, dtype=torch.float16)], True),
+    "float64 squares overflow": ([torch.full((2,), 1e300, dtype=torch.float64)], True),
+    "nan": ([torch.tensor([1.0, float("nan")])], False),
+    "-inf in bfloat16": ([torch.tensor([1.0, float("-inf")], dtype=torch.bfloat16), torch.randn(2)], False),
+    "0-d inf": ([torch.tensor(float("inf"), dtype=torch.float64)], False),
+    "empty leaf": ([torch.empty(0), torch.randn(2)], True),
+    "only empty": ([torch.empty(0)], True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_FINITE_CASES))
+def test_all_finite_fast_path_agrees_with_the_exact_test(case):
+    """Eager CPU ``all_finite`` answers from the L2 norms when they are finite and falls back to
+    the per-entry test otherwise: overflowing squares of finite entries must not read as Inf.
+    Traced (``torch.func``), it takes the exact test directly: same answer."""
+    tensors, expected = _FINITE_CASES[case]
+    assert bool(gx.tree.all_finite(tensors)) is expected
+    assert all(bool(torch.isfinite(t).all()) for t in tensors) is expected  # the case is what it says
+    traced = torch.func.vmap(lambda x: gx.tree.all_finite(tensors) & torch.isfinite(x).all())(torch.ones(2, 1))
+    assert traced.tolist() == [expected, expected]
+
+
+def test_apply_if_finite_skips_a_non_finite_output_of_a_finite_input():
+    """A finite gradient whose inner step overflows (Adam's output times 1e30 twice) is skipped:
+    zero updates, the inner state (Adam's moments, which did see the gradient) as before."""
+    tx = gx.apply_if_finite(gx.chain(gx.adam(0.1), gx.scale(1e30), gx.scale(1e30)))
+    params = _params()
+    state = tx.init(params)
+    before = copy.deepcopy(state.inner_state)
+    updates, state = tx.update(_grads(0), state, params)
+    assert all(bool((u == 0).all()) for u in _leaves(updates))
+    _assert_same(before, state.inner_state, "inner state after the skipped step")
+    assert (int(state.notfinite_count), bool(state.last_finite), int(state.total_notfinite)) == (1, False, 1)
+    ok = gx.apply_if_finite(gx.adam(0.1))
+    u_ok, s_ok = ok.update(_grads(0), ok.init(params), params)
+    u_ref, _ = gx.adam(0.1).update(_grads(0), gx.adam(0.1).init(params), params)
+    _assert_same(u_ref, u_ok, "a good step's updates")
+    assert (int(s_ok.notfinite_count), bool(s_ok.last_finite), int(s_ok.total_notfinite)) == (0, True, 0)

@@ -19,7 +19,7 @@ covering ``gx.__all__``. The wrappers feeding ``sum_grad_squared`` / ``losses`` 
 * ``test_donating_compiled_step_equals_eager_and_writes_state_in_place``: the compiled step inside
   ``owned_buffers`` with ``apply_updates(inplace=True)`` equals the pure eager step, compiles once,
   and returns its state in the buffers it was given wherever the eager donating step does (the
-  three cases that select an inner step with ``where`` under the compiler excepted).
+  four cases that select an inner step with ``where`` under the compiler excepted).
 * ``test_aot_eager_backend_equals_eager``: one case per family (clipping, TrueGrad, loss
   weighting, init scaling) through the ``aot_eager`` backend (AOTAutograd), with a changing
   rate: equal to eager, one compiled entry.
@@ -134,7 +134,7 @@ def test_compiled_equals_eager_and_compiles_once(name):
 
 # Cases whose compiled step computes the inner step on every call and selects it with ``where``
 # (no Python branch under the compiler): their state comes back in new buffers when compiled.
-SELECT_UNDER_COMPILE = {"multi_steps", "multi_steps_truegrad", "with_restarts"}
+SELECT_UNDER_COMPILE = {"apply_if_finite", "multi_steps", "multi_steps_truegrad", "with_restarts"}
 
 
 def _state_buffers(state: Any) -> list[torch.Tensor]:
