@@ -39,6 +39,7 @@ How it maps onto torch.optim:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from typing import Any, Callable, NamedTuple
@@ -197,10 +198,21 @@ def _eager_only(fn: Callable[..., Any]) -> Callable[..., Any]:
     Used for the hyperparameter sync between a param group (Python floats that an LR scheduler
     rewrites between steps) and the state's tensors: traced inside ``torch.compile(opt.step)``,
     the value read at trace time was baked into the graph and a later lr never reached the
-    state. ``torch.compiler.disable`` is in torch >= 2.1; without it the function runs as is.
+    state. The ``torch.compiler.disable`` wrapper (torch >= 2.1) is made on the first traced
+    call, so that ``import gradxform`` does not import torch._dynamo.
     """
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not _tree.is_compiling():
+            return fn(*args, **kwargs)
+        if not disabled:
+            disable = getattr(getattr(torch, "compiler", None), "disable", None)
+            disabled.append(disable(fn) if disable is not None else fn)
+        return disabled[0](*args, **kwargs)
+
+    return call
 
 
 def _fused_adam_step(plan: _FusedPlan, state: Any, ps: list[torch.Tensor], grads: list[torch.Tensor | None],

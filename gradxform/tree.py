@@ -320,9 +320,14 @@ def _interpreter_stack_nonempty() -> bool:
 # slower than torch's fused AdamW at 25M params). Evaluated as a constant at trace time instead, the
 # call sees the real stack: empty for a plain compiled step, non-empty while dynamo traces the body
 # of a ``torch.func`` transform (it enters the transform's level for real).
-# ``torch.compiler.assume_constant_result`` exists since torch 2.1; the guard is for older builds.
-_assume_constant = getattr(getattr(torch, "compiler", None), "assume_constant_result", lambda fn: fn)
-_interpreter_stack_nonempty_traced = _assume_constant(_interpreter_stack_nonempty)
+def _interpreter_stack_nonempty_traced() -> bool:
+    return _interpreter_stack_nonempty()
+
+
+# What ``torch.compiler.assume_constant_result`` does (torch 2.0 to 2.13 at least), set by hand:
+# the public decorator imports torch._dynamo, which would add ~1 s to ``import gradxform``.
+# tests/test_compile.py checks that the probe answers False in a plain compiled step.
+_interpreter_stack_nonempty_traced._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def functorch_active() -> bool:

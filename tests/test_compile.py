@@ -170,3 +170,15 @@ def test_compiled_batched_adam_step_equals_eager():
     assert_trees_close(comp_p, eager_p, rtol=1e-6, atol=1e-7)
     assert_trees_close(comp_s, eager_s, rtol=1e-6, atol=1e-7)
     assert not torch.equal(comp_p["w"], params["w"])
+
+
+def test_import_does_not_load_dynamo():
+    """The compile-time helpers (the functorch probe, the adapter's eager-only sync) are set up
+    without importing torch._dynamo: ``import gradxform`` stays ~0.1 s instead of ~1.3 s."""
+    import subprocess
+    import sys
+
+    code = "import sys, gradxform; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
