@@ -271,9 +271,9 @@ def tree_global_norm(tree: Tree) -> torch.Tensor:
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """0-d bool tensor: every entry of every tensor is finite (no host sync).
+    """0-d bool tensor: every entry of every tensor is finite (no device sync).
 
-    Eagerly on CPU it first tries the L2 norms (one fast read of each tensor, no temporaries): a
+    Eagerly on CPU (where reading the answer is a memory read) it first tries the L2 norms (one fast read of each tensor, no temporaries): a
     finite norm has no NaN or Inf entry, so a finite set of norms answers; a non-finite one (a bad
     entry, or finite entries whose squares overflow) falls back to the exact per-entry test. Both
     give the same answer; the first is ~10x faster than ``isfinite(t).all()`` on large tensors.
