@@ -90,10 +90,19 @@ def _wrap(mode: str | None) -> tuple[Tiny, nn.Module]:
     return model, model
 
 
-def _run_case(make_tx, mode: str | None, route: str, rank: int, world: int, local: bool = False) -> dict:
+def _run_case(make_tx, mode: str | None, route: str, rank: int, world: int, local: bool = False,
+              compiled: bool = False) -> dict:
     model, net = _wrap(mode)
     x, y = _batch(rank, world)
     tx = make_tx()
+
+    def step(params, grads, state):
+        updates, state = tx.update(grads, state, params)
+        return gx.apply_updates(params, updates), state
+
+    if compiled:  # the functional step under torch.compile (fullgraph; AOTAutograd, no codegen)
+        torch._dynamo.reset()
+        step = torch.compile(step, backend="aot_eager", fullgraph=True)
     opt = gx.Optimizer(model.parameters(), tx) if route == "adapter" else None
     view = (lambda p: p.detach().to_local()) if local else (lambda p: p.detach())
     state = None
@@ -107,8 +116,7 @@ def _run_case(make_tx, mode: str | None, route: str, rank: int, world: int, loca
         grads = {k: None if p.grad is None else view(p.grad) for k, p in model.named_parameters()}
         if state is None:
             state = tx.init(params)
-        updates, state = tx.update(grads, state, params)
-        new = gx.apply_updates(params, updates)
+        new, state = step(params, grads, state)
         with torch.no_grad():
             for k, p in model.named_parameters():
                 (p.to_local() if local else p).copy_(new[k])
@@ -292,6 +300,9 @@ def _run_all(rank: int, world: int) -> dict:
     out["sgs_ddp_tracker"] = _sgs_ddp_tracker(rank, world)
     if fully_shard is not None:
         out["task_norms"] = _task_norms_fsdp(rank, world)
+    for name in COMPILED_CASES:
+        mode = "fsdp" if world > 1 and fully_shard is not None else None
+        out[("compiled", name)] = _run_case(CASES[name], mode, "functional", rank, world, compiled=True)
     if world > 1 and fully_shard is not None:
         out["resume"] = _resume(rank, world)
         out["local_shards"] = _run_case(lambda: gx.clip_by_global_norm(0.1), "fsdp", "functional", rank, world,
@@ -299,6 +310,10 @@ def _run_all(rank: int, world: int) -> dict:
     else:
         out["local_shards"] = _run_case(lambda: gx.clip_by_global_norm(0.1), None, "functional", rank, world)
     return out
+
+
+# compiled on FSDP2's DTensor params: a clip + AdamW chain, SGD, AutoClip, multi_steps
+COMPILED_CASES = ("chain", "sgd", "autoclip", "multi_steps")
 
 
 @pytest.fixture(scope="module")
@@ -324,6 +339,22 @@ def test_two_ranks_equal_one_process(results, mode, name, route):
             else:
                 assert a == b, f"state leaf {i}"
     # the params moved: the comparison is of a real update
+    assert not torch.equal(want["params"]["w"], Tiny().w.detach())
+
+
+@pytest.mark.skipif(fully_shard is None, reason="FSDP2 (fully_shard) needs torch >= 2.4")
+@pytest.mark.parametrize("name", COMPILED_CASES)
+def test_compiled_step_on_fsdp2_params_equals_one_process(results, name):
+    """``torch.compile(step, fullgraph=True)`` of the functional step on FSDP2's DTensor params and
+    grads (the clip's norm completed across ranks inside the graph): both ranks' params and state
+    equal one eager process on the whole batch."""
+    ranks, ref = results
+    want = ref[(None, name, "functional")]
+    for got in [ref[("compiled", name)]] + [ranks[r][("compiled", name)] for r in range(WORLD)]:
+        assert_trees_close(got["params"], want["params"], rtol=1e-6, atol=1e-12)
+        for i, (a, b) in enumerate(zip(got["state"], want["state"])):
+            if isinstance(b, torch.Tensor):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12, msg=lambda m, i=i: f"state leaf {i}: {m}")
     assert not torch.equal(want["params"]["w"], Tiny().w.detach())
 
 
