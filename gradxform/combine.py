@@ -338,29 +338,27 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
         in_leaves, spec = _tree.tree_flatten(updates)
         live_in = [x for x in in_leaves if x is not None]
 
-        def skipped(bad: Any) -> ApplyIfFiniteState:
-            return ApplyIfFiniteState(torch.where(bad, state.notfinite_count + 1, torch.zeros_like(state.notfinite_count)),
-                                      ~bad, state.total_notfinite + bad.to(torch.int64), state.inner_state)
+        def counted(finite: torch.Tensor, inner_state: Any) -> ApplyIfFiniteState:
+            """The state after a step that was applied (``finite``) or skipped."""
+            return ApplyIfFiniteState(torch.where(finite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1),
+                                      finite, state.total_notfinite + (~finite).to(torch.int64), inner_state)
 
-        if not _tree.traced() and all(x.device.type == "cpu" for x in live_in):
-            # Eager on CPU: branch on the flag (a memory read, as the selection below reads it).
-            def zeros() -> Updates:
-                return _tree.tree_unflatten(spec, [None if x is None else torch.zeros_like(x) for x in in_leaves])
+        def zeros() -> Updates:
+            return _tree.tree_unflatten(spec, [None if x is None else torch.zeros_like(x) for x in in_leaves])
 
-            if not bool(_tree.all_finite(live_in).cpu()):
-                return zeros(), skipped(torch.ones((), dtype=torch.bool))
-            with _no_ownership():  # the old state must survive a non-finite output
-                new_u, new_inner = inner.update(updates, state.inner_state, params, **extra)
-            out_leaves = _tree.check_structure(spec, new_u, "apply_if_finite inner output", reference=updates)
-            if not bool(_tree.all_finite([x for x in out_leaves if x is not None]).cpu()):
-                return zeros(), skipped(torch.ones((), dtype=torch.bool))
-            return new_u, ApplyIfFiniteState(torch.zeros_like(state.notfinite_count), torch.ones((), dtype=torch.bool),
-                                             state.total_notfinite.clone(), new_inner)
+        # Eager on CPU: branch on the flags (a memory read); elsewhere select with torch.where.
+        eager = not _tree.traced() and all(x.device.type == "cpu" for x in live_in)
+        if eager and not bool(_tree.all_finite(live_in)):
+            return zeros(), counted(torch.zeros((), dtype=torch.bool), state.inner_state)
         # The inner transform must not overwrite its state in place: we may need the old one.
         with _no_ownership():
             new_u, new_inner = inner.update(updates, state.inner_state, params, **extra)
         out_leaves = _tree.check_structure(spec, new_u, "apply_if_finite inner output", reference=updates)
         live_out = [x for x in out_leaves if x is not None]
+        if eager:
+            if bool(_tree.all_finite(live_out)):
+                return new_u, counted(torch.ones((), dtype=torch.bool), new_inner)
+            return zeros(), counted(torch.zeros((), dtype=torch.bool), state.inner_state)
         finite = _tree.all_finite(live_in + live_out).cpu()
 
         def pick(new: Any, old: Any) -> Any:
@@ -369,10 +367,7 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
             return torch.where(finite.to(new.device), new, old)
 
         safe_u = [None if x is None else torch.where(finite.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in out_leaves]
-        inner_state = _tree.tree_map(pick, new_inner, state.inner_state)
-        notfinite = torch.where(finite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1)
-        total = state.total_notfinite + (~finite).to(torch.int64)
-        return _tree.tree_unflatten(spec, safe_u), ApplyIfFiniteState(notfinite, finite, total, inner_state)
+        return _tree.tree_unflatten(spec, safe_u), counted(finite, _tree.tree_map(pick, new_inner, state.inner_state))
 
     return GradientTransformation(init, _forwarding(update, inner))
 

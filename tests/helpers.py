@@ -86,6 +86,14 @@ def assert_trees_equal(a: Any, b: Any) -> None:
             assert x == y, f"differs at {path}"
 
 
+def state_buffers(state: Any, params: Any) -> list[torch.Tensor]:
+    """The params-shaped tensor leaves of a state (moments, traces, accumulators): those with at
+    least one dim whose shape is one of the params'."""
+    shapes = {tuple(p.shape) for p in gx.tree.tree_flatten(params)[0] if isinstance(p, torch.Tensor)}
+    return [x for x in gx.tree.tree_flatten(state)[0] if isinstance(x, torch.Tensor) and x.ndim > 0
+            and tuple(x.shape) in shapes]
+
+
 def snapshot(tree: Any) -> Any:
     """A deep copy of the tensor leaves, to check later that nothing was mutated."""
     return gx.tree.tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)

@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import gradxform as gx
-from helpers import assert_trees_close, eager_and_compiled
+from helpers import assert_trees_close, eager_and_compiled, state_buffers
 
 
 def _params_and_grads(steps):
@@ -85,11 +85,6 @@ def test_changing_injected_lr_does_not_recompile():
     assert_trees_close(params, eager_params, rtol=1e-5, atol=1e-7)
 
 
-def _moment_buffers(state):
-    """The params-shaped leaves of the state (mu, nu, nu_max of ``w`` and ``b``)."""
-    return [x for x in gx.tree.tree_flatten(state)[0] if x is not None and x.shape in ((16, 8), (8,))]
-
-
 def test_compiled_step_with_owned_buffers_equals_pure_eager():
     """A compiled step that donates its buffers (owned_buffers + apply_updates(inplace=True))
     computes the same as the pure eager step, and still compiles once."""
@@ -111,14 +106,14 @@ def test_compiled_step_with_owned_buffers_equals_pure_eager():
     p = {k: v.clone() for k, v in params.items()}
     s = tx.init(p)
     for g in grads:
-        buffers = _moment_buffers(s)
+        buffers = state_buffers(s, p)  # mu, nu, nu_max of w and b
         with gx.tree.owned_buffers():
             p_new, s = compiled(p, g, s)
         assert p_new["w"] is p["w"] or torch.equal(p_new["w"], p["w"])  # updated in place
         # the state is donated too: the same moment buffers come back, written in place (a
         # compiled step that allocated new moments every call ran 2-3x torch's fused AdamW)
         assert len(buffers) == 6
-        assert all(a is b for a, b in zip(buffers, _moment_buffers(s)))
+        assert all(a is b for a, b in zip(buffers, state_buffers(s, p_new)))
         p = p_new
     assert counter.frame_count == 1
     assert_trees_close(p, eager_p, rtol=1e-5, atol=1e-6)

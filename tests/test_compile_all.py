@@ -36,7 +36,7 @@ from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import gradxform as gx
 from gradxform.combine import find_injected
-from helpers import assert_trees_close, snapshot
+from helpers import assert_trees_close, snapshot, state_buffers
 from test_purity import CASES, _grads, _params
 
 STEPS = 6
@@ -137,13 +137,6 @@ def test_compiled_equals_eager_and_compiles_once(name):
 SELECT_UNDER_COMPILE = {"apply_if_finite", "multi_steps", "multi_steps_truegrad", "with_restarts"}
 
 
-def _state_buffers(state: Any) -> list[torch.Tensor]:
-    """The params-shaped state leaves (moments, traces, accumulators) of a case."""
-    shapes = {tuple(v.shape) for v in _params().values()}
-    return [x for x in gx.tree.tree_flatten(state)[0] if isinstance(x, torch.Tensor) and tuple(x.shape) in shapes
-            and x.ndim > 0]
-
-
 def _donating_run(tx: gx.GradientTransformation, fn: Any) -> tuple[list, int]:
     """STEPS donating steps (``owned_buffers`` + ``apply_updates(inplace=True)``): the history and
     how many state buffers came back as new tensors after the first step."""
@@ -151,11 +144,11 @@ def _donating_run(tx: gx.GradientTransformation, fn: Any) -> tuple[list, int]:
     state = tx.init(params)
     hist, fresh = [], 0
     for t in range(STEPS):
-        before = {id(x) for x in _state_buffers(state)}
+        before = {id(x) for x in state_buffers(state, params)}
         with gx.tree.owned_buffers():
             params, state = fn(params, _grads(t), state)
         if t > 0:
-            fresh += sum(id(x) not in before for x in _state_buffers(state))
+            fresh += sum(id(x) not in before for x in state_buffers(state, params))
         hist.append((gx.tree.tree_clone(params), snapshot(state)))
     return hist, fresh
 
