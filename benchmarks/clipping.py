@@ -39,12 +39,12 @@ Implementations (rows), for each rule:
                          params and state each call. Compile time (the first call) is reported
                          separately and is not in the step times.
 - ``gx_compiled_owned``  the same step with ``gx.apply_updates(..., inplace=True)``, compiled and
-                         called inside ``gx.tree.owned_buffers()``: it donates its params and state
+                         called through ``gx.update_in_place``: it donates its params and state
                          buffers (inductor writes them in place).
 
 Plus a "global norm alone" group (no optimizer): ``torch.nn.utils.clip_grad_norm_(foreach=True)``
 (in place) against ``gx.clip_by_global_norm(1.0).update(grads, state)``: pure eager (a new
-output tree each call), eager inside ``gx.tree.owned_buffers()`` (may scale the gradients it owns
+output tree each call), eager through ``gx.update_in_place(..., donate_updates=True)`` (may scale the gradients it owns
 in place, as torch does) and compiled (pure).
 
 How it is timed
@@ -230,20 +230,16 @@ class Runner:
             self.st = tx.init(self.ps)
 
             def step_fn(params, grads_, state):
-                updates, state = tx.update(grads_, state, params)
+                if donate:  # donates params and state; the shared gradients stay protected
+                    updates, state = gx.update_in_place(tx, grads_, state, params)
+                else:
+                    updates, state = tx.update(grads_, state, params)
                 return gx.apply_updates(params, updates, inplace=donate), state
 
             fn = torch.compile(step_fn, fullgraph=True) if compile_ else step_fn
 
-            if donate:
-                def step() -> None:
-                    # The step donates its params and state buffers; the shared gradients are not
-                    # its to overwrite (an eager run, --no-compile, would otherwise scale them in place).
-                    with gx.tree.owned_buffers(protected=grads):
-                        self.ps, self.st = fn(self.ps, g_tree, self.st)
-            else:
-                def step() -> None:
-                    self.ps, self.st = fn(self.ps, g_tree, self.st)
+            def step() -> None:
+                self.ps, self.st = fn(self.ps, g_tree, self.st)
         else:
             raise SystemExit(f"unknown implementation {impl!r}")
         self.step = step
@@ -272,9 +268,8 @@ class Runner:
                 def step() -> None:
                     self.out, _ = tx.update(g_tree, st)
             elif impl == "gx_eager_owned":
-                def step() -> None:
-                    with gx.tree.owned_buffers():  # the caller owns g_tree: the clip may scale it in place
-                        self.out, _ = tx.update(g_tree, st)
+                def step() -> None:  # the caller owns g_tree: the clip may scale it in place
+                    self.out, _ = gx.update_in_place(tx, g_tree, st, donate_updates=True)
             elif impl == "gx_compiled":
                 fn = torch.compile(lambda g: tx.update(g, st)[0], fullgraph=True) if compile_ else (lambda g: tx.update(g, st)[0])
 

@@ -13,10 +13,10 @@ No forward or backward pass is timed. Rows:
 - ``torch_fused_guarded``   the idiom without a scaler: ``if all(isfinite(g).all()): opt.step()``
                             (one ``isfinite`` pass per gradient and a host read)
 - ``torch_foreach_guarded`` the same with ``torch.optim.AdamW(foreach=True)``
-- ``gx_donating``           ``gx.adamw`` through the functional API inside ``gx.tree.owned_buffers``
+- ``gx_donating``           ``gx.adamw`` through ``gx.update_in_place`` (donates its state)
                             with ``apply_updates(inplace=True)``, unguarded
 - ``gx_pure``               the same, pure (new params and state each step), unguarded
-- ``gx_guarded``            ``gx.apply_if_finite(gx.adamw)``, functional, inside ``owned_buffers``
+- ``gx_guarded``            ``gx.apply_if_finite(gx.adamw)`` through ``gx.update_in_place``
                             (the inner step runs out of place: its old state must survive a bad output)
 - ``gx_adapter_guarded``    ``gx.Optimizer(params, gx.apply_if_finite(gx.adamw(...)))``
 
@@ -83,9 +83,8 @@ def rows(names: list[str], p0: list[torch.Tensor], grads: list[torch.Tensor]) ->
 
         def step() -> None:
             if donate:
-                with gx.tree.owned_buffers():
-                    u, box["s"] = tx.update(g, box["s"], box["p"])
-                    box["p"] = gx.apply_updates(box["p"], u, inplace=True)
+                u, box["s"] = gx.update_in_place(tx, g, box["s"], box["p"])
+                box["p"] = gx.apply_updates(box["p"], u, inplace=True)
             else:
                 u, box["s"] = tx.update(g, box["s"], box["p"])
                 box["p"] = gx.apply_updates(box["p"], u)

@@ -105,7 +105,7 @@ IMPLS = (
     ("gx_adapter_generic", "gx.Optimizer(params, tx, fused=False)"),
     ("gx_eager", "tx.update + gx.apply_updates, eager"),
     ("gx_compiled", "torch.compile(step_fn, fullgraph=True)"),
-    ("gx_compiled_owned", "the same, inside gx.tree.owned_buffers(), apply_updates(inplace=True)"),
+    ("gx_compiled_owned", "the same through gx.update_in_place, apply_updates(inplace=True)"),
 )
 IMPL_DESC = dict(IMPLS)
 ALL_KEYS = [f"{rule}:{impl}" for rule in RULES for impl, _ in IMPLS]
@@ -241,7 +241,10 @@ class Runner:
             donate = impl == "gx_compiled_owned"
 
             def step_fn(params, grads, state):
-                updates, state = tx.update(grads, state, params)
+                if donate:  # the step donates its params and state buffers
+                    updates, state = gx.update_in_place(tx, grads, state, params)
+                else:
+                    updates, state = tx.update(grads, state, params)
                 return gx.apply_updates(params, updates, inplace=donate), state
 
             compiled = impl in ("gx_compiled", "gx_compiled_owned") and self.compile_
@@ -262,11 +265,6 @@ class Runner:
 
             updates, self.st = self.tx.update(self.grads, self.st, params=self.ps, inplace=True)
             torchopt.apply_updates(self.ps, updates, inplace=True)
-        elif impl == "gx_compiled_owned":
-            import gradxform as gx
-
-            with gx.tree.owned_buffers():  # the step donates its params and state buffers
-                self.ps, self.st = self.fn(self.ps, self.g_tree, self.st)
         else:
             self.ps, self.st = self.fn(self.ps, self.g_tree, self.st)
 

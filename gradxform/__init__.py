@@ -13,7 +13,7 @@ or, as a ``torch.optim.Optimizer``: ``opt = gx.Optimizer(model.parameters(), tx)
 
 from __future__ import annotations
 
-from . import schedules, tree
+from . import fastpath, schedules, tree
 from .alias import adam, adamw, sgd, tg_adamw, tg_laprop, tg_rmsprop
 from .base import (
     EmptyState,
@@ -24,6 +24,7 @@ from .base import (
     extra_args_of,
     identity,
     stateless,
+    update_in_place,
     with_extra_args,
 )
 from .clipping import (
@@ -145,6 +146,7 @@ __all__ = [
     "ExtraArgs",
     "extra_args_of",
     "with_extra_args",
+    "update_in_place",
     "identity",
     "stateless",
     "chain",

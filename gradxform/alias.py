@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from .base import GradientTransformation, chain
+from .base import GradientTransformation, chain, recorded
 from .combine import inject_hyperparams
+from .fastpath import AdamKernel, SGDKernel, declare_kernel
 from .moments import (
     scale_by_truegrad_adam,
     scale_by_truegrad_laprop,
@@ -37,18 +38,6 @@ from .transforms import (
 )
 
 __all__ = ["adam", "adamw", "sgd", "tg_adamw", "tg_laprop", "tg_rmsprop"]
-
-_REBUILD_ATTR = "__gx_rebuild__"
-
-
-def _with_rebuild(tx: GradientTransformation, alias: Any, kwargs: dict[str, Any]) -> GradientTransformation:
-    """Remember how the alias was built, so that `gradxform.Optimizer` can rebuild it for a
-    param group that overrides a hyperparameter whose block was left out (e.g. a group with
-    ``weight_decay=0.1`` under ``sgd(weight_decay=0)``)."""
-    setattr(tx.update, _REBUILD_ATTR, lambda **overrides: alias(**{**kwargs, **overrides}))
-    tx.update.__gx_alias__ = alias.__name__, dict(kwargs)
-    return tx
-
 
 def _nonzero(x: Any) -> bool:
     if callable(x) and not isinstance(x, torch.Tensor):
@@ -71,6 +60,7 @@ def _sgd(lr: Any, momentum: Any, dampening: Any, weight_decay: Any, nesterov: bo
     return chain(*parts)
 
 
+@recorded
 def sgd(
     lr: ScalarOrSchedule = 1e-3,
     momentum: ScalarOrSchedule = 0.0,
@@ -96,8 +86,9 @@ def sgd(
         lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
         maximize=maximize, use_momentum=_nonzero(momentum), use_weight_decay=_nonzero(weight_decay),
     )
-    return _with_rebuild(tx, sgd, {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay,
-                                       "nesterov": nesterov, "maximize": maximize})
+    declare_kernel(tx, SGDKernel(bool(nesterov), bool(maximize)),
+                   {"lr": lr, "momentum": momentum, "dampening": dampening, "weight_decay": weight_decay})
+    return tx
 
 
 def _adam(lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: bool, maximize: bool,
@@ -122,7 +113,7 @@ def _check_betas(betas: Any) -> None:
     check_float("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
 
 
-def _adam_family(alias: Any, decoupled: bool, lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: bool,
+def _adam_family(decoupled: bool, lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: bool,
                  maximize: bool) -> GradientTransformation:
     check_float("lr", lr, low=0.0)
     _check_betas(betas)
@@ -131,9 +122,12 @@ def _adam_family(alias: Any, decoupled: bool, lr: Any, betas: Any, eps: Any, wei
     kwargs = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad, "maximize": maximize}
     tx = inject_hyperparams(_adam, static_args=("amsgrad", "maximize", "decoupled", "use_weight_decay"))(
         **kwargs, decoupled=decoupled, use_weight_decay=_nonzero(weight_decay))
-    return _with_rebuild(tx, alias, kwargs)
+    declare_kernel(tx, AdamKernel(decoupled, bool(amsgrad), bool(maximize)),
+                   {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+    return tx
 
 
+@recorded
 def adam(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -148,9 +142,10 @@ def adam(
     L2 weight decay is added to the gradient *before* the moments: ``g <- g + wd * p``; then
     `gradxform.scale_by_adam` and ``p <- p - lr * u``.
     """
-    return _adam_family(adam, False, lr, betas, eps, weight_decay, amsgrad, maximize)
+    return _adam_family(False, lr, betas, eps, weight_decay, amsgrad, maximize)
 
 
+@recorded
 def adamw(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -166,7 +161,7 @@ def adamw(
     params *before* the step, i.e. ``chain(scale_by_adam, add_decayed_weights(wd),
     scale_by_learning_rate(lr))``.
     """
-    return _adam_family(adamw, True, lr, betas, eps, weight_decay, amsgrad, maximize)
+    return _adam_family(True, lr, betas, eps, weight_decay, amsgrad, maximize)
 
 
 # --- TrueGrad (truegrad 5.0.0, L. Nestler) -------------------------------------------------------
@@ -209,8 +204,8 @@ def _tg_rmsprop(lr: Any, betas: Any, eps: Any, weight_decay: Any, graft: bool, f
                      use_weight_decay)
 
 
-def _tg_family(alias: Any, builder: Any, lr: Any, betas: tuple[Any, ...], eps: Any, weight_decay: Any, graft: bool,
-               fallback: str, given_betas: Any) -> GradientTransformation:
+def _tg_family(builder: Any, lr: Any, betas: tuple[Any, ...], eps: Any, weight_decay: Any, graft: bool,
+               fallback: str) -> GradientTransformation:
     check_float("lr", lr, low=0.0)
     check_float("eps", eps, low=0.0)
     check_float("weight_decay", weight_decay, low=0.0)
@@ -219,11 +214,10 @@ def _tg_family(alias: Any, builder: Any, lr: Any, betas: tuple[Any, ...], eps: A
     tx = inject_hyperparams(builder, static_args=("graft", "fallback", "use_weight_decay"))(
         lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, graft=bool(graft), fallback=fallback,
         use_weight_decay=_nonzero(weight_decay))
-    kwargs = {"lr": lr, "betas": tuple(given_betas), "eps": eps, "weight_decay": weight_decay, "graft": graft,
-              "fallback": fallback}
-    return _with_rebuild(tx, alias, kwargs)
+    return tx
 
 
+@recorded
 def tg_adamw(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, ...] = (0.9, 0.999, 0.999),
@@ -247,9 +241,10 @@ def tg_adamw(
     full = _tg_betas(betas, (2, 3), "tg_adamw")
     if len(full) == 2:
         full = (full[0], full[1], full[1])
-    return _tg_family(tg_adamw, _tg_adamw, lr, full, eps, weight_decay, graft, fallback, betas)
+    return _tg_family(_tg_adamw, lr, full, eps, weight_decay, graft, fallback)
 
 
+@recorded
 def tg_laprop(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, ...] = (0.9, 0.99),
@@ -267,9 +262,10 @@ def tg_laprop(
     full = _tg_betas(betas, (2, 4), "tg_laprop")
     if len(full) == 2:
         full = (full[0], full[1], full[0], full[1])
-    return _tg_family(tg_laprop, _tg_laprop, lr, full, eps, weight_decay, graft, fallback, betas)
+    return _tg_family(_tg_laprop, lr, full, eps, weight_decay, graft, fallback)
 
 
+@recorded
 def tg_rmsprop(
     lr: ScalarOrSchedule = 1e-3,
     betas: tuple[float, ...] = (0.9,),
@@ -289,4 +285,4 @@ def tg_rmsprop(
     full = _tg_betas(betas, (1, 2), "tg_rmsprop")
     if len(full) == 1:
         full = (full[0], full[0])
-    return _tg_family(tg_rmsprop, _tg_rmsprop, lr, full, eps, weight_decay, graft, fallback, betas)
+    return _tg_family(_tg_rmsprop, lr, full, eps, weight_decay, graft, fallback)

@@ -19,7 +19,9 @@ that no member declares.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import pickle
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -39,6 +41,14 @@ __all__ = [
     "chain",
     "apply_updates",
     "with_extra_args",
+    "Ownership",
+    "PURE",
+    "TransformInfo",
+    "info_of",
+    "declare",
+    "owned_transform",
+    "recorded",
+    "update_in_place",
 ]
 
 Params = Any
@@ -46,12 +56,201 @@ Updates = Any
 State = Any
 
 
-class GradientTransformation(NamedTuple):
-    """A pair of pure functions ``init(params) -> state`` and
-    ``update(updates, state, params=None, **extra_args) -> (updates, state)``."""
-
+class _Pair(NamedTuple):
     init: Callable[[Params], State]
     update: Callable[..., tuple[Updates, State]]
+
+
+class GradientTransformation(_Pair):
+    """A pair of pure functions ``init(params) -> state`` and
+    ``update(updates, state, params=None, **extra_args) -> (updates, state)``.
+
+    A transform built by gradxform's own factories also carries a `TransformInfo` (see
+    `info_of`): how to rebuild it (so it pickles by name and arguments), the variant of
+    ``update`` that may reuse buffers the caller owns, and an optional fused fast path. A
+    transform made from user functions has none of them and is always called purely.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        recipe = info_of(self).recipe
+        if recipe is not None:
+            factory, args, kwargs = recipe
+            shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+            return f"{getattr(factory, '__name__', factory)}({', '.join(shown)})"
+        return f"GradientTransformation({transform_name(self)})"
+
+    def __reduce__(self) -> Any:
+        recipe = info_of(self).recipe
+        if recipe is None:
+            raise pickle.PicklingError(
+                f"cannot pickle the transform {transform_name(self)}: it was made from functions "
+                "(closures), not by a gradxform factory. Save its state instead (gx.state_to_dict, or "
+                "Optimizer.state_dict()) and rebuild the transform in code when loading.")
+        factory, args, kwargs = recipe
+        return (_rebuild, (factory, args, kwargs))
+
+    def __copy__(self) -> "GradientTransformation":
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "GradientTransformation":
+        return self  # immutable: a pair of pure functions
+
+
+def _rebuild(factory: Callable[..., "GradientTransformation"], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return factory(*args, **kwargs)
+
+
+class Ownership(NamedTuple):
+    """What the caller of one ``update`` lets a transform overwrite (explicit, per call).
+
+    ``state``: the state's buffers may be updated in place (the caller discards the old state,
+    as `gradxform.Optimizer` does); ``protected``: ids of update tensors that must never be
+    written (the user's ``.grad``); every other incoming update tensor may be reused. Only
+    transforms that declare an owned ``update`` (see `owned_transform`) ever receive it; a
+    transform made from user functions is always called purely, so inputs it shares between
+    inner transforms stay intact.
+    """
+
+    state: bool = False
+    protected: frozenset[int] = frozenset()
+    updates: bool = False
+
+    def may_write(self, tensors: Any) -> bool:
+        """Whether these update tensors may be overwritten (never while tracing)."""
+        if not self.updates or _tree.traced():
+            return False
+        return not any(id(t) in self.protected for t in tensors)
+
+    def protect(self, tensors: Any) -> "Ownership":
+        """The same ownership with ``tensors`` protected too (e.g. inputs shared by two inner
+        transforms)."""
+        if not self.updates:
+            return self
+        return self._replace(protected=self.protected | frozenset(id(t) for t in tensors))
+
+
+PURE = Ownership()
+"""No ownership: the plain, pure ``update``."""
+
+
+class TransformInfo(NamedTuple):
+    """What a transform declares when it is built (read with `info_of`).
+
+    Attributes:
+        owned_update: ``owned_update(updates, state, params, own, **extra)``, the same rule as
+            ``update`` but allowed to reuse what `Ownership` ``own`` grants.
+        recipe: ``(factory, args, kwargs)`` that rebuilds the transform: it pickles by name and
+            arguments, and `gradxform.Optimizer` rebuilds an alias for a param group that
+            changes a structural option (``maximize``, ``amsgrad``, ...).
+        fast_path: a fused lowering (`gradxform.fastpath.FastPath`) or ``None``.
+        members: the members of a `chain`.
+    """
+
+    owned_update: Callable[..., tuple[Updates, State]] | None = None
+    recipe: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None = None
+    fast_path: Any = None
+    members: tuple["GradientTransformation", ...] | None = None
+
+
+_NO_INFO = TransformInfo()
+_INFO_ATTR = "__gx_info__"
+
+
+def info_of(tx: Any) -> TransformInfo:
+    """The `TransformInfo` that ``tx`` declared (an empty one for user-made transforms)."""
+    fn_dict = getattr(tx[1], "__dict__", None) or {}
+    return fn_dict.get(_INFO_ATTR, _NO_INFO)
+
+
+def declare(tx: "GradientTransformation", **fields: Any) -> "GradientTransformation":
+    """Attach `TransformInfo` fields to ``tx`` (its own ``update`` function) and return it."""
+    info = info_of(tx)._replace(**fields)
+    setattr(tx.update, _INFO_ATTR, info)
+    return tx if isinstance(tx, GradientTransformation) else GradientTransformation(*tx)
+
+
+def recorded(factory: Callable[..., "GradientTransformation"]) -> Callable[..., "GradientTransformation"]:
+    """Decorate a public transform factory so that what it builds remembers its recipe
+    (``factory``, args, kwargs): the transform then pickles by name and arguments, shows them in
+    its ``repr``, and `gradxform.Optimizer` can rebuild it with a param group's options."""
+
+    sig = inspect.signature(factory)
+    variadic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values())
+
+    @functools.wraps(factory)
+    def make(*args: Any, **kwargs: Any) -> "GradientTransformation":
+        tx = factory(*args, **kwargs)
+        if _tree.is_compiling():  # rebuilt inside a trace (inject_hyperparams): nothing to record
+            return tx
+        if not variadic:  # every argument by name, defaults included: options are readable
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args, kwargs = (), dict(bound.arguments)
+        return declare(tx, recipe=(make, args, kwargs))
+
+    return make
+
+
+def owned_transform(init: Callable[[Params], State], owned_update: Callable[..., tuple[Updates, State]],
+                    extra_args: "ExtraArgs | None" = None) -> "GradientTransformation":
+    """A transform from ``owned_update(updates, state, params, own, **extra)``.
+
+    ``update`` is ``owned_update`` with `PURE` ownership; the adapter and `update_in_place`
+    call ``owned_update`` with what they own. Keyword-only parameters after ``own`` are the
+    transform's extra arguments, unless ``extra_args`` declares them (a combinator that forwards
+    ``**extra`` to inner transforms).
+    """
+    spec = _extra_args_of_fn(owned_update) if extra_args is None else extra_args
+
+    def update(updates: Updates, state: State, params: Params | None = None, **extra: Any) -> tuple[Updates, State]:
+        return owned_update(updates, state, params, PURE, **extra)
+
+    update.__qualname__ = owned_update.__qualname__
+    with_extra_args(update, spec)
+    return declare(GradientTransformation(init, update), owned_update=owned_update)
+
+
+def call_update(tx: "GradientTransformation", updates: Updates, state: State, params: Params | None,
+                own: Ownership, **extra: Any) -> tuple[Updates, State]:
+    """``tx.update`` with ownership ``own`` if ``tx`` declares an owned update, else purely."""
+    owned = info_of(tx).owned_update
+    if owned is None or own is PURE:
+        return tx.update(updates, state, params, **extra)
+    return owned(updates, state, params, own, **extra)
+
+
+def update_in_place(tx: "GradientTransformation", updates: Updates, state: State, params: Params | None = None, *,
+                    donate_updates: bool = False, **extra: Any) -> tuple[Updates, State]:
+    """``tx.update`` for a caller that owns ``state`` (and, with ``donate_updates``, ``updates``).
+
+    Same result as ``tx.update(updates, state, params, **extra)``, but transforms that declare
+    it may write the new state into the old state's buffers (and into the incoming updates when
+    donated) instead of allocating: one pass over memory less per buffer. The old ``state`` (and
+    donated ``updates``) must not be used afterwards. Transforms made from user functions are
+    called purely. Inside ``torch.compile`` with ``apply_updates(..., inplace=True)`` this gives
+    a step that donates its buffers.
+
+    Args:
+        tx: the transform.
+        updates: the incoming updates (e.g. gradients).
+        state: the state to update; its buffers may be overwritten.
+        params: the params, for transforms that need them.
+        donate_updates: whether ``updates``' tensors may be overwritten too.
+        **extra: extra arguments for ``tx.update``.
+
+    Returns:
+        ``(updates, new_state)`` as ``tx.update``.
+
+    Example:
+        >>> updates, state = gx.update_in_place(tx, grads, state, params)
+        >>> params = gx.apply_updates(params, updates, inplace=True)
+    """
+    # (traced, updates are never written in place: nothing to protect)
+    leaves = [] if donate_updates or _tree.traced() else [x for x in _tree.tree_flatten(updates)[0] if x is not None]
+    own = Ownership(state=True, protected=frozenset(id(t) for t in leaves), updates=True)
+    return call_update(tx, updates, state, params, own, **extra)
 
 
 class EmptyState(NamedTuple):
@@ -91,6 +290,23 @@ def with_extra_args(update: Callable[..., Any], spec: ExtraArgs) -> Callable[...
     return update
 
 
+def _extra_args_of_fn(fn: Callable[..., Any]) -> ExtraArgs:
+    """Extra arguments from a function's keyword-only parameters (required without a default),
+    read from its code object: unlike inspect.signature this also traces under torch.compile,
+    where an inject_hyperparams transform rebuilds its inner chain on every update."""
+    code = fn.__code__
+    start = code.co_argcount
+    kwonly = code.co_varnames[start:start + code.co_kwonlyargcount]
+    accepts_any = bool(code.co_flags & inspect.CO_VARKEYWORDS)
+    if _tree.is_compiling():
+        # dynamo cannot read __kwdefaults__ of a closure created while tracing; the names
+        # suffice to route extras, and the eager call has already checked required ones.
+        return ExtraArgs(frozenset(), frozenset(kwonly), accepts_any)
+    defaults = (fn.__kwdefaults__ or {}) if kwonly else {}
+    return ExtraArgs(frozenset(k for k in kwonly if k not in defaults), frozenset(k for k in kwonly if k in defaults),
+                     accepts_any)
+
+
 def extra_args_of(tx: GradientTransformation) -> ExtraArgs:
     """The extra arguments ``tx.update`` declares.
 
@@ -103,25 +319,8 @@ def extra_args_of(tx: GradientTransformation) -> ExtraArgs:
     spec = fn_dict.get(_ATTR)
     if spec is not None:
         return spec
-    code = getattr(fn, "__code__", None)
-    if code is not None and not inspect.ismethod(fn):
-        # Plain functions (closures included): read the code object. Unlike inspect.signature
-        # this also traces under torch.compile, where an inject_hyperparams transform rebuilds
-        # its inner chain on every update.
-        start = code.co_argcount
-        kwonly = code.co_varnames[start:start + code.co_kwonlyargcount]
-        accepts_any = bool(code.co_flags & inspect.CO_VARKEYWORDS)
-        if _tree.is_compiling():
-            # dynamo cannot read __kwdefaults__ of a closure created while tracing (an
-            # inject_hyperparams transform rebuilds its inner chain on every update); the names
-            # suffice to route extras, and the eager call has already checked required ones.
-            return ExtraArgs(frozenset(), frozenset(kwonly), accepts_any)
-        defaults = (fn.__kwdefaults__ or {}) if kwonly else {}
-        return ExtraArgs(
-            frozenset(k for k in kwonly if k not in defaults),
-            frozenset(k for k in kwonly if k in defaults),
-            accepts_any,
-        )
+    if getattr(fn, "__code__", None) is not None and not inspect.ismethod(fn):
+        return _extra_args_of_fn(fn)  # plain functions, closures included
     required, optional, accepts_any = set(), set(), False
     try:
         sig = inspect.signature(fn)
@@ -177,8 +376,15 @@ def check_extra(spec: ExtraArgs, extra: dict[str, Any], owner: str) -> None:
             )
 
 
-def stateless(fn: Callable[[Updates, Params | None], Updates]) -> GradientTransformation:
-    """A transform without state from ``fn(updates, params) -> updates`` (as optax.stateless)."""
+def stateless(fn: Callable[..., Updates]) -> GradientTransformation:
+    """A transform without state from ``fn(updates, params) -> updates`` (as optax.stateless).
+
+    ``fn`` may take a third parameter ``own`` (an `Ownership`): it is then also declared as the
+    transform's owned update (gradxform's own stateless blocks scale their updates in place when
+    the caller owns them).
+    """
+    code = getattr(fn, "__code__", None)  # (inspect.signature does not trace under torch.compile)
+    takes_own = code is not None and "own" in code.co_varnames[:code.co_argcount]
 
     def init(params: Params) -> EmptyState:
         del params
@@ -188,8 +394,13 @@ def stateless(fn: Callable[[Updates, Params | None], Updates]) -> GradientTransf
         return fn(updates, params), state
 
     update.__qualname__ = getattr(fn, "__qualname__", "stateless")
-    update.__dict__.update(getattr(fn, "__dict__", {}))  # keep fn's markers (e.g. for lowering)
-    return GradientTransformation(init, update)
+    tx = GradientTransformation(init, update)
+    if takes_own:
+        def owned(updates: Updates, state: EmptyState, params: Params | None, own: Ownership) -> tuple[Updates, EmptyState]:
+            return fn(updates, params, own), state
+
+        declare(tx, owned_update=owned)
+    return tx
 
 
 def identity() -> GradientTransformation:
@@ -206,16 +417,26 @@ def identity() -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-_CHAIN_ATTR = "__gx_chain_members__"
-
-
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in sequence: ``u <- tx_k(...tx_2(tx_1(u)))``.
 
     Nested chains are flattened, so ``chain(a, chain(b, c))`` is ``chain(a, b, c)`` and its state
     is the tuple ``(state_a, state_b, state_c)``. Extra keyword arguments given to ``update`` go
     to every member that declares them; a required one that is missing, or one no member
-    declares, raises ``TypeError``.
+    declares, raises ``TypeError``. Ownership (see `update_in_place`) reaches only the members
+    that declare an owned update.
+
+    Args:
+        *transforms: the members, in order.
+
+    Returns:
+        The chained `GradientTransformation`.
+
+    Raises:
+        TypeError: a member is not a transform.
+
+    Example:
+        >>> tx = gx.chain(gx.clip_by_global_norm(1.0), gx.scale_by_adam(), gx.scale(-1e-3))
     """
     members: list[GradientTransformation] = []
     for tx in transforms:
@@ -223,12 +444,13 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             isinstance(tx, tuple) and len(tx) == 2 and all(callable(f) for f in tx)
         ):
             raise TypeError(f"chain() takes GradientTransformations; got {type(tx).__name__}: {tx!r}")
-        nested = (getattr(tx.update, "__dict__", None) or {}).get(_CHAIN_ATTR)
+        nested = info_of(tx).members
         if nested is not None:
             members.extend(nested)
         else:
-            members.append(GradientTransformation(*tx))
+            members.append(tx if isinstance(tx, GradientTransformation) else GradientTransformation(*tx))
     specs = [extra_args_of(tx) for tx in members]
+    owned_fns = [info_of(tx).owned_update for tx in members]
     union = ExtraArgs()
     for s in specs:
         union = union | s
@@ -236,7 +458,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params: Params) -> tuple[Any, ...]:
         return tuple(tx.init(params) for tx in members)
 
-    def update(updates: Updates, state: tuple[Any, ...], params: Params | None = None, **extra: Any) -> tuple[Updates, tuple[Any, ...]]:
+    def owned_update(updates: Updates, state: tuple[Any, ...], params: Params | None, own: Ownership,
+                     **extra: Any) -> tuple[Updates, tuple[Any, ...]]:
         if not isinstance(state, tuple) or len(state) != len(members):
             got = "None" if state is None else f"{type(state).__name__} of length {len(state) if isinstance(state, tuple) else '?'}"
             raise ValueError(
@@ -246,7 +469,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if not union.accepts_any:
             check_extra(ExtraArgs(optional=union.names, accepts_any=False), extra, "chain")
         new_states = []
-        for tx, s, spec in zip(members, state, specs):
+        for tx, s, spec, fn in zip(members, state, specs, owned_fns):
             kwargs = select_extra(spec, extra)
             missing = sorted(spec.required - kwargs.keys())
             if missing:
@@ -254,13 +477,22 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                     f"{transform_name(tx)} (in chain) needs the extra argument {missing[0]!r}, which was not given "
                     f"to update(); pass it as update(updates, state, params, {missing[0]}=...)"
                 )
-            updates, s = tx.update(updates, s, params, **kwargs)
+            if fn is None or own is PURE:
+                updates, s = tx.update(updates, s, params, **kwargs)
+            else:
+                updates, s = fn(updates, s, params, own, **kwargs)
             new_states.append(s)
         return updates, tuple(new_states)
 
+    def update(updates: Updates, state: tuple[Any, ...], params: Params | None = None, **extra: Any) -> tuple[Updates, tuple[Any, ...]]:
+        return owned_update(updates, state, params, PURE, **extra)
+
     with_extra_args(update, union)
-    setattr(update, _CHAIN_ATTR, tuple(members))
-    return GradientTransformation(init, update)
+    recipe = None
+    if all(info_of(m).recipe is not None for m in members):
+        recipe = (chain, tuple(members), {})
+    return declare(GradientTransformation(init, update), owned_update=owned_update, members=tuple(members),
+                   recipe=recipe)
 
 
 def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) -> Params:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import tree as _tree
-from .base import GradientTransformation, Params, Updates
+from .base import GradientTransformation, Params, Updates, recorded
 from .combine import find_injected
 
 __all__ = ["batched", "set_hyperparam", "get_hyperparam"]
@@ -42,6 +42,7 @@ class _Packed:
         return _tree.tree_unflatten(self.spec, _tree.scatter(self.consts, self.idx, tensors))
 
 
+@recorded
 def batched(tx: GradientTransformation, *, unbatched_extras: tuple[str, ...] = (),
             randomness: str = "error") -> GradientTransformation:
     """``tx`` applied to ``N`` independent models at once with ``torch.func.vmap``.

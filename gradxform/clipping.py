@@ -34,8 +34,8 @@ import torch
 
 from . import _foreach as _fe
 from . import tree as _tree
-from .alias import _with_rebuild
-from .base import GradientTransformation, Params, Updates, chain, expect_state, stateless
+from .base import PURE, GradientTransformation, Ownership, Params, Updates, chain, declare, expect_state, owned_transform, recorded, stateless
+from .fastpath import ClipFactor
 from .combine import inject_hyperparams
 from .transforms import (
     ScalarOrSchedule,
@@ -274,14 +274,15 @@ def _random_decision(seed: torch.Tensor, count: torch.Tensor, norm: torch.Tensor
 
 
 def _factor_rule(tx: GradientTransformation, kind: str, level: Any = None) -> GradientTransformation:
-    """Mark a rule whose output is a factor times its input, computable from norms alone
+    """Declare that a rule's output is a factor times its input, computable from norms alone
     (``"global"``: one factor from the global norm; ``"leaf"``: one factor per leaf from its
-    norm) or an elementwise clamp (``"coordinate"``). `gradxform.Optimizer` uses the mark to fold
-    the clip into torch's fused SGD kernel; the transform itself is unchanged."""
-    tx.update.__gx_factor_rule__ = (kind, level)
-    return tx
+    norm) or an elementwise clamp (``"coordinate"``): `gradxform.fastpath` folds a global factor
+    into torch's fused kernels. The transform itself is unchanged."""
+    del level
+    return declare(tx, fast_path=ClipFactor(kind))
 
 
+@recorded
 def clip_by_leaf_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
     """Clip each leaf to L2 norm ``max_norm`` separately: ``g_j <- g_j * min(1, max_norm / ||g_j||)``.
 
@@ -290,18 +291,19 @@ def clip_by_leaf_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
     """
     check_float("max_norm", max_norm, low=0.0, low_open=True)
 
-    def update_fn(updates: Updates, params: Params | None) -> Updates:
+    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
         flat = _Flat(updates)
         if not flat.live:
             return updates
         level = _tree.as_scalar(max_norm)
         factors = [_norm_factor(n, level) for n in _leaf_norms(flat.live)]
-        return flat.rebuild(_scale_leaves(flat.live, factors, _tree.updates_inplace(flat.live)))
+        return flat.rebuild(_scale_leaves(flat.live, factors, own.may_write(flat.live)))
 
     update_fn.__qualname__ = "clip_by_leaf_norm"
     return _factor_rule(stateless(update_fn), "leaf", max_norm)
 
 
+@recorded
 def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
     """Clamp every coordinate: ``g <- clamp(g, -max_delta, max_delta)`` (optax's ``clip``).
 
@@ -311,17 +313,18 @@ def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
     """
     check_float("max_delta", max_delta, low=0.0, low_open=True)
 
-    def update_fn(updates: Updates, params: Params | None) -> Updates:
+    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
         flat = _Flat(updates)
         if not flat.live:
             return updates
         level = _tree.as_scalar(max_delta)
-        return flat.rebuild(_clamp_leaves(flat.live, level, _tree.updates_inplace(flat.live)))
+        return flat.rebuild(_clamp_leaves(flat.live, level, own.may_write(flat.live)))
 
     update_fn.__qualname__ = "clip"
     return _factor_rule(stateless(update_fn), "coordinate", max_delta)
 
 
+@recorded
 def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation:
     """Clip each leaf ("block") to RMS ``threshold``, as optax's ``clip_by_block_rms``.
 
@@ -331,14 +334,14 @@ def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation
     """
     check_float("threshold", threshold, low=0.0, low_open=True)
 
-    def update_fn(updates: Updates, params: Params | None) -> Updates:
+    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
         flat = _Flat(updates)
         if not flat.live:
             return updates
         level = _tree.as_scalar(threshold)
         norms = _leaf_norms(flat.live)
         factors = [_norm_factor(n / math.sqrt(max(g.numel(), 1)), level) for n, g in zip(norms, flat.live)]
-        return flat.rebuild(_scale_leaves(flat.live, factors, _tree.updates_inplace(flat.live)))
+        return flat.rebuild(_scale_leaves(flat.live, factors, own.may_write(flat.live)))
 
     update_fn.__qualname__ = "clip_by_block_rms"
     return stateless(update_fn)
@@ -363,6 +366,7 @@ def _unit_norms(x: torch.Tensor, vector_unit: str = "element") -> torch.Tensor:
 _VECTOR_UNITS = ("element", "whole")
 
 
+@recorded
 def adaptive_grad_clip(clipping: float | torch.Tensor, eps: float | torch.Tensor = 1e-3, *,
                        vector_unit: str = "element") -> GradientTransformation:
     """Adaptive gradient clipping (AGC), unit-wise, from Brock, De, Smith and Simonyan, "High-
@@ -468,6 +472,7 @@ def _quantile_of_sorted(s: torch.Tensor, n: torch.Tensor, q: Any, method: str) -
     return torch.where(ar == idx, s, 0.0).sum()
 
 
+@recorded
 def autoclip(
     q: float = 0.1,
     history: int = 4096,
@@ -522,7 +527,8 @@ def autoclip(
             _stats_init(device, dtype),
         )
 
-    def update(updates: Updates, state: AutoClipState, params: Params | None = None) -> tuple[Updates, AutoClipState]:
+    def owned_update(updates: Updates, state: AutoClipState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, AutoClipState]:
         del params
         expect_state(state, AutoClipState, "autoclip")
         flat = _Flat(updates)
@@ -543,11 +549,11 @@ def autoclip(
         # thr / norm only where norm > thr >= 0; elsewhere the factor is exactly 1 (the divisor is
         # 1 there too, so a zero norm cannot put inf * 0 = NaN into a gradient)
         factor = torch.where(clipped, thr / torch.where(clipped, norm, torch.ones_like(norm)), torch.ones_like(norm))
-        out = _mul(flat.live, factor, _tree.updates_inplace(flat.live))
+        out = _mul(flat.live, factor, own.may_write(flat.live))
         new_state = AutoClipState(count + 1, buf, state.seed, thr, _stats_next(state.stats, clipped, norm, factor))
         return flat.rebuild(out), new_state
 
-    return _factor_rule(GradientTransformation(init, update), "global")
+    return _factor_rule(owned_transform(init, owned_update), "global")
 
 
 # --- random norm clipping -------------------------------------------------------------------------
@@ -562,6 +568,7 @@ class RandomClipState(NamedTuple):
     stats: ClipStats
 
 
+@recorded
 def random_clip_by_global_norm(
     max_norm: float | torch.Tensor,
     beta: float,
@@ -591,7 +598,8 @@ def random_clip_by_global_norm(
         device, dtype = _home(params)
         return RandomClipState(_zero_count(), torch.tensor(seed, dtype=torch.int64), _stats_init(device, dtype))
 
-    def update(updates: Updates, state: RandomClipState, params: Params | None = None) -> tuple[Updates, RandomClipState]:
+    def owned_update(updates: Updates, state: RandomClipState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, RandomClipState]:
         del params
         expect_state(state, RandomClipState, "random_clip_by_global_norm")
         flat = _Flat(updates)
@@ -602,11 +610,11 @@ def random_clip_by_global_norm(
         clipped = _random_decision(state.seed, state.count, norm, level, beta, power)
         lam = _as_level(level, norm.dtype)
         factor = torch.where(clipped, lam / torch.where(clipped, norm, torch.ones_like(norm)), torch.ones_like(norm))
-        out = _mul(flat.live, factor, _tree.updates_inplace(flat.live))
+        out = _mul(flat.live, factor, own.may_write(flat.live))
         new_state = RandomClipState(state.count + 1, state.seed, _stats_next(state.stats, clipped, norm, factor))
         return flat.rebuild(out), new_state
 
-    return _factor_rule(GradientTransformation(init, update), "global")
+    return _factor_rule(owned_transform(init, owned_update), "global")
 
 
 # --- monitoring -------------------------------------------------------------------------------------
@@ -622,6 +630,7 @@ class MonitorNormState(NamedTuple):
     history: torch.Tensor
 
 
+@recorded
 def monitor_norm(size: int = 1024) -> GradientTransformation:
     """An identity transform that records the global L2 norm of the updates passing through.
 
@@ -716,6 +725,7 @@ def _clipped_sgd(lr: Any, momentum: Any, level: Any, rule: str, q: Any, beta: An
     return chain(*parts)
 
 
+@recorded
 def clipped_sgd(
     lr: ScalarOrSchedule,
     momentum: ScalarOrSchedule = 0.0,
@@ -807,9 +817,7 @@ def clipped_sgd(
         lr=lr, momentum=momentum, level=level, rule=rule, q=q, beta=beta, power=power, history=history,
         method=method, seed=seed, use_momentum=use_momentum,
     )
-    kwargs = dict(lr=lr, momentum=momentum, rule=rule, level=level, q=q, beta=beta, power=power, history=history,
-                  method=method, seed=seed)
-    return _with_rebuild(tx, clipped_sgd, kwargs)
+    return tx
 
 
 _tree.register_state_types(ClipStats, AutoClipState, RandomClipState, MonitorNormState)

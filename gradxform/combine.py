@@ -9,12 +9,11 @@ the step size of one transform with the direction of another.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import numbers
 import types
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -22,6 +21,10 @@ import torch
 from . import _foreach as _fe
 from . import tree as _tree
 from .base import (
+    Ownership,
+    call_update,
+    owned_transform,
+    recorded,
     ExtraArgs,
     GradientTransformation,
     Params,
@@ -65,12 +68,22 @@ def _labels_for(labels: Any, reference: Any, what: str) -> list[Any]:
     return _tree.check_structure(spec, labels, what, against="params", reference=reference)
 
 
-def _forwarding(update: Callable[..., Any], inner: GradientTransformation | list[GradientTransformation]) -> Callable[..., Any]:
+def _forward_spec(inner: GradientTransformation | list[GradientTransformation]) -> ExtraArgs:
     inners = inner if isinstance(inner, list) else [inner]
     spec = ExtraArgs()
     for tx in inners:
         spec = spec | extra_args_of(tx)
-    return with_extra_args(update, spec)
+    return spec
+
+
+def _forwarding(update: Callable[..., Any], inner: GradientTransformation | list[GradientTransformation]) -> Callable[..., Any]:
+    return with_extra_args(update, _forward_spec(inner))
+
+
+def _forwarding_transform(init: Callable[[Params], Any], owned_update: Callable[..., Any],
+                          inner: GradientTransformation | list[GradientTransformation]) -> GradientTransformation:
+    """A combinator from its owned update, declaring the extra arguments of its inner transforms."""
+    return owned_transform(init, owned_update, _forward_spec(inner))
 
 
 def _reject_unknown_extra(specs: Any, extra: dict[str, Any], owner: str) -> None:
@@ -93,6 +106,7 @@ class MaskedState(NamedTuple):
     inner_state: Any
 
 
+@recorded
 def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
     """Apply ``inner`` only where ``mask`` is True; other updates pass through unchanged.
 
@@ -109,19 +123,20 @@ def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
         m = _resolve(mask, params)
         return MaskedState(inner.init(split(params, params, m)))
 
-    def update(updates: Updates, state: MaskedState, params: Params | None = None, **extra: Any) -> tuple[Updates, MaskedState]:
+    def owned_update(updates: Updates, state: MaskedState, params: Params | None, own: Ownership,
+                     **extra: Any) -> tuple[Updates, MaskedState]:
         expect_state(state, MaskedState, "masked")
         m = _resolve(mask, params if params is not None else updates)
         inner_u = split(updates, updates, m)
         inner_p = None if params is None else split(params, updates, m)
-        new_u, new_inner = inner.update(inner_u, state.inner_state, inner_p, **extra)
+        new_u, new_inner = call_update(inner, inner_u, state.inner_state, inner_p, own, **extra)
         u_leaves, spec = _tree.tree_flatten(updates)
         n_leaves = _tree.check_structure(spec, new_u, "masked inner output", reference=updates)
         flags = _labels_for(m, updates, "mask")
         out = [n if bool(f) else u for u, n, f in zip(u_leaves, n_leaves, flags)]
         return _tree.tree_unflatten(spec, out), MaskedState(new_inner)
 
-    return GradientTransformation(init, _forwarding(update, inner))
+    return _forwarding_transform(init, owned_update, inner)
 
 
 # --- partition ----------------------------------------------------------------------------------
@@ -133,6 +148,7 @@ class PartitionState(NamedTuple):
     inner_states: dict[Hashable, Any]
 
 
+@recorded
 def partition(transforms: Mapping[Hashable, GradientTransformation], param_labels: Any) -> GradientTransformation:
     """Route each leaf to the transform of its label (optax's ``multi_transform``).
 
@@ -165,7 +181,8 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
 
     specs = {k: extra_args_of(tx) for k, tx in transforms.items()}
 
-    def update(updates: Updates, state: PartitionState, params: Params | None = None, **extra: Any) -> tuple[Updates, PartitionState]:
+    def owned_update(updates: Updates, state: PartitionState, params: Params | None, own: Ownership,
+                     **extra: Any) -> tuple[Updates, PartitionState]:
         expect_state(state, PartitionState, "partition")
         _reject_unknown_extra(specs.values(), extra, "partition")
         labels = labels_of(params if params is not None else updates)
@@ -177,13 +194,13 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
         for k, tx in transforms.items():
             kwargs = extra if specs[k].accepts_any else {n: v for n, v in extra.items() if n in specs[k].names}
             sub_p = None if params is None else select(params, labels, k)
-            new_u, new_states[k] = tx.update(select(updates, labels, k), state.inner_states[k], sub_p, **kwargs)
+            new_u, new_states[k] = call_update(tx, select(updates, labels, k), state.inner_states[k], sub_p, own, **kwargs)
             for i, (x, lab) in enumerate(zip(_tree.tree_flatten(new_u)[0], labels)):
                 if lab == k:
                     out[i] = x
         return _tree.tree_unflatten(spec, out), PartitionState(new_states)
 
-    return GradientTransformation(init, _forwarding(update, list(transforms.values())))
+    return _forwarding_transform(init, owned_update, list(transforms.values()))
 
 
 # --- inject_hyperparams -------------------------------------------------------------------------
@@ -280,7 +297,8 @@ def inject_hyperparams(
             hp.update({k: _to_state_value(s(0)) for k, s in schedules.items()})
             return InjectHyperparamsState(torch.zeros((), dtype=torch.int64), hp, build(hp).init(params))
 
-        def update(updates: Updates, state: InjectHyperparamsState, params: Params | None = None, **extra: Any) -> tuple[Updates, InjectHyperparamsState]:
+        def owned_update(updates: Updates, state: InjectHyperparamsState, params: Params | None, own: Ownership,
+                         **extra: Any) -> tuple[Updates, InjectHyperparamsState]:
             expect_state(state, InjectHyperparamsState, f"inject_hyperparams({name_of})")
             hp = dict(state.hyperparams)
             for k, s in schedules.items():
@@ -288,10 +306,10 @@ def inject_hyperparams(
             missing = (numeric.keys() | schedules.keys()) - hp.keys()
             if missing:
                 raise KeyError(f"state.hyperparams lacks {sorted(missing)}: the state was not made by this transform's init")
-            new_u, new_inner = build(hp).update(updates, state.inner_state, params, **extra)
+            new_u, new_inner = call_update(build(hp), updates, state.inner_state, params, own, **extra)
             return new_u, InjectHyperparamsState(state.count + 1, hp, new_inner)
 
-        return GradientTransformation(init, with_extra_args(update, extra_args_of(probe)))
+        return owned_transform(init, owned_update, extra_args_of(probe))
 
     return wrapped
 
@@ -309,6 +327,7 @@ class ApplyIfFiniteState(NamedTuple):
     inner_state: Any
 
 
+@recorded
 def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     """Skip steps whose updates are not finite.
 
@@ -350,9 +369,9 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
         eager = not _tree.traced() and all(x.device.type == "cpu" for x in live_in)
         if eager and not bool(_tree.all_finite(live_in)):
             return zeros(), counted(torch.zeros((), dtype=torch.bool), state.inner_state)
-        # The inner transform must not overwrite its state in place: we may need the old one.
-        with _no_ownership():
-            new_u, new_inner = inner.update(updates, state.inner_state, params, **extra)
+        # apply_if_finite declares no owned update, so the inner transform runs purely: the old
+        # state must survive a bad output.
+        new_u, new_inner = inner.update(updates, state.inner_state, params, **extra)
         out_leaves = _tree.check_structure(spec, new_u, "apply_if_finite inner output", reference=updates)
         live_out = [x for x in out_leaves if x is not None]
         if eager:
@@ -370,15 +389,6 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
         return _tree.tree_unflatten(spec, safe_u), counted(finite, _tree.tree_map(pick, new_inner, state.inner_state))
 
     return GradientTransformation(init, _forwarding(update, inner))
-
-
-class _no_ownership:
-    def __enter__(self) -> None:
-        self._prev = dict(_tree._OWNERSHIP)
-        _tree._OWNERSHIP["active"] = False
-
-    def __exit__(self, *exc: object) -> None:
-        _tree._OWNERSHIP.update(self._prev)
 
 
 # --- multi_steps --------------------------------------------------------------------------------
@@ -400,6 +410,7 @@ class MultiStepsState(NamedTuple):
 _DEFAULT_ACCUMULATE: Mapping[str, float] = types.MappingProxyType({"sum_grad_squared": 2})
 
 
+@recorded
 def multi_steps(
     inner: GradientTransformation,
     every_k: int,
@@ -464,7 +475,8 @@ def multi_steps(
                 spec, [None if v is None or a is None else a * factor for a, v in zip(acc, new_leaves)])
         return sums, handed
 
-    def update(updates: Updates, state: MultiStepsState, params: Params | None = None, **extra: Any) -> tuple[Updates, MultiStepsState]:
+    def owned_update(updates: Updates, state: MultiStepsState, params: Params | None, own: Ownership,
+                     **extra: Any) -> tuple[Updates, MultiStepsState]:
         expect_state(state, MultiStepsState, "multi_steps")
         _reject_unknown_extra([inner_spec], extra, "multi_steps")
         leaves, spec = _tree.tree_flatten(updates)
@@ -479,16 +491,14 @@ def multi_steps(
         mean = _tree.tree_unflatten(spec, [None if u is None else a * grad_scale for a, u in zip(acc, leaves)])
         if not _tree.traced():
             if bool(emit):  # CPU tensor: no device sync
-                new_u, new_inner = inner.update(mean, state.inner_state, params, **handed)
+                new_u, new_inner = call_update(inner, mean, state.inner_state, params, own, **handed)
                 reset = None if sums is None else {n: _tree.tree_zeros_like(t) for n, t in sums.items()}
                 return new_u, MultiStepsState(torch.zeros_like(state.mini_step), state.gradient_step + 1,
                                               _tree.tree_zeros_like(acc_tree), new_inner, reset)
             return zeros_out, MultiStepsState(state.mini_step + 1, state.gradient_step, acc_tree, state.inner_state, sums)
-        # Traced: the inner step runs every call and is selected below, so it must not overwrite
-        # its state in place (a donating compiled step would otherwise advance it on every
-        # micro-batch).
-        with _no_ownership():
-            new_u, new_inner = inner.update(mean, state.inner_state, params, **handed)
+        # Traced: the inner step runs every call and is selected below, so it runs purely (a
+        # donating compiled step would otherwise advance its state on every micro-batch).
+        new_u, new_inner = inner.update(mean, state.inner_state, params, **handed)
 
         def pick(a: Any, b: Any) -> Any:
             return torch.where(emit.to(a.device), a, b) if isinstance(a, torch.Tensor) else a
@@ -503,7 +513,7 @@ def multi_steps(
         mini = torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1)
         return out, MultiStepsState(mini, state.gradient_step + emit.to(torch.int64), new_acc, inner_state, new_sums)
 
-    return GradientTransformation(init, _forwarding(update, inner))
+    return _forwarding_transform(init, owned_update, inner)
 
 
 # --- graft --------------------------------------------------------------------------------------
@@ -516,23 +526,7 @@ class GraftState(NamedTuple):
     direction_state: Any
 
 
-@contextlib.contextmanager
-def _protected(tensors: list[torch.Tensor]) -> Iterator[None]:
-    """Add ``tensors`` to the buffers that an owner's in-place transforms must not overwrite.
-
-    A no-op when nothing is owned, and while compiling (updates are never written in place then).
-    """
-    if not _tree._OWNERSHIP["active"] or _tree.traced():
-        yield
-        return
-    previous = dict(_tree._OWNERSHIP)
-    _tree._OWNERSHIP["protected"] = frozenset(previous["protected"]) | frozenset(id(t) for t in tensors)
-    try:
-        yield
-    finally:
-        _tree._OWNERSHIP.update(previous)
-
-
+@recorded
 def graft(magnitude_tx: GradientTransformation, direction_tx: GradientTransformation,
           eps: float | torch.Tensor = 1e-12) -> GradientTransformation:
     """Learning-rate grafting (Agarwal et al., 2020, "Disentangling adaptive gradient methods from
@@ -555,14 +549,16 @@ def graft(magnitude_tx: GradientTransformation, direction_tx: GradientTransforma
     def init(params: Params) -> GraftState:
         return GraftState(magnitude_tx.init(params), direction_tx.init(params))
 
-    def update(updates: Updates, state: GraftState, params: Params | None = None, **extra: Any) -> tuple[Updates, GraftState]:
+    def owned_update(updates: Updates, state: GraftState, params: Params | None, own: Ownership,
+                     **extra: Any) -> tuple[Updates, GraftState]:
         expect_state(state, GraftState, "graft")
         leaves, spec = _tree.tree_flatten(updates)
-        # Inside the adapter, the magnitude transform may reuse its input buffers; the direction
-        # transform needs them intact, so they are protected for the first call.
-        with _protected([x for x in leaves if x is not None]):
-            m_u, m_state = magnitude_tx.update(updates, state.magnitude_state, params, **select_extra(m_spec, extra))
-        d_u, d_state = direction_tx.update(updates, state.direction_state, params, **select_extra(d_spec, extra))
+        # Both transforms read the same updates: the first must leave them intact.
+        shared = own.protect([x for x in leaves if x is not None])
+        m_u, m_state = call_update(magnitude_tx, updates, state.magnitude_state, params, shared,
+                                   **select_extra(m_spec, extra))
+        d_u, d_state = call_update(direction_tx, updates, state.direction_state, params, own,
+                                   **select_extra(d_spec, extra))
         m_leaves = _tree.check_structure(spec, m_u, "graft magnitude output", reference=updates)
         d_leaves = _tree.check_structure(spec, d_u, "graft direction output", reference=updates)
         idx = [i for i, (m, d) in enumerate(zip(m_leaves, d_leaves)) if m is not None and d is not None]
@@ -574,7 +570,7 @@ def graft(magnitude_tx: GradientTransformation, direction_tx: GradientTransforma
             d_norms = list(_fe.norm(ds))
             _fe.add_(d_norms, e)
             factors = list(_fe.div(list(_fe.norm(ms)), d_norms))
-            if _tree.updates_inplace(ds):
+            if own.may_write(ds):
                 _fe.mul_(ds, factors)
                 scaled = ds
             else:
@@ -582,7 +578,7 @@ def graft(magnitude_tx: GradientTransformation, direction_tx: GradientTransforma
             out = _tree.scatter(out, idx, scaled)
         return _tree.tree_unflatten(spec, out), GraftState(m_state, d_state)
 
-    return GradientTransformation(init, _forwarding(update, [magnitude_tx, direction_tx]))
+    return _forwarding_transform(init, owned_update, [magnitude_tx, direction_tx])
 
 
 _tree.register_state_types(GraftState)

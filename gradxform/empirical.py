@@ -64,7 +64,7 @@ from torch import nn
 from . import _foreach as _fe
 from . import _dist
 from . import tree as _tree
-from .base import GradientTransformation, Params, Updates, expect_state
+from .base import GradientTransformation, Ownership, Params, Updates, expect_state, owned_transform, recorded
 from .initscale import (
     InitReport,
     _batches,
@@ -153,6 +153,7 @@ class ScaleByEmpiricalInitState(NamedTuple):
 _tree.register_state_types(ScaleByEmpiricalInitState)
 
 
+@recorded
 def scale_by_empirical_init(multipliers: Params) -> GradientTransformation:
     """Multiply each update leaf by its empirical-init gradient multiplier: ``u <- c * u``.
 
@@ -177,7 +178,8 @@ def scale_by_empirical_init(multipliers: Params) -> GradientTransformation:
             out.append(_tree.scalar_tensor(1.0 if m is None else m))
         return ScaleByEmpiricalInitState(_tree.tree_unflatten(spec, out))
 
-    def update(updates: Updates, state: ScaleByEmpiricalInitState, params: Params | None = None) -> tuple[Updates, ScaleByEmpiricalInitState]:
+    def owned_update(updates: Updates, state: ScaleByEmpiricalInitState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByEmpiricalInitState]:
         del params
         expect_state(state, ScaleByEmpiricalInitState, "scale_by_empirical_init")
         flat = _Flat(updates)
@@ -186,7 +188,7 @@ def scale_by_empirical_init(multipliers: Params) -> GradientTransformation:
         cs = flat.state_live(state.multipliers, "state.multipliers", check_shapes=False)
         scalars = [_tree.as_scalar(c) for c in cs]
         if all(isinstance(s, (int, float)) for s in scalars):
-            if _tree.updates_inplace(flat.live):
+            if own.may_write(flat.live):
                 _fe.mul_(flat.live, scalars)
                 new = flat.live
             else:
@@ -195,7 +197,7 @@ def scale_by_empirical_init(multipliers: Params) -> GradientTransformation:
             new = [u * c.to(u.dtype) for u, c in zip(flat.live, cs)]
         return flat.rebuild(new), state
 
-    return GradientTransformation(init, update)
+    return owned_transform(init, owned_update)
 
 
 # --- the tuner -----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 
 from . import _dist
 from . import tree as _tree
-from .base import GradientTransformation, Params, Updates, chain, stateless
+from .base import GradientTransformation, Params, Updates, chain, stateless, recorded
 from .transforms import check_float, clip_by_global_norm, scale, scale_by_adam
 
 __all__ = [
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # --- shared pieces ------------------------------------------------------------------------------
 
 
+@recorded
 def project_lower_bound(lower: float) -> GradientTransformation:
     """Keep params at or above ``lower`` after the update: ``u <- max(p + u, lower) - p``.
 
@@ -389,6 +390,7 @@ def _value_and_grad(fn: Callable[[list[torch.Tensor], Any], torch.Tensor], xs: l
     return value, list(g)
 
 
+@recorded
 def gradinit_scale_tx(tau: float = 1e-2, alpha: float = 0.01, clip: float | None = 1.0) -> GradientTransformation:
     """The default optimizer of GradInit's scales: ``chain(clip_by_global_norm(clip),
     scale_by_adam(0.9, 0.999, 1e-8), scale(-tau), project_lower_bound(alpha))`` (the paper's

@@ -49,7 +49,7 @@ import torch
 
 from . import _foreach as _fe
 from . import tree as _tree
-from .base import GradientTransformation, Params, Updates, expect_state
+from .base import GradientTransformation, Ownership, Params, Updates, expect_state, owned_transform, recorded
 from .transforms import _ema, _ema_sq, _Flat, _leaf_counts, _step_counts, check_float
 
 __all__ = [
@@ -203,21 +203,21 @@ def _ema_at(state_live: list[torch.Tensor], pos: list[int], new: list[torch.Tens
     return out, updated
 
 
-def _make_update(impl: Any, required: bool, who: str) -> Any:
-    """The public ``update``: ``sum_grad_squared`` is a required keyword-only extra argument when
-    the transform cannot do without it (so `gradxform.chain` names it when missing)."""
+def _make_transform(init: Any, impl: Any, required: bool, who: str) -> GradientTransformation:
+    """The transform: ``sum_grad_squared`` is a required keyword-only extra argument when the
+    transform cannot do without it (so `gradxform.chain` names it when missing)."""
     if required:
-        def update(updates: Updates, state: Any, params: Params | None = None, *,
-                   sum_grad_squared: Any) -> tuple[Updates, Any]:
+        def owned_update(updates: Updates, state: Any, params: Params | None, own: Ownership, *,
+                         sum_grad_squared: Any) -> tuple[Updates, Any]:
             del params
-            return impl(updates, state, sum_grad_squared)
+            return impl(updates, state, sum_grad_squared, own)
     else:
-        def update(updates: Updates, state: Any, params: Params | None = None, *,  # type: ignore[misc]
-                   sum_grad_squared: Any = None) -> tuple[Updates, Any]:
+        def owned_update(updates: Updates, state: Any, params: Params | None, own: Ownership, *,  # type: ignore[misc]
+                         sum_grad_squared: Any = None) -> tuple[Updates, Any]:
             del params
-            return impl(updates, state, sum_grad_squared)
-    update.__qualname__ = who  # error messages of chain name the transform
-    return update
+            return impl(updates, state, sum_grad_squared, own)
+    owned_update.__qualname__ = who  # error messages of chain name the transform
+    return owned_transform(init, owned_update)
 
 
 def _zeros_or_none(params: Params, keep: bool) -> Any:
@@ -238,6 +238,7 @@ class ScaleByTrueGradAdamState(NamedTuple):
     s: Any
 
 
+@recorded
 def scale_by_truegrad_adam(
     b1: float | torch.Tensor = 0.9,
     b2: float | torch.Tensor = 0.999,
@@ -277,14 +278,14 @@ def scale_by_truegrad_adam(
         return ScaleByTrueGradAdamState(_leaf_counts(params), _tree.tree_zeros_like(params),
                                         _zeros_or_none(params, keep_nu), _zeros_or_none(params, keep_s))
 
-    def impl(updates: Updates, state: ScaleByTrueGradAdamState, sgs: Any) -> tuple[Updates, ScaleByTrueGradAdamState]:
+    def impl(updates: Updates, state: ScaleByTrueGradAdamState, sgs: Any, own: Ownership) -> tuple[Updates, ScaleByTrueGradAdamState]:
         expect_state(state, ScaleByTrueGradAdamState, who)
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
         tg_pos, s_in, base_pos = _read_sgs(flat, sgs, fallback, who, enforce_baseline)
         beta1, beta2, beta3, e = (_tree.as_scalar(x) for x in (b1, b2, b3, eps))
-        inplace = _tree.state_inplace()
+        inplace = own.state
         counts = _step_counts(flat, state.count, inplace)
         g = flat.live
         mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, inplace)
@@ -308,7 +309,7 @@ def scale_by_truegrad_adam(
         return flat.rebuild(out), new_state
 
     required = fallback == "raise" and not enforce_baseline
-    return GradientTransformation(init, _make_update(impl, required, who))
+    return _make_transform(init, impl, required, who)
 
 
 # --- TrueGrad-LaProp ------------------------------------------------------------------------------
@@ -326,6 +327,7 @@ class ScaleByTrueGradLaPropState(NamedTuple):
     nu: Any
 
 
+@recorded
 def scale_by_truegrad_laprop(
     b1: float | torch.Tensor = 0.9,
     b2: float | torch.Tensor = 0.99,
@@ -366,14 +368,14 @@ def scale_by_truegrad_laprop(
             _leaf_counts(params), _zeros_or_none(params, keep_tg), _zeros_or_none(params, keep_tg),
             _zeros_or_none(params, keep_base), _zeros_or_none(params, keep_base))
 
-    def impl(updates: Updates, state: ScaleByTrueGradLaPropState, sgs: Any) -> tuple[Updates, ScaleByTrueGradLaPropState]:
+    def impl(updates: Updates, state: ScaleByTrueGradLaPropState, sgs: Any, own: Ownership) -> tuple[Updates, ScaleByTrueGradLaPropState]:
         expect_state(state, ScaleByTrueGradLaPropState, who)
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
         tg_pos, s_in, base_pos = _read_sgs(flat, sgs, fallback, who, enforce_baseline)
         beta1, beta2, beta3, beta4, e = (_tree.as_scalar(x) for x in (b1, b2, b3, b4, eps))
-        inplace = _tree.state_inplace()
+        inplace = own.state
         counts = _step_counts(flat, state.count, inplace)
         g = flat.live
         out: list[Any] = [None] * len(g)
@@ -410,7 +412,7 @@ def scale_by_truegrad_laprop(
         return flat.rebuild(out), new_state
 
     required = fallback == "raise" and not enforce_baseline
-    return GradientTransformation(init, _make_update(impl, required, who))
+    return _make_transform(init, impl, required, who)
 
 
 # --- TrueGrad-RMSProp -----------------------------------------------------------------------------
@@ -425,6 +427,7 @@ class ScaleByTrueGradRmsPropState(NamedTuple):
     nu: Any
 
 
+@recorded
 def scale_by_truegrad_rmsprop(
     b1: float | torch.Tensor = 0.9,
     b2: float | torch.Tensor | None = None,
@@ -460,14 +463,14 @@ def scale_by_truegrad_rmsprop(
         return ScaleByTrueGradRmsPropState(_leaf_counts(params), _zeros_or_none(params, keep_s),
                                            _zeros_or_none(params, keep_nu))
 
-    def impl(updates: Updates, state: ScaleByTrueGradRmsPropState, sgs: Any) -> tuple[Updates, ScaleByTrueGradRmsPropState]:
+    def impl(updates: Updates, state: ScaleByTrueGradRmsPropState, sgs: Any, own: Ownership) -> tuple[Updates, ScaleByTrueGradRmsPropState]:
         expect_state(state, ScaleByTrueGradRmsPropState, who)
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
         tg_pos, s_in, base_pos = _read_sgs(flat, sgs, fallback, who, enforce_baseline)
         beta1, beta2, e = (_tree.as_scalar(x) for x in (b1, b2, eps))
-        inplace = _tree.state_inplace()
+        inplace = own.state
         counts = _step_counts(flat, state.count, inplace)
         g = flat.live
         s_all = nu = None
@@ -488,7 +491,7 @@ def scale_by_truegrad_rmsprop(
         return flat.rebuild(out), new_state
 
     required = fallback == "raise" and not enforce_baseline
-    return GradientTransformation(init, _make_update(impl, required, who))
+    return _make_transform(init, impl, required, who)
 
 
 _tree.register_state_types(ScaleByTrueGradAdamState, ScaleByTrueGradLaPropState, ScaleByTrueGradRmsPropState)

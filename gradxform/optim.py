@@ -1,6 +1,6 @@
 """``gradxform.Optimizer``: any gradient transformation as a ``torch.optim.Optimizer``.
 
-Usage:
+Usage::
 
     opt = gx.Optimizer(model.parameters(), gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(1e-3)))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100)
@@ -12,98 +12,72 @@ Usage:
 
 How it maps onto torch.optim:
 
-- Each param group holds a transform under ``group["tx"]`` (the one given to the constructor
-  unless the group brings its own) and one transform state over the list of its params.
-- ``step()`` passes ``[p.grad for p in group["params"]]`` through ``tx.update`` (a ``None`` grad
-  is a frozen leaf: that param and its state are left alone) and adds the updates to the params
-  in place. Complex params are seen by the transform as ``torch.view_as_real`` views, as
-  torch.optim does.
-- The numeric hyperparameters of every `gradxform.inject_hyperparams` transform in the
-  state (all the aliases: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum``, ...) appear as
-  group keys. They are live: a value written into ``group["lr"]`` by you or by a
-  ``torch.optim.lr_scheduler`` is copied into the state before the next update. A hyperparameter
-  given as a schedule overrides the group value and is written back to the group after each step.
-- ``state_dict()`` has torch's layout: ``state`` maps a param index to that param's buffers
-  (keyed by their path in the transform state, e.g. ``"1.inner_state.0.mu"``), and each entry of
-  ``param_groups`` carries the group's hyperparameters, its param indices and, under
-  ``"tx_state"``, the state's non-per-param tensors (step counts, injected hyperparameters).
-  ``load_state_dict`` restores them exactly, so a resumed run is bit-identical.
-- Because the adapter owns the state, transforms may update its buffers in place
-  (`gradxform.tree.owned_buffers`); the user's ``.grad`` tensors are never written.
-- Lowering (``fused=None``, the default): a group whose transform is ``gx.adam`` / ``gx.adamw``
-  (optionally after ``gx.clip_by_global_norm``) runs on torch's fused Adam kernels, and
-  ``gx.clipped_sgd`` or ``gx.chain(clip rule, gx.sgd(lr, momentum))`` on CPU folds the clip
-  factor into torch's fused SGD kernel. Both keep the
-  state the generic path keeps; ``fused=False`` turns the lowering off.
+- **State where torch keeps it.** After a step, ``opt.state[p]`` holds ``p``'s slice of every
+  params-shaped leaf of the transform state, under torch.optim's names where the state has a
+  torch twin (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``),
+  else under the leaf's field name (``mu``, ``trace``, ...) or, where that is ambiguous, its path
+  (``1/inner_state/0/mu``). The rest of the state (shared counts, clip histories, task weights,
+  injected hyperparameters) lives in the state of the group's first param under keys
+  ``tx_state/<path>``. ``opt.state`` is the only copy: each step reads the transform state from
+  it and writes the new one back, so torch's own ``state_dict``/``load_state_dict`` (ids, hooks,
+  casting), ``copy.deepcopy``, ``torch.distributed.checkpoint`` and ``ZeroRedundancyOptimizer``
+  see and restore everything. A ``torch.optim.SGD``/``Adam``/``AdamW`` state dict loads into
+  ``gx.sgd``/``gx.adam``/``gx.adamw`` and continues equal, and the reverse.
+- **Groups.** A group holds plain values only: the transform's numeric hyperparameters (``lr``,
+  ``betas``, ...: live, copied into the state before each update; one given as a schedule is
+  written back after it), the alias's options (``maximize``, ``amsgrad``, ``nesterov``: a group
+  that changes one gets the alias rebuilt with it), torch's ``foreach``/``fused``/``capturable``/
+  ``differentiable`` and ``tx_index``, the position of its transform in ``opt.transforms``. A
+  group dict may bring its own transform under ``"tx"`` (it is moved into ``opt.transforms``).
+- **Ownership.** The adapter owns the state, so it calls each transform's owned update
+  (`gradxform.base.update_in_place` semantics): transforms that declare one write their new
+  state into the old buffers. The user's ``.grad`` is never written on the generic path.
+  Transforms made from user functions are called purely.
+- **Fast paths.** A group whose transform declares a lowering (`gradxform.fastpath`: ``gx.adam``,
+  ``gx.adamw``, ``gx.sgd`` with constant hyperparameters, optionally after a global-norm clip rule)
+  runs on torch's fused kernel when every precondition holds for the step (device in torch's
+  fused-supported set with the kernel present, float dtype, contiguous dense params and grads,
+  state buffers shaped like the params, eager). ``fused=False`` (or a group's ``fused``) turns it
+  off, ``fused=True`` raises when it cannot be taken.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, NamedTuple
 
+import optree
 import torch
 
-from .checkpoint import FORMAT_VERSION, _children
+from . import fastpath as _fastpath
 from . import tree as _tree
-from .base import GradientTransformation, chain
+from .base import GradientTransformation, Ownership, call_update, chain, info_of
+from .checkpoint import _children
 from .combine import find_injected as _find_injected
-from .persample import PerParam
-from .transforms import ScaleByAdamState
 
 __all__ = ["Optimizer"]
 
 logger = logging.getLogger(__name__)
 
-_RESERVED = ("params", "tx", "tx_state", "gradxform_format")
+_SHARED = "tx_state/"
+_TORCH_OPTIONS = {"foreach": None, "capturable": False, "differentiable": False}
+# hyperparameters that are a tuple of numbers (torch.optim's ``betas``); any other 1-d value is a
+# per-model vector of `gradxform.batched`
+_TUPLE_HYPERPARAMS = frozenset({"betas"})
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def _group_extras(extra: dict[str, Any], params: list[torch.Tensor]) -> dict[str, Any]:
-    """Per-param extras (a `gradxform.PerParam`, e.g. ``sum_grad_squared``) become the group's list,
-    ``None`` for params without an entry; other extras pass unchanged."""
-    if not any(isinstance(v, PerParam) for v in extra.values()):
-        return extra
-    out = {}
-    for k, v in extra.items():
-        if isinstance(v, PerParam):
-            vals = [v.get(p) for p in params]
-            out[k] = [None if x is None else _real(x) for x in vals]
-        else:
-            out[k] = v
-    return out
-
-
-
-
-# hyperparameters that are a tuple of numbers (torch.optim's ``betas``); any other 1-d value is a
-# per-model vector of `gradxform.batched`
-_TUPLE_HYPERPARAMS = frozenset({"betas"})
-
-
-def _probe_hyperparams(tx: GradientTransformation, params: list[torch.Tensor]) -> dict[str, Any]:
-    """Initial hyperparameter values of ``tx``, read from ``tx.init``.
-
-    Tries an empty params list first (no allocation); a transform that cannot be initialised on
-    an empty list (e.g. ``partition`` with a fixed labels list) is initialised on ``params``.
-    """
-    try:
-        return _hyperparam_values(tx.init([]))
-    except Exception:  # noqa: BLE001 - any failure on the empty probe: use the real params
-        logger.debug("tx.init([]) failed; probing hyperparameters with the group's params", exc_info=True)
-        return _hyperparam_values(tx.init([_real(p.detach()) for p in params]))
+# --- hyperparameters and options ----------------------------------------------------------------
 
 
 def _hyperparam_values(state: Any) -> dict[str, Any]:
-    """Group-facing values (floats, tuples of floats) of the injected hyperparameters.
-
-    Per-model values (a `gradxform.batched` transform holds an ``(N,)`` lr, ``(N, 2)`` betas) are
-    not one group's number and are left out."""
+    """Group-facing values (floats, tuples of floats) of the injected hyperparameters; per-model
+    values of `gradxform.batched` (an ``(N,)`` lr) are not one group's number and are left out."""
     values: dict[str, Any] = {}
     for inj in _find_injected(state):
         for name, t in inj.hyperparams.items():
@@ -116,354 +90,175 @@ def _hyperparam_values(state: Any) -> dict[str, Any]:
     return values
 
 
-def _rebuild_for_group(tx: GradientTransformation, group: dict[str, Any]) -> GradientTransformation:
-    """Rebuild alias members of ``tx`` whose hyperparameters the group overrides.
+def _probe_hyperparams(tx: GradientTransformation, params: list[torch.Tensor]) -> dict[str, Any]:
+    """Initial hyperparameter values of ``tx``, from ``tx.init`` on an empty list (no allocation)
+    or, for a transform that needs real params (``partition`` with a fixed labels list), on them."""
+    try:
+        return _hyperparam_values(tx.init([]))
+    except Exception:  # noqa: BLE001 - any failure on the empty probe: use the real params
+        logger.debug("tx.init([]) failed; probing hyperparameters with the group's params", exc_info=True)
+        return _hyperparam_values(tx.init([_real(p.detach()) for p in params]))
 
-    An alias leaves out blocks whose hyperparameter starts at 0 (momentum, weight decay). A group
-    that overrides such a value needs the alias rebuilt with it, else the value would be ignored.
-    """
+
+def _aliases(tx: GradientTransformation) -> list[GradientTransformation]:
+    """The alias members of ``tx`` (itself, or members of a chain): built by a recorded factory and
+    holding injected hyperparameters, whose values and options are the group's."""
+    info = info_of(tx)
+    found = []
+    for m in (info.members if info.members is not None else (tx,)):
+        if info_of(m).recipe is None:
+            continue
+        try:
+            if _find_injected(m.init([])):
+                found.append(m)
+        except Exception:  # noqa: BLE001 - an init that needs params: not an alias
+            logger.debug("init([]) failed for a member; not treated as an alias", exc_info=True)
+    return found
+
+
+def _options(tx: GradientTransformation) -> dict[str, bool]:
+    """The alias options (bool arguments: ``maximize``, ``amsgrad``, ``nesterov``) ``tx`` was built
+    with; they become group keys, and a group that changes one gets the alias rebuilt."""
+    out: dict[str, bool] = {}
+    for m in _aliases(tx):
+        for k, v in info_of(m).recipe[2].items():  # type: ignore[index]
+            if isinstance(v, bool):
+                out.setdefault(k, v)
+    return out
+
+
+def _structural(old: Any, new: Any) -> bool:
+    """Whether a group value needs the alias rebuilt: a changed option, or a numeric
+    hyperparameter switched on or off (an alias leaves out blocks whose value is 0)."""
+    if isinstance(old, bool) or isinstance(new, bool):
+        return bool(old) != bool(new)
+    if isinstance(new, torch.Tensor) and new.numel() != 1:
+        return False  # refused with a clear message when it is copied into the state
+    if isinstance(old, (int, float)) and isinstance(new, (int, float, torch.Tensor)):
+        return (old == 0) != bool(new == 0)
+    return False
+
+
+def _for_group(tx: GradientTransformation, group: dict[str, Any]) -> GradientTransformation:
+    """``tx`` with its alias members rebuilt where the group changes them structurally."""
+
+    aliases = {id(m) for m in _aliases(tx)}
 
     def rebuilt(member: GradientTransformation) -> GradientTransformation:
-        hook = (getattr(member.update, "__dict__", None) or {}).get("__gx_rebuild__")
-        if hook is None:
+        recipe = info_of(member).recipe
+        if recipe is None or id(member) not in aliases:
             return member
-        current = _hyperparam_values(member.init([]))
-        overrides = {k: group[k] for k in current if k in group and group[k] != current[k]}
-        return hook(**overrides) if overrides else member
+        factory, args, kwargs = recipe
+        overrides = {k: group[k] for k, v in kwargs.items() if k in group and _structural(v, group[k])}
+        if not overrides:
+            return member
+        fresh = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()}
+        return factory(*args, **{**kwargs, **fresh})
 
-    members = (getattr(tx.update, "__dict__", None) or {}).get("__gx_chain_members__")
+    members = info_of(tx).members
     if members is None:
         return rebuilt(tx)
     new = [rebuilt(m) for m in members]
-    if all(a is b for a, b in zip(new, members)):
-        return tx
-    return chain(*new)
+    return tx if all(a is b for a, b in zip(new, members)) else chain(*new)
 
 
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# --- the state layout ---------------------------------------------------------------------------
 
 
-class _FusedPlan(NamedTuple):
-    kind: str  # "adam" or "adamw"
-    amsgrad: bool
-    maximize: bool
-    max_norm: float | None  # clip_by_global_norm before the alias, or None
+class _Layout(NamedTuple):
+    """Where each leaf of a group's transform state lives in ``opt.state``: ``(i, key)`` in the
+    state of param ``i``, or ``(None, key)`` among the group's shared entries."""
+
+    spec: Any
+    records: list[tuple[int | None, str]]
+    paths: list[str]  # each leaf's field path, dotted (the key of gradxform 0.1's adapter)
+    shared: frozenset[str]  # the shared keys that hold a tensor (the others are None)
 
 
-def _alias_info(tx: GradientTransformation) -> tuple[str, dict[str, Any]] | None:
-    info = (getattr(tx.update, "__dict__", None) or {}).get("__gx_alias__")
-    if info is None or info[0] not in ("adam", "adamw"):
-        return None
-    name, kwargs = info
-    for k in ("lr", "eps", "weight_decay"):
-        if not isinstance(kwargs[k], (int, float)) or isinstance(kwargs[k], bool):
-            return None  # schedules and tensors take the generic path
-    if not all(isinstance(b, (int, float)) for b in kwargs["betas"]):
-        return None
-    return name, kwargs
-
-
-def _fused_plan(tx: GradientTransformation) -> _FusedPlan | None:
-    """How to run ``tx`` on torch's fused Adam kernels, or ``None``.
-
-    Lowered: ``gx.adam`` / ``gx.adamw`` with constant hyperparameters (``group["lr"]`` stays
-    live), alone or as ``chain(clip_by_global_norm(c), alias)``.
-    """
-    members = (getattr(tx.update, "__dict__", None) or {}).get("__gx_chain_members__")
-    max_norm = None
-    if members is not None:
-        if len(members) != 2:
-            return None
-        max_norm = (getattr(members[0].update, "__dict__", None) or {}).get("__gx_clip_max_norm__")
-        if max_norm is None:
-            return None
-        tx = members[1]
-    info = _alias_info(tx)
-    if info is None:
-        return None
-    name, kwargs = info
-    return _FusedPlan(name, bool(kwargs["amsgrad"]), bool(kwargs["maximize"]), max_norm)
-
-
-def _fused_supported(params: list[torch.Tensor]) -> bool:
-    """Plain (not sharded) float params on CPU or CUDA: sharded ``DTensor`` params take the generic
-    path, whose reductions see the whole tensor."""
-    return all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES and not _tree.is_dtensor(p)
-               for p in params)
+def _layout(template: Any, n: int) -> _Layout:
+    """The layout of a state made by ``tx.init`` on ``n`` params: a leaf whose parent is a list of
+    ``n`` tensors (or ``None``) is a per-param leaf, named by torch's key for its field where the
+    state class declares one (``torch_state_keys``), else by the field's name, else by its path,
+    whichever is unique in the state."""
+    paths, leaves, spec = optree.tree_flatten_with_path(template, none_is_leaf=True)
+    located: list[tuple[list[str], bool, Any]] = []  # (names on the path, per-param, owner of the field)
+    for path in paths:
+        node, chain_of, names = template, [], []
+        for entry in path:
+            key = node._fields[entry] if hasattr(node, "_fields") else str(entry)
+            chain_of.append(node)
+            names.append(key)
+            node = dict(_children(node))[key]
+        parent = chain_of[-1] if chain_of else None
+        per_param = (isinstance(parent, list) and len(parent) == n
+                     and all(x is None or isinstance(x, torch.Tensor) for x in parent))
+        located.append((names, per_param, chain_of[-2] if len(chain_of) >= 2 else None))
+    options: dict[tuple[str, ...], list[str]] = {}
+    for names, per_param, owner in located:
+        field = tuple(names[:-1])
+        if per_param and field not in options:
+            torch_key = getattr(type(owner), "torch_state_keys", {}).get(field[-1]) if field else None
+            options[field] = [o for o in (torch_key, field[-1] if field else None, "/".join(field) or "state") if o]
+    chosen: dict[tuple[str, ...], str] = {}
+    for level in range(3):
+        proposals = {f: o[min(level, len(o) - 1)] for f, o in options.items() if f not in chosen}
+        taken = list(chosen.values()) + list(proposals.values())
+        chosen.update({f: name for f, name in proposals.items() if taken.count(name) == 1})
+    records = [(int(names[-1]), chosen.get(tuple(names[:-1]), "/".join(names[:-1]))) if per_param
+               else (None, _SHARED + "/".join(names)) for names, per_param, _ in located]
+    dotted = [".".join(names[:-1] if per_param else names) for names, per_param, _ in located]
+    shared = frozenset(key for (i, key), leaf in zip(records, leaves) if i is None and leaf is not None)
+    return _Layout(spec, records, dotted, shared)
 
 
 def _eager_only(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``fn`` outside any ``torch.compile`` trace (a graph break where it is called).
+    """Run ``fn`` outside any ``torch.compile`` trace (a graph break where it is called): the
+    state's traffic with ``opt.state`` and the group's Python hyperparameters (which an LR
+    scheduler rewrites between steps) must not be baked into a graph."""
 
-    Used for the hyperparameter sync between a param group (Python floats that an LR scheduler
-    rewrites between steps) and the state's tensors: traced inside ``torch.compile(opt.step)``,
-    the value read at trace time was baked into the graph and a later lr never reached the
-    state. The ``torch.compiler.disable`` wrapper (torch >= 2.1) is made on the first traced
-    call, so that ``import gradxform`` does not import torch._dynamo.
-    """
-    disabled: list[Callable[..., Any]] = []
+    disabled: list[Callable[..., Any]] = []  # made on the first traced call: no dynamo import at import time
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         if not _tree.is_compiling():
             return fn(*args, **kwargs)
         if not disabled:
-            disable = getattr(getattr(torch, "compiler", None), "disable", None)
-            disabled.append(disable(fn) if disable is not None else fn)
+            disabled.append(torch.compiler.disable(fn))
         return disabled[0](*args, **kwargs)
 
     return call
 
 
-def _fused_adam_step(plan: _FusedPlan, state: Any, ps: list[torch.Tensor], grads: list[torch.Tensor | None],
-                     scratch: list[torch.Tensor | None]) -> Any:
-    """One step of a lowered group on torch's fused kernel, updating ``state`` in place.
-
-    The state is the one the generic path keeps (``ScaleByAdamState`` inside the alias), so a run
-    can switch between the paths and checkpoints do not depend on it. With a clip, the clipped
-    gradients are written into ``scratch`` (one params-sized buffer, kept between steps) and the
-    user's ``.grad`` stays untouched; on CPU a step whose norm is below the level skips that copy.
-    """
-    alias_state = state if plan.max_norm is None else state[1]
-    hp = alias_state.hyperparams
-    lr, eps, wd = hp["lr"].item(), hp["eps"].item(), hp["weight_decay"].item()
-    beta1, beta2 = hp["betas"].tolist()
-    adam = next(m for m in alias_state.inner_state if isinstance(m, ScaleByAdamState))
-    live = [i for i, g in enumerate(grads) if g is not None]
-    inputs = list(grads)
-    if plan.max_norm is not None and live:
-        norm = _tree.global_norm([grads[i] for i in live])
-        factor = plan.max_norm / torch.clamp(norm, min=plan.max_norm)
-        if norm.device.type != "cpu" or float(factor) < 1.0:  # a CPU read, not a device sync
-            for i in live:
-                if scratch[i] is None:
-                    scratch[i] = torch.empty_like(grads[i])
-                torch.mul(grads[i], factor.to(grads[i].device), out=scratch[i])
-                inputs[i] = scratch[i]
-    kernel = torch._fused_adamw_ if plan.kind == "adamw" else torch._fused_adam_
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i in live:
-        groups.setdefault((ps[i].device, ps[i].dtype), []).append(i)
-    for (device, _), idx in groups.items():
-        counts = [adam.count[i] for i in idx]
-        torch._foreach_add_(counts, 1)
-        steps = [c.to(device=device, dtype=torch.float32) for c in counts]
-        kernel(
-            [ps[i] for i in idx], [inputs[i] for i in idx], [adam.mu[i] for i in idx], [adam.nu[i] for i in idx],
-            [adam.nu_max[i] for i in idx] if plan.amsgrad else [], steps,
-            lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=plan.amsgrad, maximize=plan.maximize,
-        )
-    new_alias = alias_state._replace(count=alias_state.count + 1)
-    return new_alias if plan.max_norm is None else (state[0], new_alias)
-
-
-def _marker(tx: GradientTransformation, name: str) -> Any:
-    return (getattr(tx.update, "__dict__", None) or {}).get(name)
-
-
-def _constant(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _sgd_plan(tx: GradientTransformation) -> tuple[str, dict[str, Any]] | None:
-    """``("clipped_sgd", kwargs)`` for a ``clipped_sgd`` alias, or ``("chain", {})`` for
-    ``chain(clip rule, gx.sgd(lr, momentum))`` (a rule marked by ``clipping._factor_rule``, plain
-    momentum), with constant hyperparameters: what the adapter runs on torch's fused SGD kernel."""
-    info = _marker(tx, "__gx_alias__")
-    if info is not None and info[0] == "clipped_sgd":
-        kwargs = info[1]
-        if all(kwargs[k] is None or _constant(kwargs[k]) for k in ("lr", "momentum", "level")):
-            return "clipped_sgd", kwargs
-        return None
-    members = _marker(tx, "__gx_chain_members__")
-    if members is None or len(members) != 2 or _marker(members[0], "__gx_factor_rule__") is None:
-        return None
-    info = _marker(members[1], "__gx_alias__")
-    if info is None or info[0] != "sgd":
-        return None
-    kw = info[1]
-    if not (_constant(kw["lr"]) and _constant(kw["momentum"]) and kw["dampening"] == 0 and kw["weight_decay"] == 0
-            and not kw["nesterov"] and not kw["maximize"]):
-        return None
-    kind, level = _marker(members[0], "__gx_factor_rule__")
-    if kind == "coordinate" and not _constant(level):
-        return None
-    return "chain", {}
-
-
-def _sgd_lowered_step(plan: tuple[str, dict[str, Any]], state: Any, ps: list[torch.Tensor],
-                      grads: list[torch.Tensor | None], scratch: list[torch.Tensor | None],
-                      tx: GradientTransformation) -> Any:
-    """One step of a lowered clip + SGD group, dispatching on the two supported layouts."""
-    name, kwargs = plan
-    if name == "clipped_sgd":  # InjectHyperparamsState(inner=(rule, [trace,] scale))
-        from .clipping import _RULE_ALIASES, _clip_rule
-
-        hp = state.hyperparams
-        level = hp["level"].item() if "level" in hp else None
-        rule = _RULE_ALIASES.get(kwargs["rule"], kwargs["rule"])
-        rule_tx = _clip_rule(rule, level, kwargs["q"], kwargs["beta"], _clipped_power(rule, kwargs["power"]),
-                             kwargs["history"], kwargs["method"], kwargs["seed"])
-        members = state.inner_state
-        trace_state = members[1] if len(members) == 3 else None
-        rule_state, trace_state = _clip_sgd_step(
-            rule_tx, members[0], hp["lr"].item(), hp["momentum"].item(), trace_state, ps, grads, scratch)
-        new_members = (rule_state, trace_state, members[2]) if len(members) == 3 else (rule_state, members[1])
-        return state._replace(count=state.count + 1, inner_state=new_members)
-    # chain(rule, sgd): (rule_state, InjectHyperparamsState(inner=([trace,] scale)))
-    rule_tx = _marker(tx, "__gx_chain_members__")[0]
-    sgd_state = state[1]
-    hp = sgd_state.hyperparams
-    members = sgd_state.inner_state
-    trace_state = members[0] if len(members) == 2 else None
-    rule_state, trace_state = _clip_sgd_step(
-        rule_tx, state[0], hp["lr"].item(), hp["momentum"].item(), trace_state, ps, grads, scratch)
-    new_members = (trace_state, members[1]) if len(members) == 2 else members
-    return (rule_state, sgd_state._replace(count=sgd_state.count + 1, inner_state=new_members))
-
-
-def _clip_sgd_step(rule_tx: GradientTransformation, rule_state: Any, lr: float, mu: float, trace_state: Any,
-                   ps: list[torch.Tensor], grads: list[torch.Tensor | None],
-                   scratch: list[torch.Tensor | None]) -> tuple[Any, Any]:
-    """Clip with ``rule_tx`` and take an SGD (momentum) step, the clip folded into one fused pass.
-
-    For a rule that scales all leaves by one factor (norm, AutoClip and random rules), the rule's
-    own transform runs on a single proxy leaf holding the global norm: its output divided by the
-    norm is the factor, and its state (AutoClip history, seeded counter, stats) advances exactly
-    as on the full tree. A per-leaf rule gets one proxy leaf per param; an elementwise clamp
-    writes into a kept scratch buffer. Then one pass of torch's fused SGD kernel does
-    ``b <- mu b + f g; p <- p - lr b``, the factor entering as its dampening ``1 - f`` (``b_1 =
-    f g_1``: the buffer starts at zero, so ``is_first_step`` stays False); without momentum the
-    factor goes into the lr. The clipped gradient is never materialised and ``.grad`` is not
-    written. Returns the new rule state and trace state (updated in place).
-    """
-    kind, level = _marker(rule_tx, "__gx_factor_rule__")
-    live = [i for i, g in enumerate(grads) if g is not None]
-    g_live = [grads[i] for i in live]
-    if kind == "global":
-        norms = [_tree.global_norm(g_live).reshape(1)]
-        out, rule_state = rule_tx.update(norms, rule_state, None)
-        factor = float(torch.where(norms[0] > 0, out[0] / norms[0], torch.ones_like(norms[0])))
-        inputs, alphas = g_live, [factor] * len(live)
-    elif kind == "leaf":
-        norms = [n.reshape(1).to(torch.promote_types(n.dtype, torch.float32)) for n in torch._foreach_norm(g_live)]
-        proxy: list[torch.Tensor | None] = [None] * len(grads)
-        for j, i in enumerate(live):
-            proxy[i] = norms[j]
-        out, rule_state = rule_tx.update(proxy, rule_state, None)
-        alphas = [float(torch.where(n > 0, out[i] / n, torch.ones_like(n))) for i, n in zip(live, norms)]
-        inputs = g_live
-    else:  # an elementwise clamp has no factor: clamp into the kept scratch
-        inputs = []
-        for i in live:
-            if scratch[i] is None:
-                scratch[i] = torch.empty_like(grads[i])
-            torch.clamp(grads[i], -level, level, out=scratch[i])
-            inputs.append(scratch[i])
-        alphas = [1.0] * len(live)
-    targets = [ps[i] for i in live]
-    runs = [(list(range(len(live))), alphas[0])] if len(set(alphas)) == 1 else [([j], a) for j, a in enumerate(alphas)]
-    if trace_state is not None:
-        counts = [trace_state.count[i] for i in live]
-        torch._foreach_add_(counts, 1)
-        bufs = [trace_state.trace[i] for i in live]
-        for js, a in runs:
-            torch._fused_sgd_([targets[j] for j in js], [inputs[j] for j in js], [bufs[j] for j in js],
-                              weight_decay=0.0, momentum=mu, lr=lr, dampening=1.0 - a, nesterov=False,
-                              maximize=False, is_first_step=False)
-    else:
-        for js, a in runs:
-            torch._fused_sgd_([targets[j] for j in js], [inputs[j] for j in js], [], weight_decay=0.0,
-                              momentum=0.0, lr=lr * a, dampening=0.0, nesterov=False, maximize=False,
-                              is_first_step=False)
-    return rule_state, trace_state
-
-
-def _clipped_power(rule: str, power: Any) -> Any:
-    if rule.startswith("linear_rand"):
-        return 1
-    if rule.startswith("quadratic_rand"):
-        return 2
-    return power
-
-
-def _is_per_param(node: Any, n: int) -> bool:
-    return (
-        isinstance(node, list)
-        and len(node) == n
-        and n > 0
-        and all(x is None or isinstance(x, torch.Tensor) for x in node)
-    )
-
-
-def _split_state(state: Any, n: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Per-param buffers (lists mirroring the group's params) and the other tensors, by path."""
-    per_param: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
-    shared: dict[str, torch.Tensor] = {}
-
-    def walk(node: Any, path: str) -> None:
-        if _is_per_param(node, n):
-            for i, x in enumerate(node):
-                if x is not None:
-                    per_param[i][path] = x
-        elif isinstance(node, torch.Tensor):
-            shared[path] = node
-        else:
-            for key, child in _children(node):
-                walk(child, f"{path}.{key}" if path else key)
-
-    walk(state, "")
-    return per_param, shared
-
-
-def _merge_state(template: Any, n: int, per_param: list[dict[str, torch.Tensor]], shared: dict[str, torch.Tensor],
-                 where: str) -> Any:
-    """Rebuild a state shaped like ``template`` from the tensors of `_split_state`."""
-
-    def load(saved: torch.Tensor | None, like: torch.Tensor, path: str, owner: str) -> torch.Tensor:
-        if saved is None:
-            raise KeyError(f"{where}: the saved state has no tensor '{path}' for {owner}; was it saved from an "
-                           "optimizer with the same transform?")
-        if saved.shape != like.shape:
-            raise ValueError(f"{where}: saved tensor '{path}' for {owner} has shape {tuple(saved.shape)}, "
-                             f"expected {tuple(like.shape)}")
-        return saved.detach().to(device=like.device, dtype=saved.dtype, copy=True)
-
-    def walk(node: Any, path: str) -> Any:
-        if _is_per_param(node, n):
-            return [None if x is None else load(per_param[i].get(path), x, path, f"param {i}")
-                    for i, x in enumerate(node)]
-        if isinstance(node, torch.Tensor):
-            return load(shared.get(path), node, path, "the group")
-        kids = _children(node)
-        if not kids:
-            return node
-        new = [walk(child, f"{path}.{key}" if path else key) for key, child in kids]
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return type(node)(*new)
-        if isinstance(node, (tuple, list)):
-            return type(node)(new)
-        return dict(zip(node.keys(), new))
-
-    return walk(template, "")
-
-
 class Optimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a `gradxform.GradientTransformation`.
 
+    Each step passes the group's gradients through ``tx`` (its owned update: the adapter owns the
+    state) and adds the updates to the params in place; the state lives in ``opt.state`` (see the
+    module docstring for the layout), so torch's tooling sees it.
+
     Args:
         params: an iterable of tensors or of param-group dicts, as for any torch optimizer. A group
-            dict may carry its own transform under ``"tx"`` and hyperparameter overrides such as
-            ``"lr"``.
+            dict may carry its own transform under ``"tx"``, hyperparameter overrides (``"lr"``,
+            a tensor lr of shape ``()`` or ``(1,)`` too), alias options (``"maximize"``,
+            ``"amsgrad"``, ``"nesterov"``) and torch's ``"foreach"``, ``"fused"``,
+            ``"capturable"``, ``"differentiable"``.
         tx: the transform for groups that bring none. Its injected hyperparameters (see
             `gradxform.inject_hyperparams`; all aliases have them) become the defaults.
-        fused: run a group whose transform is exactly ``gx.adam`` / ``gx.adamw`` with constant
-            hyperparameters (the learning rate may still be changed through ``group["lr"]``,
-            e.g. by a scheduler) on torch's fused kernel, one pass over memory, as
-            ``torch.optim.AdamW(fused=True)``. ``None`` (default): when the params' device and
-            dtype allow it; ``False``: never (the generic ``torch._foreach_*`` path, which
-            rounds as ``torch.optim.AdamW(foreach=True)``); ``True``: require it. The state is
-            the same either way.
+        fused: ``None`` (default): take a declared fast path (`gradxform.fastpath`) where every
+            precondition holds; ``False``: never (the generic path, which rounds as
+            ``torch.optim``'s ``foreach=True``); ``True``: require it. A group's ``"fused"`` key
+            overrides it.
+
+    Raises:
+        TypeError: ``tx`` is not a transform.
+        ValueError: ``capturable=True`` or ``differentiable=True`` (not supported: use the
+            functional API with `gradxform.tree.differentiable` for hypergradients).
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.adamw(1e-3))
+        >>> loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
+        >>> sorted(opt.state[model.weight])
+        ['exp_avg', 'exp_avg_sq', 'step']
 
     ``step(closure=None, **extra_args)`` forwards extra keyword arguments to ``tx.update``. A
     per-param extra (``sum_grad_squared``) is given as a `gradxform.PerParam` (what
@@ -474,202 +269,352 @@ class Optimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], tx: GradientTransformation, *, fused: bool | None = None) -> None:
         if not (isinstance(tx, tuple) and len(tx) == 2 and callable(tx[0]) and callable(tx[1])):
             raise TypeError(f"gradxform.Optimizer needs a GradientTransformation as tx; got {tx!r}")
-        self._gx_states: dict[int, Any] = {}
-        self._fused = fused
-        self._gx_scratch: dict[int, list[torch.Tensor | None]] = {}
+        tx = tx if isinstance(tx, GradientTransformation) else GradientTransformation(*tx)
+        self.transforms: list[GradientTransformation] = [tx]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         if params and isinstance(params[0], dict):
-            # materialise every group's params once (they may be generators)
             params = [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
                       for g in params]
             first = params[0]["params"]
         else:
             first = params
-        tx = GradientTransformation(*tx)
-        defaults = {"tx": tx, **_probe_hyperparams(tx, first)}
+        defaults = {**_probe_hyperparams(tx, first), **_options(tx), **_TORCH_OPTIONS, "fused": fused, "tx_index": 0}
+        self._gx_cache: dict[Any, Any] = {}
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "transforms": self.transforms}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._gx_cache = {}
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; a group with its own ``"tx"`` takes its hyperparameter defaults from it."""
-        param_group_keys = set(param_group) if isinstance(param_group, dict) else set()
+        """Add a group; one with its own ``"tx"`` takes its hyperparameter defaults from it."""
         if isinstance(param_group, dict) and "tx" in param_group:
-            own = param_group["tx"]
+            param_group = dict(param_group)
+            own = param_group.pop("tx")
             if not (isinstance(own, tuple) and len(own) == 2):
                 raise TypeError(f"param group 'tx' must be a GradientTransformation; got {own!r}")
-            param_group = dict(param_group)
-            param_group["tx"] = GradientTransformation(*own)
-            own_params = param_group["params"]
-            own_params = [own_params] if isinstance(own_params, torch.Tensor) else list(own_params)
-            param_group["params"] = own_params
-            for k, v in _probe_hyperparams(param_group["tx"], own_params).items():
+            own = own if isinstance(own, GradientTransformation) else GradientTransformation(*own)
+            given = set(param_group)
+            param_group["params"] = ([param_group["params"]] if isinstance(param_group["params"], torch.Tensor)
+                                     else list(param_group["params"]))
+            own_keys = {**_probe_hyperparams(own, param_group["params"]), **_options(own)}
+            for k, v in own_keys.items():
                 param_group.setdefault(k, v)
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group["tx"] is not self.defaults["tx"]:
-            # torch fills every default key; drop hyperparameters only the default tx has
-            own_keys = set(_probe_hyperparams(group["tx"], group["params"]))
-            for k in list(group):
-                if k in self.defaults and k != "tx" and k not in own_keys and k not in param_group_keys:
+            param_group["tx_index"] = self._index_of(own)
+            super().add_param_group(param_group)
+            group = self.param_groups[-1]
+            for k in list(group):  # hyperparameters that only the default transform has
+                if k in self.defaults and k not in own_keys and k not in given and k not in _TORCH_OPTIONS \
+                        and k not in ("fused", "tx_index", "params"):
                     del group[k]
-        group["tx"] = _rebuild_for_group(group["tx"], group)
+            return
+        super().add_param_group(param_group)
 
-    # -- hyperparameters ------------------------------------------------------------------------
+    def _index_of(self, tx: GradientTransformation) -> int:
+        for i, known in enumerate(self.transforms):
+            if known is tx:
+                return i
+        self.transforms.append(tx)
+        return len(self.transforms) - 1
+
+    def _tx(self, group: dict[str, Any]) -> GradientTransformation:
+        if "tx" in group:  # put back by a wrapper that copies group keys (ZeroRedundancyOptimizer)
+            group["tx_index"] = self._index_of(group.pop("tx"))
+        base = self.transforms[group.get("tx_index", 0)]
+        key = (id(base),) + tuple(sorted((k, repr(group[k])) for k in _options(base) if k in group))
+        key += tuple((k, group[k] == 0) for k in ("momentum", "weight_decay") if isinstance(group.get(k), (int, float)))
+        tx = self._gx_cache.get(key)
+        if tx is None:
+            tx = self._gx_cache[key] = _for_group(base, group)
+        return tx
+
+    # -- state: opt.state <-> the transform's pytree --------------------------------------------
+
+    def _layout_for(self, tx: GradientTransformation, ps: list[torch.Tensor]) -> _Layout:
+        key = ("layout", id(tx), len(ps))
+        layout = self._gx_cache.get(key)
+        if layout is None:
+            try:
+                template = tx.init([None] * len(ps))
+            except Exception:  # noqa: BLE001 - an init that needs real params
+                logger.debug("tx.init on frozen leaves failed; laying out the state from the params", exc_info=True)
+                template = tx.init([p.detach() for p in ps])
+            layout = self._gx_cache[key] = _layout(template, len(ps))
+        return layout
+
+    def _gather(self, tx: GradientTransformation, params: list[torch.Tensor], ps: list[torch.Tensor],
+                live: list[bool], gi: int) -> Any:
+        """The transform state of a group, read from ``opt.state``; params without state that
+        have a gradient now get their initial state, the others ``None`` (frozen)."""
+        layout = self._layout_for(tx, ps)
+        per_param_keys = {key for i, key in layout.records if i is not None}
+        stored = [self.state.get(p) or {} for p in params]
+        has = [any(k in d for k in per_param_keys) for d in stored]
+        shared = stored[0]
+        need = [live[i] and not has[i] for i in range(len(params))]
+        fresh: list[Any] = []
+        if any(need) or not layout.shared <= shared.keys():
+            init = tx.init([p.detach() if need[i] else None for i, p in enumerate(ps)])
+            fresh = optree.tree_flatten(init, none_is_leaf=True)[0]
+        leaves = []
+        for j, (i, key) in enumerate(layout.records):
+            if i is None:
+                leaves.append(shared[key] if key in shared else fresh[j] if key in layout.shared else None)
+            elif need[i]:
+                leaves.append(fresh[j])
+            elif not has[i]:
+                leaves.append(None)
+            else:
+                t = stored[i].get(key)
+                if t is None:
+                    if key != "step":
+                        raise KeyError(f"group {gi}: the state of param {i} has no '{key}' (it has "
+                                       f"{sorted(stored[i])}); was it saved from an optimizer with this transform?")
+                    t = torch.ones((), dtype=torch.int64)  # a torch.optim.SGD state has no count: stepped before
+                elif key == "step" and t.is_floating_point():
+                    t = t.to(torch.int64)  # torch.optim's float step
+                if t.is_complex():
+                    t = torch.view_as_real(t)
+                leaves.append(t)
+        return optree.tree_unflatten(layout.spec, leaves)
+
+    def _scatter(self, tx: GradientTransformation, params: list[torch.Tensor], ps: list[torch.Tensor],
+                 new_state: Any, gi: int) -> None:
+        layout = self._layout_for(tx, ps)
+        leaves, spec = optree.tree_flatten(new_state, none_is_leaf=True)
+        if spec != layout.spec:
+            raise ValueError(f"the transform of group {gi} returned a state of another structure than its init "
+                             f"gives: {spec} vs {layout.spec}")
+        for (i, key), leaf in zip(layout.records, leaves):
+            if leaf is None:
+                continue
+            p = params[0] if i is None else params[i]
+            if i is not None and p.is_complex() and leaf.shape == ps[i].shape:
+                leaf = torch.view_as_complex(leaf)
+            self.state[p][key] = leaf
+
+    @_eager_only
+    def _read(self, group: dict[str, Any], gi: int, live: list[bool]) -> tuple[GradientTransformation, Any]:
+        tx = self._tx(group)
+        params = group["params"]
+        ps = [_real(p) for p in params]
+        state = self._gather(tx, params, ps, live, gi)
+        self._sync_in(state, group, gi)
+        return tx, state
+
+    @_eager_only
+    def _write(self, group: dict[str, Any], gi: int, tx: GradientTransformation, state: Any) -> None:
+        params = group["params"]
+        self._scatter(tx, params, [_real(p) for p in params], state, gi)
+        for name, value in _hyperparam_values(state).items():
+            if not isinstance(group.get(name), torch.Tensor):
+                group[name] = value
 
     @staticmethod
-    @_eager_only
-    def _sync_in(state: Any, group: dict[str, Any]) -> None:
+    def _sync_in(state: Any, group: dict[str, Any], gi: int) -> None:
         for inj in _find_injected(state):
             for name, t in inj.hyperparams.items():
-                if name in group:
-                    value = group[name]
-                    if isinstance(value, torch.Tensor):
-                        t.copy_(value.detach().reshape(t.shape))
-                    elif t.ndim == 1:
-                        t.copy_(torch.tensor([float(v) for v in value], dtype=t.dtype))
-                    else:
-                        t.fill_(float(value))
-
-    @staticmethod
-    @_eager_only
-    def _sync_out(state: Any, group: dict[str, Any]) -> None:
-        for name, value in _hyperparam_values(state).items():
-            current = group.get(name)
-            if isinstance(current, torch.Tensor):
-                continue
-            group[name] = value
+                if name not in group:
+                    continue
+                value = group[name]
+                if isinstance(value, torch.Tensor):
+                    if value.numel() != t.numel():
+                        raise ValueError(f"group {gi}: '{name}' is a tensor of shape {tuple(value.shape)}; give a "
+                                         f"number or a tensor of {t.numel()} element(s) (shape () or (1,) for one)")
+                    t.copy_(value.detach().reshape(t.shape))
+                elif t.ndim == 1:
+                    t.copy_(torch.tensor([float(v) for v in value], dtype=t.dtype))
+                else:
+                    t.fill_(float(value))
 
     # -- the step -------------------------------------------------------------------------------
 
-    def _fused_plan(self, group: dict[str, Any], ps: list[torch.Tensor]) -> _FusedPlan | None:
-        # Under torch.compile (``torch.compile(opt.step)``) the generic path runs: inductor fuses
-        # its foreach ops itself, while the lowered steps read hyperparameters on the host and
-        # hand torch's fused kernels tensors that functionalisation rejects.
-        if self._fused is False or _tree.is_compiling():
-            return None
-        plan = _fused_plan(group["tx"])
-        ok = plan is not None and _fused_supported(ps)
-        if self._fused is True and not ok:
-            raise ValueError("fused=True needs a group transform that is exactly gx.adam or gx.adamw with constant "
-                             "hyperparameters (optionally after gx.clip_by_global_norm), and float params on CPU "
-                             "or CUDA")
-        return plan if ok else None
-
-    def _init_group_state(self, group: dict[str, Any]) -> Any:
-        return group["tx"].init([_real(p.detach()) for p in group["params"]])
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, **extra_args: Any) -> Any:  # type: ignore[override]
-        """Run one update of every group's transform and add it to the params in place."""
+        """Run one update of every group's transform and add it to the params in place.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as for any torch optimizer).
+            **extra_args: extra arguments of the transforms (``losses=...``,
+                ``sum_grad_squared=...``), given to every group.
+
+        Returns:
+            The closure's loss, or ``None``.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
+            for opt in ("capturable", "differentiable"):
+                if group.get(opt):
+                    raise ValueError(f"group {gi}: {opt}=True is not supported by gradxform.Optimizer (use the "
+                                     "functional API; gradxform.tree.differentiable gives hypergradients)")
             params = group["params"]
-            grads: list[torch.Tensor | None] = []
-            for i, p in enumerate(params):
-                g = p.grad
-                if g is not None and g.is_sparse:
-                    raise RuntimeError(f"param {i} of group {gi} has a sparse gradient; gradxform supports dense ones only")
-                grads.append(None if g is None else _real(g))
+            grads = [None if p.grad is None else _real(p.grad) for p in params]
             if all(g is None for g in grads):
                 continue
+            tx, state = self._read(group, gi, [g is not None for g in grads])
             ps = [_real(p) for p in params]
-            state = self._gx_states.get(gi)
-            if state is None:
-                state = self._init_group_state(group)
-            self._sync_in(state, group)
-            plan = self._fused_plan(group, ps)
-            group_extra = _group_extras(extra_args, params)
-            if plan is not None and not extra_args:
-                scratch = self._gx_scratch.setdefault(gi, [None] * len(ps))
-                self._gx_states[gi] = _fused_adam_step(plan, state, ps, grads, scratch)
-                continue
-            sgd = _sgd_plan(group["tx"]) if self._fused is not False and not _tree.is_compiling() else None
-            if sgd is not None and not extra_args and all(p.device.type == "cpu" and not _tree.is_dtensor(p) for p in ps):
-                scratch = self._gx_scratch.setdefault(gi, [None] * len(ps))
-                self._gx_states[gi] = _sgd_lowered_step(sgd, state, ps, grads, scratch, group["tx"])
-                continue
-            protected = [g for g in grads if g is not None]
-            with _tree.owned_buffers(protected):
-                updates, state = group["tx"].update(grads, state, ps, **group_extra)
-            if not isinstance(updates, list) or len(updates) != len(ps):
-                raise TypeError(f"the transform of group {gi} returned {type(updates).__name__} updates; expected a "
-                                f"list of {len(ps)} tensors (or None) mirroring the params")
-            idx = [i for i, u in enumerate(updates) if u is not None]
-            if idx:
-                targets = [ps[i] for i in idx]
-                deltas = [updates[i] if updates[i].dtype == ps[i].dtype else updates[i].to(ps[i].dtype) for i in idx]
-                torch._foreach_add_(targets, deltas)
-            self._gx_states[gi] = state
-            self._sync_out(state, group)
+            maximize = bool(group.get("maximize", False)) and "maximize" not in _options(tx)
+            if maximize:
+                grads = [None if g is None else -g for g in grads]
+            sparse = [i for i, g in enumerate(grads) if g is not None and g.layout is not torch.strided]
+            fused = group.get("fused")
+            lowering = None if fused is False or extra_args else _fastpath.lowering_of(tx)
+            why = "no fused lowering declared" if lowering is None else lowering.unsupported(ps, grads, state)
+            if why is None:
+                scratch = self._gx_cache.setdefault(("scratch", tuple(id(p) for p in params)), [None] * len(params))
+                state = lowering.step(ps, grads, state, scratch)  # type: ignore[union-attr]
+            elif fused is True:
+                raise ValueError(f"group {gi}: fused=True, but this step cannot take a fused kernel: {why}")
+            elif sparse:
+                raise RuntimeError(f"param {sparse[0]} of group {gi} has a sparse gradient: only gx.sgd takes sparse "
+                                   f"gradients (as torch.optim.SGD; here: {why}); use dense gradients (e.g. "
+                                   "nn.Embedding(sparse=False))")
+            else:
+                state = self._generic_step(tx, group, gi, ps, grads, state, extra_args)
+            self._write(group, gi, tx, state)
         return loss
 
-    # -- checkpoints ----------------------------------------------------------------------------
+    def _generic_step(self, tx: GradientTransformation, group: dict[str, Any], gi: int, ps: list[torch.Tensor],
+                      grads: list[torch.Tensor | None], state: Any, extra_args: dict[str, Any]) -> Any:
+        user = [p.grad for p in group["params"] if p.grad is not None]
+        own = Ownership(state=True, protected=frozenset(id(g) for g in user + [g for g in grads if g is not None]),
+                        updates=True)
+        updates, state = call_update(tx, grads, state, ps, own, **_group_extras(extra_args, group["params"]))
+        if not isinstance(updates, list) or len(updates) != len(ps):
+            raise TypeError(f"the transform of group {gi} returned {type(updates).__name__} updates; expected a "
+                            f"list of {len(ps)} tensors (or None) mirroring the params")
+        idx = [i for i, u in enumerate(updates) if u is not None]
+        if idx:
+            deltas = [updates[i] if updates[i].dtype == ps[i].dtype else updates[i].to(ps[i].dtype) for i in idx]
+            torch._foreach_add_([ps[i] for i in idx], deltas)
+        return state
 
-    def init_state(self) -> None:
-        """Create the state of every group that has none yet (what its first step would start
-        from), without taking a step: a fresh optimizer then has a full `state_dict`, the
-        template that ``torch.distributed.checkpoint.load`` fills in place."""
-        for gi, group in enumerate(self.param_groups):
-            if gi not in self._gx_states:
-                self._gx_states[gi] = self._init_group_state(group)
-                self._sync_in(self._gx_states[gi], group)
+    # -- reading and loading ----------------------------------------------------------------------
 
     def tx_state(self, group_index: int = 0) -> Any:
-        """The transform state of a param group (``None`` before its first step)."""
-        return self._gx_states.get(group_index)
+        """The transform state of a param group, read from ``opt.state`` (its initial state for
+        params that have none yet).
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """torch's layout: ``{"state": {index: {path: tensor}}, "param_groups": [...]}``."""
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        groups = []
-        start = 0
+        Args:
+            group_index: which param group.
+
+        Returns:
+            The state pytree, as ``tx.init`` / ``tx.update`` make it.
+        """
+        group = self.param_groups[group_index]
+        return self._read(group, group_index, [True] * len(group["params"]))[1]
+
+    def init_state(self) -> None:
+        """Create the state of every param that has none (what its first step would start from),
+        without taking a step: a fresh optimizer then has a full ``state_dict``, the template
+        that ``torch.distributed.checkpoint`` fills in place."""
         for gi, group in enumerate(self.param_groups):
-            n = len(group["params"])
-            ids = list(range(start, start + n))
-            start += n
-            packed = {k: v for k, v in group.items() if k not in _RESERVED}
-            packed["params"] = ids
-            packed["gradxform_format"] = FORMAT_VERSION
-            st = self._gx_states.get(gi)
-            if st is not None:
-                per_param, shared = _split_state(st, n)
-                packed["tx_state"] = shared
-                for pid, d in zip(ids, per_param):
-                    if d:
-                        state[pid] = d
-            groups.append(packed)
-        return {"state": state, "param_groups": groups}
+            tx, state = self._read(group, gi, [True] * len(group["params"]))
+            self._write(group, gi, tx, state)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Restore what `state_dict` saved; the groups must hold the same number of params."""
-        saved_groups = state_dict["param_groups"]
-        for gi, saved in enumerate(saved_groups):
-            version = saved.get("gradxform_format")
-            if version is None:
-                raise ValueError(f"param group {gi} of the loaded state dict has no 'gradxform_format': it was not saved "
-                                 "by gradxform.Optimizer (a torch.optim state dict names its buffers differently; "
-                                 "see the torch.optim migration page)")
-            if version > FORMAT_VERSION:
-                raise ValueError(f"the loaded state dict has format version {version}; this gradxform reads versions up "
-                                 f"to {FORMAT_VERSION}: it was saved by a newer gradxform, upgrade to load it")
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict`` (hooks, ids, casting of floating state to the params'
+        dtype and device) with two differences: integer state (step counts) and the group's shared
+        entries are kept as saved (not cast to a float param's dtype), and each group keeps its
+        transform (``tx_index``), also when a ``torch.optim`` state dict is loaded."""
+        kept = [g.get("tx_index", 0) for g in self.param_groups]
+        state_dict = self._upgrade(state_dict)
+        self._check_loadable(state_dict)
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        current = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, current):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if isinstance(value, torch.Tensor) and (key.startswith(_SHARED) or not (
+                        value.is_floating_point() or value.is_complex())):
+                    self.state[p][key] = value.clone()
+        for g, index in zip(self.param_groups, kept):
+            g["tx_index"] = index
+            g.setdefault("fused", self.defaults.get("fused"))
+
+
+    def _upgrade(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A state dict of gradxform 0.1's adapter (buffers keyed by dotted path, the group's other
+        tensors under ``param_groups[i]["tx_state"]``) in this layout."""
+        groups = state_dict.get("param_groups", [])
+        if not any("tx_state" in g for g in groups) or len(groups) != len(self.param_groups):
+            return state_dict
+        state = {pid: dict(v) for pid, v in state_dict["state"].items()}
+        new_groups = []
+        for group, saved in zip(self.param_groups, groups):
+            saved = dict(saved)
+            old_shared = saved.pop("tx_state", {})
+            saved.pop("gradxform_format", None)
+            layout = self._layout_for(self._tx(group), [_real(p) for p in group["params"]])
+            for (i, key), path in zip(layout.records, layout.paths):
+                if i is None and path in old_shared and saved["params"]:
+                    state.setdefault(saved["params"][0], {})[key] = old_shared[path]
+                elif i is not None and i < len(saved["params"]):
+                    entries = state.get(saved["params"][i], {})
+                    if path in entries:
+                        entries[key] = entries.pop(path)
+            new_groups.append(saved)
+        return {**state_dict, "state": state, "param_groups": new_groups}
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Before anything is loaded: each param's saved entries must be the buffers the group's
+        transform keeps for it (torch's names included), with the shapes it gives that param
+        (found from an init on meta tensors: no allocation). A torch.optim.SGD state has no
+        ``step``: it is taken as 1 (the param was stepped before)."""
+        saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups; this optimizer has "
-                             f"{len(self.param_groups)}")
+            return  # torch's load_state_dict says so
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"group {gi}: the loaded state dict has {len(saved['params'])} params, this "
-                                 f"optimizer's group has {len(group['params'])}")
-        new_states: dict[int, Any] = {}
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if "tx_state" in saved:
-                n = len(group["params"])
-                per_param = [state_dict["state"].get(pid, {}) for pid in saved["params"]]
-                template = self._init_group_state(group)
-                new_states[gi] = _merge_state(template, n, per_param, saved["tx_state"], f"group {gi}")
-        for group, saved in zip(self.param_groups, saved_groups):
-            for k, v in saved.items():
-                if k not in _RESERVED:
-                    group[k] = v
-        self._gx_states = new_states
+            params = group["params"]
+            if len(saved["params"]) != len(params):
+                return
+            tx = self._tx(group)
+            try:
+                template = tx.init([torch.empty_like(_real(p), device="meta") for p in params])
+            except Exception:  # noqa: BLE001 - a transform whose init needs real values: torch's checks only
+                logger.debug("meta init failed; not checking the loaded state", exc_info=True)
+                continue
+            leaves = optree.tree_flatten(template, none_is_leaf=True)[0]
+            records = self._layout_for(tx, [_real(p) for p in params]).records
+            shared = {key for i, key in records if i is None}
+            expect: list[dict[str, torch.Tensor]] = [{} for _ in params]
+            for (i, key), like in zip(records, leaves):
+                if i is not None and like is not None:
+                    expect[i][key] = like
+            for i, pid in enumerate(saved["params"]):
+                entries = state_dict["state"].get(pid, {})
+                own = {k for k in entries if k not in shared}
+                if not own:
+                    continue
+                unknown, missing = own - expect[i].keys(), expect[i].keys() - own - {"step"}
+                if unknown or missing:
+                    raise ValueError(f"group {gi}: the loaded state of param {i} has {sorted(own)}; this transform keeps "
+                                     f"{sorted(expect[i])} (unknown {sorted(unknown)}, missing {sorted(missing)}): was it "
+                                     "saved from an optimizer with this transform?")
+                for key, like in expect[i].items():
+                    value = entries.get(key)
+                    if isinstance(value, torch.Tensor):
+                        shape = value.shape + ((2,) if value.is_complex() else ())
+                        if shape != like.shape:
+                            raise ValueError(f"group {gi}: the loaded '{key}' of param {i} has shape {tuple(shape)}, "
+                                             f"the param needs {tuple(like.shape)}: was the state dict saved for this "
+                                             "model?")
+
+
+def _group_extras(extra: dict[str, Any], params: list[torch.Tensor]) -> dict[str, Any]:
+    """Per-param extras (a mapping from params, e.g. `gradxform.PerParam`) become the group's
+    list, ``None`` for params without an entry; other extras pass unchanged."""
+    out = {}
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and not isinstance(v, dict):
+            vals = [v.get(p) for p in params]
+            out[k] = [None if x is None else _real(x) for x in vals]
+        else:
+            out[k] = v
+    return out

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import tree as _tree
-from .base import GradientTransformation, Params, Updates
+from .base import GradientTransformation, Params, Updates, recorded
 from .combine import _forwarding
 
 __all__ = ["upcast"]
@@ -30,6 +30,7 @@ def _up(tree: Any, dtype: torch.dtype) -> Any:
     return _tree.tree_map(cast, tree)
 
 
+@recorded
 def upcast(inner: GradientTransformation, dtype: torch.dtype = torch.float32) -> GradientTransformation:
     """Run ``inner`` in ``dtype`` (float32 by default) whatever the params' dtype.
 

@@ -24,9 +24,9 @@ import torch
 
 from . import _foreach as _fe
 from . import tree as _tree
-from .base import GradientTransformation, Params, Updates, expect_state
+from .base import GradientTransformation, Ownership, Params, Updates, call_update, expect_state, owned_transform, recorded
 from .clipping import clip_leaves
-from .combine import _forwarding
+from .combine import _forwarding_transform
 from .transforms import _Flat, check_float, to_float
 
 __all__ = [
@@ -109,6 +109,7 @@ def _positive_int(name: str, value: Any, low: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
 
 
+@recorded
 def clipped_sstm(
     a: float | torch.Tensor,
     L: float | torch.Tensor,
@@ -191,7 +192,8 @@ def clipped_sstm(
         return ClippedSSTMState(torch.zeros((), dtype=torch.int64), zero, _tree.tree_clone(params),
                                 _tree.tree_clone(params), zero.clone(), zero.clone())
 
-    def update(updates: Updates, state: ClippedSSTMState, params: Params | None = None) -> tuple[Updates, ClippedSSTMState]:
+    def owned_update(updates: Updates, state: ClippedSSTMState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ClippedSSTMState]:
         expect_state(state, ClippedSSTMState, "clipped_sstm")
         flat = _Flat(updates)
         if not flat.live:
@@ -208,7 +210,7 @@ def clipped_sstm(
         alpha = c * (k + index_offset) ** power  # alpha_{k+1}
         A_next = A + alpha  # A_{k+1}
         lam = B_ / alpha
-        inplace = _tree.state_inplace()
+        inplace = own.state
         clipped = clip_leaves(clip, flat.live, lam)
         z = _axpy(z, clipped, -alpha, inplace)  # z_{k+1}
         y = _combine(y, A, z, alpha, inplace)  # A_k y_k + alpha_{k+1} z_{k+1} ...
@@ -231,7 +233,7 @@ def clipped_sstm(
         )
         return flat.rebuild(x), new_state
 
-    return GradientTransformation(init, update)
+    return owned_transform(init, owned_update)
 
 
 # --- restarts -----------------------------------------------------------------------------------
@@ -253,6 +255,7 @@ class RestartsState(NamedTuple):
     restarts: torch.Tensor
 
 
+@recorded
 def with_restarts(
     inner: GradientTransformation,
     first_period: int = 100,
@@ -293,18 +296,19 @@ def with_restarts(
         zero = torch.zeros((), dtype=torch.int64)
         return RestartsState(inner.init(params), _tree.tree_zeros_like(params), zero, torch.tensor(first_period, dtype=torch.int64), zero.clone())
 
-    def update(updates: Updates, state: RestartsState, params: Params | None = None, **extra: Any) -> tuple[Updates, RestartsState]:
+    def owned_update(updates: Updates, state: RestartsState, params: Params | None, own: Ownership,
+                     **extra: Any) -> tuple[Updates, RestartsState]:
         expect_state(state, RestartsState, "with_restarts")
         if params is None:
             raise ValueError("with_restarts needs params to average the iterates: call update(updates, state, params)")
-        new_u, new_inner = inner.update(updates, state.inner_state, params, **extra)
+        new_u, new_inner = call_update(inner, updates, state.inner_state, params, own, **extra)
         p_leaves, spec = _tree.tree_flatten(params)
         u_leaves = _tree.check_structure(spec, new_u, "inner output", against="params", reference=params)
         s_leaves = _tree.check_structure(spec, state.running_sum, "state.running_sum", against="params", reference=params)
         idx = [i for i, pl in enumerate(p_leaves) if pl is not None and s_leaves[i] is not None]
         ps = [p_leaves[i] for i in idx]
         xs = [pl if u_leaves[i] is None else pl + u_leaves[i].to(pl.dtype) for i, pl in zip(idx, ps)]
-        inplace = _tree.state_inplace()
+        inplace = own.state
         sums = [s_leaves[i] for i in idx]
         if inplace:
             _fe.add_(sums, xs)
@@ -354,4 +358,4 @@ def with_restarts(
             state.restarts + restart.to(torch.int64),
         )
 
-    return GradientTransformation(init, _forwarding(update, inner))
+    return _forwarding_transform(init, owned_update, inner)

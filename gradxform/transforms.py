@@ -10,13 +10,15 @@ compiling, so a changed value does not recompile). All leaf arithmetic runs as
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
 from . import _foreach as _fe
 from . import tree as _tree
-from .base import GradientTransformation, Params, Updates, expect_state, stateless
+from .base import PURE, GradientTransformation, Ownership, Params, Updates, declare, expect_state, owned_transform, recorded, stateless
+from .fastpath import ClipFactor
 
 __all__ = [
     "ScalarOrSchedule",
@@ -158,16 +160,17 @@ def _schedule_value(schedule: Callable[[Any], Any], count: torch.Tensor) -> Any:
 # --- scaling ------------------------------------------------------------------------------------
 
 
+@recorded
 def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     """Multiply every update by a constant: ``u <- step_size * u``."""
     check_float("step_size", step_size)
 
-    def update_fn(updates: Updates, params: Params | None) -> Updates:
+    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
         flat = _Flat(updates)
         if not flat.live:
             return updates
         s = _tree.as_scalar(step_size)
-        return flat.rebuild(_mul(flat.live, s, _tree.updates_inplace(flat.live)))
+        return flat.rebuild(_mul(flat.live, s, own.may_write(flat.live)))
 
     return stateless(update_fn)
 
@@ -178,6 +181,7 @@ class ScaleByScheduleState(NamedTuple):
     count: torch.Tensor
 
 
+@recorded
 def scale_by_schedule(step_size_fn: Callable[[Any], Any]) -> GradientTransformation:
     """Scale by a schedule of the step count: ``u <- step_size_fn(count) * u``, ``count`` 0-based."""
     if not callable(step_size_fn):
@@ -187,17 +191,19 @@ def scale_by_schedule(step_size_fn: Callable[[Any], Any]) -> GradientTransformat
         del params
         return ScaleByScheduleState(_zero_count())
 
-    def update(updates: Updates, state: ScaleByScheduleState, params: Params | None = None) -> tuple[Updates, ScaleByScheduleState]:
+    def owned_update(updates: Updates, state: ScaleByScheduleState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByScheduleState]:
         del params
         expect_state(state, ScaleByScheduleState, "scale_by_schedule")
         flat = _Flat(updates)
         s = _schedule_value(step_size_fn, state.count)
-        new = _mul(flat.live, s, _tree.updates_inplace(flat.live)) if flat.live else []
+        new = _mul(flat.live, s, own.may_write(flat.live)) if flat.live else []
         return flat.rebuild(new), ScaleByScheduleState(state.count + 1)
 
-    return GradientTransformation(init, update)
+    return owned_transform(init, owned_update)
 
 
+@recorded
 def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True) -> GradientTransformation:
     """``u <- -lr * u`` (``+lr * u`` with ``flip_sign=False``); ``lr`` a number, tensor or schedule.
 
@@ -222,6 +228,11 @@ class TraceState(NamedTuple):
     trace: Any
 
 
+# The names `gradxform.Optimizer` gives these per-param buffers in ``opt.state[p]``: torch.optim's,
+# so that a torch.optim.SGD / Adam / AdamW state dict loads into the gradxform twin and back.
+TraceState.torch_state_keys = MappingProxyType({"count": "step", "trace": "momentum_buffer"})  # type: ignore[attr-defined]
+
+
 def _leaf_counts(params: Params) -> Any:
     return _tree.tree_map(lambda p: _zero_count(), params)
 
@@ -235,6 +246,7 @@ def _step_counts(flat: "_Flat", counts_tree: Any, inplace: bool) -> list[torch.T
     return list(_fe.add(old, 1))
 
 
+@recorded
 def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float | torch.Tensor = 0.0) -> GradientTransformation:
     """Heavy-ball momentum with torch.optim.SGD's semantics.
 
@@ -250,13 +262,13 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
     def init(params: Params) -> TraceState:
         return TraceState(_leaf_counts(params), _tree.tree_zeros_like(params))
 
-    def update(updates: Updates, state: TraceState, params: Params | None = None) -> tuple[Updates, TraceState]:
+    def owned_update(updates: Updates, state: TraceState, params: Params | None, own: Ownership) -> tuple[Updates, TraceState]:
         del params
         expect_state(state, TraceState, "trace")
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        inplace = _tree.state_inplace()
+        inplace = own.state
         after = _step_counts(flat, state.count, inplace)
         buf = flat.state_live(state.trace, "state.trace")
         mu, damp = _tree.as_scalar(decay), _tree.as_scalar(dampening)
@@ -285,7 +297,7 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
         new_state = TraceState(flat.rebuild(after, like=state.count), flat.rebuild(buf, like=state.trace))
         return flat.rebuild(out), new_state
 
-    return GradientTransformation(init, update)
+    return owned_transform(init, owned_update)
 
 
 # --- adaptive moments ---------------------------------------------------------------------------
@@ -303,6 +315,7 @@ class ScaleByAdamState(NamedTuple):
     nu_max: Any
 
 
+@recorded
 def scale_by_adam(
     b1: float | torch.Tensor = 0.9,
     b2: float | torch.Tensor = 0.999,
@@ -323,14 +336,15 @@ def scale_by_adam(
         zeros = _tree.tree_zeros_like
         return ScaleByAdamState(_leaf_counts(params), zeros(params), zeros(params), zeros(params) if amsgrad else None)
 
-    def update(updates: Updates, state: ScaleByAdamState, params: Params | None = None) -> tuple[Updates, ScaleByAdamState]:
+    def owned_update(updates: Updates, state: ScaleByAdamState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByAdamState]:
         del params
         expect_state(state, ScaleByAdamState, "scale_by_adam")
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
         beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
-        inplace = _tree.state_inplace()
+        inplace = own.state
         counts = _step_counts(flat, state.count, inplace)
         g = flat.live
         mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, inplace)
@@ -344,7 +358,7 @@ def scale_by_adam(
             else:
                 nu_max = list(_fe.maximum(old_max, nu))
         second = nu_max if amsgrad else nu
-        if _tree.updates_inplace(g):
+        if own.may_write(g):
             # The incoming updates are ours (e.g. a clip's output inside the adapter) and mu, nu
             # have consumed them: their buffers take the denominator, saving an allocation.
             denom = g
@@ -384,7 +398,11 @@ def scale_by_adam(
         )
         return flat.rebuild(out), new_state
 
-    return GradientTransformation(init, update)
+    return owned_transform(init, owned_update)
+
+
+ScaleByAdamState.torch_state_keys = MappingProxyType(  # type: ignore[attr-defined]
+    {"count": "step", "mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"})
 
 
 class ScaleByRmsState(NamedTuple):
@@ -393,6 +411,7 @@ class ScaleByRmsState(NamedTuple):
     nu: Any
 
 
+@recorded
 def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor = 1e-8,
                  initial_scale: float = 0.0) -> GradientTransformation:
     """RMSProp's preconditioning (Tieleman & Hinton, 2012), eps placed as torch.optim.RMSprop.
@@ -405,25 +424,27 @@ def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor =
     def init(params: Params) -> ScaleByRmsState:
         return ScaleByRmsState(_tree.tree_map(lambda p: torch.full_like(p, initial_scale), params))
 
-    def update(updates: Updates, state: ScaleByRmsState, params: Params | None = None) -> tuple[Updates, ScaleByRmsState]:
+    def owned_update(updates: Updates, state: ScaleByRmsState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByRmsState]:
         del params
         expect_state(state, ScaleByRmsState, "scale_by_rms")
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
         d, e = _tree.as_scalar(decay), _tree.as_scalar(eps)
-        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, _tree.state_inplace())
+        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, own.state)
         denom = _fe.sqrt(nu)
         _fe.add_(denom, e)
         out = list(_fe.div(flat.live, denom))
         return flat.rebuild(out), ScaleByRmsState(flat.rebuild(nu, like=state.nu))
 
-    return GradientTransformation(init, update)
+    return owned_transform(init, owned_update)
 
 
 # --- weight decay -------------------------------------------------------------------------------
 
 
+@recorded
 def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = None) -> GradientTransformation:
     """``u <- u + weight_decay * params`` (L2 decay; decoupled when placed after the preconditioner,
     as AdamW, Loshchilov & Hutter 2019). ``mask``: a pytree of bools (or a function of params
@@ -434,7 +455,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
 
         return masked(add_decayed_weights(weight_decay), mask)
 
-    def update_fn(updates: Updates, params: Params | None) -> Updates:
+    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
         flat = _Flat(updates)
         if not flat.live:
             return updates
@@ -442,7 +463,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
         wd = _tree.as_scalar(weight_decay)
         if isinstance(wd, torch.Tensor):
             out = list(_fe.add(flat.live, _fe.mul(p, wd)))
-        elif _tree.updates_inplace(flat.live):
+        elif own.may_write(flat.live):
             _fe.add_(flat.live, p, alpha=wd)
             out = flat.live
         else:
@@ -472,12 +493,13 @@ def _overflow_safe_factor(factor: torch.Tensor, norm: torch.Tensor, leaves: list
     return (level / torch.maximum(n, level)).to(factor.dtype)
 
 
+@recorded
 def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
     """Rescale all updates together so that their global L2 norm is at most ``max_norm``:
     ``u <- u * max_norm / max(||u||, max_norm)`` (Pascanu et al., 2013). A zero update passes."""
     check_float("max_norm", max_norm, low=0.0, low_open=True)
 
-    def update_fn(updates: Updates, params: Params | None) -> Updates:
+    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
         flat = _Flat(updates)
         if not flat.live:
             return updates
@@ -488,9 +510,6 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         norm = _tree.global_norm(flat.live)
         factor = max_norm / torch.maximum(norm, torch.as_tensor(max_norm, dtype=norm.dtype))
         factor = _overflow_safe_factor(factor, norm, flat.live, max_norm)
-        return flat.rebuild(_mul(flat.live, factor, _tree.updates_inplace(flat.live)))
+        return flat.rebuild(_mul(flat.live, factor, own.may_write(flat.live)))
 
-    if isinstance(max_norm, (int, float)):
-        update_fn.__gx_clip_max_norm__ = float(max_norm)  # lets the adapter lower clip + adamw
-    update_fn.__gx_factor_rule__ = ("global", max_norm)  # and clip + sgd (see gradxform.Optimizer)
-    return stateless(update_fn)
+    return declare(stateless(update_fn), fast_path=ClipFactor("global"))

@@ -34,7 +34,6 @@ __all__ = [
     "pure_ops",
     "differentiable",
     "as_scalar",
-    "owned_buffers",
     "register_state_types",
 ]
 
@@ -402,49 +401,3 @@ def register_state_types(*classes: type) -> None:
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is not None:
         add(list(classes))
-
-
-# --- buffer ownership --------------------------------------------------------------------------
-#
-# ``update`` is pure: it returns new tensors and never writes to its inputs. An owner of the
-# buffers (the torch.optim adapter) may let transforms reuse them in place, which saves the
-# allocation and a pass over memory per state buffer. That is an optimisation behind the same
-# contract: results are identical either way (tests check it).
-
-_OWNERSHIP: dict[str, Any] = {"active": False, "protected": frozenset()}
-
-
-@contextlib.contextmanager
-def owned_buffers(protected: Sequence[torch.Tensor] = ()) -> Iterator[None]:
-    """Let transforms update state buffers (and non-``protected`` updates) in place.
-
-    Only for a caller that owns the state and discards the old one, as `gradxform.Optimizer`
-    does. ``protected`` tensors (e.g. the user's ``.grad``) are never written.
-    """
-    previous = dict(_OWNERSHIP)
-    _OWNERSHIP["active"] = True
-    _OWNERSHIP["protected"] = frozenset(id(t) for t in protected)
-    try:
-        yield
-    finally:
-        _OWNERSHIP.update(previous)
-
-
-def state_inplace() -> bool:
-    """True when state buffers may be overwritten (inside :func:`owned_buffers`).
-
-    Also while compiling: a step compiled inside ``owned_buffers`` mutates its state inputs,
-    which inductor turns into in-place writes (the caller donates the old state).
-    """
-    return bool(_OWNERSHIP["active"])
-
-
-def updates_inplace(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when the given updates may be overwritten (owned and none of them protected).
-
-    Never while compiling: the traced tensors are not the objects that were protected.
-    """
-    if not _OWNERSHIP["active"] or traced():
-        return False
-    protected = _OWNERSHIP["protected"]
-    return not any(id(t) in protected for t in tensors)

@@ -31,8 +31,7 @@ import torch
 
 from . import _dist
 from . import tree as _tree
-from .base import GradientTransformation, Params, Updates, expect_state
-from .combine import _no_ownership
+from .base import GradientTransformation, Params, Updates, expect_state, recorded
 
 __all__ = [
     "GradNormState",
@@ -153,6 +152,7 @@ class GradNormState(NamedTuple):
     _gx_private_hyperparams = True  # weight_state's lr is not the param group's lr (gx.Optimizer)
 
 
+@recorded
 def gradnorm(
     num_tasks: int,
     alpha: float = 1.5,
@@ -276,8 +276,8 @@ def gradnorm(
             dw = torch.where(act, dw, torch.zeros_like(dw))
         # a non-finite input must not reach the weight optimizer's moments
         dw = torch.where(finite, dw, torch.zeros_like(dw))
-        with _no_ownership():  # the weight optimizer's state must stay selectable below
-            delta, new_wstate = weight_tx.update(dw, state.weight_state, w)
+        # pure (weighting transforms declare no owned update): the old state stays selectable below
+        delta, new_wstate = weight_tx.update(dw, state.weight_state, w)
         new_w = (w + delta).clamp_min(min_weight)
         total = float(t) if act is None else torch.where(act, w, torch.zeros_like(w)).sum()
         new_w = _renormalise(new_w, act, total)
@@ -318,6 +318,7 @@ class UncertaintyWeightingState(NamedTuple):
     _gx_private_hyperparams = True  # weight_state's lr is not the param group's lr (gx.Optimizer)
 
 
+@recorded
 def uncertainty_weighting(
     num_tasks: int,
     weight_tx: GradientTransformation | None = None,
@@ -364,8 +365,7 @@ def uncertainty_weighting(
         loss = _mean_over_ranks(_vector("losses", losses, t, s), sync)
         finite = torch.isfinite(loss).all()
         grad = torch.where(finite, 1.0 - torch.exp(-s) * loss, torch.zeros_like(s))
-        with _no_ownership():
-            delta, new_wstate = weight_tx.update(grad, state.weight_state, s)
+        delta, new_wstate = weight_tx.update(grad, state.weight_state, s)
         new_s = torch.where(finite, s + delta, s)
         wstate = _tree.tree_map(lambda a, b: torch.where(finite, a, b) if isinstance(a, torch.Tensor)
                                 and a.device == s.device and a.shape == b.shape else a, new_wstate, state.weight_state)
@@ -393,6 +393,7 @@ class DWAState(NamedTuple):
     seen: torch.Tensor
 
 
+@recorded
 def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1, *, sync: bool = True,
         dtype: torch.dtype | None = None) -> GradientTransformation:
     """Dynamic Weight Average (Liu, Johns & Davison, "End-to-end multi-task learning with
@@ -453,6 +454,7 @@ class FixedWeightsState(NamedTuple):
     weights: torch.Tensor
 
 
+@recorded
 def fixed_weights(weights: Sequence[float] | torch.Tensor, *, dtype: torch.dtype | None = None) -> GradientTransformation:
     """Constant loss weights (the equal-weights baseline: ``fixed_weights([1.0] * T)``).
 
@@ -486,13 +488,9 @@ def loss_weights(source: Any) -> torch.Tensor:
     """The current loss weights ``(T,)`` held in ``source``: the state of a loss-weight updater, a
     state that contains one (a chain's, `gradxform.inject_hyperparams`'s, ...), or a
     `gradxform.Optimizer` (its first param group; initialised if it has not stepped yet)."""
-    from .optim import Optimizer
-
-    if isinstance(source, Optimizer):
-        state = source.tx_state(0)
-        if state is None:
-            state = source._gx_states[0] = source._init_group_state(source.param_groups[0])
-        source = state
+    tx_state = getattr(source, "tx_state", None)
+    if callable(tx_state):  # a gradxform.Optimizer: the state of its first param group
+        source = tx_state(0)
     found: list[torch.Tensor] = []
 
     def walk(node: Any) -> None:

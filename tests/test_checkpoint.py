@@ -118,24 +118,15 @@ def _trained(steps=3):
     return model, opt
 
 
-def test_adapter_state_dict_carries_the_format_version():
+def test_adapter_state_dict_is_plain_data_and_round_trips():
+    """torch.optim's layout with plain values only (it loads with weights_only=True); a fresh
+    optimizer restores the same transform state from it."""
     _, opt = _trained()
     sd = _roundtrip(opt.state_dict())
-    assert [g["gradxform_format"] for g in sd["param_groups"]] == [1]
+    assert all(isinstance(v, (int, float, bool, tuple, list, type(None))) for g in sd["param_groups"] for v in g.values())
     fresh = gx.Optimizer(make_mlp(0).parameters(), gx.chain(gx.autoclip(0.5, history=4), gx.adamw(1e-2)))
     fresh.load_state_dict(sd)
-    assert "gradxform_format" not in fresh.param_groups[0]
     assert_trees_equal(fresh.tx_state(), opt.tx_state())
-
-    newer = {**sd, "param_groups": [{**sd["param_groups"][0], "gradxform_format": 2}]}
-    with pytest.raises(ValueError, match="format version 2.*newer gradxform"):
-        fresh.load_state_dict(newer)
-    model = make_mlp(0)
-    torch_opt = torch.optim.AdamW(model.parameters())
-    model(torch.randn(2, model[0].in_features, dtype=torch.float64)).sum().backward()
-    torch_opt.step()
-    with pytest.raises(ValueError, match="not saved by gradxform.Optimizer"):
-        fresh.load_state_dict(torch_opt.state_dict())
 
 
 def test_adapter_init_state_gives_a_full_template():

@@ -17,7 +17,7 @@ covering ``gx.__all__``. The wrappers feeding ``sum_grad_squared`` / ``losses`` 
   (static, or an ``lr`` schedule: 6) are chained with an injected ``scale_by_learning_rate``
   whose rate changes every step: still one frame, still equal to eager.
 * ``test_donating_compiled_step_equals_eager_and_writes_state_in_place``: the compiled step inside
-  ``owned_buffers`` with ``apply_updates(inplace=True)`` equals the pure eager step, compiles once,
+  ``update_in_place`` with ``apply_updates(inplace=True)`` equals the pure eager step, compiles once,
   and returns its state in the buffers it was given wherever the eager donating step does (the
   four cases that select an inner step with ``where`` under the compiler excepted).
 * ``test_aot_eager_backend_equals_eager``: one case per family (clipping, TrueGrad, loss
@@ -138,15 +138,14 @@ SELECT_UNDER_COMPILE = {"apply_if_finite", "multi_steps", "multi_steps_truegrad"
 
 
 def _donating_run(tx: gx.GradientTransformation, fn: Any) -> tuple[list, int]:
-    """STEPS donating steps (``owned_buffers`` + ``apply_updates(inplace=True)``): the history and
+    """STEPS donating steps (``update_in_place`` + ``apply_updates(inplace=True)``): the history and
     how many state buffers came back as new tensors after the first step."""
     params = gx.tree.tree_clone(_params())
     state = tx.init(params)
     hist, fresh = [], 0
     for t in range(STEPS):
         before = {id(x) for x in state_buffers(state, params)}
-        with gx.tree.owned_buffers():
-            params, state = fn(params, _grads(t), state)
+        params, state = fn(params, _grads(t), state)
         if t > 0:
             fresh += sum(id(x) not in before for x in state_buffers(state, params))
         hist.append((gx.tree.tree_clone(params), snapshot(state)))
@@ -163,7 +162,7 @@ def test_donating_compiled_step_equals_eager_and_writes_state_in_place(name):
     tx = CASES[name]()
 
     def donating(p: Any, g: Any, s: Any) -> tuple[Any, Any]:
-        updates, s = tx.update(g, s, p)
+        updates, s = gx.update_in_place(tx, g, s, p)
         return gx.apply_updates(p, updates, inplace=True), s
 
     eager = _run_with_lrs(tx, None, [0.1] * STEPS, _step_of(tx))

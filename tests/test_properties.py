@@ -1,5 +1,5 @@
 """Property tests: any chain of blocks gives the same result through the pure functional API and
-through the adapter, where transforms update buffers in place (`gx.tree.owned_buffers`)."""
+through the adapter, where transforms update buffers in place (their owned update, `gx.update_in_place`)."""
 
 from __future__ import annotations
 

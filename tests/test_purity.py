@@ -124,7 +124,7 @@ NOT_TRANSFORMS = {
     "grad_and_sum_grad_squared", "all_reduce_sum_grad_squared", "state_to_dict", "state_from_dict", "sum_grad_squared", "track_sum_grad_squared", "PerExampleStats", "PerParam",
     "loss_weights", "task_grad_norms", "weighted_grad_and_task_norms", "WeightedGrads",
     "InitReport", "gradinit", "gradinit_objective", "set_hyperparam", "get_hyperparam", "differentiable",
-    "empirical_init", "empirical_init_params",
+    "empirical_init", "empirical_init_params", "update_in_place", "fastpath",
 }
 
 
@@ -160,3 +160,91 @@ def test_update_is_pure(name):
         assert new_updates["frozen"] is None
         params = gx.apply_updates(params, new_updates)
         state = new_state
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_update_in_place_equals_pure_update_and_keeps_protected_inputs(name):
+    """Every case through `gx.update_in_place` (the owned update the adapter calls): the same
+    updates and state as the pure update, step after step, and the caller's updates (protected
+    unless donated) are never written."""
+    tx = CASES[name]()
+    params = _params()
+    pure_state, own_state = tx.init(params), tx.init(params)
+    for step in range(3):
+        grads = _grads(step)
+        before = snapshot(grads)
+        want_u, pure_state = tx.update(grads, pure_state, params)
+        got_u, own_state = gx.update_in_place(tx, grads, own_state, params)
+        assert_unchanged(before, grads, "protected updates")
+        for a, b in zip(gx.tree.tree_flatten(want_u)[0], gx.tree.tree_flatten(got_u)[0]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+        for a, b in zip(gx.tree.tree_flatten(pure_state)[0], gx.tree.tree_flatten(own_state)[0]):
+            if isinstance(a, torch.Tensor):
+                torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, equal_nan=True)
+        params = gx.apply_updates(params, want_u)
+
+
+def _average(a, b):
+    """A user-written combinator (plain functions, no declared owned update) that hands the same
+    updates to two inner transforms."""
+
+    def init(p):
+        return (a.init(p), b.init(p))
+
+    def update(u, s, p=None):
+        ua, sa = a.update(u, s[0], p)
+        ub, sb = b.update(u, s[1], p)
+        return gx.tree.tree_map(lambda x, y: (x + y) / 2, ua, ub), (sa, sb)
+
+    return gx.GradientTransformation(init, update)
+
+
+def test_user_transform_is_called_purely_by_the_owner():
+    """A transform made from user functions gets no ownership, even inside a chain the adapter
+    owns: its inner transforms cannot overwrite the input they share (a global "owned buffers"
+    flag once let scale(2.0) scale the shared input before scale(3.0) read it: -6.0, not -2.5)."""
+    tx = gx.chain(gx.clip_by_global_norm(100.0), _average(gx.scale(2.0), gx.scale(3.0)), gx.scale(-1.0))
+    g = torch.ones(3)
+    state = tx.init([torch.zeros(3)])
+    pure, _ = tx.update([g], state, [torch.zeros(3)])
+    owned, _ = gx.update_in_place(tx, [g.clone()], tx.init([torch.zeros(3)]), [torch.zeros(3)], donate_updates=True)
+    assert torch.equal(pure[0], torch.full((3,), -2.5)) and torch.equal(owned[0], pure[0])
+    w = torch.nn.Parameter(torch.zeros(3))
+    w.grad = torch.ones(3)
+    gx.Optimizer([w], tx).step()
+    assert torch.equal(w.detach(), torch.full((3,), -2.5)) and torch.equal(w.grad, torch.ones(3))
+
+
+def test_ownership_is_per_call_and_thread_safe():
+    """Ownership travels with the call: a pure update running concurrently with owned ones in
+    other threads never writes its inputs."""
+    import threading
+
+    tx = gx.chain(gx.clip_by_global_norm(0.5), gx.scale_by_adam(), gx.scale(-0.1))
+    params = [torch.zeros(1000)]
+    errors = []
+
+    def owned():
+        state = tx.init(params)
+        for _ in range(50):
+            _, state = gx.update_in_place(tx, [torch.randn(1000)], state, params, donate_updates=True)
+
+    def pure():
+        state = tx.init(params)
+        for _ in range(50):
+            g = [torch.randn(1000)]
+            keep = [x.clone() for x in g] + [x.clone() for x in gx.tree.tree_flatten(state)[0] if x is not None]
+            _, new = tx.update(g, state, params)
+            now = g + [x for x in gx.tree.tree_flatten(state)[0] if x is not None]
+            if not all(torch.equal(a, b) for a, b in zip(keep, now)):
+                errors.append("a pure update wrote its inputs")
+            state = new
+
+    threads = [threading.Thread(target=f) for f in (owned, pure, owned, pure)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
