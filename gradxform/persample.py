@@ -2,7 +2,8 @@
 
 TrueGrad-style optimisers (`gradxform.moments`) need, per parameter tensor, the sum over the
 examples of a batch of the squared per-example gradients. With a mean-reduced loss
-``L = (1/N) sum_n l_n`` the convention (BackPACK's ``SumGradSquared``, TECHNIQUES.md 3.1) is
+``L = (1/N) sum_n l_n`` the convention (BackPACK's ``SumGradSquared``: Dangel, Kunstner and Hennig,
+"BackPACK: Packing more into backprop", ICLR 2020, arXiv:1912.10985, section 2) is
 
     S = sum_n (grad l_n / N)^2            (with reduction="sum": S = sum_n (grad l_n)^2),
 
@@ -24,8 +25,20 @@ eval mode, and plain elementwise ``+`` / ``*`` with a param (biases, layer scale
 Every other param (used by any other op, used twice, tied weights, a layer whose input does not
 carry the batch in dim 0) takes the **exact fallback**: ``vmap(grad)`` over the examples,
 restricted to those params and run in chunks whose per-example gradients stay under
-``chunk_bytes``. The result's ``methods`` says which path each param took and why, so the engine
-never returns a wrong number silently.
+``chunk_bytes``. Where vmap cannot batch the model (kernels without a batching rule, e.g.
+``nn.GRU``, ``nn.LSTM``, ``nn.RNN``, a ``GRUCell`` loop whose zero state does not come from the
+input), the fallback loops over the examples instead: one forward and ``torch.autograd.grad``
+per example, still exact. The result's ``methods`` says which path each param
+took and why (``"...; exact per-example loop (vmap cannot batch this model: <error>)"`` for the
+loop), so the engine never returns a wrong number silently.
+
+The per-example conv rule (im2col + a batched matmul, or ``vmap`` of the layer's own weight
+vjp; both exact, rounding differently) is a fixed function of the layer's shape and the device,
+so equal inputs give bit-identical results in every call and process (on one machine, torch
+build and thread count): the vjp for ``conv3d``,
+grouped or string-padded convs (the only rule they have) and, on the CPU, for at least 8 input
+channels, at most 32 output channels and at least 64 output positions per example; im2col
+otherwise (on other devices always, where it applies).
 
 Assumption shared by both paths (as for BackPACK, truegrad and ``vmap``): dim 0 of every batch
 tensor indexes examples, and example ``n``'s loss depends on example ``n`` only (no BatchNorm in
@@ -288,21 +301,23 @@ class _Tracker(TorchFunctionMode):
                 self.method[i] = f"fallback: {reason}"
                 self.denied.discard(i)
 
-    def _mark(self, hits: list[int], op: str) -> bool:
-        ok = True
+    def _mark(self, hits: list[int], op: str) -> set[int]:
+        """Decide each hit's path for this call; returns the hits whose hook must be installed
+        (every param marked fast here, even when another param of the same call, e.g. a tied
+        weight next to its own bias, takes the fallback)."""
+        fast = set()
         for i in hits:
             if self.uses[i] > 1:
                 self._fallback([i], "used more than once (e.g. tied weights)")
-                ok = False
             elif self.method[i] is None:
                 v = self.verdict
                 if v is not None and self.names[i] not in v.allowed:
                     self.method[i] = f"fallback: {v.why_not.get(self.names[i], _NOT_VERIFIED)}"
                     self.denied.add(i)
-                    ok = False
                 else:
                     self.method[i] = f"fast:{op}"
-        return ok
+                    fast.add(i)
+        return fast
 
     def _check_batch(self, x: Any, op: str) -> int:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
@@ -338,10 +353,10 @@ class _Tracker(TorchFunctionMode):
                 raise _Unsupported("linear on an unbatched input")
             if rule.name.startswith("conv") and x.dim() != int(rule.name[4]) + 2:
                 raise _Unsupported(f"{rule.name} on an unbatched input")
-            if not self._mark(hits, rule.name):
-                return True
-            targets = {slot: i for i, slot in slot_of.items()}
-            out.register_hook(self._hook(rule.name, a, targets))
+            fast = self._mark(hits, rule.name)
+            targets = {slot: i for i, slot in slot_of.items() if i in fast}
+            if targets:
+                out.register_hook(self._hook(rule.name, a, targets))
             return True
         op = _ELEMENTWISE.get(func)
         if op is not None and len(hits) == 1 and len(args) >= 2 and not kwargs:
@@ -352,7 +367,7 @@ class _Tracker(TorchFunctionMode):
                 raise _Unsupported(f"{op} of a param with a tensor that does not carry the batch")
             self._check_batch(other, op)
             if not self._mark(hits, op):
-                return True
+                return True  # the one param took the fallback
             out.register_hook(self._hook(op, {"other": other if op == "mul" else None, "shape": p.shape},
                                          {"param": i}))
             return True
@@ -729,14 +744,21 @@ def grad_and_sum_grad_squared(
     exact, chunked ``vmap(grad)`` over the examples (at most ``chunk_bytes`` of per-example
     gradients at a time, the same bound for the fast rules that materialise them; default twice
     the params' size, at least 8 MiB; ``randomness`` is passed to ``torch.func.vmap``, so dropout in training
-    mode needs ``"different"`` there and then differs from the main pass). ``fast=False`` sends
-    every param to the fallback (a reference). ``result.methods`` names each param's path.
+    mode needs ``"different"`` there and then differs from the main pass). Where vmap cannot
+    batch the model (recurrent kernels have no batching rule), the fallback loops over the
+    examples, one ``torch.autograd.grad`` each, with the same ``randomness`` semantics
+    (``"error"`` refuses a model that draws random numbers, ``"same"`` replays one generator
+    state per example); this engine remembers that for the params structure. ``fast=False``
+    sends every param to the fallback (a reference). ``result.methods`` names each param's path.
 
-    ``check=True`` (default): on the first call for a given params structure, the fast rules are
-    verified against the exact fallback on the first two examples; a param whose fast statistic
-    disagrees, or whose layer's dim 0 does not follow the batch size (a layer that sees the batch
-    in another dim, with a dim 0 of the same size by chance), takes the fallback from then on. If the check cannot run (dropout with ``randomness="error"``), it is
-    skipped with a log message.
+    ``check=True`` (default): on the first call for a given params structure, the fast rules run
+    on a sub-batch of the first two examples (one for a batch of two or less). Only a param that
+    takes the fast path there too, and whose fast statistic there equals the exact one, may take
+    it later; any other (a layer whose dim 0 does not follow the batch size, e.g. a
+    sequence-first layer with as many positions as examples, or a disagreeing statistic) takes
+    the fallback from then on, and ``methods`` says why. If the exact half of the check cannot
+    run (dropout with ``randomness="error"``), it is skipped with a log message; the batch-size
+    half still applies.
 
     ``sync=True`` (data parallelism without DDP: each rank passes its shard of the batch): the
     loss and the gradients are combined over the ranks of the default process group as one

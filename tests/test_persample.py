@@ -196,6 +196,26 @@ def test_tied_weights_take_the_exact_fallback():
     assert res.methods["mix.weight"] == "fast:linear"
 
 
+def test_a_tied_weight_does_not_void_the_statistic_of_its_layers_other_params():
+    """Regression: a layer call whose weight takes the fallback (tied) installed no hook, so its
+    own bias, marked fast, never fired and was reported "unused" with a zero statistic."""
+
+    class TiedWithBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 6)
+            self.b = nn.Parameter(torch.randn(9))
+
+        def forward(self, idx):
+            return F.linear(torch.tanh(self.emb(idx).mean(1)), self.emb.weight, self.b)
+
+    torch.manual_seed(18)
+    batch = (torch.randint(0, 9, (4, 3)), torch.randint(0, 9, (4,)))
+    for check in (True, False):
+        res = assert_matches_reference(TiedWithBias().double(), batch, check=check)
+        assert res.methods == {"emb.weight": "fallback: used more than once (e.g. tied weights)", "b": "fast:linear"}
+
+
 def test_unknown_ops_take_the_fallback_and_small_chunks_give_the_same_numbers():
     class Odd(nn.Module):
         def __init__(self):
@@ -304,7 +324,7 @@ def test_equals_truegrad_nn_linear_weight_and_shows_its_bias_quirk():
     ref.load_state_dict({"weight": lin.weight.detach(), "bias": lin.bias.detach()})
     params, res = engine_run(ref, (x, y), loss=F.mse_loss)
     torch.testing.assert_close(res.sum_grad_squared["weight"], lin.weight.sum_grad_squared, rtol=1e-9, atol=0)
-    # TECHNIQUES.md 3.3 quirk 2: truegrad's bias statistic is N = 4 times BackPACK's convention
+    # truegrad's quirk (its nn.Linear bias statistic): N = 4 times BackPACK's convention
     torch.testing.assert_close(lin.bias.sum_grad_squared, 4 * res.sum_grad_squared["bias"], rtol=1e-9, atol=0)
 
 
