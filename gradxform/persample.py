@@ -36,9 +36,9 @@ The per-example conv rule (im2col + a batched matmul, or ``vmap`` of the layer's
 vjp; both exact, rounding differently) is a fixed function of the layer's shape and the device,
 so equal inputs give bit-identical results in every call and process (on one machine, torch
 build and thread count): the vjp for ``conv3d``,
-grouped or string-padded convs (the only rule they have) and, on the CPU, for at least 8 input
-channels, at most 32 output channels and at least 64 output positions per example; im2col
-otherwise (on other devices always, where it applies).
+grouped or string-padded convs (the only rule they have) and, on the CPU, for 2-d kernels of at
+least 9 taps (3x3) with at least 8 input channels, at most 32 output channels and at least 64
+output positions per example; im2col otherwise (on other devices always, where it applies).
 
 Assumption shared by both paths (as for BackPACK, truegrad and ``vmap``): dim 0 of every batch
 tensor indexes examples, and example ``n``'s loss depends on example ``n`` only (no BatchNorm in
@@ -440,8 +440,8 @@ def _pair(v: Any, d: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (list, tuple)) else (v,) * d
 
 
-def _conv_rule(d: int, in_channels: int, out_channels: int, positions: int, groups: int, padding: Any,
-               device: torch.device) -> str:
+def _conv_rule(d: int, in_channels: int, out_channels: int, kernel: int, positions: int, groups: int,
+               padding: Any, device: torch.device) -> str:
     """Which exact per-example weight-gradient rule a conv layer uses: a pure function of the
     layer's shape and the device, so the same inputs always give the same bits.
 
@@ -449,18 +449,21 @@ def _conv_rule(d: int, in_channels: int, out_channels: int, positions: int, grou
     padding; otherwise ``"vjp"`` (``vmap`` of the layer's own weight vjp, a grouped convolution).
     Where both apply: off the CPU, ``"unfold"`` (cuBLAS's batched matmul rather than cuDNN's
     backward-weight algorithms, which ``cudnn.benchmark`` picks by timing and some of which are
-    non-deterministic). On the CPU, ``"vjp"`` when ``in_channels >= 8``, ``out_channels <= 32`` and
-    the output has at least 64 positions, else ``"unfold"``: the matmul's output dim is
-    ``out_channels``, so the im2col columns (``in_channels * kernel * positions`` per example) cost
-    more than the matmul saves when it is small, while the grouped convolution is slow for few
-    input channels and few positions (measured on 21 shapes with torch 2.13's CPU kernels; the two
-    are within 1.1x where the rule picks the slower one).
+    non-deterministic). On the CPU, ``"vjp"`` for a 2-d conv whose kernel has at least 9 taps
+    (``kernel``, e.g. 3x3) with ``in_channels >= 8``, ``out_channels <= 32`` and at least 64 output
+    positions, else ``"unfold"``: the im2col columns (``in_channels * kernel * positions`` per
+    example, ``kernel`` times the input) cost more than the matmul, whose output dim is
+    ``out_channels``, saves when that dim is small, while the grouped convolution is slow for few
+    input channels, few positions, 1x1 and 1-d kernels (measured on 25 shapes with torch 2.13's CPU
+    kernels, one thread; on the one shape where the rule picks the slower, the two are within 1.1x).
     """
     if not (d <= 2 and groups == 1 and not isinstance(padding, str)):
         return "vjp"
     if device.type != "cpu":
         return "unfold"
-    return "vjp" if in_channels >= 8 and out_channels <= 32 and positions >= 64 else "unfold"
+    if d == 2 and kernel >= 9 and in_channels >= 8 and out_channels <= 32 and positions >= 64:
+        return "vjp"
+    return "unfold"
 
 
 def _conv_weight_per_example(a: dict[str, Any], go: torch.Tensor, d: int, budget: int,
@@ -478,7 +481,7 @@ def _conv_weight_per_example(a: dict[str, Any], go: torch.Tensor, d: int, budget
         return torch.func.vmap(one)(x[sl], go[sl])
 
     per_example = w.numel()
-    if _conv_rule(d, x.shape[1], w.shape[0], go[0, 0].numel(), groups, pad, x.device) == "vjp":
+    if _conv_rule(d, x.shape[1], w.shape[0], w[0, 0].numel(), go[0, 0].numel(), groups, pad, x.device) == "vjp":
         return _chunked(n, per_example, x.element_size(), budget, by_vjp, norms)
     # im2col: per-example weight gradient = go_n @ unfold(x_n)^T, one bmm per chunk
     pad2, k = _pair(pad, d), w.shape[2:]

@@ -431,10 +431,10 @@ def _force_conv_rule(monkeypatch, rule):
 
     natural = ps._conv_rule
 
-    def forced(d, in_channels, out_channels, positions, groups, padding, device):
+    def forced(d, in_channels, out_channels, kernel, positions, groups, padding, device):
         if d <= 2 and groups == 1 and not isinstance(padding, str):
             return rule
-        return natural(d, in_channels, out_channels, positions, groups, padding, device)
+        return natural(d, in_channels, out_channels, kernel, positions, groups, padding, device)
 
     monkeypatch.setattr(ps, "_conv_rule", forced)
 
@@ -462,16 +462,20 @@ def test_conv_rule_is_a_function_of_shape_and_device():
     from gradxform.persample import _conv_rule
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    # (d, in, out, positions, groups, padding) -> CPU rule; 3-d, grouped and string-padded convs have only vjp
-    cases = {(2, 3, 32, 1024, 1, 1): "unfold", (2, 16, 16, 1024, 1, 1): "vjp", (2, 32, 64, 256, 1, 1): "unfold",
-             (2, 64, 16, 64, 1, 1): "vjp", (2, 8, 8, 4, 1, 1): "unfold", (1, 3, 16, 128, 1, 1): "unfold",
-             (2, 512, 512, 16, 1, 0): "unfold", (3, 2, 3, 18, 1, 0): "vjp", (2, 16, 16, 1024, 2, 1): "vjp",
-             (2, 16, 16, 1024, 1, "same"): "vjp", (2, 7, 32, 1024, 1, 1): "unfold", (2, 8, 33, 1024, 1, 1): "unfold",
-             (2, 8, 32, 63, 1, 1): "unfold", (2, 8, 32, 64, 1, 1): "vjp"}
-    for (d, cin, cout, pos, groups, pad), want in cases.items():
-        assert _conv_rule(d, cin, cout, pos, groups, pad, cpu) == want, (d, cin, cout, pos, groups, pad)
+    # (d, in, out, kernel taps, positions, groups, padding) -> CPU rule; 3-d, grouped and
+    # string-padded convs have only vjp
+    cases = {(2, 3, 32, 9, 1024, 1, 1): "unfold", (2, 16, 16, 9, 1024, 1, 1): "vjp",
+             (2, 32, 64, 9, 256, 1, 1): "unfold", (2, 64, 16, 9, 64, 1, 1): "vjp", (2, 8, 8, 9, 4, 1, 1): "unfold",
+             (1, 3, 16, 3, 128, 1, 1): "unfold", (1, 16, 16, 9, 128, 1, 1): "unfold",
+             (2, 512, 512, 1, 16, 1, 0): "unfold", (2, 16, 16, 1, 1024, 1, 0): "unfold",
+             (2, 16, 16, 8, 1024, 1, 0): "unfold", (2, 3, 16, 25, 1024, 1, 2): "unfold",
+             (3, 2, 3, 8, 18, 1, 0): "vjp", (2, 16, 16, 9, 1024, 2, 1): "vjp", (2, 16, 16, 9, 1024, 1, "same"): "vjp",
+             (2, 7, 32, 9, 1024, 1, 1): "unfold", (2, 8, 33, 9, 1024, 1, 1): "unfold",
+             (2, 8, 32, 9, 63, 1, 1): "unfold", (2, 8, 32, 9, 64, 1, 1): "vjp"}
+    for (d, cin, cout, kernel, pos, groups, pad), want in cases.items():
+        assert _conv_rule(d, cin, cout, kernel, pos, groups, pad, cpu) == want, (d, cin, cout, kernel, pos, groups, pad)
         on_gpu = "vjp" if d == 3 or groups != 1 or isinstance(pad, str) else "unfold"
-        assert _conv_rule(d, cin, cout, pos, groups, pad, cuda) == on_gpu
+        assert _conv_rule(d, cin, cout, kernel, pos, groups, pad, cuda) == on_gpu
 
 
 def _two_convs():
