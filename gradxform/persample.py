@@ -975,7 +975,8 @@ def _check_fast_rules(compute: Callable[..., PerExampleStats], params: Any, batc
     rejected = sorted(n for n, m in fast.methods.items()
                       if m.startswith("fast") and n not in allowed or "rows in dim 0" in m)
     if rejected:
-        log.warning("fast rules disagree with the exact per-example gradients for %s; they take the fallback",
+        log.warning("first-call check: the fast rules of %s were not verified (batch not in dim 0, or a statistic "
+                    "unlike the exact one); they take the exact fallback",
                     rejected)
     return _Verdict(frozenset(allowed), why_not)
 
