@@ -2,7 +2,8 @@
 
 TrueGrad-style optimisers (`gradxform.moments`) need, per parameter tensor, the sum over the
 examples of a batch of the squared per-example gradients. With a mean-reduced loss
-``L = (1/N) sum_n l_n`` the convention (BackPACK's ``SumGradSquared``, TECHNIQUES.md 3.1) is
+``L = (1/N) sum_n l_n`` the convention (BackPACK's ``SumGradSquared``: Dangel, Kunstner and Hennig,
+"BackPACK: Packing more into backprop", ICLR 2020, arXiv:1912.10985, section 2) is
 
     S = sum_n (grad l_n / N)^2            (with reduction="sum": S = sum_n (grad l_n)^2),
 
@@ -24,8 +25,20 @@ eval mode, and plain elementwise ``+`` / ``*`` with a param (biases, layer scale
 Every other param (used by any other op, used twice, tied weights, a layer whose input does not
 carry the batch in dim 0) takes the **exact fallback**: ``vmap(grad)`` over the examples,
 restricted to those params and run in chunks whose per-example gradients stay under
-``chunk_bytes``. The result's ``methods`` says which path each param took and why, so the engine
-never returns a wrong number silently.
+``chunk_bytes``. Where vmap cannot batch the model (kernels without a batching rule, e.g.
+``nn.GRU``, ``nn.LSTM``, ``nn.RNN``, a ``GRUCell`` loop whose zero state does not come from the
+input), the fallback loops over the examples instead: one forward and ``torch.autograd.grad``
+per example, still exact. The result's ``methods`` says which path each param
+took and why (``"...; exact per-example loop (vmap cannot batch this model: <error>)"`` for the
+loop), so the engine never returns a wrong number silently.
+
+The per-example conv rule (im2col + a batched matmul, or ``vmap`` of the layer's own weight
+vjp; both exact, rounding differently) is a fixed function of the layer's shape and the device,
+so equal inputs give bit-identical results in every call and process (on one machine, torch
+build and thread count): the vjp for ``conv3d``,
+grouped or string-padded convs (the only rule they have) and, on the CPU, for 2-d kernels of at
+least 9 taps (3x3) with at least 8 input channels, at most 32 output channels and at least 64
+output positions per example; im2col otherwise (on other devices always, where it applies).
 
 Assumption shared by both paths (as for BackPACK, truegrad and ``vmap``): dim 0 of every batch
 tensor indexes examples, and example ``n``'s loss depends on example ``n`` only (no BatchNorm in
@@ -35,8 +48,6 @@ training mode; that case raises).
 from __future__ import annotations
 
 import logging
-import math
-import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
@@ -198,8 +209,10 @@ class _Tracker(TorchFunctionMode):
     """Watches torch calls that receive a tracked param; installs backward hooks for the fast path."""
 
     def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], batch_size: int | None,
-                 norms: bool, chunk_bytes: int) -> None:
+                 norms: bool, chunk_bytes: int, verdict: "_Verdict | None" = None) -> None:
         super().__init__()
+        self.verdict = verdict
+        self.denied: set[int] = set()  # sent to the fallback by the verdict; a later, specific reason wins
         self.index = {id(p): i for i, p in enumerate(params)}
         self.dtypes = [p.dtype for p in params]
         self.names = list(names)
@@ -284,18 +297,27 @@ class _Tracker(TorchFunctionMode):
 
     def _fallback(self, hits: list[int], reason: str) -> None:
         for i in hits:
-            if self.method[i] is None or self.method[i].startswith("fast"):
+            if self.method[i] is None or self.method[i].startswith("fast") or i in self.denied:
                 self.method[i] = f"fallback: {reason}"
+                self.denied.discard(i)
 
-    def _mark(self, hits: list[int], op: str) -> bool:
-        ok = True
+    def _mark(self, hits: list[int], op: str) -> set[int]:
+        """Decide each hit's path for this call; returns the hits whose hook must be installed
+        (every param marked fast here, even when another param of the same call, e.g. a tied
+        weight next to its own bias, takes the fallback)."""
+        fast = set()
         for i in hits:
             if self.uses[i] > 1:
                 self._fallback([i], "used more than once (e.g. tied weights)")
-                ok = False
             elif self.method[i] is None:
-                self.method[i] = f"fast:{op}"
-        return ok
+                v = self.verdict
+                if v is not None and self.names[i] not in v.allowed:
+                    self.method[i] = f"fallback: {v.why_not.get(self.names[i], _NOT_VERIFIED)}"
+                    self.denied.add(i)
+                else:
+                    self.method[i] = f"fast:{op}"
+                    fast.add(i)
+        return fast
 
     def _check_batch(self, x: Any, op: str) -> int:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
@@ -331,10 +353,10 @@ class _Tracker(TorchFunctionMode):
                 raise _Unsupported("linear on an unbatched input")
             if rule.name.startswith("conv") and x.dim() != int(rule.name[4]) + 2:
                 raise _Unsupported(f"{rule.name} on an unbatched input")
-            if not self._mark(hits, rule.name):
-                return True
-            targets = {slot: i for i, slot in slot_of.items()}
-            out.register_hook(self._hook(rule.name, a, targets))
+            fast = self._mark(hits, rule.name)
+            targets = {slot: i for i, slot in slot_of.items() if i in fast}
+            if targets:
+                out.register_hook(self._hook(rule.name, a, targets))
             return True
         op = _ELEMENTWISE.get(func)
         if op is not None and len(hits) == 1 and len(args) >= 2 and not kwargs:
@@ -345,7 +367,7 @@ class _Tracker(TorchFunctionMode):
                 raise _Unsupported(f"{op} of a param with a tensor that does not carry the batch")
             self._check_batch(other, op)
             if not self._mark(hits, op):
-                return True
+                return True  # the one param took the fallback
             out.register_hook(self._hook(op, {"other": other if op == "mul" else None, "shape": p.shape},
                                          {"param": i}))
             return True
@@ -418,10 +440,30 @@ def _pair(v: Any, d: int) -> tuple[int, ...]:
     return tuple(v) if isinstance(v, (list, tuple)) else (v,) * d
 
 
-# Which per-example conv rule is faster depends on the shapes (im2col + bmm wins for few input
-# channels, a vmapped weight vjp for many): the first call of each configuration times both on its
-# first chunk and remembers the winner, as cudnn.benchmark does. Both are exact.
-_CONV_CHOICE: dict[tuple, str] = {}
+def _conv_rule(d: int, in_channels: int, out_channels: int, kernel: int, positions: int, groups: int,
+               padding: Any, device: torch.device) -> str:
+    """Which exact per-example weight-gradient rule a conv layer uses: a pure function of the
+    layer's shape and the device, so the same inputs always give the same bits.
+
+    ``"unfold"`` (im2col + one batched matmul) needs ``d <= 2``, ``groups == 1`` and numeric
+    padding; otherwise ``"vjp"`` (``vmap`` of the layer's own weight vjp, a grouped convolution).
+    Where both apply: off the CPU, ``"unfold"`` (cuBLAS's batched matmul rather than cuDNN's
+    backward-weight algorithms, which ``cudnn.benchmark`` picks by timing and some of which are
+    non-deterministic). On the CPU, ``"vjp"`` for a 2-d conv whose kernel has at least 9 taps
+    (``kernel``, e.g. 3x3) with ``in_channels >= 8``, ``out_channels <= 32`` and at least 64 output
+    positions, else ``"unfold"``: the im2col columns (``in_channels * kernel * positions`` per
+    example, ``kernel`` times the input) cost more than the matmul, whose output dim is
+    ``out_channels``, saves when that dim is small, while the grouped convolution is slow for few
+    input channels, few positions, 1x1 and 1-d kernels (measured on 25 shapes with torch 2.13's CPU
+    kernels, one thread; on the one shape where the rule picks the slower, the two are within 1.1x).
+    """
+    if not (d <= 2 and groups == 1 and not isinstance(padding, str)):
+        return "vjp"
+    if device.type != "cpu":
+        return "unfold"
+    if d == 2 and kernel >= 9 and in_channels >= 8 and out_channels <= 32 and positions >= 64:
+        return "vjp"
+    return "unfold"
 
 
 def _conv_weight_per_example(a: dict[str, Any], go: torch.Tensor, d: int, budget: int,
@@ -439,7 +481,7 @@ def _conv_weight_per_example(a: dict[str, Any], go: torch.Tensor, d: int, budget
         return torch.func.vmap(one)(x[sl], go[sl])
 
     per_example = w.numel()
-    if not (d <= 2 and groups == 1 and not isinstance(pad, str)):
+    if _conv_rule(d, x.shape[1], w.shape[0], w[0, 0].numel(), go[0, 0].numel(), groups, pad, x.device) == "vjp":
         return _chunked(n, per_example, x.element_size(), budget, by_vjp, norms)
     # im2col: per-example weight gradient = go_n @ unfold(x_n)^T, one bmm per chunk
     pad2, k = _pair(pad, d), w.shape[2:]
@@ -454,24 +496,7 @@ def _conv_weight_per_example(a: dict[str, Any], go: torch.Tensor, d: int, budget
         return torch.bmm(g4[sl].flatten(2), cols.transpose(1, 2)).reshape((-1,) + tuple(w.shape))
 
     per_example_unfold = per_example + w[0].numel() * go[0, 0].numel()  # G_n and the columns
-    key = (d, tuple(x.shape), tuple(w.shape), stride, pad2, dil, x.dtype, x.device.type, budget)
-    choice = _CONV_CHOICE.get(key)
-    if choice is None:
-        first = next(_chunks(n, per_example_unfold * x.element_size(), budget))
-        timed = {}
-        for name, fn in (("unfold", by_unfold), ("vjp", by_vjp)):
-            fn(first)  # warm-up
-            best = math.inf
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn(first)
-                best = min(best, time.perf_counter() - t0)
-            timed[name] = best
-        choice = _CONV_CHOICE[key] = min(timed, key=timed.__getitem__)
-        log.debug("conv%dd %s: per-example rule %s (%s)", d, key, choice, timed)
-    if choice == "unfold":
-        return _chunked(n, per_example_unfold, x.element_size(), budget, by_unfold, norms)
-    return _chunked(n, per_example, x.element_size(), budget, by_vjp, norms)
+    return _chunked(n, per_example_unfold, x.element_size(), budget, by_unfold, norms)
 
 
 def _contributions(op: str, a: dict[str, Any], go: torch.Tensor, slots: set[str], norms: bool,
@@ -601,11 +626,20 @@ def _split_result(res: Any, has_aux: bool, reduction: str) -> tuple[torch.Tensor
     return loss.reshape(()), aux
 
 
+def _is_randomness_error(e: BaseException) -> bool:
+    """vmap's refusal of a random op under ``randomness="error"``: the user's choice, not a gap."""
+    return isinstance(e, RuntimeError) and "randomness" in str(e)
+
+
 def _fallback(loss_fn: Callable[..., Any], spec: Any, leaves: list[Any], live: list[int], work: list[torch.Tensor],
               fb: list[int], batch: Any, args: tuple, kwargs: dict[str, Any], reduction: str, has_aux: bool,
-              n: int, chunk_bytes: int, randomness: str, norms: bool
-              ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Exact ``S`` (and squared norms) for the params in ``fb`` by chunked ``vmap(grad)``."""
+              n: int, chunk_bytes: int, randomness: str, norms: bool, memo: dict[str, str]
+              ) -> tuple[list[torch.Tensor], torch.Tensor | None, str | None]:
+    """Exact ``S`` (and squared norms) for the params in ``fb``, chunk by chunk: ``vmap(grad)``
+    over the examples of a chunk, or, when vmap cannot batch the model (a kernel without a batching
+    rule, e.g. the recurrent ones), a loop of one ``torch.autograd.grad`` per example. The third
+    result is why the loop ran (``None`` when vmap did it all); ``memo["loop"]`` keeps that reason
+    so later calls of the same engine skip the failing vmap attempt."""
     consts = [w.detach() for w in work]
 
     def per_example(fb_vals: list[torch.Tensor], example: Any) -> torch.Tensor:
@@ -617,14 +651,63 @@ def _fallback(loss_fn: Callable[..., Any], spec: Any, leaves: list[Any], live: l
     in_dims = torch.utils._pytree.tree_map(lambda t: 0 if isinstance(t, torch.Tensor) else None, batch)
     per_ex_grad = torch.func.vmap(torch.func.grad(per_example), in_dims=(None, in_dims), randomness=randomness)
     fb_vals = [consts[k] for k in fb]
+
+    cuda = sorted({v.device.index or 0 for v in fb_vals if v.device.type == "cuda"})
+
+    def rng_state() -> list[torch.Tensor]:
+        return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in cuda]
+
+    def set_rng_state(states: list[torch.Tensor]) -> None:
+        torch.set_rng_state(states[0])
+        for d, st in zip(cuda, states[1:]):
+            torch.cuda.set_rng_state(st, d)
+
+    same_start: list[torch.Tensor] = []
+
+    def by_loop(chunk: Any, m: int) -> list[torch.Tensor]:
+        # vmap's randomness modes, one example at a time: "different" lets each example draw its
+        # own numbers, "same" replays the same generator state for every example, and "error"
+        # refuses a model that draws any.
+        out = [v.new_zeros((m,) + tuple(v.shape)) for v in fb_vals]
+        for i in range(m):
+            example = torch.utils._pytree.tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, chunk)
+            vals = [v.detach().requires_grad_(True) for v in fb_vals]
+            if randomness == "same":
+                if not same_start:
+                    same_start.extend(rng_state())
+                set_rng_state(same_start)
+            before = rng_state() if randomness == "error" else None
+            with torch.enable_grad():
+                loss = per_example(vals, example)
+                gs = torch.autograd.grad(loss, vals, allow_unused=True) if loss.requires_grad else [None] * len(vals)
+            if before is not None and any(not torch.equal(a, b) for a, b in zip(before, rng_state())):
+                raise RuntimeError("loss_fn draws random numbers (e.g. dropout in training mode) and the exact "
+                                   "fallback must loop over the examples (vmap cannot batch this model): pass "
+                                   "randomness='different' (or 'same'), as for vmap, or use eval mode")
+            for o, g in zip(out, gs):
+                if g is not None:
+                    o[i] = g
+        return out
+
     scale = 1.0 / n if reduction == "mean" else 1.0
     per_example_bytes = 2 * sum(v.numel() * v.element_size() for v in fb_vals)
     sgs = [torch.zeros_like(v) for v in fb_vals]
     parts = []
     for sl in _chunks(n, per_example_bytes, chunk_bytes):
         chunk = torch.utils._pytree.tree_map(lambda t, sl=sl: t[sl] if isinstance(t, torch.Tensor) else t, batch)
-        with torch.enable_grad():
-            gs = per_ex_grad(fb_vals, chunk)
+        gs = None
+        if "loop" not in memo:
+            try:
+                with torch.enable_grad():
+                    gs = per_ex_grad(fb_vals, chunk)
+            except Exception as e:
+                if _is_randomness_error(e):
+                    raise
+                first = (str(e).strip().splitlines() or [""])[0][:160]
+                memo["loop"] = f"{type(e).__name__}: {first}"
+                log.info("vmap cannot batch this model (%s); exact per-example loop instead", memo["loop"])
+        if gs is None:
+            gs = by_loop(chunk, sl.stop - sl.start)
         nsq = None
         for j, g in enumerate(gs):
             sq = (g * scale).square()
@@ -634,7 +717,7 @@ def _fallback(loss_fn: Callable[..., Any], spec: Any, leaves: list[Any], live: l
                 nsq = part if nsq is None else nsq + part
         if norms:
             parts.append(nsq)
-    return sgs, (torch.cat(parts) if norms else None)
+    return sgs, (torch.cat(parts) if norms else None), memo.get("loop")
 
 
 def grad_and_sum_grad_squared(
@@ -664,14 +747,21 @@ def grad_and_sum_grad_squared(
     exact, chunked ``vmap(grad)`` over the examples (at most ``chunk_bytes`` of per-example
     gradients at a time, the same bound for the fast rules that materialise them; default twice
     the params' size, at least 8 MiB; ``randomness`` is passed to ``torch.func.vmap``, so dropout in training
-    mode needs ``"different"`` there and then differs from the main pass). ``fast=False`` sends
-    every param to the fallback (a reference). ``result.methods`` names each param's path.
+    mode needs ``"different"`` there and then differs from the main pass). Where vmap cannot
+    batch the model (recurrent kernels have no batching rule), the fallback loops over the
+    examples, one ``torch.autograd.grad`` each, with the same ``randomness`` semantics
+    (``"error"`` refuses a model that draws random numbers, ``"same"`` replays one generator
+    state per example); this engine remembers that for the params structure. ``fast=False``
+    sends every param to the fallback (a reference). ``result.methods`` names each param's path.
 
-    ``check=True`` (default): on the first call for a given params structure, the fast rules are
-    verified against the exact fallback on the first two examples; a param whose fast statistic
-    disagrees, or whose layer's dim 0 does not follow the batch size (a layer that sees the batch
-    in another dim, with a dim 0 of the same size by chance), takes the fallback from then on. If the check cannot run (dropout with ``randomness="error"``), it is
-    skipped with a log message.
+    ``check=True`` (default): on the first call for a given params structure, the fast rules run
+    on a sub-batch of the first two examples (one for a batch of two or less). Only a param that
+    takes the fast path there too, and whose fast statistic there equals the exact one, may take
+    it later; any other (a layer whose dim 0 does not follow the batch size, e.g. a
+    sequence-first layer with as many positions as examples, or a disagreeing statistic) takes
+    the fallback from then on, and ``methods`` says why. If the exact half of the check cannot
+    run (dropout with ``randomness="error"``), it is skipped with a log message; the batch-size
+    half still applies.
 
     ``sync=True`` (data parallelism without DDP: each rank passes its shard of the batch): the
     loss and the gradients are combined over the ranks of the default process group as one
@@ -686,21 +776,25 @@ def grad_and_sum_grad_squared(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (params, batch, *args) -> loss; got {loss_fn!r}")
 
-    checked: dict[Any, frozenset[str]] = {}  # structure -> params whose fast rule failed the check
+    # Per params structure, this engine's own memory (nothing process-wide): the first-call
+    # check's verdict and whether vmap could batch the model.
+    checked: dict[Any, _Verdict | None] = {}
+    memos: dict[Any, dict[str, str]] = {}
 
     def run(params: Any, batch: Any, *args: Any, **kwargs: Any) -> PerExampleStats:
-        forced: frozenset[str] = frozenset()
+        leaves = _tree.tree_flatten(params)
+        key = leaves[1], tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None for t in leaves[0])
+        memo = memos.setdefault(key, {})
+        verdict = None
         if fast and check:
-            key = _tree.tree_flatten(params)[1], tuple(
-                (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else None for t in _tree.tree_flatten(params)[0])
             if key not in checked:
-                checked[key] = _check_fast_rules(compute, params, batch, args, kwargs)
-            forced = checked[key]
-        res = compute(params, batch, args, kwargs, fast, forced)
+                checked[key] = _check_fast_rules(compute, params, batch, args, kwargs, memo)
+            verdict = checked[key]
+        res = compute(params, batch, args, kwargs, fast, verdict, memo)
         return _synced(res, _batch_size(batch), reduction) if sync else res
 
     def compute(params: Any, batch: Any, args: tuple, kwargs: dict[str, Any], use_fast: bool,
-                forced: frozenset[str]) -> PerExampleStats:
+                verdict: _Verdict | None, memo: dict[str, str], exact_part: bool = True) -> PerExampleStats:
         leaves, spec = _tree.tree_flatten(params)
         paths = _tree.tree_paths(params)
         live = [i for i, t in enumerate(leaves) if t is not None]
@@ -715,11 +809,7 @@ def grad_and_sum_grad_squared(
         p_tree = _tree.tree_unflatten(spec, _tree.scatter(leaves, live, work))
         names = [paths[i] for i in live]
         budget = chunk_bytes if chunk_bytes is not None else _default_budget(work)
-        tracker = _Tracker(work, names, n, per_example_norms, budget) if use_fast else None
-        if tracker is not None:
-            for k, name in enumerate(names):
-                if name in forced:
-                    tracker.method[k] = f"fallback: {_CHECK_FAILED}"
+        tracker = _Tracker(work, names, n, per_example_norms, budget, verdict) if use_fast else None
         with torch.enable_grad():
             if tracker is not None:
                 with tracker:
@@ -753,16 +843,18 @@ def grad_and_sum_grad_squared(
                 fb.append(k)
             methods[names[k]] = m
         norms_sq = tracker.norms_sq if tracker is not None else None
-        if fb:
+        if fb and exact_part:
             log.debug("exact fallback for %d of %d params: %s", len(fb), len(work), [names[k] for k in fb])
-            fb_sgs, fb_nsq = _fallback(loss_fn, spec, leaves, live, work, fb, batch, args, kwargs, reduction,
-                                       has_aux, n, budget, randomness, per_example_norms)
+            fb_sgs, fb_nsq, looped = _fallback(loss_fn, spec, leaves, live, work, fb, batch, args, kwargs,
+                                               reduction, has_aux, n, budget, randomness, per_example_norms, memo)
             for k, s in zip(fb, fb_sgs):
                 sgs[k] = s
+                if looped is not None:
+                    methods[names[k]] += f"; exact per-example loop (vmap cannot batch this model: {looped})"
             if fb_nsq is not None:
                 norms_sq = fb_nsq if norms_sq is None else norms_sq + fb_nsq
         norms = None
-        if per_example_norms:
+        if per_example_norms and exact_part:
             dtype = work[0].dtype if work else torch.float32
             norms = (norms_sq.sqrt().to(dtype) if norms_sq is not None
                      else torch.zeros(n, dtype=dtype, device=work[0].device if work else None))
@@ -833,38 +925,60 @@ def all_reduce_sum_grad_squared(sum_grad_squared: Any, batch_size: int, *, reduc
 
 
 _CHECK_FAILED = "the fast rule disagreed with the exact per-example gradient on the first call (batch not in dim 0?)"
+_NOT_VERIFIED = "the first-call check could not verify its fast rule (batch not in dim 0?)"
+
+
+class _Verdict(NamedTuple):
+    """The first-call check's result: the params whose fast rule was verified on a sub-batch; any
+    other param that would take the fast path later takes the fallback, for the reason in
+    ``why_not``."""
+
+    allowed: frozenset[str]
+    why_not: dict[str, str]
 
 
 def _check_fast_rules(compute: Callable[..., PerExampleStats], params: Any, batch: Any, args: tuple,
-                      kwargs: dict[str, Any]) -> frozenset[str]:
-    """Names of params whose fast statistic differs from the exact one on a sub-batch, or whose layer
-    does not see the sub-batch's size in dim 0 (its dim 0 is something else that happened to equal
-    the full batch size)."""
+                      kwargs: dict[str, Any], memo: dict[str, str]) -> _Verdict | None:
+    """Run the fast rules on a sub-batch of ``k`` examples (2, or 1 for a batch of 2 or less) and
+    verify them. A param passes only if (1) its layer takes the fast path there too, i.e. the
+    layer's dim 0 follows the batch size from ``N`` down to ``k`` (a layer whose dim 0 is a
+    sequence or another dim that equals ``N`` by chance does not), and (2) its fast statistic
+    equals the exact per-example one on the sub-batch (skipped, with a log message, when the
+    exact path cannot run there, e.g. dropout with ``randomness="error"``). ``None``: the fast
+    pass itself could not run on the sub-batch, so nothing could be verified."""
     n = _batch_size(batch)
     k = 2 if n > 2 else 1
     sub = torch.utils._pytree.tree_map(lambda t: t[:k] if isinstance(t, torch.Tensor) else t, batch)
     try:
-        fast = compute(params, sub, args, kwargs, True, frozenset())
-        if all(not m.startswith("fast") for m in fast.methods.values()):
-            return frozenset()
-        exact = compute(params, sub, args, kwargs, False, frozenset())
-    except Exception as e:  # e.g. dropout under randomness="error": no check, the fast rules stand
+        fast = compute(params, sub, args, kwargs, True, None, memo, exact_part=False)
+    except Exception as e:
         log.info("fast-rule check skipped: %s", e)
-        return frozenset()
-    bad = {name for name, m in fast.methods.items() if "rows in dim 0" in m}
-    f_leaves = dict(zip(_tree.tree_paths(params), _tree.tree_flatten(fast.sum_grad_squared)[0]))
-    e_leaves = dict(zip(_tree.tree_paths(params), _tree.tree_flatten(exact.sum_grad_squared)[0]))
-    for name, m in fast.methods.items():
-        if not m.startswith("fast"):
-            continue
-        a, b = f_leaves[name], e_leaves[name]
-        tol = 1e-3 if a.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-7
-        if not torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max()) + 1e-30):
-            bad.add(name)
-    if bad:
-        log.warning("fast rules disagree with the exact per-example gradients for %s; they take the fallback",
-                    sorted(bad))
-    return frozenset(bad)
+        return None
+    allowed = {name for name, m in fast.methods.items() if m.startswith("fast")}
+    why_not = {name: f"not verified by the first-call check (on a {k}-example sub-batch: {m.removeprefix('fallback: ')}; "
+                     "batch not in dim 0?)"
+               for name, m in fast.methods.items() if name not in allowed}
+    if allowed:
+        try:
+            exact = compute(params, sub, args, kwargs, False, None, memo)
+        except Exception as e:  # e.g. dropout under randomness="error": the batch-dim part stands
+            log.info("fast-rule check against the exact statistic skipped: %s", e)
+        else:
+            f_leaves = dict(zip(_tree.tree_paths(params), _tree.tree_flatten(fast.sum_grad_squared)[0]))
+            e_leaves = dict(zip(_tree.tree_paths(params), _tree.tree_flatten(exact.sum_grad_squared)[0]))
+            for name in sorted(allowed):
+                a, b = f_leaves[name], e_leaves[name]
+                tol = 1e-3 if a.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-7
+                if not torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max()) + 1e-30):
+                    allowed.discard(name)
+                    why_not[name] = _CHECK_FAILED
+    rejected = sorted(n for n, m in fast.methods.items()
+                      if m.startswith("fast") and n not in allowed or "rows in dim 0" in m)
+    if rejected:
+        log.warning("first-call check: the fast rules of %s were not verified (batch not in dim 0, or a statistic "
+                    "unlike the exact one); they take the exact fallback",
+                    rejected)
+    return _Verdict(frozenset(allowed), why_not)
 
 
 def sum_grad_squared(loss_fn: Callable[..., Any], params: Any, batch: Any, *args: Any,

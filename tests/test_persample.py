@@ -196,6 +196,26 @@ def test_tied_weights_take_the_exact_fallback():
     assert res.methods["mix.weight"] == "fast:linear"
 
 
+def test_a_tied_weight_does_not_void_the_statistic_of_its_layers_other_params():
+    """Regression: a layer call whose weight takes the fallback (tied) installed no hook, so its
+    own bias, marked fast, never fired and was reported "unused" with a zero statistic."""
+
+    class TiedWithBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 6)
+            self.b = nn.Parameter(torch.randn(9))
+
+        def forward(self, idx):
+            return F.linear(torch.tanh(self.emb(idx).mean(1)), self.emb.weight, self.b)
+
+    torch.manual_seed(18)
+    batch = (torch.randint(0, 9, (4, 3)), torch.randint(0, 9, (4,)))
+    for check in (True, False):
+        res = assert_matches_reference(TiedWithBias().double(), batch, check=check)
+        assert res.methods == {"emb.weight": "fallback: used more than once (e.g. tied weights)", "b": "fast:linear"}
+
+
 def test_unknown_ops_take_the_fallback_and_small_chunks_give_the_same_numbers():
     class Odd(nn.Module):
         def __init__(self):
@@ -304,7 +324,7 @@ def test_equals_truegrad_nn_linear_weight_and_shows_its_bias_quirk():
     ref.load_state_dict({"weight": lin.weight.detach(), "bias": lin.bias.detach()})
     params, res = engine_run(ref, (x, y), loss=F.mse_loss)
     torch.testing.assert_close(res.sum_grad_squared["weight"], lin.weight.sum_grad_squared, rtol=1e-9, atol=0)
-    # TECHNIQUES.md 3.3 quirk 2: truegrad's bias statistic is N = 4 times BackPACK's convention
+    # truegrad's quirk (its nn.Linear bias statistic): N = 4 times BackPACK's convention
     torch.testing.assert_close(lin.bias.sum_grad_squared, 4 * res.sum_grad_squared["bias"], rtol=1e-9, atol=0)
 
 
@@ -405,22 +425,227 @@ def test_bad_input_gets_clear_errors():
         gx.grad_and_sum_grad_squared(lambda p, b: functional_call(bn, p, (b,)).pow(2).mean())(bparams, x)
 
 
-@pytest.mark.parametrize("rule", ["unfold", "vjp"])
-def test_both_per_example_conv_rules_are_exact(monkeypatch, rule):
-    """The engine times the two conv rules once per shape and keeps the faster: test each one."""
+def _force_conv_rule(monkeypatch, rule):
+    """Make every conv layer that can take ``rule`` take it (the others keep the only rule they have)."""
     import gradxform.persample as ps
 
-    class Forced(dict):
-        def get(self, key, default=None):
-            return rule
+    natural = ps._conv_rule
 
-    monkeypatch.setattr(ps, "_CONV_CHOICE", Forced())
+    def forced(d, in_channels, out_channels, kernel, positions, groups, padding, device):
+        if d <= 2 and groups == 1 and not isinstance(padding, str):
+            return rule
+        return natural(d, in_channels, out_channels, kernel, positions, groups, padding, device)
+
+    monkeypatch.setattr(ps, "_conv_rule", forced)
+
+
+@pytest.mark.parametrize("rule", ["unfold", "vjp"])
+def test_both_per_example_conv_rules_are_exact(monkeypatch, rule):
+    """The engine picks one of two conv rules by shape and device: test each one on every layer."""
+    _force_conv_rule(monkeypatch, rule)
     x, y = torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 4, (5,))
     assert_matches_reference(cnn(), (x, y))
     torch.manual_seed(12)
     m1 = nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=2), nn.Flatten(), nn.Linear(4 * 6, 2)).double()
     assert_matches_reference(m1, (torch.randn(4, 3, 10, dtype=torch.float64), torch.randint(0, 2, (4,))),
                              chunk_bytes=1500)  # several chunks
+    model, params, batch = _two_convs()
+    _, res = engine_run(model, batch, reduction="sum",
+                        loss=lambda o, t: F.cross_entropy(o, t, reduction="sum"))
+    ref, _ = reference(model, params, batch, lambda o, t: F.cross_entropy(o, t, reduction="sum"), "sum")
+    for k, v in ref.items():  # float32: both rules round, each close to the reference
+        torch.testing.assert_close(res.sum_grad_squared[k], v, rtol=1e-5, atol=1e-6 * v.abs().max().item())
+
+
+def test_conv_rule_is_a_function_of_shape_and_device():
+    """The documented rule, shape by shape (no timing, no cache: the same layer always takes the same rule)."""
+    from gradxform.persample import _conv_rule
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # (d, in, out, kernel taps, positions, groups, padding) -> CPU rule; 3-d, grouped and
+    # string-padded convs have only vjp
+    cases = {(2, 3, 32, 9, 1024, 1, 1): "unfold", (2, 16, 16, 9, 1024, 1, 1): "vjp",
+             (2, 32, 64, 9, 256, 1, 1): "unfold", (2, 64, 16, 9, 64, 1, 1): "vjp", (2, 8, 8, 9, 4, 1, 1): "unfold",
+             (1, 3, 16, 3, 128, 1, 1): "unfold", (1, 16, 16, 9, 128, 1, 1): "unfold",
+             (2, 512, 512, 1, 16, 1, 0): "unfold", (2, 16, 16, 1, 1024, 1, 0): "unfold",
+             (2, 16, 16, 8, 1024, 1, 0): "unfold", (2, 3, 16, 25, 1024, 1, 2): "unfold",
+             (3, 2, 3, 8, 18, 1, 0): "vjp", (2, 16, 16, 9, 1024, 2, 1): "vjp", (2, 16, 16, 9, 1024, 1, "same"): "vjp",
+             (2, 7, 32, 9, 1024, 1, 1): "unfold", (2, 8, 33, 9, 1024, 1, 1): "unfold",
+             (2, 8, 32, 9, 63, 1, 1): "unfold", (2, 8, 32, 9, 64, 1, 1): "vjp"}
+    for (d, cin, cout, kernel, pos, groups, pad), want in cases.items():
+        assert _conv_rule(d, cin, cout, kernel, pos, groups, pad, cpu) == want, (d, cin, cout, kernel, pos, groups, pad)
+        on_gpu = "vjp" if d == 3 or groups != 1 or isinstance(pad, str) else "unfold"
+        assert _conv_rule(d, cin, cout, kernel, pos, groups, pad, cuda) == on_gpu
+
+
+def _two_convs():
+    """float32, two conv layers whose rules differ (3->8: unfold, 8->16: vjp on the CPU); the
+    first layer's statistic differs in the last bits between the two rules."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(),
+                      nn.Linear(16 * 8 * 8, 3))
+    g = torch.Generator().manual_seed(1)
+    batch = torch.randn(6, 3, 8, 8, generator=g), torch.randint(0, 3, (6,), generator=g)
+    return m, {k: v.detach() for k, v in m.named_parameters()}, batch
+
+
+_FRESH_PROCESS = """
+import itertools, math, sys, time
+import torch, torch.nn.functional as F
+from torch.func import functional_call
+import gradxform as gx
+sys.path.insert(0, sys.argv[3])
+from test_persample import _two_convs
+torch.set_num_threads(int(sys.argv[2]))
+ticks = itertools.count(1)
+# a clock whose rate rises (later calls look slower) or falls (later calls look faster)
+time.perf_counter = (lambda: next(ticks) ** 2) if sys.argv[1] == "rising" else (lambda: math.sqrt(next(ticks)))
+m, params, batch = _two_convs()
+res = gx.grad_and_sum_grad_squared(
+    lambda p, b: F.cross_entropy(functional_call(m, p, (b[0],)), b[1], reduction="sum"), reduction="sum")(params, batch)
+torch.save({k: v for k, v in res.sum_grad_squared.items()}, sys.argv[4])
+"""
+
+
+def test_conv_statistic_is_bit_identical_across_calls_and_fresh_processes_whatever_the_clock(monkeypatch, tmp_path):
+    """Regression: the conv rule was picked by timing both rules once per shape and cached
+    process-wide; the two rules round differently, so the statistic depended on which ran faster."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    m, params, batch = _two_convs()
+
+    def run():
+        return gx.grad_and_sum_grad_squared(
+            lambda p, b: F.cross_entropy(functional_call(m, p, (b[0],)), b[1], reduction="sum"),
+            reduction="sum")(params, batch).sum_grad_squared
+
+    first, again = run(), run()
+    by_rule = {}
+    for rule in ("unfold", "vjp"):
+        with monkeypatch.context() as mp:
+            _force_conv_rule(mp, rule)
+            by_rule[rule] = run()
+    # the test has power: the two rules give different bits for this layer
+    assert not torch.equal(by_rule["unfold"]["0.weight"], by_rule["vjp"]["0.weight"])
+    here = pathlib.Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    # a fresh process whose clock runs slower and slower: a rule timed later looks faster
+    out = tmp_path / "fresh.pt"
+    subprocess.run([sys.executable, "-c", _FRESH_PROCESS, "falling", str(torch.get_num_threads()), str(here), str(out)],
+                   check=True, env=env, cwd=tmp_path, timeout=300)
+    fresh = torch.load(out)
+    for k in params:
+        for other in (again, fresh):
+            assert torch.equal(other[k], first[k]), k
+    assert torch.equal(first["0.weight"], by_rule["unfold"]["0.weight"])  # the documented CPU rule for 3 -> 8
+    assert torch.equal(first["2.weight"], by_rule["vjp"]["2.weight"])  # and for 8 -> 16
+
+
+# --- recurrent models: vmap cannot batch their kernels --------------------------------------------
+
+
+def hand_loop(loss_of_one, params, batch, reduction="mean"):
+    """The definition: one torch.autograd.grad per example; returns (grads, S, per-example norms)."""
+    n = batch[0].shape[0]
+    scale = 1.0 / n if reduction == "mean" else 1.0
+    contribs = []
+    for i in range(n):
+        q = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        gs = torch.autograd.grad(loss_of_one(q, tuple(t[i:i + 1] for t in batch)), list(q.values()), allow_unused=True)
+        contribs.append({k: (torch.zeros_like(v) if g is None else g) * scale for (k, v), g in zip(q.items(), gs)})
+    grads = {k: sum(c[k] for c in contribs) for k in params}
+    sgs = {k: sum(c[k].square() for c in contribs) for k in params}
+    norms = torch.stack([sum(c[k].square().sum() for k in params) for c in contribs]).sqrt()
+    return grads, sgs, norms
+
+
+class GRUCellLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(3, 7)
+
+    def forward(self, x):
+        h = None  # the cell makes its own zero state
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return h
+
+
+class Recurrent(nn.Module):
+    """A recurrent core (its params have no fast rule) and a linear head (fast)."""
+
+    def __init__(self, core):
+        super().__init__()
+        self.core = core
+        self.head = nn.Linear(7, 2)
+
+    def forward(self, x):
+        h = self.core(x)
+        return self.head(h[0][:, -1] if isinstance(h, tuple) else h)
+
+
+@pytest.mark.parametrize("core", ["GRU", "LSTM", "RNN", "GRUCell loop"])
+def test_recurrent_models_take_an_exact_per_example_loop(core):
+    """Regression: vmap has no batching rule for the recurrent kernels, so the exact fallback
+    raised; it now loops over the examples, says so in ``methods``, and equals the definition."""
+    torch.manual_seed(14)
+    make = {"GRU": lambda: nn.GRU(3, 7, batch_first=True), "LSTM": lambda: nn.LSTM(3, 7, batch_first=True),
+            "RNN": lambda: nn.RNN(3, 7, batch_first=True), "GRUCell loop": GRUCellLoop}[core]
+    model = Recurrent(make()).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    batch = torch.randn(5, 4, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+
+    def loss_fn(p, b):
+        return F.mse_loss(functional_call(model, p, (b[0],)), b[1])
+
+    grads, sgs, norms = hand_loop(loss_fn, params, batch)
+    for options in ({}, {"chunk_bytes": 1}, {"fast": False}):
+        engine = gx.grad_and_sum_grad_squared(loss_fn, per_example_norms=True, **options)
+        for _ in range(2):  # the second call knows vmap fails and loops at once: same numbers
+            res = engine(params, batch)
+            for k in params:
+                torch.testing.assert_close(res.sum_grad_squared[k], sgs[k], rtol=1e-10, atol=1e-14)
+                torch.testing.assert_close(res.grads[k], grads[k], rtol=1e-10, atol=1e-14)
+            torch.testing.assert_close(res.per_example_norms, norms, rtol=1e-10, atol=0)
+            for k, m in res.methods.items():
+                if k.startswith("core.") or options.get("fast") is False:  # fast=False: all in one loop
+                    assert m.startswith("fallback: ") and "exact per-example loop (vmap cannot batch this model" in m, m
+                else:
+                    assert m == "fast:linear", m
+
+
+def test_the_per_example_loop_follows_vmaps_randomness_modes():
+    """Where vmap lacks a rule the loop takes over with vmap's randomness semantics: 'error'
+    refuses dropout (a GRU's inter-layer dropout), 'different' draws per example, 'same' replays
+    one generator state for every example."""
+    gru = nn.GRU(3, 4, num_layers=2, dropout=0.5, batch_first=True).double().train()
+    params = {k: v.detach() for k, v in gru.named_parameters()}
+    x = torch.randn(3, 2, 3, dtype=torch.float64)
+    engine = gx.grad_and_sum_grad_squared(lambda p, b: functional_call(gru, p, (b,))[0].pow(2).mean())
+    with pytest.raises(RuntimeError, match="randomness"):
+        engine(params, x)
+    res = gx.grad_and_sum_grad_squared(lambda p, b: functional_call(gru, p, (b,))[0].pow(2).mean(),
+                                       randomness="different")(params, x)
+    assert "exact per-example loop" in res.methods["weight_ih_l0"] and res.sum_grad_squared["weight_ih_l0"].shape == (12, 3)
+    # "same": every example sees the same generator state, as a hand loop that re-seeds before each
+    torch.manual_seed(17)
+    res = gx.grad_and_sum_grad_squared(lambda p, b: functional_call(gru, p, (b,))[0].pow(2).mean(),
+                                       randomness="same", fast=False)(params, x)
+    state = torch.get_rng_state()
+    torch.manual_seed(17)
+    functional_call(gru, params, (x,))  # the main pass draws first
+    start = torch.get_rng_state()
+    contribs = []
+    for i in range(3):
+        torch.set_rng_state(start)
+        q = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        contribs.append(torch.autograd.grad(functional_call(gru, q, (x[i:i + 1],))[0].pow(2).mean(), q["weight_hh_l1"])[0])
+    torch.set_rng_state(state)
+    torch.testing.assert_close(res.sum_grad_squared["weight_hh_l1"], sum((c / 3).square() for c in contribs),
+                               rtol=1e-10, atol=0)
 
 
 # --- end to end with the TrueGrad transforms -----------------------------------------------------
@@ -507,8 +732,50 @@ def test_first_call_check_catches_a_layer_that_sees_the_batch_outside_dim_0():
     m = SeqFirst().double()
     batch = (torch.randn(4, 4, 3, dtype=torch.float64), torch.randint(0, 2, (4,)))
     res = assert_matches_reference(m, batch)
-    assert res.methods["lin.weight"].startswith("fallback: the fast rule disagreed")
+    assert res.methods["lin.weight"].startswith("fallback: not verified by the first-call check")
     assert res.methods["head.weight"] == "fast:linear"
     params, unchecked = engine_run(m, batch, check=False)
     ref, _ = reference(m, params, batch, F.cross_entropy)
     assert not torch.allclose(unchecked.sum_grad_squared["lin.weight"], ref["lin.weight"], rtol=1e-3)
+
+
+def test_first_call_check_is_not_fooled_when_every_fast_layer_is_sequence_first():
+    """Regression (the only fast layer is sequence-first with as many positions as examples): the
+    check returned early because nothing took the fast path on the sub-batch, so the full batch
+    took fast:linear and the statistic was 33-91% off."""
+    torch.manual_seed(15)
+    lin = torch.nn.Linear(4, 3)
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+
+    def f(p, b):
+        return F.cross_entropy(functional_call(lin, p, (b[0].transpose(0, 1),)).transpose(0, 1).mean(1), b[1])
+
+    batch = (torch.randn(5, 5, 4), torch.randint(0, 3, (5,)))
+    res = gx.grad_and_sum_grad_squared(f)(params, batch)
+    grads, sgs, _ = hand_loop(f, params, batch)
+    for k in params:
+        assert res.methods[k].startswith("fallback: not verified by the first-call check (on a 2-example "
+                                         "sub-batch: linear input has 5 rows in dim 0"), res.methods[k]
+        torch.testing.assert_close(res.sum_grad_squared[k], sgs[k], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(res.grads[k], grads[k], rtol=1e-5, atol=1e-7)
+    again = gx.grad_and_sum_grad_squared(f)(params, batch)  # a fresh engine: the same verdict
+    assert again.methods == res.methods
+
+
+def test_first_call_check_still_guards_the_batch_dim_when_the_exact_check_cannot_run():
+    """With dropout and randomness='error' the exact half of the check cannot run; the batch-dim
+    half still sends a sequence-first layer to the fallback, which then refuses dropout loudly
+    instead of returning a wrong number."""
+    torch.manual_seed(16)
+    lin = torch.nn.Linear(4, 3)
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+
+    def f(p, b):
+        h = functional_call(lin, p, (F.dropout(b[0], 0.1).transpose(0, 1),)).transpose(0, 1)
+        return F.cross_entropy(h.mean(1), b[1])
+
+    batch = (torch.randn(5, 5, 4), torch.randint(0, 3, (5,)))
+    with pytest.raises(RuntimeError, match="randomness"):
+        gx.grad_and_sum_grad_squared(f)(params, batch)
+    res = gx.grad_and_sum_grad_squared(f, randomness="different")(params, batch)
+    assert res.methods["weight"].startswith("fallback: not verified by the first-call check")
