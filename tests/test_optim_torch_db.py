@@ -703,6 +703,37 @@ def test_float64_checkpoint_into_float32_params_is_cast(name, path):
     assert_same(model_g, opt_g, model_t, opt_t, **TOL[F32])
 
 
+def _average(a: gx.GradientTransformation, b: gx.GradientTransformation) -> gx.GradientTransformation:
+    """A user-written combinator that hands the same updates to two transforms."""
+
+    def init(params):
+        return (a.init(params), b.init(params))
+
+    def update(updates, state, params=None):
+        ua, sa = a.update(updates, state[0], params)
+        ub, sb = b.update(updates, state[1], params)
+        return gx.tree.tree_map(lambda x, y: (x + y) / 2, ua, ub), (sa, sb)
+
+    return gx.GradientTransformation(init, update)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_user_written_transform_is_called_purely(path):
+    """Inside the adapter a transform must not overwrite inputs that a user-written combinator
+    shares: clip (a no-op at this norm), the average of 2g and 3g, negated, is -2.5 g (by hand),
+    as the functional update gives."""
+    tx = gx.chain(gx.clip_by_global_norm(100.0), _average(gx.scale(2.0), gx.scale(3.0)), gx.scale(-1.0))
+    g = torch.ones(3, dtype=F64)
+    functional, _ = tx.update([g.clone()], tx.init([torch.zeros(3, dtype=F64)]), [torch.zeros(3, dtype=F64)])
+    assert torch.equal(functional[0], torch.full((3,), -2.5, dtype=F64))
+    w = nn.Parameter(torch.zeros(3, dtype=F64))
+    w.grad = g.clone()
+    opt = gx.Optimizer([w], tx, fused=PATHS[path])
+    opt.step()
+    assert torch.equal(w.detach(), torch.full((3,), -2.5, dtype=F64)), f"adapter step gave {w.detach().tolist()}"
+    assert torch.equal(w.grad, g), "the user's .grad was written"
+
+
 # --- torch.distributed.checkpoint's optimizer state dict ----------------------------------------------------
 
 
@@ -753,6 +784,40 @@ def test_dcp_get_and_set_optimizer_state_dict(name, path, flatten):
     train(model, opt, 5, start=5)
     train(model2, opt2, 5, start=5)
     assert_same(model2, opt2, model, opt, exact=True)
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["plain", "flattened"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_dcp_state_dict_of_a_chain_without_torch_twin(path, flatten):
+    """The same DCP invariants for ``chain(clip_by_global_norm, adamw)`` (shared non-per-param
+    state: the clip has none, the alias keeps a count): no hidden step, bit-for-bit resume."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+
+    def make(model):
+        tx = gx.chain(gx.clip_by_global_norm(0.5), gx.adamw(2e-2, weight_decay=0.1))
+        return gx.Optimizer(model.parameters(), tx, fused=PATHS[path])
+
+    model = make_model()
+    opt = make(model)
+    train(model, opt, 4)
+    opt.zero_grad()
+    before = copy.deepcopy(opt.state_dict())
+    params_before = copy.deepcopy(model.state_dict())
+    osd = get_optimizer_state_dict(model, opt, options=options)
+    assert_tree_equal(opt.state_dict(), before, "the optimizer's state after get_optimizer_state_dict")
+    assert_tree_equal(model.state_dict(), params_before, "the params after get_optimizer_state_dict")
+    assert all(opt.state.get(p) for p in model.parameters()), "opt.state holds each param's state after a step"
+    model2 = copy.deepcopy(model)
+    opt2 = make(model2)
+    set_optimizer_state_dict(model2, opt2, copy.deepcopy(osd), options=options)
+    train(model, opt, 4, start=4)
+    train(model2, opt2, 4, start=4)
+    for a, b in zip(model2.parameters(), model.parameters()):
+        close(a.detach(), b.detach(), "resumed vs uninterrupted", exact=True)
+    assert_tree_equal(opt2.state_dict(), opt.state_dict(), "state_dict at the end")
 
 
 # --- ZeroRedundancyOptimizer on two gloo ranks -------------------------------------------------------------
