@@ -881,7 +881,8 @@ def _zero_rank(rank: int, world: int) -> dict[str, Any]:
             continue
         model2 = copy.deepcopy(model)
         opt2 = build(which, model2)
-        if not agreed(lambda: opt2.load_state_dict(torch.load(path, weights_only=True))):
+        # weights_only=False: ZeRO's own param groups carry every constructor default, ``tx`` too
+        if not agreed(lambda: opt2.load_state_dict(torch.load(path, weights_only=False))):
             continue
         train(model, opt, _ZERO_STEPS, start=_ZERO_STEPS)
         train(model2, opt2, _ZERO_STEPS, start=_ZERO_STEPS)
