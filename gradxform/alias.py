@@ -39,6 +39,14 @@ from .transforms import (
 
 __all__ = ["adam", "adamw", "sgd", "tg_adamw", "tg_laprop", "tg_rmsprop"]
 
+def _scalar_lr(lr: Any) -> Any:
+    """A one-element tensor learning rate of any shape (torch.optim takes ``()`` and ``(1,)``) as
+    a 0-d tensor."""
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.ndim > 0:
+        return lr.reshape(())
+    return lr
+
+
 def _nonzero(x: Any) -> bool:
     if callable(x) and not isinstance(x, torch.Tensor):
         return True
@@ -77,6 +85,7 @@ def sgd(
     ``g <- b_t``; ``p <- p - lr * g``. Built as ``chain(add_decayed_weights, trace,
     scale_by_learning_rate)`` inside ``inject_hyperparams``.
     """
+    lr = _scalar_lr(lr)
     check_float("lr", lr, low=0.0)
     check_float("momentum", momentum, low=0.0)
     check_float("weight_decay", weight_decay, low=0.0)
@@ -115,6 +124,7 @@ def _check_betas(betas: Any) -> None:
 
 def _adam_family(decoupled: bool, lr: Any, betas: Any, eps: Any, weight_decay: Any, amsgrad: bool,
                  maximize: bool) -> GradientTransformation:
+    lr = _scalar_lr(lr)
     check_float("lr", lr, low=0.0)
     _check_betas(betas)
     check_float("eps", eps, low=0.0)

@@ -124,10 +124,6 @@ def _unsupported_buffers(ps: list[torch.Tensor], bufs: list[torch.Tensor | None]
     return None
 
 
-def _constant(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _find(states: Any, fields: tuple[str, ...]) -> Any:
     """The member state of an alias's inner chain with these fields (e.g. Adam's moments)."""
     for s in states:
@@ -185,10 +181,10 @@ class Lowering(NamedTuple):
         for name, t in hp.items():
             if t.device.type != "cpu":
                 return f"hyperparameter {name} is on {t.device}"
-        if isinstance(self.kernel, SGDKernel) and any(g.layout is not torch.strided for g in live_g):
-            if self.clip is not None:
-                return "a clip before SGD with sparse gradients"
-            if hp["weight_decay"].item() != 0 if "weight_decay" in hp else False:
+        if any(g.layout is not torch.strided for g in live_g):
+            if not isinstance(self.kernel, SGDKernel) or self.clip is not None:
+                return "sparse gradients (only gx.sgd without a clip before it takes them)"
+            if "weight_decay" in hp and hp["weight_decay"].item() != 0:
                 return "weight decay with sparse gradients (torch.optim.SGD does not take them either)"
             return None
         why = _unsupported_tensors(live_p, live_g, self.kernel_name)
@@ -299,7 +295,7 @@ def _sparse_sgd_step(kern: SGDKernel, alias_state: Any, hp: dict[str, Any], idx:
             else:
                 buf.mul_(mu).add_(d, alpha=1.0 - damp)
             count.add_(1)
-            d = d.add(buf, alpha=mu) if kern.nesterov else buf
+            d = buf.mul(mu).add_(d) if kern.nesterov else buf  # dense + sparse (torch's buffer is sparse)
         p.add_(d, alpha=-lr)
     return alias_state._replace(count=alias_state.count + 1)
 
@@ -320,9 +316,9 @@ def lowering_of(tx: GradientTransformation) -> Lowering | None:
 
 
 def declare_kernel(tx: GradientTransformation, kernel: AdamKernel | SGDKernel, hyperparams: dict[str, Any]) -> None:
-    """Declare ``kernel`` as ``tx``'s lowering when every hyperparameter is a constant number
-    (schedules and tensors keep the generic path; ``group["lr"]`` stays live either way)."""
-    values = [v for v in hyperparams.values()]
-    flat = [x for v in values for x in (v if isinstance(v, tuple) else (v,))]
-    if all(_constant(v) for v in flat):
+    """Declare ``kernel`` as ``tx``'s lowering unless a hyperparameter is a schedule (evaluated
+    inside ``update``: the lowering reads the values the group set). Numbers and tensors qualify:
+    ``group["lr"]`` stays live either way."""
+    flat = [x for v in hyperparams.values() for x in (v if isinstance(v, tuple) else (v,))]
+    if not any(callable(v) and not isinstance(v, torch.Tensor) for v in flat):
         declare(tx, fast_path=Lowering(kernel))

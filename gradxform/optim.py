@@ -16,12 +16,14 @@ How it maps onto torch.optim:
   params-shaped leaf of the transform state, under torch.optim's names where the state has a
   torch twin (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``),
   else under the leaf's field name (``mu``, ``trace``, ...) or, where that is ambiguous, its path
-  (``1/inner_state/0/mu``). The rest of the state (shared counts, clip histories, task weights,
-  injected hyperparameters) lives in the state of the group's first param under keys
-  ``tx_state/<path>``. ``opt.state`` is the only copy: each step reads the transform state from
-  it and writes the new one back, so torch's own ``state_dict``/``load_state_dict`` (ids, hooks,
-  casting), ``copy.deepcopy``, ``torch.distributed.checkpoint`` and ``ZeroRedundancyOptimizer``
-  see and restore everything. A ``torch.optim.SGD``/``Adam``/``AdamW`` state dict loads into
+  (``1/inner_state/0/mu``): for the aliases with a torch twin, exactly torch's keys. The rest of
+  the state (shared counts, clip histories, task weights) is the group's: ``group["tx_state"]``
+  maps its paths to tensors (``{"count": tensor(3)}`` for ``gx.adamw``). Injected
+  hyperparameters are not stored twice: the group's ``lr``, ``betas``, ... are copied into the
+  state before each update. Each step reads the transform state from these places and writes
+  the new one back, so torch's own ``state_dict``/``load_state_dict`` (ids, hooks, casting),
+  ``copy.deepcopy``, ``torch.distributed.checkpoint`` and ``ZeroRedundancyOptimizer`` see and
+  restore everything. A ``torch.optim.SGD``/``Adam``/``AdamW`` state dict loads into
   ``gx.sgd``/``gx.adam``/``gx.adamw`` and continues equal, and the reverse.
 - **Groups.** A group holds plain values only: the transform's numeric hyperparameters (``lr``,
   ``betas``, ...: live, copied into the state before each update; one given as a schedule is
@@ -61,7 +63,7 @@ __all__ = ["Optimizer"]
 
 logger = logging.getLogger(__name__)
 
-_SHARED = "tx_state/"
+_STEPPED = "#stepped"  # a per-param count that only says whether the param was stepped: not stored
 _TORCH_OPTIONS = {"foreach": None, "capturable": False, "differentiable": False}
 # hyperparameters that are a tuple of numbers (torch.optim's ``betas``); any other 1-d value is a
 # per-model vector of `gradxform.batched`
@@ -166,13 +168,15 @@ def _for_group(tx: GradientTransformation, group: dict[str, Any]) -> GradientTra
 
 
 class _Layout(NamedTuple):
-    """Where each leaf of a group's transform state lives in ``opt.state``: ``(i, key)`` in the
-    state of param ``i``, or ``(None, key)`` among the group's shared entries."""
+    """Where each leaf of a group's transform state lives: ``(i, key)`` in ``opt.state[p_i]``,
+    ``(None, key)`` in ``group["tx_state"]``, ``(-1, key)`` an injected hyperparameter that the
+    group's own value sets before every update (not saved twice)."""
 
     spec: Any
     records: list[tuple[int | None, str]]
     paths: list[str]  # each leaf's field path, dotted (the key of gradxform 0.1's adapter)
-    shared: frozenset[str]  # the shared keys that hold a tensor (the others are None)
+    shared: frozenset[str]  # the group keys that hold a tensor (the others are None)
+    synced: dict[str, torch.Tensor]  # initial values of the (-1, key) leaves
 
 
 def _layout(template: Any, n: int) -> _Layout:
@@ -181,6 +185,7 @@ def _layout(template: Any, n: int) -> _Layout:
     state class declares one (``torch_state_keys``), else by the field's name, else by its path,
     whichever is unique in the state."""
     paths, leaves, spec = optree.tree_flatten_with_path(template, none_is_leaf=True)
+    synced_ids = {id(t) for inj in _find_injected(template) for t in inj.hyperparams.values()}
     located: list[tuple[list[str], bool, Any]] = []  # (names on the path, per-param, owner of the field)
     for path in paths:
         node, chain_of, names = template, [], []
@@ -196,7 +201,9 @@ def _layout(template: Any, n: int) -> _Layout:
     options: dict[tuple[str, ...], list[str]] = {}
     for names, per_param, owner in located:
         field = tuple(names[:-1])
-        if per_param and field not in options:
+        if per_param and field and field[-1] in getattr(type(owner), "stepped_flags", ()):
+            options[field] = [_STEPPED]
+        elif per_param and field not in options:
             torch_key = getattr(type(owner), "torch_state_keys", {}).get(field[-1]) if field else None
             options[field] = [o for o in (torch_key, field[-1] if field else None, "/".join(field) or "state") if o]
     chosen: dict[tuple[str, ...], str] = {}
@@ -205,10 +212,12 @@ def _layout(template: Any, n: int) -> _Layout:
         taken = list(chosen.values()) + list(proposals.values())
         chosen.update({f: name for f, name in proposals.items() if taken.count(name) == 1})
     records = [(int(names[-1]), chosen.get(tuple(names[:-1]), "/".join(names[:-1]))) if per_param
-               else (None, _SHARED + "/".join(names)) for names, per_param, _ in located]
+               else (-1 if id(leaf) in synced_ids else None, "/".join(names))
+               for (names, per_param, _), leaf in zip(located, leaves)]
     dotted = [".".join(names[:-1] if per_param else names) for names, per_param, _ in located]
     shared = frozenset(key for (i, key), leaf in zip(records, leaves) if i is None and leaf is not None)
-    return _Layout(spec, records, dotted, shared)
+    synced = {key: leaf for (i, key), leaf in zip(records, leaves) if i == -1}
+    return _Layout(spec, records, dotted, shared, synced)
 
 
 def _eager_only(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -345,15 +354,18 @@ class Optimizer(torch.optim.Optimizer):
             layout = self._gx_cache[key] = _layout(template, len(ps))
         return layout
 
-    def _gather(self, tx: GradientTransformation, params: list[torch.Tensor], ps: list[torch.Tensor],
+    def _gather(self, tx: GradientTransformation, group: dict[str, Any], ps: list[torch.Tensor],
                 live: list[bool], gi: int) -> Any:
-        """The transform state of a group, read from ``opt.state``; params without state that
-        have a gradient now get their initial state, the others ``None`` (frozen)."""
+        """The transform state of a group, read from ``opt.state`` and ``group["tx_state"]``;
+        params without state that have a gradient now get their initial state, the others
+        ``None`` (frozen)."""
+        params = group["params"]
         layout = self._layout_for(tx, ps)
-        per_param_keys = {key for i, key in layout.records if i is not None}
+        per_param_keys = {key for i, key in layout.records if i is not None and i >= 0 and key != _STEPPED}
         stored = [self.state.get(p) or {} for p in params]
         has = [any(k in d for k in per_param_keys) for d in stored]
-        shared = stored[0]
+        shared = group.get("tx_state") or {}
+        synced = self._gx_cache.setdefault(("synced", id(tx), tuple(id(p) for p in params)), {})
         need = [live[i] and not has[i] for i in range(len(params))]
         fresh: list[Any] = []
         if any(need) or not layout.shared <= shared.keys():
@@ -363,10 +375,16 @@ class Optimizer(torch.optim.Optimizer):
         for j, (i, key) in enumerate(layout.records):
             if i is None:
                 leaves.append(shared[key] if key in shared else fresh[j] if key in layout.shared else None)
+            elif i == -1:  # set from the group by _sync_in
+                if key not in synced:
+                    synced[key] = layout.synced[key].clone()
+                leaves.append(synced[key])
             elif need[i]:
                 leaves.append(fresh[j])
             elif not has[i]:
                 leaves.append(None)
+            elif key == _STEPPED:
+                leaves.append(torch.ones((), dtype=torch.int64))
             else:
                 t = stored[i].get(key)
                 if t is None:
@@ -381,34 +399,40 @@ class Optimizer(torch.optim.Optimizer):
                 leaves.append(t)
         return optree.tree_unflatten(layout.spec, leaves)
 
-    def _scatter(self, tx: GradientTransformation, params: list[torch.Tensor], ps: list[torch.Tensor],
+    def _scatter(self, tx: GradientTransformation, group: dict[str, Any], ps: list[torch.Tensor],
                  new_state: Any, gi: int) -> None:
+        params = group["params"]
         layout = self._layout_for(tx, ps)
         leaves, spec = optree.tree_flatten(new_state, none_is_leaf=True)
         if spec != layout.spec:
             raise ValueError(f"the transform of group {gi} returned a state of another structure than its init "
                              f"gives: {spec} vs {layout.spec}")
+        synced = self._gx_cache.setdefault(("synced", id(tx), tuple(id(p) for p in params)), {})
+        shared = group.setdefault("tx_state", {}) if layout.shared else {}
         for (i, key), leaf in zip(layout.records, leaves):
             if leaf is None:
                 continue
-            p = params[0] if i is None else params[i]
-            if i is not None and p.is_complex() and leaf.shape == ps[i].shape:
-                leaf = torch.view_as_complex(leaf)
-            self.state[p][key] = leaf
+            if i is None:
+                shared[key] = leaf
+            elif i == -1:
+                synced[key] = leaf
+            elif key != _STEPPED:
+                p = params[i]
+                self.state[p][key] = torch.view_as_complex(leaf) if p.is_complex() and leaf.shape == ps[i].shape else leaf
 
     @_eager_only
     def _read(self, group: dict[str, Any], gi: int, live: list[bool]) -> tuple[GradientTransformation, Any]:
         tx = self._tx(group)
         params = group["params"]
         ps = [_real(p) for p in params]
-        state = self._gather(tx, params, ps, live, gi)
+        state = self._gather(tx, group, ps, live, gi)
         self._sync_in(state, group, gi)
         return tx, state
 
     @_eager_only
     def _write(self, group: dict[str, Any], gi: int, tx: GradientTransformation, state: Any) -> None:
         params = group["params"]
-        self._scatter(tx, params, [_real(p) for p in params], state, gi)
+        self._scatter(tx, group, [_real(p) for p in params], state, gi)
         for name, value in _hyperparam_values(state).items():
             if not isinstance(group.get(name), torch.Tensor):
                 group[name] = value
@@ -464,17 +488,17 @@ class Optimizer(torch.optim.Optimizer):
                 grads = [None if g is None else -g for g in grads]
             sparse = [i for i, g in enumerate(grads) if g is not None and g.layout is not torch.strided]
             fused = group.get("fused")
-            lowering = None if fused is False or extra_args else _fastpath.lowering_of(tx)
+            lowering = None if extra_args or (fused is False and not sparse) else _fastpath.lowering_of(tx)
             why = "no fused lowering declared" if lowering is None else lowering.unsupported(ps, grads, state)
-            if why is None:
+            if why is None:  # a fused kernel, or torch's exact per-tensor SGD for sparse gradients
                 scratch = self._gx_cache.setdefault(("scratch", tuple(id(p) for p in params)), [None] * len(params))
                 state = lowering.step(ps, grads, state, scratch)  # type: ignore[union-attr]
-            elif fused is True:
-                raise ValueError(f"group {gi}: fused=True, but this step cannot take a fused kernel: {why}")
             elif sparse:
                 raise RuntimeError(f"param {sparse[0]} of group {gi} has a sparse gradient: only gx.sgd takes sparse "
-                                   f"gradients (as torch.optim.SGD; here: {why}); use dense gradients (e.g. "
+                                   f"gradients, as torch.optim.SGD (here: {why}); use dense gradients (e.g. "
                                    "nn.Embedding(sparse=False))")
+            elif fused is True:
+                raise ValueError(f"group {gi}: fused=True, but this step cannot take a fused kernel: {why}")
             else:
                 state = self._generic_step(tx, group, gi, ps, grads, state, extra_args)
             self._write(group, gi, tx, state)
@@ -520,9 +544,10 @@ class Optimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict`` (hooks, ids, casting of floating state to the params'
-        dtype and device) with two differences: integer state (step counts) and the group's shared
-        entries are kept as saved (not cast to a float param's dtype), and each group keeps its
-        transform (``tx_index``), also when a ``torch.optim`` state dict is loaded."""
+        dtype and device), after checking each param's entries and shapes against the transform;
+        integer state (step counts) is kept as saved (not cast to a float param's dtype), and each
+        group keeps its transform (``tx_index``), also when a ``torch.optim`` state dict is
+        loaded. A state dict of gradxform 0.1's adapter is converted first."""
         kept = [g.get("tx_index", 0) for g in self.param_groups]
         state_dict = self._upgrade(state_dict)
         self._check_loadable(state_dict)
@@ -531,19 +556,17 @@ class Optimizer(torch.optim.Optimizer):
         current = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, current):
             for key, value in state_dict["state"].get(pid, {}).items():
-                if isinstance(value, torch.Tensor) and (key.startswith(_SHARED) or not (
-                        value.is_floating_point() or value.is_complex())):
+                if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
                     self.state[p][key] = value.clone()
         for g, index in zip(self.param_groups, kept):
             g["tx_index"] = index
             g.setdefault("fused", self.defaults.get("fused"))
 
-
     def _upgrade(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """A state dict of gradxform 0.1's adapter (buffers keyed by dotted path, the group's other
         tensors under ``param_groups[i]["tx_state"]``) in this layout."""
         groups = state_dict.get("param_groups", [])
-        if not any("tx_state" in g for g in groups) or len(groups) != len(self.param_groups):
+        if not any("gradxform_format" in g for g in groups) or len(groups) != len(self.param_groups):
             return state_dict
         state = {pid: dict(v) for pid, v in state_dict["state"].items()}
         new_groups = []
@@ -552,10 +575,11 @@ class Optimizer(torch.optim.Optimizer):
             old_shared = saved.pop("tx_state", {})
             saved.pop("gradxform_format", None)
             layout = self._layout_for(self._tx(group), [_real(p) for p in group["params"]])
+            saved["tx_state"] = {}
             for (i, key), path in zip(layout.records, layout.paths):
-                if i is None and path in old_shared and saved["params"]:
-                    state.setdefault(saved["params"][0], {})[key] = old_shared[path]
-                elif i is not None and i < len(saved["params"]):
+                if i is None and path in old_shared:
+                    saved["tx_state"][key] = old_shared[path]
+                elif i is not None and 0 <= i < len(saved["params"]):
                     entries = state.get(saved["params"][i], {})
                     if path in entries:
                         entries[key] = entries.pop(path)
@@ -582,14 +606,13 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             leaves = optree.tree_flatten(template, none_is_leaf=True)[0]
             records = self._layout_for(tx, [_real(p) for p in params]).records
-            shared = {key for i, key in records if i is None}
             expect: list[dict[str, torch.Tensor]] = [{} for _ in params]
             for (i, key), like in zip(records, leaves):
-                if i is not None and like is not None:
+                if i is not None and i >= 0 and like is not None and key != _STEPPED:
                     expect[i][key] = like
             for i, pid in enumerate(saved["params"]):
                 entries = state_dict["state"].get(pid, {})
-                own = {k for k in entries if k not in shared}
+                own = set(entries)
                 if not own:
                     continue
                 unknown, missing = own - expect[i].keys(), expect[i].keys() - own - {"step"}

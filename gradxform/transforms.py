@@ -230,7 +230,11 @@ class TraceState(NamedTuple):
 
 # The names `gradxform.Optimizer` gives these per-param buffers in ``opt.state[p]``: torch.optim's,
 # so that a torch.optim.SGD / Adam / AdamW state dict loads into the gradxform twin and back.
-TraceState.torch_state_keys = MappingProxyType({"count": "step", "trace": "momentum_buffer"})  # type: ignore[attr-defined]
+# TraceState's count only tells whether a leaf was stepped (its first step skips dampening), as
+# torch.optim.SGD's buffer being None does: the adapter stores no count for it (torch's SGD state
+# has none) and rebuilds it from whether the param has state.
+TraceState.torch_state_keys = MappingProxyType({"trace": "momentum_buffer"})  # type: ignore[attr-defined]
+TraceState.stepped_flags = frozenset({"count"})  # type: ignore[attr-defined]
 
 
 def _leaf_counts(params: Params) -> Any:

@@ -297,14 +297,12 @@ def test_a_checkpoint_of_the_first_adapter_still_loads():
     old = {"state": {}, "param_groups": []}
     layout = opt._layout_for(opt.transforms[0], list(model.parameters()))
     group = {k: v for k, v in sd["param_groups"][0].items() if k not in ("tx_index", "fused", "foreach", "capturable",
-                                                                              "differentiable")}
+                                                                              "differentiable", "tx_state")}
     group["gradxform_format"], group["tx_state"] = 1, {}
     for (i, key), path in zip(layout.records, layout.paths):
-        if key not in sd["state"][0]:
-            continue  # a None leaf (amsgrad off): not stored
-        if i is None:
-            group["tx_state"][path] = sd["state"][0][key]
-        else:
+        if i is None and key in sd["param_groups"][0]["tx_state"]:
+            group["tx_state"][path] = sd["param_groups"][0]["tx_state"][key]
+        elif i is not None and i >= 0 and key in sd["state"][i]:
             old["state"].setdefault(i, {})[path] = sd["state"][i][key]
     old["param_groups"].append(group)
     assert "1.inner_state.0.mu" in old["state"][0] and "0.buf" in group["tx_state"]
