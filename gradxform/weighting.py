@@ -116,11 +116,29 @@ def _schedule_gate(count: torch.Tensor, every: int, after: int) -> torch.Tensor:
     return (count >= after) & (torch.remainder(count - after, every) == 0)
 
 
+def _ranks(group: Any = None) -> int:
+    """Ranks in ``group`` under an initialised process group, else 1, **also while torch.compile
+    traces** (dynamo evaluates ``get_world_size`` at trace time and bakes the number into the graph)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
 def _mean_over_ranks(x: torch.Tensor, sync: bool, group: Any = None) -> torch.Tensor:
-    """The mean of ``x`` over the ranks of ``group`` (eager, initialised process group), else ``x``."""
-    world = _dist.world_size(group) if sync else 1
+    """The mean of ``x`` over the ranks of ``group`` under an initialised process group, else ``x``.
+
+    Eager: one in-place all-reduce. Under torch.compile: the functional all-reduce, which dynamo
+    traces into the graph (a compiled step syncs as an eager one does, instead of silently
+    computing rank-local values)."""
+    world = _ranks(group) if sync else 1
     if world == 1:
         return x
+    if _tree.is_compiling():
+        from torch.distributed import _functional_collectives as funcol
+
+        dist = torch.distributed
+        return funcol.all_reduce(x, "sum", group if group is not None else dist.group.WORLD) / world
     return _dist.all_reduce_sum([x], group)[0] / world
 
 
@@ -202,8 +220,10 @@ def gradnorm(
             the mean training rate and the renormalisation use the balanced tasks only, which
             keep the sum of their weights.
         frozen: never move the weights (an A/B switch); ``L_i(0)`` is still recorded.
-        sync: under ``torch.distributed`` (initialised, more than one rank, eager mode) average
-            ``losses`` over the ranks, so that every rank computes the same weights. The norms
+        sync: under ``torch.distributed`` (initialised, more than one rank) average ``losses``
+            over the ranks, so that every rank computes the same weights; eagerly with one
+            all-reduce, under ``torch.compile`` with the functional all-reduce traced into the
+            graph (the world size is read while tracing). The norms
             must be those of the global per-task gradients: `task_grad_norms` and
             `weighted_grad_and_task_norms` average the per-task gradients before the norm.
         dtype: dtype of the weights and statistics (default: the params' floating dtype, at least
@@ -565,7 +585,7 @@ def task_grad_norms(losses: Any, shared: torch.Tensor, *, retain_graph: bool = T
     g = _per_task_grads(losses, shared, retain_graph).detach()
     if shared.is_leaf:
         return _mean_over_ranks(g, True, group).flatten(1).norm(dim=1)
-    if _dist.world_size(group) == 1:
+    if _ranks(group) == 1:
         return g.flatten(1).norm(dim=1)
     if shared.ndim == 0:
         raise ValueError("a shared activation must have the batch in dim 0 (got a 0-d tensor)")
