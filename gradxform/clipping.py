@@ -18,10 +18,16 @@ clipped, the last global norm and the last clip factor (read ``stats.clipped / s
 the clip fraction, or call `clip_fraction`). See ``TECHNIQUES.md`` section 4 for the algorithms
 and the torch-clip quirks that are deliberately not reproduced.
 
-Scalar state (step counts, seeds) lives in 0-d int64 CPU tensors, as the rest of gradxform keeps
-``count``; norms, thresholds and factors live on the updates' device. ``update`` never syncs with
-the device (no ``.item()``, no Python branch on a tensor value) and compiles with
-``torch.compile(fullgraph=True)``.
+Where state lives, the rule of every gradxform transform: a count that advances on every update
+(``count``, a ring buffer's position) and a seed are 0-d int64 CPU tensors, as torch.optim keeps
+``step`` (schedules and logging read them for free); whatever is computed from the values of the
+updates (norms, thresholds, factors, and ``ClipStats.clipped``, which counts a data-dependent
+event) stays on the params' device, since bringing it to the CPU would cost a device-to-host copy
+every step. ``update`` never reads a device value on the host (no ``.item()``, ``.cpu()``, no
+Python branch on a device tensor) and compiles with ``torch.compile(fullgraph=True)``; eagerly on
+CPU it may branch on a CPU value (a memory read). Under `gradxform.apply_if_finite` on an
+accelerator the counts too depend on a device value (a step may be skipped), so there they live
+on the device.
 """
 
 from __future__ import annotations
@@ -191,10 +197,13 @@ def uniform_from_hash(seed: torch.Tensor | int, t0: torch.Tensor | int) -> torch
 class ClipStats(NamedTuple):
     """What a stateful clipper did, readable from its state.
 
-    ``count``: updates seen (0-d int64, CPU); ``clipped``: how many of them were clipped (0-d
-    int64, on the updates' device); ``last_norm``: the global L2 norm of the last incoming updates;
-    ``last_factor``: the factor the last updates were multiplied by (1 when not clipped). The
-    clip fraction is ``clipped / count`` (`clip_fraction`).
+    ``count``: updates seen (0-d int64 on the CPU: it advances on every update); ``clipped``: how
+    many of them were clipped (0-d int64 on the params' device: it depends on the norms, and
+    keeping it there costs no host sync); ``last_norm``: the global L2 norm of the last incoming
+    updates; ``last_factor``: the factor the last updates were multiplied by (1 when not
+    clipped), both on the params' device. The clip fraction is ``clipped / count``
+    (`clip_fraction`). Under `gradxform.apply_if_finite` on an accelerator ``count`` is on the
+    device too.
     """
 
     count: torch.Tensor
@@ -344,15 +353,16 @@ def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation
     return stateless(update_fn)
 
 
-def _unit_norms(x: torch.Tensor, vector_unit: str = "whole") -> torch.Tensor:
-    """Unit-wise L2 norms in torch's layout, shaped to broadcast against ``x`` (float32 or wider).
+def _unit_norms(x: torch.Tensor, vector_unit: str = "whole", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Unit-wise L2 norms in torch's layout, shaped to broadcast against ``x`` (float32 or wider,
+    or ``dtype``).
 
     ``ndim >= 2`` (Linear ``(out, in)``, Conv ``(out, in/groups, *kernel)``, Embedding
     ``(num, dim)``): one unit per index of dim 0, the norm over all other dims. ``ndim <= 1``
     (biases, norm-layer gains, scalars): the whole leaf is one unit (``vector_unit="whole"``), or
     each element is its own unit (``vector_unit="element"``, the norm is ``|x|``).
     """
-    wide = _wide(x.dtype)
+    wide = dtype or _wide(x.dtype)
     if x.ndim <= 1:
         if vector_unit == "whole":
             return _tree.reduced(torch.linalg.vector_norm(x, dtype=wide))
@@ -361,6 +371,15 @@ def _unit_norms(x: torch.Tensor, vector_unit: str = "whole") -> torch.Tensor:
 
 
 _VECTOR_UNITS = ("whole", "element")
+
+
+def _overflowed_on_cpu(norms: torch.Tensor) -> bool:
+    """Eagerly on CPU (a free read), whether a float32-or-narrower norm overflowed to inf; then
+    AGC recomputes it in float64 (as `clip_by_global_norm` does). Elsewhere False: no host sync;
+    an overflowing unit gets a zero factor there, as ``torch.nn.utils.clip_grad_norm_`` gives."""
+    if norms.dtype == torch.float64 or _tree.traced() or norms.device.type != "cpu":
+        return False
+    return bool(torch.isinf(norms).any())
 
 
 def adaptive_grad_clip(clipping: float | torch.Tensor, eps: float | torch.Tensor = 1e-3, *,
@@ -434,6 +453,8 @@ def adaptive_grad_clip(clipping: float | torch.Tensor, eps: float | torch.Tensor
         out = []
         for g, p in zip(flat.live, ps):
             g_norm = _unit_norms(g, vector_unit)
+            if _overflowed_on_cpu(g_norm):  # finite entries whose squares overflow float32
+                g_norm = _unit_norms(g, vector_unit, torch.float64)
             p_norm = _unit_norms(p, vector_unit).to(g_norm.dtype)
             if isinstance(e, torch.Tensor):
                 max_norm = torch.maximum(p_norm, e.to(p_norm.dtype)) * c

@@ -19,6 +19,12 @@ graph for ``loss.backward()`` users.
 Weights are read with `loss_weights` (from a state, a chain's state or a `gradxform.Optimizer`).
 Nothing here synchronises with the host: schedules (``update_every``, ``update_after``) and the
 non-finite skip are ``torch.where`` selections, so every updater compiles.
+
+Where state lives (the rule of every gradxform transform): the weights, the statistics and the
+counts of data-dependent events (``skipped``: non-finite inputs; DWA's ``seen``) are on the
+params' device; the counts that advance on every update (``count``, DWA's ``periods``) are 0-d
+int64 CPU tensors, as torch.optim keeps ``step``, so that the schedules need no device value.
+Under `gradxform.apply_if_finite` on an accelerator those counts live on the device too.
 """
 
 from __future__ import annotations
@@ -159,7 +165,8 @@ class GradNormState(NamedTuple):
     ``L_i(0)`` (zeros until recorded); ``count``: updates so far (0-d int64); ``weight_state``: the
     state of the transform that moves the weights; ``task_grad_norms`` ``(T,)``: the weighted norms
     ``G_i = w_i n_i`` of the last update (a diagnostic: their spread ``max/min`` is what GradNorm
-    shrinks); ``skipped``: updates skipped because an input was not finite (0-d int64)."""
+    shrinks); ``skipped``: updates skipped because an input was not finite (0-d int64). ``count``
+    is on the CPU (it advances on every update), everything else on the params' device."""
 
     weights: torch.Tensor
     initial_losses: torch.Tensor
@@ -305,9 +312,16 @@ def gradnorm(
         def gate(new: Any, old: Any) -> Any:
             if not isinstance(new, torch.Tensor) or not isinstance(old, torch.Tensor) or new.shape != old.shape:
                 return new
-            # CPU counters follow the schedule only (a device flag would cost a sync)
-            cond = move if new.device == w.device else move_cpu.to(new.device)
-            return torch.where(cond, new, old)
+            if new.device == w.device:
+                return torch.where(move, new, old)
+            if new is old:  # a CPU scalar the step left alone (a constant hyperparameter)
+                return new
+            # CPU counters follow the schedule only (a device flag would cost a sync); a 0-d CPU
+            # tensor mixes with a device schedule flag (a count on the device under
+            # apply_if_finite) as a scalar, so no operand is copied to the host
+            if new.device == move_cpu.device or new.ndim == 0:
+                return torch.where(move_cpu, new, old)
+            return torch.where(move_cpu.to(new.device), new, old)
 
         if frozen:
             weights, wstate = w, state.weight_state

@@ -631,6 +631,41 @@ def test_compiles_once_and_equals_eager(name):
 
 
 
+@pytest.mark.parametrize("name", sorted(CLIPPERS) + ["clip_by_global_norm"])
+def test_update_reads_no_device_value_and_keeps_counts_on_cpu(name):
+    """The meta device stands in for an accelerator: its tensors have no data, so any host read of
+    a device value (``.item()``, ``.cpu()``, ``bool()``, ``int()``) raises. The step counts stay
+    0-d int64 CPU tensors (they advance on every update); what depends on the gradients
+    (``ClipStats.clipped``, norms, factors, the norm history) stays on the params' device."""
+    tx = CLIPPERS[name]() if name in CLIPPERS else gx.clip_by_global_norm(0.5)
+    params = {"w": torch.empty(6, 4, device="meta"), "b": torch.empty(6, device="meta")}
+    state = tx.init(params)
+    for _ in range(3):
+        out, state = tx.update({"w": torch.empty(6, 4, device="meta"), "b": torch.empty(6, device="meta")}, state, params)
+    assert {x.device.type for x in out.values()} == {"meta"}
+    leaves = [x for x in gx.tree.tree_flatten(state)[0] if isinstance(x, torch.Tensor)]
+    counts = [x for x in leaves if x.dtype == torch.int64]
+    on_cpu = [x for x in leaves if x.device.type == "cpu"]
+    # CPU: the step counts and seeds, and the float64 hyperparameters clipped_sgd injects
+    assert all(x.ndim == 0 and (x.dtype == torch.int64 or x.dtype == torch.float64) for x in on_cpu)
+    stats = _find(state, ClipStats)
+    for st in stats:
+        assert st.count.device.type == "cpu" and int(st.count) == 3
+        assert {st.clipped.device.type, st.last_norm.device.type, st.last_factor.device.type} == {"meta"}
+    stateful = "autoclip" in name or "random" in name or name in ("clipped_sgd_auto", "clipped_sgd_rand_autoclip")
+    assert bool(stats) == stateful, name
+    if stateful or name == "monitor_norm":
+        assert counts, "a stateful clipper keeps a count"
+
+
+def _find(node, cls):
+    """Every ``cls`` node in a state tree."""
+    if isinstance(node, cls):
+        return [node]
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, (tuple, list)) else ()
+    return [x for c in children for x in _find(c, cls)]
+
+
 @pytest.mark.parametrize("name", sorted(CLIPPERS))
 def test_update_is_pure(name):
     tx = CLIPPERS[name]()
