@@ -415,7 +415,7 @@ def adaptive_grad_clip(clipping: float | torch.Tensor, eps: float | torch.Tensor
 
     Args:
         clipping: the ratio ``lambda`` (> 0) of a unit's gradient norm to its weight norm above
-            which the unit is clipped (the paper uses 0.01 to 0.16, smaller for larger batches).
+            which the unit is clipped (the paper finds that larger batches need smaller values).
         eps: the floor on a weight norm (> 0), so that units initialised at zero can move.
         vector_unit: how a leaf with ``ndim <= 1`` is split into units: ``"whole"`` (default, one
             unit) or ``"element"`` (one unit per element).
