@@ -18,10 +18,16 @@ clipped, the last global norm and the last clip factor (read ``stats.clipped / s
 the clip fraction, or call `clip_fraction`). See ``TECHNIQUES.md`` section 4 for the algorithms
 and the torch-clip quirks that are deliberately not reproduced.
 
-Scalar state (step counts, seeds) lives in 0-d int64 CPU tensors, as the rest of gradxform keeps
-``count``; norms, thresholds and factors live on the updates' device. ``update`` never syncs with
-the device (no ``.item()``, no Python branch on a tensor value) and compiles with
-``torch.compile(fullgraph=True)``.
+Where state lives, the rule of every gradxform transform: a count that advances on every update
+(``count``, a ring buffer's position) and a seed are 0-d int64 CPU tensors, as torch.optim keeps
+``step`` (schedules and logging read them for free); whatever is computed from the values of the
+updates (norms, thresholds, factors, and ``ClipStats.clipped``, which counts a data-dependent
+event) stays on the params' device, since bringing it to the CPU would cost a device-to-host copy
+every step. ``update`` never reads a device value on the host (no ``.item()``, ``.cpu()``, no
+Python branch on a device tensor) and compiles with ``torch.compile(fullgraph=True)``; eagerly on
+CPU it may branch on a CPU value (a memory read). Under `gradxform.apply_if_finite` on an
+accelerator the counts too depend on a device value (a step may be skipped), so there they live
+on the device.
 """
 
 from __future__ import annotations
@@ -191,10 +197,13 @@ def uniform_from_hash(seed: torch.Tensor | int, t0: torch.Tensor | int) -> torch
 class ClipStats(NamedTuple):
     """What a stateful clipper did, readable from its state.
 
-    ``count``: updates seen (0-d int64, CPU); ``clipped``: how many of them were clipped (0-d
-    int64, on the updates' device); ``last_norm``: the global L2 norm of the last incoming updates;
-    ``last_factor``: the factor the last updates were multiplied by (1 when not clipped). The
-    clip fraction is ``clipped / count`` (`clip_fraction`).
+    ``count``: updates seen (0-d int64 on the CPU: it advances on every update); ``clipped``: how
+    many of them were clipped (0-d int64 on the params' device: it depends on the norms, and
+    keeping it there costs no host sync); ``last_norm``: the global L2 norm of the last incoming
+    updates; ``last_factor``: the factor the last updates were multiplied by (1 when not
+    clipped), both on the params' device. The clip fraction is ``clipped / count``
+    (`clip_fraction`). Under `gradxform.apply_if_finite` on an accelerator ``count`` is on the
+    device too.
     """
 
     count: torch.Tensor
@@ -347,15 +356,16 @@ def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation
     return stateless(update_fn)
 
 
-def _unit_norms(x: torch.Tensor, vector_unit: str = "element") -> torch.Tensor:
-    """Unit-wise L2 norms in torch's layout, shaped to broadcast against ``x`` (float32 or wider).
+def _unit_norms(x: torch.Tensor, vector_unit: str = "whole", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Unit-wise L2 norms in torch's layout, shaped to broadcast against ``x`` (float32 or wider,
+    or ``dtype``).
 
     ``ndim >= 2`` (Linear ``(out, in)``, Conv ``(out, in/groups, *kernel)``, Embedding
     ``(num, dim)``): one unit per index of dim 0, the norm over all other dims. ``ndim <= 1``
-    (biases, norm-layer gains, scalars): each element is its own unit (the norm is ``|x|``), or
-    with ``vector_unit="whole"`` the whole leaf is one unit.
+    (biases, norm-layer gains, scalars): the whole leaf is one unit (``vector_unit="whole"``), or
+    each element is its own unit (``vector_unit="element"``, the norm is ``|x|``).
     """
-    wide = _wide(x.dtype)
+    wide = dtype or _wide(x.dtype)
     if x.ndim <= 1:
         if vector_unit == "whole":
             return _tree.reduced(torch.linalg.vector_norm(x, dtype=wide))
@@ -363,37 +373,75 @@ def _unit_norms(x: torch.Tensor, vector_unit: str = "element") -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=wide)
 
 
-_VECTOR_UNITS = ("element", "whole")
+_VECTOR_UNITS = ("whole", "element")
+
+
+def _overflowed_on_cpu(norms: torch.Tensor) -> bool:
+    """Eagerly on CPU (a free read), whether a float32-or-narrower norm overflowed to inf; then
+    AGC recomputes it in float64 (as `clip_by_global_norm` does). Elsewhere False: no host sync;
+    an overflowing unit gets a zero factor there, as ``torch.nn.utils.clip_grad_norm_`` gives."""
+    if norms.dtype == torch.float64 or _tree.traced() or norms.device.type != "cpu":
+        return False
+    return bool(torch.isinf(norms).any())
 
 
 @recorded
 def adaptive_grad_clip(clipping: float | torch.Tensor, eps: float | torch.Tensor = 1e-3, *,
-                       vector_unit: str = "element") -> GradientTransformation:
-    """Adaptive gradient clipping (AGC), unit-wise, from Brock, De, Smith and Simonyan, "High-
-    Performance Large-Scale Image Recognition Without Normalization" (ICML 2021, arXiv 2102.06171).
+                       vector_unit: str = "whole") -> GradientTransformation:
+    """Adaptive gradient clipping (AGC): clip each unit's gradient relative to its weight's norm.
 
-    For every unit ``i`` of every leaf:
-    ``g_i <- g_i * min(1, clipping * max(||p_i||, eps) / ||g_i||)``, where ``p`` are the params
-    (``update`` needs them). A zero unit passes through unchanged. Stateless.
+    For every unit ``i`` of every leaf, with ``p`` the params (``update`` needs them)::
 
-    **Unit axis (torch layout).** torch stores weights output-first: Linear ``(out, in)``, ConvNd
-    ``(out, in / groups, *kernel)``. A unit is one output unit, i.e. one index of **dim 0**, and its
-    norm is taken over **all the other dims** (``in`` and the kernel dims); this holds for every
-    leaf with ``ndim >= 2`` (Conv1d/2d/3d, Embedding rows, ...). For leaves with ``ndim <= 1``
-    (biases, LayerNorm / BatchNorm gains, scalars) **each element is its own unit** by default
-    (element ``i`` of a bias belongs to output unit ``i``): the norm is the absolute value.
-    ``vector_unit="whole"`` makes such a leaf one unit (the norm of the whole vector) instead.
+        g_i <- g_i * min(1, clipping * max(||p_i||, eps) / ||g_i||)
 
-    **Versus optax** (``optax.adaptive_grad_clip``, the NFNets code): JAX kernels are input-first,
-    Linear ``(in, out)`` and Conv ``(*kernel, in, out)``, so optax reduces over every axis but the
-    *last*, and gradxform over every axis but the *first*: the same output units. Beyond the
-    layout: (1) optax treats every leaf that squeezes to ``<= 1`` dim (biases, gains, a size-1
-    kernel dim) as **one** unit; gradxform's default is per element for 1-D leaves
-    (``vector_unit="whole"`` gives optax's choice for them) and never squeezes an ``ndim >= 2``
-    leaf; (2) optax reads a 3-D leaf as a multi-head linear kernel (reduces over axis 0 only);
-    here a 3-D leaf is a Conv1d weight ``(out, in, k)``; (3) optax accepts at most 4 dims;
+    A zero unit passes through unchanged. Stateless.
+
+    **Units (torch layout).** torch stores weights output-first: Linear ``(out, in)``, ConvNd
+    ``(out, in / groups, *kernel)``. For every leaf with ``ndim >= 2`` (Linear, Conv1d/2d/3d,
+    Embedding rows, ...) a unit is one index of **dim 0** and its norm is over **all the other
+    dims**. A leaf with ``ndim <= 1`` (a bias, a LayerNorm / BatchNorm gain, a scalar) is **one
+    unit** by default (``vector_unit="whole"``: the norm of the whole vector), as in the authors'
+    NFNets code, optax and timm. ``vector_unit="element"`` makes each element of such a leaf its
+    own unit instead (the norm is its absolute value: element ``i`` of a bias then belongs to
+    output unit ``i``), which clips biases and gains much harder where they are near 0.
+
+    **Versus optax** (``optax.adaptive_grad_clip``, the authors' JAX code): JAX kernels are
+    input-first, Linear ``(in, out)`` and Conv2d ``(kh, kw, in, out)``, so optax reduces over every
+    axis but the *last* and gradxform over every axis but the *first*: the same output units, and
+    the same result for Linear and Conv2d weights, biases, gains and scalars. They differ where
+    optax guesses a role from the shape: (1) it treats any leaf that *squeezes* to ``<= 1`` dim as
+    one unit, e.g. a Linear weight with one input feature; here an ``ndim >= 2`` leaf always has
+    one unit per output; (2) it reads a 3-D leaf as a multi-head linear kernel (reduces over axis
+    0 only); here a 3-D leaf is a Conv1d weight ``(out, in, k)``; (3) it accepts at most 4 dims;
     Conv3d weights work here. Transposed convolutions store ``(in, out / groups, ...)``: for them
-    dim 0 is the input channel; exclude them with `gradxform.masked` if that matters.
+    dim 0 is the input channel. The paper does not clip the final linear layer (section 4.1);
+    exclude it, or transposed convolutions, with `gradxform.masked`.
+
+    Args:
+        clipping: the ratio ``lambda`` (> 0) of a unit's gradient norm to its weight norm above
+            which the unit is clipped (the paper finds that larger batches need smaller values).
+        eps: the floor on a weight norm (> 0), so that units initialised at zero can move.
+        vector_unit: how a leaf with ``ndim <= 1`` is split into units: ``"whole"`` (default, one
+            unit) or ``"element"`` (one unit per element).
+
+    Returns:
+        A stateless `GradientTransformation`; its ``update`` needs ``params``.
+
+    Raises:
+        ValueError: ``clipping`` or ``eps`` not > 0, or an unknown ``vector_unit``; at update,
+            when ``params`` is missing.
+
+    References:
+        Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Recognition Without
+        Normalization", ICML 2021, arXiv 2102.06171, section 4.1.
+
+    Example:
+        >>> p = {"w": torch.tensor([[3.0, 4.0]]), "b": torch.tensor([2.0, 0.0])}
+        >>> g = {"w": torch.tensor([[6.0, 8.0]]), "b": torch.tensor([-0.5, 3.0])}
+        >>> tx = adaptive_grad_clip(0.5)
+        >>> out, _ = tx.update(g, tx.init(p), p)
+        >>> out["w"], out["b"]  # ||p_w|| = 5, ||g_w|| = 10: x0.25; ||p_b|| = 2, ||g_b|| = 3.04
+        (tensor([[1.5000, 2.0000]]), tensor([-0.1644,  0.9864]))
     """
     check_float("clipping", clipping, low=0.0, low_open=True)
     check_float("eps", eps, low=0.0, low_open=True)
@@ -409,6 +457,8 @@ def adaptive_grad_clip(clipping: float | torch.Tensor, eps: float | torch.Tensor
         out = []
         for g, p in zip(flat.live, ps):
             g_norm = _unit_norms(g, vector_unit)
+            if _overflowed_on_cpu(g_norm):  # finite entries whose squares overflow float32
+                g_norm = _unit_norms(g, vector_unit, torch.float64)
             p_norm = _unit_norms(p, vector_unit).to(g_norm.dtype)
             if isinstance(e, torch.Tensor):
                 max_norm = torch.maximum(p_norm, e.to(p_norm.dtype)) * c

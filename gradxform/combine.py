@@ -319,12 +319,34 @@ def inject_hyperparams(
 
 class ApplyIfFiniteState(NamedTuple):
     """``notfinite_count``: consecutive non-finite steps so far; ``last_finite``: whether the last
-    step was applied; ``total_notfinite``: non-finite steps in total; ``inner_state``."""
+    step was applied; ``total_notfinite``: non-finite steps in total; ``inner_state``.
+
+    The three counters depend on the values of the updates, so they live on the device of the
+    params (0-d int64 / bool): updating them never copies a flag to the host."""
 
     notfinite_count: torch.Tensor
     last_finite: torch.Tensor
     total_notfinite: torch.Tensor
     inner_state: Any
+
+
+def _home_device(params: Params) -> torch.device:
+    """The device of the first tensor leaf of ``params`` (CPU without one)."""
+    for leaf in _tree.tree_flatten(params)[0]:
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return torch.device("cpu")
+
+
+def _counters_to(state: Any, device: torch.device) -> Any:
+    """``state`` with its 0-d integer and bool CPU tensors (step counts, seeds) moved to ``device``."""
+    def move(x: Any) -> Any:
+        if (isinstance(x, torch.Tensor) and x.ndim == 0 and x.device.type == "cpu"
+                and (x.dtype == torch.bool or not (x.is_floating_point() or x.is_complex()))):
+            return x.to(device)
+        return x
+
+    return _tree.tree_map(move, state)
 
 
 @recorded
@@ -334,12 +356,22 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     If any incoming update, or any update ``inner`` produces, holds a NaN or an Inf, the step
     returns zero updates and keeps ``inner``'s previous state, and the counters record it.
 
-    Eagerly on CPU the decision is a Python branch on a CPU flag (a memory read): a non-finite
-    input skips ``inner`` altogether, and a good step returns ``inner``'s new state as it is.
-    Elsewhere (accelerators, ``torch.compile``, ``torch.func``) it is a ``torch.where`` selection
-    of every update and state leaf (on an accelerator the flag is read to the CPU once, as
-    GradScaler's skip reads its found-inf flag). ``inner`` runs out of place either way (its old
-    state must survive a bad output).
+    **No host sync.** Eagerly on CPU the decision is a Python branch on a CPU flag (a memory
+    read): a non-finite input skips ``inner`` altogether, and a good step returns ``inner``'s new
+    state as it is. Elsewhere (accelerators, ``torch.compile``, ``torch.func``) it is a
+    ``torch.where`` selection of every update and state leaf on the flag, which stays on the
+    device. ``inner`` runs out of place either way (its old state must survive a bad output).
+
+    **Where the counters live.** gradxform keeps a step count that advances on every update on
+    the CPU (as torch.optim keeps ``step``), and anything that depends on the values of the
+    updates on their device. Under ``apply_if_finite`` every counter of ``inner`` advances only on
+    finite steps, i.e. depends on a device flag: so when the params are on an accelerator,
+    ``init`` puts ``inner``'s integer and bool scalars (step counts, seeds) on the params' device,
+    as torch.optim keeps ``step`` on the device for ``capturable`` / ``fused`` steps, and the
+    three counters of `ApplyIfFiniteState` live there too. Float scalars (injected
+    hyperparameters) stay on the CPU; one that ``inner`` changes (a schedule) moves to the
+    device on its first update. A state tensor of ``inner`` with ``ndim >= 1`` kept on the CPU
+    while the updates are on an accelerator (offloaded state) costs one read of the flag.
 
     Unlike optax's ``apply_if_finite(inner, max_consecutive_errors)``, gradxform never applies a
     non-finite update, however many consecutive steps fail: doing so would write NaN into the
@@ -349,8 +381,12 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     """
 
     def init(params: Params) -> ApplyIfFiniteState:
-        zero = torch.zeros((), dtype=torch.int64)
-        return ApplyIfFiniteState(zero, torch.ones((), dtype=torch.bool), zero.clone(), inner.init(params))
+        home = _home_device(params)
+        zero = torch.zeros((), dtype=torch.int64, device=home)
+        inner_state = inner.init(params)
+        if home.type != "cpu":
+            inner_state = _counters_to(inner_state, home)
+        return ApplyIfFiniteState(zero, torch.ones((), dtype=torch.bool, device=home), zero.clone(), inner_state)
 
     def update(updates: Updates, state: ApplyIfFiniteState, params: Params | None = None, **extra: Any) -> tuple[Updates, ApplyIfFiniteState]:
         expect_state(state, ApplyIfFiniteState, "apply_if_finite")
@@ -358,7 +394,8 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
         live_in = [x for x in in_leaves if x is not None]
 
         def counted(finite: torch.Tensor, inner_state: Any) -> ApplyIfFiniteState:
-            """The state after a step that was applied (``finite``) or skipped."""
+            """The state after a step that was applied (``finite``) or skipped (a 0-d CPU tensor
+            mixes with a device tensor as a scalar, so no operand is copied to the host)."""
             return ApplyIfFiniteState(torch.where(finite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1),
                                       finite, state.total_notfinite + (~finite).to(torch.int64), inner_state)
 
@@ -378,12 +415,20 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
             if bool(_tree.all_finite(live_out)):
                 return new_u, counted(torch.ones((), dtype=torch.bool), new_inner)
             return zeros(), counted(torch.zeros((), dtype=torch.bool), state.inner_state)
-        finite = _tree.all_finite(live_in + live_out).cpu()
+        finite = _tree.all_finite(live_in + live_out)  # on the updates' device: never read here
 
         def pick(new: Any, old: Any) -> Any:
             if not isinstance(new, torch.Tensor):
                 return new
-            return torch.where(finite.to(new.device), new, old)
+            if new.device == finite.device:
+                return torch.where(finite, new, old)
+            if new is old:  # a CPU scalar the step left alone (a constant hyperparameter)
+                return new
+            if new.ndim == 0 and new.device.type == "cpu":
+                # a 0-d CPU tensor mixes with a device flag as a scalar: the result is on the
+                # flag's device, with no copy to the host
+                return torch.where(finite, new, old)
+            return torch.where(finite.to(new.device), new, old)  # offloaded state: one flag read
 
         safe_u = [None if x is None else torch.where(finite.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in out_leaves]
         return _tree.tree_unflatten(spec, safe_u), counted(finite, _tree.tree_map(pick, new_inner, state.inner_state))

@@ -19,6 +19,12 @@ graph for ``loss.backward()`` users.
 Weights are read with `loss_weights` (from a state, a chain's state or a `gradxform.Optimizer`).
 Nothing here synchronises with the host: schedules (``update_every``, ``update_after``) and the
 non-finite skip are ``torch.where`` selections, so every updater compiles.
+
+Where state lives (the rule of every gradxform transform): the weights, the statistics and the
+counts of data-dependent events (``skipped``: non-finite inputs; DWA's ``seen``) are on the
+params' device; the counts that advance on every update (``count``, DWA's ``periods``) are 0-d
+int64 CPU tensors, as torch.optim keeps ``step``, so that the schedules need no device value.
+Under `gradxform.apply_if_finite` on an accelerator those counts live on the device too.
 """
 
 from __future__ import annotations
@@ -115,11 +121,29 @@ def _schedule_gate(count: torch.Tensor, every: int, after: int) -> torch.Tensor:
     return (count >= after) & (torch.remainder(count - after, every) == 0)
 
 
+def _ranks(group: Any = None) -> int:
+    """Ranks in ``group`` under an initialised process group, else 1, **also while torch.compile
+    traces** (dynamo evaluates ``get_world_size`` at trace time and bakes the number into the graph)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
 def _mean_over_ranks(x: torch.Tensor, sync: bool, group: Any = None) -> torch.Tensor:
-    """The mean of ``x`` over the ranks of ``group`` (eager, initialised process group), else ``x``."""
-    world = _dist.world_size(group) if sync else 1
+    """The mean of ``x`` over the ranks of ``group`` under an initialised process group, else ``x``.
+
+    Eager: one in-place all-reduce. Under torch.compile: the functional all-reduce, which dynamo
+    traces into the graph (a compiled step syncs as an eager one does, instead of silently
+    computing rank-local values)."""
+    world = _ranks(group) if sync else 1
     if world == 1:
         return x
+    if _tree.is_compiling():
+        from torch.distributed import _functional_collectives as funcol
+
+        dist = torch.distributed
+        return funcol.all_reduce(x, "sum", group if group is not None else dist.group.WORLD) / world
     return _dist.all_reduce_sum([x], group)[0] / world
 
 
@@ -140,7 +164,8 @@ class GradNormState(NamedTuple):
     ``L_i(0)`` (zeros until recorded); ``count``: updates so far (0-d int64); ``weight_state``: the
     state of the transform that moves the weights; ``task_grad_norms`` ``(T,)``: the weighted norms
     ``G_i = w_i n_i`` of the last update (a diagnostic: their spread ``max/min`` is what GradNorm
-    shrinks); ``skipped``: updates skipped because an input was not finite (0-d int64)."""
+    shrinks); ``skipped``: updates skipped because an input was not finite (0-d int64). ``count``
+    is on the CPU (it advances on every update), everything else on the params' device."""
 
     weights: torch.Tensor
     initial_losses: torch.Tensor
@@ -202,8 +227,10 @@ def gradnorm(
             the mean training rate and the renormalisation use the balanced tasks only, which
             keep the sum of their weights.
         frozen: never move the weights (an A/B switch); ``L_i(0)`` is still recorded.
-        sync: under ``torch.distributed`` (initialised, more than one rank, eager mode) average
-            ``losses`` over the ranks, so that every rank computes the same weights. The norms
+        sync: under ``torch.distributed`` (initialised, more than one rank) average ``losses``
+            over the ranks, so that every rank computes the same weights; eagerly with one
+            all-reduce, under ``torch.compile`` with the functional all-reduce traced into the
+            graph (the world size is read while tracing). The norms
             must be those of the global per-task gradients: `task_grad_norms` and
             `weighted_grad_and_task_norms` average the per-task gradients before the norm.
         dtype: dtype of the weights and statistics (default: the params' floating dtype, at least
@@ -285,9 +312,16 @@ def gradnorm(
         def gate(new: Any, old: Any) -> Any:
             if not isinstance(new, torch.Tensor) or not isinstance(old, torch.Tensor) or new.shape != old.shape:
                 return new
-            # CPU counters follow the schedule only (a device flag would cost a sync)
-            cond = move if new.device == w.device else move_cpu.to(new.device)
-            return torch.where(cond, new, old)
+            if new.device == w.device:
+                return torch.where(move, new, old)
+            if new is old:  # a CPU scalar the step left alone (a constant hyperparameter)
+                return new
+            # CPU counters follow the schedule only (a device flag would cost a sync); a 0-d CPU
+            # tensor mixes with a device schedule flag (a count on the device under
+            # apply_if_finite) as a scalar, so no operand is copied to the host
+            if new.device == move_cpu.device or new.ndim == 0:
+                return torch.where(move_cpu, new, old)
+            return torch.where(move_cpu.to(new.device), new, old)
 
         if frozen:
             weights, wstate = w, state.weight_state
@@ -563,7 +597,7 @@ def task_grad_norms(losses: Any, shared: torch.Tensor, *, retain_graph: bool = T
     g = _per_task_grads(losses, shared, retain_graph).detach()
     if shared.is_leaf:
         return _mean_over_ranks(g, True, group).flatten(1).norm(dim=1)
-    if _dist.world_size(group) == 1:
+    if _ranks(group) == 1:
         return g.flatten(1).norm(dim=1)
     if shared.ndim == 0:
         raise ValueError("a shared activation must have the batch in dim 0 (got a 0-d tensor)")

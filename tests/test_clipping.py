@@ -448,12 +448,58 @@ def test_agc_literal_values():
     out = apply_once(adaptive_grad_clip(0.5, eps=1e-3), grads, params)
     # row 0: ||p|| = 5 -> max 2.5, ||g|| = 10 -> x0.25; row 1: ||p|| = 0 -> max 0.5 * 1e-3, ||g|| = 1
     close(out["w"], [[1.5, 2.0], [5e-4, 0.0]], rtol=1e-12)
-    # bias units are elements: |p| = 2 -> max 1 >= 0.5 passes; |p| = 0 -> max 5e-4, |g| = 3
-    close(out["b"], [-0.5, 5e-4], rtol=1e-12)
-    # vector_unit="whole" (optax's choice for vectors): ||p_b|| = 2 -> max 1, ||g_b|| = sqrt(9.25)
-    out = apply_once(adaptive_grad_clip(0.5, eps=1e-3, vector_unit="whole"), grads, params)
+    # the bias is one unit by default (the NFNets code, optax, timm): ||p_b|| = 2 -> max 1,
+    # ||g_b|| = sqrt(9.25) -> x 1 / sqrt(9.25)
     close(out["b"], [-0.5 / math.sqrt(9.25), 3.0 / math.sqrt(9.25)], rtol=1e-12)
+    # vector_unit="element": each bias element is a unit: |p| = 2 -> max 1 >= 0.5 passes;
+    # |p| = 0 -> max 5e-4, |g| = 3 -> 5e-4
+    out = apply_once(adaptive_grad_clip(0.5, eps=1e-3, vector_unit="element"), grads, params)
+    close(out["b"], [-0.5, 5e-4], rtol=1e-12)
     close(out["w"], [[1.5, 2.0], [5e-4, 0.0]], rtol=1e-12)
+
+
+def test_agc_default_takes_a_vector_as_one_unit():
+    # regression: the default used to clip each element of a 1-D leaf separately, which the
+    # authors' code, optax and timm do not; a bias at zero init clipped every element to eps * c
+    p = {"b": torch.zeros(3, dtype=F64), "g": t(1.0, 1.0, 1.0, 1.0)}
+    g = {"b": t(1e-4, -2e-4, 0.0), "g": t(0.5, 0.0, 0.0, 0.0)}
+    out = apply_once(adaptive_grad_clip(0.1, eps=1e-3), g, p)
+    # b: ||p|| = 0 -> max 1e-4, ||g|| = sqrt(5) 1e-4 -> x 1/sqrt(5); g: ||p|| = 2 -> max 0.2 < 0.5
+    close(out["b"], [1e-4 / math.sqrt(5), -2e-4 / math.sqrt(5), 0.0], rtol=1e-12)
+    close(out["g"], [0.2, 0.0, 0.0, 0.0], rtol=1e-12)
+
+
+def test_agc_matches_optax_with_layouts_mapped():
+    """optax's adaptive_grad_clip on the same Linear, Conv2d, bias, gain and scalar leaves, mapped
+    to JAX's input-first layouts: Linear (out, in) -> (in, out), Conv2d (out, in, kh, kw) -> (kh,
+    kw, in, out) (HWIO); 1-D and 0-d leaves as they are."""
+    optax = pytest.importorskip("optax", reason="optax (with jax) is the AGC reference: pip install optax jax")
+    jax = pytest.importorskip("jax", reason="optax needs jax")
+    jnp = jax.numpy
+    gen = torch.Generator().manual_seed(0)
+    f32 = torch.float32
+    shapes = {"lin.weight": (6, 5), "lin.bias": (6,), "conv.weight": (4, 3, 3, 2), "conv.bias": (4,),
+              "norm.weight": (5,), "scale": ()}
+    to_jax = {"lin.weight": lambda x: x.T, "conv.weight": lambda x: x.permute(2, 3, 1, 0)}
+    from_jax = {"lin.weight": lambda x: x.T, "conv.weight": lambda x: x.permute(3, 2, 0, 1)}
+    for clipping, eps in ((0.05, 1e-3), (0.5, 0.3)):
+        params = {k: torch.randn(s, generator=gen, dtype=f32) for k, s in shapes.items()}
+        params["conv.bias"] = torch.zeros(4, dtype=f32)  # a zero-init bias: its norm is eps
+        # per-unit gradient scales from 1e-3 to 10, so that some units clip and some do not
+        grads = {k: torch.randn(s, generator=gen, dtype=f32)
+                 * (torch.logspace(-3, 1, s[0]).reshape(-1, *([1] * (len(s) - 1))) if len(s) > 1 else 1.0)
+                 for k, s in shapes.items()}
+        ours = apply_once(adaptive_grad_clip(clipping, eps=eps), grads, params)
+        jp = {k: jnp.asarray(to_jax.get(k, lambda x: x)(v).numpy()) for k, v in params.items()}
+        jg = {k: jnp.asarray(to_jax.get(k, lambda x: x)(v).numpy()) for k, v in grads.items()}
+        ref_tx = optax.adaptive_grad_clip(clipping, eps=eps)
+        ref = jax.jit(ref_tx.update)(jg, ref_tx.init(jp), jp)[0]
+        changed = 0
+        for k in shapes:
+            expected = from_jax.get(k, lambda x: x)(torch.from_numpy(np.array(ref[k])))
+            torch.testing.assert_close(ours[k], expected, rtol=1e-5, atol=1e-7, msg=k)
+            changed += not torch.equal(ours[k], grads[k])
+        assert 0 < changed  # some leaves clipped
 
 
 def _layers():
@@ -478,8 +524,8 @@ def _layer_trees():
     return params, grads
 
 
-@pytest.mark.parametrize("clipping,eps,vector_unit", [(0.01, 1e-3, "element"), (0.1, 0.5, "element"),
-                                                       (0.01, 1e-3, "whole")])
+@pytest.mark.parametrize("clipping,eps,vector_unit", [(0.01, 1e-3, "whole"), (0.1, 0.5, "whole"),
+                                                       (0.01, 1e-3, "element")])
 def test_agc_linear_conv2d_conv3d_weights_and_biases(clipping, eps, vector_unit):
     params, grads = _layer_trees()
     out = apply_once(adaptive_grad_clip(clipping, eps=eps, vector_unit=vector_unit), grads, params)
@@ -584,6 +630,41 @@ def test_compiles_once_and_equals_eager(name):
 
 
 
+
+
+@pytest.mark.parametrize("name", sorted(CLIPPERS) + ["clip_by_global_norm"])
+def test_update_reads_no_device_value_and_keeps_counts_on_cpu(name):
+    """The meta device stands in for an accelerator: its tensors have no data, so any host read of
+    a device value (``.item()``, ``.cpu()``, ``bool()``, ``int()``) raises. The step counts stay
+    0-d int64 CPU tensors (they advance on every update); what depends on the gradients
+    (``ClipStats.clipped``, norms, factors, the norm history) stays on the params' device."""
+    tx = CLIPPERS[name]() if name in CLIPPERS else gx.clip_by_global_norm(0.5)
+    params = {"w": torch.empty(6, 4, device="meta"), "b": torch.empty(6, device="meta")}
+    state = tx.init(params)
+    for _ in range(3):
+        out, state = tx.update({"w": torch.empty(6, 4, device="meta"), "b": torch.empty(6, device="meta")}, state, params)
+    assert {x.device.type for x in out.values()} == {"meta"}
+    leaves = [x for x in gx.tree.tree_flatten(state)[0] if isinstance(x, torch.Tensor)]
+    counts = [x for x in leaves if x.dtype == torch.int64]
+    on_cpu = [x for x in leaves if x.device.type == "cpu"]
+    # CPU: the step counts and seeds, and the float64 hyperparameters clipped_sgd injects
+    assert all(x.ndim == 0 and (x.dtype == torch.int64 or x.dtype == torch.float64) for x in on_cpu)
+    stats = _find(state, ClipStats)
+    for st in stats:
+        assert st.count.device.type == "cpu" and int(st.count) == 3
+        assert {st.clipped.device.type, st.last_norm.device.type, st.last_factor.device.type} == {"meta"}
+    stateful = "autoclip" in name or "random" in name or name in ("clipped_sgd_auto", "clipped_sgd_rand_autoclip")
+    assert bool(stats) == stateful, name
+    if stateful or name == "monitor_norm":
+        assert counts, "a stateful clipper keeps a count"
+
+
+def _find(node, cls):
+    """Every ``cls`` node in a state tree."""
+    if isinstance(node, cls):
+        return [node]
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, (tuple, list)) else ()
+    return [x for c in children for x in _find(c, cls)]
 
 
 @pytest.mark.parametrize("name", sorted(CLIPPERS))

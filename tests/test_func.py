@@ -380,10 +380,11 @@ def test_grad_of_project_lower_bound_is_zero_where_the_bound_binds():
 
 
 def test_grad_of_agc_is_zero_for_clipped_units():
-    # adaptive_grad_clip: a clipped unit becomes clipping * max(|p_i|, eps) * g_i / |g_i|, i.e.
-    # sign(g_i) scaled for 1-D leaves: gradient 0 w.r.t. g; unclipped units: 1.
+    # adaptive_grad_clip with one unit per element: a clipped unit becomes
+    # clipping * max(|p_i|, eps) * g_i / |g_i|, i.e. sign(g_i) scaled: gradient 0 w.r.t. g;
+    # unclipped units: 1.
     g = torch.tensor([2.0, 0.05, -1.0], dtype=D)
-    jac = _jac(lambda: gx.adaptive_grad_clip(0.1), g)
+    jac = _jac(lambda: gx.adaptive_grad_clip(0.1, vector_unit="element"), g)
     torch.testing.assert_close(jac, torch.diag(torch.tensor([0.0, 1.0, 0.0], dtype=D)))
 
 
@@ -391,7 +392,7 @@ def test_grad_of_agc_wrt_params():
     g = torch.tensor([2.0, -1.0], dtype=D)
 
     def f(p):
-        tx = gx.adaptive_grad_clip(0.1)
+        tx = gx.adaptive_grad_clip(0.1, vector_unit="element")
         return tx.update({"w": g}, tx.init({"w": p}), {"w": p})[0]["w"]
 
     p = torch.tensor([1.0, -2.0], dtype=D)

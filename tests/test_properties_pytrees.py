@@ -366,9 +366,9 @@ def _tol(xs: list[torch.Tensor]) -> float:
 
 
 def _unit_norms64(x: torch.Tensor) -> torch.Tensor:
-    """AGC's units (torch layout): one per index of dim 0 for ndim >= 2, each element otherwise."""
+    """AGC's default units (torch layout): one per index of dim 0 for ndim >= 2, the whole leaf otherwise."""
     if x.ndim <= 1:
-        return x.to(F64).abs()
+        return _norm64(x)
     return _norm64(x, dim=tuple(range(1, x.ndim)))
 
 

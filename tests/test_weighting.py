@@ -375,3 +375,37 @@ def test_seed_inverts_the_restoring_force_and_we_follow_the_paper():
         s = _step(tx, s, c, norms=(1.0, 2.0))
         np.testing.assert_allclose(s.weights.numpy(), expected, rtol=1e-12)
     np.testing.assert_allclose(weighter.loss_weights.detach().numpy(), seed_second, rtol=1e-12)
+
+
+# --- no host sync; where the counters live ------------------------------------------------------------
+
+META_UPDATERS = {
+    "gradnorm": lambda: gx.gradnorm(3, update_every=2, initial_losses_decay=0.9),
+    "gradnorm_masked_sgd": lambda: gx.gradnorm(3, weight_tx=gx.sgd(0.1, momentum=0.9), mask=[True, True, False]),
+    "uncertainty_weighting": lambda: gx.uncertainty_weighting(3),
+    "dwa": lambda: gx.dwa(3, period=2),
+    "fixed_weights": lambda: gx.fixed_weights([1.0, 2.0, 3.0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(META_UPDATERS))
+def test_update_reads_no_device_value_and_keeps_counts_on_cpu(name):
+    """The meta device stands in for an accelerator: its tensors have no data, so any host read of
+    a device value (``.item()``, ``.cpu()``, ``bool()``) raises. ``count`` (and DWA's ``periods``)
+    advance on every update and stay 0-d int64 CPU tensors; the weights, statistics and the counts
+    of data-dependent events (``skipped``, DWA's ``seen``) stay on the params' device."""
+    tx = META_UPDATERS[name]()
+    params = {"w": torch.empty(4, 3, device="meta")}
+    state = tx.init(params)
+    for _ in range(4):
+        _, state = tx.update({"w": torch.empty(4, 3, device="meta")}, state, params,
+                             losses=torch.empty(3, device="meta"), task_grad_norms=torch.empty(3, device="meta"))
+    assert state.weights.device.type == "meta"
+    every_update = {"count", "periods"}
+    for field in state._fields:
+        x = getattr(state, field)
+        if isinstance(x, torch.Tensor):
+            expected = "cpu" if field in every_update else "meta"
+            assert x.device.type == expected, (field, x.device)
+    if "count" in state._fields:
+        assert int(state.count) == 4

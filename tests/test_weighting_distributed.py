@@ -15,6 +15,8 @@ Scenarios (``T = 3`` tasks of different scales on a small shared-trunk MLP, 5 st
 - GradNorm, functional route: ``gx.weighted_grad_and_task_norms`` (averages the per-task
   gradients at the shared weight over the ranks) + ``tx.update`` (averages ``losses``), the
   network gradients all-reduce-averaged by hand, ``gx.apply_updates``.
+- The same with ``tx.update`` compiled (``torch.compile(fullgraph=True)``, the ``aot_eager``
+  backend): the all-reduce of ``losses`` is traced into the graph.
 - GradNorm, ``gx.Optimizer`` route: ``gx.task_grad_norms`` before ``backward``, manual
   all-reduce of ``p.grad``, ``opt.step(losses=..., task_grad_norms=...)``.
 - GradNorm, ``gx.Optimizer`` route under DistributedDataParallel (CPU, gloo) instead of the manual
@@ -97,7 +99,7 @@ def _params_of(model: nn.Module) -> dict:
 # --- scenarios (run by each rank, and by this process as the reference) ---------------------------
 
 
-def _gradnorm_functional(rank: int, world: int, activation: bool = False) -> dict:
+def _gradnorm_functional(rank: int, world: int, activation: bool = False, compiled: bool = False) -> dict:
     """GradNorm through ``weighted_grad_and_task_norms``; norms at the shared weight, or with
     ``activation`` at the trunk's output (``shared=None``: each rank's gradient rows are its own
     examples', so the global norm is sum_r (n_r / N)^2 ||g_r||^2, not a mean)."""
@@ -118,6 +120,9 @@ def _gradnorm_functional(rank: int, world: int, activation: bool = False) -> dic
     f = (gx.weighted_grad_and_task_norms(losses_and_activation, shared=None) if activation
          else gx.weighted_grad_and_task_norms(losses_fn, shared=SHARED))
     tx = gx.chain(gx.gradnorm(T, alpha=1.5, dtype=DT), gx.adam(1e-2))
+    update = tx.update
+    if compiled:  # the loss all-reduce must be traced into the graph (aot_eager: the same trace, no codegen)
+        update = torch.compile(tx.update, backend="aot_eager", fullgraph=True)
     params = _params_of(model)
     state = tx.init(params)
     out = {"weights": [], "norms": [], "local_losses": []}
@@ -125,7 +130,7 @@ def _gradnorm_functional(rank: int, world: int, activation: bool = False) -> dic
         res = f(params, (x, ys), gx.loss_weights(state))
         grads = dict(res.grads)
         _mean_grads(list(grads.values()))
-        updates, state = tx.update(grads, state, params, losses=res.losses, task_grad_norms=res.task_grad_norms)
+        updates, state = update(grads, state, params, losses=res.losses, task_grad_norms=res.task_grad_norms)
         params = gx.apply_updates(params, updates)
         out["weights"].append(gx.loss_weights(state).clone())
         out["norms"].append(res.task_grad_norms.clone())
@@ -175,6 +180,7 @@ def _run_all(rank: int, world: int) -> dict:
         "dwa": _adapter_run(rank, world, gx.dwa(T, temperature=2.0, period=1, dtype=DT), norms=False),
     }
     if world > 1:
+        res["gn_compiled"] = _gradnorm_functional(rank, world, compiled=True)
         res["gn_ddp"] = _adapter_run(rank, world, gx.gradnorm(T, alpha=1.5, dtype=DT), ddp=True)
         res["uw_nosync"] = _adapter_run(rank, world, gx.uncertainty_weighting(T, gx.adam(0.05), sync=False, dtype=DT),
                                         norms=False)
@@ -228,6 +234,14 @@ def test_gradnorm_functional_matches_single_process(results):
     for r in range(WORLD):
         for step in range(STEPS):
             _close(ranks[r]["gn_functional"]["norms"][step], ref["gn_functional"]["norms"][step])
+
+
+def test_gradnorm_compiled_update_syncs_like_eager(results):
+    # regression: under torch.compile the world size read 1 while tracing, so a compiled
+    # GradNorm update used each rank's own losses (no error) and the ranks' L_i(0) and weights
+    # diverged; now the functional all-reduce is traced into the graph
+    ranks, ref = results
+    _check_against_reference(ranks, ref, "gn_compiled", ref_key="gn_functional")
 
 
 def test_gradnorm_at_a_shared_activation_matches_single_process(results):
