@@ -85,7 +85,7 @@ def _corrections(counts: Sequence[torch.Tensor], beta: Any, root: bool = False) 
     """
     if not counts:
         return []
-    if not _tree.traced() and not isinstance(beta, torch.Tensor):
+    if not _tree.traced() and not isinstance(beta, torch.Tensor) and all(c.device.type == "cpu" for c in counts):
         out = [1.0 - beta ** int(c) for c in counts]
         return [x ** 0.5 for x in out] if root else out
     t = torch.stack(list(counts)).to(torch.float64)

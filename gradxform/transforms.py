@@ -280,7 +280,7 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
         buf = _mul(buf, mu, inplace)
         if isinstance(damp, (int, float)) and damp == 0:
             _fe.add_(buf, g)
-        elif not _tree.traced():
+        elif not _tree.traced() and all(c.device.type == "cpu" for c in after):
             # b_t = mu * b_{t-1} + (1 - damp * [t > 1]) g_t; b_0 = 0, so step 1 gives b_1 = g_1.
             weights = [1.0 if int(c) == 1 else 1.0 - damp for c in after]  # CPU counters
             _fe.add_(buf, _fe.mul(g, weights))
@@ -370,7 +370,8 @@ def scale_by_adam(
                 torch.sqrt(v, out=d)
         else:
             denom = list(_fe.sqrt(second))
-        if _tree.traced() or isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor):
+        if (_tree.traced() or isinstance(beta1, torch.Tensor) or isinstance(beta2, torch.Tensor)
+                or any(c.device.type != "cpu" for c in counts)):
             # One small vector of bias corrections for all leaves: the compiler materialises it
             # once instead of recomputing pow() inside every element loop.
             t = torch.stack(counts).to(torch.float64)

@@ -193,7 +193,7 @@ NO_SYNC_INNER = {
 }
 # Known gaps outside apply_if_finite (strict: each turns red once fixed): eager fast paths that
 # read a step count with int() or bool() and need their all-tensor path when it is not on the CPU.
-KNOWN_HOST_READS = {"adam": "scale_by_adam's eager bias correction reads its per-leaf counts with int()"}
+KNOWN_HOST_READS: dict[str, str] = {}
 _TASK_EXTRAS = {"losses": torch.ones(3), "task_grad_norms": torch.ones(3)}
 
 
