@@ -17,7 +17,7 @@ import torch
 
 import gradxform as gx
 from helpers import assert_unchanged, snapshot
-from test_purity import CASES
+from test_purity import CASES, CATALOG_MODULES
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install hypothesis)")
 from hypothesis import example, given, settings  # noqa: E402
@@ -180,6 +180,10 @@ FACTORIES: dict[str, Callable[[Any], gx.GradientTransformation]] = {
     # CASES' wrapper stacks every leaf along a new model dim of size 1: any tree works
     "batched": _same("batched"),
 }
+
+for _module in CATALOG_MODULES:  # the optimizer catalog's cases act on any tree unless they say otherwise
+    FACTORIES.update({name: _same(name) for name in _module.CASES})
+    FACTORIES.update(getattr(_module, "PYTREE_FACTORIES", {}))
 
 NAMES = sorted(FACTORIES)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import pathlib
+
 import pytest
 import torch
 
@@ -114,6 +117,13 @@ def _one_model(btx):
 
 CASES["upcast"] = lambda: gx.upcast(gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(0.1)), torch.float64)
 CASES["batched"] = lambda: _one_model(gx.batched(gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(0.1))))
+
+# The optimizer catalog registers its cases in tests/cases_*.py: a dict ``CASES`` of zero-argument
+# factories (and, for cases whose construction depends on the tree's keys, ``PYTREE_FACTORIES``
+# for test_properties_pytrees). Every harness that runs test_purity's CASES runs them too.
+CATALOG_MODULES = [importlib.import_module(p.stem) for p in sorted(pathlib.Path(__file__).parent.glob("cases_*.py"))]
+for _module in CATALOG_MODULES:
+    CASES.update(_module.CASES)
 
 # Public names that are not transform factories.
 NOT_TRANSFORMS = {
