@@ -260,8 +260,9 @@ class Optimizer(torch.optim.Optimizer):
 
     Raises:
         TypeError: ``tx`` is not a transform.
-        ValueError: ``capturable=True`` or ``differentiable=True`` (not supported: use the
-            functional API with `gradxform.tree.differentiable` for hypergradients).
+        TypeError: ``params`` is a single tensor (give a list), as torch.optim.
+        ValueError: ``capturable=True`` (CUDA graph capture of the step is not supported).
+        RuntimeError: ``fused=True`` for a step that cannot take a fused kernel (the reason named).
 
     Example:
         >>> opt = gx.Optimizer(model.parameters(), gx.adamw(1e-3))
@@ -280,7 +281,10 @@ class Optimizer(torch.optim.Optimizer):
             raise TypeError(f"gradxform.Optimizer needs a GradientTransformation as tx; got {tx!r}")
         tx = tx if isinstance(tx, GradientTransformation) else GradientTransformation(*tx)
         self.transforms: list[GradientTransformation] = [tx]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts, but "
+                            f"got {torch.typename(params)} (gradxform.Optimizer takes params as torch.optim: pass [p])")
+        params = list(params)
         if params and isinstance(params[0], dict):
             params = [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
                       for g in params]
@@ -392,6 +396,8 @@ class Optimizer(torch.optim.Optimizer):
                         raise KeyError(f"group {gi}: the state of param {i} has no '{key}' (it has "
                                        f"{sorted(stored[i])}); was it saved from an optimizer with this transform?")
                     t = torch.ones((), dtype=torch.int64)  # a torch.optim.SGD state has no count: stepped before
+                elif key == "step" and not isinstance(t, torch.Tensor):
+                    t = torch.tensor(int(t), dtype=torch.int64)  # a number (torch.optim takes one too)
                 elif key == "step" and t.is_floating_point():
                     t = t.to(torch.int64)  # torch.optim's float step
                 if t.is_complex():
@@ -473,10 +479,9 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
-            for opt in ("capturable", "differentiable"):
-                if group.get(opt):
-                    raise ValueError(f"group {gi}: {opt}=True is not supported by gradxform.Optimizer (use the "
-                                     "functional API; gradxform.tree.differentiable gives hypergradients)")
+            if group.get("capturable"):
+                raise ValueError(f"group {gi}: capturable=True (CUDA graph capture of the step) is not supported by "
+                                 "gradxform.Optimizer; compile the functional step instead (docs: three ways)")
             params = group["params"]
             grads = [None if p.grad is None else _real(p.grad) for p in params]
             if all(g is None for g in grads):
@@ -488,7 +493,9 @@ class Optimizer(torch.optim.Optimizer):
                 grads = [None if g is None else -g for g in grads]
             sparse = [i for i, g in enumerate(grads) if g is not None and g.layout is not torch.strided]
             fused = group.get("fused")
-            lowering = None if extra_args or (fused is False and not sparse) else _fastpath.lowering_of(tx)
+            differentiable = bool(group.get("differentiable"))
+            lowering = None if extra_args or differentiable or (fused is False and not sparse) else \
+                _fastpath.lowering_of(tx)
             why = "no fused lowering declared" if lowering is None else lowering.unsupported(ps, grads, state)
             if why is None:  # a fused kernel, or torch's exact per-tensor SGD for sparse gradients
                 scratch = self._gx_cache.setdefault(("scratch", tuple(id(p) for p in params)), [None] * len(params))
@@ -498,17 +505,22 @@ class Optimizer(torch.optim.Optimizer):
                                    f"gradients, as torch.optim.SGD (here: {why}); use dense gradients (e.g. "
                                    "nn.Embedding(sparse=False))")
             elif fused is True:
-                raise ValueError(f"group {gi}: fused=True, but this step cannot take a fused kernel: {why}")
+                raise RuntimeError(f"group {gi}: `fused=True` requires all the params to be floating point Tensors on "
+                                   "a device where torch's fused kernel runs, and a transform that declares a fused "
+                                   f"lowering; this step cannot take one: {why}")
+            elif differentiable:  # as torch.optim: the update is recorded by autograd (pure, out of place)
+                with torch.enable_grad(), _tree.differentiable():
+                    state = self._generic_step(tx, group, gi, ps, grads, state, extra_args, owned=False)
             else:
                 state = self._generic_step(tx, group, gi, ps, grads, state, extra_args)
             self._write(group, gi, tx, state)
         return loss
 
     def _generic_step(self, tx: GradientTransformation, group: dict[str, Any], gi: int, ps: list[torch.Tensor],
-                      grads: list[torch.Tensor | None], state: Any, extra_args: dict[str, Any]) -> Any:
+                      grads: list[torch.Tensor | None], state: Any, extra_args: dict[str, Any], owned: bool = True) -> Any:
         user = [p.grad for p in group["params"] if p.grad is not None]
-        own = Ownership(state=True, protected=frozenset(id(g) for g in user + [g for g in grads if g is not None]),
-                        updates=True)
+        own = Ownership(state=owned, protected=frozenset(id(g) for g in user + [g for g in grads if g is not None]),
+                        updates=owned)
         updates, state = call_update(tx, grads, state, ps, own, **_group_extras(extra_args, group["params"]))
         if not isinstance(updates, list) or len(updates) != len(ps):
             raise TypeError(f"the transform of group {gi} returned {type(updates).__name__} updates; expected a "
