@@ -371,9 +371,13 @@ class Optimizer(torch.optim.Optimizer):
         shared = group.get("tx_state") or {}
         synced = self._gx_cache.setdefault(("synced", id(tx), tuple(id(p) for p in params)), {})
         need = [live[i] and not has[i] for i in range(len(params))]
+        # a buffer the transform keeps now but the param's state lacks (the group switched a block
+        # on, e.g. momentum): created at its initial value, as torch.optim creates state lazily
+        partial = [has[i] and not all(key in stored[i] for j, key in layout.records if j == i and key != _STEPPED)
+                   for i in range(len(params))]
         fresh: list[Any] = []
-        if any(need) or not layout.shared <= shared.keys():
-            init = tx.init([p.detach() if need[i] else None for i, p in enumerate(ps)])
+        if any(need) or any(partial) or not layout.shared <= shared.keys():
+            init = tx.init([p.detach() if need[i] or partial[i] else None for i, p in enumerate(ps)])
             fresh = optree.tree_flatten(init, none_is_leaf=True)[0]
         leaves = []
         for j, (i, key) in enumerate(layout.records):
@@ -392,10 +396,7 @@ class Optimizer(torch.optim.Optimizer):
             else:
                 t = stored[i].get(key)
                 if t is None:
-                    if key != "step":
-                        raise KeyError(f"group {gi}: the state of param {i} has no '{key}' (it has "
-                                       f"{sorted(stored[i])}); was it saved from an optimizer with this transform?")
-                    t = torch.ones((), dtype=torch.int64)  # a torch.optim.SGD state has no count: stepped before
+                    t = fresh[j]
                 elif key == "step" and not isinstance(t, torch.Tensor):
                     t = torch.tensor(int(t), dtype=torch.int64)  # a number (torch.optim takes one too)
                 elif key == "step" and t.is_floating_point():
@@ -601,8 +602,7 @@ class Optimizer(torch.optim.Optimizer):
     def _check_loadable(self, state_dict: dict[str, Any]) -> None:
         """Before anything is loaded: each param's saved entries must be the buffers the group's
         transform keeps for it (torch's names included), with the shapes it gives that param
-        (found from an init on meta tensors: no allocation). A torch.optim.SGD state has no
-        ``step``: it is taken as 1 (the param was stepped before)."""
+        (found from an init on meta tensors: no allocation)."""
         saved_groups = state_dict.get("param_groups", [])
         if len(saved_groups) != len(self.param_groups):
             return  # torch's load_state_dict says so
@@ -627,7 +627,7 @@ class Optimizer(torch.optim.Optimizer):
                 own = set(entries)
                 if not own:
                     continue
-                unknown, missing = own - expect[i].keys(), expect[i].keys() - own - {"step"}
+                unknown, missing = own - expect[i].keys(), expect[i].keys() - own
                 if unknown or missing:
                     raise ValueError(f"group {gi}: the loaded state of param {i} has {sorted(own)}; this transform keeps "
                                      f"{sorted(expect[i])} (unknown {sorted(unknown)}, missing {sorted(missing)}): was it "

@@ -313,3 +313,20 @@ def test_a_checkpoint_of_the_first_adapter_still_loads():
         _step(model, opt, k)
         _step(m2, opt2, k)
     _same_params(model, m2, exact=True)
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=["generic", "default"])
+def test_momentum_switched_on_mid_run_starts_its_buffer_as_torch(fused):
+    """A group's momentum set from 0 to 0.9 after some steps: the alias is rebuilt with its
+    momentum block and the buffer starts at the next gradient, as torch.optim.SGD creates it."""
+    ma, mb = _model(), _model()
+    opt_g = gx.Optimizer(ma.parameters(), gx.sgd(0.05), fused=fused)
+    opt_t = torch.optim.SGD(mb.parameters(), lr=0.05, foreach=False)
+    for k in range(6):
+        if k == 3:
+            opt_g.param_groups[0]["momentum"] = opt_t.param_groups[0]["momentum"] = 0.9
+        _step(ma, opt_g, k)
+        _step(mb, opt_t, k)
+    _same_params(ma, mb)
+    for p, q in zip(ma.parameters(), mb.parameters()):
+        torch.testing.assert_close(opt_g.state[p]["momentum_buffer"], opt_t.state[q]["momentum_buffer"])

@@ -1,4 +1,5 @@
 # gradxform: the same run through gx.Optimizer; the clip is the first member of the chain.
+import copy
 import io
 
 import torch
@@ -50,12 +51,23 @@ sd = opt.state_dict()
 print(f"loss after 60 steps: {loss:.8f}")
 print(f"first weights: {[round(v, 8) for v in model[0].weight[0, :3].tolist()]}")
 print(f"state of param 0: {sorted(sd['state'][0])}")
-print(f"gradxform_format: {sd['param_groups'][0]['gradxform_format']}")
-print(f"opt.state: {dict(opt.state)}; Adam's mu of param 0: {tuple(opt.tx_state(0)[1].inner_state[0].mu[0].shape)}")
+print(f"group 0's own state: {sorted(sd['param_groups'][0]['tx_state'])}")
 
-# A torch.optim.AdamW state dict is refused with a reason, not loaded under the wrong names.
-torch_sd = torch.optim.AdamW(model.parameters()).state_dict()
-try:
-    opt.load_state_dict(torch_sd)
-except ValueError as e:
-    print(f"loading torch.optim.AdamW's state dict: ValueError: {str(e).split(':')[0]}")
+# A torch.optim.AdamW state dict (same buffers, same names) loads into the twin and continues:
+# torch.optim.AdamW takes 5 steps, gx.adamw resumes from its state dict, both take 10 more.
+def steps(m, o, n):
+    for _ in range(n):
+        o.zero_grad()
+        F.mse_loss(m(x), y).backward()
+        o.step()
+
+
+torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-2)
+steps(model, torch_opt, 5)
+twin = copy.deepcopy(model)
+gx_opt = gx.Optimizer(twin.parameters(), gx.adamw(lr=1e-3, weight_decay=1e-2))
+gx_opt.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+steps(model, torch_opt, 10)
+steps(twin, gx_opt, 10)
+gap = max((a - b).abs().max().item() for a, b in zip(model.parameters(), twin.parameters()))
+print(f"torch.optim.AdamW state dict into gx.adamw, 10 more steps: max |param difference| {gap:.0e}")
