@@ -330,3 +330,15 @@ def test_momentum_switched_on_mid_run_starts_its_buffer_as_torch(fused):
     _same_params(ma, mb)
     for p, q in zip(ma.parameters(), mb.parameters()):
         torch.testing.assert_close(opt_g.state[p]["momentum_buffer"], opt_t.state[q]["momentum_buffer"])
+
+
+def test_a_missing_extra_argument_is_named_as_opt_step_takes_it():
+    w = nn.Parameter(torch.ones(2))
+    w.grad = torch.ones(2)
+    with pytest.raises(TypeError, match=r"not given to opt.step\(\); pass it as opt.step\(sum_grad_squared=\.\.\.\)"):
+        gx.Optimizer([w], gx.tg_adamw(0.1)).step()
+
+
+def test_transform_repr_names_the_factory_and_its_arguments():
+    assert repr(gx.adamw(0.1)) == "adamw(lr=0.1, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01, amsgrad=False, maximize=False)"
+    assert repr(gx.chain(gx.clip_by_global_norm(1.0), gx.scale(-0.1))).startswith("chain(clip_by_global_norm(max_norm=1.0), scale(")
