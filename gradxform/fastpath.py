@@ -203,13 +203,17 @@ class Lowering(NamedTuple):
              scratch: list[torch.Tensor | None]) -> Any:
         """One step on the fused kernel: params and state buffers updated in place; returns the
         new state (the same buffers, counts advanced). ``scratch`` (one slot per param, kept by
-        the caller between steps) receives the clipped gradients when a clip factor applies."""
+        the caller between steps) receives the clipped gradients when a clip factor applies.
+        Returns ``None``, having changed nothing, when the clip's norm is not finite on the CPU:
+        the generic path then decides (it recomputes an overflowed norm in float64)."""
         clip_state, alias_state = self._split(state)
         idx = [i for i, g in enumerate(grads) if g is not None]
         live_p = [ps[i] for i in idx]
         live_g: list[torch.Tensor] = [grads[i] for i in idx]  # type: ignore[misc]
         if self.clip is not None:
             factor, clip_state = self._clip_factor(live_g, clip_state)
+            if factor is False:
+                return None
             if factor is not None:
                 for j, i in enumerate(idx):
                     if scratch[i] is None or scratch[i].shape != live_g[j].shape or scratch[i].dtype != live_g[j].dtype:
@@ -225,12 +229,15 @@ class Lowering(NamedTuple):
             new_alias = self._adam(alias_state, hp, idx, live_p, live_g)
         return new_alias if self.clip is None else (clip_state, new_alias)
 
-    def _clip_factor(self, live_g: list[torch.Tensor], clip_state: Any) -> tuple[torch.Tensor | None, Any]:
-        """The clip factor (``None`` for a factor of exactly 1 read on the CPU) and the rule's new
-        state: the rule runs on one proxy leaf holding the global norm, so its own state
-        (AutoClip's history, a seeded counter, statistics) advances exactly as on the whole tree."""
+    def _clip_factor(self, live_g: list[torch.Tensor], clip_state: Any) -> tuple[Any, Any]:
+        """The clip factor (``None`` for a factor of exactly 1 read on the CPU; ``False`` for a
+        non-finite norm on the CPU) and the rule's new state: the rule runs (purely) on one proxy
+        leaf holding the global norm, so its own state (AutoClip's history, a seeded counter,
+        statistics) advances exactly as on the whole tree."""
         assert self.clip is not None
         norm = _tree.global_norm(live_g).reshape(1)
+        if norm.device.type == "cpu" and not bool(torch.isfinite(norm)):  # a CPU read, not a device sync
+            return False, clip_state
         out, clip_state = self.clip.update([norm], clip_state, None)
         finite = torch.isfinite(norm)
         factor = torch.where(finite & (norm > 0), out[0] / torch.where(norm > 0, norm, torch.ones_like(norm)),

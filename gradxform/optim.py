@@ -265,7 +265,9 @@ class Optimizer(torch.optim.Optimizer):
             why = "no fused lowering declared" if lowering is None else lowering.unsupported(ps, grads, state)
             if why is None:  # a fused kernel, or torch's exact per-tensor SGD for sparse gradients
                 scratch = self._gx_cache.setdefault(("scratch", tuple(id(p) for p in params)), [None] * len(params))
-                state = lowering.step(ps, grads, state, scratch)  # type: ignore[union-attr]
+                stepped = lowering.step(ps, grads, state, scratch)  # type: ignore[union-attr]
+                state = stepped if stepped is not None else \
+                    self._generic_step(tx, group, gi, ps, grads, state, extra_args)
             elif sparse:
                 raise RuntimeError(f"param {sparse[0]} of group {gi} has a sparse gradient: only gx.sgd takes sparse "
                                    f"gradients, as torch.optim.SGD (here: {why}); use dense gradients (e.g. "

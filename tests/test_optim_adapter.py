@@ -342,3 +342,17 @@ def test_a_missing_extra_argument_is_named_as_opt_step_takes_it():
 def test_transform_repr_names_the_factory_and_its_arguments():
     assert repr(gx.adamw(0.1)) == "adamw(lr=0.1, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01, amsgrad=False, maximize=False)"
     assert repr(gx.chain(gx.clip_by_global_norm(1.0), gx.scale(-0.1))).startswith("chain(clip_by_global_norm(max_norm=1.0), scale(")
+
+
+def test_fused_clip_with_an_overflowing_norm_takes_the_generic_rescue():
+    """Finite float32 gradients whose norm overflows: the generic clip recomputes the norm in
+    float64 (eager CPU); the fused path hands such a step to it, so both give the same step."""
+    ws = [nn.Parameter(torch.zeros(4)) for _ in range(2)]
+    for w in ws:
+        w.grad = torch.full((4,), 3e38)
+    for fused in (None, False):
+        for w in ws:
+            w.data.zero_()
+        gx.Optimizer([ws[0]], gx.chain(gx.clip_by_global_norm(1.0), gx.sgd(0.1)), fused=fused).step()
+        assert torch.isfinite(ws[0]).all()
+        torch.testing.assert_close(ws[0].detach(), torch.full((4,), -0.1 * 0.5))
