@@ -321,11 +321,12 @@ class Optimizer(torch.optim.Optimizer):
         return self._read(group, group_index, [True] * len(group["params"]))[1]
 
     def init_state(self) -> None:
-        """Create the state of every param that has none (what its first step would start from),
-        without taking a step: a fresh optimizer then has a full ``state_dict``, the template
-        that ``torch.distributed.checkpoint`` fills in place."""
+        """Create the state of every param that requires grad and has none (what its first step
+        would start from), without taking a step: a fresh optimizer then has a full
+        ``state_dict``, the template that ``torch.distributed.checkpoint`` fills in place. A
+        frozen param (``requires_grad=False``) gets none, as in training."""
         for gi, group in enumerate(self.param_groups):
-            tx, state = self._read(group, gi, [True] * len(group["params"]))
+            tx, state = self._read(group, gi, [p.requires_grad for p in group["params"]])
             self._write(group, gi, tx, state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
