@@ -82,17 +82,48 @@ def _eager_cpu(*tensors: Any) -> bool:
     return not _tree.traced() and all(not isinstance(t, torch.Tensor) or t.device.type == "cpu" for t in tensors)
 
 
-def _select(flag: torch.Tensor, new: Any, old: Any) -> Any:
-    """``new`` where ``flag`` else ``old``, leaf by leaf (a ``None`` leaf stays ``None``)."""
+def _select(flag: torch.Tensor, new: Any, old: Any, inplace: bool = False) -> Any:
+    """``new`` where ``flag`` else ``old``, leaf by leaf (a ``None`` leaf stays ``None``).
+
+    With ``inplace`` (the caller owns ``old``), a selected leaf is written back into ``old``'s
+    buffer where both live on the flag's device: a donating compiled step then returns its state
+    in the buffers it was given."""
+    write = inplace and not _tree.pure_ops()
 
     def pick(a: Any, b: Any) -> Any:
         if not isinstance(a, torch.Tensor):
             return a
         if a.device == flag.device or (a.ndim == 0 and a.device.type == "cpu"):
-            return torch.where(flag, a, b)  # a 0-d CPU tensor mixes with a device flag as a scalar
-        return torch.where(flag.to(a.device), a, b)
+            picked = torch.where(flag, a, b)  # a 0-d CPU tensor mixes with a device flag as a scalar
+        else:
+            picked = torch.where(flag.to(a.device), a, b)
+        if (write and isinstance(b, torch.Tensor) and b.device == picked.device and b.shape == picked.shape
+                and b.dtype == picked.dtype and b.ndim > 0):
+            b.copy_(picked)
+            return b
+        return picked
 
     return optree.tree_map(pick, new, old, none_is_leaf=True)
+
+
+def _mul_(xs: list[torch.Tensor], s: Any, inplace: bool) -> list[torch.Tensor]:
+    if inplace:
+        _fe.mul_(xs, s)
+        return xs
+    return list(_fe.mul(xs, s))
+
+
+def _reset(fresh: Any, old: Any, inplace: bool) -> Any:
+    """``fresh`` (an initial state), written into ``old``'s buffers where the caller owns them."""
+
+    def put(a: Any, b: Any) -> Any:
+        if (inplace and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.ndim > 0
+                and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device):
+            b.copy_(a)
+            return b
+        return a
+
+    return optree.tree_map(put, fresh, old, none_is_leaf=True)
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -375,15 +406,18 @@ def lookahead(fast_optimizer: GradientTransformation, sync_period: int, slow_ste
             else:
                 out = list(_fe.add(u, diff, alpha=-1.0))
             if reset_state:
-                fast_state = fast_optimizer.init(params)
+                fast_state = _reset(fast_optimizer.init(params), fast_state, own.state)
         else:  # all-tensor: the synchronisation weighted by the 0/1 flag (as optax)
             s = sync_next.to(torch.float64)
-            new_slow = [x + (alpha * s) * dx for x, dx in zip(slow, diff)]
-            out = [x - (s * (1.0 - alpha)) * dx for x, dx in zip(u, diff)]
-            new_slow = [n.to(x.dtype) for n, x in zip(new_slow, slow)]
-            out = [o.to(x.dtype) for o, x in zip(out, u)]
+            step_slow = list(_fe.mul(diff, alpha * s))
+            if own.state:
+                _fe.add_(slow, step_slow)
+                new_slow = slow
+            else:
+                new_slow = list(_fe.add(slow, step_slow))
+            out = list(_fe.add(u, _fe.mul(diff, -(s * (1.0 - alpha)))))
             if reset_state:
-                fast_state = _select(sync_next, fast_optimizer.init(params), fast_state)
+                fast_state = _select(sync_next, fast_optimizer.init(params), fast_state, own.state)
         out_tree = _tree.tree_unflatten(flat.spec, _tree.scatter(u_leaves, idx, out))
         slow_tree = _tree.tree_unflatten(flat.spec, _tree.scatter(slow_all, idx, new_slow))
         return out_tree, LookaheadState(fast_state, new_steps, slow_tree)
@@ -486,10 +520,11 @@ def apply_every(k: int = 1) -> GradientTransformation:
                 new_acc = list(_fe.add(acc, flat.live))
             out = [a.clone() for a in new_acc] if c == k - 1 else [torch.zeros_like(g) for g in flat.live]
         else:
-            keep = (count != 0).to(flat.live[0].dtype)
-            emit = (count == k - 1).to(flat.live[0].dtype)
-            new_acc = [(a * keep).to(a.dtype) + g for a, g in zip(acc, flat.live)]
-            out = [(a * emit).to(a.dtype) for a in new_acc]
+            keep = (count != 0).to(torch.float64)
+            emit = (count == k - 1).to(torch.float64)
+            new_acc = _mul_(acc, keep, own.state)
+            _fe.add_(new_acc, flat.live)
+            out = list(_fe.mul(new_acc, emit))
         return flat.rebuild(out), ApplyEveryState(new_count, flat.rebuild(new_acc, like=state.grad_acc))
 
     return owned_transform(init, owned_update)
@@ -640,8 +675,9 @@ def _mask_flags(mask: Any, ref: Any) -> list[bool]:
     leaves, spec = _tree.tree_flatten(ref)
     if isinstance(mask, (bool, torch.Tensor)) and not isinstance(mask, (list, tuple, dict)):
         return [bool(mask)] * len(leaves)
-    flags = _tree.check_structure(spec, mask, "mask", against="params", reference=ref)
-    return [bool(f) for f in flags]
+    from .combine import _labels_for  # (walks the params' structure under torch.compile)
+
+    return [bool(f) for f in _labels_for(mask, ref, "mask")]
 
 
 @recorded
@@ -786,7 +822,7 @@ def _conditional(name: str, inner: GradientTransformation, should_transform_fn: 
         # a device flag, or traced: both branches, selected (the inner runs purely)
         flag = cond.reshape(()).to(torch.bool)
         new_u, new_inner = inner.update(updates, state.inner_state, params, **extra)
-        return _select(flag, new_u, rejected()), make(step, _select(flag, new_inner, state.inner_state))
+        return _select(flag, new_u, rejected()), make(step, _select(flag, new_inner, state.inner_state, own.state))
 
     return owned_transform(init, owned_update, extra_args_of(inner))
 
@@ -975,7 +1011,7 @@ def skip_if(inner: GradientTransformation, should_skip_update_fn: Callable[..., 
         ok = ~skip.to(torch.bool)
         out = _select(ok, new_u, _tree.tree_map(torch.zeros_like, updates))
         step = state.gradient_step + ok.to(torch.int64).to(state.gradient_step.device)
-        return out, SkipIfState(step, info, _select(ok, new_inner, state.inner_state))
+        return out, SkipIfState(step, info, _select(ok, new_inner, state.inner_state, own.state))
 
     return owned_transform(init, owned_update, extra_args_of(inner))
 
