@@ -1000,7 +1000,8 @@ def skip_if(inner: GradientTransformation, should_skip_update_fn: Callable[..., 
         expect_state(state, SkipIfState, "skip_if")
         skip, info = should_skip_update_fn(updates, state.gradient_step, params)
         skip = torch.as_tensor(skip).reshape(())
-        info = optree.tree_map(torch.as_tensor, info)
+        # the info keeps the dtypes of the template init made (a norm's dtype follows the live leaves)
+        info = optree.tree_map(lambda x, t: torch.as_tensor(x).to(t.dtype), info, state.skip_state)
         if _eager_cpu(skip):
             if bool(skip):
                 return _tree.tree_map(torch.zeros_like, updates), SkipIfState(state.gradient_step, info,

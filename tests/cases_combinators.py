@@ -42,7 +42,7 @@ CASES = {
     "zero_nans": lambda: gx.zero_nans(),
     "keep_params_nonnegative": lambda: gx.chain(gx.sgd(0.5), gx.keep_params_nonnegative()),
     "normalize_by_update_norm": lambda: gx.normalize_by_update_norm(-0.1),
-    "freeze": lambda: gx.freeze({"w": True, "b": False, "frozen": False}),
+    "freeze": lambda: gx.freeze(_every_other_leaf),
     "named_chain": lambda: gx.named_chain(("clip", gx.clip_by_global_norm(1.0)), ("adam", gx.adam(0.1))),
     "conditionally_transform": lambda: gx.conditionally_transform(gx.adam(0.1), _even),
     "conditionally_mask": lambda: gx.conditionally_mask(gx.adam(0.1), _even),
@@ -51,11 +51,6 @@ CASES = {
     "skip_not_finite": lambda: gx.skip_if(gx.chain(gx.scale_by_adam(), gx.scale(-0.1)), gx.skip_not_finite),
     "skip_large_updates": lambda: gx.skip_if(gx.sgd(0.1, momentum=0.9), _large),
     "reduce_on_plateau": lambda: _with_value(gx.chain(gx.sgd(0.1), gx.reduce_on_plateau(patience=1))),
-}
-
-# freeze's mask names test_purity's keys: any tree gets a mask by position
-PYTREE_FACTORIES = {
-    "freeze": lambda params: gx.freeze(_every_other_leaf),
 }
 
 # public names of gradxform.combinators that are functions, not transform factories

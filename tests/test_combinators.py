@@ -136,6 +136,16 @@ def test_freeze_equals_optax(ox, mask):
     _run(ox, gx.chain(gx.freeze(mask), gx.scale(-0.05)), optax.chain(optax.freeze(mask), optax.scale(-0.05)))
 
 
+def test_freeze_with_a_dict_mask_compiles_in_one_graph():
+    """Regression: a dict of Python bools as the mask failed to flatten under torch.compile."""
+    tx = gx.freeze({"w": True, "b": False})
+    p = {"w": torch.ones(2, 3), "b": torch.ones(3)}
+    step = lambda g, s: tx.update(g, s, p)[0]  # noqa: E731
+    g = {"w": torch.full((2, 3), 2.0), "b": torch.full((3,), 2.0)}
+    out = torch.compile(step, fullgraph=True, backend="eager")(g, tx.init(p))
+    assert torch.equal(out["w"], torch.zeros(2, 3)) and torch.equal(out["b"], g["b"])
+
+
 def test_named_chain_equals_optax(ox):
     optax, _ = ox
     gtx = gx.named_chain(("clip", gx.clip_by_global_norm(1.0)), ("adam", gx.scale_by_adam()), ("lr", gx.scale(-0.01)))
