@@ -338,7 +338,8 @@ def lookahead(fast_optimizer: GradientTransformation, sync_period: int, slow_ste
     them in a ``LookaheadParams(fast, slow)`` params pair instead), so the transform works on
     ordinary params and in `gradxform.Optimizer`; read them with `lookahead_params` for
     evaluation. With ``reset_state`` the fast optimizer's state is re-initialised after each
-    synchronisation (from the params before the update, as optax). Do not modify the output
+    synchronisation (from the params before the update, as optax; leaves without an update stay
+    frozen). Do not modify the output
     before applying it, or fast and slow params drift apart.
 
     Args:
@@ -406,7 +407,7 @@ def lookahead(fast_optimizer: GradientTransformation, sync_period: int, slow_ste
             else:
                 out = list(_fe.add(u, diff, alpha=-1.0))
             if reset_state:
-                fast_state = _reset(fast_optimizer.init(params), fast_state, own.state)
+                fast_state = _reset(fast_optimizer.init(flat.rebuild(p)), fast_state, own.state)
         else:  # all-tensor: the synchronisation weighted by the 0/1 flag (as optax)
             s = sync_next.to(torch.float64)
             step_slow = list(_fe.mul(diff, alpha * s))
@@ -417,7 +418,7 @@ def lookahead(fast_optimizer: GradientTransformation, sync_period: int, slow_ste
                 new_slow = list(_fe.add(slow, step_slow))
             out = list(_fe.add(u, _fe.mul(diff, -(s * (1.0 - alpha)))))
             if reset_state:
-                fast_state = _select(sync_next, fast_optimizer.init(params), fast_state, own.state)
+                fast_state = _select(sync_next, fast_optimizer.init(flat.rebuild(p)), fast_state, own.state)
         out_tree = _tree.tree_unflatten(flat.spec, _tree.scatter(u_leaves, idx, out))
         slow_tree = _tree.tree_unflatten(flat.spec, _tree.scatter(slow_all, idx, new_slow))
         return out_tree, LookaheadState(fast_state, new_steps, slow_tree)

@@ -460,3 +460,16 @@ def test_through_optimizer_equals_functional_and_resumes_bit_exact(name, fused):
     _train(model2, opt2, sched2, 12, 20, extra)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_lookahead_reset_keeps_frozen_params_without_state_in_the_optimizer():
+    """Regression: the reset re-initialised the fast state from every param, so a param without a
+    gradient got adam's buffers in opt.state but no slow copy, and the next step raised KeyError."""
+    w, frozen = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = gx.Optimizer([w, frozen], gx.lookahead(gx.adam(0.1), sync_period=2, slow_step_size=0.5, reset_state=True))
+    for _ in range(5):
+        w.grad = torch.ones(3)
+        opt.step()
+    assert frozen not in opt.state or not opt.state[frozen]
+    assert torch.equal(frozen.detach(), torch.ones(2))
+    assert sorted(opt.state[w]) == ["exp_avg", "exp_avg_sq", "slow", "step"]
