@@ -731,7 +731,8 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
         A `GradientTransformation` whose state is a dict.
 
     Raises:
-        ValueError: duplicate names. TypeError: an argument is not a ``(str, transform)`` pair.
+        ValueError: duplicate names.
+        TypeError: an argument is not a ``(str, transform)`` pair.
 
     References:
         optax.named_chain (https://optax.readthedocs.io/en/latest/api/combining_optimizers.html).
