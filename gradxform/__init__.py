@@ -252,3 +252,41 @@ __all__ = [
     "get_hyperparam",
     "differentiable",
 ]
+
+# --- gradxform.combinators (issue 18: optax's combinators and utilities) ---
+from . import combinators as _combinators
+from .combinators import (
+    ApplyEveryState,
+    ConditionallyMaskState,
+    ConditionallyTransformState,
+    EmaState,
+    LookaheadState,
+    ParamsEmaState,
+    ReduceLROnPlateauState,
+    SkipIfState,
+    ZeroNansState,
+    apply_every,
+    centralize,
+    conditionally_mask,
+    conditionally_transform,
+    ema,
+    ema_params,
+    freeze,
+    keep_params_nonnegative,
+    lookahead,
+    lookahead_params,
+    named_chain,
+    normalize_by_update_norm,
+    params_ema,
+    per_example_global_norm_clip,
+    per_example_grads,
+    per_example_layer_norm_clip,
+    reduce_on_plateau,
+    skip_if,
+    skip_large_updates,
+    skip_not_finite,
+    zero_nans,
+)
+
+__all__ += _combinators.__all__
+# --- end gradxform.combinators ---
