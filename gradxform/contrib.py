@@ -339,6 +339,7 @@ def schedule_free(
         lr = learning_rate(state.step_count) if callable(learning_rate) else learning_rate
         max_lr = torch.maximum(state.max_lr, _like(lr, state.max_lr))
         weight = max_lr ** _sv(weight_lr_power)
+        weight = weight.to(state.weight_sum.dtype)
         total = state.weight_sum + weight
         nan = torch.isnan(weight) | torch.isnan(total)
         ck = torch.where(nan, torch.full_like(weight, math.nan),
@@ -591,8 +592,11 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
         _fe.mul_(s, b3)
         _fe.add_(s, _fe.mul(dg, (d / d0) if safeguard_warmup else (dlr / d0)))
         num = b3 * state.numerator_weighted + (d / d0) * dlr * acum
-        estimate = _sv(estim_lr_coef) * num / _sum(_abs(s))
-        new_d = torch.maximum(d, estimate)
+        l1 = _sum(_abs(s))
+        # ||s||_1 = 0 (all-zero or empty gradients so far): keep d (optax would make d NaN)
+        estimate = torch.where(l1 > 0, _sv(estim_lr_coef) * num / torch.where(l1 > 0, l1, 1.0), d)
+        num = num.to(state.numerator_weighted.dtype)  # (injected float64 hyperparameters promote)
+        new_d = torch.maximum(d, estimate.to(d.dtype))
         den = list(_fe.sqrt(eas))
         _fe.add_(den, new_d * _sv(eps))  # (optax: the new estimate here, the old one in dlr)
         out = list(_fe.div(ea, den))
@@ -708,8 +712,11 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
         _fe.mul_(s, sb2)
         _fe.add_(s, _fe.mul(dlr_g, 1 - sb2))
         num = sb2 * state.numerator_weighted + (1 - sb2) * dlr * acum
-        estimate = num / ((1 - sb2) * _sum(_abs(s)))
-        new_d = torch.maximum(state.estim_lr, estimate)
+        l1 = _sum(_abs(s))
+        # ||s||_1 = 0 (all-zero or empty gradients so far): keep d (optax would make d NaN)
+        estimate = torch.where(l1 > 0, num / ((1 - sb2) * torch.where(l1 > 0, l1, 1.0)), state.estim_lr)
+        num = num.to(state.numerator_weighted.dtype)  # (injected float64 hyperparameters promote)
+        new_d = torch.maximum(state.estim_lr, estimate.to(state.estim_lr.dtype))
         den = list(_fe.sqrt(eas))
         _fe.add_(den, e)
         out = list(_fe.div(ea, den))
@@ -1118,6 +1125,21 @@ def _where_tree(cond: torch.Tensor, a: Any, b: Any) -> Any:
     return _tree.tree_map(pick, a, b)
 
 
+def _assign(old: Any, new: Any, own: Ownership) -> Any:
+    """``new``, written into ``old``'s buffers when the caller owns the state (outside torch.func)."""
+    if not own.state or _tree.pure_ops():
+        return new
+
+    def put(o: Any, n: Any) -> Any:
+        if (isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor) and o is not n and o.shape == n.shape
+                and o.dtype == n.dtype and o.device == n.device):
+            o.copy_(n)
+            return o
+        return n
+
+    return _tree.tree_map(put, old, new)
+
+
 @recorded
 def sam(
     optimizer: GradientTransformation,
@@ -1208,7 +1230,7 @@ def sam(
             first, last = ssc == 0, ssc == sync_period - 1
             if last:
                 out, opt_s = descent(False)
-                adv_s = adv_optimizer.init(params) if reset_state else state.adv_state
+                adv_s = _assign(state.adv_state, adv_optimizer.init(params), own) if reset_state else state.adv_state
             else:
                 out, adv_s = ascent(False)
                 opt_s = state.opt_state
@@ -1220,9 +1242,10 @@ def sam(
         a_out, adv_s = ascent(True)
         out = [torch.where(last_t.to(d.device), d, a) for d, a in zip(d_out, a_out)]
         reset = adv_optimizer.init(params) if reset_state else state.adv_state
-        adv_s = _where_tree(last_t, reset, adv_s)
-        opt_s = _where_tree(last_t, opt_s, state.opt_state)
-        return flat.rebuild(out), SAMState(next_ssc, opt_s, adv_s, new_cache(first_t))
+        adv_s = _assign(state.adv_state, _where_tree(last_t, reset, adv_s), own)
+        opt_s = _assign(state.opt_state, _where_tree(last_t, opt_s, state.opt_state), own)
+        cache = _assign(state.cache, new_cache(first_t), own)
+        return flat.rebuild(out), SAMState(next_ssc, opt_s, adv_s, cache)
 
     return owned_transform(init, owned_update)
 

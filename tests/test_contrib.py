@@ -54,9 +54,10 @@ def _run_optax(tx, steps: int = STEPS):
     # int64 counts keep the reference in float64 throughout (the algorithm is unchanged)
     state = jax.tree.map(lambda x: x.astype(jnp.int64) if getattr(x, "dtype", None) == jnp.int32 else x,
                          tx.init(params))
+    update = jax.jit(tx.update)
     for t in range(steps):
         g = {k: jnp.asarray(v) for k, v in _grad_np({k: np.asarray(p) for k, p in params.items()}, t).items()}
-        u, state = tx.update(g, state, params)
+        u, state = update(g, state, params)
         params = {k: params[k] + u[k] for k in params}
     return params, state
 
@@ -388,3 +389,19 @@ def test_batched_prodigy_equals_per_model_runs():
             u, s = tx.update({"w": gr["w"][m]}, s, p)
             p = gx.apply_updates(p, u)
         torch.testing.assert_close(bp["w"][m], p["w"], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [lambda: gx.prodigy(), lambda: gx.dadapt_adamw()])
+def test_zero_gradient_keeps_the_distance_estimate(make):
+    """With ||s||_1 = 0 (a zero or empty gradient) the estimate d stays at its value; optax 0.2.8
+    divides 0 by 0 there and makes d (and every later step) NaN."""
+    tx = make()
+    params = {"w": torch.ones(3, dtype=torch.float64), "e": torch.ones(0, dtype=torch.float64)}
+    state = tx.init(params)
+    u, state = tx.update({"w": torch.zeros(3, dtype=torch.float64), "e": torch.ones(0, dtype=torch.float64)},
+                         state, params)
+    inner = state.inner_state
+    assert float(inner.estim_lr) == 1e-6 and torch.equal(u["w"], torch.zeros(3, dtype=torch.float64))
+    u, state = tx.update({"w": torch.ones(3, dtype=torch.float64), "e": torch.ones(0, dtype=torch.float64)},
+                         state, params)
+    assert torch.isfinite(u["w"]).all() and bool((u["w"] < 0).all())
