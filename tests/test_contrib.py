@@ -74,6 +74,8 @@ def optax_mod():
 
 
 def _pairs(optax):
+    import jax.numpy as jnp
+
     c = optax.contrib
     adv = lambda r: optax.chain(c.normalize(), optax.sgd(r))  # noqa: E731
     gadv = lambda r: gx.chain(gx.normalize(), gx.scale_by_learning_rate(r))  # noqa: E731
@@ -101,7 +103,7 @@ def _pairs(optax):
         "scale_by_ademamix_sched": (
             lambda: gx.scale_by_ademamix(b3=lambda n: 0.9 + 0.09 * torch.clamp(torch.as_tensor(n, dtype=torch.float64) / 50.0, max=1.0),
                                          alpha=lambda n: 1.0 + 0.01 * torch.as_tensor(n, dtype=torch.float64), eps_root=1e-10),
-            lambda: c.scale_by_ademamix(b3=lambda n: 0.9 + 0.09 * np.minimum(n / 50.0, 1.0),
+            lambda: c.scale_by_ademamix(b3=lambda n: 0.9 + 0.09 * jnp.minimum(n / 50.0, 1.0),
                                         alpha=lambda n: 1.0 + 0.01 * n, eps_root=1e-10)),
         "adopt": (lambda: gx.adopt(0.01), lambda: c.adopt(0.01)),
         "adopt_nesterov_noclip": (lambda: gx.adopt(0.02, b2=0.99, nesterov=True, use_clipping=False),
