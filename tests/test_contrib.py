@@ -407,3 +407,18 @@ def test_zero_gradient_keeps_the_distance_estimate(make):
     u, state = tx.update({"w": torch.ones(3, dtype=torch.float64), "e": torch.ones(0, dtype=torch.float64)},
                          state, params)
     assert torch.isfinite(u["w"]).all() and bool((u["w"] < 0).all())
+
+
+def test_madgrad_equals_authors_package():
+    """The authors' ``madgrad`` package (facebookresearch, MADGRAD 1.3) when it is installed (a test
+    extra only, never a dependency)."""
+    madgrad = pytest.importorskip("madgrad", reason="the authors' madgrad package is an optional test extra")
+    ps = _torch_params()
+    opt = madgrad.MADGRAD(ps, lr=0.02, momentum=0.7, weight_decay=0.01, eps=1e-6)
+    for t in range(STEPS):
+        for p, g in zip(ps, _closure_grads(ps, t)):
+            p.grad = g
+        opt.step()
+    p_gx, _ = _run_gx(gx.madgrad(0.02, momentum=0.7, weight_decay=0.01))
+    for p, k in zip(ps, SHAPES):
+        torch.testing.assert_close(p_gx[k], p.detach(), rtol=1e-9, atol=1e-11)
