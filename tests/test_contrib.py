@@ -372,25 +372,29 @@ def test_params_required(make):
         tx.update({"w": torch.ones(2)}, tx.init(params))
 
 
-def test_batched_prodigy_equals_per_model_runs():
-    """Under gx.batched (vmap over a model dimension) each model runs its own Prodigy."""
-    tx = gx.prodigy(weight_decay=0.01)
+@pytest.mark.parametrize("name", sorted(ADAPTER_CASES))
+def test_batched_equals_per_model_runs(name):
+    """Under gx.batched (vmap over a model dimension) each model runs its own optimizer."""
+    make = ADAPTER_CASES[name]
     g = torch.Generator().manual_seed(0)
-    params = {"w": torch.randn(3, 4, 2, generator=g, dtype=torch.float64)}
-    grads = [{"w": torch.randn(3, 4, 2, generator=g, dtype=torch.float64)} for _ in range(4)]
-    btx = gx.batched(tx)
+    params = {"w": torch.randn(3, 4, 2, generator=g, dtype=torch.float64), "b": torch.randn(3, 2, generator=g,
+                                                                                          dtype=torch.float64)}
+    grads = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()} for _ in range(4)]
+    btx = gx.batched(make())
     bstate = btx.init(params)
     bp = params
     for gr in grads:
         u, bstate = btx.update(gr, bstate, bp)
         bp = gx.apply_updates(bp, u)
+    tx = make()
     for m in range(3):
-        p = {"w": params["w"][m].clone()}
+        p = {k: v[m].clone() for k, v in params.items()}
         s = tx.init(p)
         for gr in grads:
-            u, s = tx.update({"w": gr["w"][m]}, s, p)
+            u, s = tx.update({k: v[m] for k, v in gr.items()}, s, p)
             p = gx.apply_updates(p, u)
-        torch.testing.assert_close(bp["w"][m], p["w"], rtol=1e-12, atol=1e-14)
+        for k in p:
+            torch.testing.assert_close(bp[k][m], p[k], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("make", [lambda: gx.prodigy(), lambda: gx.dadapt_adamw()])
