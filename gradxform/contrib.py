@@ -807,8 +807,12 @@ def scale_by_ademamix(
     ``alpha`` may be schedules of the 0-based count.
 
     Args:
-        b1: fast EMA decay. b2: second-moment decay. b3: slow EMA decay (or schedule).
-        alpha: weight of the slow EMA (or schedule). eps: outside the root. eps_root: inside.
+        b1: decay of the fast EMA.
+        b2: decay of the second moment.
+        b3: decay of the slow EMA (or a schedule of the count).
+        alpha: weight of the slow EMA (or a schedule of the count).
+        eps: added outside the root.
+        eps_root: added inside the root.
         mu_dtype: dtype of the three buffers (default: the params').
 
     Returns:
@@ -910,8 +914,15 @@ def ademamix(
 
     Args:
         learning_rate: the learning rate (or schedule).
-        b1, b2, b3, alpha, eps, eps_root, mu_dtype: as `scale_by_ademamix`.
-        weight_decay: decoupled decay. mask: which leaves to decay (pytree of bools or function).
+        b1: as `scale_by_ademamix`.
+        b2: as `scale_by_ademamix`.
+        b3: as `scale_by_ademamix`.
+        alpha: as `scale_by_ademamix` (optax's alias default 5.0, the block's 6.0).
+        eps: as `scale_by_ademamix`.
+        eps_root: as `scale_by_ademamix`.
+        mu_dtype: as `scale_by_ademamix`.
+        weight_decay: decoupled decay.
+        mask: which leaves to decay (a pytree of bools or a function of the params).
 
     Returns:
         A `GradientTransformation`.
@@ -967,9 +978,12 @@ def scale_by_adopt(
     ``v_t = b2 v_{t-1} + (1-b2) g^2``; output ``m`` (Nesterov: ``b1 m + (1-b1) n``).
 
     Args:
-        b1: momentum decay. b2: second-moment decay. eps: floor of the root.
+        b1: momentum decay.
+        b2: second-moment decay.
+        eps: floor of the root.
         mu_dtype: dtype of ``mu`` (default: the params').
-        nesterov: Nesterov-style output. use_clipping: clip the normalised gradient.
+        nesterov: Nesterov-style output.
+        use_clipping: clip the normalised gradient.
         clip_value_fn: clip bound as a function of the count.
 
     Returns:
@@ -1057,7 +1071,13 @@ def adopt(
 
     Args:
         learning_rate: the learning rate (or schedule).
-        b1, b2, eps, mu_dtype, nesterov, use_clipping, clip_value_fn: as `scale_by_adopt`.
+        b1: as `scale_by_adopt`.
+        b2: as `scale_by_adopt`.
+        eps: as `scale_by_adopt`.
+        mu_dtype: as `scale_by_adopt`.
+        nesterov: as `scale_by_adopt`.
+        use_clipping: as `scale_by_adopt`.
+        clip_value_fn: as `scale_by_adopt`.
 
     Returns:
         A `GradientTransformation`.
@@ -1479,8 +1499,10 @@ def cocob(
 
     Args:
         learning_rate: multiplies the gradient before the betting.
-        alpha, eps: as `scale_by_cocob`.
-        weight_decay: L2 decay added to the gradient. mask: which leaves to decay.
+        alpha: as `scale_by_cocob`.
+        eps: as `scale_by_cocob`.
+        weight_decay: L2 decay added to the gradient.
+        mask: which leaves to decay.
 
     Returns:
         A `GradientTransformation` (needs params).
@@ -1602,8 +1624,10 @@ def dog(
 
     Args:
         learning_rate: multiplier of DoG's step size (or schedule).
-        init_step, eps: as `scale_by_dog`.
-        weight_decay: L2 decay added to the gradient (``None``: none). mask: which leaves.
+        init_step: as `scale_by_dog`.
+        eps: as `scale_by_dog`.
+        weight_decay: L2 decay added to the gradient (``None``: none).
+        mask: which leaves to decay.
 
     Returns:
         A `GradientTransformation` (needs params).
