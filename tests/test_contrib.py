@@ -283,7 +283,7 @@ def test_sam_two_phases_through_closure_equal_hand_written_sam():
         g = torch.Generator().manual_seed(b)
         x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64)
 
-        def closure():
+        def closure(x=x, y=y):
             opt.zero_grad()
             loss = _sam_loss(model, x, y)
             loss.backward()
@@ -292,11 +292,15 @@ def test_sam_two_phases_through_closure_equal_hand_written_sam():
         opt.step(closure)
         opt.step(closure)
         # hand-written SAM on the reference weights
-        fmodel = lambda ps: torch.func.functional_call(model, dict(zip([n for n, _ in model.named_parameters()], ps)), (x,))  # noqa: E731
-        grads = torch.func.grad(lambda ps: torch.nn.functional.mse_loss(fmodel(ps), y))(ref)
+        names = [n for n, _ in model.named_parameters()]
+
+        def batch_loss(ps, x=x, y=y, names=names):
+            return torch.nn.functional.mse_loss(torch.func.functional_call(model, dict(zip(names, ps)), (x,)), y)
+
+        grads = torch.func.grad(batch_loss)(ref)
         norm = torch.sqrt(sum((gg * gg).sum() for gg in grads))
         adv = [w + rho * gg / norm for w, gg in zip(ref, grads)]
-        g_adv = torch.func.grad(lambda ps: torch.nn.functional.mse_loss(fmodel(ps), y))(adv)
+        g_adv = torch.func.grad(batch_loss)(adv)
         ref = [w - lr * gg for w, gg in zip(ref, g_adv)]
         for p, r in zip(model.parameters(), ref):
             torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-14)
