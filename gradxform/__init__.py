@@ -252,3 +252,18 @@ __all__ = [
     "get_hyperparam",
     "differentiable",
 ]
+
+# --- optax's optimizers and blocks (gradxform/optax_optimizers.py) ---
+from . import optax_optimizers as _optax_optimizers
+from .optax_optimizers import (
+    AddNoiseState, OptaxAdamState, OptaxRpropState, ScaleByAdanState, ScaleByBeliefState,
+    ScaleByDistanceOverGradientsState, ScaleByLionState, ScaleByNovogradState, ScaleByOptimisticGradientState,
+    ScaleBySM3State, ScaleByYogiState, adabelief, adamaxw, adan, add_noise, amsgrad, fromage, lamb, lars, lion,
+    nadamw, noisy_sgd, novograd, optax_rprop, optimistic_adam, optimistic_gradient_descent, polyak_sgd,
+    scale_by_adan, scale_by_belief, scale_by_distance_over_gradients, scale_by_lion, scale_by_novograd,
+    scale_by_optimistic_gradient, scale_by_param_block_norm, scale_by_param_block_rms, scale_by_polyak,
+    scale_by_sign, scale_by_sm3, scale_by_trust_ratio, scale_by_yogi, sign_sgd, signum, sm3, yogi,
+)
+
+__all__ += list(_optax_optimizers.__all__)
+# --- end optax_optimizers ---
