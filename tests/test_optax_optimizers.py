@@ -1,6 +1,6 @@
 """optax's optimizers and blocks (gradxform/optax_optimizers.py) against optax 0.2.8.
 
-Each alias and block runs 120 steps on a pytree with torch layouts (a ``(out, in)`` weight, an
+Each alias and block runs 100 steps on a pytree with torch layouts (a ``(out, in)`` weight, an
 ``(out, in, kh, kw)`` conv kernel, a bias, a scalar) next to optax on the same tree in JAX's
 layouts (``(in, out)``, ``(kh, kw, in, out)``), float64 on both sides; the gradients are our own
 (a fixed random sequence plus a pull towards 0 that depends on each side's params), so the
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -21,7 +23,9 @@ import torch
 
 import gradxform as gx
 
-STEPS = 120
+STEPS = 100
+if "jax" not in sys.modules:  # the references' XLA compilations dominate this module's time on CPU
+    os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 F64 = torch.float64
 
 
@@ -62,41 +66,57 @@ def _value(params: dict) -> float:
     return float(sum(0.5 * (np.asarray(v) ** 2).sum() for v in params.values())) + 1.0
 
 
-def run_against_optax(gx_tx, optax_tx, *, steps: int = STEPS, scalar: bool = True, extra_value: bool = False,
-                      rtol: float = 1e-9, atol: float = 1e-11, pull: float = 0.1, seed: int = 0) -> None:
-    """Both transforms on the same gradient sequence; updates and params compared at every step."""
+class Case:
+    """One comparison: a gradxform transform, its optax reference, and how to run them."""
+
+    def __init__(self, ours, theirs, *, scalar: bool = True, extra_value: bool = False, rtol: float = 1e-9,
+                 atol: float = 1e-11, pull: float = 0.1):
+        self.ours, self.theirs, self.scalar, self.extra_value = ours, theirs, scalar, extra_value
+        self.rtol, self.atol, self.pull = rtol, atol, pull
+
+
+def run_against_optax(*cases: Case, steps: int = STEPS, seed: int = 0) -> None:
+    """Each case's transforms on the same gradient sequence; updates compared at every step and
+    params at the end. optax's trajectories of all cases run in one jitted ``lax.scan`` (one XLA
+    compilation for the lot: compiling dominates the cost on CPU)."""
     jax = pytest.importorskip("jax", reason="optax references need jax (test extra)")
     pytest.importorskip("optax", reason="the optax reference values need optax 0.2.x (test extra)")
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
-    shapes = _shapes(scalar)
-    noise = _noise_sequence(shapes, steps, seed)
-    p0 = _initial(shapes)
-    tp = {k: torch.tensor(v, dtype=F64) for k, v in p0.items()}
-    jp = {k: jnp.asarray(_to_jax_layout(k, v)) for k, v in p0.items()}
-    tstate = gx_tx.init(tp)
-    jstate = optax_tx.init(jp)
+    full = _shapes(True)
+    noise = _noise_sequence(full, steps, seed)
+    p0 = _initial(full)
+    jnoise = {k: jnp.asarray(np.stack([_to_jax_layout(k, n[k]) for n in noise])) for k in full}
+    jps = [{k: jnp.asarray(_to_jax_layout(k, p0[k])) for k in _shapes(c.scalar)} for c in cases]
+    jstates = [c.theirs.init(p) for c, p in zip(cases, jps)]
 
-    def jstep(g, s, p, v):
-        kw = {"value": v} if extra_value else {}
-        return optax_tx.update(g, s, p, **kw)
+    def body(carry, xs):
+        new_carry, outs = [], []
+        for c, (p, s) in zip(cases, carry):
+            g = {k: xs[k] + c.pull * p[k] for k in p}
+            kw = {"value": 1.0 + sum(0.5 * jnp.sum(v ** 2) for v in p.values())} if c.extra_value else {}
+            u, s = c.theirs.update(g, s, p, **kw)
+            new_carry.append(({k: p[k] + u[k].reshape(p[k].shape) for k in p}, s))
+            outs.append(u)
+        return new_carry, outs
 
-    jstep = jax.jit(jstep)
-    for t in range(steps):
-        tg = {k: torch.tensor(noise[t][k], dtype=F64) + pull * tp[k] for k in shapes}
-        jg = {k: jnp.asarray(_to_jax_layout(k, noise[t][k])) + pull * jp[k] for k in shapes}
-        kw = {"value": torch.tensor(_value({k: v.numpy() for k, v in tp.items()}), dtype=F64)} if extra_value else {}
-        tu, tstate = gx_tx.update(tg, tstate, tp, **kw)
-        ju, jstate = jstep(jg, jstate, jp, jnp.asarray(_value({k: np.asarray(v) for k, v in jp.items()})))
+    final, jus = jax.jit(lambda carry, xs: jax.lax.scan(body, carry, xs))(list(zip(jps, jstates)), jnoise)
+    for c, (jp, _), ju in zip(cases, final, jus):
+        shapes = _shapes(c.scalar)
+        ju = {k: np.asarray(v).reshape((steps,) + np.asarray(jp[k]).shape) for k, v in ju.items()}
+        tp = {k: torch.tensor(p0[k], dtype=F64) for k in shapes}
+        tstate = c.ours.init(tp)
+        for t in range(steps):
+            tg = {k: torch.tensor(noise[t][k], dtype=F64) + c.pull * tp[k] for k in shapes}
+            kw = {"value": torch.tensor(_value({k: v.numpy() for k, v in tp.items()}), dtype=F64)} if c.extra_value else {}
+            tu, tstate = c.ours.update(tg, tstate, tp, **kw)
+            for k in shapes:
+                np.testing.assert_allclose(tu[k].numpy(), _from_jax_layout(k, ju[k][t]), rtol=c.rtol, atol=c.atol,
+                                           err_msg=f"{c.ours!r}: update of '{k}' at step {t}")
+            tp = gx.apply_updates(tp, tu)
         for k in shapes:
-            want = _from_jax_layout(k, np.asarray(ju[k]))
-            np.testing.assert_allclose(tu[k].numpy(), want, rtol=rtol, atol=atol,
-                                       err_msg=f"update of '{k}' at step {t}")
-        tp = gx.apply_updates(tp, tu)
-        jp = jax.tree.map(lambda a, b: a + b, jp, ju)
-    for k in shapes:
-        np.testing.assert_allclose(tp[k].numpy(), _from_jax_layout(k, np.asarray(jp[k])), rtol=rtol, atol=atol)
+            np.testing.assert_allclose(tp[k].numpy(), _from_jax_layout(k, np.asarray(jp[k])), rtol=c.rtol, atol=c.atol)
 
 
 def _optax():
@@ -134,20 +154,40 @@ BLOCKS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(BLOCKS))
+def _block_cases(optax, jnp):
+    cases = {name: Case(gx.chain(ours(), gx.scale(-0.01)), optax.chain(theirs(optax), optax.scale(-0.01)))
+             for name, (ours, theirs) in BLOCKS.items()}
+    # SM3's accumulators are per axis: a torch (out, in) / (out, in, kh, kw) leaf against optax's
+    # (in, out) / (kh, kw, in, out) leaf gives the same updates, transposed (optax's sm3 raises
+    # on a 0-d leaf: none here)
+    for b2 in (1.0, 0.9):
+        cases[f"scale_by_sm3_b2={b2}"] = Case(gx.chain(gx.scale_by_sm3(0.8, b2), gx.scale(-0.05)),
+                                              optax.chain(optax.scale_by_sm3(0.8, b2), optax.scale(-0.05)), scalar=False)
+    for v in ("sps", "sps+"):
+        cases[f"scale_by_polyak_{v}"] = Case(
+            gx.chain(gx.scale(-1.0), gx.scale_by_polyak(f_min=5.0, max_learning_rate=0.3, eps=1e-3, variant=v)),
+            optax.chain(optax.scale(-1.0), optax.scale_by_polyak(f_min=5.0, max_learning_rate=0.3, eps=1e-3, variant=v)),
+            extra_value=True)
+    cases["scale_by_distance_over_gradients"] = Case(
+        gx.chain(gx.scale_by_distance_over_gradients(param_dtype=F64), gx.scale(-1.0)),
+        optax.chain(optax.scale_by_distance_over_gradients(param_dtype=jnp.float64), optax.scale(-1.0)))
+    # optax's default float32 copy of the initial params, too
+    cases["scale_by_distance_over_gradients_f32"] = Case(
+        gx.chain(gx.scale_by_distance_over_gradients(reps_rel=1e-3, global_scale=0.5), gx.scale(-1.0)),
+        optax.chain(optax.scale_by_distance_over_gradients(reps_rel=1e-3, global_scale=0.5), optax.scale(-1.0)),
+        rtol=1e-7)
+    return cases
+
+
+BLOCK_NAMES = sorted(list(BLOCKS) + ["scale_by_sm3_b2=1.0", "scale_by_sm3_b2=0.9", "scale_by_polyak_sps",
+                                     "scale_by_polyak_sps+", "scale_by_distance_over_gradients",
+                                     "scale_by_distance_over_gradients_f32"])
+
+
+@pytest.mark.parametrize("name", BLOCK_NAMES)
 def test_block_equals_optax(name):
-    ours, theirs = BLOCKS[name]
-    optax = _optax()
-    run_against_optax(gx.chain(ours(), gx.scale(-0.01)), optax.chain(theirs(optax), optax.scale(-0.01)))
-
-
-@pytest.mark.parametrize("b2", [1.0, 0.9])
-def test_scale_by_sm3_equals_optax_across_layouts(b2):
-    """SM3's accumulators are per axis: a torch (out, in) / (out, in, kh, kw) leaf against optax's
-    (in, out) / (kh, kw, in, out) leaf gives the same updates, transposed."""
-    optax = _optax()
-    run_against_optax(gx.chain(gx.scale_by_sm3(0.8, b2), gx.scale(-0.05)),
-                      optax.chain(optax.scale_by_sm3(0.8, b2), optax.scale(-0.05)), scalar=False)
+    """Each block (chained with a negative scale) against optax, torch layouts mapped to JAX's."""
+    run_against_optax(_block_cases(_optax(), _jnp())[name])
 
 
 def test_scale_by_sm3_accumulators_follow_torch_axes():
@@ -157,27 +197,6 @@ def test_scale_by_sm3_accumulators_follow_torch_axes():
     _, st = gx.scale_by_sm3().update({"w": g, "b": torch.ones(5)}, st)
     torch.testing.assert_close(st.mu["w"][:5], (g ** 2).amax(dim=1))  # one per output row
     torch.testing.assert_close(st.mu["w"][5:], (g ** 2).amax(dim=0))  # one per input column
-
-
-def test_scale_by_polyak_equals_optax():
-    optax = _optax()
-    for variant in ("sps", "sps+"):
-        run_against_optax(gx.chain(gx.scale(-1.0), gx.scale_by_polyak(f_min=5.0, max_learning_rate=0.3, eps=1e-3,
-                                                                       variant=variant)),
-                          optax.chain(optax.scale(-1.0), optax.scale_by_polyak(f_min=5.0, max_learning_rate=0.3,
-                                                                                eps=1e-3, variant=variant)),
-                          extra_value=True, steps=60)
-
-
-def test_scale_by_distance_over_gradients_equals_optax():
-    optax = _optax()
-    jnp = _jnp()
-    run_against_optax(gx.chain(gx.scale_by_distance_over_gradients(param_dtype=F64), gx.scale(-1.0)),
-                      optax.chain(optax.scale_by_distance_over_gradients(param_dtype=jnp.float64), optax.scale(-1.0)))
-    # optax's default float32 copy of the initial params, too
-    run_against_optax(gx.chain(gx.scale_by_distance_over_gradients(reps_rel=1e-3, global_scale=0.5), gx.scale(-1.0)),
-                      optax.chain(optax.scale_by_distance_over_gradients(reps_rel=1e-3, global_scale=0.5),
-                                  optax.scale(-1.0)), rtol=1e-7)
 
 
 # --- aliases --------------------------------------------------------------------------------------
@@ -216,25 +235,20 @@ ALIASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(ALIASES))
-def test_alias_equals_optax(name):
-    ours, theirs = ALIASES[name]
-    optax = _optax()
+def _alias_cases(optax):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # optax.optimistic_adam
-        ref = theirs(optax)
-    run_against_optax(ours(), ref, scalar=name != "sm3")  # optax's sm3 raises on a 0-d leaf
+        cases = {name: Case(ours(), theirs(optax), scalar=name != "sm3") for name, (ours, theirs) in ALIASES.items()}
+    cases["polyak_sgd"] = Case(gx.polyak_sgd(max_learning_rate=0.5, scaling=0.7, f_min=2.0),
+                               optax.polyak_sgd(max_learning_rate=0.5, scaling=0.7, f_min=2.0), extra_value=True)
+    cases["adan_schedule"] = Case(gx.adan(gx.cosine_decay_schedule(1e-2, 50)),
+                                  optax.adan(optax.cosine_decay_schedule(1e-2, 50)))
+    return cases
 
 
-def test_polyak_sgd_equals_optax():
-    optax = _optax()
-    run_against_optax(gx.polyak_sgd(max_learning_rate=0.5, scaling=0.7, f_min=2.0),
-                      optax.polyak_sgd(max_learning_rate=0.5, scaling=0.7, f_min=2.0), extra_value=True, steps=60)
-
-
-def test_alias_with_schedule_equals_optax():
-    optax = _optax()
-    run_against_optax(gx.adan(gx.cosine_decay_schedule(1e-2, 50)), optax.adan(optax.cosine_decay_schedule(1e-2, 50)))
+@pytest.mark.parametrize("name", sorted(list(ALIASES) + ["polyak_sgd", "adan_schedule"]))
+def test_alias_equals_optax(name):
+    run_against_optax(_alias_cases(_optax())[name])
 
 
 def test_add_noise_is_seeded_from_the_state_and_has_the_scheduled_variance():
