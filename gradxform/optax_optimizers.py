@@ -639,7 +639,7 @@ class ScaleBySM3State(NamedTuple):
 
 
 def _sm3_size(p: torch.Tensor) -> int:
-    return sum(p.shape) if p.ndim >= 2 else max(p.numel(), 1)
+    return sum(p.shape) if p.ndim >= 2 else p.numel()
 
 
 @recorded
@@ -689,6 +689,8 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
             c = torch.where(beta2 != 1.0, 1.0 - beta2, torch.ones_like(beta2)).to(g.dtype)
         else:
             c = 1.0 - beta2 if beta2 != 1.0 else 1.0
+        if g.numel() == 0:
+            return g.clone(), acc.clone()
         if g.ndim < 2:
             v = c * g ** 2 + beta2 * acc.reshape(g.shape)
             new_acc = v.reshape(-1)

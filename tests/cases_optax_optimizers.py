@@ -38,3 +38,26 @@ CASES = {
     "nadamw": lambda: gx.nadamw(1e-3),
     "optax_rprop": lambda: gx.optax_rprop(1e-2),
 }
+
+
+def _with_value(tx):
+    """The harnesses pass no extras: feed the Polyak step's ``value`` (a loss made from the
+    updates, fresh every call), keeping the transform's owned update for the in-place harness."""
+    from gradxform.base import info_of, owned_transform
+
+    owned = info_of(tx).owned_update
+
+    def value_of(updates):
+        leaves = [g for g in gx.tree.tree_flatten(updates)[0] if g is not None]
+        return 1.0 + sum((g.double() ** 2).sum() for g in leaves) if leaves else 1.0
+
+    def owned_update(updates, state, params, own):
+        return owned(updates, state, params, own, value=value_of(updates))
+
+    return owned_transform(tx.init, owned_update)
+
+
+CASES.update({
+    "scale_by_polyak": lambda: _with_value(gx.chain(gx.scale(-1.0), gx.scale_by_polyak(max_learning_rate=0.5))),
+    "polyak_sgd": lambda: _with_value(gx.polyak_sgd(scaling=0.5)),
+})
