@@ -134,13 +134,9 @@ def _store(flat: _Flat, new: list[torch.Tensor], like: Any) -> Any:
     return flat.rebuild(new, like=like)
 
 
-def _inplace(own: Ownership) -> bool:
+def _inplace(own: Ownership) -> bool:  # noqa: D401
     """Whether state buffers may be written with plain tensor methods (``copy_``)."""
     return own.state and not _tree.pure_ops()
-
-
-def _check_params_tensor(flat: _Flat, params: Params, who: str) -> list[torch.Tensor]:
-    return flat.params_live(params, who)
 
 
 def _safe_norms(xs: list[torch.Tensor], floor: Any) -> list[torch.Tensor]:
@@ -516,14 +512,14 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
             b2e = [beta2 if int(c) > 1 else 0.0 for c in counts]
             b1e = [beta1 if int(c) > 1 else 0.0 for c in counts]
         # first step: b2e = 0 gives n = ||g||^2 (bit-equal to optax's ``(1-b2) s + b2 n`` later on)
-        nu = [(1 - b) * s + b * n for s, n, b in zip(sq, nu_old, b2e)]
+        nu = [((1 - b) * s + b * n).to(n.dtype) for s, n, b in zip(sq, nu_old, b2e)]
         denom = [torch.sqrt(n + er) + e if not _is_zero(er) else torch.sqrt(n) + e for n in nu]
         a = [x / d.to(x.dtype) for x, d in zip(g, denom)]
         if not _is_zero(wd):
             p = flat.params_live(params, "scale_by_novograd (weight_decay)")
             a = list(_fe.add(a, _fe.mul(p, wd)))
         mu_old = flat.state_live(state.mu, "state.mu")
-        mu = [m * b + x for m, b, x in zip(mu_old, b1e, a)]
+        mu = [(m * b + x).to(m.dtype) for m, b, x in zip(mu_old, b1e, a)]
         if _inplace(own):
             for o, n in zip(mu_old, mu):
                 o.copy_(n)
@@ -1011,8 +1007,7 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
             prev_eff = [torch.where(c == 0, x, p) for c, x, p in zip(old_counts, g, prev)]
         else:
             prev_eff = [x if int(c) == 0 else p for c, x, p in zip(old_counts, g, prev)]
-        out = list(_fe.add(_fe.mul(g, a + b), _fe.mul(prev_eff, -b) if not isinstance(b, torch.Tensor)
-                           else _fe.mul(prev_eff, -b)))
+        out = list(_fe.add(_fe.mul(g, a + b), _fe.mul(prev_eff, -b)))
         counts = _step_counts(flat, state.count, own.state)
         if _inplace(own):
             for p, x in zip(prev, g):

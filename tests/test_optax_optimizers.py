@@ -446,7 +446,7 @@ def test_batched_equals_per_model_runs(name):
     singles = [make() for _ in range(2)]
     sp = [{k: v[i].clone() for k, v in params.items()} for i in range(2)]
     ss = [t.init(p) for t, p in zip(singles, sp)]
-    for step in range(5):
+    for _ in range(5):
         grads = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in params.items()}
         u, state = tx.update(grads, state, params)
         params = gx.apply_updates(params, u)
