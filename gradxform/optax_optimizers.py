@@ -1200,7 +1200,8 @@ def add_noise(eta: float | torch.Tensor = 0.01, gamma: float | torch.Tensor = 0.
 
 
 class OptaxRpropState(NamedTuple):
-    """``step_sizes``: per-element step sizes; ``prev_updates``: last step's signed steps."""
+    """``step_sizes``: per-element step sizes in units of the learning rate (1 at ``init``);
+    ``prev_updates``: last step's signed steps (absolute)."""
 
     step_sizes: Any
     prev_updates: Any
@@ -1209,9 +1210,11 @@ class OptaxRpropState(NamedTuple):
 @recorded
 def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: Any = 1.2, min_step_size: Any = 1e-6,
                           max_step_size: Any = 50.0) -> GradientTransformation:
+    """optax's scale_by_rprop with step sizes kept relative to the learning rate: with a constant
+    rate exactly optax's rule; a changed rate (a scheduler) scales the steps from then on."""
+
     def init(params: Params) -> OptaxRpropState:
-        lr = float(learning_rate) if not isinstance(learning_rate, torch.Tensor) else learning_rate
-        return OptaxRpropState(_tree.tree_map(lambda p: torch.full_like(p, lr), params), _tree.tree_zeros_like(params))
+        return OptaxRpropState(_tree.tree_map(torch.ones_like, params), _tree.tree_zeros_like(params))
 
     def owned_update(updates: Updates, state: OptaxRpropState, params: Params | None,
                      own: Ownership) -> tuple[Updates, OptaxRpropState]:
@@ -1220,15 +1223,20 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        em, ep, lo, hi = (_tree.as_scalar(x) for x in (eta_minus, eta_plus, min_step_size, max_step_size))
+        lr, em, ep, lo, hi = (_tree.as_scalar(x) for x in (learning_rate, eta_minus, eta_plus, min_step_size,
+                                                           max_step_size))
         steps_old = flat.state_live(state.step_sizes, "state.step_sizes")
         prev_old = flat.state_live(state.prev_updates, "state.prev_updates")
         steps, prev, out = [], [], []
         for g, s_old, p_old in zip(flat.live, steps_old, prev_old):
             s = g * p_old
             factor = torch.where(s > 0, torch.as_tensor(ep, dtype=g.dtype), torch.as_tensor(em, dtype=g.dtype))
-            st = torch.where(s == 0, s_old, torch.clamp(s_old * factor, min=lo, max=hi))
-            pv = torch.where(s < 0, torch.zeros_like(g), st * torch.sign(g))
+            rel_lo, rel_hi = lo / lr, hi / lr
+            if isinstance(lr, torch.Tensor):
+                rel_lo, rel_hi = rel_lo.to(g.dtype), rel_hi.to(g.dtype)
+            st = torch.where(s == 0, s_old, torch.clamp(s_old * factor, min=rel_lo, max=rel_hi))
+            step = st * (lr.to(g.dtype) if isinstance(lr, torch.Tensor) else lr)
+            pv = torch.where(s < 0, torch.zeros_like(g), step * torch.sign(g))
             out.append(torch.where(s < 0, torch.zeros_like(p_old), p_old))
             steps.append(st)
             prev.append(pv)
@@ -1919,9 +1927,10 @@ def optax_rprop(learning_rate: float, eta_minus: float = 0.5, eta_plus: float = 
     ``[min_step_size, max_step_size]``, kept where ``s = 0``); ``q_t = step * sign(g_t)`` (0 where
     ``s < 0``); and the applied update is ``-q_{t-1}`` (0 where ``s < 0``): optax applies the
     *previous* step's signed step, so its first update is 0. torch.optim.Rprop (``gx.rprop``)
-    applies the current one and its etas/step sizes are named ``etas``/``step_sizes``. The
-    learning rate sets the initial step sizes only (a scheduler's ``group["lr"]`` has no effect
-    after ``init``, in optax and torch alike).
+    applies the current one and its etas/step sizes are named ``etas``/``step_sizes``. The step
+    sizes are kept in units of the learning rate (state ``step_sizes`` starts at 1): with a
+    constant rate this is optax's rule exactly; a scheduler's ``group["lr"]`` scales the steps
+    from then on (in optax and torch.optim the rate only sets the initial step sizes).
 
     Args:
         learning_rate: the initial step size. eta_minus, eta_plus: the factors.
@@ -1941,6 +1950,7 @@ def optax_rprop(learning_rate: float, eta_minus: float = 0.5, eta_plus: float = 
         >>> opt = gx.Optimizer(model.parameters(), gx.optax_rprop(1e-2))
     """
     _check_lr(learning_rate)
+    check_float("learning_rate", learning_rate, low=0.0, low_open=True)
     check_float("eta_minus", eta_minus, low=0.0, high=1.0)
     check_float("eta_plus", eta_plus, low=1.0)
     check_float("min_step_size", min_step_size, low=0.0)
