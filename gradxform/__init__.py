@@ -355,3 +355,25 @@ __all__ += [
     "dog",
 ]
 # --- end gradxform.contrib ---
+# --- optax's optimizers and blocks (gradxform/optax_optimizers.py) ---
+from .optax_optimizers import (  # noqa: E402
+    AddNoiseState, OptaxAdamState, OptaxRpropState, ScaleByAdanState, ScaleByBeliefState,
+    ScaleByDistanceOverGradientsState, ScaleByLionState, ScaleByNovogradState, ScaleByOptimisticGradientState,
+    ScaleBySM3State, ScaleByYogiState, adabelief, adamaxw, adan, add_noise, amsgrad, fromage, lamb, lars, lion,
+    nadamw, noisy_sgd, novograd, optax_rprop, optimistic_adam, optimistic_gradient_descent, polyak_sgd,
+    scale_by_adan, scale_by_belief, scale_by_distance_over_gradients, scale_by_lion, scale_by_novograd,
+    scale_by_optimistic_gradient, scale_by_param_block_norm, scale_by_param_block_rms, scale_by_polyak,
+    scale_by_sign, scale_by_sm3, scale_by_trust_ratio, scale_by_yogi, sign_sgd, signum, sm3, yogi,
+)
+
+__all__ += [
+    "ScaleByLionState", "ScaleByBeliefState", "ScaleByYogiState", "ScaleByNovogradState", "ScaleByAdanState",
+    "ScaleBySM3State", "ScaleByOptimisticGradientState", "ScaleByDistanceOverGradientsState", "AddNoiseState",
+    "OptaxAdamState", "OptaxRpropState", "scale_by_lion", "scale_by_belief", "scale_by_yogi", "scale_by_novograd",
+    "scale_by_adan", "scale_by_sm3", "scale_by_trust_ratio", "scale_by_param_block_norm",
+    "scale_by_param_block_rms", "scale_by_sign", "scale_by_polyak", "scale_by_optimistic_gradient",
+    "scale_by_distance_over_gradients", "add_noise", "lion", "lamb", "lars", "adabelief", "yogi", "novograd",
+    "adan", "sm3", "fromage", "sign_sgd", "signum", "noisy_sgd", "polyak_sgd", "optimistic_gradient_descent",
+    "optimistic_adam", "amsgrad", "adamaxw", "nadamw", "optax_rprop",
+]
+# --- end optax_optimizers ---

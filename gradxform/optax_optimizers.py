@@ -1,0 +1,1965 @@
+"""optax's optimizers and their blocks, under optax's names, defaults and semantics.
+
+Every alias here is ``chain(<optax's blocks>)`` wrapped in `gradxform.combine.inject_hyperparams`,
+as optax 0.2.8 builds it, so the numbers equal optax's step after step. The alias takes optax's
+argument names (``learning_rate``, ``b1``, ``b2``, ...); inside the state (and so as a
+`gradxform.Optimizer` group key) the learning rate is called ``lr``, the name
+``torch.optim.lr_scheduler`` drives. The other hyperparameters keep optax's names (``b1``, ``eps``,
+``weight_decay``, ...).
+
+Differences from optax, all deliberate:
+
+- counts are per leaf (params-shaped 0-d int64 tensors, as torch.optim's per-param ``step``):
+  a leaf frozen (``None``) for a while gets the bias correction of its own first step. With no
+  frozen leaf this is optax's single count.
+- optax's ``mu_dtype`` / ``accumulator_dtype`` options are not offered (state in the params'
+  dtype; cast with `gradxform.upcast` for mixed precision).
+- `add_noise` draws its noise from a counter-based hash of (``key``, step, leaf, element) kept in
+  the state, not from JAX's PRNG: the same distribution, not the same numbers.
+- `optax_rprop` is optax's Rprop (named so next to torch.optim's ``rprop``); see its docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from . import _foreach as _fe
+from . import tree as _tree
+from .base import (
+    PURE,
+    EmptyState,
+    GradientTransformation,
+    Ownership,
+    Params,
+    Updates,
+    chain,
+    expect_state,
+    owned_transform,
+    recorded,
+    stateless,
+)
+from .combine import inject_hyperparams, masked
+from .transforms import (
+    ScalarOrSchedule,
+    _Flat,
+    _leaf_counts,
+    _step_counts,
+    add_decayed_weights,
+    check_float,
+    scale,
+    scale_by_learning_rate,
+    trace,
+)
+
+__all__ = [
+    "ScaleByLionState", "ScaleByBeliefState", "ScaleByYogiState", "ScaleByNovogradState", "ScaleByAdanState",
+    "ScaleBySM3State", "ScaleByOptimisticGradientState", "ScaleByDistanceOverGradientsState", "AddNoiseState",
+    "OptaxAdamState", "OptaxRpropState",
+    "scale_by_lion", "scale_by_belief", "scale_by_yogi", "scale_by_novograd", "scale_by_adan", "scale_by_sm3",
+    "scale_by_trust_ratio", "scale_by_param_block_norm", "scale_by_param_block_rms", "scale_by_sign",
+    "scale_by_polyak", "scale_by_optimistic_gradient", "scale_by_distance_over_gradients", "add_noise",
+    "lion", "lamb", "lars", "adabelief", "yogi", "novograd", "adan", "sm3", "fromage", "sign_sgd", "signum",
+    "noisy_sgd", "polyak_sgd", "optimistic_gradient_descent", "optimistic_adam", "amsgrad", "adamaxw", "nadamw",
+    "optax_rprop",
+]
+
+_sign = _fe._op("sign", torch.sign)
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _scalars_traced(counts: list[torch.Tensor], *hps: Any) -> bool:
+    return (_tree.traced() or any(isinstance(h, torch.Tensor) for h in hps)
+            or any(c.device.type != "cpu" for c in counts))
+
+
+def _bias_corrections(counts: list[torch.Tensor], decay: Any, shift: int = 0) -> list[Any]:
+    """``1 - decay**(t + shift)`` per live leaf: Python floats (eager, CPU counts, number decay)
+    or 0-d float64 tensors (no host read)."""
+    if _scalars_traced(counts, decay):
+        t = torch.stack(counts).to(torch.float64) + shift
+        return list((1 - decay ** t).unbind())
+    return [1 - decay ** (int(c) + shift) for c in counts]
+
+
+def _div_each(xs: list[torch.Tensor], cs: list[Any]) -> list[torch.Tensor]:
+    """``x_i / c_i`` (out of place) with ``c_i`` a float or a 0-d tensor."""
+    if not cs:
+        return []
+    if isinstance(cs[0], torch.Tensor):
+        return [x / c.to(x.dtype) for x, c in zip(xs, cs)]
+    return list(_fe.div(xs, cs))
+
+
+def _mul_each(xs: list[torch.Tensor], cs: list[Any]) -> list[torch.Tensor]:
+    if not cs:
+        return []
+    if isinstance(cs[0], torch.Tensor):
+        return [x * c.to(x.dtype) for x, c in zip(xs, cs)]
+    return list(_fe.mul(xs, cs))
+
+
+def _moment(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplace: bool) -> list[torch.Tensor]:
+    """optax's ``update_moment``: ``(1 - decay) * new + decay * old`` (same rounding)."""
+    a = _fe.mul(new, 1 - decay)
+    if inplace:
+        _fe.mul_(old, decay)
+        _fe.add_(old, a)
+        return old
+    return list(_fe.add(a, _fe.mul(old, decay)))
+
+
+def _moment_sq(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplace: bool) -> list[torch.Tensor]:
+    """optax's ``update_moment_per_elem_norm`` of order 2: ``(1 - decay) * new**2 + decay * old``."""
+    return _moment(old, list(_fe.mul(new, new)), decay, inplace)
+
+
+def _denominators(nu_hat: list[torch.Tensor], eps: Any, eps_root: Any) -> list[torch.Tensor]:
+    """``sqrt(nu_hat + eps_root) + eps`` (optax's placement)."""
+    x = nu_hat if _is_zero(eps_root) else list(_fe.add(nu_hat, eps_root))
+    d = list(_fe.sqrt(x))
+    _fe.add_(d, eps)
+    return d
+
+
+def _is_zero(x: Any) -> bool:
+    return isinstance(x, (int, float)) and x == 0
+
+
+def _store(flat: _Flat, new: list[torch.Tensor], like: Any) -> Any:
+    return flat.rebuild(new, like=like)
+
+
+def _inplace(own: Ownership) -> bool:  # noqa: D401
+    """Whether state buffers may be written with plain tensor methods (``copy_``)."""
+    return own.state and not _tree.pure_ops()
+
+
+def _safe_norms(xs: list[torch.Tensor], floor: Any) -> list[torch.Tensor]:
+    """optax's ``safe_norm(x, floor)``: ``||x||`` where it exceeds ``floor``, else ``floor``."""
+    norms = _fe.norm(xs)
+    return [torch.where(n <= floor, torch.as_tensor(floor, dtype=n.dtype, device=n.device), n) for n in norms]
+
+
+# --- Lion -----------------------------------------------------------------------------------------
+
+
+class ScaleByLionState(NamedTuple):
+    """``count``: per-leaf updates received; ``mu``: the momentum (params-shaped)."""
+
+    count: Any
+    mu: Any
+
+
+@recorded
+def scale_by_lion(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.99, *, mode: str = "hard",
+                  smooth_beta: float = 1.0) -> GradientTransformation:
+    """Lion's sign update (Chen et al., NeurIPS 2023, arXiv 2302.06675, Algorithm 2), as optax.
+
+    ``u = sign((1 - b1) g + b1 m)``; then ``m <- (1 - b2) g + b2 m``. ``mode="smooth"`` uses
+    ``tanh(smooth_beta * x)`` and ``mode="refined"`` keeps ``x`` where ``|x| < 1`` (optax's modes).
+
+    Args:
+        b1: interpolation weight of the momentum in the update.
+        b2: decay of the momentum.
+        mode: ``"hard"`` (sign), ``"smooth"`` or ``"refined"``.
+        smooth_beta: the slope of ``tanh`` in ``"smooth"`` mode.
+
+    Returns:
+        The `GradientTransformation` (state `ScaleByLionState`).
+
+    Raises:
+        ValueError: a decay outside ``[0, 1]`` or an unknown ``mode``.
+
+    References:
+        Chen et al., "Symbolic Discovery of Optimization Algorithms", arXiv 2302.06675;
+        optax.scale_by_lion (https://optax.readthedocs.io/en/latest/api/transformations.html).
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_lion(), gx.scale_by_learning_rate(1e-4))
+    """
+    check_float("b1", b1, low=0.0, high=1.0)
+    check_float("b2", b2, low=0.0, high=1.0)
+    if mode not in ("hard", "smooth", "refined"):
+        raise ValueError(f"scale_by_lion: mode must be 'hard', 'smooth' or 'refined'; got {mode!r}")
+
+    def init(params: Params) -> ScaleByLionState:
+        return ScaleByLionState(_leaf_counts(params), _tree.tree_zeros_like(params))
+
+    def owned_update(updates: Updates, state: ScaleByLionState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByLionState]:
+        del params
+        expect_state(state, ScaleByLionState, "scale_by_lion")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        beta1, beta2 = _tree.as_scalar(b1), _tree.as_scalar(b2)
+        g = flat.live
+        counts = _step_counts(flat, state.count, own.state)
+        mu = flat.state_live(state.mu, "state.mu")
+        x = list(_fe.add(_fe.mul(g, 1 - beta1), _fe.mul(mu, beta1)))
+        if mode == "hard":
+            out = list(_sign(x))
+        elif mode == "smooth":
+            out = [torch.tanh(smooth_beta * v) for v in x]
+        else:
+            out = [torch.where(v.abs() < 1.0, v, torch.sign(v)) for v in x]
+        mu = _moment(mu, g, beta2, own.state)
+        return flat.rebuild(out), ScaleByLionState(_store(flat, counts, state.count), _store(flat, mu, state.mu))
+
+    return owned_transform(init, owned_update)
+
+
+# --- AdaBelief, Yogi --------------------------------------------------------------------------------
+
+
+class ScaleByBeliefState(NamedTuple):
+    """``count``: per-leaf updates; ``mu``: first moment; ``nu``: the EMA of ``(g - mu)^2``
+    (plus ``eps_root`` each step, as optax)."""
+
+    count: Any
+    mu: Any
+    nu: Any
+
+
+def _nesterov_mu_hat(mu: list[torch.Tensor], g: list[torch.Tensor], counts: list[torch.Tensor], b1: Any) -> list[torch.Tensor]:
+    """optax's Nesterov first moment: ``b1 * mu / (1 - b1^(t+1)) + (1 - b1) * g / (1 - b1^t)``."""
+    a = _div_each(mu, _bias_corrections(counts, b1, shift=1))
+    b = _div_each(g, _bias_corrections(counts, b1))
+    return list(_fe.add(_fe.mul(a, b1), _fe.mul(b, 1 - b1)))
+
+
+@recorded
+def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.999,
+                    eps: float | torch.Tensor = 1e-16, eps_root: float | torch.Tensor = 1e-16, *,
+                    nesterov: bool = False) -> GradientTransformation:
+    """AdaBelief's preconditioning (Zhuang et al., NeurIPS 2020, arXiv 2010.07468), as optax.
+
+    ``m = b1 m + (1-b1) g``; ``s = b2 s + (1-b2) (g - m)^2 + eps_root``;
+    ``u = (m / (1-b1^t)) / (sqrt(s / (1-b2^t)) + eps)`` (Nesterov: optax's ``mu_hat``).
+
+    Args:
+        b1: first-moment decay.
+        b2: decay of the belief (second) moment.
+        eps: added to the root of the denominator.
+        eps_root: added to ``s`` at every step (inside the root).
+        nesterov: Nesterov's first moment, as optax.
+
+    Returns:
+        The `GradientTransformation` (state `ScaleByBeliefState`).
+
+    Raises:
+        ValueError: a decay outside ``[0, 1)`` or a negative eps.
+
+    References:
+        Zhuang et al., "AdaBelief Optimizer", NeurIPS 2020, arXiv 2010.07468; optax.scale_by_belief.
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_belief(), gx.scale_by_learning_rate(1e-3))
+    """
+    _check_decays(b1=b1, b2=b2)
+    check_float("eps", eps, low=0.0)
+    check_float("eps_root", eps_root, low=0.0)
+
+    def init(params: Params) -> ScaleByBeliefState:
+        return ScaleByBeliefState(_leaf_counts(params), _tree.tree_zeros_like(params), _tree.tree_zeros_like(params))
+
+    def owned_update(updates: Updates, state: ScaleByBeliefState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByBeliefState]:
+        del params
+        expect_state(state, ScaleByBeliefState, "scale_by_belief")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
+        g = flat.live
+        counts = _step_counts(flat, state.count, own.state)
+        mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
+        err = list(_fe.add(g, _fe.mul(mu, -1.0)))
+        nu = _moment_sq(flat.state_live(state.nu, "state.nu"), err, beta2, own.state)
+        if not _is_zero(er):
+            _fe.add_(nu, er)
+        mu_hat = _nesterov_mu_hat(mu, g, counts, beta1) if nesterov else _div_each(mu, _bias_corrections(counts, beta1))
+        nu_hat = _div_each(nu, _bias_corrections(counts, beta2))
+        out = list(_fe.div(mu_hat, _denominators(nu_hat, e, 0.0)))
+        return flat.rebuild(out), ScaleByBeliefState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
+                                                     _store(flat, nu, state.nu))
+
+    return owned_transform(init, owned_update)
+
+
+class ScaleByYogiState(NamedTuple):
+    """``count``: per-leaf updates; ``mu``, ``nu``: first and second moments (both start at
+    ``initial_accumulator_value``, as optax)."""
+
+    count: Any
+    mu: Any
+    nu: Any
+
+
+@recorded
+def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.999, eps: float | torch.Tensor = 1e-3,
+                  eps_root: float | torch.Tensor = 0.0,
+                  initial_accumulator_value: float = 1e-6) -> GradientTransformation:
+    """Yogi's additive second moment (Zaheer et al., NeurIPS 2018), as optax.
+
+    ``m = b1 m + (1-b1) g``; ``v = v - (1-b2) sign(v - g^2) g^2``;
+    ``u = (m / (1-b1^t)) / (sqrt(v / (1-b2^t) + eps_root) + eps)``; ``m_0 = v_0 = initial_accumulator_value``.
+
+    Args:
+        b1: first-moment decay.
+        b2: second-moment rate.
+        eps: added to the root of the denominator.
+        eps_root: added inside the root.
+        initial_accumulator_value: the starting value of both moments.
+
+    Returns:
+        The `GradientTransformation` (state `ScaleByYogiState`).
+
+    Raises:
+        ValueError: a decay outside ``[0, 1)`` or a negative eps.
+
+    References:
+        Zaheer et al., "Adaptive Methods for Nonconvex Optimization", NeurIPS 2018; optax.scale_by_yogi.
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_yogi(), gx.scale_by_learning_rate(1e-2))
+    """
+    _check_decays(b1=b1, b2=b2)
+    check_float("eps", eps, low=0.0)
+    check_float("eps_root", eps_root, low=0.0)
+
+    def init(params: Params) -> ScaleByYogiState:
+        full = lambda p: torch.full_like(p, initial_accumulator_value)  # noqa: E731
+        return ScaleByYogiState(_leaf_counts(params), _tree.tree_map(full, params), _tree.tree_map(full, params))
+
+    def owned_update(updates: Updates, state: ScaleByYogiState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByYogiState]:
+        del params
+        expect_state(state, ScaleByYogiState, "scale_by_yogi")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
+        g = flat.live
+        counts = _step_counts(flat, state.count, own.state)
+        mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
+        nu_old = flat.state_live(state.nu, "state.nu")
+        g2 = list(_fe.mul(g, g))
+        step = list(_fe.mul(_fe.mul(_sign(_fe.add(nu_old, g2, alpha=-1)), g2), 1 - beta2))
+        if own.state:
+            _fe.sub_(nu_old, step)
+            nu = nu_old
+        else:
+            nu = list(_fe.add(nu_old, step, alpha=-1))
+        mu_hat = _div_each(mu, _bias_corrections(counts, beta1))
+        nu_hat = _div_each(nu, _bias_corrections(counts, beta2))
+        out = list(_fe.div(mu_hat, _denominators(nu_hat, e, er)))
+        return flat.rebuild(out), ScaleByYogiState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
+                                                   _store(flat, nu, state.nu))
+
+    return owned_transform(init, owned_update)
+
+
+def _check_decays(**decays: Any) -> None:
+    for name, value in decays.items():
+        check_float(name, value, low=0.0, high=1.0, high_open=True)
+
+
+# --- optax's Adam family (private blocks of amsgrad, nadamw, lamb, optimistic_adam, adamaxw) ---------
+
+
+class OptaxAdamState(NamedTuple):
+    """``count``: per-leaf updates; ``mu``, ``nu``: moments (``nu`` is the infinity moment for
+    adamaxw); ``nu_max``: AMSGrad's running maximum of the bias-corrected ``nu`` (or ``None``)."""
+
+    count: Any
+    mu: Any
+    nu: Any
+    nu_max: Any
+
+
+@recorded
+def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_root: Any = 0.0, nesterov: bool = False,
+                         kind: str = "adam", bias_correction_mu: bool = True,
+                         bias_correction_nu: bool = True) -> GradientTransformation:
+    """optax's scale_by_adam (``kind="adam"``, eps placement ``sqrt(nu_hat + eps_root) + eps``,
+    optional Nesterov), scale_by_amsgrad (``"amsgrad"``: the maximum of the *bias-corrected*
+    ``nu``) and scale_by_adamax (``"adamax"``: ``nu = max(b2 nu, |g| + eps)``, ``u = m_hat / nu``)."""
+
+    def init(params: Params) -> OptaxAdamState:
+        z = _tree.tree_zeros_like
+        return OptaxAdamState(_leaf_counts(params), z(params), z(params), z(params) if kind == "amsgrad" else None)
+
+    def owned_update(updates: Updates, state: OptaxAdamState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, OptaxAdamState]:
+        del params
+        expect_state(state, OptaxAdamState, "scale_by_adam (optax)")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
+        g = flat.live
+        counts = _step_counts(flat, state.count, own.state)
+        mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
+        nu_old = flat.state_live(state.nu, "state.nu")
+        nu_max = None
+        if kind == "adamax":
+            a = list(_fe.add(_fe._op("abs", torch.abs)(g), e))
+            if own.state:
+                _fe.mul_(nu_old, beta2)
+                _fe.maximum_(nu_old, a)
+                nu = nu_old
+            else:
+                nu = list(_fe.maximum(a, _fe.mul(nu_old, beta2)))
+            out = list(_fe.div(_div_each(mu, _bias_corrections(counts, beta1)), nu))
+        else:
+            nu = _moment_sq(nu_old, g, beta2, own.state)
+            if nesterov:
+                mu_hat = _nesterov_mu_hat(mu, g, counts, beta1)
+            elif bias_correction_mu:
+                mu_hat = _div_each(mu, _bias_corrections(counts, beta1))
+            else:
+                mu_hat = mu
+            nu_hat = _div_each(nu, _bias_corrections(counts, beta2)) if bias_correction_nu else nu
+            if kind == "amsgrad":
+                old_max = flat.state_live(state.nu_max, "state.nu_max")
+                if own.state:
+                    _fe.maximum_(old_max, nu_hat)
+                    nu_max = old_max
+                else:
+                    nu_max = list(_fe.maximum(old_max, nu_hat))
+                nu_hat = nu_max
+            out = list(_fe.div(mu_hat, _denominators(nu_hat, e, er)))
+        new = OptaxAdamState(_store(flat, counts, state.count), _store(flat, mu, state.mu), _store(flat, nu, state.nu),
+                             _store(flat, nu_max, state.nu_max) if kind == "amsgrad" else None)
+        return flat.rebuild(out), new
+
+    return owned_transform(init, owned_update)
+
+
+# --- NovoGrad -------------------------------------------------------------------------------------
+
+
+class ScaleByNovogradState(NamedTuple):
+    """``count``: per-leaf updates; ``mu``: the momentum (params-shaped); ``nu``: the per-layer
+    EMA of ``||g||^2`` (one 0-d tensor per leaf)."""
+
+    count: Any
+    mu: Any
+    nu: Any
+
+
+@recorded
+def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.25,
+                      eps: float | torch.Tensor = 1e-8, eps_root: float | torch.Tensor = 0.0,
+                      weight_decay: float | torch.Tensor = 0.0) -> GradientTransformation:
+    """NovoGrad's layer-wise second moment (Ginsburg et al., 2019, arXiv 1905.11286), as optax.
+
+    ``n_1 = ||g||^2``, ``n_t = b2 n + (1-b2) ||g||^2`` (one number per leaf);
+    ``a = g / (sqrt(n_t + eps_root) + eps) + weight_decay * p``; ``m_1 = a``, ``m_t = b1 m + a``;
+    ``u = m_t``. "First" is the leaf's own first update.
+
+    Args:
+        b1: momentum decay.
+        b2: decay of the layer norms.
+        eps: added to the root of the denominator.
+        eps_root: added inside the root.
+        weight_decay: the params' weight in ``a`` (needs ``params`` when not 0).
+
+    Returns:
+        The `GradientTransformation` (state `ScaleByNovogradState`).
+
+    Raises:
+        ValueError: a decay outside ``[0, 1)``, a negative eps, or no params with a weight decay.
+
+    References:
+        Ginsburg et al., "Stochastic Gradient Methods with Layer-wise Adaptive Moments for Training
+        of Deep Networks", arXiv 1905.11286; optax.scale_by_novograd.
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_novograd(), gx.scale_by_learning_rate(1e-2))
+    """
+    _check_decays(b1=b1, b2=b2)
+    check_float("eps", eps, low=0.0)
+    check_float("eps_root", eps_root, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+
+    def init(params: Params) -> ScaleByNovogradState:
+        return ScaleByNovogradState(_leaf_counts(params), _tree.tree_zeros_like(params),
+                                    _tree.tree_map(lambda p: torch.zeros((), dtype=p.dtype, device=p.device), params))
+
+    def owned_update(updates: Updates, state: ScaleByNovogradState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByNovogradState]:
+        expect_state(state, ScaleByNovogradState, "scale_by_novograd")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        beta1, beta2, e, er, wd = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root, weight_decay))
+        g = flat.live
+        counts = _step_counts(flat, state.count, own.state)
+        nu_old = flat.state_live(state.nu, "state.nu", check_shapes=False)
+        sq = [torch.linalg.vector_norm(x) ** 2 for x in g]
+        if _scalars_traced(counts, beta1, beta2):
+            later = [(c > 1).to(x.dtype) for c, x in zip(counts, g)]
+            b2e = [beta2 * f for f in later]
+            b1e = [beta1 * f for f in later]
+        else:
+            b2e = [beta2 if int(c) > 1 else 0.0 for c in counts]
+            b1e = [beta1 if int(c) > 1 else 0.0 for c in counts]
+        # first step: b2e = 0 gives n = ||g||^2 (bit-equal to optax's ``(1-b2) s + b2 n`` later on)
+        nu = [((1 - b) * s + b * n).to(n.dtype) for s, n, b in zip(sq, nu_old, b2e)]
+        denom = [torch.sqrt(n + er) + e if not _is_zero(er) else torch.sqrt(n) + e for n in nu]
+        a = [x / d.to(x.dtype) for x, d in zip(g, denom)]
+        if not _is_zero(wd):
+            p = flat.params_live(params, "scale_by_novograd (weight_decay)")
+            a = list(_fe.add(a, _fe.mul(p, wd)))
+        mu_old = flat.state_live(state.mu, "state.mu")
+        mu = [(m * b + x).to(m.dtype) for m, b, x in zip(mu_old, b1e, a)]
+        if _inplace(own):
+            for o, n in zip(mu_old, mu):
+                o.copy_(n)
+            for o, n in zip(nu_old, nu):
+                o.copy_(n)
+            mu, nu = mu_old, nu_old
+        out = [m.clone() for m in mu]
+        return flat.rebuild(out), ScaleByNovogradState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
+                                                       _store(flat, nu, state.nu))
+
+    return owned_transform(init, owned_update)
+
+
+# --- Adan -----------------------------------------------------------------------------------------
+
+
+class ScaleByAdanState(NamedTuple):
+    """``count``: per-leaf updates; ``m``, ``v``, ``n``: the moments of the gradient, of its
+    difference and of ``(g + (1-b2) diff)^2``; ``g``: the previous gradient (params-shaped)."""
+
+    count: Any
+    m: Any
+    v: Any
+    n: Any
+    g: Any
+
+
+@recorded
+def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.92, b3: float | torch.Tensor = 0.99,
+                  eps: float | torch.Tensor = 1e-8, eps_root: float | torch.Tensor = 0.0) -> GradientTransformation:
+    """Adan's Nesterov-momentum estimate (Xie et al., TPAMI 2024, arXiv 2208.06677), as optax.
+
+    ``d = g - g_prev`` (0 at the leaf's first step); ``m = b1 m + (1-b1) g``;
+    ``v = b2 v + (1-b2) d``; ``n = b3 n + (1-b3) (g + (1-b2) d)^2``;
+    ``u = (m_hat + (1-b2) v_hat) / (sqrt(n_hat + eps_root) + eps)`` with ``x_hat = x / (1 - b^t)``.
+
+    Args:
+        b1: decay of ``m``.
+        b2: decay of ``v``.
+        b3: decay of ``n``.
+        eps: added to the root of the denominator.
+        eps_root: added inside the root.
+
+    Returns:
+        The `GradientTransformation` (state `ScaleByAdanState`).
+
+    Raises:
+        ValueError: a decay outside ``[0, 1)`` or a negative eps.
+
+    References:
+        Xie et al., "Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep Models",
+        arXiv 2208.06677; optax.scale_by_adan.
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_adan(), gx.scale_by_learning_rate(1e-3))
+    """
+    _check_decays(b1=b1, b2=b2, b3=b3)
+    check_float("eps", eps, low=0.0)
+    check_float("eps_root", eps_root, low=0.0)
+
+    def init(params: Params) -> ScaleByAdanState:
+        z = _tree.tree_zeros_like
+        return ScaleByAdanState(_leaf_counts(params), z(params), z(params), z(params), z(params))
+
+    def owned_update(updates: Updates, state: ScaleByAdanState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByAdanState]:
+        del params
+        expect_state(state, ScaleByAdanState, "scale_by_adan")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        beta1, beta2, beta3, e, er = (_tree.as_scalar(x) for x in (b1, b2, b3, eps, eps_root))
+        g = flat.live
+        old_counts = flat.state_live(state.count, "state.count", check_shapes=False)
+        prev = flat.state_live(state.g, "state.g")
+        if _scalars_traced(old_counts):
+            diff = [torch.where(c > 0, x - p, torch.zeros_like(x)) for c, x, p in zip(old_counts, g, prev)]
+        else:
+            diff = [x - p if int(c) > 0 else torch.zeros_like(x) for c, x, p in zip(old_counts, g, prev)]
+        counts = _step_counts(flat, state.count, own.state)
+        m = _moment(flat.state_live(state.m, "state.m"), g, beta1, own.state)
+        v = _moment(flat.state_live(state.v, "state.v"), diff, beta2, own.state)
+        sq = list(_fe.add(g, _fe.mul(diff, 1 - beta2)))
+        n = _moment_sq(flat.state_live(state.n, "state.n"), sq, beta3, own.state)
+        m_hat = _div_each(m, _bias_corrections(counts, beta1))
+        v_hat = _div_each(v, _bias_corrections(counts, beta2))
+        n_hat = _div_each(n, _bias_corrections(counts, beta3))
+        u = list(_fe.add(m_hat, _fe.mul(v_hat, 1 - beta2)))
+        out = list(_fe.div(u, _denominators(n_hat, e, er)))
+        if _inplace(own):
+            for p, x in zip(prev, g):
+                p.copy_(x)
+            new_g = prev
+        else:
+            new_g = [x.clone() for x in g]
+        return flat.rebuild(out), ScaleByAdanState(_store(flat, counts, state.count), _store(flat, m, state.m),
+                                                   _store(flat, v, state.v), _store(flat, n, state.n),
+                                                   _store(flat, new_g, state.g))
+
+    return owned_transform(init, owned_update)
+
+
+# --- SM3 ------------------------------------------------------------------------------------------
+
+
+class ScaleBySM3State(NamedTuple):
+    """``mu``: per leaf, SM3's per-axis accumulators concatenated into one 1-d tensor of length
+    ``sum(shape)`` (for a leaf of fewer than 2 dims: the full accumulator, ``numel`` long);
+    ``nu``: the momentum (params-shaped)."""
+
+    mu: Any
+    nu: Any
+
+
+def _sm3_size(p: torch.Tensor) -> int:
+    return sum(p.shape) if p.ndim >= 2 else p.numel()
+
+
+@recorded
+def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
+                 eps: float | torch.Tensor = 1e-8) -> GradientTransformation:
+    """SM3's memory-efficient second moment (Anil et al., NeurIPS 2019, arXiv 1901.11150), as optax.
+
+    For a leaf of ``k >= 2`` dims with one accumulator ``a_i`` per axis ``i`` (``a_i`` has
+    ``shape[i]`` entries): ``v = c g^2 + b2 min_i a_i`` (broadcast; ``c = 1`` if ``b2 == 1``, else
+    ``1 - b2``); ``a_i <- max of v over the other axes``; for a leaf of fewer dims the accumulator
+    is full-sized. ``w = g / sqrt(v + eps)`` where ``v > 0``, else 0; ``nu = b1 nu + (1 - b1) w``;
+    ``u = nu``. Layout matters: the accumulators follow the leaf's axes, so a torch ``(out, in)``
+    weight keeps accumulators of ``out`` then ``in`` entries (optax's ``(in, out)`` kernel the
+    reverse); the updates are the same tensors, transposed.
+
+    Args:
+        b1: momentum decay.
+        b2: accumulator decay (1: SM3's plain sums).
+        eps: added inside the root.
+
+    Returns:
+        The `GradientTransformation` (state `ScaleBySM3State`).
+
+    Raises:
+        ValueError: a decay outside ``[0, 1]`` or a negative eps; complex params.
+
+    References:
+        Anil et al., "Memory-Efficient Adaptive Optimization", NeurIPS 2019, arXiv 1901.11150;
+        optax.scale_by_sm3.
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_sm3(), gx.scale_by_learning_rate(1e-2))
+    """
+    check_float("b1", b1, low=0.0, high=1.0)
+    check_float("b2", b2, low=0.0, high=1.0)
+    check_float("eps", eps, low=0.0)
+
+    def init(params: Params) -> ScaleBySM3State:
+        for p in _tree.tree_flatten(params)[0]:
+            if p is not None and p.is_complex():
+                raise ValueError("scale_by_sm3 does not support complex params")
+        mu = _tree.tree_map(lambda p: torch.zeros(_sm3_size(p), dtype=p.dtype, device=p.device), params)
+        return ScaleBySM3State(mu, _tree.tree_zeros_like(params))
+
+    def one(g: torch.Tensor, acc: torch.Tensor, beta2: Any, e: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(beta2, torch.Tensor):
+            c = torch.where(beta2 != 1.0, 1.0 - beta2, torch.ones_like(beta2)).to(g.dtype)
+        else:
+            c = 1.0 - beta2 if beta2 != 1.0 else 1.0
+        if g.numel() == 0:
+            return g.clone(), acc.clone()
+        if g.ndim < 2:
+            v = c * g ** 2 + beta2 * acc.reshape(g.shape)
+            new_acc = v.reshape(-1)
+        else:
+            parts = torch.split(acc, list(g.shape))
+            low = None
+            for i, a in enumerate(parts):
+                shape = [1] * i + [g.shape[i]] + [1] * (g.ndim - i - 1)
+                a = a.reshape(shape)
+                low = a if low is None else torch.minimum(low, a)
+            v = c * g ** 2 + beta2 * low
+            new_acc = torch.cat([v.amax(dim=[j for j in range(g.ndim) if j != i]) for i in range(g.ndim)])
+        inv = torch.where(v > 0, torch.rsqrt(v + e), torch.zeros_like(v))
+        return g * inv, new_acc
+
+    def owned_update(updates: Updates, state: ScaleBySM3State, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleBySM3State]:
+        del params
+        expect_state(state, ScaleBySM3State, "scale_by_sm3")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        beta1, beta2, e = (_tree.as_scalar(x) for x in (b1, b2, eps))
+        accs = flat.state_live(state.mu, "state.mu", check_shapes=False)
+        for i, g, a in zip(flat.idx, flat.live, accs):
+            if a.shape != (_sm3_size(g),):
+                raise ValueError(f"scale_by_sm3: state.mu at '{flat.paths()[i]}' has shape {tuple(a.shape)}, "
+                                 f"expected ({_sm3_size(g)},) for an update of shape {tuple(g.shape)}")
+        pairs = [one(g, a, beta2, e) for g, a in zip(flat.live, accs)]
+        w = [p[0] for p in pairs]
+        new_acc = [p[1] for p in pairs]
+        nu = _moment(flat.state_live(state.nu, "state.nu"), w, beta1, own.state)
+        if _inplace(own):
+            for o, n in zip(accs, new_acc):
+                o.copy_(n)
+            new_acc = accs
+        out = [x.clone() for x in nu]
+        return flat.rebuild(out), ScaleBySM3State(_store(flat, new_acc, state.mu), _store(flat, nu, state.nu))
+
+    return owned_transform(init, owned_update)
+
+
+# --- stateless per-leaf scalings --------------------------------------------------------------------
+
+
+def _scaled_by(flat: _Flat, factors: list[torch.Tensor], own: Ownership) -> Updates:
+    g = flat.live
+    if own.may_write(g) and not _tree.pure_ops():
+        torch._foreach_mul_(g, [f.to(x.dtype) for f, x in zip(factors, g)])
+        return flat.rebuild(g)
+    return flat.rebuild([x * f.to(x.dtype) for x, f in zip(g, factors)])
+
+
+@recorded
+def scale_by_trust_ratio(min_norm: float | torch.Tensor = 0.0, trust_coefficient: float | torch.Tensor = 1.0,
+                         eps: float | torch.Tensor = 0.0) -> GradientTransformation:
+    """The layer-wise trust ratio of LARS / LAMB (You et al., 2017 arXiv 1708.03888; ICLR 2020
+    arXiv 1904.00962), as optax.
+
+    Per leaf: ``r = trust_coefficient * ||p|| / (||u|| + eps)`` with each norm floored at
+    ``min_norm``; ``r = 1`` where either norm is 0; ``u <- r u``. Norms are of the whole leaf
+    (Frobenius), so a torch ``(out, in)`` weight gives optax's ratio for its ``(in, out)`` kernel.
+
+    Args:
+        min_norm: the floor of both norms.
+        trust_coefficient: the ratio's scale.
+        eps: added to the update's norm.
+
+    Returns:
+        A stateless `GradientTransformation` (needs ``params``).
+
+    Raises:
+        ValueError: a negative argument, or ``update`` without params.
+
+    References:
+        You et al., "Large Batch Training of Convolutional Networks", arXiv 1708.03888; You et al.,
+        "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes", arXiv 1904.00962;
+        optax.scale_by_trust_ratio.
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_adam(), gx.scale_by_trust_ratio(), gx.scale_by_learning_rate(1e-3))
+    """
+    check_float("min_norm", min_norm, low=0.0)
+    check_float("trust_coefficient", trust_coefficient, low=0.0)
+    check_float("eps", eps, low=0.0)
+
+    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates
+        p = flat.params_live(params, "scale_by_trust_ratio")
+        mn, tc, e = (_tree.as_scalar(x) for x in (min_norm, trust_coefficient, eps))
+        pn, un = _safe_norms(p, mn), _safe_norms(flat.live, mn)
+        factors = [torch.where((a == 0) | (b == 0), torch.ones_like(a), tc * a / (b + e)) for a, b in zip(pn, un)]
+        return _scaled_by(flat, factors, own)
+
+    return stateless(update_fn)
+
+
+@recorded
+def scale_by_param_block_norm(min_scale: float | torch.Tensor = 1e-3) -> GradientTransformation:
+    """Scale each leaf's update by its param's norm (optax.scale_by_param_block_norm; the block
+    scaling of Adafactor, Shazeer & Stern, ICML 2018, arXiv 1804.04235).
+
+    ``u <- u * max(||p||, min_scale)`` (``min_scale`` where ``||p|| <= min_scale``); whole-leaf
+    (Frobenius) norm, the same for a torch ``(out, in)`` weight and optax's ``(in, out)`` kernel.
+
+    Args:
+        min_scale: the floor of the norm.
+
+    Returns:
+        A stateless `GradientTransformation` (needs ``params``).
+
+    Raises:
+        ValueError: a negative ``min_scale``, or ``update`` without params.
+
+    References:
+        Shazeer & Stern, "Adafactor", ICML 2018, arXiv 1804.04235; optax.scale_by_param_block_norm.
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_sign(), gx.scale_by_param_block_norm(), gx.scale(-1e-2))
+    """
+    check_float("min_scale", min_scale, low=0.0)
+
+    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates
+        p = flat.params_live(params, "scale_by_param_block_norm")
+        return _scaled_by(flat, _safe_norms(p, _tree.as_scalar(min_scale)), own)
+
+    return stateless(update_fn)
+
+
+@recorded
+def scale_by_param_block_rms(min_scale: float | torch.Tensor = 1e-3) -> GradientTransformation:
+    """Scale each leaf's update by its param's root mean square (optax.scale_by_param_block_rms;
+    Adafactor's relative step, Shazeer & Stern, ICML 2018, arXiv 1804.04235).
+
+    ``u <- u * max(rms(p), min_scale)`` (``min_scale`` where ``rms(p) <= min_scale``).
+
+    Args:
+        min_scale: the floor of the RMS.
+
+    Returns:
+        A stateless `GradientTransformation` (needs ``params``).
+
+    Raises:
+        ValueError: a negative ``min_scale``, or ``update`` without params.
+
+    References:
+        Shazeer & Stern, "Adafactor", ICML 2018, arXiv 1804.04235; optax.scale_by_param_block_rms.
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_sign(), gx.scale_by_param_block_rms(), gx.scale(-1e-2))
+    """
+    check_float("min_scale", min_scale, low=0.0)
+
+    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates
+        p = flat.params_live(params, "scale_by_param_block_rms")
+        ms = _tree.as_scalar(min_scale)
+        norms = _fe.norm(p)
+        rms = [n / math.sqrt(max(x.numel(), 1)) for n, x in zip(norms, p)]
+        factors = [torch.where(r <= ms, torch.as_tensor(ms, dtype=r.dtype, device=r.device), r) for r in rms]
+        return _scaled_by(flat, factors, own)
+
+    return stateless(update_fn)
+
+
+@recorded
+def scale_by_sign() -> GradientTransformation:
+    """``u <- sign(u)`` (signSGD: Bernstein et al., ICML 2018, arXiv 1802.04434; optax.scale_by_sign).
+
+    Returns:
+        A stateless `GradientTransformation`.
+
+    References:
+        Bernstein et al., "signSGD: Compressed Optimisation for Non-Convex Problems", ICML 2018,
+        arXiv 1802.04434; optax.scale_by_sign.
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_sign(), gx.scale_by_learning_rate(1e-3))
+    """
+
+    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates
+        if own.may_write(flat.live) and not _tree.pure_ops():
+            torch._foreach_sign_(flat.live)
+            return flat.rebuild(flat.live)
+        return flat.rebuild(list(_sign(flat.live)))
+
+    return stateless(update_fn)
+
+
+# --- Polyak step size -----------------------------------------------------------------------------
+
+
+@recorded
+def scale_by_polyak(f_min: float | torch.Tensor = 0.0, max_learning_rate: float | torch.Tensor = 1.0,
+                    eps: float | torch.Tensor = 0.0, variant: str = "sps") -> GradientTransformation:
+    """The Polyak step size (Loizou et al., AISTATS 2021, arXiv 2002.10542), as optax.
+
+    ``u <- min((f - f_min) / (||u||^2 + eps), max_learning_rate) * u`` (0 where
+    ``||u||^2 + eps`` is at most float64's machine epsilon); ``variant="sps+"`` clips the gap at 0.
+    ``update`` takes the extra argument ``value`` (the loss ``f`` at the current params).
+
+    Args:
+        f_min: a lower bound of the loss.
+        max_learning_rate: the cap of the step size.
+        eps: added to the squared norm.
+        variant: ``"sps"`` or ``"sps+"``.
+
+    Returns:
+        A stateless `GradientTransformation` with the required extra argument ``value``.
+
+    Raises:
+        ValueError: an unknown variant or a negative cap or eps.
+
+    References:
+        Loizou et al., "Stochastic Polyak Step-size for SGD", AISTATS 2021, arXiv 2002.10542;
+        optax.scale_by_polyak.
+
+    Example:
+        >>> tx = gx.chain(gx.scale(-1.0), gx.scale_by_polyak())
+        >>> updates, state = tx.update(grads, state, params, value=loss)
+    """
+    check_float("max_learning_rate", max_learning_rate, low=0.0)
+    check_float("eps", eps, low=0.0)
+    check_float("f_min", f_min)
+    if variant not in ("sps", "sps+"):
+        raise ValueError(f"scale_by_polyak: variant must be 'sps' or 'sps+'; got {variant!r}")
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def owned_update(updates: Updates, state: EmptyState, params: Params | None, own: Ownership, *,
+                     value: Any) -> tuple[Updates, EmptyState]:
+        del params
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        if not isinstance(value, (int, float, torch.Tensor)) or (isinstance(value, torch.Tensor) and value.numel() != 1):
+            raise TypeError(f"scale_by_polyak: value must be the loss as a number or a one-element tensor; got {value!r}")
+        norms = _fe.norm(flat.live)
+        sq = torch.stack([n.to(torch.float64) for n in norms]).square().sum() if len(norms) > 1 else norms[0].double() ** 2
+        gap = torch.as_tensor(value, device=sq.device).reshape(()).to(sq.dtype) - _tree.as_scalar(f_min)
+        if variant == "sps+":
+            gap = torch.relu(gap)
+        den = sq + _tree.as_scalar(eps)
+        step = torch.where(den <= torch.finfo(torch.float64).eps, torch.zeros_like(den),
+                           torch.clamp(gap / den, max=_tree.as_scalar(max_learning_rate)) if not isinstance(
+                               _tree.as_scalar(max_learning_rate), torch.Tensor)
+                           else torch.minimum(gap / den, max_learning_rate.to(den.dtype)))
+        return _scaled_by(flat, [step] * len(flat.live), own), state
+
+    return owned_transform(init, owned_update)
+
+
+# --- optimistic gradient --------------------------------------------------------------------------
+
+
+class ScaleByOptimisticGradientState(NamedTuple):
+    """``count``: per-leaf updates; ``previous_gradient``: last step's updates (params-shaped)."""
+
+    count: Any
+    previous_gradient: Any
+
+
+@recorded
+def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float | torch.Tensor = 1.0) -> GradientTransformation:
+    """Optimistic gradient (Mokhtari et al., AISTATS 2020, arXiv 1901.08511), as optax.
+
+    ``u = (alpha + beta) g_t - beta g_{t-1}`` with ``g_0 = g_1`` (the leaf's first step gives
+    ``alpha g``).
+
+    Args:
+        alpha: the weight of the current gradient.
+        beta: the optimism (weight of the gradient's change).
+
+    Returns:
+        The `GradientTransformation` (state `ScaleByOptimisticGradientState`).
+
+    Raises:
+        TypeError: a non-numeric argument.
+
+    References:
+        Mokhtari, Ozdaglar & Pattathil, "A Unified Analysis of Extra-gradient and Optimistic
+        Gradient Methods for Saddle Point Problems", AISTATS 2020, arXiv 1901.08511;
+        optax.scale_by_optimistic_gradient.
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_optimistic_gradient(), gx.scale_by_learning_rate(1e-2))
+    """
+    check_float("alpha", alpha)
+    check_float("beta", beta)
+
+    def init(params: Params) -> ScaleByOptimisticGradientState:
+        return ScaleByOptimisticGradientState(_leaf_counts(params), _tree.tree_zeros_like(params))
+
+    def owned_update(updates: Updates, state: ScaleByOptimisticGradientState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByOptimisticGradientState]:
+        del params
+        expect_state(state, ScaleByOptimisticGradientState, "scale_by_optimistic_gradient")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        a, b = _tree.as_scalar(alpha), _tree.as_scalar(beta)
+        g = flat.live
+        old_counts = flat.state_live(state.count, "state.count", check_shapes=False)
+        prev = flat.state_live(state.previous_gradient, "state.previous_gradient")
+        if _scalars_traced(old_counts):
+            prev_eff = [torch.where(c == 0, x, p) for c, x, p in zip(old_counts, g, prev)]
+        else:
+            prev_eff = [x if int(c) == 0 else p for c, x, p in zip(old_counts, g, prev)]
+        out = list(_fe.add(_fe.mul(g, a + b), _fe.mul(prev_eff, -b)))
+        counts = _step_counts(flat, state.count, own.state)
+        if _inplace(own):
+            for p, x in zip(prev, g):
+                p.copy_(x)
+            new_prev = prev
+        else:
+            new_prev = [x.clone() for x in g]
+        return flat.rebuild(out), ScaleByOptimisticGradientState(_store(flat, counts, state.count),
+                                                                 _store(flat, new_prev, state.previous_gradient))
+
+    return owned_transform(init, owned_update)
+
+
+# --- DoG ------------------------------------------------------------------------------------------
+
+
+class ScaleByDistanceOverGradientsState(NamedTuple):
+    """``max_dist``: per leaf, the largest distance from the initial params so far (0-d);
+    ``grad_sum_of_squares``: per leaf, the running sum of ``||g||^2`` (0-d); ``init_params``: the
+    params at ``init`` (in ``param_dtype``)."""
+
+    max_dist: Any
+    grad_sum_of_squares: Any
+    init_params: Any
+
+
+@recorded
+def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: float = 1e-8,
+                                     param_dtype: torch.dtype | None = torch.float32,
+                                     global_scale: float = 1.0) -> GradientTransformation:
+    """Layer-wise DoG, "distance over gradients" (Ivgi, Hinder & Carmon, ICML 2023,
+    arXiv 2302.12022), as optax.
+
+    Per leaf: ``d_t = max(d_{t-1}, ||p_t - p_0||)`` with ``d_0 = reps_rel (1 + ||p_0||)``;
+    ``G_t = G_{t-1} + ||g_t||^2``; ``u = global_scale * d_t / sqrt(G_t + eps) * g_t``. Positive
+    (add a negative scale to descend).
+
+    Args:
+        reps_rel: the relative initial distance ``r_eps``.
+        eps: added to ``G`` inside the root.
+        param_dtype: dtype of the stored initial params (optax's default ``float32``; ``None``:
+            the params' own dtype).
+        global_scale: a constant factor of the step size.
+
+    Returns:
+        The `GradientTransformation` (state `ScaleByDistanceOverGradientsState`; needs ``params``).
+
+    Raises:
+        ValueError: a non-positive ``reps_rel`` or a negative eps; ``update`` without params.
+
+    References:
+        Ivgi, Hinder & Carmon, "DoG is SGD's Best Friend: A Parameter-Free Dynamic Step Size
+        Schedule", ICML 2023, arXiv 2302.12022; optax.contrib.dog / optax.scale_by_distance_over_gradients.
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_distance_over_gradients(), gx.scale(-1.0))
+    """
+    check_float("reps_rel", reps_rel, low=0.0, low_open=True)
+    check_float("eps", eps, low=0.0)
+    check_float("global_scale", global_scale)
+    if param_dtype is not None and not isinstance(param_dtype, torch.dtype):
+        raise TypeError(f"param_dtype must be a torch.dtype or None; got {param_dtype!r}")
+
+    def init(params: Params) -> ScaleByDistanceOverGradientsState:
+        d0 = _tree.tree_map(lambda p: reps_rel * (1 + torch.linalg.vector_norm(p)), params)
+        gs = _tree.tree_map(lambda p: torch.zeros((), dtype=p.dtype, device=p.device), params)
+        p0 = _tree.tree_map(lambda p: p.detach().clone() if param_dtype is None else p.detach().to(param_dtype, copy=True),
+                            params)
+        return ScaleByDistanceOverGradientsState(d0, gs, p0)
+
+    def owned_update(updates: Updates, state: ScaleByDistanceOverGradientsState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByDistanceOverGradientsState]:
+        expect_state(state, ScaleByDistanceOverGradientsState, "scale_by_distance_over_gradients")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        p = flat.params_live(params, "scale_by_distance_over_gradients")
+        p0 = flat.state_live(state.init_params, "state.init_params", check_shapes=False)
+        d_old = flat.state_live(state.max_dist, "state.max_dist", check_shapes=False)
+        gs_old = flat.state_live(state.grad_sum_of_squares, "state.grad_sum_of_squares", check_shapes=False)
+        dist = [torch.linalg.vector_norm(a - b) for a, b in zip(p, p0)]
+        d = [torch.maximum(o, x.to(o.dtype)) for o, x in zip(d_old, dist)]
+        gs = [o + torch.linalg.vector_norm(x).to(o.dtype) ** 2 for o, x in zip(gs_old, flat.live)]
+        factors = [global_scale * (a / torch.sqrt(b + eps)) for a, b in zip(d, gs)]
+        out = _scaled_by(flat, factors, own)
+        if _inplace(own):
+            for o, n in zip(d_old + gs_old, d + gs):
+                o.copy_(n)
+            d, gs = d_old, gs_old
+        return out, ScaleByDistanceOverGradientsState(_store(flat, d, state.max_dist),
+                                                      _store(flat, gs, state.grad_sum_of_squares), state.init_params)
+
+    return owned_transform(init, owned_update)
+
+
+# --- noise ----------------------------------------------------------------------------------------
+
+
+class AddNoiseState(NamedTuple):
+    """``count``: per-leaf updates; ``key``: the seed (0-d int64), fixed: the noise of a step is a
+    function of (``key``, the leaf's count, the leaf's position, the element)."""
+
+    count: Any
+    key: torch.Tensor
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) in int64 arithmetic, value in ``[0, 2^32)``."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _normal_like(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise shaped like ``x`` from a 0-d int64 ``seed`` (Box-Muller on two
+    hashed 32-bit uniforms per element): deterministic, no generator, traceable."""
+    n = x.numel()
+    idx = torch.arange(2 * n, device=x.device, dtype=torch.int64)
+    h = _mix32(_mix32(idx ^ seed.to(x.device)) + seed.to(x.device))
+    dtype = x.dtype if x.dtype == torch.float64 else torch.float32
+    u = h.to(dtype)
+    u1 = (u[:n] + 1.0) / 4294967296.0  # (0, 1]
+    u2 = u[n:] / 4294967296.0
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    return z.reshape(x.shape).to(x.dtype)
+
+
+@recorded
+def add_noise(eta: float | torch.Tensor = 0.01, gamma: float | torch.Tensor = 0.55, key: int = 0) -> GradientTransformation:
+    """Annealed Gaussian gradient noise (Neelakantan et al., 2015, arXiv 1511.06807), as optax.
+
+    ``u <- u + sqrt(eta / t^gamma) * z``, ``z ~ N(0, 1)``, ``t`` the leaf's step (from 1). The
+    noise is seeded from the state (``key``), never from torch's global generator: a run is
+    reproducible from its state and a checkpoint resumes the same sequence. Not JAX's PRNG:
+    optax draws different (equally distributed) numbers.
+
+    Args:
+        eta: the initial variance.
+        gamma: the decay exponent of the variance.
+        key: the seed (an int).
+
+    Returns:
+        The `GradientTransformation` (state `AddNoiseState`).
+
+    Raises:
+        ValueError: a negative ``eta`` or ``gamma``; TypeError: a non-int ``key``.
+
+    References:
+        Neelakantan et al., "Adding Gradient Noise Improves Learning for Very Deep Networks",
+        arXiv 1511.06807; optax.add_noise.
+
+    Example:
+        >>> tx = gx.chain(gx.add_noise(0.01, 0.55, key=0), gx.scale_by_learning_rate(1e-2))
+    """
+    check_float("eta", eta, low=0.0)
+    check_float("gamma", gamma, low=0.0)
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise TypeError(f"add_noise: key must be an int seed; got {key!r}")
+
+    def init(params: Params) -> AddNoiseState:
+        return AddNoiseState(_leaf_counts(params), torch.tensor(key & ((1 << 62) - 1), dtype=torch.int64))
+
+    def owned_update(updates: Updates, state: AddNoiseState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, AddNoiseState]:
+        del params
+        expect_state(state, AddNoiseState, "add_noise")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        e, gm = _tree.as_scalar(eta), _tree.as_scalar(gamma)
+        counts = _step_counts(flat, state.count, own.state)
+        out = []
+        for i, x, c in zip(flat.idx, flat.live, counts):
+            seed = _mix32(_mix32(state.key) + _mix32(c * 1000003 + i))
+            t = c.to(torch.float64)
+            std = torch.sqrt(e / t ** gm).to(x.dtype)
+            out.append(x + std.to(x.device) * _normal_like(x, seed))
+        return flat.rebuild(out), AddNoiseState(_store(flat, counts, state.count), state.key)
+
+    return owned_transform(init, owned_update)
+
+
+# --- optax's Rprop (private block) ------------------------------------------------------------------
+
+
+class OptaxRpropState(NamedTuple):
+    """``step_sizes``: per-element step sizes in units of the learning rate (1 at ``init``);
+    ``prev_updates``: last step's signed steps (absolute)."""
+
+    step_sizes: Any
+    prev_updates: Any
+
+
+@recorded
+def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: Any = 1.2, min_step_size: Any = 1e-6,
+                          max_step_size: Any = 50.0) -> GradientTransformation:
+    """optax's scale_by_rprop with step sizes kept relative to the learning rate: with a constant
+    rate exactly optax's rule; a changed rate (a scheduler) scales the steps from then on."""
+
+    def init(params: Params) -> OptaxRpropState:
+        return OptaxRpropState(_tree.tree_map(torch.ones_like, params), _tree.tree_zeros_like(params))
+
+    def owned_update(updates: Updates, state: OptaxRpropState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, OptaxRpropState]:
+        del params
+        expect_state(state, OptaxRpropState, "optax_rprop")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        lr, em, ep, lo, hi = (_tree.as_scalar(x) for x in (learning_rate, eta_minus, eta_plus, min_step_size,
+                                                           max_step_size))
+        steps_old = flat.state_live(state.step_sizes, "state.step_sizes")
+        prev_old = flat.state_live(state.prev_updates, "state.prev_updates")
+        steps, prev, out = [], [], []
+        for g, s_old, p_old in zip(flat.live, steps_old, prev_old):
+            s = g * p_old
+            factor = torch.where(s > 0, torch.as_tensor(ep, dtype=g.dtype), torch.as_tensor(em, dtype=g.dtype))
+            rel_lo, rel_hi = lo / lr, hi / lr
+            if isinstance(lr, torch.Tensor):
+                rel_lo, rel_hi = rel_lo.to(g.dtype), rel_hi.to(g.dtype)
+            st = torch.where(s == 0, s_old, torch.clamp(s_old * factor, min=rel_lo, max=rel_hi))
+            step = st * (lr.to(g.dtype) if isinstance(lr, torch.Tensor) else lr)
+            pv = torch.where(s < 0, torch.zeros_like(g), step * torch.sign(g))
+            out.append(torch.where(s < 0, torch.zeros_like(p_old), p_old))
+            steps.append(st)
+            prev.append(pv)
+        if _inplace(own):
+            for o, n in zip(steps_old + prev_old, steps + prev):
+                o.copy_(n)
+            steps, prev = steps_old, prev_old
+        return flat.rebuild(out), OptaxRpropState(_store(flat, steps, state.step_sizes),
+                                                  _store(flat, prev, state.prev_updates))
+
+    return owned_transform(init, owned_update)
+
+
+@recorded
+def _ema_no_debias(decay: Any) -> GradientTransformation:
+    """optax.ema(decay, debias=False): ``m = (1 - decay) g + decay m``; ``u = m``."""
+
+    def init(params: Params) -> Any:
+        return _EmaState(_tree.tree_zeros_like(params))
+
+    def owned_update(updates: Updates, state: Any, params: Params | None, own: Ownership) -> tuple[Updates, Any]:
+        del params
+        expect_state(state, _EmaState, "signum (ema)")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        m = _moment(flat.state_live(state.ema, "state.ema"), flat.live, _tree.as_scalar(decay), own.state)
+        return flat.rebuild([x.clone() for x in m]), _EmaState(_store(flat, m, state.ema))
+
+    return owned_transform(init, owned_update)
+
+
+class _EmaState(NamedTuple):
+    """``ema``: the momentum of signum (params-shaped)."""
+
+    ema: Any
+
+
+@recorded
+def _add_scaled_params(weight: Any) -> GradientTransformation:
+    """``u <- u + weight * p`` for any sign of ``weight`` (fromage's shrink)."""
+
+    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates
+        p = flat.params_live(params, "fromage")
+        return flat.rebuild(list(_fe.add(flat.live, _fe.mul(p, _tree.as_scalar(weight)))))
+
+    return stateless(update_fn)
+
+
+# --- aliases --------------------------------------------------------------------------------------
+
+
+def _nonzero(x: Any) -> bool:
+    if callable(x) and not isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, torch.Tensor):
+        return bool((x != 0).any())
+    return x != 0
+
+
+def _check_lr(learning_rate: Any) -> None:
+    if learning_rate is None:
+        raise TypeError("learning_rate is required (optax's aliases have no default learning rate)")
+    check_float("learning_rate", learning_rate, low=0.0)
+
+
+def _decayed(parts: list[GradientTransformation], weight_decay: Any, mask: Any, use: bool) -> None:
+    if use:
+        parts.append(add_decayed_weights(weight_decay, mask))
+
+
+def _lion(lr: Any, b1: Any, b2: Any, weight_decay: Any, mask: Any, use_weight_decay: bool) -> GradientTransformation:
+    parts = [scale_by_lion(b1, b2)]
+    _decayed(parts, weight_decay, mask, use_weight_decay)
+    return chain(*parts, scale_by_learning_rate(lr))
+
+
+@recorded
+def lion(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.99, weight_decay: ScalarOrSchedule = 1e-3,
+         mask: Any = None) -> GradientTransformation:
+    """Lion as optax.lion (Chen et al., NeurIPS 2023, arXiv 2302.06675).
+
+    ``p <- p - lr * (sign((1-b1) g + b1 m) + weight_decay * p)``; ``m <- (1-b2) g + b2 m``:
+    ``chain(scale_by_lion, add_decayed_weights, scale_by_learning_rate)``.
+
+    Args:
+        learning_rate: the step size (a number, 0-d tensor or schedule; ``group["lr"]``).
+        b1: update interpolation. b2: momentum decay.
+        weight_decay: decoupled decay (times the learning rate).
+        mask: which leaves to decay (a pytree of bools or a function of params).
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Chen et al., arXiv 2302.06675; optax.lion (https://optax.readthedocs.io/en/latest/api/optimizers.html).
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.lion(1e-4))
+    """
+    _check_lr(learning_rate)
+    check_float("weight_decay", weight_decay, low=0.0)
+    return inject_hyperparams(_lion, static_args=("mask", "use_weight_decay"))(
+        lr=learning_rate, b1=b1, b2=b2, weight_decay=weight_decay, mask=mask, use_weight_decay=_nonzero(weight_decay))
+
+
+def _adam_wd(lr: Any, b1: Any, b2: Any, eps: Any, eps_root: Any, weight_decay: Any, mask: Any, nesterov: bool,
+             kind: str, use_weight_decay: bool, trust_ratio: bool) -> GradientTransformation:
+    parts = [_scale_by_optax_adam(b1, b2, eps, eps_root, nesterov, kind)]
+    _decayed(parts, weight_decay, mask, use_weight_decay)
+    if trust_ratio:
+        parts.append(scale_by_trust_ratio())
+    return chain(*parts, scale_by_learning_rate(lr))
+
+
+def _adam_alias(learning_rate: Any, b1: Any, b2: Any, eps: Any, eps_root: Any, weight_decay: Any, mask: Any,
+                nesterov: bool, kind: str, trust_ratio: bool) -> GradientTransformation:
+    _check_lr(learning_rate)
+    _check_decays(b1=b1, b2=b2)
+    check_float("eps", eps, low=0.0)
+    check_float("eps_root", eps_root, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    return inject_hyperparams(_adam_wd, static_args=("mask", "nesterov", "kind", "use_weight_decay", "trust_ratio"))(
+        lr=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask,
+        nesterov=nesterov, kind=kind, use_weight_decay=_nonzero(weight_decay), trust_ratio=trust_ratio)
+
+
+@recorded
+def lamb(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, eps_root: float = 0.0,
+         weight_decay: ScalarOrSchedule = 0.0, mask: Any = None) -> GradientTransformation:
+    """LAMB as optax.lamb (You et al., ICLR 2020, arXiv 1904.00962).
+
+    ``a = adam(g) + weight_decay * p`` (optax's Adam: ``m_hat / (sqrt(v_hat + eps_root) + eps)``);
+    ``p <- p - lr * r a`` with the trust ratio ``r = ||p|| / ||a||`` per leaf (1 where a norm is 0).
+
+    Args:
+        learning_rate: step size (``group["lr"]``). b1, b2: moment decays. eps, eps_root: as optax.
+        weight_decay: decay added before the trust ratio. mask: which leaves to decay.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes",
+        arXiv 1904.00962; optax.lamb.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.lamb(1e-3, weight_decay=0.01))
+    """
+    return _adam_alias(learning_rate, b1, b2, eps, eps_root, weight_decay, mask, False, "adam", True)
+
+
+@recorded
+def nadamw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_root: float = 0.0,
+           weight_decay: ScalarOrSchedule = 1e-4, mask: Any = None) -> GradientTransformation:
+    """NAdamW as optax.nadamw (Dozat, ICLR 2016 workshop; Loshchilov & Hutter, ICLR 2019).
+
+    optax's Nesterov Adam: ``m_hat = b1 m / (1-b1^(t+1)) + (1-b1) g / (1-b1^t)``,
+    ``u = m_hat / (sqrt(v_hat + eps_root) + eps)``; ``p <- p - lr (u + weight_decay p)``.
+    Differs from torch.optim.NAdam (momentum decay schedule ``mu_t``, coupled decay).
+
+    Args:
+        learning_rate: step size (``group["lr"]``). b1, b2, eps, eps_root: as optax.
+        weight_decay: decoupled decay. mask: which leaves to decay.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Dozat, "Incorporating Nesterov Momentum into Adam", ICLR 2016 workshop; optax.nadamw.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.nadamw(1e-3))
+    """
+    return _adam_alias(learning_rate, b1, b2, eps, eps_root, weight_decay, mask, True, "adam", False)
+
+
+@recorded
+def amsgrad(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+            eps_root: float = 0.0) -> GradientTransformation:
+    """AMSGrad as optax.amsgrad (Reddi et al., ICLR 2018, arXiv 1904.09237).
+
+    ``v_max = max(v_max, v / (1 - b2^t))`` (the maximum of the *bias-corrected* second moment,
+    unlike torch.optim.Adam(amsgrad=True), which keeps the maximum of ``v`` and corrects after);
+    ``u = m_hat / (sqrt(v_max + eps_root) + eps)``; ``p <- p - lr u``.
+
+    Args:
+        learning_rate: step size (``group["lr"]``). b1, b2, eps, eps_root: as optax.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Reddi, Kale & Kumar, "On the Convergence of Adam and Beyond", ICLR 2018; optax.amsgrad.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.amsgrad(1e-3))
+    """
+    return _adam_alias(learning_rate, b1, b2, eps, eps_root, 0.0, None, False, "amsgrad", False)
+
+
+@recorded
+def adamaxw(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+            weight_decay: ScalarOrSchedule = 1e-4, mask: Any = None) -> GradientTransformation:
+    """AdaMaxW as optax.adamaxw (Kingma & Ba, 2015, Section 7.1; Loshchilov & Hutter, 2019).
+
+    ``v = max(b2 v, |g| + eps)`` (eps inside the maximum, as optax: torch.optim.Adamax adds it the
+    same way); ``u = (m / (1 - b1^t)) / v``; ``p <- p - lr (u + weight_decay p)``.
+
+    Args:
+        learning_rate: step size (``group["lr"]``). b1, b2, eps: as optax.
+        weight_decay: decoupled decay. mask: which leaves to decay.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Kingma & Ba, "Adam", ICLR 2015, arXiv 1412.6980, Section 7.1; optax.adamaxw.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.adamaxw(1e-3))
+    """
+    return _adam_alias(learning_rate, b1, b2, eps, 0.0, weight_decay, mask, False, "adamax", False)
+
+
+def _lars(lr: Any, weight_decay: Any, weight_decay_mask: Any, trust_coefficient: Any, eps: Any, trust_ratio_mask: Any,
+          momentum: Any, nesterov: bool, use_weight_decay: bool, use_momentum: bool) -> GradientTransformation:
+    parts = []
+    if use_weight_decay:
+        parts.append(add_decayed_weights(weight_decay, None if weight_decay_mask is True else weight_decay_mask))
+    tr = scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps)
+    parts.append(tr if trust_ratio_mask is True else masked(tr, trust_ratio_mask))
+    parts.append(scale_by_learning_rate(lr))
+    if use_momentum:
+        parts.append(trace(momentum, nesterov=nesterov))
+    return chain(*parts)
+
+
+@recorded
+def lars(learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule = 0.0, weight_decay_mask: Any = True,
+         trust_coefficient: float = 0.001, eps: float = 0.0, trust_ratio_mask: Any = True, momentum: float = 0.9,
+         nesterov: bool = False) -> GradientTransformation:
+    """LARS as optax.lars (You, Gitman & Ginsburg, 2017, arXiv 1708.03888).
+
+    ``a = g + weight_decay p``; ``a <- trust_coefficient ||p|| / (||a|| + eps) * a`` per leaf;
+    ``b = momentum b - lr a`` (optax's trace *after* the learning rate); ``p <- p + b``.
+
+    Args:
+        learning_rate: step size (``group["lr"]``). weight_decay: L2 decay added to the gradient.
+        weight_decay_mask: ``True`` (all leaves) or a mask. trust_coefficient, eps: of the ratio.
+        trust_ratio_mask: ``True`` or a mask of the leaves that get the ratio.
+        momentum: momentum decay. nesterov: Nesterov momentum.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        You, Gitman & Ginsburg, "Large Batch Training of Convolutional Networks", arXiv 1708.03888;
+        optax.lars.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.lars(0.1, weight_decay=1e-4))
+    """
+    _check_lr(learning_rate)
+    check_float("weight_decay", weight_decay, low=0.0)
+    check_float("momentum", momentum, low=0.0)
+    return inject_hyperparams(_lars, static_args=("weight_decay_mask", "trust_ratio_mask", "nesterov", "use_weight_decay",
+                                                  "use_momentum"))(
+        lr=learning_rate, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+        trust_coefficient=trust_coefficient, eps=eps, trust_ratio_mask=trust_ratio_mask, momentum=momentum,
+        nesterov=nesterov, use_weight_decay=_nonzero(weight_decay), use_momentum=_nonzero(momentum))
+
+
+def _belief(lr: Any, b1: Any, b2: Any, eps: Any, eps_root: Any, nesterov: bool) -> GradientTransformation:
+    return chain(scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov), scale_by_learning_rate(lr))
+
+
+@recorded
+def adabelief(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-16,
+              eps_root: float = 1e-16, *, nesterov: bool = False) -> GradientTransformation:
+    """AdaBelief as optax.adabelief (Zhuang et al., NeurIPS 2020, arXiv 2010.07468).
+
+    ``p <- p - lr * u`` with ``u`` from `scale_by_belief` (no weight decay, no rectification:
+    the adabelief-pytorch package's defaults differ).
+
+    Args:
+        learning_rate: step size (``group["lr"]``). b1, b2, eps, eps_root: as `scale_by_belief`.
+        nesterov: optax's Nesterov first moment.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Zhuang et al., arXiv 2010.07468; optax.adabelief.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.adabelief(1e-3))
+    """
+    _check_lr(learning_rate)
+    return inject_hyperparams(_belief, static_args=("nesterov",))(lr=learning_rate, b1=b1, b2=b2, eps=eps,
+                                                                   eps_root=eps_root, nesterov=nesterov)
+
+
+def _yogi(lr: Any, b1: Any, b2: Any, eps: Any) -> GradientTransformation:
+    return chain(scale_by_yogi(b1, b2, eps), scale_by_learning_rate(lr))
+
+
+@recorded
+def yogi(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-3) -> GradientTransformation:
+    """Yogi as optax.yogi (Zaheer et al., NeurIPS 2018): ``p <- p - lr * u``, ``u`` from `scale_by_yogi`.
+
+    Args:
+        learning_rate: step size (``group["lr"]``). b1, b2, eps: as `scale_by_yogi`.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Zaheer et al., "Adaptive Methods for Nonconvex Optimization", NeurIPS 2018; optax.yogi.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.yogi(1e-2))
+    """
+    _check_lr(learning_rate)
+    return inject_hyperparams(_yogi)(lr=learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def _novograd(lr: Any, b1: Any, b2: Any, eps: Any, eps_root: Any, weight_decay: Any) -> GradientTransformation:
+    return chain(scale_by_novograd(b1, b2, eps, eps_root, weight_decay), scale_by_learning_rate(lr))
+
+
+@recorded
+def novograd(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.25, eps: float = 1e-6,
+             eps_root: float = 0.0, weight_decay: float = 0.0) -> GradientTransformation:
+    """NovoGrad as optax.novograd (Ginsburg et al., 2019, arXiv 1905.11286): ``p <- p - lr * m``
+    with ``m`` from `scale_by_novograd` (weight decay inside the momentum).
+
+    Args:
+        learning_rate: step size (``group["lr"]``). b1, b2, eps, eps_root, weight_decay: as the block.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Ginsburg et al., arXiv 1905.11286; optax.novograd.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.novograd(1e-2))
+    """
+    _check_lr(learning_rate)
+    return inject_hyperparams(_novograd)(lr=learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                                         weight_decay=weight_decay)
+
+
+def _adan(lr: Any, b1: Any, b2: Any, b3: Any, eps: Any, eps_root: Any, weight_decay: Any, mask: Any,
+          use_weight_decay: bool) -> GradientTransformation:
+    parts = [scale_by_adan(b1, b2, b3, eps, eps_root)]
+    _decayed(parts, weight_decay, mask, use_weight_decay)
+    return chain(*parts, scale_by_learning_rate(lr))
+
+
+@recorded
+def adan(learning_rate: ScalarOrSchedule, b1: float = 0.98, b2: float = 0.92, b3: float = 0.99, eps: float = 1e-8,
+         eps_root: float = 1e-8, weight_decay: ScalarOrSchedule = 0.0, mask: Any = None) -> GradientTransformation:
+    """Adan as optax.adan (Xie et al., arXiv 2208.06677): ``p <- p - lr (u + weight_decay p)``
+    with ``u`` from `scale_by_adan` (note the alias's ``eps_root=1e-8``, as optax).
+
+    Args:
+        learning_rate: step size (``group["lr"]``). b1, b2, b3, eps, eps_root: as the block.
+        weight_decay: decoupled decay. mask: which leaves to decay.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Xie et al., arXiv 2208.06677; optax.adan.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.adan(1e-3))
+    """
+    _check_lr(learning_rate)
+    check_float("weight_decay", weight_decay, low=0.0)
+    return inject_hyperparams(_adan, static_args=("mask", "use_weight_decay"))(
+        lr=learning_rate, b1=b1, b2=b2, b3=b3, eps=eps, eps_root=eps_root, weight_decay=weight_decay, mask=mask,
+        use_weight_decay=_nonzero(weight_decay))
+
+
+def _sm3(lr: Any, momentum: Any) -> GradientTransformation:
+    return chain(scale_by_sm3(momentum), scale_by_learning_rate(lr))
+
+
+@recorded
+def sm3(learning_rate: ScalarOrSchedule, momentum: float = 0.9) -> GradientTransformation:
+    """SM3 as optax.sm3 (Anil et al., NeurIPS 2019, arXiv 1901.11150): ``p <- p - lr u`` with ``u``
+    from `scale_by_sm3` (``b1 = momentum``, ``b2 = 1``). Accumulators follow the leaf's axes (see
+    `scale_by_sm3`); optax takes no schedule here, gradxform does.
+
+    Args:
+        learning_rate: step size (``group["lr"]``). momentum: ``b1`` of the block.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Anil et al., "Memory-Efficient Adaptive Optimization", arXiv 1901.11150; optax.sm3.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.sm3(0.1))
+    """
+    _check_lr(learning_rate)
+    return inject_hyperparams(_sm3)(lr=learning_rate, momentum=momentum)
+
+
+def _fromage(lr: Any, min_norm: Any) -> GradientTransformation:
+    mult = 1 / (1 + lr ** 2) ** 0.5
+    return chain(scale_by_trust_ratio(min_norm), scale_by_learning_rate(lr * mult), _add_scaled_params(mult - 1))
+
+
+@recorded
+def fromage(learning_rate: ScalarOrSchedule, min_norm: float = 1e-6) -> GradientTransformation:
+    """Fromage as optax.fromage (Bernstein et al., NeurIPS 2020, arXiv 2002.03432).
+
+    With ``c = 1 / sqrt(1 + lr^2)``: ``p <- c (p - lr ||p|| / ||g|| g)`` per leaf (norms floored at
+    ``min_norm``), i.e. ``chain(scale_by_trust_ratio(min_norm), scale_by_learning_rate(lr c),
+    u + (c - 1) p)``.
+
+    Args:
+        learning_rate: step size (``group["lr"]``). min_norm: floor of the norms.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Bernstein, Vahdat, Yue & Liu, "On the distance between two neural networks and the stability
+        of learning", NeurIPS 2020, arXiv 2002.03432; optax.fromage.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.fromage(1e-2))
+    """
+    _check_lr(learning_rate)
+    check_float("min_norm", min_norm, low=0.0)
+    return inject_hyperparams(_fromage)(lr=learning_rate, min_norm=min_norm)
+
+
+def _sign_sgd(lr: Any) -> GradientTransformation:
+    return chain(scale_by_sign(), scale_by_learning_rate(lr))
+
+
+@recorded
+def sign_sgd(learning_rate: ScalarOrSchedule) -> GradientTransformation:
+    """signSGD as optax.sign_sgd (Bernstein et al., ICML 2018, arXiv 1802.04434): ``p <- p - lr sign(g)``.
+
+    Args:
+        learning_rate: step size (``group["lr"]``).
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: a negative learning rate.
+
+    References:
+        Bernstein et al., arXiv 1802.04434; optax.sign_sgd.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.sign_sgd(1e-3))
+    """
+    _check_lr(learning_rate)
+    return inject_hyperparams(_sign_sgd)(lr=learning_rate)
+
+
+def _signum(lr: Any, beta: Any) -> GradientTransformation:
+    return chain(_ema_no_debias(beta), scale_by_sign(), scale_by_learning_rate(lr))
+
+
+@recorded
+def signum(learning_rate: ScalarOrSchedule, beta: float = 0.9) -> GradientTransformation:
+    """Signum as optax.signum (Bernstein et al., ICML 2018, arXiv 1802.04434).
+
+    ``m = beta m + (1 - beta) g`` (no debiasing); ``p <- p - lr sign(m)``.
+
+    Args:
+        learning_rate: step size (``group["lr"]``). beta: momentum decay.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Bernstein et al., arXiv 1802.04434; optax.signum.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.signum(1e-3))
+    """
+    _check_lr(learning_rate)
+    check_float("beta", beta, low=0.0, high=1.0)
+    return inject_hyperparams(_signum)(lr=learning_rate, beta=beta)
+
+
+def _noisy(lr: Any, eta: Any, gamma: Any, key: int) -> GradientTransformation:
+    return chain(add_noise(eta, gamma, key), scale_by_learning_rate(lr))
+
+
+@recorded
+def noisy_sgd(learning_rate: ScalarOrSchedule, eta: float = 0.01, gamma: float = 0.55, key: int = 0) -> GradientTransformation:
+    """Noisy SGD as optax.noisy_sgd (Neelakantan et al., 2015, arXiv 1511.06807).
+
+    ``p <- p - lr (g + sqrt(eta / t^gamma) z)``, ``z ~ N(0, 1)`` seeded from the state (see
+    `add_noise`: the noise is not JAX's).
+
+    Args:
+        learning_rate: step size (``group["lr"]``). eta, gamma: the noise schedule. key: the seed.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Neelakantan et al., arXiv 1511.06807; optax.noisy_sgd.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.noisy_sgd(1e-2, key=0))
+    """
+    _check_lr(learning_rate)
+    return inject_hyperparams(_noisy, static_args=("key",))(lr=learning_rate, eta=eta, gamma=gamma, key=key)
+
+
+def _polyak(lr: Any, max_learning_rate: Any, f_min: Any, eps: Any, variant: str) -> GradientTransformation:
+    return chain(scale_by_learning_rate(lr), scale_by_polyak(f_min, max_learning_rate, eps, variant))
+
+
+@recorded
+def polyak_sgd(max_learning_rate: float = 1.0, scaling: ScalarOrSchedule = 1.0, f_min: float = 0.0, eps: float = 0.0,
+               variant: str = "sps") -> GradientTransformation:
+    """Polyak SGD as optax.polyak_sgd (Loizou et al., AISTATS 2021, arXiv 2002.10542).
+
+    ``v = -scaling g``; ``p <- p + min((f - f_min) / (||v||^2 + eps), max_learning_rate) v``:
+    ``chain(sgd(scaling), scale_by_polyak)`` as optax (the norm is of the scaled gradient).
+    ``scaling`` is the group's ``"lr"``; ``update`` (and ``Optimizer.step``) take ``value=loss``.
+
+    Args:
+        max_learning_rate: the cap. scaling: the gradient's scale (``group["lr"]``).
+        f_min: lower bound of the loss. eps: added to the squared norm. variant: ``"sps"``/``"sps+"``.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected; extra argument ``value``).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Loizou et al., arXiv 2002.10542; optax.polyak_sgd.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.polyak_sgd())
+        >>> opt.step(value=loss.detach())
+    """
+    check_float("scaling", scaling, low=0.0)
+    return inject_hyperparams(_polyak, static_args=("variant",))(
+        lr=scaling, max_learning_rate=max_learning_rate, f_min=f_min, eps=eps, variant=variant)
+
+
+def _ogd(lr: Any, alpha: Any, beta: Any) -> GradientTransformation:
+    return chain(scale_by_optimistic_gradient(alpha, beta), scale_by_learning_rate(lr))
+
+
+@recorded
+def optimistic_gradient_descent(learning_rate: ScalarOrSchedule, alpha: float = 1.0,
+                                beta: float = 1.0) -> GradientTransformation:
+    """Optimistic gradient descent as optax.optimistic_gradient_descent (Mokhtari et al., 2020).
+
+    ``p <- p - lr ((alpha + beta) g_t - beta g_{t-1})``.
+
+    Args:
+        learning_rate: step size (``group["lr"]``). alpha, beta: as `scale_by_optimistic_gradient`.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: a negative learning rate.
+
+    References:
+        Mokhtari, Ozdaglar & Pattathil, arXiv 1901.08511; optax.optimistic_gradient_descent.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.optimistic_gradient_descent(1e-2))
+    """
+    _check_lr(learning_rate)
+    return inject_hyperparams(_ogd)(lr=learning_rate, alpha=alpha, beta=beta)
+
+
+def _oadam(lr: Any, optimism: Any, b1: Any, b2: Any, eps: Any, eps_root: Any, nesterov: bool) -> GradientTransformation:
+    return chain(_scale_by_optax_adam(b1, b2, eps, eps_root, nesterov, "adam"),
+                 scale_by_optimistic_gradient(lr, lr if optimism is None else optimism), scale(-1.0))
+
+
+@recorded
+def optimistic_adam(learning_rate: float, optimism: float | None = None, b1: float = 0.9, b2: float = 0.999,
+                    eps: float = 1e-8, eps_root: float = 0.0, *, nesterov: bool = True) -> GradientTransformation:
+    """Optimistic Adam as optax.optimistic_adam (Daskalakis et al., ICLR 2018, arXiv 1711.00141).
+
+    ``a = adam(g)`` (optax's, Nesterov by default); ``p <- p - ((lr + optimism) a_t - optimism a_{t-1})``.
+    ``optimism=None`` uses the learning rate (and follows a scheduler's ``group["lr"]``).
+
+    Args:
+        learning_rate: step size (``group["lr"]``). optimism: the optimism (default: the learning rate).
+        b1, b2, eps, eps_root: as optax's Adam. nesterov: Nesterov's first moment.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range, or a schedule (as optax, which takes none here).
+
+    References:
+        Daskalakis, Ilyas, Syrgkanis & Zeng, "Training GANs with Optimism", ICLR 2018,
+        arXiv 1711.00141; optax.optimistic_adam.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.optimistic_adam(1e-3))
+    """
+    if callable(learning_rate) and not isinstance(learning_rate, torch.Tensor):
+        raise ValueError("optimistic_adam takes a number learning_rate, not a schedule (as optax); use an lr "
+                         "scheduler on gx.Optimizer or inject_hyperparams")
+    _check_lr(learning_rate)
+    _check_decays(b1=b1, b2=b2)
+    if optimism is not None:
+        check_float("optimism", optimism, low=0.0)
+    return inject_hyperparams(_oadam, static_args=("nesterov",))(
+        lr=learning_rate, optimism=optimism, b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov)
+
+
+def _rprop(lr: Any, eta_minus: Any, eta_plus: Any, min_step_size: Any, max_step_size: Any) -> GradientTransformation:
+    return chain(_scale_by_optax_rprop(lr, eta_minus, eta_plus, min_step_size, max_step_size), scale(-1.0))
+
+
+@recorded
+def optax_rprop(learning_rate: float, eta_minus: float = 0.5, eta_plus: float = 1.2, min_step_size: float = 1e-6,
+                max_step_size: float = 50.0) -> GradientTransformation:
+    """Rprop as optax.rprop (Riedmiller & Braun, ICNN 1993), optax 0.2.8's exact rule.
+
+    With ``s = g_t * q_{t-1}`` (``q`` the previous signed step): step sizes ``eta_plus``/
+    ``eta_minus`` times larger/smaller where ``s > 0``/``s < 0`` (clipped to
+    ``[min_step_size, max_step_size]``, kept where ``s = 0``); ``q_t = step * sign(g_t)`` (0 where
+    ``s < 0``); and the applied update is ``-q_{t-1}`` (0 where ``s < 0``): optax applies the
+    *previous* step's signed step, so its first update is 0. torch.optim.Rprop (``gx.rprop``)
+    applies the current one and its etas/step sizes are named ``etas``/``step_sizes``. The step
+    sizes are kept in units of the learning rate (state ``step_sizes`` starts at 1): with a
+    constant rate this is optax's rule exactly; a scheduler's ``group["lr"]`` scales the steps
+    from then on (in optax and torch.optim the rate only sets the initial step sizes).
+
+    Args:
+        learning_rate: the initial step size. eta_minus, eta_plus: the factors.
+        min_step_size, max_step_size: the clipping range of the step sizes.
+
+    Returns:
+        The `GradientTransformation` (hyperparameters injected).
+
+    Raises:
+        ValueError: an argument out of range.
+
+    References:
+        Riedmiller & Braun, "A Direct Adaptive Method for Faster Backpropagation Learning: The
+        RPROP Algorithm", ICNN 1993; optax.rprop.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.optax_rprop(1e-2))
+    """
+    _check_lr(learning_rate)
+    check_float("learning_rate", learning_rate, low=0.0, low_open=True)
+    check_float("eta_minus", eta_minus, low=0.0, high=1.0)
+    check_float("eta_plus", eta_plus, low=1.0)
+    check_float("min_step_size", min_step_size, low=0.0)
+    check_float("max_step_size", max_step_size, low=0.0)
+    return inject_hyperparams(_rprop)(lr=learning_rate, eta_minus=eta_minus, eta_plus=eta_plus,
+                                      min_step_size=min_step_size, max_step_size=max_step_size)
+
+
+STATE_TYPES = (ScaleByLionState, ScaleByBeliefState, ScaleByYogiState, ScaleByNovogradState, ScaleByAdanState,
+               ScaleBySM3State, ScaleByOptimisticGradientState, ScaleByDistanceOverGradientsState, AddNoiseState,
+               OptaxAdamState, OptaxRpropState, _EmaState)
+_tree.register_state_types(*STATE_TYPES)
