@@ -282,9 +282,9 @@ def inject_hyperparams(
 
         def update(updates: Updates, state: InjectHyperparamsState, params: Params | None = None, **extra: Any) -> tuple[Updates, InjectHyperparamsState]:
             expect_state(state, InjectHyperparamsState, f"inject_hyperparams({name_of})")
-            hp = dict(state.hyperparams)
-            for k, s in schedules.items():
-                hp[k] = _to_state_value(s(state.count))
+            # One new dict, not a copy mutated key by key: dynamo before torch 2.13 loses such
+            # mutations of a local dict at a graph break (the schedule's value was dropped).
+            hp = {**state.hyperparams, **{k: _to_state_value(s(state.count)) for k, s in schedules.items()}}
             missing = (numeric.keys() | schedules.keys()) - hp.keys()
             if missing:
                 raise KeyError(f"state.hyperparams lacks {sorted(missing)}: the state was not made by this transform's init")
