@@ -37,18 +37,26 @@ __all__ = [
     "fullgraph_compile_supported",
     "compile_supported",
     "dtensor_foreach_lerp_out_of_place",
-    "is_dtensor",
+    "foreach_scalarlist_traceable",
 ]
+
+
+def _parse_version(text: str) -> tuple[int, int]:
+    parts = text.split("+")[0].split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+# An immutable constant read once at import: parsing the string under torch.compile would trace it.
+_TORCH_VERSION: tuple[int, int] = _parse_version(torch.__version__)
 
 
 def torch_version() -> tuple[int, int]:
     """``(major, minor)`` of the installed torch, e.g. ``(2, 1)`` for ``2.1.2+cu121``."""
-    parts = torch.__version__.split("+")[0].split(".")
-    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    return _TORCH_VERSION
 
 
 def _at_least(major: int, minor: int) -> bool:
-    return torch_version() >= (major, minor)
+    return _TORCH_VERSION >= (major, minor)
 
 
 def _device_type(device: Any) -> str:
@@ -152,11 +160,13 @@ def dtensor_foreach_lerp_out_of_place() -> bool:
     return _at_least(2, 13)
 
 
-def is_dtensor(x: Any) -> bool:
-    """Whether ``x`` is a ``DTensor`` (False when torch.distributed is not built)."""
-    if not isinstance(x, torch.Tensor) or type(x) is torch.Tensor:
-        return False
-    return type(x).__name__ == "DTensor"
+def foreach_scalarlist_traceable() -> bool:
+    """Whether dynamo can trace the ``ScalarList`` overloads of the foreach ops (a list of Python
+    numbers, e.g. ``torch._foreach_div_(xs, [0.9, 0.99])``): they need a meta kernel, missing in
+    torch 2.1 (measured on 2.1.2: ``could not find kernel for aten._foreach_div_.ScalarList at
+    dispatch key Meta``) and present in 2.13. Versions in between are treated as lacking it
+    (untested), which costs nothing but a per-leaf op in the traced graph."""
+    return _at_least(2, 13)
 
 
 def compile_supported() -> bool:

@@ -13,7 +13,12 @@ from typing import Any, Callable
 
 import torch
 
+from . import _compat
 from . import tree as _tree
+
+
+def _is_scalar_list(arg: Any) -> bool:
+    return isinstance(arg, (list, tuple)) and bool(arg) and not isinstance(arg[0], torch.Tensor)
 
 
 def _at(arg: Any, i: int) -> Any:
@@ -40,6 +45,15 @@ def _op(name: str, per_leaf: Callable[..., torch.Tensor]) -> Callable[..., Any]:
     inplace = name.endswith("_")
 
     def op(xs: Any, *args: Any, **kwargs: Any) -> Any:
+        if _tree.is_compiling() and not _compat.foreach_scalarlist_traceable() and any(map(_is_scalar_list, args)):
+            # dynamo before torch 2.13 has no meta kernel for the ScalarList overloads (a list of
+            # Python numbers, e.g. per-leaf bias corrections): the same arithmetic leaf by leaf.
+            out = _keep_dtypes(xs, [per_leaf(x, *[_at(a, i) for a in args], **kwargs) for i, x in enumerate(xs)])
+            if not inplace:
+                return out
+            for x, o in zip(xs, out):
+                x.copy_(o)
+            return None
         if not _tree.pure_ops():
             out = kernel(xs, *args, **kwargs)
             if inplace or not (_tree.is_compiling() or any(isinstance(a, (torch.Tensor, list, tuple)) for a in args)):
