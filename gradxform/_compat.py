@@ -231,6 +231,9 @@ FEATURES: types.MappingProxyType[str, Feature] = types.MappingProxyType({
                 has_get_total_norm, "tests compare with torch.nn.utils.clip_grad_norm_"),
         Feature("fsdp2", "2.13", "FSDP2 (torch.distributed.fsdp.fully_shard) with gradxform's state, on CPU/gloo",
                 lambda: has_fsdp2() and _at_least(2, 13), "DDP, or the one-process path"),
+        Feature("func_sdpa", "2.13", "torch.func (vmap, double backward) through scaled_dot_product_attention",
+                lambda: _at_least(2, 13), "models without F.scaled_dot_product_attention (torch 2.1 lacks the batching "
+                "rule and double backward of its flash kernel)"),
         Feature("fullgraph_compile", "2.13", "torch.compile(step, fullgraph=True) without graph breaks",
                 fullgraph_compile_supported, "torch.compile with graph breaks (from 2.1)"),
     )

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 import gradxform as gx
-from helpers import assert_trees_close, run_on_ranks
+from gradxform import _compat
+from helpers import assert_trees_close, needs, run_on_ranks
 from test_purity import CASES
 
 pytestmark = pytest.mark.skipif(
@@ -50,6 +51,9 @@ DT = torch.float64
 # transforms whose construction names the dict keys "w" / "b" / "frozen" (masks, partitions, a
 # per-key scale tree): the functional route covers them; the adapter passes a list of params
 BY_KEY = {"masked", "partition", "add_decayed_weights", "scale_by_empirical_init"}
+# FSDP2 runs here only where the support matrix says it does (docs/support.md)
+if not _compat.FEATURES["fsdp2"].available():
+    fully_shard = None
 MODES = ["ddp"] + (["fsdp"] if fully_shard is not None else [])
 
 
@@ -342,7 +346,8 @@ def test_two_ranks_equal_one_process(results, mode, name, route):
     assert not torch.equal(want["params"]["w"], Tiny().w.detach())
 
 
-@pytest.mark.skipif(fully_shard is None, reason="FSDP2 (fully_shard) needs torch >= 2.4")
+@needs("fullgraph_compile")
+@needs("fsdp2")
 @pytest.mark.parametrize("name", COMPILED_CASES)
 def test_compiled_step_on_fsdp2_params_equals_one_process(results, name):
     """``torch.compile(step, fullgraph=True)`` of the functional step on FSDP2's DTensor params and
@@ -358,7 +363,7 @@ def test_compiled_step_on_fsdp2_params_equals_one_process(results, name):
     assert not torch.equal(want["params"]["w"], Tiny().w.detach())
 
 
-@pytest.mark.skipif(fully_shard is None, reason="FSDP2 (fully_shard) needs torch >= 2.4")
+@needs("fsdp2")
 def test_local_shard_norms_would_differ(results):
     """Control: clipping each rank's shard by its own norm is not what one process computes."""
     ranks, ref = results
@@ -402,7 +407,7 @@ def test_all_reduce_sum_grad_squared_without_a_process_group_is_the_identity():
         gx.all_reduce_sum_grad_squared(sgs, 4, reduction="max")
 
 
-@pytest.mark.skipif(fully_shard is None, reason="FSDP2 (fully_shard) needs torch >= 2.4")
+@needs("fsdp2")
 def test_sharded_checkpoint_resumes_exactly(results):
     ranks, _ = results
     for r in range(WORLD):
@@ -444,7 +449,7 @@ def test_empirical_init_over_ranks_equals_the_union_of_their_batches(results):
         assert_trees_close(got["params"], want["params"], rtol=1e-9, atol=1e-14)
 
 
-@pytest.mark.skipif(fully_shard is None, reason="FSDP2 (fully_shard) needs torch >= 2.4")
+@needs("fsdp2")
 def test_gradnorm_task_norms_under_fsdp2(results):
     """GradNorm's per-task norms at a sharded weight and at an activation, on two FSDP2 ranks,
     equal one process on the whole batch."""
