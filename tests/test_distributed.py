@@ -304,7 +304,7 @@ def _run_all(rank: int, world: int) -> dict:
     out["sgs_ddp_tracker"] = _sgs_ddp_tracker(rank, world)
     if fully_shard is not None:
         out["task_norms"] = _task_norms_fsdp(rank, world)
-    for name in COMPILED_CASES:
+    for name in COMPILED_CASES if _compat.FEATURES["fullgraph_compile"].available() else ():
         mode = "fsdp" if world > 1 and fully_shard is not None else None
         out[("compiled", name)] = _run_case(CASES[name], mode, "functional", rank, world, compiled=True)
     if world > 1 and fully_shard is not None:
