@@ -36,7 +36,7 @@ __all__ = [
     "has_get_total_norm",
     "fullgraph_compile_supported",
     "compile_supported",
-    "dtensor_foreach_lerp_out_of_place",
+    "dtensor_foreach_complete",
     "foreach_scalarlist_traceable",
 ]
 
@@ -153,10 +153,13 @@ def has_get_total_norm() -> bool:
     return hasattr(torch.nn.utils, "get_total_norm")
 
 
-def dtensor_foreach_lerp_out_of_place() -> bool:
-    """Whether DTensor has a sharding strategy for the out-of-place ``aten._foreach_lerp.Scalar``
-    (torch 2.13, where pointwise strategies are registered from the op tags; before it only the
-    in-place ``_foreach_lerp_.Scalar`` has one). Version-based: torch offers no query."""
+def dtensor_foreach_complete() -> bool:
+    """Whether DTensor has sharding strategies for every foreach op gradxform uses: torch 2.13,
+    where they are registered from the ops' pointwise tags. Before it several out-of-place ones
+    have none (``aten._foreach_lerp.Scalar``, ``aten._foreach_maximum.List``: "found no DeviceMesh
+    from dtensor args"), nor does ``aten.clamp_min`` (all measured on 2.8), so gradxform's foreach
+    ops refuse DTensor leaves there with an error naming torch 2.13. Version-based: torch offers no
+    query."""
     return _at_least(2, 13)
 
 

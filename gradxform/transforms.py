@@ -14,7 +14,6 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
-from . import _compat
 from . import _foreach as _fe
 from . import tree as _tree
 from .base import GradientTransformation, Params, Updates, expect_state, stateless
@@ -98,13 +97,6 @@ def _ema(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplace: 
         if inplace:
             _fe.lerp_(old, new, 1.0 - decay)
             return old
-        if old and _tree.is_dtensor(old[0]) and not _compat.dtensor_foreach_lerp_out_of_place():
-            # FSDP2 leaves before torch 2.13: DTensor has a sharding strategy for the in-place
-            # ``_foreach_lerp_.Scalar`` (torch.optim's Adam uses it) but not the out-of-place one.
-            # A copy, then lerp in place: the same bits as the out-of-place lerp.
-            out = [x.clone() for x in old]
-            _fe.lerp_(out, new, 1.0 - decay)
-            return out
         return list(_fe.lerp(old, new, 1.0 - decay))
     out = _mul(old, decay, inplace)
     _fe.add_(out, _fe.mul(new, 1.0 - decay))

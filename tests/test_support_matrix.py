@@ -100,3 +100,16 @@ def test_torch_version_parses_local_builds():
     assert _compat._parse_version("2.1.2+cu121") == (2, 1)
     assert _compat._parse_version("2.13.0a0+git1234") == (2, 13)
     assert _compat._parse_version(torch.__version__) == _compat.torch_version()
+
+
+def test_dtensor_leaves_before_2_13_get_an_error_naming_the_torch(monkeypatch):
+    """On torch < 2.13 a foreach op on FSDP2's DTensor leaves raises an error naming torch 2.13
+    (measured on 2.8: DTensor's own "found no DeviceMesh" assertion, or a missing strategy for
+    clamp_min, deep inside Adam's update). Simulated here: a plain tensor taken for a DTensor."""
+    from gradxform import _foreach as fe
+    from gradxform import tree
+
+    monkeypatch.setattr(_compat, "dtensor_foreach_complete", lambda: False)
+    monkeypatch.setattr(tree, "is_dtensor", lambda x: True)
+    with pytest.raises(RuntimeError, match=r"FSDP2 \(DTensor\) leaves needs torch>=2\.13"):
+        fe.lerp([torch.zeros(2)], [torch.ones(2)], 0.1)
