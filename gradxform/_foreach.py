@@ -32,12 +32,11 @@ def _per_leaf_on_old_torch(xs: Any, args: tuple[Any, ...]) -> bool:
             ``_foreach_maximum.List``, ``clamp_min``: measured on 2.8), instead of DTensor's
             "found no DeviceMesh from dtensor args" deep inside a step.
     """
-    if _compat.dtensor_foreach_complete():  # torch >= 2.13: a constant, no look-up
-        return False
-    if xs and _tree.is_dtensor(xs[0]):
+    # the version checks are constants and come first: on torch >= 2.13 nothing else is looked up
+    if not _compat.dtensor_foreach_complete() and xs and _tree.is_dtensor(xs[0]):
         raise RuntimeError(f"gradxform transforms on FSDP2 (DTensor) leaves {_compat.requirement('fsdp2')}; "
                            "use DDP or the one-process path on this torch (docs/support.md)")
-    return _tree.is_compiling() and any(map(_is_scalar_list, args))
+    return not _compat.foreach_scalarlist_traceable() and _tree.is_compiling() and any(map(_is_scalar_list, args))
 
 
 def _at(arg: Any, i: int) -> Any:
