@@ -303,9 +303,11 @@ def run_one(key: str, args: argparse.Namespace) -> dict:
     del tiny
 
     gen = torch.Generator().manual_seed(0)
-    p0 = [torch.randn(s, generator=gen) * 0.02 for _, s in shapes]
+    dev = torch.device(args.device)
+    p0 = [(torch.randn(s, generator=gen) * 0.02).to(dev) for _, s in shapes]
     gen.manual_seed(1)
-    grads = [torch.randn(s, generator=gen) * 1e-2 for _, s in shapes]
+    grads = [(torch.randn(s, generator=gen) * 1e-2).to(dev) for _, s in shapes]
+    result["device"] = str(dev)
 
     runner = Runner(impl, clip, p0, grads, names)
     runner.prepare()
@@ -315,6 +317,12 @@ def run_one(key: str, args: argparse.Namespace) -> dict:
     maxrss_base = max_rss_kb()
     runner.build()
     step, get_state, get_params = runner.step, runner.state, runner.params
+    if dev.type == "cuda":  # time the kernels, not their launch: wait for the device after each step
+        _step = step
+
+        def step() -> None:
+            _step()
+            torch.cuda.synchronize(dev)
 
     # Warmup. The first call builds lazy state (torch, adapter) or compiles (gx_compiled).
     warm_times = []
@@ -387,7 +395,7 @@ def run_subprocess(key: str, args: argparse.Namespace, cache_dir: str) -> dict:
     cmd = [
         sys.executable, os.path.abspath(__file__), "--only", key,
         "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--params-millions", repr(args.params_millions),
+        "--params-millions", repr(args.params_millions), "--device", args.device,
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -430,6 +438,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5; >= 1)")
     ap.add_argument("--params-millions", type=float, default=25.0, help="total parameters, in millions (default 25)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="device of the params and grads (default cpu; e.g. cuda: "
+                    "step times then include a synchronize, memory columns are host RSS)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1M params, 2 warmup + 5 steps")
     ap.add_argument("--configs", default="", help="comma-separated keys or substrings (e.g. 'adamw:gx_adapter,fused')")
     ap.add_argument("--compile-cache", default="", help="TORCHINDUCTOR_CACHE_DIR to reuse (default: a fresh one, cold compile)")

@@ -13,7 +13,30 @@ from typing import Any, Callable
 
 import torch
 
+from . import _compat
 from . import tree as _tree
+
+
+def _is_scalar_list(arg: Any) -> bool:
+    return isinstance(arg, (list, tuple)) and bool(arg) and not isinstance(arg[0], torch.Tensor)
+
+
+def _per_leaf_on_old_torch(xs: Any, args: tuple[Any, ...]) -> bool:
+    """Whether a foreach op must run leaf by leaf (with the same arithmetic) on this torch: a list
+    of Python numbers under torch.compile before torch 2.13 (no meta kernel for the ``ScalarList``
+    overloads, measured on 2.1.2, so inductor cannot trace them).
+
+    Raises:
+        RuntimeError: FSDP2's DTensor leaves before torch 2.13, where DTensor lacks sharding
+            strategies for ops the transforms use (``_foreach_lerp.Scalar``,
+            ``_foreach_maximum.List``, ``clamp_min``: measured on 2.8), instead of DTensor's
+            "found no DeviceMesh from dtensor args" deep inside a step.
+    """
+    # the version checks are constants and come first: on torch >= 2.13 nothing else is looked up
+    if not _compat.dtensor_foreach_complete() and xs and _tree.is_dtensor(xs[0]):
+        raise RuntimeError(f"gradxform transforms on FSDP2 (DTensor) leaves {_compat.requirement('fsdp2')}; "
+                           "use DDP or the one-process path on this torch (docs/support.md)")
+    return not _compat.foreach_scalarlist_traceable() and _tree.is_compiling() and any(map(_is_scalar_list, args))
 
 
 def _at(arg: Any, i: int) -> Any:
@@ -40,6 +63,13 @@ def _op(name: str, per_leaf: Callable[..., torch.Tensor]) -> Callable[..., Any]:
     inplace = name.endswith("_")
 
     def op(xs: Any, *args: Any, **kwargs: Any) -> Any:
+        if _per_leaf_on_old_torch(xs, args):
+            out = _keep_dtypes(xs, [per_leaf(x, *[_at(a, i) for a in args], **kwargs) for i, x in enumerate(xs)])
+            if not inplace:
+                return out
+            for x, o in zip(xs, out):
+                x.copy_(o)
+            return None
         if not _tree.pure_ops():
             out = kernel(xs, *args, **kwargs)
             if inplace or not (_tree.is_compiling() or any(isinstance(a, (torch.Tensor, list, tuple)) for a in args)):

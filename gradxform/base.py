@@ -273,6 +273,11 @@ class ExtraArgs:
     def names(self) -> frozenset[str]:
         return self.required | self.optional
 
+    def declares(self, name: str) -> bool:
+        """Whether ``name`` is a declared extra argument (membership only: no set arithmetic, which
+        dynamo before torch 2.13 cannot trace)."""
+        return name in self.required or name in self.optional
+
     def __or__(self, other: "ExtraArgs") -> "ExtraArgs":
         return ExtraArgs(
             required=self.required | other.required,
@@ -355,19 +360,20 @@ def select_extra(spec: ExtraArgs, extra: dict[str, Any]) -> dict[str, Any]:
     """The subset of ``extra`` that a member with declaration ``spec`` takes."""
     if spec.accepts_any:
         return dict(extra)
-    return {k: v for k, v in extra.items() if k in spec.names}
+    return {k: v for k, v in extra.items() if spec.declares(k)}
 
 
 def check_extra(spec: ExtraArgs, extra: dict[str, Any], owner: str) -> None:
     """Raise a ``TypeError`` for a missing required or an unknown extra argument."""
-    missing = sorted(spec.required - extra.keys())
+    # membership tests only (no frozenset - dict_keys): traceable by dynamo before torch 2.13
+    missing = sorted(k for k in spec.required if k not in extra)
     if missing:
         raise TypeError(
             f"{owner} needs the extra argument {missing[0]!r}, which was not given to update(); "
             f"pass it as update(updates, state, params, {missing[0]}=...)"
         )
     if not spec.accepts_any:
-        unknown = sorted(extra.keys() - spec.names)
+        unknown = sorted(k for k in extra if not spec.declares(k))
         if unknown:
             declared = ", ".join(sorted(spec.names)) or "none"
             raise TypeError(
@@ -455,6 +461,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     for s in specs:
         union = union | s
 
+    # built here, not inside update: a dataclass built under torch.compile is a graph break on 2.1
+    union_check = ExtraArgs(optional=union.names, accepts_any=False)
+
     def init(params: Params) -> tuple[Any, ...]:
         return tuple(tx.init(params) for tx in members)
 
@@ -467,11 +476,11 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"chain.init(params), got {got}. Call init(params) first."
             )
         if not union.accepts_any:
-            check_extra(ExtraArgs(optional=union.names, accepts_any=False), extra, "chain")
+            check_extra(union_check, extra, "chain")
         new_states = []
         for tx, s, spec, fn in zip(members, state, specs, owned_fns):
             kwargs = select_extra(spec, extra)
-            missing = sorted(spec.required - kwargs.keys())
+            missing = sorted(k for k in spec.required if k not in kwargs)
             if missing:
                 raise TypeError(
                     f"{transform_name(tx)} (in chain) needs the extra argument {missing[0]!r}, which was not given "

@@ -90,10 +90,14 @@ def _reject_unknown_extra(specs: Any, extra: dict[str, Any], owner: str) -> None
     """A ``TypeError`` for an extra argument no inner transform declares (a typo such as
     ``loses=``), raised on every call: a combinator that filters or defers extras would
     otherwise drop it silently."""
-    union = ExtraArgs()
-    for spec in specs:
-        union = union | spec
-    if not union.accepts_any:
+    specs = list(specs)
+    if any(spec.accepts_any for spec in specs):
+        return
+    # membership tests, no ExtraArgs built per call: traceable by dynamo before torch 2.13
+    if any(not any(spec.declares(k) for spec in specs) for k in extra):
+        union = ExtraArgs()
+        for spec in specs:
+            union = union | spec
         check_extra(ExtraArgs(optional=union.names), extra, owner)
 
 
@@ -192,7 +196,7 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
         out = list(u_leaves)
         new_states = {}
         for k, tx in transforms.items():
-            kwargs = extra if specs[k].accepts_any else {n: v for n, v in extra.items() if n in specs[k].names}
+            kwargs = extra if specs[k].accepts_any else {n: v for n, v in extra.items() if specs[k].declares(n)}
             sub_p = None if params is None else select(params, labels, k)
             new_u, new_states[k] = call_update(tx, select(updates, labels, k), state.inner_states[k], sub_p, own, **kwargs)
             for i, (x, lab) in enumerate(zip(_tree.tree_flatten(new_u)[0], labels)):
@@ -300,10 +304,10 @@ def inject_hyperparams(
         def owned_update(updates: Updates, state: InjectHyperparamsState, params: Params | None, own: Ownership,
                          **extra: Any) -> tuple[Updates, InjectHyperparamsState]:
             expect_state(state, InjectHyperparamsState, f"inject_hyperparams({name_of})")
-            hp = dict(state.hyperparams)
-            for k, s in schedules.items():
-                hp[k] = _to_state_value(s(state.count))
-            missing = (numeric.keys() | schedules.keys()) - hp.keys()
+            # One new dict, not a copy mutated key by key: dynamo before torch 2.13 loses such
+            # mutations of a local dict at a graph break (the schedule's value was dropped).
+            hp = {**state.hyperparams, **{k: _to_state_value(s(state.count)) for k, s in schedules.items()}}
+            missing = [k for k in (*numeric, *schedules) if k not in hp]
             if missing:
                 raise KeyError(f"state.hyperparams lacks {sorted(missing)}: the state was not made by this transform's init")
             new_u, new_inner = call_update(build(hp), updates, state.inner_state, params, own, **extra)

@@ -173,3 +173,14 @@ def run_on_ranks(fn: Callable[[int, int], Any], world: int, tmp: Any, timeout_s:
             if p.is_alive():
                 p.kill()
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def needs(feature: str) -> Any:
+    """Skip a test on a torch without ``feature`` (a key of ``gradxform._compat.FEATURES``), with
+    the reason naming the torch it needs. tests/test_support_matrix.py checks that every reason
+    used is a row of the docs' support matrix."""
+    import pytest
+
+    from gradxform import _compat
+
+    return pytest.mark.skipif(not _compat.FEATURES[feature].available(), reason=_compat.requirement(feature))

@@ -13,6 +13,7 @@ import torch
 
 import gradxform as gx
 from test_purity import CASES, _grads, _params
+from helpers import needs
 
 NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
@@ -127,6 +128,7 @@ def test_optimizer_adapter_with_apply_if_finite(alias):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
 
 
+@needs("amp_gradscaler_cpu")
 def test_grad_scaler_skips_inf_step_through_adapter():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)

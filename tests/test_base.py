@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gradxform as gx
+from helpers import needs
 
 
 def tree():
@@ -168,6 +169,7 @@ def test_chain_rejects_non_transforms():
         gx.chain(gx.scale(1.0), 3.0)
 
 
+@needs("weights_only_load")
 def test_state_saves_and_loads_with_weights_only():
     import io
 

@@ -31,6 +31,7 @@ from gradxform.clipping import (
     random_clip_by_global_norm,
     uniform_from_hash,
 )
+from helpers import needs
 from helpers import assert_trees_close, loss_of, make_data, make_mlp, run_functional, run_torch, assert_unchanged, snapshot, eager_and_compiled
 
 F64 = torch.float64
@@ -618,6 +619,7 @@ def _compile_problem(steps, dtype=torch.float32):
     return params, grads
 
 
+@needs("fullgraph_compile")
 @pytest.mark.parametrize("name", sorted(CLIPPERS))
 def test_compiles_once_and_equals_eager(name):
     params, grads = _compile_problem(7)

@@ -7,7 +7,11 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 import gradxform as gx
+from helpers import needs
 from helpers import assert_trees_close, eager_and_compiled, state_buffers
+
+# fullgraph compile; with graph breaks on every torch: tests/test_compile_graph_breaks.py
+pytestmark = needs("fullgraph_compile")
 
 
 def _params_and_grads(steps):

@@ -36,7 +36,11 @@ from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import gradxform as gx
 from gradxform.combine import find_injected
+from helpers import needs
 from helpers import assert_trees_close, snapshot, state_buffers
+
+# fullgraph compile; with graph breaks on every torch: tests/test_compile_graph_breaks.py
+pytestmark = needs("fullgraph_compile")
 from test_purity import CASES, _grads, _params
 
 STEPS = 6

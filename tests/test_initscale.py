@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gradxform as gx
+from helpers import needs
 
 D = torch.float64
 P0 = {"w": torch.tensor([1.0, -1.0], dtype=D), "b": torch.tensor(0.5, dtype=D)}
@@ -205,7 +206,8 @@ def _kind_models():
     }
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d", "layernorm", "embedding_attention"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "layernorm",
+                                  pytest.param("embedding_attention", marks=needs("func_sdpa"))])
 def test_gradinit_on_each_kind_of_layer(kind):
     model, make_x = _kind_models()[kind]
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -221,6 +223,7 @@ def test_gradinit_on_each_kind_of_layer(kind):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@needs("amp_gradscaler_cpu")
 def test_autocast_with_grad_scaler():
     model = deep_mlp(depth=3).float()
     params = {k: v.detach() for k, v in model.named_parameters()}

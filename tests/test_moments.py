@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import needs
 from helpers import assert_trees_close, assert_unchanged, snapshot
 
 import gradxform as gx
@@ -470,6 +471,7 @@ def test_frozen_leaf_keeps_its_own_count():
     torch.testing.assert_close(u["b"], T(1.0), rtol=1e-12, atol=0)
 
 
+@needs("fullgraph_compile")
 @pytest.mark.parametrize("name", ["tg_adamw", "tg_laprop_nograft", "tg_rmsprop", "graft", "multi_steps"])
 def test_compiled_update_equals_eager_and_compiles_once(name):
     from torch._dynamo.testing import CompileCounter
@@ -496,6 +498,7 @@ def test_compiled_update_equals_eager_and_compiles_once(name):
     assert_trees_close(results[1][1], results[0][1], rtol=1e-10, atol=1e-12)
 
 
+@needs("fullgraph_compile")
 def test_inductor_compiled_tg_adamw_equals_eager():
     torch._dynamo.reset()
     tx = gx.tg_adamw(1e-2, weight_decay=0.1)

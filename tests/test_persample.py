@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 import gradxform as gx
+from helpers import needs
 
 warnings.filterwarnings("ignore", message=".*batching rule.*")
 
@@ -118,6 +119,7 @@ def test_cnn_with_pooling_and_eval_batchnorm_matches_vmap_grad():
     assert res.methods["0.weight"] == "fast:conv2d" and res.methods["1.weight"] == "fast:batch_norm"
 
 
+@needs("func_sdpa")
 def test_transformer_block_matches_vmap_grad():
     idx, y = torch.randint(0, 13, (5, 7)), torch.randint(0, 13, (5,))
     idx[0, :2] = 0  # the padding row gets no gradient
@@ -143,6 +145,7 @@ def test_attention_outside_the_rewritten_case_takes_the_exact_fallback():
     assert res.methods["att.in_proj_weight"].startswith("fallback: used by multi_head_attention_forward")
 
 
+@needs("func_sdpa")
 def test_torch_transformer_encoder_layer():
     torch.manual_seed(10)
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True, norm_first=True)

@@ -11,6 +11,7 @@ from torch.func import grad
 
 import gradxform as gx
 from gradxform.sstm import ClippedSSTMState, RestartsState, clipped_sstm, with_restarts
+from helpers import needs
 from helpers import assert_trees_close, assert_trees_equal, loss_of, make_data, make_mlp, snapshot, eager_and_compiled
 
 F64 = torch.float64
@@ -492,6 +493,7 @@ COMPILE_CASES = {
 }
 
 
+@needs("fullgraph_compile")
 @pytest.mark.parametrize("name", sorted(COMPILE_CASES))
 def test_compiles_once_and_equals_eager(name):
     params, grads = _compile_problem(10)
@@ -505,6 +507,7 @@ def test_compiles_once_and_equals_eager(name):
         assert int(eager_s.restarts) >= 2
 
 
+@needs("fullgraph_compile")
 def test_injected_hyperparams_compile_once():
     """Hyperparameters as injected tensors: equal to the plain transform, eager and compiled
     (the ratio clamp included), one frame."""

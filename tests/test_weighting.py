@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import gradxform as gx
+from helpers import needs
 
 D = torch.float64
 G1, G2 = torch.tensor([0.6, 0.8], dtype=D), torch.tensor([3.0, 4.0], dtype=D)
@@ -258,6 +259,7 @@ def test_gradnorm_bad_input():
     torch.testing.assert_close(s.initial_losses, torch.tensor([2.0, 8.0], dtype=D))
 
 
+@needs("fullgraph_compile")
 def test_gradnorm_compiles_and_equals_eager():
     tx = gx.gradnorm(2, alpha=1.5, dtype=D)
     p = {"W": torch.zeros(2, dtype=D)}
