@@ -65,7 +65,7 @@ def _device_type(device: Any) -> str:
     return torch.device(device).type
 
 
-def _fused_devices() -> list[str]:
+def fused_devices() -> list[str]:
     """torch's own list of device types with fused optimizer kernels (torch >= 2.1 has the query;
     it lists ``cpu`` from torch 2.4, when the CPU kernels appeared)."""
     try:
@@ -91,7 +91,7 @@ def fused_adam_supported(device: Any) -> bool:
     """
     if not (hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_")):
         return False
-    return _device_type(device) in _fused_devices()
+    return _device_type(device) in fused_devices()
 
 
 def fused_sgd_supported(device: Any) -> bool:
@@ -109,7 +109,7 @@ def fused_sgd_supported(device: Any) -> bool:
     """
     if not hasattr(torch, "_fused_sgd_"):
         return False
-    return _device_type(device) in _fused_devices()
+    return _device_type(device) in fused_devices()
 
 
 def has_fsdp2() -> bool:

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from . import _compat
 from . import tree as _tree
 from .base import GradientTransformation, declare, info_of
 
@@ -67,20 +68,13 @@ class ClipFactor(NamedTuple):
 def kernel_supported(name: str, device_type: str) -> bool:
     """Whether torch's fused kernel ``torch.<name>`` runs on ``device_type`` in the running torch.
 
-    Asks torch's own list of devices with fused optimizer kernels (``torch.utils._foreach_utils.
-    _get_fused_kernels_supported_devices``; before it existed: CUDA only), then runs the kernel
-    once on one-element tensors: the CPU kernels arrived in torch 2.4, after the names.
+    Asks torch's own list of devices with fused optimizer kernels (`gradxform._compat`), then runs
+    the kernel once on one-element tensors: the CPU kernels arrived in torch 2.4, after the names.
     """
     kernel = getattr(torch, name, None)
     if kernel is None:
         return False
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        devices = set(_get_fused_kernels_supported_devices())
-    except ImportError:  # pragma: no cover - torch < 2.2
-        devices = {"cuda"}
-    if device_type not in devices:
+    if device_type not in _compat.fused_devices():
         return False
     try:
         one = torch.zeros(1, device=device_type)

@@ -79,7 +79,7 @@ def test_matrix_is_true_of_this_torch(key):
 
 def test_capability_helpers_on_this_torch():
     """The checks follow torch's own answers."""
-    assert _compat.fused_adam_supported("cpu") == ("cpu" in _compat._fused_devices() and hasattr(torch, "_fused_adamw_"))
+    assert _compat.fused_adam_supported("cpu") == ("cpu" in _compat.fused_devices() and hasattr(torch, "_fused_adamw_"))
     assert _compat.fused_sgd_supported(torch.zeros(1)) == _compat.fused_sgd_supported("cpu")
     assert _compat.has_amp_gradscaler_cpu() == hasattr(torch.amp, "GradScaler")
     if _compat.fused_adam_supported("cpu"):  # the kernel really runs on CPU tensors
