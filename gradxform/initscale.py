@@ -395,7 +395,7 @@ def gradinit_scale_tx(tau: float = 1e-2, alpha: float = 0.01, clip: float | None
     """The default optimizer of GradInit's scales: ``chain(clip_by_global_norm(clip),
     scale_by_adam(0.9, 0.999, 1e-8), scale(-tau), project_lower_bound(alpha))`` (the paper's
     Adam on the scales and ``m >= alpha``; the clip keeps the first, huge scale gradients of an
-    exploding init from freezing Adam's second moment, TECHNIQUES.md 1.3 item 8)."""
+    exploding init from freezing Adam's second moment, docs/migration/gradinit.md)."""
     check_float("tau", tau, low=0.0, low_open=True)
     parts = [] if clip is None else [clip_by_global_norm(clip)]
     parts += [scale_by_adam(0.9, 0.999, 1e-8), scale(-tau), project_lower_bound(alpha)]

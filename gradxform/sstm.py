@@ -9,8 +9,8 @@
   inner state is re-initialised there (with `clipped_sstm` inside, this is the restarted method
   R-clipped-SSTM of the same paper).
 
-See ``TECHNIQUES.md`` section 4 for the algorithms and for the reference's quirks that are not
-reproduced (quirks 3 and 9). Scalar state lives in 0-d CPU tensors; ``update`` has no host sync
+See docs/clipping.md ("Clipped SSTM and restarts") for the algorithms and for the reference's
+behaviours that are not reproduced (its table, rows 3 and 9). Scalar state lives in 0-d CPU tensors; ``update`` has no host sync
 and compiles with ``torch.compile(fullgraph=True)``.
 """
 
@@ -148,7 +148,7 @@ def clipped_sstm(
       ratio_upper_bound: ``r`` in ``(0, 1]``; ``r < 1`` caps ``A_k / A_{k+1}`` at ``r`` (the
         method otherwise becomes very conservative late in a run).
       index_offset: ``o``: 1 as torch-clip (``alpha_1 = 1/(2aL)``), 2 as the paper's
-        Algorithm 1 is recalled (``alpha_1 = 2^(2nu/(1+nu))/(2aL)``; see TECHNIQUES.md 6).
+        Algorithm 1 is recalled (``alpha_1 = 2^(2nu/(1+nu))/(2aL)``; not checked against the paper).
       clip_start: ``k_s >= 1`` (norm rule, ``nu > 0``): choose ``B = (k_s + o)^(2nu/(1+nu))/(2aL)``,
         so that ``lam = 1`` at update ``k_s + 1`` and the level falls below 1 after it. Give
         ``B=None`` with it.
@@ -157,7 +157,7 @@ def clipped_sstm(
     ``inject_hyperparams(clipped_sstm, static_args=("index_offset", "clip_start"))`` puts them in
     the state (``clip`` is static anyway).
 
-    Unlike torch-clip's ``ClippedSSTM`` (TECHNIQUES.md 4.3, quirk 9) the first call's gradient
+    Unlike torch-clip's ``ClippedSSTM`` (docs/clipping.md, torch-clip table, row 9) the first call's gradient
     is used, so our params after call ``k`` are the reference's after call ``k + 1``; the ratio
     clamp tests ``A_k > r/(1-r) alpha`` (the reference tests ``A_k > alpha/(1-r)``); scalar
     state is per transform, not shared across param groups. The method's ``k``, ``A_k`` are
@@ -274,7 +274,7 @@ def with_restarts(
     restarted method (R-clipped-SSTM) of Gorbunov, Danilova, Gasnikov, "Stochastic Optimization
     with Heavy-Tailed Noise via Accelerated Gradient Clipping", NeurIPS 2020.
 
-    Unlike torch-clip (TECHNIQUES.md 4.3, quirk 3) the mean divides by the number of iterates
+    Unlike torch-clip (docs/clipping.md, torch-clip table, row 3) the mean divides by the number of iterates
     (not of parameter tensors), the state holds one params-sized sum (no list of copies) and
     the params keep their device. The restart schedule is torch-clip's: restarts after
     ``first_period + 1`` steps, then ``floor(first_period * coeff) + 1`` more, and so on.

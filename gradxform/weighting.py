@@ -206,7 +206,7 @@ def gradnorm(
 
     The derivative is with respect to the weights only: the network's gradient is that of
     ``sum_i w_i L_i`` with the weights of the step (the reference gradnorm-pytorch also
-    back-propagates ``L_grad`` into the network; TECHNIQUES.md 2.3). ``G_i`` is linear in ``w_i``,
+    back-propagates ``L_grad`` into the network; docs/loss-weighting.md). ``G_i`` is linear in ``w_i``,
     so no double backward is needed: only the ``T`` norms and losses.
 
     Args:

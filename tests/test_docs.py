@@ -159,3 +159,30 @@ def test_checkpoint_pages_agree_on_weights_only():
         for sentence in _sentences((DOCS / page).read_text()):
             if "weights_only=True" in sentence and re.search(r"refuse|cannot|fails", sentence):
                 assert "not imported gradxform" in " ".join(sentence.split()), (page, sentence)
+
+
+# --- the project is self-contained: no pointer to internal notes users do not have ------------
+
+# assembled so that this file does not match itself
+_INTERNAL = re.compile("|".join(re.escape(s) for s in ("TECHNIQUES" + ".md", "DESIGN" + ".md", "shared/" + "specs")))
+
+
+def _shipped_files() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / "pyproject.toml", ROOT / "mkdocs.yml"]
+    for folder in ("gradxform", "docs", "examples", "tests", "benchmarks"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.is_file() and p.suffix in {".py", ".md", ".yml", ".toml", ".txt", ".cfg"}]
+    return [p for p in files if p.exists()]
+
+
+def test_no_reference_to_internal_specs():
+    hits = []
+    for path in _shipped_files():
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if _INTERNAL.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
+    assert not hits, "cite the paper or the docs page instead:\n" + "\n".join(hits)
+
+
+def test_internal_spec_pattern_matches_what_it_guards():
+    for line in ("see TECHNIQUES" + ".md 4.3", "(DESIGN" + ".md)", "../shared/" + "specs/x"):
+        assert _INTERNAL.search(line)
