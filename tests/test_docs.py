@@ -186,3 +186,31 @@ def test_no_reference_to_internal_specs():
 def test_internal_spec_pattern_matches_what_it_guards():
     for line in ("see TECHNIQUES" + ".md 4.3", "(DESIGN" + ".md)", "../shared/" + "specs/x"):
         assert _INTERNAL.search(line)
+
+
+# --- the nav groups the technique families apart from the cross-cutting guides ---------------
+
+
+def _nav_section(title: str) -> set[str]:
+    text = (ROOT / "mkdocs.yml").read_text()
+    m = re.search(rf"^  - {re.escape(title)}:\s*\n((?:      .*\n|\s*#.*\n)*)", text, flags=re.M)
+    assert m, f"mkdocs.yml's nav has no {title!r} section"
+    return set(re.findall(r":\s*([\w./-]+\.md)\s*$", m.group(1), flags=re.M))
+
+
+def test_nav_groups_techniques_and_guides():
+    techniques = _nav_section("Techniques")
+    assert techniques == {"init-scale.md", "loss-weighting.md", "second-moments.md", "clipping.md"}, techniques
+    assert {page for _, page, _ in FAMILIES.values()} == techniques
+    guides = _nav_section("Guides")
+    assert {"three-ways.md", "concepts.md", "checkpoints.md", "torch-func.md"} <= guides, guides
+    assert not techniques & guides
+    assert re.search(r"^  - Catalog:", (ROOT / "mkdocs.yml").read_text(), flags=re.M)
+
+
+def test_compile_docs_warn_about_float_learning_rates():
+    text = (DOCS / "three-ways.md").read_text()
+    section = text[text.index("## 3. `torch.compile`"):]
+    assert "A Python float learning rate recompiles" in section
+    assert "CompileCounter" in section and "0-d tensor" in section
+
