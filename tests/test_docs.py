@@ -214,3 +214,138 @@ def test_compile_docs_warn_about_float_learning_rates():
     assert "A Python float learning rate recompiles" in section
     assert "CompileCounter" in section and "0-d tensor" in section
 
+
+# --- one docstring format for the public functions --------------------------------------------
+#
+# The rule (math) first, then ``Args:``, ``Returns:``, ``Raises:`` (when it raises),
+# ``References:`` and ``Example:``, in that order. Every alias and family entry point has an
+# ``Example:``, and each example runs (``>>>`` lines executed; an output line after an expression
+# is compared with its repr).
+
+_SECTIONS = ("Args:", "Returns:", "Raises:", "References:", "Example:")
+
+# Names defined in modules whose owners convert them (gradxform/optim.py, fastpath.py, base.py and
+# the catalog modules torch_optimizers*.py, optax_optimizers.py, combinators.py, contrib.py):
+# skipped until they comply. The lead removes this list.
+_OTHER_OWNERS = {"gradxform.base", "gradxform.optim", "gradxform.fastpath", "gradxform.optax_optimizers",
+                 "gradxform.combinators", "gradxform.contrib"}
+
+# Public functions of this project's own modules not converted yet (issue 16 item 10 is partly
+# done): each name here must still be non-compliant, so the list only shrinks.
+_NOT_CONVERTED = {
+    # gradxform.transforms
+    "add_decayed_weights", "clip_by_global_norm", "scale", "scale_by_adam", "scale_by_learning_rate",
+    "scale_by_rms", "scale_by_schedule", "trace",
+    # gradxform.persample
+    "all_reduce_sum_grad_squared", "grad_and_sum_grad_squared", "sum_grad_squared",
+    # gradxform.combine
+    "apply_if_finite", "graft", "inject_hyperparams", "masked", "multi_steps", "partition",
+    # gradxform.clipping
+    "autoclip", "clip", "clip_by_block_rms", "clip_by_leaf_norm", "clip_fraction", "clipped_sgd",
+    "monitor_norm", "norm_history", "random_clip_by_global_norm",
+    # gradxform.batching
+    "batched", "get_hyperparam", "set_hyperparam",
+    # gradxform.sstm
+    "clipped_sstm", "with_restarts",
+    # gradxform.schedules
+    "constant_schedule", "cosine_decay_schedule", "exponential_decay", "join_schedules", "linear_schedule",
+    "piecewise_constant_schedule", "polynomial_schedule", "warmup_cosine_decay_schedule",
+    # gradxform.tree
+    "differentiable", "tree_global_norm",
+    # gradxform.weighting
+    "dwa", "fixed_weights", "gradnorm", "loss_weights", "task_grad_norms", "uncertainty_weighting",
+    "weighted_grad_and_task_norms",
+    # gradxform.empirical, initscale, moments, checkpoint, precision
+    "empirical_init", "empirical_init_params", "scale_by_empirical_init", "gradinit", "gradinit_objective",
+    "gradinit_scale_tx", "project_lower_bound", "scale_by_truegrad_adam", "scale_by_truegrad_laprop",
+    "scale_by_truegrad_rmsprop", "state_from_dict", "state_to_dict", "upcast",
+}
+
+# aliases and family entry points: an Example is required
+_NEEDS_EXAMPLE = {
+    "sgd", "adam", "adamw", "tg_adamw", "tg_laprop", "tg_rmsprop", "clip_by_global_norm", "clip_by_leaf_norm",
+    "clip", "clip_by_block_rms", "adaptive_grad_clip", "autoclip", "random_clip_by_global_norm", "clipped_sgd",
+    "clipped_sstm", "with_restarts", "gradnorm", "uncertainty_weighting", "dwa", "gradinit", "empirical_init",
+    "grad_and_sum_grad_squared", "sum_grad_squared", "track_sum_grad_squared", "masked", "partition",
+    "inject_hyperparams", "apply_if_finite", "multi_steps", "batched", "upcast", "state_to_dict",
+    "state_from_dict", "constant_schedule", "linear_schedule", "cosine_decay_schedule",
+    "warmup_cosine_decay_schedule", "exponential_decay", "piecewise_constant_schedule", "join_schedules",
+}
+
+
+def _public_functions() -> list[str]:
+    return sorted(n for n in gx.__all__ if inspect.isfunction(getattr(gx, n)))
+
+
+def _format_problems(name: str) -> list[str]:
+    doc = inspect.getdoc(getattr(gx, name)) or ""
+    found = [(m.start(), m.group(1)) for m in re.finditer(r"^(Args:|Returns:|Raises:|References:|Example:)\s*$", doc, re.M)]
+    names = [s for _, s in found]
+    problems = []
+    if not found or found[0][0] == 0 or not doc[:found[0][0]].strip():
+        problems.append("no rule before the sections")
+    for needed in ("Returns:", "References:"):
+        if needed not in names:
+            problems.append(f"no {needed}")
+    if inspect.signature(getattr(gx, name)).parameters and "Args:" not in names:
+        problems.append("no Args:")
+    if names != sorted(names, key=_SECTIONS.index) or len(set(names)) != len(names):
+        problems.append(f"sections out of order or repeated: {names}")
+    if name in _NEEDS_EXAMPLE and "Example:" not in names:
+        problems.append("no Example:")
+    return problems
+
+
+def _skipped(name: str) -> bool:
+    return getattr(gx, name).__module__ in _OTHER_OWNERS
+
+
+@pytest.mark.parametrize("name", _public_functions())
+def test_public_function_docstring_format(name):
+    if _skipped(name):
+        pytest.skip(f"gx.{name} is defined in {getattr(gx, name).__module__} (converted by its owner)")
+    problems = _format_problems(name)
+    if name in _NOT_CONVERTED:
+        assert problems, f"gx.{name} complies now: remove it from _NOT_CONVERTED"
+        pytest.skip(f"gx.{name} not converted yet: {problems}")
+    assert not problems, f"gx.{name}'s docstring: {problems}"
+
+
+def test_not_converted_list_names_public_functions():
+    assert _NOT_CONVERTED <= set(_public_functions()), sorted(_NOT_CONVERTED - set(_public_functions()))
+    assert _NEEDS_EXAMPLE <= set(gx.__all__), sorted(_NEEDS_EXAMPLE - set(gx.__all__))
+
+
+def _example(name: str) -> list[tuple[str, str | None]]:
+    doc = inspect.getdoc(getattr(gx, name)) or ""
+    if "\nExample:" not in doc:
+        return []
+    body = doc.split("\nExample:", 1)[1]
+    steps: list[tuple[str, str | None]] = []
+    for line in body.splitlines():
+        s = line.strip()
+        if s.startswith(">>> "):
+            steps.append((s[4:], None))
+        elif s.startswith("... ") and steps:
+            steps[-1] = (steps[-1][0] + "\n" + s[4:], None)
+        elif s and steps and steps[-1][1] is None:
+            steps[-1] = (steps[-1][0], s)
+    return steps
+
+
+@pytest.mark.parametrize("name", [n for n in _public_functions() if _example(n) and not _skipped(n)])
+def test_docstring_example_runs(name):
+    import torch
+
+    scope = {"torch": torch, "gx": gx, **{n: getattr(gx, n) for n in gx.__all__}}
+    for code, expected in _example(name):
+        if expected is None:
+            exec(code, scope)
+        else:
+            got = repr(eval(code, scope))
+            assert " ".join(got.split()) == " ".join(expected.split()), f"gx.{name}: {code} gave {got}, not {expected}"
+
+
+def test_help_adamw_says_update_needs_params():
+    doc = inspect.getdoc(gx.adamw)
+    assert re.search(r"``update``.{0,40}needs ``params``", doc, re.S), doc[:300]
