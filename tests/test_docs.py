@@ -247,9 +247,6 @@ _NOT_CONVERTED = {
     "batched", "get_hyperparam", "set_hyperparam",
     # gradxform.sstm
     "clipped_sstm", "with_restarts",
-    # gradxform.schedules
-    "constant_schedule", "cosine_decay_schedule", "exponential_decay", "join_schedules", "linear_schedule",
-    "piecewise_constant_schedule", "polynomial_schedule", "warmup_cosine_decay_schedule",
     # gradxform.tree
     "differentiable", "tree_global_norm",
     # gradxform.weighting
