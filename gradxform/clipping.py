@@ -297,6 +297,27 @@ def clip_by_leaf_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
 
     torch-clip's ``layer_wise`` rule (one "layer" = one parameter tensor). Norms are computed in
     float32 or wider; a zero leaf passes through unchanged. Stateless.
+
+    Args:
+        max_norm: the largest L2 norm of each leaf (> 0).
+
+    Returns:
+        A stateless `GradientTransformation` (``params`` not needed).
+
+    Raises:
+        TypeError: the level is not a number or a 0-d tensor; ``update`` on a non-floating leaf.
+        ValueError: the level is not > 0 (or is NaN).
+
+    References:
+        torch-clip 0.0.6 ``layer_wise``; optax's ``clip_by_block_rms`` for the RMS form.
+        docs/clipping.md.
+
+    Example:
+        >>> g = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([-1.0])}
+        >>> tx = gx.clip_by_leaf_norm(2.0)
+        >>> u, _ = tx.update(g, tx.init(g))
+        >>> torch.cat([u["a"], u["b"]])
+        tensor([ 1.2000,  1.6000, -1.0000])
     """
     check_float("max_norm", max_norm, low=0.0, low_open=True)
 
@@ -319,6 +340,26 @@ def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
     torch-clip's ``coordinate_wise`` rule, computed as an exact clamp: torch-clip multiplies by
     ``min(1, max_delta / (|g| + 1e-8))``, so its clipped entries come out slightly below
     ``max_delta`` (docs/clipping.md, torch-clip table, row 10). Stateless.
+
+    Args:
+        max_delta: the largest absolute value let through (> 0).
+
+    Returns:
+        A stateless `GradientTransformation` (``params`` not needed).
+
+    Raises:
+        TypeError: the level is not a number or a 0-d tensor; ``update`` on a non-floating leaf.
+        ValueError: the level is not > 0 (or is NaN).
+
+    References:
+        optax's ``clip``; torch-clip 0.0.6 ``coordinate_wise``. docs/clipping.md.
+
+    Example:
+        >>> g = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([-1.0])}
+        >>> tx = gx.clip(2.0)
+        >>> u, _ = tx.update(g, tx.init(g))
+        >>> torch.cat([u["a"], u["b"]])
+        tensor([ 2.,  2., -1.])
     """
     check_float("max_delta", max_delta, low=0.0, low_open=True)
 
@@ -340,6 +381,26 @@ def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation
     ``g_j <- g_j * min(1, threshold / rms(g_j))`` with ``rms(g) = sqrt(mean(g ** 2))`` over all
     entries of the leaf (optax writes it ``g / max(1, rms / threshold)``). A zero leaf passes
     through unchanged. Stateless.
+
+    Args:
+        threshold: the largest RMS of each leaf (> 0).
+
+    Returns:
+        A stateless `GradientTransformation` (``params`` not needed).
+
+    Raises:
+        TypeError: the level is not a number or a 0-d tensor; ``update`` on a non-floating leaf.
+        ValueError: the level is not > 0 (or is NaN).
+
+    References:
+        optax's ``clip_by_block_rms``. docs/clipping.md.
+
+    Example:
+        >>> g = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([-1.0])}
+        >>> tx = gx.clip_by_block_rms(1.0)
+        >>> u, _ = tx.update(g, tx.init(g))
+        >>> torch.cat([u["a"], u["b"]])
+        tensor([ 0.8485,  1.1314, -1.0000])
     """
     check_float("threshold", threshold, low=0.0, low_open=True)
 
