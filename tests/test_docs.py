@@ -239,7 +239,7 @@ _NOT_CONVERTED = {
     # gradxform.persample
     "all_reduce_sum_grad_squared", "grad_and_sum_grad_squared", "sum_grad_squared",
     # gradxform.combine
-    "apply_if_finite", "graft", "inject_hyperparams", "masked", "multi_steps", "partition",
+    "graft",
     # gradxform.clipping
     "autoclip", "clip_fraction", "clipped_sgd",
     "monitor_norm", "norm_history", "random_clip_by_global_norm",
