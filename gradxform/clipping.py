@@ -616,6 +616,33 @@ def autoclip(
 
     The first update is never clipped (``lam_0 = h_0``). Updates with no live leaf pass through
     and are not recorded. State: `AutoClipState`.
+
+    Args:
+        q: the quantile level in (0, 1] (the paper's percentile / 100).
+        history: the number of norms kept (the window once exceeded).
+        method: ``"linear"`` (``np.percentile``) or ``"inverted_cdf"`` (torch-clip).
+        beta: ``None`` for AutoClip; a number in (0, 1) for the random rule.
+        power: the random rule's power (1 linear, 2 quadratic).
+        seed: the seed of the random rule's draws.
+
+    Returns:
+        A `GradientTransformation` whose state is `AutoClipState` (``params`` not needed).
+
+    Raises:
+        TypeError: a level is not a number.
+        ValueError: ``q`` outside (0, 1], an unknown ``method``, ``history`` not an int >= 1,
+            ``beta`` outside (0, 1), ``power <= 0`` or a bad ``seed``.
+
+    References:
+        Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient Clipping for
+        Source Separation Networks", IEEE MLSP 2020, arXiv:2007.14469. torch-clip 0.0.6 ``auto_clip``. docs/clipping.md.
+
+    Example:
+        >>> tx = gx.autoclip(q=0.5)
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> for norm in (1.0, 10.0): u, state = tx.update({"w": torch.tensor([norm])}, state)
+        >>> u["w"]  # the median of the norms 1 and 10 (linear): 5.5
+        tensor([5.5000])
     """
     check_float("q (the quantile level)", q, low=0.0, high=1.0, low_open=True)
     if method not in _QUANTILE_METHODS:
@@ -699,6 +726,30 @@ def random_clip_by_global_norm(
     draws per parameter tensor from the global RNG, so a step can clip some layers and not
     others); the draw depends only on ``(seed, count)``, so a run restored from a saved state
     continues the identical stream. State: `RandomClipState`.
+
+    Args:
+        max_norm: the clipping level (> 0).
+        beta: the base of the clip probability, in (0, 1).
+        power: 1 (linear rule) or 2 (quadratic rule); any number > 0.
+        seed: the seed of the draws.
+
+    Returns:
+        A `GradientTransformation` whose state is `RandomClipState` (``params`` not needed).
+
+    Raises:
+        TypeError: a level is not a number.
+        ValueError: ``max_norm <= 0``, ``beta`` outside (0, 1), ``power <= 0`` or a bad ``seed``.
+
+    References:
+        torch-clip 0.0.6 ``linear_rand_norm`` / ``quadratic_rand_norm``. docs/clipping.md,
+        "Random rules".
+
+    Example:
+        >>> tx = gx.random_clip_by_global_norm(1.0, beta=0.5, seed=0)
+        >>> g = {"w": torch.tensor([60.0, 80.0])}  # ||g|| = 100: clipped with probability 0.993
+        >>> u, state = tx.update(g, tx.init(g))
+        >>> u["w"]
+        tensor([0.6000, 0.8000])
     """
     check_float("max_norm", max_norm, low=0.0, low_open=True)
     _check_beta(beta)
@@ -892,6 +943,39 @@ def clipped_sgd(
     replaces it by the rule's default, row 4); norms are over the whole param tree, not per
     param group (row 8; use `gradxform.partition` for per-group clipping); the random draws are
     seeded and one per step (row 6).
+
+    Args:
+        lr: learning rate (a number, a 0-d tensor or a schedule).
+        momentum: heavy-ball momentum (0: no buffer).
+        rule: the clipping rule, by torch-clip's name (above).
+        level: the clipping level (the rule's torch-clip default when ``None``; not for the
+            auto rules).
+        q: the quantile level of the auto rules.
+        beta: the base of the random rules' probability.
+        power: the random rules' power (implied by the rule name).
+        history: the auto rules' number of norms kept.
+        method: the auto rules' quantile method.
+        seed: the random rules' seed.
+
+    Returns:
+        A `GradientTransformation` (``params`` not needed); ``lr``, ``momentum`` and ``level``
+        are live in ``state.hyperparams``.
+
+    Raises:
+        TypeError: a hyperparameter is not a number, a 0-d tensor or a schedule.
+        ValueError: an unknown rule, an argument the rule does not use, a missing ``q`` /
+            ``beta``, or an out-of-range value.
+
+    References:
+        torch-clip 0.0.6 ``ClippedSGD``; docs/clipping.md ("Clipped SGD, and how it differs
+        from torch-clip"), docs/migration/torch-clip.md.
+
+    Example:
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx = gx.clipped_sgd(0.1, momentum=0.9, rule="norm", level=1.0)
+        >>> u, state = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
+        >>> u["w"]
+        tensor([-0.0600, -0.0800])
     """
     rule = _RULE_ALIASES.get(rule, rule)
     if rule not in CLIPPED_SGD_RULES:

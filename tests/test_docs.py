@@ -241,8 +241,8 @@ _NOT_CONVERTED = {
     # gradxform.combine
     "graft",
     # gradxform.clipping
-    "autoclip", "clip_fraction", "clipped_sgd",
-    "monitor_norm", "norm_history", "random_clip_by_global_norm",
+    "clip_fraction",
+    "monitor_norm", "norm_history",
     # gradxform.batching
     "batched", "get_hyperparam", "set_hyperparam",
     # gradxform.sstm
