@@ -240,6 +240,31 @@ def gradnorm(
     scalars is accepted). An update whose losses or norms are not all finite leaves the weights
     and ``L_i(0)`` unchanged and counts it in ``state.skipped`` (no host sync). Updates pass
     through unchanged.
+
+    Returns:
+        A `GradientTransformation` whose state is `GradNormState` (read the weights with
+        `loss_weights`); ``update`` needs the extra arguments ``losses`` and
+        ``task_grad_norms``.
+
+    Raises:
+        ValueError: ``num_tasks`` or a step argument not a valid int, ``alpha`` not finite
+            and >= 0, ``initial_losses_decay`` outside [0, 1], ``min_weight < 0``, or bad
+            ``initial_losses`` / ``mask``.
+        TypeError: ``update`` without ``losses`` or ``task_grad_norms``.
+
+    References:
+        Chen, Badrinarayanan, Lee and Rabinovich, "GradNorm: Gradient Normalization for Adaptive
+        Loss Balancing in Deep Multitask Networks", ICML 2018, arXiv:1711.02257, Section 3.
+        docs/loss-weighting.md.
+
+    Example:
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx = gx.gradnorm(2, weight_tx=gx.sgd(0.1))
+        >>> state = tx.init(params)
+        >>> _, state = tx.update({"w": torch.ones(2)}, state, params,
+        ...                      losses=torch.tensor([2.0, 8.0]), task_grad_norms=torch.tensor([1.0, 5.0]))
+        >>> gx.loss_weights(state)
+        tensor([1.3750, 0.6250])
     """
     t = _check_num_tasks(num_tasks)
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):

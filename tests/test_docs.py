@@ -245,12 +245,10 @@ _NOT_CONVERTED = {
     "monitor_norm", "norm_history",
     # gradxform.batching
     "batched", "get_hyperparam", "set_hyperparam",
-    # gradxform.sstm
-    "clipped_sstm", "with_restarts",
     # gradxform.tree
     "differentiable", "tree_global_norm",
     # gradxform.weighting
-    "dwa", "fixed_weights", "gradnorm", "loss_weights", "task_grad_norms", "uncertainty_weighting",
+    "dwa", "fixed_weights", "loss_weights", "task_grad_norms", "uncertainty_weighting",
     "weighted_grad_and_task_norms",
     # gradxform.empirical, initscale, moments, checkpoint, precision
     "empirical_init", "empirical_init_params", "scale_by_empirical_init", "gradinit", "gradinit_objective",
