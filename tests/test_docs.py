@@ -237,14 +237,14 @@ _NOT_CONVERTED = {
     "add_decayed_weights", "scale", "scale_by_adam", "scale_by_learning_rate",
     "scale_by_rms", "scale_by_schedule", "trace",
     # gradxform.persample
-    "all_reduce_sum_grad_squared", "grad_and_sum_grad_squared", "sum_grad_squared",
+    "all_reduce_sum_grad_squared",
     # gradxform.combine
     "graft",
     # gradxform.clipping
     "clip_fraction",
     "monitor_norm", "norm_history",
     # gradxform.batching
-    "batched", "get_hyperparam", "set_hyperparam",
+    "get_hyperparam", "set_hyperparam",
     # gradxform.tree
     "differentiable", "tree_global_norm",
     # gradxform.weighting
