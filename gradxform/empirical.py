@@ -358,6 +358,10 @@ def empirical_init(
 ) -> tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor | None], InitReport]:
     """Tune empirical init's per-layer multipliers and return ``(new_params, multipliers, report)``.
 
+    Per layer ``l``: a forward multiplier ``a_l`` such that the RMS of each layer's output is 1
+    (pillar 1) and a gradient multiplier ``c_l`` such that the RMS of the change of each layer's
+    output under one step is 1 (pillar 3); ``a_l`` is folded into the params.
+
     Source: the empirical_init package README (pillars 1 and 3) and docs/init-scale.md; the
     procedure and the folded convention are in this module's docstring. ``model``: an
     ``nn.Module``, applied with ``torch.func.functional_call`` and never modified (temporary
@@ -388,6 +392,38 @@ def empirical_init(
     is ``max_l |log RMS error|`` per iteration (stage A, then stage C). Model passes:
     ``5 + act_iters + upd_iters`` forwards (two of them measure ``act_rms_before/after``) and
     ``2 + upd_iters`` backwards, whatever the depth; plus one local jvp per layer per stage-C pass.
+
+    Args:
+        model: an ``nn.Module`` (never modified).
+        params: ``dict(model.named_parameters())``.
+        batches: an iterable of ``(x, y)`` (cycled if short).
+        loss: ``loss(output, y)``, a scalar.
+        layers: ``layers(name, module) -> bool``, the modules that get multipliers.
+        act_iters: the damped refinements of the forward multipliers.
+        upd_iters: the damped refinements of the gradient multipliers.
+        reinit: first re-draw the chosen layers' params (`empirical_init_params`).
+        generator: the generator of that re-draw.
+        progress: log progress.
+        sync: average over the ranks of the default process group.
+
+    Returns:
+        ``(new_params, multipliers, report)``: params with ``a_l`` folded in, the gradient
+        multipliers for `scale_by_empirical_init`, and an `InitReport`.
+
+    Raises:
+        ValueError: an iteration count that is not an int >= 0, a chosen layer that is not
+            homogeneous or runs more than once per forward.
+
+    References:
+        The ``empirical_init`` package 0.0.2, its README (no paper). docs/init-scale.md,
+        docs/migration/empirical-init.md.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> batches = [(torch.randn(8, 4), torch.randn(8, 2)) for _ in range(30)]
+        >>> new_params, multipliers, report = gx.empirical_init(
+        ...     model, dict(model.named_parameters()), batches, torch.nn.functional.mse_loss)
+        >>> tx = gx.chain(gx.scale_by_empirical_init(multipliers), gx.sgd(1e-3))
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"empirical_init: model must be an nn.Module (it is observed with forward hooks); got {type(model).__name__}")

@@ -251,7 +251,7 @@ _NOT_CONVERTED = {
     "dwa", "fixed_weights", "loss_weights", "task_grad_norms", "uncertainty_weighting",
     "weighted_grad_and_task_norms",
     # gradxform.empirical, initscale, moments, checkpoint, precision
-    "empirical_init", "empirical_init_params", "scale_by_empirical_init", "gradinit", "gradinit_objective",
+    "empirical_init_params", "scale_by_empirical_init", "gradinit_objective",
     "gradinit_scale_tx", "project_lower_bound", "scale_by_truegrad_adam", "scale_by_truegrad_laprop",
     "scale_by_truegrad_rmsprop",
 }
