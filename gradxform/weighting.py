@@ -398,6 +398,32 @@ def uncertainty_weighting(
     both terms, i.e. the same optimum). At the optimum ``w_i = 1 / L_i``. ``initial_log_vars``
     defaults to zeros (weights 1). Extra argument ``losses`` ``(T,)``; ``task_grad_norms`` is
     accepted and ignored, so the updaters are interchangeable. Non-finite losses skip the update.
+
+    Args:
+        num_tasks: the number of tasks ``T``.
+        weight_tx: the optimizer of the log-variances (default Adam(lr=1e-3)).
+        initial_log_vars: the initial ``s`` (default zeros).
+        sync: average the losses over the ranks of the default process group.
+        dtype: dtype of the log-variances (default: the params' floating dtype, at least float32).
+
+    Returns:
+        A `GradientTransformation` (read the weights with `loss_weights`); ``update`` needs
+        the extra argument ``losses``.
+
+    Raises:
+        ValueError: bad ``num_tasks`` or ``initial_log_vars``.
+        TypeError: ``update`` without ``losses``.
+
+    References:
+        Kendall, Gal and Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses for
+        Scene Geometry and Semantics", CVPR 2018, arXiv:1705.07115. docs/loss-weighting.md.
+
+    Example:
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx = gx.uncertainty_weighting(2)
+        >>> _, state = tx.update({"w": torch.ones(2)}, tx.init(params), params, losses=torch.tensor([1.0, 4.0]))
+        >>> gx.loss_weights(state)  # task 1 is at its optimum w = 1/L; task 2's weight falls
+        tensor([1.0000, 0.9990])
     """
     t = _check_num_tasks(num_tasks)
     if weight_tx is None:
@@ -465,6 +491,33 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1, *, sync: bool
 
     and ``w = 1`` during the first two periods. The weights change only at the end of a period.
     Extra argument ``losses`` ``(T,)``; ``task_grad_norms`` is accepted and ignored.
+
+    Args:
+        num_tasks: the number of tasks ``T``.
+        temperature: the softmax temperature (> 0).
+        period: the number of updates per period (>= 1).
+        sync: average the losses over the ranks of the default process group.
+        dtype: dtype of the statistics (default: the params' floating dtype, at least float32).
+
+    Returns:
+        A `GradientTransformation` (read the weights with `loss_weights`); ``update`` needs
+        the extra argument ``losses``.
+
+    Raises:
+        ValueError: bad ``num_tasks``, ``temperature`` or ``period``.
+        TypeError: ``update`` without ``losses``.
+
+    References:
+        Liu, Johns and Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019,
+        arXiv:1803.10704 (Dynamic Weight Average). docs/loss-weighting.md.
+
+    Example:
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx = gx.dwa(2)
+        >>> state = tx.init(params)
+        >>> for losses in ([1.0, 1.0], [1.0, 1.0], [0.5, 1.0]): _, state = tx.update({"w": torch.ones(2)}, state, params, losses=torch.tensor(losses))
+        >>> gx.loss_weights(state)  # task 0's loss fell by half: 2 softmax((0.5, 1) / 2)
+        tensor([0.8756, 1.1244])
     """
     t = _check_num_tasks(num_tasks)
     if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):

@@ -248,7 +248,7 @@ _NOT_CONVERTED = {
     # gradxform.tree
     "differentiable", "tree_global_norm",
     # gradxform.weighting
-    "dwa", "fixed_weights", "loss_weights", "task_grad_norms", "uncertainty_weighting",
+    "fixed_weights", "loss_weights", "task_grad_norms",
     "weighted_grad_and_task_norms",
     # gradxform.empirical, initscale, moments, checkpoint, precision
     "empirical_init_params", "scale_by_empirical_init", "gradinit_objective",
