@@ -330,7 +330,9 @@ def tg_adamw(
 
     ``p <- p - lr * u_tg - lr * wd * p`` with ``u_tg`` from `gradxform.scale_by_truegrad_adam`
     (betas ``(b1, b2, b3)``; with two betas ``b3 = b2``) and the decay using the params *before*
-    the step, once per step (the reference decays once per parameter per step, docs/migration/truegrad.md): ``chain(scale_by_truegrad_adam, add_decayed_weights(wd), scale_by_learning_rate(lr))``
+    the step, once per step (the reference decays once per parameter per step,
+    docs/migration/truegrad.md): ``chain(scale_by_truegrad_adam, add_decayed_weights(wd),
+    scale_by_learning_rate(lr))``
     inside ``inject_hyperparams``, so ``group["lr"]`` is live in `gradxform.Optimizer`.
     Through the adapter: ``opt.step(sum_grad_squared=stats.sum_grad_squared)`` with a
     `gradxform.PerParam` from `gradxform.track_sum_grad_squared` (or a list, one entry per

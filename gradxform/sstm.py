@@ -10,7 +10,8 @@
   R-clipped-SSTM of the same paper).
 
 See docs/clipping.md ("Clipped SSTM and restarts") for the algorithms and for the reference's
-behaviours that are not reproduced (its table, rows 3 and 9). Scalar state lives in 0-d CPU tensors; ``update`` has no host sync
+behaviours that are not reproduced (its table, rows 3 and 9).
+Scalar state lives in 0-d CPU tensors; ``update`` has no host sync
 and compiles with ``torch.compile(fullgraph=True)``.
 """
 
@@ -330,7 +331,9 @@ def with_restarts(
         >>> params = {"w": torch.zeros(2)}
         >>> tx = gx.with_restarts(gx.sgd(1.0), first_period=1)
         >>> state = tx.init(params)
-        >>> for g in (1.0, 3.0): u, state = tx.update({"w": torch.full((2,), g)}, state, params); params = gx.apply_updates(params, u)
+        >>> for g in (1.0, 3.0):
+        ...     u, state = tx.update({"w": torch.full((2,), g)}, state, params)
+        ...     params = gx.apply_updates(params, u)
         >>> params["w"]  # the mean of the iterates -1 and -4
         tensor([-2.5000, -2.5000])
     """

@@ -515,7 +515,8 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1, *, sync: bool
         >>> params = {"w": torch.zeros(2)}
         >>> tx = gx.dwa(2)
         >>> state = tx.init(params)
-        >>> for losses in ([1.0, 1.0], [1.0, 1.0], [0.5, 1.0]): _, state = tx.update({"w": torch.ones(2)}, state, params, losses=torch.tensor(losses))
+        >>> for losses in ([1.0, 1.0], [1.0, 1.0], [0.5, 1.0]):
+        ...     _, state = tx.update({"w": torch.ones(2)}, state, params, losses=torch.tensor(losses))
         >>> gx.loss_weights(state)  # task 0's loss fell by half: 2 softmax((0.5, 1) / 2)
         tensor([0.8756, 1.1244])
     """

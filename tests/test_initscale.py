@@ -1,4 +1,5 @@
-"""GradInit (Zhu et al., NeurIPS 2021, arXiv:2102.08098, Algorithm 1): hand-computed values, the driver's report, the seed's simplified variant, bad input."""
+"""GradInit (Zhu et al., NeurIPS 2021, arXiv:2102.08098, Algorithm 1): hand-computed values, the driver's
+report, the seed's simplified variant, bad input."""
 
 from __future__ import annotations
 
