@@ -30,7 +30,7 @@ Implementations (rows), for each rule:
                          ``Here!`` once per tensor per step: stdout is redirected to ``/dev/null``
                          around its ``step()`` (inside the timed region: that print is part of its
                          cost). Note: torch-clip applies the norm / auto factor to the momentum
-                         buffer (TECHNIQUES.md 4.3, quirk 7), so its parameters differ from ours.
+                         buffer (docs/clipping.md, torch-clip table, row 7), so its parameters differ from ours.
 - ``gx_adapter``         ``gx.Optimizer(params, clipped_sgd(1e-3, momentum=0.9, rule=<rule>, ...))``
 - ``gx_adapter_chain``   ``gx.Optimizer(params, gx.chain(<rule tx>, gx.sgd(1e-3, momentum=0.9)))``
 - ``gx_compiled``        ``torch.compile(step_fn, fullgraph=True)`` of the pure functional step
@@ -498,7 +498,7 @@ def main() -> None:
     print("ratios: median / the peer's median (< 1: faster). /tclip: torch_clip's ClippedSGD, same rule; /idiom:\n"
           "  clip_grad_norm_(foreach) + SGD(foreach) in the same group (for 'global norm only': clip_grad_norm_ alone).\n"
           "dev: relative deviation of sum|p - p0| from gx_adapter of the same rule (global norm only: of sum|clipped g|\n"
-          "  from clip_grad_norm_). torch_clip differs by design (it scales the momentum buffer, TECHNIQUES 4.3 quirk 7;\n"
+          "  from clip_grad_norm_). torch_clip differs by design (it scales the momentum buffer, docs/clipping.md torch-clip table row 7;\n"
           "  its random rule uses the global RNG), and torch_idiom is the global-norm rule in every group.\n")
 
     print("targets (from the clippers issue; median-based, min-based in brackets):")

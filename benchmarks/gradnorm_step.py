@@ -32,7 +32,7 @@ Rows (each has its own copy of the same initial model; all measured in the same 
                     restoring_force_alpha=1.5, grad_norm_parameters=W)``: ``weighter.backward(
                     losses)`` (its own weighted backward, then ``T`` ``create_graph`` gradients at
                     ``W`` and a second backward of its GradNorm loss, which also reaches the
-                    network: TECHNIQUES.md 2.3), then torch.optim.Adam ``step()`` and
+                    network: docs/loss-weighting.md), then torch.optim.Adam ``step()`` and
                     ``zero_grad()``. "not installed" when it cannot be imported.
 
 Time: every row gets ``--warmup`` untimed steps, then ``--repeats`` *interleaved* rounds; in

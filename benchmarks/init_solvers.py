@@ -25,7 +25,7 @@ random inputs ``randn(B, 64)`` and random labels (no data set needed).
    - ``seed``         gradinit 0.1.1: ``GradInitWrapper(model)``, ``torch.optim.Adam`` on its
                       scales, per iteration ``loss = grad_loss(CE(model(x), y), norm=2, gamma=1)``,
                       ``backward``, ``step``, ``clamp_scales(0.01)``; ``detach()`` at the end
-                      (called explicitly: TECHNIQUES.md 1.3 item 5).
+                      (called explicitly: docs/migration/gradinit.md).
    - ``gx_simplified`` ``gx.gradinit(..., simplified=True, p=2, scale_tx=gx.gradinit_scale_tx(tau,
                       alpha, clip=None))``: the same objective and the same Adam on the scales (no
                       clip), so its scales must match the seed's (column ``max|dm|``).

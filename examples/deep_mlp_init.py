@@ -69,7 +69,7 @@ _DATA: tuple[torch.Tensor, ...] | None = None
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The spec's split: X/16, stratified 75/25 with ``random_state=0``, train-standardised
+    """The experiment's split: X/16, stratified 75/25 with ``random_state=0``, train-standardised
     (``digits_data.load_data(0)``); loaded once."""
     global _DATA
     if _DATA is None:

@@ -23,7 +23,7 @@ same initial params and see the same mini-batches. The functional step::
                                    task_grad_norms=res.task_grad_norms)
         params = gx.apply_updates(params, updates)
 
-Training: SGD lr 0.003 after a 500-step linear warm-up, batch 100, 2000 steps (TECHNIQUES.md 2.5).
+Training: SGD lr 0.003 after a 500-step linear warm-up, batch 100, 2000 steps (docs/loss-weighting.md).
 Reported per method, at the end: the spread ``max_i G_i / min_i G_i`` at W (G_i = w_i n_i, n_i
 on the first 1000 test points; equal weights: G_i = n_i), the task-normalised test loss
 ``sum_i L_i^test(t) / L_i^test(0)`` on all test points (the paper's metric, lower is better) and

@@ -11,8 +11,6 @@ The flat public API, as in optax:
 or, as a ``torch.optim.Optimizer``: ``opt = gx.Optimizer(model.parameters(), tx)``.
 """
 
-from __future__ import annotations
-
 from . import fastpath, schedules, tree
 from .alias import adam, adamw, sgd, tg_adamw, tg_laprop, tg_rmsprop
 from .base import (

@@ -78,12 +78,41 @@ def sgd(
     *,
     maximize: bool = False,
 ) -> GradientTransformation:
-    """Stochastic gradient descent as ``torch.optim.SGD`` (Sutskever et al., 2013 for momentum).
+    """Stochastic gradient descent, as ``torch.optim.SGD``.
 
     ``g <- -g`` if maximize; ``g <- g + wd * p``; ``b_1 = g_1``,
     ``b_t = momentum * b_{t-1} + (1 - dampening) * g_t``; ``g <- g + momentum * b_t`` (nesterov) or
     ``g <- b_t``; ``p <- p - lr * g``. Built as ``chain(add_decayed_weights, trace,
     scale_by_learning_rate)`` inside ``inject_hyperparams``.
+
+    Args:
+        lr: learning rate (a number, a 0-d tensor or a schedule of the step count).
+        momentum: momentum factor; 0 keeps no buffer.
+        dampening: dampening of the momentum.
+        weight_decay: L2 penalty added to the gradient.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        maximize: maximise the objective instead.
+
+    Returns:
+        A `GradientTransformation`; its ``update(updates, state, params)`` needs ``params``
+        when ``weight_decay > 0``. The hyperparameters are live in ``state.hyperparams``.
+
+    Raises:
+        TypeError: a hyperparameter is not a number, a 0-d tensor or a schedule.
+        ValueError: a hyperparameter is out of range (a negative ``lr``, ``weight_decay`` or
+            ``momentum``, NaN); ``nesterov`` without momentum or with dampening.
+
+    References:
+        Sutskever, Martens, Dahl and Hinton, "On the importance of initialization and momentum in
+        deep learning", ICML 2013 (momentum). docs/migration/torch-optim.md.
+
+    Example:
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = gx.sgd(0.1, momentum=0.9)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.ones(2)}, state, params)
+        >>> gx.apply_updates(params, updates)["w"]
+        tensor([0.9000, 0.9000])
     """
     lr = _scalar_lr(lr)
     check_float("lr", lr, low=0.0)
@@ -147,10 +176,41 @@ def adam(
     *,
     maximize: bool = False,
 ) -> GradientTransformation:
-    """Adam as ``torch.optim.Adam`` (Kingma & Ba, 2015; AMSGrad: Reddi et al., 2018).
+    """Adam, as ``torch.optim.Adam``.
 
     L2 weight decay is added to the gradient *before* the moments: ``g <- g + wd * p``; then
-    `gradxform.scale_by_adam` and ``p <- p - lr * u``.
+    `gradxform.scale_by_adam` (``m_t = b1 m + (1 - b1) g``, ``v_t = b2 v + (1 - b2) g^2``,
+    ``u = m_t / (1 - b1^t) / (sqrt(v_t / (1 - b2^t)) + eps)``) and ``p <- p - lr * u``.
+
+    Args:
+        lr: learning rate (a number, a 0-d tensor or a schedule of the step count).
+        betas: ``(b1, b2)``, the decays of the first and second moments.
+        eps: added to the denominator.
+        weight_decay: L2 penalty added to the gradient (not decoupled: see `adamw`).
+        amsgrad: keep the running maximum of ``v`` (AMSGrad).
+        maximize: maximise the objective instead.
+
+    Returns:
+        A `GradientTransformation`; its ``update(updates, state, params)`` needs ``params``
+        when ``weight_decay > 0``. The hyperparameters are live in ``state.hyperparams``.
+
+    Raises:
+        TypeError: a hyperparameter is not a number, a 0-d tensor or a schedule.
+        ValueError: a hyperparameter is out of range (a negative ``lr``, ``weight_decay`` or
+            ``momentum``, NaN); a beta outside [0, 1).
+
+    References:
+        Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, arXiv:1412.6980,
+        Algorithm 1. AMSGrad: Reddi, Kale and Kumar, ICLR 2018, arXiv:1904.09237.
+        docs/migration/torch-optim.md.
+
+    Example:
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = gx.adam(0.1)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([1.0, -2.0])}, state, params)
+        >>> gx.apply_updates(params, updates)["w"]
+        tensor([0.9000, 1.1000])
     """
     return _adam_family(False, lr, betas, eps, weight_decay, amsgrad, maximize)
 
@@ -165,11 +225,41 @@ def adamw(
     *,
     maximize: bool = False,
 ) -> GradientTransformation:
-    """AdamW as ``torch.optim.AdamW`` (Loshchilov & Hutter, ICLR 2019, arXiv 1711.05101).
+    """AdamW, as ``torch.optim.AdamW``: ``update`` needs ``params`` (the decay reads them).
 
     Decoupled decay, multiplied by the learning rate: ``p <- p - lr * (u_adam + wd * p)`` with the
     params *before* the step, i.e. ``chain(scale_by_adam, add_decayed_weights(wd),
     scale_by_learning_rate(lr))``.
+
+    Args:
+        lr: learning rate (a number, a 0-d tensor or a schedule of the step count).
+        betas: ``(b1, b2)``, the decays of the first and second moments.
+        eps: added to the denominator.
+        weight_decay: decoupled decay rate (torch's default 1e-2).
+        amsgrad: keep the running maximum of ``v`` (AMSGrad).
+        maximize: maximise the objective instead.
+
+    Returns:
+        A `GradientTransformation`. Its ``update(updates, state, params)`` needs ``params``
+        whenever ``weight_decay > 0`` (the default): ``tx.update(grads, state)`` without them
+        raises. The hyperparameters are live in ``state.hyperparams``.
+
+    Raises:
+        TypeError: a hyperparameter is not a number, a 0-d tensor or a schedule.
+        ValueError: a hyperparameter is out of range (a negative ``lr``, ``weight_decay`` or
+            ``momentum``, NaN); a beta outside [0, 1).
+
+    References:
+        Loshchilov and Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
+        arXiv:1711.05101, Algorithm 2. docs/migration/torch-optim.md.
+
+    Example:
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = gx.adamw(0.1, weight_decay=0.5)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([1.0, -2.0])}, state, params)
+        >>> gx.apply_updates(params, updates)["w"]
+        tensor([0.8500, 1.0500])
     """
     return _adam_family(True, lr, betas, eps, weight_decay, amsgrad, maximize)
 
@@ -236,17 +326,49 @@ def tg_adamw(
     graft: bool = True,
     fallback: str = "raise",
 ) -> GradientTransformation:
-    """TrueGrad-AdamW (truegrad 5.0.0 ``TGAdamW`` by L. Nestler; no paper), without its bugs.
+    """TrueGrad-AdamW: AdamW whose second moment is that of the per-example gradients.
 
     ``p <- p - lr * u_tg - lr * wd * p`` with ``u_tg`` from `gradxform.scale_by_truegrad_adam`
     (betas ``(b1, b2, b3)``; with two betas ``b3 = b2``) and the decay using the params *before*
-    the step, once per step (the reference decays once per parameter per step, TECHNIQUES.md
-    3.3): ``chain(scale_by_truegrad_adam, add_decayed_weights(wd), scale_by_learning_rate(lr))``
+    the step, once per step (the reference decays once per parameter per step,
+    docs/migration/truegrad.md): ``chain(scale_by_truegrad_adam, add_decayed_weights(wd),
+    scale_by_learning_rate(lr))``
     inside ``inject_hyperparams``, so ``group["lr"]`` is live in `gradxform.Optimizer`.
-    ``update`` takes the extra argument ``sum_grad_squared`` (required unless
-    ``fallback="adam"``): through the adapter ``opt.step(sum_grad_squared=stats.sum_grad_squared)``
-    with a `gradxform.PerParam` from `gradxform.track_sum_grad_squared` (or a list, one entry per
+    Through the adapter: ``opt.step(sum_grad_squared=stats.sum_grad_squared)`` with a
+    `gradxform.PerParam` from `gradxform.track_sum_grad_squared` (or a list, one entry per
     param, for a single param group).
+
+    Args:
+        lr: learning rate (a number, a 0-d tensor or a schedule of the step count).
+        betas: ``(b1, b2)`` or ``(b1, b2, b3)``: the first moment, ``g^2`` and ``S``.
+        eps: added to the denominator.
+        weight_decay: decoupled decay rate.
+        graft: keep, per tensor, the direction of the TrueGrad step with the Frobenius norm of the
+            plain (Adam-type) step, as truegrad.
+        fallback: at a leaf whose ``S`` is ``None`` (a layer the statistics engine does not
+            cover): ``"raise"`` (default) raises, ``"adam"`` takes the plain direction there.
+
+    Returns:
+        A `GradientTransformation` whose ``update(updates, state, params, sum_grad_squared=S)``
+        needs ``params`` (decay) and the extra argument ``sum_grad_squared`` (a tree like the
+        params, from `gradxform.grad_and_sum_grad_squared`).
+
+    Raises:
+        TypeError: a hyperparameter is not a number, a 0-d tensor or a schedule; ``update``
+            without ``sum_grad_squared``.
+        ValueError: a hyperparameter is out of range, a wrong number of betas, an unknown
+            ``fallback``; in ``update``, a leaf whose ``S`` is ``None`` (``fallback="raise"``).
+
+    References:
+        truegrad 5.0.0 ``TGAdamW`` by L. Nestler (no paper); docs/second-moments.md,
+        docs/migration/truegrad.md.
+
+    Example:
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = gx.tg_adamw(0.1)
+        >>> state = tx.init(params)
+        >>> g, s = {"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([0.5, 2.0])}
+        >>> updates, state = tx.update(g, state, params, sum_grad_squared=s)
     """
     full = _tg_betas(betas, (2, 3), "tg_adamw")
     if len(full) == 2:
@@ -263,11 +385,43 @@ def tg_laprop(
     graft: bool = True,
     fallback: str = "raise",
 ) -> GradientTransformation:
-    """TrueGrad-LaProp (truegrad 5.0.0 ``TGLaProp``; LaProp: Ziyin et al., 2020, arXiv 2002.04839).
+    """TrueGrad-LaProp: LaProp whose second moment is that of the per-example gradients.
 
     ``p <- p - lr * u - lr * wd * p`` with ``u`` from `gradxform.scale_by_truegrad_laprop`;
     betas ``(b1, b2)`` (then ``b3 = b1``, ``b4 = b2``) or ``(b1, b2, b3, b4)``. Decoupled decay
-    with the params before the step, once per step. Extra argument ``sum_grad_squared``.
+    with the params before the step, once per step.
+
+    Args:
+        lr: learning rate (a number, a 0-d tensor or a schedule of the step count).
+        betas: ``(b1, b2)`` or ``(b1, b2, b3, b4)``.
+        eps: added to the denominator.
+        weight_decay: decoupled decay rate.
+        graft: keep, per tensor, the direction of the TrueGrad step with the Frobenius norm of the
+            plain (Adam-type) step, as truegrad.
+        fallback: at a leaf whose ``S`` is ``None`` (a layer the statistics engine does not
+            cover): ``"raise"`` (default) raises, ``"adam"`` takes the plain direction there.
+
+    Returns:
+        A `GradientTransformation` whose ``update(updates, state, params, sum_grad_squared=S)``
+        needs ``params`` (decay) and the extra argument ``sum_grad_squared`` (a tree like the
+        params, from `gradxform.grad_and_sum_grad_squared`).
+
+    Raises:
+        TypeError: a hyperparameter is not a number, a 0-d tensor or a schedule; ``update``
+            without ``sum_grad_squared``.
+        ValueError: a hyperparameter is out of range, a wrong number of betas, an unknown
+            ``fallback``; in ``update``, a leaf whose ``S`` is ``None`` (``fallback="raise"``).
+
+    References:
+        truegrad 5.0.0 ``TGLaProp`` (no paper); LaProp: Ziyin, Wang and Ueda, arXiv:2002.04839.
+        docs/second-moments.md.
+
+    Example:
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = gx.tg_laprop(0.1)
+        >>> state = tx.init(params)
+        >>> g, s = {"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([0.5, 2.0])}
+        >>> updates, state = tx.update(g, state, params, sum_grad_squared=s)
     """
     full = _tg_betas(betas, (2, 4), "tg_laprop")
     if len(full) == 2:
@@ -284,11 +438,43 @@ def tg_rmsprop(
     graft: bool = True,
     fallback: str = "raise",
 ) -> GradientTransformation:
-    """TrueGrad-RMSProp (truegrad 5.0.0 ``TGRMSProp``) on debiased RMSProp (Tieleman & Hinton, 2012).
+    """TrueGrad-RMSProp: debiased RMSProp on the per-example second moment.
 
     ``p <- p - lr * u - lr * wd * p`` with ``u`` from `gradxform.scale_by_truegrad_rmsprop`;
     betas ``(b,)`` (one decay for both moments) or ``(b1, b2)`` (``g^2``, then ``S``). Decoupled
-    decay with the params before the step, once per step. Extra argument ``sum_grad_squared``.
+    decay with the params before the step, once per step.
+
+    Args:
+        lr: learning rate (a number, a 0-d tensor or a schedule of the step count).
+        betas: ``(b,)`` or ``(b1, b2)``.
+        eps: added to the denominator.
+        weight_decay: decoupled decay rate.
+        graft: keep, per tensor, the direction of the TrueGrad step with the Frobenius norm of the
+            plain (Adam-type) step, as truegrad.
+        fallback: at a leaf whose ``S`` is ``None`` (a layer the statistics engine does not
+            cover): ``"raise"`` (default) raises, ``"adam"`` takes the plain direction there.
+
+    Returns:
+        A `GradientTransformation` whose ``update(updates, state, params, sum_grad_squared=S)``
+        needs ``params`` (decay) and the extra argument ``sum_grad_squared`` (a tree like the
+        params, from `gradxform.grad_and_sum_grad_squared`).
+
+    Raises:
+        TypeError: a hyperparameter is not a number, a 0-d tensor or a schedule; ``update``
+            without ``sum_grad_squared``.
+        ValueError: a hyperparameter is out of range, a wrong number of betas, an unknown
+            ``fallback``; in ``update``, a leaf whose ``S`` is ``None`` (``fallback="raise"``).
+
+    References:
+        truegrad 5.0.0 ``TGRMSProp`` (no paper); RMSProp: Tieleman and Hinton, Coursera
+        lecture 6.5, 2012. docs/second-moments.md.
+
+    Example:
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = gx.tg_rmsprop(0.1)
+        >>> state = tx.init(params)
+        >>> g, s = {"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([0.5, 2.0])}
+        >>> updates, state = tx.update(g, state, params, sum_grad_squared=s)
     """
     if isinstance(betas, (int, float)) and not isinstance(betas, bool):
         betas = (betas,)

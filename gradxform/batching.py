@@ -58,6 +58,28 @@ def batched(tx: GradientTransformation, *, unbatched_extras: tuple[str, ...] = (
     Mathematically ``batched(tx).update`` equals ``N`` separate ``tx.update`` calls.
     Transforms with data-dependent Python control flow that the all-tensor path does not cover
     raise inside ``vmap``; the docs list them.
+
+    Args:
+        tx: the transform applied to each model.
+        unbatched_extras: names of extra arguments shared by all models (not batched).
+        randomness: ``torch.func.vmap``'s ``randomness``.
+
+    Returns:
+        A `GradientTransformation` over stacked params (model index in dim 0).
+
+    Raises:
+        ValueError: an unknown ``randomness``.
+
+    References:
+        ``torch.func.vmap`` and ``torch.func.stack_module_state``; docs/torch-func.md
+        ("Many models at once").
+
+    Example:
+        >>> params = {"w": torch.ones(3, 2)}  # three models with two params each
+        >>> tx = gx.batched(gx.sgd(0.1))
+        >>> u, state = tx.update({"w": torch.arange(1.0, 7.0).reshape(3, 2)}, tx.init(params), params)
+        >>> u["w"]
+        tensor([[-0.1000, -0.2000], [-0.3000, -0.4000], [-0.5000, -0.6000]])
     """
     if randomness not in ("error", "different", "same"):
         raise ValueError(f"randomness must be 'error', 'different' or 'same'; got {randomness!r}")

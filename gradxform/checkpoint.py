@@ -57,6 +57,22 @@ def state_to_dict(state: Any) -> dict[str, Any]:
     names, sequence indices and dict keys from the root (``"1.inner_state.0.mu.w"``). The
     tensors are the state's own (not copies): ``torch.save`` or ``torch.distributed.checkpoint``
     copy them. ``None`` leaves and Python constants are not stored (the template has them).
+
+    Args:
+        state: a transform state (``tx.init(params)`` or one returned by ``tx.update``).
+
+    Returns:
+        A dict of strings, ints and tensors that ``torch.load(weights_only=True)`` reads.
+
+    References:
+        docs/checkpoints.md, "The functional route".
+
+    Example:
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = gx.adam(0.1)
+        >>> saved = gx.state_to_dict(tx.init(params))
+        >>> saved["format"], saved["version"]
+        ('gradxform.state', 1)
     """
     tensors: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
@@ -84,6 +100,29 @@ def state_from_dict(template: Any, saved: dict[str, Any]) -> Any:
     copied to the template leaf's device; floating values are cast to its dtype (as
     ``torch.optim`` does on load), integer and bool leaves (step counts, flags) must match. A
     ``DTensor`` value that ``torch.distributed.checkpoint`` loaded into the template is kept.
+
+    Args:
+        template: a state of the same transform, e.g. ``tx.init(params)``.
+        saved: a dict made by `state_to_dict` (after ``torch.save`` / ``torch.load``).
+
+    Returns:
+        A new state with ``template``'s structure and ``saved``'s values.
+
+    Raises:
+        KeyError: a path of ``template`` is missing in ``saved`` (or ``saved`` has an extra one).
+        ValueError: not a gradxform state dict, a newer format version, another transform's
+            state, or a shape / integer dtype that differs.
+
+    References:
+        docs/checkpoints.md, "The functional route".
+
+    Example:
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = gx.adam(0.1)
+        >>> state = tx.update({"w": torch.ones(2)}, tx.init(params), params)[1]
+        >>> restored = gx.state_from_dict(tx.init(params), gx.state_to_dict(state))
+        >>> torch.equal(restored.inner_state[0].mu["w"], state.inner_state[0].mu["w"])
+        True
     """
     _check_header(saved)
     want_tensors: dict[str, torch.Tensor] = {}

@@ -6,7 +6,7 @@
 - `autoclip`: clip at a quantile of the history of gradient norms (Seetharaman et al., 2020),
   with a fixed-size ring buffer as history; with ``beta`` it becomes torch-clip's random AutoClip.
 - `random_clip_by_global_norm`: torch-clip's random norm clipping, with a seeded, reproducible
-  draw per step (TECHNIQUES.md section 0 hash) instead of the global RNG.
+  draw per step (a counter hash, docs/clipping.md "Random rules") instead of the global RNG.
 - `monitor_norm`: an identity transform that records the gradient norms (last value and a ring
   buffer of recent ones) for logging and plotting.
 - `clipped_sgd`: torch-clip's ``ClippedSGD`` as a chain ``clip -> momentum -> -lr``.
@@ -15,8 +15,8 @@
 
 Every stateful clipper keeps a `ClipStats` in its state: the number of updates, how many were
 clipped, the last global norm and the last clip factor (read ``stats.clipped / stats.count`` for
-the clip fraction, or call `clip_fraction`). See ``TECHNIQUES.md`` section 4 for the algorithms
-and the torch-clip quirks that are deliberately not reproduced.
+the clip fraction, or call `clip_fraction`). See docs/clipping.md for the algorithms
+and the torch-clip behaviours that are deliberately not reproduced.
 
 Where state lives, the rule of every gradxform transform: a count that advances on every update
 (``count``, a ring buffer's position) and a seed are 0-d int64 CPU tensors, as torch.optim keeps
@@ -124,7 +124,7 @@ def _scale_leaves(leaves: list[torch.Tensor], factors: list[torch.Tensor], inpla
 
 
 def _clamp_leaves(leaves: list[torch.Tensor], level: Any, inplace: bool) -> list[torch.Tensor]:
-    """Elementwise ``clamp(g, -level, level)``: the exact clamp (TECHNIQUES.md 4.3, quirk 10)."""
+    """Elementwise ``clamp(g, -level, level)``: the exact clamp (docs/clipping.md, torch-clip table, row 10)."""
     if not isinstance(level, torch.Tensor):
         lam = float(level)
         if inplace:
@@ -169,7 +169,7 @@ _M32 = 0xFFFFFFFF
 
 
 def _lowbias32(x: torch.Tensor) -> torch.Tensor:
-    """The "lowbias32" integer hash on uint32 values held in int64 (TECHNIQUES.md section 0)."""
+    """The "lowbias32" integer hash on uint32 values held in int64 (docs/clipping.md, "Random rules")."""
     x = x & _M32
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _M32
@@ -297,6 +297,27 @@ def clip_by_leaf_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
 
     torch-clip's ``layer_wise`` rule (one "layer" = one parameter tensor). Norms are computed in
     float32 or wider; a zero leaf passes through unchanged. Stateless.
+
+    Args:
+        max_norm: the largest L2 norm of each leaf (> 0).
+
+    Returns:
+        A stateless `GradientTransformation` (``params`` not needed).
+
+    Raises:
+        TypeError: the level is not a number or a 0-d tensor; ``update`` on a non-floating leaf.
+        ValueError: the level is not > 0 (or is NaN).
+
+    References:
+        torch-clip 0.0.6 ``layer_wise``; optax's ``clip_by_block_rms`` for the RMS form.
+        docs/clipping.md.
+
+    Example:
+        >>> g = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([-1.0])}
+        >>> tx = gx.clip_by_leaf_norm(2.0)
+        >>> u, _ = tx.update(g, tx.init(g))
+        >>> torch.cat([u["a"], u["b"]])
+        tensor([ 1.2000,  1.6000, -1.0000])
     """
     check_float("max_norm", max_norm, low=0.0, low_open=True)
 
@@ -318,7 +339,27 @@ def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
 
     torch-clip's ``coordinate_wise`` rule, computed as an exact clamp: torch-clip multiplies by
     ``min(1, max_delta / (|g| + 1e-8))``, so its clipped entries come out slightly below
-    ``max_delta`` (TECHNIQUES.md 4.3, quirk 10). Stateless.
+    ``max_delta`` (docs/clipping.md, torch-clip table, row 10). Stateless.
+
+    Args:
+        max_delta: the largest absolute value let through (> 0).
+
+    Returns:
+        A stateless `GradientTransformation` (``params`` not needed).
+
+    Raises:
+        TypeError: the level is not a number or a 0-d tensor; ``update`` on a non-floating leaf.
+        ValueError: the level is not > 0 (or is NaN).
+
+    References:
+        optax's ``clip``; torch-clip 0.0.6 ``coordinate_wise``. docs/clipping.md.
+
+    Example:
+        >>> g = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([-1.0])}
+        >>> tx = gx.clip(2.0)
+        >>> u, _ = tx.update(g, tx.init(g))
+        >>> torch.cat([u["a"], u["b"]])
+        tensor([ 2.,  2., -1.])
     """
     check_float("max_delta", max_delta, low=0.0, low_open=True)
 
@@ -340,6 +381,26 @@ def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation
     ``g_j <- g_j * min(1, threshold / rms(g_j))`` with ``rms(g) = sqrt(mean(g ** 2))`` over all
     entries of the leaf (optax writes it ``g / max(1, rms / threshold)``). A zero leaf passes
     through unchanged. Stateless.
+
+    Args:
+        threshold: the largest RMS of each leaf (> 0).
+
+    Returns:
+        A stateless `GradientTransformation` (``params`` not needed).
+
+    Raises:
+        TypeError: the level is not a number or a 0-d tensor; ``update`` on a non-floating leaf.
+        ValueError: the level is not > 0 (or is NaN).
+
+    References:
+        optax's ``clip_by_block_rms``. docs/clipping.md.
+
+    Example:
+        >>> g = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([-1.0])}
+        >>> tx = gx.clip_by_block_rms(1.0)
+        >>> u, _ = tx.update(g, tx.init(g))
+        >>> torch.cat([u["a"], u["b"]])
+        tensor([ 0.8485,  1.1314, -1.0000])
     """
     check_float("threshold", threshold, low=0.0, low_open=True)
 
@@ -541,7 +602,7 @@ def autoclip(
        included**; ``method="linear"`` interpolates as ``np.percentile`` (the paper, which
        recommends the 10th percentile, ``q = 0.1``); ``method="inverted_cdf"`` takes the
        ``ceil(q n)``-th smallest norm (torch-clip's ``auto_clip``, whose heap has a bug:
-       TECHNIQUES.md 4.3, quirk 2);
+       docs/clipping.md, torch-clip table, row 2);
     3. ``g_t <- g_t * min(1, lam_t / ||g_t||)``.
 
     **Window.** While ``count < history`` the quantile is over the exact, full history, as in the
@@ -555,6 +616,33 @@ def autoclip(
 
     The first update is never clipped (``lam_0 = h_0``). Updates with no live leaf pass through
     and are not recorded. State: `AutoClipState`.
+
+    Args:
+        q: the quantile level in (0, 1] (the paper's percentile / 100).
+        history: the number of norms kept (the window once exceeded).
+        method: ``"linear"`` (``np.percentile``) or ``"inverted_cdf"`` (torch-clip).
+        beta: ``None`` for AutoClip; a number in (0, 1) for the random rule.
+        power: the random rule's power (1 linear, 2 quadratic).
+        seed: the seed of the random rule's draws.
+
+    Returns:
+        A `GradientTransformation` whose state is `AutoClipState` (``params`` not needed).
+
+    Raises:
+        TypeError: a level is not a number.
+        ValueError: ``q`` outside (0, 1], an unknown ``method``, ``history`` not an int >= 1,
+            ``beta`` outside (0, 1), ``power <= 0`` or a bad ``seed``.
+
+    References:
+        Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient Clipping for
+        Source Separation Networks", IEEE MLSP 2020, arXiv:2007.14469. torch-clip 0.0.6 ``auto_clip``. docs/clipping.md.
+
+    Example:
+        >>> tx = gx.autoclip(q=0.5)
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> for norm in (1.0, 10.0): u, state = tx.update({"w": torch.tensor([norm])}, state)
+        >>> u["w"]  # the median of the norms 1 and 10 (linear): 5.5
+        tensor([5.5000])
     """
     check_float("q (the quantile level)", q, low=0.0, high=1.0, low_open=True)
     if method not in _QUANTILE_METHODS:
@@ -627,17 +715,41 @@ def random_clip_by_global_norm(
 ) -> GradientTransformation:
     """Random norm clipping (torch-clip's ``linear_rand_norm`` / ``quadratic_rand_norm``).
 
-    At update ``t`` (0-based ``count``), with ``u_t = uniform_from_hash(seed, t)`` (TECHNIQUES.md
-    section 0): if ``||g|| > max_norm`` and ``u_t < beta ** ((max_norm / ||g||) ** power)``,
+    At update ``t`` (0-based ``count``), with ``u_t = uniform_from_hash(seed, t)`` (docs/clipping.md,
+    "Random rules"): if ``||g|| > max_norm`` and ``u_t < beta ** ((max_norm / ||g||) ** power)``,
     ``g <- g * max_norm / ||g||``; otherwise ``g`` passes unchanged. ``power`` 1 is the linear
     rule, 2 the quadratic one. So a gradient far above the level is clipped almost surely, one
     just above it with probability about ``beta``, and ``||g|| <= max_norm`` never is.
 
-    Unlike torch-clip (TECHNIQUES.md 4.3, quirk 6): ``beta`` is required and must be in (0, 1)
+    Unlike torch-clip (docs/clipping.md, torch-clip table, row 6): ``beta`` is required and must be in (0, 1)
     (its default 0 never clips); there is **one draw per step** for the whole tree (torch-clip
     draws per parameter tensor from the global RNG, so a step can clip some layers and not
     others); the draw depends only on ``(seed, count)``, so a run restored from a saved state
     continues the identical stream. State: `RandomClipState`.
+
+    Args:
+        max_norm: the clipping level (> 0).
+        beta: the base of the clip probability, in (0, 1).
+        power: 1 (linear rule) or 2 (quadratic rule); any number > 0.
+        seed: the seed of the draws.
+
+    Returns:
+        A `GradientTransformation` whose state is `RandomClipState` (``params`` not needed).
+
+    Raises:
+        TypeError: a level is not a number.
+        ValueError: ``max_norm <= 0``, ``beta`` outside (0, 1), ``power <= 0`` or a bad ``seed``.
+
+    References:
+        torch-clip 0.0.6 ``linear_rand_norm`` / ``quadratic_rand_norm``. docs/clipping.md,
+        "Random rules".
+
+    Example:
+        >>> tx = gx.random_clip_by_global_norm(1.0, beta=0.5, seed=0)
+        >>> g = {"w": torch.tensor([60.0, 80.0])}  # ||g|| = 100: clipped with probability 0.993
+        >>> u, state = tx.update(g, tx.init(g))
+        >>> u["w"]
+        tensor([0.6000, 0.8000])
     """
     check_float("max_norm", max_norm, low=0.0, low_open=True)
     _check_beta(beta)
@@ -809,7 +921,7 @@ def clipped_sgd(
     - ``"linear_rand_autoclip"`` / ``"quadratic_rand_autoclip"``: `autoclip` with ``q`` and
       ``beta``. ``power`` is implied by the rule name (it may be given only if it agrees).
 
-    **Where the clip sits, and how torch-clip differs** (TECHNIQUES.md 4.3, quirk 7): torch-clip
+    **Where the clip sits, and how torch-clip differs** (docs/clipping.md, torch-clip table, row 7): torch-clip
     accumulates the *unclipped* gradients into its momentum buffer and clips when it applies the
     buffer. For ``norm`` and the auto / random rules it computes the factor ``min(1, lam /
     ||g_t||)`` from the *raw gradient* and multiplies the *buffer* ``b_t = mu b_{t-1} + g_t`` by
@@ -817,20 +929,53 @@ def clipped_sgd(
     full size (with ``lam = 1``, ``mu = 0.9`` and gradients (3, 4) then (0, 0.1) its second step
     is (-2.7, -3.7), ours (-0.54, -0.82)). For ``layer_wise`` and ``coordinate_wise`` it clips the
     buffer itself, i.e. ``chain(trace(mu), clip_rule, scale(-lr))``. Here every rule clips the
-    *gradient*, before the momentum, as TECHNIQUES.md 4.1 specifies and as ``chain(
+    *gradient*, before the momentum, as docs/clipping.md ("Clipped SGD") specifies and as ``chain(
     clip_by_global_norm, sgd)`` does in optax (or ``clip_grad_norm_`` + ``torch.optim.SGD``): the
     clip then bounds what each step contributes (the buffer is a geometric sum of clipped
     gradients, ``||b_t|| <= lam / (1 - mu)`` for the norm rule), one rule means the same thing
     whatever the momentum, and the clip is a separate transform that composes with any
     optimizer. With ``momentum=0`` the two orders coincide and the deterministic rules match
-    torch-clip (up to its ``1e-8`` in ``coordinate_wise`` and its AutoClip heap bug, quirks 10
-    and 2). torch-clip's order for ``layer_wise`` / ``coordinate_wise`` is
+    torch-clip (up to its ``1e-8`` in ``coordinate_wise`` and its AutoClip heap bug: rows 10
+    and 2 of the torch-clip table in docs/clipping.md). torch-clip's order for ``layer_wise`` / ``coordinate_wise`` is
     ``chain(trace(mu), clip_by_leaf_norm(lam), scale_by_learning_rate(lr))``.
 
     Other differences from torch-clip: an ``int`` level is used as given (torch-clip silently
-    replaces it by the rule's default, quirk 4); norms are over the whole param tree, not per
-    param group (quirk 8; use `gradxform.partition` for per-group clipping); the random draws are
-    seeded and one per step (quirk 6).
+    replaces it by the rule's default, row 4); norms are over the whole param tree, not per
+    param group (row 8; use `gradxform.partition` for per-group clipping); the random draws are
+    seeded and one per step (row 6).
+
+    Args:
+        lr: learning rate (a number, a 0-d tensor or a schedule).
+        momentum: heavy-ball momentum (0: no buffer).
+        rule: the clipping rule, by torch-clip's name (above).
+        level: the clipping level (the rule's torch-clip default when ``None``; not for the
+            auto rules).
+        q: the quantile level of the auto rules.
+        beta: the base of the random rules' probability.
+        power: the random rules' power (implied by the rule name).
+        history: the auto rules' number of norms kept.
+        method: the auto rules' quantile method.
+        seed: the random rules' seed.
+
+    Returns:
+        A `GradientTransformation` (``params`` not needed); ``lr``, ``momentum`` and ``level``
+        are live in ``state.hyperparams``.
+
+    Raises:
+        TypeError: a hyperparameter is not a number, a 0-d tensor or a schedule.
+        ValueError: an unknown rule, an argument the rule does not use, a missing ``q`` /
+            ``beta``, or an out-of-range value.
+
+    References:
+        torch-clip 0.0.6 ``ClippedSGD``; docs/clipping.md ("Clipped SGD, and how it differs
+        from torch-clip"), docs/migration/torch-clip.md.
+
+    Example:
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx = gx.clipped_sgd(0.1, momentum=0.9, rule="norm", level=1.0)
+        >>> u, state = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
+        >>> u["w"]
+        tensor([-0.0600, -0.0800])
     """
     rule = _RULE_ALIASES.get(rule, rule)
     if rule not in CLIPPED_SGD_RULES:

@@ -116,6 +116,27 @@ def masked(inner: GradientTransformation, mask: Any) -> GradientTransformation:
 
     ``mask`` is a pytree of bools with the params' structure, or a function ``params -> mask``.
     The inner transform sees ``None`` at masked-out leaves, so it keeps no state for them.
+
+    Args:
+        inner: the transform applied where the mask is True.
+        mask: a pytree of bools shaped like the params, or a function ``params -> mask``.
+
+    Returns:
+        A `GradientTransformation` whose state is `MaskedState`; ``update`` needs ``params``
+        when ``mask`` is a function or ``inner`` needs them.
+
+    Raises:
+        ValueError: the mask's structure differs from the params' (the message names the path).
+
+    References:
+        optax's ``masked``. docs/concepts.md.
+
+    Example:
+        >>> params = {"w": torch.ones(2), "b": torch.ones(1)}
+        >>> tx = gx.masked(gx.scale(-0.1), {"w": True, "b": False})
+        >>> u, _ = tx.update({"w": torch.ones(2), "b": torch.ones(1)}, tx.init(params), params)
+        >>> u["w"], u["b"]
+        (tensor([-0.1000, -0.1000]), tensor([1.]))
     """
 
     def split(tree: Any, ref: Any, m: Any) -> Any:
@@ -159,6 +180,27 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
     ``param_labels`` is a pytree of labels with the params' structure, or a function
     ``params -> labels``. Every label must be a key of ``transforms``. This is the functional form
     of torch.optim param groups.
+
+    Args:
+        transforms: ``{label: transform}``.
+        param_labels: a pytree of labels shaped like the params, or a function ``params -> labels``.
+
+    Returns:
+        A `GradientTransformation` whose state is `PartitionState` (one inner state per label).
+
+    Raises:
+        ValueError: no transforms, a label without a transform, or a labels tree whose
+            structure differs from the params'.
+
+    References:
+        optax's ``multi_transform``. docs/three-ways.md ("Param groups with their own transform").
+
+    Example:
+        >>> params = {"w": torch.ones(2), "b": torch.ones(1)}
+        >>> tx = gx.partition({"fast": gx.sgd(1.0), "slow": gx.sgd(0.1)}, {"w": "fast", "b": "slow"})
+        >>> u, _ = tx.update({"w": torch.ones(2), "b": torch.ones(1)}, tx.init(params), params)
+        >>> u["w"], u["b"]
+        (tensor([-1., -1.]), tensor([-0.1000]))
     """
     transforms = dict(transforms)
     if not transforms:
@@ -263,6 +305,28 @@ def inject_hyperparams(
     transform from the current values, so changing ``state.hyperparams`` (as the torch.optim
     adapter does for ``group["lr"]``) changes the step, and under ``torch.compile`` a new value
     does not recompile.
+
+    Args:
+        factory: a function returning a `GradientTransformation` (``gx.adamw``, your own).
+        static_args: names of arguments kept static (not injected).
+
+    Returns:
+        A factory with ``factory``'s arguments whose transforms keep the numeric ones in
+        ``state.hyperparams``.
+
+    Raises:
+        TypeError: ``factory`` takes ``**kwargs`` only.
+        KeyError: in ``update``, a state without the injected names (made by another transform).
+
+    References:
+        optax's ``inject_hyperparams``. docs/three-ways.md, section 3.
+
+    Example:
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = gx.inject_hyperparams(gx.sgd)(lr=0.1)
+        >>> state = tx.init(params)
+        >>> state.hyperparams["lr"]
+        tensor(0.1000, dtype=torch.float64)
     """
     sig = inspect.signature(factory)
 
@@ -382,6 +446,23 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
     params and the moments for good. After many bad steps in a row the params and inner state
     are still those of the last good step; read ``state.notfinite_count`` to detect a run that
     has stopped making progress.
+
+    Args:
+        inner: the transform to guard.
+
+    Returns:
+        A `GradientTransformation` whose state is `ApplyIfFiniteState` (``inner``'s state and
+        the counters); ``update`` takes what ``inner`` takes.
+
+    References:
+        optax's ``apply_if_finite``. docs/bad-input.md.
+
+    Example:
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = gx.apply_if_finite(gx.sgd(0.1))
+        >>> u, state = tx.update({"w": torch.tensor([1.0, float("nan")])}, tx.init(params), params)
+        >>> u["w"]
+        tensor([0., 0.])
     """
 
     def init(params: Params) -> ApplyIfFiniteState:
@@ -483,6 +564,32 @@ def multi_steps(
     state holds no accumulator for it (``acc_extras`` is ``None`` when there is none). A ``None``
     leaf in the extra of the emitting call stays ``None`` for ``inner``; other extra arguments
     are handed to ``inner`` as given on the emitting call.
+
+    Args:
+        inner: the transform applied every ``every_k`` calls.
+        every_k: the number of micro-steps per step (>= 1).
+        use_grad_mean: hand ``inner`` the mean (True) or the sum of the micro-step updates.
+        accumulate: ``{extra argument name: power}`` for params-shaped extra arguments.
+
+    Returns:
+        A `GradientTransformation` whose state is `MultiStepsState`.
+
+    Raises:
+        ValueError: ``every_k`` is not an int >= 1.
+        TypeError: ``accumulate`` is not a mapping of names to numbers; in ``update``, a state
+            not made by this transform's ``init``.
+
+    References:
+        optax's ``MultiSteps``. docs/second-moments.md ("Gradient accumulation").
+
+    Example:
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = gx.multi_steps(gx.sgd(1.0), every_k=2)
+        >>> state = tx.init(params)
+        >>> u1, state = tx.update({"w": torch.ones(2)}, state, params)
+        >>> u2, state = tx.update({"w": torch.full((2,), 3.0)}, state, params)
+        >>> u1["w"], u2["w"]
+        (tensor([0., 0.]), tensor([-2., -2.]))
     """
     if not isinstance(every_k, int) or isinstance(every_k, bool) or every_k < 1:
         raise ValueError(f"every_k must be an int >= 1; got {every_k!r}")

@@ -1,6 +1,6 @@
 """Empirical init: three scalars per layer, measured on dummy batches instead of derived by hand.
 
-Source: the ``empirical_init`` package (0.0.2, its README) and TECHNIQUES.md section 5. The model
+Source: the ``empirical_init`` package (0.0.2, its README; no paper) and docs/init-scale.md. The model
 is split into *layers* (by default the leaf modules that own parameters). Each layer ``l`` gets a
 forward multiplier ``a_l`` on its output (``out_l = a_l * module_l(x_l; theta_l)``) and a gradient
 multiplier ``c_l`` on its parameter gradient, tuned so that, with weights ~ N(0, 1):
@@ -24,7 +24,7 @@ Procedure (`empirical_init`), with ``RMS(t) = sqrt(mean t^2)``:
 The number of model passes does not depend on depth: every layer is handled in the same pass
 (the reference package runs ~10 passes per module). Stage B of the reference (the backward
 multipliers on the input gradients) only moves stage C's starting point and is not needed: the
-fixed point of C does not depend on it (TECHNIQUES.md 5.1, the key identity
+fixed point of C does not depend on it (docs/init-scale.md, "Empirical init"; the key identity
 ``c_l = gy_l * prod_{k after l} gx_k gy_k``).
 
 **Folded convention.** The forward multipliers are folded into the params of each layer, whose
@@ -40,7 +40,7 @@ this reproduces the reference's training gradients exactly; with branches or ski
 reference's backward scaling depends on the path, and no per-leaf scalar equals it: ours is
 per-leaf. Adam-type optimisers cancel ``c`` (only the folded ``a`` matters then).
 
-Deliberate differences from the reference (TECHNIQUES.md 5.3): nothing prints; no custom
+Deliberate differences from the reference (docs/migration/empirical-init.md): nothing prints; no custom
 autograd.Function (everything is ``torch.func``-compatible); exact jvps instead of a finite
 difference with ``test_lr = 1e-5``; norm gains re-drawn as 1 (not N(0, 1)); only names ending in
 "bias" are zeroed; all-zero params are fine; exact one-shot starting values. The reference tunes
@@ -113,12 +113,12 @@ def empirical_init_params(
     generator: torch.Generator | None = None,
     names_are_bias: Callable[[str], bool] = _ends_with_bias,
 ) -> Params:
-    """Empirical init's re-draw of the params (TECHNIQUES.md 5.2; empirical_init README).
+    """Empirical init's re-draw of the params (empirical_init README; docs/init-scale.md).
 
     Per leaf, by its dotted pytree path: ``names_are_bias(path)`` (default: the path ends with
     "bias", case-insensitive) -> 0; other leaves with ``ndim >= 2`` (weights) -> N(0, 1); other
     leaves with ``ndim <= 1`` (normalisation gains, scalar gains) -> 1. ``None`` stays ``None``.
-    Unlike the reference (quirk 4), gains are not drawn N(0, 1) and a name that merely contains
+    Unlike the reference (docs/migration/empirical-init.md), gains are not drawn N(0, 1) and a name that merely contains
     "bias" (``unbiased_x``) is not zeroed. Draws use ``generator`` in leaf order; pure (returns
     new tensors with each leaf's dtype and device).
     """
@@ -160,7 +160,7 @@ def scale_by_empirical_init(multipliers: Params) -> GradientTransformation:
     ``multipliers``: a tree shaped like the params with one number or 0-d tensor per leaf
     (``None`` means 1), e.g. the second value returned by `empirical_init`, which is in the folded
     convention ``c' = c_l * a_l^2`` for params with the forward multipliers folded in
-    (TECHNIQUES.md 5.2; empirical_init README, "maximal stable update"). Use it before the
+    (docs/init-scale.md; empirical_init README, "maximal stable update"). Use it before the
     optimiser: ``chain(scale_by_empirical_init(c), trace(0.9), scale(-lr))``. The state holds the
     multipliers as 0-d CPU float64 tensors, so they are saved and restored with the state.
     """
@@ -358,7 +358,11 @@ def empirical_init(
 ) -> tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor | None], InitReport]:
     """Tune empirical init's per-layer multipliers and return ``(new_params, multipliers, report)``.
 
-    Source: the empirical_init package README (pillars 1 and 3) and TECHNIQUES.md 5.2; the
+    Per layer ``l``: a forward multiplier ``a_l`` such that the RMS of each layer's output is 1
+    (pillar 1) and a gradient multiplier ``c_l`` such that the RMS of the change of each layer's
+    output under one step is 1 (pillar 3); ``a_l`` is folded into the params.
+
+    Source: the empirical_init package README (pillars 1 and 3) and docs/init-scale.md; the
     procedure and the folded convention are in this module's docstring. ``model``: an
     ``nn.Module``, applied with ``torch.func.functional_call`` and never modified (temporary
     forward hooks are removed afterwards; buffers are passed as copies, so BatchNorm running
@@ -388,6 +392,38 @@ def empirical_init(
     is ``max_l |log RMS error|`` per iteration (stage A, then stage C). Model passes:
     ``5 + act_iters + upd_iters`` forwards (two of them measure ``act_rms_before/after``) and
     ``2 + upd_iters`` backwards, whatever the depth; plus one local jvp per layer per stage-C pass.
+
+    Args:
+        model: an ``nn.Module`` (never modified).
+        params: ``dict(model.named_parameters())``.
+        batches: an iterable of ``(x, y)`` (cycled if short).
+        loss: ``loss(output, y)``, a scalar.
+        layers: ``layers(name, module) -> bool``, the modules that get multipliers.
+        act_iters: the damped refinements of the forward multipliers.
+        upd_iters: the damped refinements of the gradient multipliers.
+        reinit: first re-draw the chosen layers' params (`empirical_init_params`).
+        generator: the generator of that re-draw.
+        progress: log progress.
+        sync: average over the ranks of the default process group.
+
+    Returns:
+        ``(new_params, multipliers, report)``: params with ``a_l`` folded in, the gradient
+        multipliers for `scale_by_empirical_init`, and an `InitReport`.
+
+    Raises:
+        ValueError: an iteration count that is not an int >= 0, a chosen layer that is not
+            homogeneous or runs more than once per forward.
+
+    References:
+        The ``empirical_init`` package 0.0.2, its README (no paper). docs/init-scale.md,
+        docs/migration/empirical-init.md.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> batches = [(torch.randn(8, 4), torch.randn(8, 2)) for _ in range(30)]
+        >>> new_params, multipliers, report = gx.empirical_init(
+        ...     model, dict(model.named_parameters()), batches, torch.nn.functional.mse_loss)
+        >>> tx = gx.chain(gx.scale_by_empirical_init(multipliers), gx.sgd(1e-3))
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"empirical_init: model must be an nn.Module (it is observed with forward hooks); got {type(model).__name__}")

@@ -395,7 +395,7 @@ def gradinit_scale_tx(tau: float = 1e-2, alpha: float = 0.01, clip: float | None
     """The default optimizer of GradInit's scales: ``chain(clip_by_global_norm(clip),
     scale_by_adam(0.9, 0.999, 1e-8), scale(-tau), project_lower_bound(alpha))`` (the paper's
     Adam on the scales and ``m >= alpha``; the clip keeps the first, huge scale gradients of an
-    exploding init from freezing Adam's second moment, TECHNIQUES.md 1.3 item 8)."""
+    exploding init from freezing Adam's second moment, docs/migration/gradinit.md)."""
     check_float("tau", tau, low=0.0, low_open=True)
     parts = [] if clip is None else [clip_by_global_norm(clip)]
     parts += [scale_by_adam(0.9, 0.999, 1e-8), scale(-tau), project_lower_bound(alpha)]
@@ -425,6 +425,11 @@ def gradinit(
 ) -> tuple[Any, InitReport]:
     """Solve GradInit's scales and return ``(new_params, report)``; the module is not touched.
 
+    With ``theta(m) = m * theta0`` (one scale per tensor), ``g = grad L(S; theta(m))`` and the
+    training optimizer's step ``A[g]``, each iteration takes a step of the scales on
+    ``J(m) = L(S~; theta(m) - lr * A[g])`` when ``||g||_p <= gamma`` and on ``||g||_p`` otherwise,
+    then clamps ``m >= alpha``.
+
     ``model``: an ``nn.Module`` (applied with ``torch.func.functional_call``) or a callable
     ``apply(params, x)``. ``params``: the initial params pytree (``theta0``). ``batches``: an
     iterable of ``(x, y)`` batches of size ``2B``; each is split into ``S`` (first half) and ``S~``
@@ -451,6 +456,45 @@ def gradinit(
 
     Returns ``{k: m_k * theta0_k}`` and an `InitReport` (scales, norms, gradient and activation
     RMS before and after, objective trace, norm-branch count, final ``||g||_p``, pass counts).
+
+    Args:
+        model: an ``nn.Module`` or a callable ``apply(params, x)``.
+        params: the initial params ``theta0``.
+        batches: an iterable of ``(x, y)`` batches of size ``2B``.
+        loss: ``loss(output, y)``, the mean training loss.
+        target: ``"sgd"``, ``"adam"`` or a `GradientTransformation`: the training optimizer.
+        lr: its learning rate.
+        gamma: the gradient-norm bound.
+        alpha: the lower bound of the scales.
+        tau: the scales' learning rate.
+        p: the norm order (``None``: 2 for SGD, 1 for Adam).
+        iters: the number of batches used (``None``: all).
+        scale_grad_clip: the global-norm clip of the scale gradients (``None``: off).
+        scale_tx: the scales' optimizer (default `gradinit_scale_tx`).
+        simplified: solve the gradinit package's objective instead.
+        autocast: a low-precision dtype to run the model under ``torch.autocast``.
+        grad_scaler: a ``torch.amp.GradScaler`` for float16.
+        progress: log progress.
+        sync: average over the ranks of the default process group.
+
+    Returns:
+        ``(new_params, report)``: ``{k: m_k * theta0_k}`` and an `InitReport`.
+
+    Raises:
+        ValueError: a hyperparameter out of range or an unknown ``target``.
+
+    References:
+        Zhu, Ni, Xu, Kong, Huang and Goldstein, "GradInit: Learning to Initialize Neural
+        Networks for Stable and Efficient Training", NeurIPS 2021, arXiv:2102.08098,
+        Algorithm 1. docs/init-scale.md, docs/migration/gradinit.md.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> params = {k: v.detach() for k, v in model.named_parameters()}
+        >>> batches = [(torch.randn(8, 4), torch.randn(8, 2)) for _ in range(3)]
+        >>> new_params, report = gx.gradinit(model, params, batches, torch.nn.functional.mse_loss, lr=0.1)
+        >>> sorted(new_params)
+        ['bias', 'weight']
     """
     leaves, spec, paths = _check_params(params, "gradinit")
     check_float("alpha", alpha, low=0.0)

@@ -30,7 +30,7 @@ Common to the three transforms:
   Inf propagates into the step and the state. Wrap the optimiser in `gradxform.apply_if_finite` to
   skip such steps.
 
-What the reference does that we do not (TECHNIQUES.md section 3.3): its weight decay runs once per
+What the reference does that we do not (docs/second-moments.md, "What truegrad does"): its weight decay runs once per
 parameter per step inside the parameter loop (so a model with 3 params decays ``(1 - lr wd)^3``
 per step); our aliases (`gradxform.tg_adamw`, ...) decay once, with the params before the step.
 Its state lives in ``p.sum_grad_squared`` attributes; ours is an explicit extra argument, so the

@@ -771,6 +771,41 @@ def grad_and_sum_grad_squared(
     gradients, use `track_sum_grad_squared` and `all_reduce_sum_grad_squared` instead.
 
     Eager only: the fast path relies on a torch-function mode and backward hooks.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch, *args)`` returning the loss (or ``(loss, aux)`` with
+            ``has_aux``).
+        reduction: ``"mean"`` or ``"sum"``, how ``loss_fn`` reduces over the examples.
+        has_aux: ``loss_fn`` returns ``(loss, aux)``.
+        per_example_norms: also return each example's gradient-contribution norm.
+        fast: use the fast rules where they apply (``False``: the exact fallback everywhere).
+        check: check the fast rules against the exact statistic on the first call.
+        chunk_bytes: the memory bound of the per-example gradients held at a time.
+        randomness: ``torch.func.vmap``'s ``randomness`` (``"error"``, ``"different"``, ``"same"``).
+        sync: combine loss, gradients and statistic over the ranks (data parallelism without DDP).
+
+    Returns:
+        A function ``(params, batch, *args) -> PerExampleStats`` (fields ``loss``, ``grads``,
+        ``sum_grad_squared``, ``per_example_norms``, ``aux``, ``methods``).
+
+    Raises:
+        ValueError: an unknown ``reduction`` or ``randomness``, a bad ``chunk_bytes``; a batch
+            with no tensor or with a 0-d tensor.
+
+    References:
+        Dangel, Kunstner and Hennig, "BackPACK: Packing more into Backprop", ICLR 2020,
+        arXiv:1912.10985 (the ``SumGradSquared`` convention). docs/second-moments.md.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> from torch.func import functional_call
+        >>> lin = torch.nn.Linear(2, 1, bias=False)
+        >>> params = {"weight": torch.tensor([[1.0, -1.0]])}
+        >>> loss_fn = lambda p, b: F.mse_loss(functional_call(lin, p, (b[0],)), b[1])
+        >>> batch = (torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 1))
+        >>> stats = gx.grad_and_sum_grad_squared(loss_fn)(params, batch)
+        >>> stats.grads["weight"], stats.sum_grad_squared["weight"]
+        (tensor([[ 1., -4.]]), tensor([[ 1., 16.]]))
     """
     _check_engine_args(reduction, chunk_bytes, randomness)
     if not callable(loss_fn):
@@ -984,7 +1019,37 @@ def _check_fast_rules(compute: Callable[..., PerExampleStats], params: Any, batc
 def sum_grad_squared(loss_fn: Callable[..., Any], params: Any, batch: Any, *args: Any,
                      reduction: str = "mean", **options: Any) -> tuple[Any, Any]:
     """``(grads, sum_grad_squared)`` of ``loss_fn(params, batch, *args)``; shorthand for
-    `grad_and_sum_grad_squared` (same options and convention)."""
+    `grad_and_sum_grad_squared` (same options and convention).
+
+    Args:
+        loss_fn: ``loss_fn(params, batch, *args)`` returning the loss.
+        params: a pytree of tensors (``None`` leaves are frozen).
+        batch: the batch, examples in dim 0 of every tensor.
+        *args: further arguments of ``loss_fn``.
+        reduction: ``"mean"`` or ``"sum"``.
+        **options: the options of `grad_and_sum_grad_squared`.
+
+    Returns:
+        ``(grads, sum_grad_squared)``, two trees shaped like ``params``.
+
+    Raises:
+        ValueError: as `grad_and_sum_grad_squared`.
+
+    References:
+        Dangel, Kunstner and Hennig, "BackPACK: Packing more into Backprop", ICLR 2020,
+        arXiv:1912.10985 (the ``SumGradSquared`` convention). docs/second-moments.md.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> from torch.func import functional_call
+        >>> lin = torch.nn.Linear(2, 1, bias=False)
+        >>> params = {"weight": torch.tensor([[1.0, -1.0]])}
+        >>> loss_fn = lambda p, b: F.mse_loss(functional_call(lin, p, (b[0],)), b[1])
+        >>> batch = (torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.zeros(2, 1))
+        >>> grads, s = gx.sum_grad_squared(loss_fn, params, batch)
+        >>> s["weight"]  # per-example contributions (1, 0) and (0, -4)
+        tensor([[ 1., 16.]])
+    """
     res = grad_and_sum_grad_squared(loss_fn, reduction=reduction, **options)(params, batch, *args)
     return res.grads, res.sum_grad_squared
 

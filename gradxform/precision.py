@@ -49,6 +49,28 @@ def upcast(inner: GradientTransformation, dtype: torch.dtype = torch.float32) ->
     default); the params themselves stay in their low dtype, so an update smaller than half a
     unit in the last place of a param is rounded away when it is added (keep float32 master
     weights, e.g. ``torch.autocast`` over float32 params, when that matters).
+
+    Args:
+        inner: the transform to run in ``dtype``.
+        dtype: a floating dtype (float32 by default).
+
+    Returns:
+        A `GradientTransformation` with ``inner``'s state and extra arguments; its ``update``
+        needs ``params`` when ``inner``'s does.
+
+    Raises:
+        ValueError: ``dtype`` is not a floating dtype.
+
+    References:
+        docs/mixed-precision.md.
+
+    Example:
+        >>> params = {"w": torch.ones(2, dtype=torch.bfloat16)}
+        >>> tx = gx.upcast(gx.adam(0.1))
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.ones(2, dtype=torch.bfloat16)}, state, params)
+        >>> updates["w"].dtype, state.inner_state[0].mu["w"].dtype
+        (torch.bfloat16, torch.float32)
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"upcast: dtype must be a floating torch.dtype; got {dtype!r}")

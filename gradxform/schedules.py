@@ -187,8 +187,22 @@ def constant_schedule(value: float) -> Schedule:
 
     Formula: value(count) = value.
 
+    Args:
+        value: the value at every step.
+
+    Returns:
+        A `Schedule`: ``schedule(count)`` takes the 0-based step count (a Python int or a tensor)
+        and returns the value (a float, or a float64 tensor for a tensor count).
+
     Raises:
         ValueError: if ``value`` is not a finite real number.
+
+    References:
+        optax's ``optax.schedules`` (same formulas and edge cases); docs/three-ways.md, section 3.
+
+    Example:
+        >>> gx.constant_schedule(0.1)(7)
+        0.1
     """
     value = _check_float("constant_schedule", "value", value)
     return _make_schedule(_constant_core(value), "constant_schedule")
@@ -212,9 +226,27 @@ def polynomial_schedule(
     afterwards. As in optax, ``transition_steps <= 0`` gives the constant
     schedule ``init_value``.
 
+    Args:
+        init_value: the value up to ``transition_begin``.
+        end_value: the value after the transition.
+        power: the exponent of the polynomial (> 0).
+        transition_steps: the length of the transition.
+        transition_begin: the step at which the transition starts.
+
+    Returns:
+        A `Schedule`: ``schedule(count)`` takes the 0-based step count (a Python int or a tensor)
+        and returns the value (a float, or a float64 tensor for a tensor count).
+
     Raises:
         ValueError: if a value is not finite, ``power <= 0``, a step argument
             is not an integer, or ``transition_begin < 0``.
+
+    References:
+        optax's ``optax.schedules`` (same formulas and edge cases); docs/three-ways.md, section 3.
+
+    Example:
+        >>> gx.polynomial_schedule(1.0, 0.0, power=2, transition_steps=10)(5)
+        0.25
     """
     fn = "polynomial_schedule"
     init_value = _check_float(fn, "init_value", init_value)
@@ -242,9 +274,26 @@ def linear_schedule(
     This is ``polynomial_schedule`` with ``power = 1``. As in optax,
     ``transition_steps <= 0`` gives the constant schedule ``init_value``.
 
+    Args:
+        init_value: the value up to ``transition_begin``.
+        end_value: the value after the transition.
+        transition_steps: the length of the transition.
+        transition_begin: the step at which the transition starts.
+
+    Returns:
+        A `Schedule`: ``schedule(count)`` takes the 0-based step count (a Python int or a tensor)
+        and returns the value (a float, or a float64 tensor for a tensor count).
+
     Raises:
         ValueError: if a value is not finite, a step argument is not an
             integer, or ``transition_begin < 0``.
+
+    References:
+        optax's ``optax.schedules`` (same formulas and edge cases); docs/three-ways.md, section 3.
+
+    Example:
+        >>> gx.linear_schedule(1.0, 0.0, transition_steps=10)(5)
+        0.5
     """
     fn = "linear_schedule"
     init_value = _check_float(fn, "init_value", init_value)
@@ -269,9 +318,26 @@ def cosine_decay_schedule(
 
     After ``decay_steps`` the value stays at ``alpha * init_value``.
 
+    Args:
+        init_value: the value at step 0.
+        decay_steps: the length of the decay (> 0).
+        alpha: the final value as a fraction of ``init_value``, in [0, 1].
+        exponent: the exponent of the cosine factor (> 0).
+
+    Returns:
+        A `Schedule`: ``schedule(count)`` takes the 0-based step count (a Python int or a tensor)
+        and returns the value (a float, or a float64 tensor for a tensor count).
+
     Raises:
         ValueError: if ``decay_steps`` is not a positive integer, ``alpha`` is
             outside [0, 1], ``exponent <= 0``, or a value is not finite.
+
+    References:
+        optax's ``optax.schedules`` (same formulas and edge cases); docs/three-ways.md, section 3.
+
+    Example:
+        >>> gx.cosine_decay_schedule(1.0, decay_steps=10)(5)
+        0.5
     """
     fn = "cosine_decay_schedule"
     init_value = _check_float(fn, "init_value", init_value)
@@ -308,9 +374,28 @@ def exponential_decay(
     As in optax, ``transition_steps <= 0`` or ``decay_rate == 0`` gives the
     constant schedule ``init_value``.
 
+    Args:
+        init_value: the value up to ``transition_begin``.
+        transition_steps: the steps over which the value is multiplied by ``decay_rate``.
+        decay_rate: the factor per ``transition_steps`` (>= 0; > 1 grows).
+        transition_begin: the step at which the decay starts.
+        staircase: decay in whole periods (``floor``).
+        end_value: a bound the value does not pass.
+
+    Returns:
+        A `Schedule`: ``schedule(count)`` takes the 0-based step count (a Python int or a tensor)
+        and returns the value (a float, or a float64 tensor for a tensor count).
+
     Raises:
         ValueError: if a value is not finite, ``decay_rate < 0``, a step
             argument is not an integer, or ``transition_begin < 0``.
+
+    References:
+        optax's ``optax.schedules`` (same formulas and edge cases); docs/three-ways.md, section 3.
+
+    Example:
+        >>> gx.exponential_decay(1.0, transition_steps=10, decay_rate=0.5)(20)
+        0.25
     """
     fn = "exponential_decay"
     init_value = _check_float(fn, "init_value", init_value)
@@ -347,10 +432,25 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
 
     Each later schedule therefore starts again from count 0 at its boundary.
 
+    Args:
+        schedules: the schedules, in order (one more than ``boundaries``).
+        boundaries: the steps at which the next schedule starts (from its own count 0).
+
+    Returns:
+        A `Schedule`: ``schedule(count)`` takes the 0-based step count (a Python int or a tensor)
+        and returns the value (a float, or a float64 tensor for a tensor count).
+
     Raises:
         ValueError: if ``len(schedules) != len(boundaries) + 1``, a schedule
             is not callable, or the boundaries are not integers in
             non-decreasing order.
+
+    References:
+        optax's ``optax.schedules`` (same formulas and edge cases); docs/three-ways.md, section 3.
+
+    Example:
+        >>> gx.join_schedules([gx.constant_schedule(1.0), gx.constant_schedule(0.1)], [10])(12)
+        0.1
     """
     fn = "join_schedules"
     schedules = list(schedules)
@@ -390,10 +490,29 @@ def warmup_cosine_decay_schedule(
     ``end_value + (peak_value - end_value) * cosine ** exponent``.
     This is ``join_schedules([linear, cosine_decay], [W])``, as in optax.
 
+    Args:
+        init_value: the value at step 0.
+        peak_value: the value at the end of the warmup.
+        warmup_steps: the length of the linear warmup (>= 0).
+        decay_steps: the total length, warmup included (> ``warmup_steps``).
+        end_value: the value after ``decay_steps``.
+        exponent: the exponent of the cosine factor (> 0).
+
+    Returns:
+        A `Schedule`: ``schedule(count)`` takes the 0-based step count (a Python int or a tensor)
+        and returns the value (a float, or a float64 tensor for a tensor count).
+
     Raises:
         ValueError: if ``warmup_steps < 0``, ``decay_steps <= warmup_steps``,
             ``exponent <= 0``, a step argument is not an integer, or a value
             is not finite.
+
+    References:
+        optax's ``optax.schedules`` (same formulas and edge cases); docs/three-ways.md, section 3.
+
+    Example:
+        >>> gx.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=10, decay_steps=110)(5)
+        0.5
     """
     fn = "warmup_cosine_decay_schedule"
     init_value = _check_float(fn, "init_value", init_value)
@@ -430,10 +549,25 @@ def piecewise_constant_schedule(
     ``0.1 * init_value`` for 100 <= count < 200 and ``0.05 * init_value`` from
     count 200 on.
 
+    Args:
+        init_value: the value before the first boundary.
+        boundaries_and_scales: ``{step: scale}``; the value is multiplied by ``scale`` from ``step`` on.
+
+    Returns:
+        A `Schedule`: ``schedule(count)`` takes the 0-based step count (a Python int or a tensor)
+        and returns the value (a float, or a float64 tensor for a tensor count).
+
     Raises:
         ValueError: if ``init_value`` is not finite, a boundary is not an
             integer, or a scale is negative or not finite (as in optax, scales
             must be non-negative).
+
+    References:
+        optax's ``optax.schedules`` (same formulas and edge cases); docs/three-ways.md, section 3.
+
+    Example:
+        >>> gx.piecewise_constant_schedule(1.0, {100: 0.1, 200: 0.5})(250)
+        0.05
     """
     fn = "piecewise_constant_schedule"
     init_value = _check_float(fn, "init_value", init_value)

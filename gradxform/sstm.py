@@ -9,8 +9,9 @@
   inner state is re-initialised there (with `clipped_sstm` inside, this is the restarted method
   R-clipped-SSTM of the same paper).
 
-See ``TECHNIQUES.md`` section 4 for the algorithms and for the reference's quirks that are not
-reproduced (quirks 3 and 9). Scalar state lives in 0-d CPU tensors; ``update`` has no host sync
+See docs/clipping.md ("Clipped SSTM and restarts") for the algorithms and for the reference's
+behaviours that are not reproduced (its table, rows 3 and 9).
+Scalar state lives in 0-d CPU tensors; ``update`` has no host sync
 and compiles with ``torch.compile(fullgraph=True)``.
 """
 
@@ -148,7 +149,7 @@ def clipped_sstm(
       ratio_upper_bound: ``r`` in ``(0, 1]``; ``r < 1`` caps ``A_k / A_{k+1}`` at ``r`` (the
         method otherwise becomes very conservative late in a run).
       index_offset: ``o``: 1 as torch-clip (``alpha_1 = 1/(2aL)``), 2 as the paper's
-        Algorithm 1 is recalled (``alpha_1 = 2^(2nu/(1+nu))/(2aL)``; see TECHNIQUES.md 6).
+        Algorithm 1 is recalled (``alpha_1 = 2^(2nu/(1+nu))/(2aL)``; not checked against the paper).
       clip_start: ``k_s >= 1`` (norm rule, ``nu > 0``): choose ``B = (k_s + o)^(2nu/(1+nu))/(2aL)``,
         so that ``lam = 1`` at update ``k_s + 1`` and the level falls below 1 after it. Give
         ``B=None`` with it.
@@ -157,12 +158,34 @@ def clipped_sstm(
     ``inject_hyperparams(clipped_sstm, static_args=("index_offset", "clip_start"))`` puts them in
     the state (``clip`` is static anyway).
 
-    Unlike torch-clip's ``ClippedSSTM`` (TECHNIQUES.md 4.3, quirk 9) the first call's gradient
+    Unlike torch-clip's ``ClippedSSTM`` (docs/clipping.md, torch-clip table, row 9) the first call's gradient
     is used, so our params after call ``k`` are the reference's after call ``k + 1``; the ratio
     clamp tests ``A_k > r/(1-r) alpha`` (the reference tests ``A_k > alpha/(1-r)``); scalar
     state is per transform, not shared across param groups. The method's ``k``, ``A_k`` are
     global; a leaf whose update is ``None`` in a call is frozen for that call (its ``y``, ``z``
     stay, its update stays ``None``).
+
+    Returns:
+        A terminal `GradientTransformation` (no ``scale(-lr)`` after it) whose state is
+        `ClippedSSTMState`; ``update`` needs ``params``.
+
+    Raises:
+        TypeError: a hyperparameter is not a number or a 0-d tensor.
+        ValueError: ``a`` or ``L`` not > 0, ``nu`` outside [0, 1], ``ratio_upper_bound``
+            outside (0, 1], an unknown ``clip``, ``index_offset`` not 1 or 2, ``B`` and
+            ``clip_start`` both or neither given, or ``clip_start`` with another rule or ``nu = 0``.
+
+    References:
+        Gorbunov, Danilova and Gasnikov, "Stochastic Optimization with Heavy-Tailed Noise via
+        Accelerated Gradient Clipping", NeurIPS 2020, arXiv:2005.10785, Algorithm 1. torch-clip 0.0.6 ``ClippedSSTM``.
+        docs/clipping.md, "Clipped SSTM and restarts".
+
+    Example:
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx = gx.clipped_sstm(a=1.0, L=1.0, B=1.0)  # alpha_1 = 0.5, lam_1 = 2
+        >>> u, state = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
+        >>> u["w"]
+        tensor([-0.6000, -0.8000])
     """
     check_float("a", a, low=0.0, low_open=True)
     check_float("L", L, low=0.0, low_open=True)
@@ -274,7 +297,7 @@ def with_restarts(
     restarted method (R-clipped-SSTM) of Gorbunov, Danilova, Gasnikov, "Stochastic Optimization
     with Heavy-Tailed Noise via Accelerated Gradient Clipping", NeurIPS 2020.
 
-    Unlike torch-clip (TECHNIQUES.md 4.3, quirk 3) the mean divides by the number of iterates
+    Unlike torch-clip (docs/clipping.md, torch-clip table, row 3) the mean divides by the number of iterates
     (not of parameter tensors), the state holds one params-sized sum (no list of copies) and
     the params keep their device. The restart schedule is torch-clip's: restarts after
     ``first_period + 1`` steps, then ``floor(first_period * coeff) + 1`` more, and so on.
@@ -284,6 +307,35 @@ def with_restarts(
     leaf whose update is ``None`` in a call counts as staying where it is and is not moved by
     a restart in that call. In eager mode the restart test reads the CPU counters (no device
     sync); under ``torch.compile`` both outcomes are computed and selected with ``torch.where``.
+
+    Args:
+        inner: the transform restarted (e.g. `clipped_sstm`).
+        first_period: the number of updates before the first restart.
+        coeff: the factor applied to the period after each restart.
+        max_steps: no restart once ``period + 1`` reaches it.
+
+    Returns:
+        A `GradientTransformation` whose state is `RestartsState`; ``update`` needs ``params``.
+
+    Raises:
+        TypeError: ``inner`` is not a `GradientTransformation`.
+        ValueError: ``first_period`` or ``max_steps`` not a positive int, or ``coeff`` not a
+            number >= 1.
+
+    References:
+        Gorbunov, Danilova and Gasnikov, "Stochastic Optimization with Heavy-Tailed Noise via
+        Accelerated Gradient Clipping", NeurIPS 2020, arXiv:2005.10785 (R-clipped-SSTM). torch-clip 0.0.6 ``Restarter``.
+        docs/clipping.md, "Clipped SSTM and restarts".
+
+    Example:
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx = gx.with_restarts(gx.sgd(1.0), first_period=1)
+        >>> state = tx.init(params)
+        >>> for g in (1.0, 3.0):
+        ...     u, state = tx.update({"w": torch.full((2,), g)}, state, params)
+        ...     params = gx.apply_updates(params, u)
+        >>> params["w"]  # the mean of the iterates -1 and -4
+        tensor([-2.5000, -2.5000])
     """
     if not isinstance(inner, GradientTransformation):
         raise TypeError(f"with_restarts() takes a GradientTransformation; got {type(inner).__name__}")

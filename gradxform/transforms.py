@@ -501,7 +501,29 @@ def _overflow_safe_factor(factor: torch.Tensor, norm: torch.Tensor, leaves: list
 @recorded
 def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
     """Rescale all updates together so that their global L2 norm is at most ``max_norm``:
-    ``u <- u * max_norm / max(||u||, max_norm)`` (Pascanu et al., 2013). A zero update passes."""
+    ``u <- u * max_norm / max(||u||, max_norm)`` (Pascanu et al., 2013). A zero update passes.
+
+    Args:
+        max_norm: the largest global L2 norm let through (> 0).
+
+    Returns:
+        A stateless `GradientTransformation` (``params`` not needed).
+
+    Raises:
+        TypeError: the level is not a number or a 0-d tensor; ``update`` on a non-floating leaf.
+        ValueError: the level is not > 0 (or is NaN).
+
+    References:
+        Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent neural networks",
+        ICML 2013, arXiv:1211.5063, Section 3.2. docs/clipping.md.
+
+    Example:
+        >>> g = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([-1.0])}
+        >>> tx = gx.clip_by_global_norm(2.0)
+        >>> u, _ = tx.update(g, tx.init(g))
+        >>> torch.cat([u["a"], u["b"]])
+        tensor([ 1.1767,  1.5689, -0.3922])
+    """
     check_float("max_norm", max_norm, low=0.0, low_open=True)
 
     def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:

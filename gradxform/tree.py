@@ -40,8 +40,35 @@ __all__ = [
 Tree = Any
 
 
+_PARAMS_HINT = "pass a dict or list of tensors, e.g. dict(model.named_parameters())"
+
+
+def _not_a_tree(x: Any) -> str | None:
+    """What ``x`` is when it is a common non-tree given as params (a generator, an iterator such as
+    ``model.parameters()``, an ``nn.Module``), else ``None``."""
+    if isinstance(x, torch.nn.Module):
+        return f"an nn.Module ({type(x).__name__})"
+    if isinstance(x, Iterator):
+        return f"a {type(x).__name__} (an iterator, e.g. model.parameters())"
+    return None
+
+
+def check_tree_root(tree: Tree) -> None:
+    """Raise a ``TypeError`` naming the fix when ``tree`` is a generator, an iterator or an
+    ``nn.Module`` instead of a pytree of tensors (the commonest mistake: ``tx.init(model.parameters())``
+    or ``tx.init(model)``).
+
+    Raises:
+        TypeError: ``tree`` is an iterator or an ``nn.Module``.
+    """
+    what = _not_a_tree(tree)
+    if what is not None:
+        raise TypeError(f"got {what} where a pytree of tensors (params, updates) is expected: {_PARAMS_HINT}")
+
+
 def tree_flatten(tree: Tree) -> tuple[list[Any], optree.PyTreeSpec]:
     """Flatten ``tree`` with ``None`` treated as a leaf (it marks a frozen entry)."""
+    check_tree_root(tree)
     return optree.tree_flatten(tree, none_is_leaf=True)
 
 
@@ -150,12 +177,24 @@ def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
     def wrapped(x: Any, *xs: Any) -> Any:
         return None if x is None else fn(x, *xs)
 
+    check_tree_root(tree)
     return optree.tree_map(wrapped, tree, *rest, none_is_leaf=True)
 
 
+def _zeros_like_leaf(x: Any) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        what = _not_a_tree(x) or f"a {type(x).__name__}"
+        raise TypeError(f"a leaf of the params is {what}, not a tensor: {_PARAMS_HINT}")
+    return torch.zeros_like(x)
+
+
 def tree_zeros_like(tree: Tree) -> Tree:
-    """Zeros with the shape, dtype and device of each leaf (``None`` stays ``None``)."""
-    return tree_map(torch.zeros_like, tree)
+    """Zeros with the shape, dtype and device of each leaf (``None`` stays ``None``).
+
+    Raises:
+        TypeError: ``tree`` (or a leaf) is not a tensor tree, e.g. ``model.parameters()``.
+    """
+    return tree_map(_zeros_like_leaf, tree)
 
 
 def tree_clone(tree: Tree) -> Tree:

@@ -206,7 +206,7 @@ def gradnorm(
 
     The derivative is with respect to the weights only: the network's gradient is that of
     ``sum_i w_i L_i`` with the weights of the step (the reference gradnorm-pytorch also
-    back-propagates ``L_grad`` into the network; TECHNIQUES.md 2.3). ``G_i`` is linear in ``w_i``,
+    back-propagates ``L_grad`` into the network; docs/loss-weighting.md). ``G_i`` is linear in ``w_i``,
     so no double backward is needed: only the ``T`` norms and losses.
 
     Args:
@@ -240,6 +240,31 @@ def gradnorm(
     scalars is accepted). An update whose losses or norms are not all finite leaves the weights
     and ``L_i(0)`` unchanged and counts it in ``state.skipped`` (no host sync). Updates pass
     through unchanged.
+
+    Returns:
+        A `GradientTransformation` whose state is `GradNormState` (read the weights with
+        `loss_weights`); ``update`` needs the extra arguments ``losses`` and
+        ``task_grad_norms``.
+
+    Raises:
+        ValueError: ``num_tasks`` or a step argument not a valid int, ``alpha`` not finite
+            and >= 0, ``initial_losses_decay`` outside [0, 1], ``min_weight < 0``, or bad
+            ``initial_losses`` / ``mask``.
+        TypeError: ``update`` without ``losses`` or ``task_grad_norms``.
+
+    References:
+        Chen, Badrinarayanan, Lee and Rabinovich, "GradNorm: Gradient Normalization for Adaptive
+        Loss Balancing in Deep Multitask Networks", ICML 2018, arXiv:1711.02257, Section 3.
+        docs/loss-weighting.md.
+
+    Example:
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx = gx.gradnorm(2, weight_tx=gx.sgd(0.1))
+        >>> state = tx.init(params)
+        >>> _, state = tx.update({"w": torch.ones(2)}, state, params,
+        ...                      losses=torch.tensor([2.0, 8.0]), task_grad_norms=torch.tensor([1.0, 5.0]))
+        >>> gx.loss_weights(state)
+        tensor([1.3750, 0.6250])
     """
     t = _check_num_tasks(num_tasks)
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
@@ -373,6 +398,32 @@ def uncertainty_weighting(
     both terms, i.e. the same optimum). At the optimum ``w_i = 1 / L_i``. ``initial_log_vars``
     defaults to zeros (weights 1). Extra argument ``losses`` ``(T,)``; ``task_grad_norms`` is
     accepted and ignored, so the updaters are interchangeable. Non-finite losses skip the update.
+
+    Args:
+        num_tasks: the number of tasks ``T``.
+        weight_tx: the optimizer of the log-variances (default Adam(lr=1e-3)).
+        initial_log_vars: the initial ``s`` (default zeros).
+        sync: average the losses over the ranks of the default process group.
+        dtype: dtype of the log-variances (default: the params' floating dtype, at least float32).
+
+    Returns:
+        A `GradientTransformation` (read the weights with `loss_weights`); ``update`` needs
+        the extra argument ``losses``.
+
+    Raises:
+        ValueError: bad ``num_tasks`` or ``initial_log_vars``.
+        TypeError: ``update`` without ``losses``.
+
+    References:
+        Kendall, Gal and Cipolla, "Multi-Task Learning Using Uncertainty to Weigh Losses for
+        Scene Geometry and Semantics", CVPR 2018, arXiv:1705.07115. docs/loss-weighting.md.
+
+    Example:
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx = gx.uncertainty_weighting(2)
+        >>> _, state = tx.update({"w": torch.ones(2)}, tx.init(params), params, losses=torch.tensor([1.0, 4.0]))
+        >>> gx.loss_weights(state)  # task 1 is at its optimum w = 1/L; task 2's weight falls
+        tensor([1.0000, 0.9990])
     """
     t = _check_num_tasks(num_tasks)
     if weight_tx is None:
@@ -440,6 +491,34 @@ def dwa(num_tasks: int, temperature: float = 2.0, period: int = 1, *, sync: bool
 
     and ``w = 1`` during the first two periods. The weights change only at the end of a period.
     Extra argument ``losses`` ``(T,)``; ``task_grad_norms`` is accepted and ignored.
+
+    Args:
+        num_tasks: the number of tasks ``T``.
+        temperature: the softmax temperature (> 0).
+        period: the number of updates per period (>= 1).
+        sync: average the losses over the ranks of the default process group.
+        dtype: dtype of the statistics (default: the params' floating dtype, at least float32).
+
+    Returns:
+        A `GradientTransformation` (read the weights with `loss_weights`); ``update`` needs
+        the extra argument ``losses``.
+
+    Raises:
+        ValueError: bad ``num_tasks``, ``temperature`` or ``period``.
+        TypeError: ``update`` without ``losses``.
+
+    References:
+        Liu, Johns and Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019,
+        arXiv:1803.10704 (Dynamic Weight Average). docs/loss-weighting.md.
+
+    Example:
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx = gx.dwa(2)
+        >>> state = tx.init(params)
+        >>> for losses in ([1.0, 1.0], [1.0, 1.0], [0.5, 1.0]):
+        ...     _, state = tx.update({"w": torch.ones(2)}, state, params, losses=torch.tensor(losses))
+        >>> gx.loss_weights(state)  # task 0's loss fell by half: 2 softmax((0.5, 1) / 2)
+        tensor([0.8756, 1.1244])
     """
     t = _check_num_tasks(num_tasks)
     if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):

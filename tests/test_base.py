@@ -45,7 +45,7 @@ def test_chain_composes_in_order():
 
 
 def test_clip_by_global_norm_reference_values():
-    """TECHNIQUES.md 4.4, norm rule, lam = 2: a (1.176696811, 1.568929081), b (-0.392232270)."""
+    """Hand-computed, norm rule, lam = 2: a (1.176696811, 1.568929081), b (-0.392232270)."""
     g = {"a": torch.tensor([3.0, 4.0], dtype=torch.float64), "b": torch.tensor([-1.0], dtype=torch.float64)}
     tx = gx.clip_by_global_norm(2.0)
     u, _ = tx.update(g, tx.init(g))

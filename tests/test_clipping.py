@@ -1,4 +1,4 @@
-"""Clippers (gradxform.clipping): TECHNIQUES.md 4.4 numerical checks, torch-clip equivalence,
+"""Clippers (gradxform.clipping): hand-computed numerical checks, torch-clip equivalence,
 AGC / block-RMS hand values, random-rule statistics, compile, purity and input validation."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def along(direction, norms):
     return [{"w": n * t(*direction)} for n in norms]
 
 
-# --- TECHNIQUES.md 4.4: static rules at lam = 2, g = {a: (3, 4), b: (-1)} ----------------------------
+# --- hand-computed: static rules at lam = 2, g = {a: (3, 4), b: (-1)} ----------------------------
 
 
 def spec_g():
@@ -101,7 +101,7 @@ def test_clip_leaves_accepts_tensor_level_and_rejects_unknown_rule():
         clip_leaves("auto", leaves, 1.0)
 
 
-# --- TECHNIQUES.md 4.4: clipped SGD with momentum ------------------------------------------------------
+# --- hand-computed: clipped SGD with momentum -----------------------------------------------------------
 
 
 def test_spec_clipped_sgd_momentum_clips_before_the_buffer():
@@ -109,7 +109,7 @@ def test_spec_clipped_sgd_momentum_clips_before_the_buffer():
     outs, _ = run_steps(tx, [{"w": t(3.0, 4.0)}, {"w": t(0.0, 0.1)}], params={"w": t(0.0, 0.0)})
     close(outs[0]["w"], [-0.6, -0.8])
     close(outs[1]["w"], [-0.54, -0.82])
-    # the same as the explicit chain of TECHNIQUES.md 4.4
+    # the same as the explicit chain chain(clip, trace(mu), scale(-lr))
     chain = gx.chain(gx.clip_by_global_norm(1.0), gx.trace(0.9), gx.scale(-1.0))
     outs2, _ = run_steps(chain, [{"w": t(3.0, 4.0)}, {"w": t(0.0, 0.1)}])
     for a, b in zip(outs, outs2):
@@ -131,7 +131,7 @@ def test_torch_clip_reference_applies_the_raw_factor_to_the_buffer():
     close(steps[1], [-2.7, -3.7])
 
 
-# --- TECHNIQUES.md 4.4: AutoClip ---------------------------------------------------------------------------
+# --- hand-computed: AutoClip -------------------------------------------------------------------------------
 
 AUTOCLIP_NORMS = [5.0, 1.0, 10.0, 0.5, 2.0, 8.0]
 
@@ -207,7 +207,7 @@ def test_torch_clip_autoclip_factor_row_of_the_table():
     np.testing.assert_allclose(factors, [1, 1, 1, 1, 1, 0.25], rtol=1e-12)
 
 
-# --- TECHNIQUES.md 4.4: random rules ----------------------------------------------------------------------
+# --- hand-computed: random rules --------------------------------------------------------------------------
 
 
 def test_hash_values_of_section_0():
@@ -232,7 +232,7 @@ def test_spec_pinned_random_decisions_seed0(power, expected_clips):
 def test_spec_random_clip_frequency(power, prob, freq_200k):
     """g = (3, 4), lam = 1, beta = 0.5: P = 0.5 ** (0.2 ** power)."""
     close(torch.tensor(prob, dtype=F64), 0.8705505633 if power == 1 else 0.9726549474, rtol=0, atol=1e-10)
-    # the 200k-step frequencies of TECHNIQUES.md (the decision is u(seed 0, t0) < P)
+    # frequencies measured over 200k steps (the decision is u(seed 0, t0) < P)
     u = uniform_from_hash(0, torch.arange(200_000))
     assert round(float((u < prob).double().mean()), 4) == freq_200k
     # 10,000 steps through the transform: within the binomial 99% interval around P

@@ -51,3 +51,296 @@ def test_every_docs_page_is_in_the_nav():
     pages = {str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md")}
     missing = sorted(pages - _nav_pages())
     assert not missing, f"docs pages not reachable from mkdocs.yml's nav: {missing}"
+
+
+# --- status text stays honest: no public family listed as missing ------------------------------
+
+# Each public technique family: the words a status line would use for it, the docs page that
+# documents it, and an entry point that must exist in ``gx``.
+FAMILIES = {
+    "init-scale solvers": (("init-scale", "gradinit", "empirical init"), "init-scale.md", "gradinit"),
+    "loss weighting": (("loss weighting", "loss-weight", "gradnorm"), "loss-weighting.md", "gradnorm"),
+    "second moments": (("second moment", "second-moment", "truegrad"), "second-moments.md", "tg_adamw"),
+    "clippers": (("clipper", "clipping", "autoclip"), "clipping.md", "autoclip"),
+}
+_MISSING = re.compile(
+    r"not (?:yet )?implemented|to come|coming soon|not yet (?:available|supported|in)|"
+    r"planned|work in progress|\bWIP\b|\bTODO\b|missing", re.I)
+
+
+def _status_texts() -> dict[str, str]:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    description = re.search(r'^description\s*=\s*"(.*)"\s*$', pyproject, flags=re.M)
+    assert description, "pyproject.toml has no one-line description"
+    return {"docs/index.md": (DOCS / "index.md").read_text(), "README.md": (ROOT / "README.md").read_text(),
+            "pyproject.toml description": description.group(1)}
+
+
+def _sentences(text: str) -> list[str]:
+    text = re.sub(r"```.*?```", " ", text, flags=re.S)  # code blocks are not status text
+    return [s for s in re.split(r"(?<=[.!?])\s+|\n\s*\n|\n\s*[-*|] ", text) if s.strip()]
+
+
+@pytest.mark.parametrize("where", ["docs/index.md", "README.md", "pyproject.toml description"])
+def test_no_public_family_is_listed_as_missing(where):
+    text = _status_texts()[where]
+    for family, (words, _, _) in FAMILIES.items():
+        for sentence in _sentences(text):
+            low = sentence.lower()
+            if any(w in low for w in words):
+                hit = _MISSING.search(sentence)
+                assert not hit, (f"{where} lists the {family} family as missing ({hit.group(0)!r}), "
+                                 f"but it is public: {' '.join(sentence.split())!r}")
+
+
+def test_the_missing_pattern_catches_the_old_status_lines():
+    # the two lines this test was written against must fail it
+    for old in ["The other families (second moments, loss weighting, init-scale solvers) are not "
+                "implemented yet.", "heavy-tail gradient clipping (GradInit, GradNorm and TrueGrad to come)."]:
+        assert any(_MISSING.search(s) for s in _sentences(old) if "gradnorm" in s.lower()
+                   or "second moment" in s.lower())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_family_is_public_and_linked_from_the_index(family):
+    words, page, entry = FAMILIES[family]
+    assert callable(getattr(gx, entry, None)), f"gx.{entry} ({family}) is not public"
+    assert (DOCS / page).exists(), f"docs/{page} ({family}) does not exist"
+    assert f"]({page})" in (DOCS / "index.md").read_text(), f"docs/index.md does not link {page} ({family})"
+    assert page in _nav_pages()
+
+
+def test_index_links_point_to_pages_that_exist():
+    for target in re.findall(r"\]\(([\w./-]+\.md)(?:#[\w-]*)?\)", (DOCS / "index.md").read_text()):
+        assert (DOCS / target).exists(), f"docs/index.md links {target}, which does not exist"
+
+
+# --- checkpoints: what the pages say about torch.load(weights_only=True) ----------------------
+
+
+def _round_trip(obj):
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_checkpoints_load_with_weights_only_as_the_docs_say():
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = gx.Optimizer(model.parameters(), gx.chain(gx.autoclip(0.1), gx.adamw(1e-3)))
+    model(torch.randn(4, 3)).square().sum().backward()
+    opt.step()
+    loaded = _round_trip(opt.state_dict())
+    p0 = next(iter(model.parameters()))
+    assert torch.equal(loaded["state"][0]["exp_avg"], opt.state[p0]["exp_avg"])
+
+    params = {"w": torch.ones(3), "b": torch.zeros(2)}
+    tx = gx.chain(gx.clip_by_global_norm(1.0), gx.adamw(0.1))
+    state = tx.init(params)
+    _, state = tx.update({"w": torch.full((3,), 2.0), "b": torch.ones(2)}, state, params)
+    restored = gx.state_from_dict(tx.init(params), _round_trip(gx.state_to_dict(state)))
+    assert torch.equal(restored[1].inner_state[0].nu["w"], state[1].inner_state[0].nu["w"])
+    # the raw NamedTuple state loads too, in a process that imported gradxform (docs/checkpoints.md)
+    raw = _round_trip(state)
+    assert type(raw[1].inner_state[0]) is type(state[1].inner_state[0])
+    assert torch.equal(raw[1].inner_state[0].mu["b"], state[1].inner_state[0].mu["b"])
+
+
+def test_checkpoint_pages_agree_on_weights_only():
+    # no page may say that weights_only=True refuses a gradxform state that the test above loads
+    for page in ["checkpoints.md", "quickstart.md", "clipping.md"]:
+        for sentence in _sentences((DOCS / page).read_text()):
+            if "weights_only=True" in sentence and re.search(r"refuse|cannot|fails", sentence):
+                assert "not imported gradxform" in " ".join(sentence.split()), (page, sentence)
+
+
+# --- the project is self-contained: no pointer to internal notes users do not have ------------
+
+# assembled so that this file does not match itself
+_INTERNAL = re.compile("|".join(re.escape(s) for s in ("TECHNIQUES" + ".md", "DESIGN" + ".md", "shared/" + "specs")))
+
+
+def _shipped_files() -> list[Path]:
+    files = [ROOT / "README.md", ROOT / "pyproject.toml", ROOT / "mkdocs.yml"]
+    for folder in ("gradxform", "docs", "examples", "tests", "benchmarks"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.is_file() and p.suffix in {".py", ".md", ".yml", ".toml", ".txt", ".cfg"}]
+    return [p for p in files if p.exists()]
+
+
+def test_no_reference_to_internal_specs():
+    hits = []
+    for path in _shipped_files():
+        for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if _INTERNAL.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()[:100]}")
+    assert not hits, "cite the paper or the docs page instead:\n" + "\n".join(hits)
+
+
+def test_internal_spec_pattern_matches_what_it_guards():
+    for line in ("see TECHNIQUES" + ".md 4.3", "(DESIGN" + ".md)", "../shared/" + "specs/x"):
+        assert _INTERNAL.search(line)
+
+
+# --- the nav groups the technique families apart from the cross-cutting guides ---------------
+
+
+def _nav_section(title: str) -> set[str]:
+    text = (ROOT / "mkdocs.yml").read_text()
+    m = re.search(rf"^  - {re.escape(title)}:\s*\n((?:      .*\n|\s*#.*\n)*)", text, flags=re.M)
+    assert m, f"mkdocs.yml's nav has no {title!r} section"
+    return set(re.findall(r":\s*([\w./-]+\.md)\s*$", m.group(1), flags=re.M))
+
+
+def test_nav_groups_techniques_and_guides():
+    techniques = _nav_section("Techniques")
+    assert techniques == {"init-scale.md", "loss-weighting.md", "second-moments.md", "clipping.md"}, techniques
+    assert {page for _, page, _ in FAMILIES.values()} == techniques
+    guides = _nav_section("Guides")
+    assert {"three-ways.md", "concepts.md", "checkpoints.md", "torch-func.md"} <= guides, guides
+    assert not techniques & guides
+    assert re.search(r"^  - Catalog:", (ROOT / "mkdocs.yml").read_text(), flags=re.M)
+
+
+def test_compile_docs_warn_about_float_learning_rates():
+    text = (DOCS / "three-ways.md").read_text()
+    section = text[text.index("## 3. `torch.compile`"):]
+    assert "A Python float learning rate recompiles" in section
+    assert "CompileCounter" in section and "0-d tensor" in section
+
+
+# --- one docstring format for the public functions --------------------------------------------
+#
+# The rule (math) first, then ``Args:``, ``Returns:``, ``Raises:`` (when it raises),
+# ``References:`` and ``Example:``, in that order. Every alias and family entry point has an
+# ``Example:``, and each example runs (``>>>`` lines executed; an output line after an expression
+# is compared with its repr).
+
+_SECTIONS = ("Args:", "Returns:", "Raises:", "References:", "Example:")
+
+# Names defined in modules whose owners convert them (gradxform/optim.py, fastpath.py, base.py and
+# the catalog modules torch_optimizers*.py, optax_optimizers.py, combinators.py, contrib.py):
+# skipped until they comply. The lead removes this list.
+_OTHER_OWNERS = {"gradxform.base", "gradxform.optim", "gradxform.fastpath", "gradxform.optax_optimizers",
+                 "gradxform.combinators", "gradxform.contrib"}
+
+# Public functions of this project's own modules not converted yet (issue 16 item 10 is partly
+# done): each name here must still be non-compliant, so the list only shrinks.
+_NOT_CONVERTED = {
+    # gradxform.transforms
+    "add_decayed_weights", "scale", "scale_by_adam", "scale_by_learning_rate",
+    "scale_by_rms", "scale_by_schedule", "trace",
+    # gradxform.persample
+    "all_reduce_sum_grad_squared",
+    # gradxform.combine
+    "graft",
+    # gradxform.clipping
+    "clip_fraction",
+    "monitor_norm", "norm_history",
+    # gradxform.batching
+    "get_hyperparam", "set_hyperparam",
+    # gradxform.tree
+    "differentiable", "tree_global_norm",
+    # gradxform.weighting
+    "fixed_weights", "loss_weights", "task_grad_norms",
+    "weighted_grad_and_task_norms",
+    # gradxform.empirical, initscale, moments, checkpoint, precision
+    "empirical_init_params", "scale_by_empirical_init", "gradinit_objective",
+    "gradinit_scale_tx", "project_lower_bound", "scale_by_truegrad_adam", "scale_by_truegrad_laprop",
+    "scale_by_truegrad_rmsprop",
+}
+
+# aliases and family entry points: an Example is required
+_NEEDS_EXAMPLE = {
+    "sgd", "adam", "adamw", "tg_adamw", "tg_laprop", "tg_rmsprop", "clip_by_global_norm", "clip_by_leaf_norm",
+    "clip", "clip_by_block_rms", "adaptive_grad_clip", "autoclip", "random_clip_by_global_norm", "clipped_sgd",
+    "clipped_sstm", "with_restarts", "gradnorm", "uncertainty_weighting", "dwa", "gradinit", "empirical_init",
+    "grad_and_sum_grad_squared", "sum_grad_squared", "track_sum_grad_squared", "masked", "partition",
+    "inject_hyperparams", "apply_if_finite", "multi_steps", "batched", "upcast", "state_to_dict",
+    "state_from_dict", "constant_schedule", "linear_schedule", "cosine_decay_schedule",
+    "warmup_cosine_decay_schedule", "exponential_decay", "piecewise_constant_schedule", "join_schedules",
+}
+
+
+def _public_functions() -> list[str]:
+    return sorted(n for n in gx.__all__ if inspect.isfunction(getattr(gx, n)))
+
+
+def _format_problems(name: str) -> list[str]:
+    doc = inspect.getdoc(getattr(gx, name)) or ""
+    found = [(m.start(), m.group(1)) for m in re.finditer(r"^(Args:|Returns:|Raises:|References:|Example:)\s*$", doc, re.M)]
+    names = [s for _, s in found]
+    problems = []
+    if not found or found[0][0] == 0 or not doc[:found[0][0]].strip():
+        problems.append("no rule before the sections")
+    for needed in ("Returns:", "References:"):
+        if needed not in names:
+            problems.append(f"no {needed}")
+    if inspect.signature(getattr(gx, name)).parameters and "Args:" not in names:
+        problems.append("no Args:")
+    if names != sorted(names, key=_SECTIONS.index) or len(set(names)) != len(names):
+        problems.append(f"sections out of order or repeated: {names}")
+    if name in _NEEDS_EXAMPLE and "Example:" not in names:
+        problems.append("no Example:")
+    return problems
+
+
+def _skipped(name: str) -> bool:
+    return getattr(gx, name).__module__ in _OTHER_OWNERS
+
+
+@pytest.mark.parametrize("name", _public_functions())
+def test_public_function_docstring_format(name):
+    if _skipped(name):
+        pytest.skip(f"gx.{name} is defined in {getattr(gx, name).__module__} (converted by its owner)")
+    problems = _format_problems(name)
+    if name in _NOT_CONVERTED:
+        assert problems, f"gx.{name} complies now: remove it from _NOT_CONVERTED"
+        pytest.skip(f"gx.{name} not converted yet: {problems}")
+    assert not problems, f"gx.{name}'s docstring: {problems}"
+
+
+def test_not_converted_list_names_public_functions():
+    assert _NOT_CONVERTED <= set(_public_functions()), sorted(_NOT_CONVERTED - set(_public_functions()))
+    assert _NEEDS_EXAMPLE <= set(gx.__all__), sorted(_NEEDS_EXAMPLE - set(gx.__all__))
+
+
+def _example(name: str) -> list[tuple[str, str | None]]:
+    doc = inspect.getdoc(getattr(gx, name)) or ""
+    if "\nExample:" not in doc:
+        return []
+    body = doc.split("\nExample:", 1)[1]
+    steps: list[tuple[str, str | None]] = []
+    for line in body.splitlines():
+        s = line.strip()
+        if s.startswith(">>> "):
+            steps.append((s[4:], None))
+        elif s.startswith("... ") and steps:
+            steps[-1] = (steps[-1][0] + "\n" + s[4:], None)
+        elif s and steps and steps[-1][1] is None:
+            steps[-1] = (steps[-1][0], s)
+    return steps
+
+
+@pytest.mark.parametrize("name", [n for n in _public_functions() if _example(n) and not _skipped(n)])
+def test_docstring_example_runs(name):
+    import torch
+
+    scope = {"torch": torch, "gx": gx, **{n: getattr(gx, n) for n in gx.__all__}}
+    for code, expected in _example(name):
+        if expected is None:
+            exec(code, scope)
+        else:
+            got = repr(eval(code, scope))
+            assert " ".join(got.split()) == " ".join(expected.split()), f"gx.{name}: {code} gave {got}, not {expected}"
+
+
+def test_help_adamw_says_update_needs_params():
+    doc = inspect.getdoc(gx.adamw)
+    assert re.search(r"``update``.{0,40}needs ``params``", doc, re.S), doc[:300]

@@ -1,4 +1,4 @@
-"""Empirical init (gradxform.empirical): TECHNIQUES.md 5.4, the folded convention, the pillars on
+"""Empirical init (gradxform.empirical): a hand-computed fixed point, the folded convention, the pillars on
 a deep MLP, depth-independent pass counts, layer kinds, and input checks."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-# --- TECHNIQUES.md 5.4 ---------------------------------------------------------------------------
+# --- hand-computed -------------------------------------------------------------------------------
 
 
 W1 = [[1.0, 2.0], [3.0, -1.0]]
@@ -61,7 +61,7 @@ def test_numerical_check_5_4(iters):
     new, mult, rep = gx.empirical_init(model, params, itertools.repeat((x, None)), lambda o, y: o.mean(),
                                        reinit=False, act_iters=iters[0], upd_iters=iters[1])
     a, c = rep.extra["a"], rep.extra["c"]
-    # hand values (TECHNIQUES.md 5.4, fixed-point column); the damped refinements leave them unchanged
+    # hand values (the exact fixed point); the damped refinements leave them unchanged
     assert A1 == pytest.approx(0.5163977795, rel=1e-9) and A2 == pytest.approx(0.7595545253, rel=1e-9)
     assert C1 == pytest.approx(9.874208829, rel=1e-9) and C2 == pytest.approx(1.866691212, rel=1e-9)
     for got, want in [(a["0"], A1), (a["1"], A2), (c["0"], C1), (c["1"], C2)]:

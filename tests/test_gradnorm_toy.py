@@ -1,4 +1,5 @@
-"""GradNorm's mechanistic gates on the paper's toy multitask regression (TECHNIQUES.md 2.5).
+"""GradNorm's mechanistic gates on the paper's toy multitask regression (Chen et al., ICML 2018,
+arXiv:1711.02257, Section 4; docs/loss-weighting.md).
 
 The experiment code lives in ``examples/gradnorm_toy.py``; these tests import it and run it at the
 settings the gates were measured with (2000 steps of SGD lr 0.003, batch 100, 500-step linear

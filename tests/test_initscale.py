@@ -1,4 +1,5 @@
-"""GradInit: TECHNIQUES.md 1.4 by hand, the driver's report, the seed's simplified variant, bad input."""
+"""GradInit (Zhu et al., NeurIPS 2021, arXiv:2102.08098, Algorithm 1): hand-computed values, the driver's
+report, the seed's simplified variant, bad input."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def mse(p, batch):
     ("sgd", None, 2.0, 2.449489743, 4.898979486, -2.449489743, True),
 ])
 def test_objective_hand_values(target, p, gamma, value, grad_w, grad_b, norm_branch):
-    """TECHNIQUES.md 1.4: the objective, its gradient w.r.t. the scales, and the branch."""
+    """Hand-computed: the objective, its gradient w.r.t. the scales, and the branch."""
     J = gx.gradinit_objective(mse, target=target, lr=0.1, gamma=gamma, p=p)
     v, aux = J(ONES, P0, S, S_TILDE)
     g, _ = torch.func.grad(J, has_aux=True)(ONES, P0, S, S_TILDE)
@@ -170,7 +171,7 @@ def test_simplified_variant_equals_the_gradinit_package():
                    if n.endswith("_gradinit_scale_factor")}
     for p in scales:
         p.grad = None
-    wrapper.detach()  # TECHNIQUES.md 1.3 item 5: detach explicitly, never rely on __del__
+    wrapper.detach()  # docs/migration/gradinit.md: detach explicitly, never rely on __del__
 
     tx = gx.chain(gx.scale_by_adam(0.9, 0.999, 1e-8), gx.scale(-0.05), gx.project_lower_bound(0.1))
     _, report = gx.gradinit(model, params, data, F.cross_entropy, lr=0.0, gamma=1.0, p=2, simplified=True, scale_tx=tx)

@@ -1,5 +1,5 @@
 """TrueGrad transforms (gradxform.moments), ``graft`` and ``multi_steps`` with accumulated extras:
-against TECHNIQUES.md 3.4, hand computations and the reference package ``truegrad``."""
+against hand computations and the reference package ``truegrad``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def T(*v):
     return torch.tensor(v, dtype=F64)
 
 
-# TECHNIQUES.md 3.4: leaves a = (1, -2), b = (0.5,); two steps of (g, S).
+# Hand-computed: leaves a = (1, -2), b = (0.5,); two steps of (g, S).
 P0 = {"a": (1.0, -2.0), "b": (0.5,)}
 STEPS = [
     ({"a": (0.5, -1.0), "b": (2.0,)}, {"a": (1.0, 4.0), "b": (1.0,)}),
@@ -50,7 +50,7 @@ def run_table(tx, steps=STEPS):
     return outs, params, state
 
 
-# --- TECHNIQUES.md 3.4 ------------------------------------------------------------------------
+# --- hand-computed -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("graft", [True, False])
@@ -69,7 +69,7 @@ def test_table_3_4_weight_decay_uses_params_before_the_step_once():
 
 
 def test_reference_tgadamw_decays_once_per_parameter():
-    """The reference's quirk 1 (TECHNIQUES.md 3.3): its weight decay runs inside the per-parameter
+    """The reference's quirk 1 (docs/second-moments.md, "What truegrad does"): its weight decay runs inside the per-parameter
     loop, so with two params the first is decayed twice: a = (0.8811, -1.8612), b = 0.39005."""
     pytest.importorskip("truegrad", reason="the reference package truegrad is not installed")
     from truegrad.optim import TGAdamW

@@ -1,4 +1,4 @@
-"""Clipped SSTM and iterate-averaging restarts (TECHNIQUES.md section 4, numerical checks 4.4)."""
+"""Clipped SSTM and iterate-averaging restarts (Gorbunov, Danilova and Gasnikov, NeurIPS 2020, arXiv:2005.10785; hand-computed checks)."""
 
 from __future__ import annotations
 
@@ -243,7 +243,7 @@ def test_clipped_sstm_numerical_check():
 
 
 def _reference_sstm_step(g, params, y, z, k, A, a, L, B, nu, clip, r=1.0, offset=1):
-    """A plain transcription of TECHNIQUES.md 4.2 for one leaf list (hand check helper)."""
+    """A plain transcription of docs/clipping.md ("Clipped SSTM and restarts") for one leaf list (hand check helper)."""
     alpha = (k + offset) ** (2 * nu / (1 + nu)) / (2 * a * L)
     A1 = A + alpha
     lam = B / alpha

@@ -1,4 +1,4 @@
-"""Loss-weight updaters: GradNorm (TECHNIQUES.md 2.4), uncertainty weighting, DWA, fixed weights."""
+"""Loss-weight updaters: GradNorm (Chen et al., ICML 2018, arXiv:1711.02257), uncertainty weighting, DWA, fixed weights."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def linear_tasks(c):
 
 
 def test_gradnorm_hand_check_with_sgd_weights():
-    """TECHNIQUES.md 2.4: weights and combined gradient at each step, weight_tx = sgd(0.1)."""
+    """Hand-computed (and gradnorm-pytorch 0.2.3 with its lr doubled): weights and combined gradient at each step, weight_tx = sgd(0.1)."""
     tx = gx.chain(gx.gradnorm(2, alpha=1.5, weight_tx=gx.sgd(0.1), dtype=D), gx.identity())
     params = {"W": torch.zeros(2, dtype=D)}
     state = tx.init(params)
@@ -81,7 +81,7 @@ def test_gradnorm_default_adam_weight_optimizer_by_hand():
 
 
 def test_network_gradient_is_the_weighted_loss_gradient_unlike_the_seed():
-    """The seed also back-propagates its GradNorm loss into the network (TECHNIQUES.md 2.3 quirk 1)."""
+    """The seed also back-propagates its GradNorm loss into the network (docs/loss-weighting.md, "What gradnorm-pytorch does", item 1)."""
     seed = pytest.importorskip("gradnorm_pytorch", reason="gradnorm-pytorch not installed")
     from gradnorm_pytorch.mocks import MockNetworkWithMultipleLosses
 

@@ -34,5 +34,5 @@ def tune(depth):
 for depth in (4, 8):
     new_params, multipliers = tune(depth)
 
-# train with the multipliers in front of the optimizer (c_l * a_l^2 per tensor; TECHNIQUES.md 5.2)
+# train with the multipliers in front of the optimizer (c_l * a_l^2 per tensor; docs/init-scale.md)
 tx = gx.chain(gx.scale_by_empirical_init(multipliers), gx.sgd(1e-3, momentum=0.9))

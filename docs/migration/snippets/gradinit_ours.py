@@ -39,7 +39,7 @@ print(f"||g||_2 at init: {grad_norm(params):.1f}")
 same, r1 = gx.gradinit(model, params, batches, F.cross_entropy, lr=0.01, gamma=1.0, p=2, simplified=True,
                        scale_tx=gx.gradinit_scale_tx(tau=0.01, alpha=0.01, clip=None))
 show("package objective, no clip", r1, same)
-# 2. the same objective with the default clip of the scale gradients (TECHNIQUES.md 1.3 item 8)
+# 2. the same objective with the default clip of the scale gradients (docs/migration/gradinit.md, "What differs and why")
 clipped, r2 = gx.gradinit(model, params, batches, F.cross_entropy, lr=0.01, gamma=1.0, p=2, simplified=True,
                           tau=0.01, alpha=0.01)
 show("package objective, clip 1", r2, clipped)
