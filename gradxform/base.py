@@ -393,7 +393,7 @@ def stateless(fn: Callable[..., Updates]) -> GradientTransformation:
     takes_own = code is not None and "own" in code.co_varnames[:code.co_argcount]
 
     def init(params: Params) -> EmptyState:
-        del params
+        _tree.check_tree_root(params)  # tx.init(model.parameters()) fails here, with the fix named
         return EmptyState()
 
     def update(updates: Updates, state: EmptyState, params: Params | None = None) -> tuple[Updates, EmptyState]:
@@ -413,7 +413,7 @@ def identity() -> GradientTransformation:
     """The transform that returns its updates unchanged: ``u -> u``."""
 
     def init(params: Params) -> EmptyState:
-        del params
+        _tree.check_tree_root(params)
         return EmptyState()
 
     def update(updates: Updates, state: EmptyState, params: Params | None = None) -> tuple[Updates, EmptyState]:
@@ -465,6 +465,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     union_check = ExtraArgs(optional=union.names, accepts_any=False)
 
     def init(params: Params) -> tuple[Any, ...]:
+        _tree.check_tree_root(params)  # before a member consumes a generator
         return tuple(tx.init(params) for tx in members)
 
     def owned_update(updates: Updates, state: tuple[Any, ...], params: Params | None, own: Ownership,
