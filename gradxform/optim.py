@@ -213,7 +213,11 @@ class Optimizer(torch.optim.Optimizer):
         tx = self._tx(group)
         params = group["params"]
         ps = [_real(p) for p in params]
-        state = _sm.gather(self._layout_for(tx, ps), tx, group, self.state, ps, live, self._synced(tx, params))
+        key = ("absent", id(tx), tuple(id(p) for p in params))
+        if key not in self._gx_cache:
+            self._gx_cache[key] = _sm.absent_records(tx, ps)
+        state = _sm.gather(self._layout_for(tx, ps), tx, group, self.state, ps, live, self._synced(tx, params),
+                           self._gx_cache[key])
         _sm.sync_in(state, group, gi)
         return tx, state
 

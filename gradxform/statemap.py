@@ -32,7 +32,7 @@ from .base import GradientTransformation, chain, info_of
 from .checkpoint import _children
 from .combine import find_injected as _find_injected
 
-__all__ = ["Layout", "layout_of_template", "gather", "scatter", "sync_in", "options", "for_group",
+__all__ = ["Layout", "layout_of_template", "absent_records", "gather", "scatter", "sync_in", "options", "for_group",
            "probe_hyperparams", "hyperparam_values", "check_loadable", "upgrade_v1"]
 
 logger = logging.getLogger(__name__)
@@ -188,10 +188,12 @@ def layout_of_template(template: Any, n: int) -> Layout:
 
 
 def gather(layout: Layout, tx: GradientTransformation, group: dict[str, Any], opt_state: Mapping[Any, Any],
-           ps: list[torch.Tensor], live: list[bool], synced: dict[str, torch.Tensor]) -> Any:
+           ps: list[torch.Tensor], live: list[bool], synced: dict[str, torch.Tensor],
+           absent: frozenset[int] = frozenset()) -> Any:
     """The transform state of a group, read from ``opt.state`` and ``group["tx_state"]``;
     params without state that have a gradient now get their initial state, the others
-    ``None`` (frozen)."""
+    ``None`` (frozen). ``absent``: the records that the transform keeps as ``None`` for their
+    param (e.g. Adafactor's row statistics of a vector), from `absent_records`."""
     params = group["params"]
     per_param_keys = {key for i, key in layout.records if i is not None and i >= 0 and key != STEPPED}
     stored = [opt_state.get(p) or {} for p in params]
@@ -200,7 +202,8 @@ def gather(layout: Layout, tx: GradientTransformation, group: dict[str, Any], op
     need = [live[i] and not has[i] for i in range(len(params))]
     # a buffer the transform keeps now but the param's state lacks (the group switched a block
     # on, e.g. momentum): created at its initial value, as torch.optim creates state lazily
-    partial = [has[i] and not all(key in stored[i] for j, key in layout.records if j == i and key != STEPPED)
+    partial = [has[i] and not all(key in stored[i] for k, (j, key) in enumerate(layout.records)
+                                  if j == i and key != STEPPED and k not in absent)
                for i in range(len(params))]
     fresh: list[Any] = []
     if any(need) or any(partial) or not layout.shared <= shared.keys():
@@ -222,6 +225,9 @@ def gather(layout: Layout, tx: GradientTransformation, group: dict[str, Any], op
             leaves.append(torch.ones((), dtype=torch.int64))
         else:
             t = stored[i].get(key)
+            if t is None and j in absent:
+                leaves.append(None)
+                continue
             if t is None:
                 t = fresh[j]
             elif key == "step" and not isinstance(t, torch.Tensor):
@@ -232,6 +238,17 @@ def gather(layout: Layout, tx: GradientTransformation, group: dict[str, Any], op
                 t = torch.view_as_real(t)
             leaves.append(t)
     return optree.tree_unflatten(layout.spec, leaves)
+
+
+def absent_records(tx: GradientTransformation, ps: list[torch.Tensor]) -> frozenset[int]:
+    """The records whose leaf ``tx.init`` leaves ``None`` for their param, from an init on meta
+    tensors (no allocation; empty if the transform's init needs real values)."""
+    try:
+        template = tx.init([torch.empty_like(p, device="meta") for p in ps])
+    except Exception:  # noqa: BLE001 - an init that needs real values
+        logger.debug("meta init failed; every per-param buffer is taken as kept", exc_info=True)
+        return frozenset()
+    return frozenset(j for j, leaf in enumerate(optree.tree_flatten(template, none_is_leaf=True)[0]) if leaf is None)
 
 
 def scatter(layout: Layout, group: dict[str, Any], opt_state: Any, ps: list[torch.Tensor], new_state: Any,
