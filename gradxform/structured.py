@@ -67,6 +67,11 @@ def _scalar_lr(lr: Any) -> Any:
     return lr
 
 
+def _lr_dtype(lr: Any) -> torch.dtype | None:
+    """The dtype of a tensor lr: torch.optim's Muon and SparseAdam compute their step sizes in it."""
+    return lr.dtype if isinstance(lr, torch.Tensor) and lr.is_floating_point() else None
+
+
 def _nonzero(x: Any) -> bool:
     if callable(x) and not isinstance(x, torch.Tensor):
         return True
@@ -418,6 +423,7 @@ def scale_by_muon(
     ns_steps: int = 5,
     adjust_lr_fn: str | None = None,
     ns_dtype: torch.dtype | None = torch.bfloat16,
+    apply_ratio: bool = True,
 ) -> GradientTransformation:
     """Muon's direction for 2-D leaves, as ``torch.optim.Muon``.
 
@@ -433,6 +439,8 @@ def scale_by_muon(
         ns_coefficients, eps, ns_steps: of the Newton-Schulz iteration.
         adjust_lr_fn: ``None``, ``"original"`` or ``"match_rms_adamw"``.
         ns_dtype: the dtype of the iteration (torch: ``bfloat16``; ``None``: the leaf's).
+        apply_ratio: multiply by ``r`` (``False``: leave it to a later step, as `muon` does to
+            round as torch, which folds it into the learning rate).
 
     Returns:
         A transform with state `ScaleByMuonState` (torch's key ``momentum_buffer``).
@@ -489,20 +497,53 @@ def scale_by_muon(
             mixed = [x + mu.to(x.dtype) * (b - x) for x, b in zip(g, buf)]
         else:
             mixed = list(_fe.lerp(g, buf, mu))
-        out = [orthogonalize_via_newton_schulz(m, coeffs, ns_steps, eps, ns_dtype).to(m.dtype)
-               * _muon_ratio(m.shape, adjust_lr_fn) for m in mixed]
+        out = [orthogonalize_via_newton_schulz(m, coeffs, ns_steps, eps, ns_dtype).to(m.dtype) for m in mixed]
+        if apply_ratio:
+            out = [o * _muon_ratio(o.shape, adjust_lr_fn) for o in out]
         return flat.rebuild(out), ScaleByMuonState(flat.rebuild(buf, like=state.momentum_buffer))
 
     return owned_transform(init, owned_update)
 
 
+def _muon_step(lr: Any, weight_decay: Any, adjust_lr_fn: str | None, use_weight_decay: bool,
+               lr_dtype: torch.dtype | None) -> GradientTransformation:
+    """torch.optim.Muon's param update from the orthogonalised ``O`` (ratio not applied):
+    ``p_new = p (1 - lr wd) - (lr r) O``, returned as ``p_new - p`` (exact where ``p_new`` is within
+    a factor 2 of ``p``, so that the params follow torch's rounding)."""
+    from .base import stateless
+
+    def update_fn(updates: Updates, params: Params | None) -> Updates:
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates
+        ps = flat.params_live(params, "muon")
+        lr_, wd = _tree.as_scalar(lr), _tree.as_scalar(weight_decay)
+        out = []
+        for o, p in zip(flat.live, ps):
+            ratio = _muon_ratio(o.shape, adjust_lr_fn)
+            if lr_dtype is not None and not isinstance(lr_, torch.Tensor):
+                # torch.optim computes with a tensor lr in its dtype (e.g. float32)
+                lr_t = torch.tensor(lr_, dtype=lr_dtype)
+                new = p * (1 - lr_t * wd) if use_weight_decay else p
+                out.append(torch.add(new, o, alpha=-float(lr_t * ratio)) - p)
+                continue
+            new = p * (1 - lr_ * wd) if use_weight_decay else p
+            if isinstance(lr_, torch.Tensor):
+                new = new - (lr_ * ratio).to(o.dtype) * o
+            else:
+                new = torch.add(new, o, alpha=-(lr_ * ratio))
+            out.append(new - p)
+        return flat.rebuild(out)
+
+    update_fn.__qualname__ = "muon"
+    return stateless(update_fn)
+
+
 def _muon(lr: Any, weight_decay: Any, momentum: Any, nesterov: bool, ns_coefficients: tuple[float, ...], eps: float,
-          ns_steps: int, adjust_lr_fn: str | None, use_weight_decay: bool) -> GradientTransformation:
-    parts = [scale_by_muon(momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn)]
-    if use_weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_learning_rate(lr))
-    return chain(*parts)
+          ns_steps: int, adjust_lr_fn: str | None, use_weight_decay: bool, lr_dtype: torch.dtype | None
+          ) -> GradientTransformation:
+    return chain(scale_by_muon(momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, apply_ratio=False),
+                 _muon_step(lr, weight_decay, adjust_lr_fn, use_weight_decay, lr_dtype))
 
 
 @recorded
@@ -518,10 +559,13 @@ def muon(
 ) -> GradientTransformation:
     """Muon as ``torch.optim.Muon``, for 2-D params.
 
-    ``p <- p - lr (r NS(M_t) + wd p)``: `scale_by_muon` (momentum, Newton-Schulz in bfloat16, the
-    shape ratio ``r``), then decoupled decay with the params before the step, then ``-lr``
-    (``chain(scale_by_muon, add_decayed_weights, scale_by_learning_rate)`` inside
-    ``inject_hyperparams``: ``lr``, ``weight_decay`` and ``momentum`` are live group keys).
+    ``p <- p (1 - lr wd) - lr r NS(M_t)``: `scale_by_muon` (momentum, Newton-Schulz in bfloat16),
+    then decoupled decay with the params before the step and the step with the shape-adjusted rate
+    ``lr r``, rounded as torch (``chain(scale_by_muon(apply_ratio=False), <step>)`` inside
+    ``inject_hyperparams``: ``lr``, ``weight_decay`` and ``momentum`` are live group keys). Equal
+    in exact arithmetic to ``chain(scale_by_muon(), add_decayed_weights(wd),
+    scale_by_learning_rate(lr))``; the bfloat16 iteration turns any last-bit difference upstream
+    into a visible one, hence the torch rounding.
 
     Muon is for the matrices of hidden layers; send biases, gains and embeddings to AdamW::
 
@@ -556,10 +600,11 @@ def muon(
     if adjust_lr_fn not in _ADJUST:
         raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw'; got {adjust_lr_fn!r}")
     return inject_hyperparams(
-        _muon, static_args=("nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn", "use_weight_decay"))(
+        _muon, static_args=("nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn", "use_weight_decay",
+                            "lr_dtype"))(
         lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
         ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
-        use_weight_decay=_nonzero(weight_decay))
+        use_weight_decay=_nonzero(weight_decay), lr_dtype=_lr_dtype(lr))
 
 
 # --- L-BFGS -------------------------------------------------------------------------------------
@@ -997,7 +1042,7 @@ SparseAdamState.torch_state_keys = MappingProxyType(  # type: ignore[attr-define
     {"count": "step", "mu": "exp_avg", "nu": "exp_avg_sq"})
 
 
-def _sparse_adam(lr: Any, betas: Any, eps: Any, maximize: bool) -> GradientTransformation:
+def _sparse_adam(lr: Any, betas: Any, eps: Any, maximize: bool, lr_dtype: torch.dtype | None) -> GradientTransformation:
     def init(params: Params) -> SparseAdamState:
         zeros = _tree.tree_zeros_like
         return SparseAdamState(_leaf_counts(params), zeros(params), zeros(params))
@@ -1022,7 +1067,8 @@ def _sparse_adam(lr: Any, betas: Any, eps: Any, maximize: bool) -> GradientTrans
                 g = -g
             t: Any = float(int(c)) if eager else c.to(torch.float64)
             if eager and not any(isinstance(x, torch.Tensor) for x in (b1, b2, lr_)):
-                step_size: Any = lr_ * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                lr_t = lr_ if lr_dtype is None else torch.tensor(lr_, dtype=lr_dtype)  # torch's tensor-lr rounding
+                step_size: Any = lr_t * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
             else:
                 step_size = lr_ * torch.sqrt(1 - torch.as_tensor(b2, dtype=torch.float64) ** t) / (
                     1 - torch.as_tensor(b1, dtype=torch.float64) ** t)
@@ -1115,8 +1161,8 @@ def sparse_adam(
         raise ValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
     check_float("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
     check_float("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
-    return inject_hyperparams(_sparse_adam, static_args=("maximize",))(
-        lr=lr, betas=tuple(betas), eps=eps, maximize=maximize)
+    return inject_hyperparams(_sparse_adam, static_args=("maximize", "lr_dtype"))(
+        lr=lr, betas=tuple(betas), eps=eps, maximize=maximize, lr_dtype=_lr_dtype(lr))
 
 
 _tree.register_state_types(FactoredRmsState, ScaleByMuonState, LbfgsState, SparseAdamState)

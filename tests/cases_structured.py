@@ -70,7 +70,7 @@ def _orthogonalize_leaves():
 CASES = {
     "scale_by_factored_rms": lambda: gx.scale_by_factored_rms(),
     "adafactor": lambda: gx.adafactor(0.1, weight_decay=0.1),
-    "adafactor_maximize": lambda: gx.adafactor(gx.cosine_decay_schedule(0.1, 10), d=1.5, eps=(1e-30, 1e-3),
+    "adafactor_maximize": lambda: gx.adafactor(0.1, d=1.5, eps=(1e-30, 1e-3),
                                                maximize=True),
     "orthogonalize_via_newton_schulz": _orthogonalize_leaves,
     "scale_by_muon": lambda: gx.partition({"muon": gx.scale_by_muon(), "adamw": gx.identity()}, _by_ndim),
