@@ -769,9 +769,11 @@ def _lbfgs_core(lr: Any, max_iter: int, max_eval: int, tolerance_grad: float, to
                             "f(params) -> (loss, grads); through gx.Optimizer: opt.step(closure, "
                             "value_and_grad_fn=gx.value_and_grad_from_closure(params, closure))")
         sizes = [p.numel() for p in ps]
-        if state.d.numel() != sum(sizes):
+        # (a fresh state is rebuilt by the first iteration: init may have seen fewer params, as
+        # gx.Optimizer initialises only the params that have a gradient)
+        if int(state.n_iter) > 0 and state.d.numel() != sum(sizes):
             raise ValueError(f"the lbfgs state holds {state.d.numel()} entries but the params have "
-                             f"{sum(sizes)}: the state was made by init() on other params")
+                             f"{sum(sizes)}: the state was made for other params")
 
         def grads_flat(g_leaves: Sequence[Any]) -> torch.Tensor:
             # a leaf without a gradient counts as a zero gradient (as torch.optim.LBFGS)
