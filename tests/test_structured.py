@@ -125,12 +125,12 @@ def test_adafactor_functional_equals_torch(kw, dtype):
     names = [n for n, _ in make_model().named_parameters()]
     model_t = make_model(dtype)
     opt_t = torch.optim.Adafactor(model_t.parameters(), **_fresh(kw))
-    torch_steps(model_t, opt_t, range(100))
-    got = run_functional(gx.adafactor(**_fresh(kw)), make_model(dtype), names, 100)
+    torch_steps(model_t, opt_t, range(50))
+    got = run_functional(gx.adafactor(**_fresh(kw)), make_model(dtype), names, 50)
     assert_params(got, list(model_t.parameters()), dtype)
 
 
-def _adapter_run(name, make_tx, make_torch, kw, path, params_of, steps=40, ckpt_at=17):
+def _adapter_run(name, make_tx, make_torch, kw, path, params_of, steps=25, ckpt_at=12):
     """gx.Optimizer vs torch.optim with a StepLR on the way and a checkpoint round trip at
     ``ckpt_at`` (the resumed twin continues bit-exact with the uninterrupted one)."""
     model_t, model_g = make_model(), make_model()
@@ -214,8 +214,8 @@ def test_muon_functional_equals_torch(kw, dtype):
     names = [n for n, p in make_model().named_parameters() if p.ndim == 2]
     model_t = make_model(dtype)
     opt_t = torch.optim.Muon(_matrices(model_t), **_fresh(kw))
-    torch_steps(model_t, opt_t, range(60))
-    got = run_functional(gx.muon(**_fresh(kw)), make_model(dtype), names, 60)
+    torch_steps(model_t, opt_t, range(40))
+    got = run_functional(gx.muon(**_fresh(kw)), make_model(dtype), names, 40)
     assert_params(got, _matrices(model_t), dtype)
 
 
