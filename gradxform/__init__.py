@@ -375,3 +375,25 @@ __all__ += [
     "optimistic_adam", "amsgrad", "adamaxw", "nadamw", "optax_rprop",
 ]
 # --- end optax_optimizers ---
+# --- catalog: gradxform.structured (Adafactor, Muon, L-BFGS, SparseAdam) ---
+from .structured import (
+    FactoredRmsState,
+    LbfgsState,
+    ScaleByMuonState,
+    SparseAdamState,
+    adafactor,
+    lbfgs,
+    muon,
+    orthogonalize_via_newton_schulz,
+    scale_by_factored_rms,
+    scale_by_muon,
+    sparse_adam,
+    value_and_grad_from_closure,
+)
+
+__all__ += [
+    "FactoredRmsState", "LbfgsState", "ScaleByMuonState", "SparseAdamState", "adafactor", "lbfgs", "muon",
+    "orthogonalize_via_newton_schulz", "scale_by_factored_rms", "scale_by_muon", "sparse_adam",
+    "value_and_grad_from_closure",
+]
+# --- end catalog: gradxform.structured ---
