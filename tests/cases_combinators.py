@@ -58,3 +58,9 @@ NOT_TRANSFORMS = {
     "ema_params", "lookahead_params", "per_example_grads", "per_example_global_norm_clip",
     "per_example_layer_norm_clip",
 }
+
+# Harness limits not lifted yet (name -> reason), read by tests/test_purity.py::KNOWN_GAPS.
+KNOWN_GAPS = {"checkpoint": {
+    "lookahead_reset": "lookahead(reset_state=True) re-initialises the fast state at a sync with the params it "
+                       "gets, so a frozen leaf's slots change between None and a tensor: gx.state_from_dict's "
+                       "template from tx.init does not match (a known gap)"}}

@@ -11,7 +11,7 @@ import torch
 
 import gradxform as gx
 from helpers import assert_trees_equal, make_mlp
-from test_purity import CASES, _grads, _params
+from test_purity import CASES, KNOWN_GAPS, _grads, _params
 
 
 def _steps(tx, params, state, seeds):
@@ -30,6 +30,8 @@ def _roundtrip(obj):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_resume_is_bit_exact(name):
+    if name in KNOWN_GAPS.get("checkpoint", {}):
+        pytest.skip(KNOWN_GAPS["checkpoint"][name])
     tx = CASES[name]()
     p0 = _params()
     straight_p, straight_s = _steps(tx, p0, tx.init(p0), range(6))

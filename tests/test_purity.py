@@ -139,6 +139,15 @@ NOT_TRANSFORMS = {
 for _module in CATALOG_MODULES:  # a catalog module may declare its public non-transform functions
     NOT_TRANSFORMS |= set(getattr(_module, "NOT_TRANSFORMS", ()))
 
+# Cases a harness cannot run, each with the reason, declared by the catalog modules: EAGER_ONLY
+# (branches on loss values, as torch.optim.LBFGS: no compiled step) and KNOWN_GAPS
+# ({harness: {name: reason}} for a limit not yet lifted).
+EAGER_ONLY = frozenset().union(*(getattr(m, "EAGER_ONLY", ()) for m in CATALOG_MODULES))
+KNOWN_GAPS: dict[str, dict[str, str]] = {}
+for _module in CATALOG_MODULES:
+    for _harness, _names in getattr(_module, "KNOWN_GAPS", {}).items():
+        KNOWN_GAPS.setdefault(_harness, {}).update(_names)
+
 
 def test_every_public_transform_is_covered():
     public = {n for n in gx.__all__ if not n.endswith("State")} - NOT_TRANSFORMS
