@@ -694,7 +694,12 @@ def scale_by_rprop(learning_rate: float | torch.Tensor = 1e-2, eta_minus: float 
                 if t == 1:
                     sizes[i] = sizes[i].fill_(lr) if inplace else torch.full_like(sizes[i], lr)
         else:
-            sizes = [torch.where(c == 1, torch.as_tensor(lr, dtype=d.dtype), d) for c, d in zip(counts, sizes)]
+            started = [torch.where(c == 1, torch.as_tensor(lr, dtype=d.dtype), d) for c, d in zip(counts, sizes)]
+            if inplace:  # a donating compiled step keeps its buffers
+                for d, x in zip(sizes, started):
+                    d.copy_(x)
+            else:
+                sizes = started
         s = _sign(_fe.mul(g, prev))
         new_sizes, new_prev, out = [], [], []
         for x, d, p, sg in zip(g, sizes, prev, s):
