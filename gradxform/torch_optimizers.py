@@ -76,7 +76,7 @@ __all__ = [
 # foreach kernels that gradxform._foreach does not list (same fallback inside torch.func)
 _abs = _fe._op("abs", torch.abs)
 _sign = _fe._op("sign", torch.sign)
-_sqrt_ = _fe._op("sqrt_", torch.sqrt)
+_sqrt_ = _fe._op("sqrt_", _fe._safe_sqrt)
 _addcdiv_ = _fe._op("addcdiv_", lambda x, a, b, value=1: torch.addcdiv(x, a, b, value=value))
 _reciprocal_ = _fe._op("reciprocal_", torch.reciprocal)
 

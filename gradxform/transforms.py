@@ -87,6 +87,7 @@ class _Flat:
 
 
 _addcmul = _fe._op("addcmul", lambda x, a, b, value=1: torch.addcmul(x, a, b, value=value))
+_sqrt_ = _fe._op("sqrt_", _fe._safe_sqrt)
 
 
 def _mul(xs: list[torch.Tensor], s: Any, inplace: bool) -> list[torch.Tensor]:
@@ -488,16 +489,27 @@ def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor =
         if centered:
             grad_avg = _ema(flat.state_live(state.grad_avg, "state.grad_avg"), g, d, own.state)
             base = list(_addcmul(nu, grad_avg, grad_avg, value=-1.0))  # v - m^2, as torch.optim
+        # base is private when centered (a new v - m^2): the root and eps go into it
         if eps_in_sqrt:
             if centered:
                 _fe.add_(base, e)
             else:
                 base = list(_fe.add(base, e))
-            denom = _fe.sqrt(base)
+            _sqrt_(base)
+            denom = base
         else:
-            denom = _fe.sqrt(base)
+            if centered:
+                _sqrt_(base)
+                denom = base
+            else:
+                denom = list(_fe.sqrt(base))
             _fe.add_(denom, e)
-        out = list(_fe.div(g, denom))
+        if _tree.traced():
+            out = list(_fe.div(g, denom))
+        else:  # the denominator is private to this call: the quotient goes into it
+            for x, dd in zip(g, denom):
+                torch.div(x, dd, out=dd)
+            out = denom
         new_state = ScaleByRmsState(
             flat.rebuild(nu, like=state.nu),
             flat.rebuild(grad_avg, like=state.grad_avg) if centered else None,
