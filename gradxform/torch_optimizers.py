@@ -205,6 +205,10 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float | torch.Tens
         if _owned_out(flat, own):
             _fe.div_(g, denom)
             out = g
+        elif not _tree.traced():  # the denominator is private to this call: the quotient goes into it
+            for x, d in zip(g, denom):
+                torch.div(x, d, out=d)
+            out = denom
         else:
             out = list(_fe.div(g, denom))
         new_state = ScaleByRssState(flat.rebuild(counts, like=state.count), flat.rebuild(s, like=state.sum_of_squares))
