@@ -483,7 +483,8 @@ def scale_by_nadam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
             t = _f64(counts)
             mus_t = [beta1 * (1.0 - 0.5 * 0.96 ** (x * psi)) for x in t]
             nexts_t = [beta1 * (1.0 - 0.5 * 0.96 ** ((x + 1.0) * psi)) for x in t]
-            new_products = [(pr.to(sdtype) * m).to(sdtype) for pr, m in zip(products, mus_t)]
+            # as the eager ``P * mu`` with a Python float: mu rounded to the scalar dtype first
+            new_products = [pr.to(sdtype) * m.to(sdtype) for pr, m in zip(products, mus_t)]
             pv_t = [p.to(torch.float64) for p in new_products]
             bc_sqrt_t = [(1.0 - beta2**x) ** 0.5 for x in t]
             c_g = [(1.0 - m) / (1.0 - p) * s for m, p, s in zip(mus_t, pv_t, bc_sqrt_t)]
