@@ -116,7 +116,7 @@ def assert_same(model_g: nn.Module, opt_g: torch.optim.Optimizer, model_t: nn.Mo
         if exact:
             assert torch.equal(pg, pt), f"{name}: param differs"
         else:
-            torch.testing.assert_close(pg.detach(), pt.detach(), msg=lambda m: f"{name}: {m}", **tol)
+            torch.testing.assert_close(pg.detach(), pt.detach(), msg=lambda m, n=name: f"{n}: {m}", **tol)
         st, sg = opt_t.state[pt], opt_g.state[pg]
         assert set(sg) == set(st), f"{name}: opt.state[p] keys {sorted(sg)}, torch's {sorted(st)}"
         for key, want in st.items():
@@ -126,7 +126,7 @@ def assert_same(model_g: nn.Module, opt_g: torch.optim.Optimizer, model_t: nn.Mo
             elif exact:
                 assert torch.equal(got, want), f"{name}: state {key} differs"
             else:
-                torch.testing.assert_close(got.to(want.dtype), want, msg=lambda m: f"{name} {key}: {m}", **tol)
+                torch.testing.assert_close(got.to(want.dtype), want, msg=lambda m, n=name, k=key: f"{n} {k}: {m}", **tol)
 
 
 # --- every db configuration: torch.optim = gx.Optimizer (both paths) = the functional API -----------
