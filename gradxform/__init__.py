@@ -397,3 +397,39 @@ __all__ += [
     "value_and_grad_from_closure",
 ]
 # --- end catalog: gradxform.structured ---
+# --- torch_optimizers (issue 17: torch.optim's other optimizers) ---
+from .torch_optimizers import (
+    ScaleByAdadeltaState,
+    ScaleByAdamaxState,
+    ScaleByAsgdState,
+    ScaleByNadamState,
+    ScaleByRpropState,
+    ScaleByRssState,
+    adadelta,
+    adagrad,
+    adamax,
+    asgd,
+    averaged_params,
+    nadam,
+    radam,
+    rmsprop,
+    rprop,
+    scale_by_adadelta,
+    scale_by_adamax,
+    scale_by_asgd,
+    scale_by_nadam,
+    scale_by_radam,
+    scale_by_rprop,
+    scale_by_rss,
+)
+
+tree.register_state_types(ScaleByRssState, ScaleByAdadeltaState, ScaleByAdamaxState, ScaleByNadamState,
+                          ScaleByRpropState, ScaleByAsgdState)
+_TORCH_OPTIMIZERS_ALL = [
+    "ScaleByRssState", "ScaleByAdadeltaState", "ScaleByAdamaxState", "ScaleByNadamState", "ScaleByRpropState",
+    "ScaleByAsgdState", "scale_by_rss", "scale_by_adadelta", "scale_by_adamax", "scale_by_nadam", "scale_by_radam",
+    "scale_by_rprop", "scale_by_asgd", "averaged_params", "adagrad", "adadelta", "adamax", "nadam", "radam",
+    "rmsprop", "rprop", "asgd",
+]
+__all__ += _TORCH_OPTIMIZERS_ALL
+# --- end torch_optimizers ---

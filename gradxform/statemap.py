@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 STEPPED = "#stepped"  # a per-param count that only says whether the param was stepped: not stored
 # hyperparameters that are a tuple of numbers (torch.optim's ``betas``); any other 1-d value is a
 # per-model vector of `gradxform.batched`
-_TUPLE_HYPERPARAMS = frozenset({"betas"})
+_TUPLE_HYPERPARAMS = frozenset({"betas", "etas", "step_sizes"})
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:

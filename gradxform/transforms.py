@@ -86,6 +86,10 @@ class _Flat:
         return _tree.tree_unflatten(self.spec, _tree.scatter(base, self.idx, new_live))
 
 
+_addcmul = _fe._op("addcmul", lambda x, a, b, value=1: torch.addcmul(x, a, b, value=value))
+_sqrt_ = _fe._op("sqrt_", _fe._safe_sqrt)
+
+
 def _mul(xs: list[torch.Tensor], s: Any, inplace: bool) -> list[torch.Tensor]:
     if inplace:
         _fe.mul_(xs, s)
@@ -411,23 +415,63 @@ ScaleByAdamState.torch_state_keys = MappingProxyType(  # type: ignore[attr-defin
 
 
 class ScaleByRmsState(NamedTuple):
-    """``nu``: the running mean of squared updates (params-shaped)."""
+    """``nu``: the running mean of squared updates (params-shaped); ``grad_avg``: the running
+    mean of the updates (``centered=True``) or ``None``; ``count``: each leaf's step count
+    (``count_steps=True``, as torch.optim.RMSprop's ``step``) or ``None``."""
 
     nu: Any
+    grad_avg: Any = None
+    count: Any = None
+
+
+# torch.optim.RMSprop's names for these buffers in ``opt.state[p]``
+ScaleByRmsState.torch_state_keys = MappingProxyType(  # type: ignore[attr-defined]
+    {"nu": "square_avg", "grad_avg": "grad_avg", "count": "step"})
 
 
 @recorded
 def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor = 1e-8,
-                 initial_scale: float = 0.0) -> GradientTransformation:
+                 initial_scale: float = 0.0, *, centered: bool = False, eps_in_sqrt: bool = False,
+                 count_steps: bool = False) -> GradientTransformation:
     """RMSProp's preconditioning (Tieleman & Hinton, 2012), eps placed as torch.optim.RMSprop.
 
     ``v_t = decay v + (1 - decay) g^2``; ``u = g / (sqrt(v_t) + eps)``; ``v_0 = initial_scale``.
+    With ``centered=True`` (Graves, 2013, arXiv 1308.0850, eq. 38) also
+    ``m_t = decay m + (1 - decay) g`` and ``u = g / (sqrt(v_t - m_t^2) + eps)``.
+    ``eps_in_sqrt=True`` gives optax's placement ``u = g / sqrt(v_t + eps)`` (optax's default;
+    torch.optim.RMSprop adds eps outside the root, as this block does by default).
+
+    Args:
+        decay: the averaging constant (torch's ``alpha``), in [0, 1].
+        eps: added to the denominator.
+        initial_scale: the initial value of ``v``.
+        centered: subtract the squared running mean of the updates (torch's ``centered``,
+            optax's ``scale_by_stddev``).
+        eps_in_sqrt: add eps inside the root (optax) instead of outside (torch).
+        count_steps: keep each leaf's step count in the state (torch.optim.RMSprop's ``step``;
+            the rule does not use it).
+
+    Returns:
+        The transform; its state is `ScaleByRmsState`.
+
+    Raises:
+        ValueError: decay outside [0, 1] or a negative eps.
+
+    References:
+        Tieleman & Hinton, Lecture 6.5 of "Neural Networks for Machine Learning" (2012);
+        Graves, "Generating sequences with recurrent neural networks", arXiv 1308.0850;
+        https://pytorch.org/docs/stable/generated/torch.optim.RMSprop.html
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_rms(0.99, centered=True), gx.scale_by_learning_rate(1e-2))
     """
     check_float("decay", decay, low=0.0, high=1.0)
     check_float("eps", eps, low=0.0)
 
     def init(params: Params) -> ScaleByRmsState:
-        return ScaleByRmsState(_tree.tree_map(lambda p: torch.full_like(p, initial_scale), params))
+        nu = _tree.tree_map(lambda p: torch.full_like(p, initial_scale), params)
+        return ScaleByRmsState(nu, _tree.tree_zeros_like(params) if centered else None,
+                               _leaf_counts(params) if count_steps else None)
 
     def owned_update(updates: Updates, state: ScaleByRmsState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByRmsState]:
@@ -437,11 +481,40 @@ def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor =
         if not flat.live:
             return updates, state
         d, e = _tree.as_scalar(decay), _tree.as_scalar(eps)
-        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, own.state)
-        denom = _fe.sqrt(nu)
-        _fe.add_(denom, e)
-        out = list(_fe.div(flat.live, denom))
-        return flat.rebuild(out), ScaleByRmsState(flat.rebuild(nu, like=state.nu))
+        g = flat.live
+        counts = _step_counts(flat, state.count, own.state) if count_steps else None
+        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), g, d, own.state)
+        grad_avg = None
+        base = nu
+        if centered:
+            grad_avg = _ema(flat.state_live(state.grad_avg, "state.grad_avg"), g, d, own.state)
+            base = list(_addcmul(nu, grad_avg, grad_avg, value=-1.0))  # v - m^2, as torch.optim
+        # base is private when centered (a new v - m^2): the root and eps go into it
+        if eps_in_sqrt:
+            if centered:
+                _fe.add_(base, e)
+            else:
+                base = list(_fe.add(base, e))
+            _sqrt_(base)
+            denom = base
+        else:
+            if centered:
+                _sqrt_(base)
+                denom = base
+            else:
+                denom = list(_fe.sqrt(base))
+            _fe.add_(denom, e)
+        if _tree.traced():
+            out = list(_fe.div(g, denom))
+        else:  # the denominator is private to this call: the quotient goes into it
+            for x, dd in zip(g, denom):
+                torch.div(x, dd, out=dd)
+            out = denom
+        new_state = ScaleByRmsState(
+            flat.rebuild(nu, like=state.nu),
+            flat.rebuild(grad_avg, like=state.grad_avg) if centered else None,
+            flat.rebuild(counts, like=state.count) if count_steps else None)
+        return flat.rebuild(out), new_state
 
     return owned_transform(init, owned_update)
 

@@ -143,6 +143,8 @@ for _module in CATALOG_MODULES:  # a catalog module may declare its public non-t
 # (branches on loss values, as torch.optim.LBFGS: no compiled step) and KNOWN_GAPS
 # ({harness: {name: reason}} for a limit not yet lifted).
 EAGER_ONLY = frozenset().union(*(getattr(m, "EAGER_ONLY", ()) for m in CATALOG_MODULES))
+# cases whose lr only sets the first step size (torch.optim.Rprop): a changing lr has no later effect
+LR_AT_FIRST_STEP_ONLY = frozenset().union(*(getattr(m, "LR_AT_FIRST_STEP_ONLY", ()) for m in CATALOG_MODULES))
 KNOWN_GAPS: dict[str, dict[str, str]] = {}
 for _module in CATALOG_MODULES:
     for _harness, _names in getattr(_module, "KNOWN_GAPS", {}).items():

@@ -1,0 +1,1334 @@
+"""torch.optim's other optimizers as gradxform aliases, and their building blocks.
+
+Each alias has ``torch.optim``'s name (lower case), arguments, defaults and semantics, and is a
+`chain` of public blocks inside `gradxform.inject_hyperparams`, so its numeric hyperparameters
+are live group keys in `gradxform.Optimizer` (LR schedulers work) and ``torch.compile`` takes a
+changed value without recompiling. Blocks carry optax's names where optax has the rule; where
+optax and torch differ in a detail the alias follows torch and the block's docstring says how.
+
+Per-param state uses torch.optim's key names in ``opt.state[p]`` (each state class declares
+them in ``torch_state_keys``), so a torch.optim state dict loads into the gradxform twin and
+continues equal, and the reverse.
+
+Scalar per-param state that torch keeps in its scalar dtype (NAdam's ``mu_product``, ASGD's
+``eta`` and ``mu``: float32 unless the default dtype is float64) is computed in that dtype,
+as torch's uninterrupted run does; torch's ``load_state_dict`` casts such state to the param's
+dtype, and gradxform still rounds it to the scalar dtype, so a resumed run (from a torch or a
+gradxform checkpoint) continues bit for bit as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import torch
+
+from . import _foreach as _fe
+from . import tree as _tree
+from .alias import _check_betas, _nonzero, _scalar_lr
+from .base import GradientTransformation, Ownership, Params, Updates, chain, expect_state, owned_transform, recorded
+from .combine import inject_hyperparams
+from .transforms import (
+    ScalarOrSchedule,
+    ScaleByAdamState,
+    _addcmul,
+    _ema,
+    _ema_sq,
+    _Flat,
+    _leaf_counts,
+    _mul,
+    _step_counts,
+    add_decayed_weights,
+    check_float,
+    scale,
+    scale_by_learning_rate,
+    scale_by_rms,
+    trace,
+)
+
+__all__ = [
+    "ScaleByRssState",
+    "ScaleByAdadeltaState",
+    "ScaleByAdamaxState",
+    "ScaleByNadamState",
+    "ScaleByRpropState",
+    "ScaleByAsgdState",
+    "scale_by_rss",
+    "scale_by_adadelta",
+    "scale_by_adamax",
+    "scale_by_nadam",
+    "scale_by_radam",
+    "scale_by_rprop",
+    "scale_by_asgd",
+    "averaged_params",
+    "adagrad",
+    "adadelta",
+    "adamax",
+    "nadam",
+    "radam",
+    "rmsprop",
+    "rprop",
+    "asgd",
+]
+
+# foreach kernels that gradxform._foreach does not list (same fallback inside torch.func)
+_abs = _fe._op("abs", torch.abs)
+_sign = _fe._op("sign", torch.sign)
+_sqrt_ = _fe._op("sqrt_", _fe._safe_sqrt)
+_addcdiv_ = _fe._op("addcdiv_", lambda x, a, b, value=1: torch.addcdiv(x, a, b, value=value))
+_reciprocal_ = _fe._op("reciprocal_", torch.reciprocal)
+
+
+def _host_steps(counts: list[torch.Tensor]) -> list[int] | None:
+    """The leaves' step counts as ints when they may be read (eager, CPU), else ``None``."""
+    if _tree.traced() or any(c.device.type != "cpu" for c in counts):
+        return None
+    return [int(c) for c in counts]
+
+
+def _f64(counts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [c.to(torch.float64) for c in counts]
+
+
+def _scalar_dtype() -> torch.dtype:
+    """torch.optim's dtype for scalar state (``_get_scalar_dtype``): float64 if the default dtype
+    is float64, else float32."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _each(op: str, xs: list[torch.Tensor], fs: list[Any], inplace: bool) -> list[torch.Tensor]:
+    """``x_i op f_i`` for per-leaf factors: Python numbers (one foreach kernel) or 0-d tensors
+    (the traced paths: per leaf, each result in its leaf's dtype)."""
+    if fs and isinstance(fs[0], torch.Tensor):
+        fn = getattr(torch, op)
+        if inplace and not _tree.pure_ops():
+            for x, f in zip(xs, fs):
+                getattr(x, op + "_")(f.to(x.dtype))
+            return xs
+        return [fn(x, f.to(x.dtype)) for x, f in zip(xs, fs)]
+    if inplace:
+        getattr(_fe, op + "_")(xs, fs)
+        return xs
+    return list(getattr(_fe, op)(xs, fs))
+
+
+def _owned_out(flat: _Flat, own: Ownership) -> bool:
+    return own.may_write(flat.live)
+
+
+# --- Adagrad ------------------------------------------------------------------------------------
+
+
+class ScaleByRssState(NamedTuple):
+    """``count``: each leaf's step count (torch's ``step``); ``sum_of_squares``: the running sum
+    of squared updates (torch's ``sum``)."""
+
+    count: Any
+    sum_of_squares: Any
+
+
+ScaleByRssState.torch_state_keys = MappingProxyType(  # type: ignore[attr-defined]
+    {"count": "step", "sum_of_squares": "sum"})
+
+
+@recorded
+def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float | torch.Tensor = 1e-10,
+                 lr_decay: float | torch.Tensor = 0.0, *, eps_in_sqrt: bool = False) -> GradientTransformation:
+    """Adagrad's preconditioning: divide by the root of the sum of squared updates.
+
+    ``s_t = s_{t-1} + g^2`` (``s_0 = initial_accumulator_value``);
+    ``u = g / (sqrt(s_t) + eps) / (1 + (t - 1) lr_decay)`` with ``t`` the leaf's own step
+    (torch.optim.Adagrad: eps outside the root, lr decay per param). ``eps_in_sqrt=True`` gives
+    optax's ``u = g / sqrt(s_t + eps)`` (zero where ``s_t = 0``). optax's defaults are
+    ``initial_accumulator_value=0.1, eps=1e-7`` with eps inside the root; these are torch's.
+
+    Args:
+        initial_accumulator_value: the initial sum, >= 0.
+        eps: added to the denominator, >= 0.
+        lr_decay: torch's learning-rate decay: the step is divided by ``1 + (t - 1) lr_decay``.
+        eps_in_sqrt: optax's eps placement.
+
+    Returns:
+        The transform; its state is `ScaleByRssState`.
+
+    Raises:
+        ValueError: a negative argument.
+
+    References:
+        Duchi, Hazan & Singer, "Adaptive subgradient methods for online learning and stochastic
+        optimization", JMLR 12 (2011); https://pytorch.org/docs/stable/generated/torch.optim.Adagrad.html;
+        https://optax.readthedocs.io/en/latest/api/transformations.html#optax.scale_by_rss
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_rss(0.1), gx.scale_by_learning_rate(1e-2))
+    """
+    check_float("initial_accumulator_value", initial_accumulator_value, low=0.0)
+    check_float("eps", eps, low=0.0)
+    check_float("lr_decay", lr_decay, low=0.0)
+
+    def init(params: Params) -> ScaleByRssState:
+        return ScaleByRssState(_leaf_counts(params),
+                               _tree.tree_map(lambda p: torch.full_like(p, initial_accumulator_value), params))
+
+    def owned_update(updates: Updates, state: ScaleByRssState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByRssState]:
+        del params
+        expect_state(state, ScaleByRssState, "scale_by_rss")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        e, decay = _tree.as_scalar(eps), _tree.as_scalar(lr_decay)
+        counts = _step_counts(flat, state.count, own.state)
+        g = flat.live
+        s = flat.state_live(state.sum_of_squares, "state.sum_of_squares")
+        if own.state:
+            _fe.addcmul_(s, g, g)
+        else:
+            s = list(_addcmul(s, g, g))
+        if eps_in_sqrt:
+            denom = list(_fe.add(s, e))
+            _sqrt_(denom)
+            # optax: zero where the sum is zero (no update yet seen)
+            denom = [torch.where(x > 0, d, torch.full_like(d, math.inf)) for x, d in zip(s, denom)]
+        else:
+            denom = _fe.sqrt(s)
+            _fe.add_(denom, e)
+        if not (isinstance(decay, (int, float)) and decay == 0):
+            ts = _host_steps(counts)
+            if ts is not None:
+                factors: list[Any] = [1.0 + (t - 1) * decay for t in ts]
+            else:
+                factors = [1.0 + (t - 1.0) * decay for t in _f64(counts)]
+            denom = _each("mul", denom, factors, True)
+        if _owned_out(flat, own):
+            _fe.div_(g, denom)
+            out = g
+        elif not _tree.traced():  # the denominator is private to this call: the quotient goes into it
+            for x, d in zip(g, denom):
+                torch.div(x, d, out=d)
+            out = denom
+        else:
+            out = list(_fe.div(g, denom))
+        new_state = ScaleByRssState(flat.rebuild(counts, like=state.count), flat.rebuild(s, like=state.sum_of_squares))
+        return flat.rebuild(out), new_state
+
+    return owned_transform(init, owned_update)
+
+
+# --- Adadelta -----------------------------------------------------------------------------------
+
+
+class ScaleByAdadeltaState(NamedTuple):
+    """``count``: each leaf's step count (torch's ``step``); ``e_g``: running mean of squared
+    updates (torch's ``square_avg``); ``e_x``: running mean of squared steps (``acc_delta``)."""
+
+    count: Any
+    e_g: Any
+    e_x: Any
+
+
+ScaleByAdadeltaState.torch_state_keys = MappingProxyType(  # type: ignore[attr-defined]
+    {"count": "step", "e_g": "square_avg", "e_x": "acc_delta"})
+
+
+@recorded
+def scale_by_adadelta(rho: float | torch.Tensor = 0.9, eps: float | torch.Tensor = 1e-6) -> GradientTransformation:
+    """Adadelta's preconditioning (Zeiler, 2012).
+
+    ``E[g^2]_t = rho E[g^2] + (1 - rho) g^2``; ``u = sqrt(E[dx^2] + eps) / sqrt(E[g^2]_t + eps) * g``;
+    ``E[dx^2]_t = rho E[dx^2] + (1 - rho) u^2``. torch.optim.Adadelta and optax's
+    ``scale_by_adadelta`` agree on this rule and on eps inside both roots; torch's ``lr``
+    (default 1.0) multiplies ``u`` afterwards and does not enter ``E[dx^2]``.
+
+    Args:
+        rho: the averaging constant, in [0, 1].
+        eps: added inside both roots, >= 0.
+
+    Returns:
+        The transform; its state is `ScaleByAdadeltaState`.
+
+    Raises:
+        ValueError: rho outside [0, 1] or a negative eps.
+
+    References:
+        Zeiler, "ADADELTA: an adaptive learning rate method", arXiv 1212.5701, Algorithm 1;
+        https://pytorch.org/docs/stable/generated/torch.optim.Adadelta.html
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_adadelta(0.9), gx.scale_by_learning_rate(1.0))
+    """
+    check_float("rho", rho, low=0.0, high=1.0)
+    check_float("eps", eps, low=0.0)
+
+    def init(params: Params) -> ScaleByAdadeltaState:
+        zeros = _tree.tree_zeros_like
+        return ScaleByAdadeltaState(_leaf_counts(params), zeros(params), zeros(params))
+
+    def owned_update(updates: Updates, state: ScaleByAdadeltaState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByAdadeltaState]:
+        del params
+        expect_state(state, ScaleByAdadeltaState, "scale_by_adadelta")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        r, e = _tree.as_scalar(rho), _tree.as_scalar(eps)
+        counts = _step_counts(flat, state.count, own.state)
+        g = flat.live
+        e_g = _ema_sq(flat.state_live(state.e_g, "state.e_g"), g, r, own.state)
+        std = list(_fe.add(e_g, e))
+        _sqrt_(std)
+        e_x = flat.state_live(state.e_x, "state.e_x")
+        delta = list(_fe.add(e_x, e))
+        _sqrt_(delta)
+        _fe.div_(delta, std)
+        _fe.mul_(delta, g)
+        e_x = _ema_sq(e_x, delta, r, own.state)
+        new_state = ScaleByAdadeltaState(flat.rebuild(counts, like=state.count), flat.rebuild(e_g, like=state.e_g),
+                                         flat.rebuild(e_x, like=state.e_x))
+        return flat.rebuild(delta), new_state
+
+    return owned_transform(init, owned_update)
+
+
+# --- Adamax -------------------------------------------------------------------------------------
+
+
+class ScaleByAdamaxState(NamedTuple):
+    """``count``: each leaf's step count (torch's ``step``); ``mu``: first moment
+    (``exp_avg``); ``nu``: exponentially weighted infinity norm (``exp_inf``)."""
+
+    count: Any
+    mu: Any
+    nu: Any
+
+
+ScaleByAdamaxState.torch_state_keys = MappingProxyType(  # type: ignore[attr-defined]
+    {"count": "step", "mu": "exp_avg", "nu": "exp_inf"})
+
+
+@recorded
+def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.999,
+                    eps: float | torch.Tensor = 1e-8) -> GradientTransformation:
+    """Adamax's preconditioning (Kingma & Ba, 2015, section 7.1).
+
+    ``m_t = b1 m + (1 - b1) g``; ``u_t = max(b2 u, |g| + eps)``; ``u = m_t / ((1 - b1^t) u_t)``
+    with ``t`` the leaf's own step. torch.optim.Adamax and optax's ``scale_by_adamax`` agree
+    (eps added to ``|g|`` inside the max).
+
+    Args:
+        b1: first-moment decay (torch's ``betas[0]``), in [0, 1).
+        b2: infinity-norm decay (``betas[1]``), in [0, 1).
+        eps: added to ``|g|``, >= 0.
+
+    Returns:
+        The transform; its state is `ScaleByAdamaxState`.
+
+    Raises:
+        ValueError: a beta outside [0, 1) or a negative eps.
+
+    References:
+        Kingma & Ba, "Adam: a method for stochastic optimization", ICLR 2015, arXiv 1412.6980,
+        Algorithm 2; https://pytorch.org/docs/stable/generated/torch.optim.Adamax.html
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_adamax(), gx.scale_by_learning_rate(2e-3))
+    """
+    check_float("b1 (betas[0])", b1, low=0.0, high=1.0, high_open=True)
+    check_float("b2 (betas[1])", b2, low=0.0, high=1.0, high_open=True)
+    check_float("eps", eps, low=0.0)
+
+    def init(params: Params) -> ScaleByAdamaxState:
+        zeros = _tree.tree_zeros_like
+        return ScaleByAdamaxState(_leaf_counts(params), zeros(params), zeros(params))
+
+    def owned_update(updates: Updates, state: ScaleByAdamaxState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByAdamaxState]:
+        del params
+        expect_state(state, ScaleByAdamaxState, "scale_by_adamax")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
+        counts = _step_counts(flat, state.count, own.state)
+        g = flat.live
+        mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
+        nu = _mul(flat.state_live(state.nu, "state.nu"), beta2, own.state)
+        mine = _owned_out(flat, own)
+        if mine:  # |g| + eps into the incoming buffer, which mu has consumed
+            torch._foreach_abs_(g)
+            a = g
+        else:
+            a = list(_abs(g))
+        _fe.add_(a, e)
+        if own.state:
+            _fe.maximum_(nu, a)
+        else:
+            nu = list(_fe.maximum(nu, a))
+        ts = _host_steps(counts)
+        if ts is not None:
+            bc: list[Any] = [1.0 - beta1**t for t in ts]
+        else:
+            bc = [1.0 - beta1**t for t in _f64(counts)]
+        # u = m / nu / bc; a (|g| + eps) is private to this call and no longer needed: the
+        # quotient goes into its buffers (no allocation) when not traced
+        if _tree.traced():
+            out = list(_fe.div(mu, nu))
+        else:
+            for m, n, x in zip(mu, nu, a):
+                torch.div(m, n, out=x)
+            out = a
+        out = _each("div", out, bc, True)
+        new_state = ScaleByAdamaxState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
+                                       flat.rebuild(nu, like=state.nu))
+        return flat.rebuild(out), new_state
+
+    return owned_transform(init, owned_update)
+
+
+# --- NAdam --------------------------------------------------------------------------------------
+
+
+class ScaleByNadamState(NamedTuple):
+    """``count``: each leaf's step count (torch's ``step``); ``mu``, ``nu``: first and second
+    moments (``exp_avg``, ``exp_avg_sq``); ``mu_product``: each leaf's running product of the
+    momentum schedule ``prod_i mu_i`` (0-d, torch's scalar dtype)."""
+
+    count: Any
+    mu: Any
+    nu: Any
+    mu_product: Any
+
+
+ScaleByNadamState.torch_state_keys = MappingProxyType(  # type: ignore[attr-defined]
+    {"count": "step", "mu": "exp_avg", "nu": "exp_avg_sq", "mu_product": "mu_product"})
+
+
+def _ones_scalar(p: torch.Tensor) -> torch.Tensor:
+    return torch.ones((), dtype=_scalar_dtype())
+
+
+@recorded
+def scale_by_nadam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.999,
+                   eps: float | torch.Tensor = 1e-8,
+                   momentum_decay: float | torch.Tensor = 4e-3) -> GradientTransformation:
+    """NAdam's preconditioning as torch.optim.NAdam (Dozat, 2016, with the momentum schedule).
+
+    ``mu_t = b1 (1 - 0.5 * 0.96^(t * momentum_decay))``; ``P_t = P_{t-1} mu_t`` (``P_0 = 1``);
+    ``m_t = b1 m + (1 - b1) g``; ``v_t = b2 v + (1 - b2) g^2``;
+    ``u = [(1 - mu_t) / (1 - P_t) g + mu_{t+1} / (1 - P_t mu_{t+1}) m_t] / (sqrt(v_t / (1 - b2^t)) + eps)``,
+    ``t`` the leaf's own step. optax's ``scale_by_adam(nesterov=True)`` is NAdam without the
+    schedule (``mu_t = b1``, first moment debiased by ``1 - b1^t``): a different rule, not an
+    eps detail; use it for optax's variant.
+
+    Args:
+        b1: first-moment decay (torch's ``betas[0]``), in [0, 1).
+        b2: second-moment decay (``betas[1]``), in [0, 1).
+        eps: added to the debiased root, >= 0.
+        momentum_decay: torch's ``momentum_decay`` (psi in Dozat's schedule), >= 0.
+
+    Returns:
+        The transform; its state is `ScaleByNadamState`.
+
+    Raises:
+        ValueError: a beta outside [0, 1) or a negative eps or momentum_decay.
+
+    References:
+        Dozat, "Incorporating Nesterov momentum into Adam", ICLR 2016 workshop;
+        https://pytorch.org/docs/stable/generated/torch.optim.NAdam.html
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_nadam(), gx.scale_by_learning_rate(2e-3))
+    """
+    check_float("b1 (betas[0])", b1, low=0.0, high=1.0, high_open=True)
+    check_float("b2 (betas[1])", b2, low=0.0, high=1.0, high_open=True)
+    check_float("eps", eps, low=0.0)
+    check_float("momentum_decay", momentum_decay, low=0.0)
+
+    def init(params: Params) -> ScaleByNadamState:
+        zeros = _tree.tree_zeros_like
+        return ScaleByNadamState(_leaf_counts(params), zeros(params), zeros(params),
+                                 _tree.tree_map(_ones_scalar, params))
+
+    def owned_update(updates: Updates, state: ScaleByNadamState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByNadamState]:
+        del params
+        expect_state(state, ScaleByNadamState, "scale_by_nadam")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        beta1, beta2 = _tree.as_scalar(b1), _tree.as_scalar(b2)
+        e, psi = _tree.as_scalar(eps), _tree.as_scalar(momentum_decay)
+        counts = _step_counts(flat, state.count, own.state)
+        g = flat.live
+        sdtype = _scalar_dtype()
+        products = flat.state_live(state.mu_product, "state.mu_product", check_shapes=False)
+        mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
+        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), g, beta2, own.state)
+        ts = _host_steps(counts)
+        if ts is not None and all(pr.device.type == "cpu" for pr in products):
+            mus = [beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)) for t in ts]
+            nexts = [beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi)) for t in ts]
+            # P_t in torch's scalar dtype, as torch's ``mu_product *= mu`` (a loaded float64 copy
+            # holds a value of that dtype: the product rounds as in the uninterrupted run)
+            new_products = [pr.to(sdtype) * m for pr, m in zip(products, mus)]
+            pv = [float(pr) for pr in new_products]
+            bc_sqrt = [(1.0 - beta2**t) ** 0.5 for t in ts]
+            # fold sqrt(1 - b2^t) into the coefficients: denom = sqrt(v) + eps sqrt(1 - b2^t)
+            c_g: list[Any] = [(1.0 - m) / (1.0 - p) * s for m, p, s in zip(mus, pv, bc_sqrt)]
+            c_m: list[Any] = [n / (1.0 - p * n) * s for n, p, s in zip(nexts, pv, bc_sqrt)]
+            eps_s: list[Any] = [e * s for s in bc_sqrt]
+        else:
+            t = _f64(counts)
+            mus_t = [beta1 * (1.0 - 0.5 * 0.96 ** (x * psi)) for x in t]
+            nexts_t = [beta1 * (1.0 - 0.5 * 0.96 ** ((x + 1.0) * psi)) for x in t]
+            # as the eager ``P * mu`` with a Python float: mu rounded to the scalar dtype first
+            new_products = [pr.to(sdtype) * m.to(sdtype) for pr, m in zip(products, mus_t)]
+            pv_t = [p.to(torch.float64) for p in new_products]
+            bc_sqrt_t = [(1.0 - beta2**x) ** 0.5 for x in t]
+            c_g = [(1.0 - m) / (1.0 - p) * s for m, p, s in zip(mus_t, pv_t, bc_sqrt_t)]
+            c_m = [n / (1.0 - p * n) * s for n, p, s in zip(nexts_t, pv_t, bc_sqrt_t)]
+            eps_s = [e * s for s in bc_sqrt_t]
+        denom = _each("add", list(_fe.sqrt(nu)), eps_s, True)
+        if _owned_out(flat, own):
+            _fe.div_(g, denom)
+            out = g
+        else:
+            out = list(_fe.div(g, denom))
+        out = _each("mul", out, c_g, True)
+        if ts is not None and not isinstance(c_m[0], torch.Tensor):
+            _addcdiv_(out, mu, denom, c_m)
+        else:
+            out = list(_fe.add(out, _each("mul", list(_fe.div(mu, denom)), c_m, True)))
+        new_state = ScaleByNadamState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
+                                      flat.rebuild(nu, like=state.nu),
+                                      flat.rebuild(new_products, like=state.mu_product))
+        return flat.rebuild(out), new_state
+
+    return owned_transform(init, owned_update)
+
+
+# --- RAdam --------------------------------------------------------------------------------------
+
+
+@recorded
+def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.999,
+                   eps: float | torch.Tensor = 1e-8, threshold: float = 5.0, *,
+                   eps_on_debiased: bool = False) -> GradientTransformation:
+    """Rectified Adam's preconditioning (Liu et al., 2020), eps placed as torch.optim.RAdam.
+
+    ``rho_inf = 2 / (1 - b2) - 1``; ``rho_t = rho_inf - 2 t b2^t / (1 - b2^t)``; while
+    ``rho_t > threshold``: ``u = r_t (m_t / (1 - b1^t)) sqrt(1 - b2^t) / (sqrt(v_t) + eps)``
+    with ``r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))``;
+    else the un-adapted ``u = m_t / (1 - b1^t)``. ``t`` is the leaf's own step.
+
+    torch and optax differ in two details. eps: torch.optim.RAdam adds it to the raw root
+    ``sqrt(v_t)`` (as here), optax's ``scale_by_radam`` to the debiased root
+    ``sqrt(v_t / (1 - b2^t))`` (``eps_on_debiased=True``); the two differ while ``1 - b2^t`` is
+    far from 1. Threshold: torch rectifies while ``rho_t > 5`` (strict, this default), optax
+    while ``rho_t >= threshold`` (the same for the default betas: ``rho_t`` is not an integer).
+
+    Args:
+        b1: first-moment decay (torch's ``betas[0]``), in [0, 1).
+        b2: second-moment decay (``betas[1]``), in [0, 1).
+        eps: added to the debiased root, >= 0.
+        threshold: the rectification threshold on ``rho_t``.
+        eps_on_debiased: optax's eps placement (on the debiased root).
+
+    Returns:
+        The transform; its state is `gradxform.ScaleByAdamState` (``nu_max`` is ``None``).
+
+    Raises:
+        ValueError: a beta outside [0, 1) or a negative eps.
+
+    References:
+        Liu et al., "On the variance of the adaptive learning rate and beyond", ICLR 2020,
+        arXiv 1908.03265, Algorithm 2; https://pytorch.org/docs/stable/generated/torch.optim.RAdam.html
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_radam(), gx.scale_by_learning_rate(1e-3))
+    """
+    check_float("b1 (betas[0])", b1, low=0.0, high=1.0, high_open=True)
+    check_float("b2 (betas[1])", b2, low=0.0, high=1.0, high_open=True)
+    check_float("eps", eps, low=0.0)
+    check_float("threshold", threshold)
+
+    def init(params: Params) -> ScaleByAdamState:
+        zeros = _tree.tree_zeros_like
+        return ScaleByAdamState(_leaf_counts(params), zeros(params), zeros(params), None)
+
+    def owned_update(updates: Updates, state: ScaleByAdamState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByAdamState]:
+        del params
+        expect_state(state, ScaleByAdamState, "scale_by_radam")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
+        counts = _step_counts(flat, state.count, own.state)
+        g = flat.live
+        mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
+        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), g, beta2, own.state)
+        rho_inf = 2.0 / (1.0 - beta2) - 1.0
+        ts = _host_steps(counts)
+        mine = _owned_out(flat, own)
+        if ts is not None:
+            out: list[Any] = [None] * len(g)
+            rect_i, plain_i = [], []
+            coef, inv_bc1, eps_s = [], [], []
+            for i, t in enumerate(ts):
+                bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
+                rho_t = rho_inf - 2.0 * t * beta2**t / bc2
+                if rho_t > threshold:
+                    r = max(0.0, (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+                    rect_i.append(i)
+                    coef.append(r / bc1 * bc2**0.5)  # denom = sqrt(v) + eps (torch)
+                    eps_s.append(e * bc2**0.5 if eps_on_debiased else e)
+                else:
+                    plain_i.append(i)
+                    inv_bc1.append(1.0 / bc1)
+            if rect_i:
+                denom = _fe.sqrt([nu[i] for i in rect_i])
+                _fe.add_(denom, eps_s)
+                dst = [g[i] for i in rect_i] if mine else denom
+                for i, d, o in zip(rect_i, denom, dst):
+                    torch.div(mu[i], d, out=o)
+                _fe.mul_(dst, coef)
+                for i, o in zip(rect_i, dst):
+                    out[i] = o
+            if plain_i:
+                plain = list(_fe.mul([mu[i] for i in plain_i], inv_bc1))
+                for i, o in zip(plain_i, plain):
+                    out[i] = o
+        else:
+            t = _f64(counts)
+            out = []
+            for x, m, v in zip(t, mu, nu):
+                bc1, bc2 = 1.0 - beta1**x, 1.0 - beta2**x
+                rho_t = rho_inf - 2.0 * x * beta2**x / bc2
+                r = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp_min(0) ** 0.5
+                e_t = e * bc2**0.5 if eps_on_debiased else e
+                adapted = m * (r * bc2**0.5 / bc1).to(m.dtype) / (_fe.sqrt([v])[0] + e_t)
+                out.append(torch.where(rho_t > threshold, adapted, m * (1.0 / bc1).to(m.dtype)))
+        new_state = ScaleByAdamState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
+                                     flat.rebuild(nu, like=state.nu), None)
+        return flat.rebuild(out), new_state
+
+    return owned_transform(init, owned_update)
+
+
+# --- Rprop --------------------------------------------------------------------------------------
+
+
+class ScaleByRpropState(NamedTuple):
+    """``count``: each leaf's step count (torch's ``step``); ``step_sizes``: the per-element
+    step sizes (``step_size``); ``prev_updates``: the previous update with sign-flipped
+    entries zeroed (``prev``)."""
+
+    count: Any
+    step_sizes: Any
+    prev_updates: Any
+
+
+ScaleByRpropState.torch_state_keys = MappingProxyType(  # type: ignore[attr-defined]
+    {"count": "step", "step_sizes": "step_size", "prev_updates": "prev"})
+
+
+@recorded
+def scale_by_rprop(learning_rate: float | torch.Tensor = 1e-2, eta_minus: float | torch.Tensor = 0.5,
+                   eta_plus: float | torch.Tensor = 1.2, min_step_size: float | torch.Tensor = 1e-6,
+                   max_step_size: float | torch.Tensor = 50.0) -> GradientTransformation:
+    """Rprop's sign-based steps as torch.optim.Rprop (Riedmiller & Braun, 1993; iRprop-).
+
+    Per element, with ``s = g_t * g'_{t-1}``: ``eta = eta_plus`` if ``s > 0``, ``eta_minus`` if
+    ``s < 0``, else 1; ``d_t = clamp(eta d_{t-1}, min_step_size, max_step_size)``
+    (``d`` starts at ``learning_rate``, read at each leaf's first step); ``g'_t = 0`` where
+    ``s < 0``, else ``g_t``; ``u = d_t sign(g'_t)``. The output ascends (add ``scale(-1)``,
+    as `gradxform.rprop` does). optax's ``scale_by_rprop`` keeps the step size where ``s = 0``
+    and returns the previous step on a sign change; this block follows torch.
+
+    Args:
+        learning_rate: the initial step size, > 0 (torch's ``lr``: it only starts ``d``).
+        eta_minus: the decrease factor, in (0, 1).
+        eta_plus: the increase factor, > 1.
+        min_step_size: the smallest step size.
+        max_step_size: the largest step size.
+
+    Returns:
+        The transform; its state is `ScaleByRpropState`.
+
+    Raises:
+        ValueError: ``not 0 < eta_minus < 1 < eta_plus`` or a negative learning rate.
+
+    References:
+        Riedmiller & Braun, "A direct adaptive method for faster backpropagation learning: the
+        RPROP algorithm", IEEE ICNN 1993; Igel & Husken, "Improving the Rprop learning
+        algorithm", NC 2000 (iRprop-); https://pytorch.org/docs/stable/generated/torch.optim.Rprop.html
+
+    Example:
+        >>> tx = gx.chain(gx.scale_by_rprop(1e-2), gx.scale(-1.0))
+    """
+    check_float("learning_rate", learning_rate, low=0.0)
+    check_float("eta_minus (etas[0])", eta_minus, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_float("eta_plus (etas[1])", eta_plus, low=1.0, low_open=True)
+
+    def init(params: Params) -> ScaleByRpropState:
+        lr0 = _tree.as_scalar(learning_rate)
+        return ScaleByRpropState(_leaf_counts(params), _tree.tree_map(lambda p: torch.full_like(p, lr0), params),
+                                 _tree.tree_zeros_like(params))
+
+    def owned_update(updates: Updates, state: ScaleByRpropState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByRpropState]:
+        del params
+        expect_state(state, ScaleByRpropState, "scale_by_rprop")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        lr, em, ep = _tree.as_scalar(learning_rate), _tree.as_scalar(eta_minus), _tree.as_scalar(eta_plus)
+        lo, hi = _tree.as_scalar(min_step_size), _tree.as_scalar(max_step_size)
+        counts = _step_counts(flat, state.count, own.state)
+        g = flat.live
+        sizes = flat.state_live(state.step_sizes, "state.step_sizes")
+        prev = flat.state_live(state.prev_updates, "state.prev_updates")
+        ts = _host_steps(counts)
+        inplace = own.state and not _tree.pure_ops()
+        # the step size starts at the learning rate of the leaf's first step (torch reads lr then)
+        if ts is not None:
+            for i, t in enumerate(ts):
+                if t == 1:
+                    sizes[i] = sizes[i].fill_(lr) if inplace else torch.full_like(sizes[i], lr)
+        else:
+            started = [torch.where(c == 1, torch.as_tensor(lr, dtype=d.dtype), d) for c, d in zip(counts, sizes)]
+            if inplace:  # a donating compiled step keeps its buffers
+                for d, x in zip(sizes, started):
+                    d.copy_(x)
+            else:
+                sizes = started
+        s = _sign(_fe.mul(g, prev))
+        new_sizes, new_prev, out = [], [], []
+        for x, d, p, sg in zip(g, sizes, prev, s):
+            factor = torch.where(sg > 0, torch.as_tensor(ep, dtype=d.dtype),
+                                 torch.where(sg < 0, torch.as_tensor(em, dtype=d.dtype), torch.ones((), dtype=d.dtype)))
+            if inplace:
+                d.mul_(factor).clamp_(lo, hi)
+                torch.where(sg < 0, torch.zeros((), dtype=x.dtype), x, out=p)
+                o = torch.sign(p).mul_(d)
+                new_sizes.append(d)
+                new_prev.append(p)
+            else:
+                d = (d * factor).clamp(lo, hi)
+                p = torch.where(sg < 0, torch.zeros((), dtype=x.dtype), x)
+                o = torch.sign(p) * d
+                new_sizes.append(d)
+                new_prev.append(p)
+            out.append(o)
+        new_state = ScaleByRpropState(flat.rebuild(counts, like=state.count),
+                                      flat.rebuild(new_sizes, like=state.step_sizes),
+                                      flat.rebuild(new_prev, like=state.prev_updates))
+        return flat.rebuild(out), new_state
+
+    return owned_transform(init, owned_update)
+
+
+# --- ASGD ---------------------------------------------------------------------------------------
+
+
+class ScaleByAsgdState(NamedTuple):
+    """``count``: each leaf's step count (torch's ``step``); ``eta``: each leaf's step size for
+    its next step; ``mu``: each leaf's averaging weight for its next step (both 0-d, torch's
+    scalar dtype); ``ax``: the averaged iterate (params-shaped)."""
+
+    count: Any
+    eta: Any
+    mu: Any
+    ax: Any
+
+
+ScaleByAsgdState.torch_state_keys = MappingProxyType(  # type: ignore[attr-defined]
+    {"count": "step", "eta": "eta", "mu": "mu", "ax": "ax"})
+
+
+@recorded
+def scale_by_asgd(learning_rate: float | torch.Tensor = 1e-2, lambd: float | torch.Tensor = 1e-4,
+                  alpha: float | torch.Tensor = 0.75, t0: float | torch.Tensor = 1e6) -> GradientTransformation:
+    """Averaged SGD as torch.optim.ASGD (Polyak & Juditsky, 1992): the whole step, and the average.
+
+    ``u = -eta_t (g + lambd p)``; the new params ``p + u`` enter the average
+    ``ax_t = ax + mu_t (p + u - ax)``; then ``eta_{t+1} = lr / (1 + lambd lr t)^alpha`` and
+    ``mu_{t+1} = 1 / max(1, t - t0)``; ``eta_1 = lr``, ``mu_1 = 1`` (read at each leaf's first
+    step, as torch does). ``eta`` and ``mu`` are kept in torch's scalar dtype. This block's
+    output is the step itself (the learning rate is inside ``eta``), so it must be the last
+    block of a chain: the average assumes that ``p + u`` are the new params. Read the average
+    with `gradxform.averaged_params`. optax has no ASGD.
+
+    Args:
+        learning_rate: torch's ``lr``, >= 0.
+        lambd: the decay term (torch's ``lambd``), >= 0.
+        alpha: the power of the ``eta`` schedule.
+        t0: the step after which averaging starts.
+
+    Returns:
+        The transform (needs params); its state is `ScaleByAsgdState`.
+
+    Raises:
+        ValueError: a negative learning rate or lambd.
+
+    References:
+        Polyak & Juditsky, "Acceleration of stochastic approximation by averaging", SIAM J.
+        Control Optim. 30(4), 1992; Bottou, "Stochastic gradient descent tricks", Neural
+        Networks: Tricks of the Trade (2012), section 5.3;
+        https://pytorch.org/docs/stable/generated/torch.optim.ASGD.html
+
+    Example:
+        >>> tx = gx.scale_by_asgd(1e-2)
+        >>> avg = gx.averaged_params(state, params)
+    """
+    check_float("learning_rate", learning_rate, low=0.0)
+    check_float("lambd", lambd, low=0.0)
+    check_float("alpha", alpha)
+    check_float("t0", t0)
+
+    def init(params: Params) -> ScaleByAsgdState:
+        lr0 = _tree.as_scalar(learning_rate)
+        sd = _scalar_dtype()
+        return ScaleByAsgdState(_leaf_counts(params),
+                                _tree.tree_map(lambda p: torch.as_tensor(lr0, dtype=torch.float64).to(sd).clone(), params),
+                                _tree.tree_map(lambda p: torch.ones((), dtype=sd), params),
+                                _tree.tree_zeros_like(params))
+
+    def owned_update(updates: Updates, state: ScaleByAsgdState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, ScaleByAsgdState]:
+        expect_state(state, ScaleByAsgdState, "scale_by_asgd")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        p = flat.params_live(params, "scale_by_asgd")
+        lr, lam = _tree.as_scalar(learning_rate), _tree.as_scalar(lambd)
+        pw, start = _tree.as_scalar(alpha), _tree.as_scalar(t0)
+        counts = _step_counts(flat, state.count, own.state)
+        g = flat.live
+        sd = _scalar_dtype()
+        etas = flat.state_live(state.eta, "state.eta", check_shapes=False)
+        mus = flat.state_live(state.mu, "state.mu", check_shapes=False)
+        ax = flat.state_live(state.ax, "state.ax")
+        ts = _host_steps(counts)
+        if ts is not None and all(x.device.type == "cpu" for x in etas + mus):
+            lr_sd = float(torch.tensor(lr, dtype=sd))
+            eta_v: list[Any] = [lr_sd if t == 1 else float(x) for t, x in zip(ts, etas)]
+            mu_v: list[Any] = [1.0 if t == 1 else float(x) for t, x in zip(ts, mus)]
+            neg_eta: list[Any] = [-v for v in eta_v]
+            new_etas = [torch.tensor(lr / ((1 + lam * lr * t) ** pw), dtype=sd) for t in ts]
+            new_mus = [torch.tensor(1 / max(1, t - start), dtype=sd) for t in ts]
+        else:
+            t = _f64(counts)
+            lr_t = torch.as_tensor(lr, dtype=torch.float64)
+            eta_v = [torch.where(c == 1, lr_t.to(sd).to(torch.float64), x.to(torch.float64)) for c, x in zip(counts, etas)]
+            mu_v = [torch.where(c == 1, torch.ones((), dtype=torch.float64), x.to(torch.float64)) for c, x in zip(counts, mus)]
+            neg_eta = [-v for v in eta_v]
+            new_etas = [(lr_t / (1 + lam * lr_t * x) ** pw).to(sd) for x in t]
+            new_mus = [(1 / torch.clamp_min(x - start, 1.0)).to(sd) for x in t]
+        if _owned_out(flat, own):
+            _fe.add_(g, p, alpha=lam) if not isinstance(lam, torch.Tensor) else _fe.add_(g, _fe.mul(p, lam))
+            out = g
+        elif isinstance(lam, torch.Tensor):
+            out = list(_fe.add(g, _fe.mul(p, lam)))
+        else:
+            out = list(_fe.add(g, p, alpha=lam))
+        out = _each("mul", out, neg_eta, True)
+        # the average, of the new params p + u
+        if ts is not None and not _tree.pure_ops() and all(v == 1.0 for v in mu_v):
+            if own.state:
+                for a, x, o in zip(ax, p, out):
+                    torch.add(x, o, out=a)
+                new_ax = ax
+            else:
+                new_ax = list(_fe.add(p, out))
+        else:
+            step = list(_fe.add(p, out))
+            _fe.sub_(step, ax)
+            step = _each("mul", step, mu_v, True)
+            if own.state:
+                _fe.add_(ax, step)
+                new_ax = ax
+            else:
+                new_ax = list(_fe.add(ax, step))
+        new_state = ScaleByAsgdState(flat.rebuild(counts, like=state.count), flat.rebuild(new_etas, like=state.eta),
+                                     flat.rebuild(new_mus, like=state.mu), flat.rebuild(new_ax, like=state.ax))
+        return flat.rebuild(out), new_state
+
+    return owned_transform(init, owned_update)
+
+
+def averaged_params(state_or_optimizer: Any, params: Any = None) -> Any:
+    """The averaged iterate ``ax`` of ASGD (`gradxform.asgd`, `gradxform.scale_by_asgd`).
+
+    ``ax_t = ax_{t-1} + mu_t (p_t - ax_{t-1})``: the running average of the params once
+    averaging has started (step ``> t0``), the params themselves before (``mu = 1``). A leaf
+    that has taken no step yet has no average: its param is returned.
+
+    Args:
+        state_or_optimizer: a transform state holding a `ScaleByAsgdState` (from ``init`` /
+            ``update``), or a `gradxform.Optimizer` running ``gx.asgd``.
+        params: for a state, the params pytree (leaves without a step are taken from it; may be
+            ``None`` once every leaf has stepped); for an optimizer, the params to read (default:
+            every param of every group, in order).
+
+    Returns:
+        For a state, the ``ax`` pytree (shaped as the params); for an optimizer, a list with one
+        tensor per param. The tensors are the state's own: clone them before writing.
+
+    Raises:
+        ValueError: no ASGD state found, or params needed and not given.
+
+    References:
+        Polyak & Juditsky, SIAM J. Control Optim. 30(4), 1992;
+        https://pytorch.org/docs/stable/generated/torch.optim.ASGD.html
+
+    Example:
+        >>> avg = gx.averaged_params(opt)            # a gx.Optimizer(model.parameters(), gx.asgd())
+        >>> torch._foreach_copy_(list(eval_model.parameters()), avg)
+    """
+    if isinstance(state_or_optimizer, torch.optim.Optimizer):
+        opt = state_or_optimizer
+        ps = [p for g in opt.param_groups for p in g["params"]] if params is None else list(params)
+        out = [opt.state[p]["ax"] if "ax" in (opt.state.get(p) or {}) else p for p in ps]
+        stepped = [p for g in opt.param_groups for p in g["params"] if opt.state.get(p)]
+        if stepped and not any("ax" in opt.state[p] for p in stepped):
+            raise ValueError("averaged_params: this optimizer's state has no 'ax' (it does not run gx.asgd)")
+        return out
+    states: list[ScaleByAsgdState] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, ScaleByAsgdState):
+            states.append(node)
+        elif isinstance(node, tuple):
+            for child in node:
+                walk(child)
+        elif isinstance(node, dict):
+            for child in node.values():
+                walk(child)
+
+    walk(state_or_optimizer)
+    if not states:
+        raise ValueError("averaged_params: no ScaleByAsgdState in this state; pass the state of gx.asgd or "
+                         "gx.scale_by_asgd (or a gx.Optimizer running gx.asgd)")
+    st = states[0]
+    ax_leaves, spec = _tree.tree_flatten(st.ax)
+    counts = _tree.tree_flatten(st.count)[0]
+    p_leaves = _tree.tree_flatten(params)[0] if params is not None else [None] * len(ax_leaves)
+    out_leaves = []
+    for a, c, p in zip(ax_leaves, counts, p_leaves):
+        if a is not None and c is not None and int(c) == 0:
+            if p is None:
+                raise ValueError("averaged_params: a leaf has taken no step yet; pass params to take its value")
+            out_leaves.append(p)
+        else:
+            out_leaves.append(a)
+    return _tree.tree_unflatten(spec, out_leaves)
+
+
+# --- the aliases --------------------------------------------------------------------------------
+
+
+def _lead(maximize: bool, weight_decay: Any, use_weight_decay: bool) -> list[GradientTransformation]:
+    parts = []
+    if maximize:
+        parts.append(scale(-1.0))
+    if use_weight_decay:
+        parts.append(add_decayed_weights(weight_decay))
+    return parts
+
+
+def _check_lr(lr: Any) -> Any:
+    lr = _scalar_lr(lr)
+    check_float("lr", lr, low=0.0)
+    return lr
+
+
+def _pair(name: str, value: Any) -> tuple[Any, Any]:
+    if callable(value) or isinstance(value, torch.Tensor) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"{name} must be a pair of numbers; got {value!r}")
+    return tuple(value)  # type: ignore[return-value]
+
+
+def _adagrad(lr: Any, lr_decay: Any, weight_decay: Any, initial_accumulator_value: Any, eps: Any,
+             maximize: bool, use_weight_decay: bool) -> GradientTransformation:
+    return chain(*_lead(maximize, weight_decay, use_weight_decay),
+                 scale_by_rss(initial_accumulator_value, eps, lr_decay), scale_by_learning_rate(lr))
+
+
+@recorded
+def adagrad(lr: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0, weight_decay: ScalarOrSchedule = 0.0,
+            initial_accumulator_value: float = 0.0, eps: float = 1e-10, *,
+            maximize: bool = False) -> GradientTransformation:
+    """Adagrad as ``torch.optim.Adagrad`` (Duchi et al., 2011).
+
+    ``g <- -g`` if maximize; ``g <- g + wd p``; ``s_t = s + g^2`` (``s_0 =
+    initial_accumulator_value``); ``p <- p - lr / (1 + (t - 1) lr_decay) * g / (sqrt(s_t) + eps)``.
+    ``chain(add_decayed_weights, scale_by_rss, scale_by_learning_rate)`` in ``inject_hyperparams``.
+
+    Args:
+        lr: learning rate (a number, a one-element tensor or a schedule).
+        lr_decay: torch's per-param learning-rate decay.
+        weight_decay: L2 penalty added to the gradient.
+        initial_accumulator_value: the initial sum of squares.
+        eps: added to the root.
+        maximize: ascend instead.
+
+    Returns:
+        The transform (state keys in ``opt.state[p]``: ``step``, ``sum``).
+
+    Raises:
+        ValueError: a negative argument.
+
+    References:
+        Duchi, Hazan & Singer, JMLR 12 (2011); https://pytorch.org/docs/stable/generated/torch.optim.Adagrad.html
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.adagrad(1e-2, lr_decay=1e-4))
+    """
+    lr = _check_lr(lr)
+    check_float("lr_decay", lr_decay, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    check_float("initial_accumulator_value", initial_accumulator_value, low=0.0)
+    check_float("eps", eps, low=0.0)
+    return inject_hyperparams(_adagrad, static_args=("maximize", "use_weight_decay"))(
+        lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value,
+        eps=eps, maximize=maximize, use_weight_decay=_nonzero(weight_decay))
+
+
+def _adadelta(lr: Any, rho: Any, eps: Any, weight_decay: Any, maximize: bool,
+              use_weight_decay: bool) -> GradientTransformation:
+    return chain(*_lead(maximize, weight_decay, use_weight_decay), scale_by_adadelta(rho, eps),
+                 scale_by_learning_rate(lr))
+
+
+@recorded
+def adadelta(lr: ScalarOrSchedule = 1.0, rho: float = 0.9, eps: float = 1e-6, weight_decay: ScalarOrSchedule = 0.0,
+             *, maximize: bool = False) -> GradientTransformation:
+    """Adadelta as ``torch.optim.Adadelta`` (Zeiler, 2012).
+
+    ``g <- -g`` if maximize; ``g <- g + wd p``; `gradxform.scale_by_adadelta` (``rho``, ``eps``);
+    ``p <- p - lr u``.
+
+    Args:
+        lr: scales the step (torch's default 1.0 is Zeiler's rule).
+        rho: the averaging constant.
+        eps: added inside both roots.
+        weight_decay: L2 penalty added to the gradient.
+        maximize: ascend instead.
+
+    Returns:
+        The transform (``opt.state[p]``: ``step``, ``square_avg``, ``acc_delta``).
+
+    Raises:
+        ValueError: rho outside [0, 1] or a negative lr, eps or weight_decay.
+
+    References:
+        Zeiler, arXiv 1212.5701; https://pytorch.org/docs/stable/generated/torch.optim.Adadelta.html
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.adadelta())
+    """
+    lr = _check_lr(lr)
+    check_float("rho", rho, low=0.0, high=1.0)
+    check_float("eps", eps, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    return inject_hyperparams(_adadelta, static_args=("maximize", "use_weight_decay"))(
+        lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
+        use_weight_decay=_nonzero(weight_decay))
+
+
+def _adamax(lr: Any, betas: Any, eps: Any, weight_decay: Any, maximize: bool,
+            use_weight_decay: bool) -> GradientTransformation:
+    b1, b2 = betas
+    return chain(*_lead(maximize, weight_decay, use_weight_decay), scale_by_adamax(b1, b2, eps),
+                 scale_by_learning_rate(lr))
+
+
+@recorded
+def adamax(lr: ScalarOrSchedule = 2e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+           weight_decay: ScalarOrSchedule = 0.0, *, maximize: bool = False) -> GradientTransformation:
+    """Adamax as ``torch.optim.Adamax`` (Kingma & Ba, 2015, section 7.1).
+
+    ``g <- -g`` if maximize; ``g <- g + wd p``; `gradxform.scale_by_adamax`; ``p <- p - lr u``.
+
+    Args:
+        lr: learning rate.
+        betas: ``(b1, b2)``: first-moment and infinity-norm decays.
+        eps: added to ``|g|``.
+        weight_decay: L2 penalty added to the gradient.
+        maximize: ascend instead.
+
+    Returns:
+        The transform (``opt.state[p]``: ``step``, ``exp_avg``, ``exp_inf``).
+
+    Raises:
+        ValueError: a beta outside [0, 1) or a negative lr, eps or weight_decay.
+
+    References:
+        Kingma & Ba, ICLR 2015, arXiv 1412.6980; https://pytorch.org/docs/stable/generated/torch.optim.Adamax.html
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.adamax(2e-3))
+    """
+    lr = _check_lr(lr)
+    _check_betas(betas)
+    check_float("eps", eps, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    return inject_hyperparams(_adamax, static_args=("maximize", "use_weight_decay"))(
+        lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
+        use_weight_decay=_nonzero(weight_decay))
+
+
+def _nadam(lr: Any, betas: Any, eps: Any, weight_decay: Any, momentum_decay: Any, decoupled_weight_decay: bool,
+           maximize: bool, use_weight_decay: bool) -> GradientTransformation:
+    b1, b2 = betas
+    parts = _lead(maximize, weight_decay, use_weight_decay and not decoupled_weight_decay)
+    parts.append(scale_by_nadam(b1, b2, eps, momentum_decay))
+    if use_weight_decay and decoupled_weight_decay:
+        parts.append(add_decayed_weights(weight_decay))
+    parts.append(scale_by_learning_rate(lr))
+    return chain(*parts)
+
+
+@recorded
+def nadam(lr: ScalarOrSchedule = 2e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+          weight_decay: ScalarOrSchedule = 0.0, momentum_decay: float = 4e-3, decoupled_weight_decay: bool = False,
+          *, maximize: bool = False) -> GradientTransformation:
+    """NAdam as ``torch.optim.NAdam`` (Dozat, 2016), with torch's momentum schedule.
+
+    ``g <- -g`` if maximize; L2 decay ``g <- g + wd p`` before the moments, or with
+    ``decoupled_weight_decay=True`` (NAdamW) ``p <- p - lr wd p`` beside the step;
+    `gradxform.scale_by_nadam`; ``p <- p - lr u``. The schedule's running product is state
+    (``mu_product``).
+
+    Args:
+        lr: learning rate.
+        betas: ``(b1, b2)``.
+        eps: added to the debiased root.
+        weight_decay: the decay.
+        momentum_decay: the schedule's psi.
+        decoupled_weight_decay: decoupled (AdamW-style) decay.
+        maximize: ascend instead.
+
+    Returns:
+        The transform (``opt.state[p]``: ``step``, ``exp_avg``, ``exp_avg_sq``, ``mu_product``).
+
+    Raises:
+        ValueError: a beta outside [0, 1) or a negative lr, eps, weight_decay or momentum_decay.
+
+    References:
+        Dozat, ICLR 2016 workshop; Loshchilov & Hutter, ICLR 2019, arXiv 1711.05101 (decoupled
+        decay); https://pytorch.org/docs/stable/generated/torch.optim.NAdam.html
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.nadam(2e-3, weight_decay=1e-2, decoupled_weight_decay=True))
+    """
+    lr = _check_lr(lr)
+    _check_betas(betas)
+    check_float("eps", eps, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    check_float("momentum_decay", momentum_decay, low=0.0)
+    return inject_hyperparams(_nadam, static_args=("decoupled_weight_decay", "maximize", "use_weight_decay"))(
+        lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum_decay=momentum_decay,
+        decoupled_weight_decay=bool(decoupled_weight_decay), maximize=maximize,
+        use_weight_decay=_nonzero(weight_decay))
+
+
+def _radam(lr: Any, betas: Any, eps: Any, weight_decay: Any, decoupled_weight_decay: bool, maximize: bool,
+           use_weight_decay: bool) -> GradientTransformation:
+    b1, b2 = betas
+    parts = _lead(maximize, weight_decay, use_weight_decay and not decoupled_weight_decay)
+    parts.append(scale_by_radam(b1, b2, eps))
+    if use_weight_decay and decoupled_weight_decay:
+        parts.append(add_decayed_weights(weight_decay))
+    parts.append(scale_by_learning_rate(lr))
+    return chain(*parts)
+
+
+@recorded
+def radam(lr: ScalarOrSchedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+          weight_decay: ScalarOrSchedule = 0.0, decoupled_weight_decay: bool = False, *,
+          maximize: bool = False) -> GradientTransformation:
+    """RAdam as ``torch.optim.RAdam`` (Liu et al., 2020): rectified while ``rho_t > 5``.
+
+    ``g <- -g`` if maximize; L2 decay before the moments, or decoupled (``p <- p - lr wd p``);
+    `gradxform.scale_by_radam`; ``p <- p - lr u``.
+
+    Args:
+        lr: learning rate.
+        betas: ``(b1, b2)``.
+        eps: added to the debiased root.
+        weight_decay: the decay.
+        decoupled_weight_decay: decoupled (AdamW-style) decay.
+        maximize: ascend instead.
+
+    Returns:
+        The transform (``opt.state[p]``: ``step``, ``exp_avg``, ``exp_avg_sq``).
+
+    Raises:
+        ValueError: a beta outside [0, 1) or a negative lr, eps or weight_decay.
+
+    References:
+        Liu et al., ICLR 2020, arXiv 1908.03265; https://pytorch.org/docs/stable/generated/torch.optim.RAdam.html
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.radam(1e-3))
+    """
+    lr = _check_lr(lr)
+    _check_betas(betas)
+    check_float("eps", eps, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    return inject_hyperparams(_radam, static_args=("decoupled_weight_decay", "maximize", "use_weight_decay"))(
+        lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        decoupled_weight_decay=bool(decoupled_weight_decay), maximize=maximize,
+        use_weight_decay=_nonzero(weight_decay))
+
+
+def _rmsprop(lr: Any, alpha: Any, eps: Any, weight_decay: Any, momentum: Any, centered: bool, maximize: bool,
+             use_weight_decay: bool, use_momentum: bool) -> GradientTransformation:
+    parts = _lead(maximize, weight_decay, use_weight_decay)
+    parts.append(scale_by_rms(alpha, eps, centered=centered, count_steps=True))
+    if use_momentum:
+        parts.append(trace(momentum))
+    parts.append(scale_by_learning_rate(lr))
+    return chain(*parts)
+
+
+@recorded
+def rmsprop(lr: ScalarOrSchedule = 1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: ScalarOrSchedule = 0.0,
+            momentum: ScalarOrSchedule = 0.0, centered: bool = False, *, maximize: bool = False) -> GradientTransformation:
+    """RMSprop as ``torch.optim.RMSprop`` (Tieleman & Hinton, 2012; centered: Graves, 2013).
+
+    ``g <- -g`` if maximize; ``g <- g + wd p``; `gradxform.scale_by_rms` (``alpha``, eps
+    outside the root, ``centered``); with momentum ``b = momentum b + u`` (`gradxform.trace`);
+    ``p <- p - lr b``.
+
+    Args:
+        lr: learning rate.
+        alpha: the averaging constant.
+        eps: added to the root.
+        weight_decay: L2 penalty added to the gradient.
+        momentum: heavy-ball momentum on the preconditioned step.
+        centered: divide by the root of the variance estimate ``v - m^2``.
+        maximize: ascend instead.
+
+    Returns:
+        The transform (``opt.state[p]``: ``step``, ``square_avg``, and ``momentum_buffer`` /
+        ``grad_avg`` when used).
+
+    Raises:
+        ValueError: a negative lr, alpha, eps, weight_decay or momentum.
+
+    References:
+        Tieleman & Hinton (2012); Graves, arXiv 1308.0850;
+        https://pytorch.org/docs/stable/generated/torch.optim.RMSprop.html
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.rmsprop(1e-2, momentum=0.9, centered=True))
+    """
+    lr = _check_lr(lr)
+    check_float("alpha", alpha, low=0.0, high=1.0)
+    check_float("eps", eps, low=0.0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    check_float("momentum", momentum, low=0.0)
+    return inject_hyperparams(_rmsprop, static_args=("centered", "maximize", "use_weight_decay", "use_momentum"))(
+        lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=bool(centered),
+        maximize=maximize, use_weight_decay=_nonzero(weight_decay), use_momentum=_nonzero(momentum))
+
+
+def _rprop(lr: Any, etas: Any, step_sizes: Any, maximize: bool) -> GradientTransformation:
+    em, ep = etas
+    lo, hi = step_sizes
+    parts = [scale(-1.0)] if maximize else []
+    parts += [scale_by_rprop(lr, em, ep, lo, hi), scale(-1.0)]
+    return chain(*parts)
+
+
+@recorded
+def rprop(lr: ScalarOrSchedule = 1e-2, etas: tuple[float, float] = (0.5, 1.2),
+          step_sizes: tuple[float, float] = (1e-6, 50.0), *, maximize: bool = False) -> GradientTransformation:
+    """Rprop as ``torch.optim.Rprop`` (Riedmiller & Braun, 1993).
+
+    ``g <- -g`` if maximize; `gradxform.scale_by_rprop` with ``(eta_minus, eta_plus) = etas`` and
+    ``(min, max) = step_sizes``; ``p <- p - u``. As in torch, ``lr`` only sets each param's first
+    step size (read at its first step): a scheduler changing it later has no effect.
+
+    Args:
+        lr: the initial step size.
+        etas: ``(eta_minus, eta_plus)``, ``0 < eta_minus < 1 < eta_plus``.
+        step_sizes: ``(min, max)`` step size.
+        maximize: ascend instead.
+
+    Returns:
+        The transform (``opt.state[p]``: ``step``, ``prev``, ``step_size``).
+
+    Raises:
+        ValueError: bad etas or step sizes, or a negative lr.
+
+    References:
+        Riedmiller & Braun, IEEE ICNN 1993; https://pytorch.org/docs/stable/generated/torch.optim.Rprop.html
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.rprop(1e-2))
+    """
+    lr = _check_lr(lr)
+    etas, step_sizes = _pair("etas", etas), _pair("step_sizes", step_sizes)
+    for i, v in enumerate(etas):
+        check_float(f"etas[{i}]", v)
+    if not 0.0 < float(etas[0]) < 1.0 < float(etas[1]):
+        raise ValueError(f"etas must satisfy 0 < etas[0] < 1 < etas[1]; got {etas}")
+    for i, v in enumerate(step_sizes):
+        check_float(f"step_sizes[{i}]", v, low=0.0)
+    if float(step_sizes[0]) > float(step_sizes[1]):
+        raise ValueError(f"step_sizes must be (min, max) with min <= max; got {step_sizes}")
+    return inject_hyperparams(_rprop, static_args=("maximize",))(
+        lr=lr, etas=etas, step_sizes=step_sizes, maximize=maximize)
+
+
+def _asgd(lr: Any, lambd: Any, alpha: Any, t0: Any, weight_decay: Any, maximize: bool,
+          use_weight_decay: bool) -> GradientTransformation:
+    return chain(*_lead(maximize, weight_decay, use_weight_decay), scale_by_asgd(lr, lambd, alpha, t0))
+
+
+@recorded
+def asgd(lr: ScalarOrSchedule = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
+         weight_decay: ScalarOrSchedule = 0.0, *, maximize: bool = False) -> GradientTransformation:
+    """Averaged SGD as ``torch.optim.ASGD`` (Polyak & Juditsky, 1992).
+
+    ``g <- -g`` if maximize; ``g <- g + wd p``; `gradxform.scale_by_asgd`: ``p <- p - eta (g +
+    lambd p)`` with torch's ``eta`` schedule, and the averaged iterate ``ax`` (state; read it with
+    `gradxform.averaged_params`).
+
+    Args:
+        lr: learning rate (enters ``eta`` for the next step, as in torch).
+        lambd: decay term.
+        alpha: power of the ``eta`` schedule.
+        t0: the step after which averaging starts.
+        weight_decay: L2 penalty added to the gradient.
+        maximize: ascend instead.
+
+    Returns:
+        The transform (``opt.state[p]``: ``step``, ``eta``, ``mu``, ``ax``).
+
+    Raises:
+        ValueError: a negative lr, lambd or weight_decay.
+
+    References:
+        Polyak & Juditsky, SIAM J. Control Optim. 30(4), 1992;
+        https://pytorch.org/docs/stable/generated/torch.optim.ASGD.html
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.asgd(1e-2, t0=100))
+        >>> avg = gx.averaged_params(opt)
+    """
+    lr = _check_lr(lr)
+    check_float("lambd", lambd, low=0.0)
+    check_float("alpha", alpha)
+    check_float("t0", t0)
+    check_float("weight_decay", weight_decay, low=0.0)
+    return inject_hyperparams(_asgd, static_args=("maximize", "use_weight_decay"))(
+        lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay, maximize=maximize,
+        use_weight_decay=_nonzero(weight_decay))
