@@ -236,7 +236,7 @@ _OTHER_OWNERS = {"gradxform.base", "gradxform.optim", "gradxform.fastpath", "gra
 _NOT_CONVERTED = {
     # gradxform.transforms
     "add_decayed_weights", "scale", "scale_by_adam", "scale_by_learning_rate",
-    "scale_by_rms", "scale_by_schedule", "trace",
+    "scale_by_schedule", "trace",
     # gradxform.persample
     "all_reduce_sum_grad_squared",
     # gradxform.combine
