@@ -126,6 +126,7 @@ CATALOG_MODULES = [importlib.import_module(p.stem) for p in sorted(pathlib.Path(
 # The optimizer catalog is tested on torch 2.13 (docs/support.md): on an older torch (CI's floor
 # job) the harnesses run the original families only.
 CATALOG_IN_HARNESSES = _compat.torch_version() >= (2, 13)
+FAMILY_CASES = dict(CASES)  # the original families' cases (the distributed harness runs these)
 for _module in CATALOG_MODULES if CATALOG_IN_HARNESSES else []:
     CASES.update(_module.CASES)
 
