@@ -239,6 +239,10 @@ FEATURES: types.MappingProxyType[str, Feature] = types.MappingProxyType({
                 "rule and double backward of its flash kernel)"),
         Feature("fullgraph_compile", "2.13", "torch.compile(step, fullgraph=True) without graph breaks",
                 fullgraph_compile_supported, "torch.compile with graph breaks (from 2.1)"),
+        Feature("compiled_adapter_step", "2.13", "torch.compile(opt.step) of gx.Optimizer",
+                lambda: _at_least(2, 13), "the functional step compiled with graph breaks, or the eager adapter"),
+        Feature("meta_foreach", "2.13", "torch._foreach_* kernels on the meta device (test-only: no-host-sync checks)",
+                lambda: _at_least(2, 13), "the same checks on CPU tensors"),
     )
 })
 

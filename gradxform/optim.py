@@ -107,7 +107,6 @@ class Optimizer(torch.optim.Optimizer):
     Raises:
         TypeError: ``tx`` is not a transform.
         TypeError: ``params`` is a single tensor (give a list), as torch.optim.
-        ValueError: ``capturable=True`` (CUDA graph capture of the step is not supported).
         RuntimeError: ``fused=True`` for a step that cannot take a fused kernel (the reason named).
 
     Example:
@@ -249,9 +248,6 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
-            if group.get("capturable"):
-                raise ValueError(f"group {gi}: capturable=True (CUDA graph capture of the step) is not supported by "
-                                 "gradxform.Optimizer; compile the functional step instead (docs: three ways)")
             params = group["params"]
             grads = [None if p.grad is None else _real(p.grad) for p in params]
             if all(g is None for g in grads):

@@ -634,6 +634,7 @@ def test_compiles_once_and_equals_eager(name):
 
 
 
+@needs("meta_foreach")
 @pytest.mark.parametrize("name", sorted(CLIPPERS) + ["clip_by_global_norm"])
 def test_update_reads_no_device_value_and_keeps_counts_on_cpu(name):
     """The meta device stands in for an accelerator: its tensors have no data, so any host read of

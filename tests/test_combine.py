@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradxform as gx
-from helpers import assert_trees_close, run_functional, run_torch
+from helpers import assert_trees_close, needs, run_functional, run_torch
 
 
 def tree(a=(3.0, 4.0), b=(-1.0,)):
@@ -200,6 +200,7 @@ _TASK_EXTRAS = {"losses": torch.ones(3), "task_grad_norms": torch.ones(3)}
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=KNOWN_HOST_READS[n]))
     if n in KNOWN_HOST_READS else n for n in sorted(NO_SYNC_INNER)])
+@needs("meta_foreach")
 def test_apply_if_finite_reads_no_device_value_on_the_host(name):
     # regression: the skip decision copied the device flag to the CPU (``.cpu()``) every step
     params = _meta_tree()
@@ -216,6 +217,7 @@ def test_apply_if_finite_reads_no_device_value_on_the_host(name):
     assert counters and all(x.device.type == "meta" for x in counters)
 
 
+@needs("meta_foreach")
 def test_apply_if_finite_init_places_counters_on_the_params_device():
     # on an accelerator the inner's integer scalars move to the params' device; its float
     # hyperparameters stay CPU scalars (read as Python numbers); on CPU nothing moves

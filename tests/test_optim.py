@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim import lr_scheduler as lrs
 
 import gradxform as gx
+from helpers import needs
 from gradxform import tree as gxtree
 
 STEPS = 200
@@ -186,7 +187,7 @@ ADAM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["generic", "fused"])
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs("cpu_fused_adam"))], ids=["generic", "fused"])
 @pytest.mark.parametrize(
     "case", ADAM_CASES, ids=lambda c: f"{c['name']}-ams{int(c['amsgrad'])}-wd{c['weight_decay']}-max{int(c['maximize'])}"
 )
@@ -837,6 +838,7 @@ FUSED_CASES = {
 }
 
 
+@needs("cpu_fused_adam")
 @pytest.mark.parametrize("case", list(FUSED_CASES))
 def test_fused_lowering_is_bit_identical_to_torch_fused(case):
     """gx.adam/adamw in the adapter run torch's fused kernel: bitwise torch.optim(fused=True)."""
@@ -861,6 +863,7 @@ def test_fused_lowering_is_bit_identical_to_torch_fused(case):
         assert torch.equal(a, b)
 
 
+@needs("cpu_fused_adam")
 def test_fused_and_generic_paths_agree_and_share_the_state_layout():
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -933,6 +936,7 @@ def _assert_same_params_and_state(models, opts):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
+@needs("cpu_fused_adam")
 @pytest.mark.parametrize("max_norm", [0.05, 100.0], ids=["clipping", "not-clipping"])
 def test_fused_clip_adamw_matches_generic_path(max_norm):
     """chain(clip_by_global_norm, adamw) is lowered too (fused=True: it must be): the clipped
@@ -962,6 +966,7 @@ CHAIN_RULES = {
 }
 
 
+@needs("cpu_fused_sgd")
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("rule", list(CHAIN_RULES))
 def test_chain_rule_sgd_lowering_matches_generic_path(rule, momentum):
@@ -996,6 +1001,7 @@ _COMPILED_STEP_TXS = {
 }
 
 
+@needs("compiled_adapter_step")
 @pytest.mark.parametrize("name", sorted(_COMPILED_STEP_TXS))
 def test_compiled_optimizer_step_equals_eager(name):
     """``torch.compile(opt.step)``, the torch.optim recipe, through the adapter: the same params

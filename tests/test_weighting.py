@@ -390,6 +390,7 @@ META_UPDATERS = {
 }
 
 
+@needs("meta_foreach")
 @pytest.mark.parametrize("name", sorted(META_UPDATERS))
 def test_update_reads_no_device_value_and_keeps_counts_on_cpu(name):
     """The meta device stands in for an accelerator: its tensors have no data, so any host read of
