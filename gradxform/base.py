@@ -126,7 +126,7 @@ class Ownership(NamedTuple):
     def protect(self, tensors: Any) -> "Ownership":
         """The same ownership with ``tensors`` protected too (e.g. inputs shared by two inner
         transforms)."""
-        if not self.updates:
+        if not self.updates or _tree.traced():  # traced: updates are never written (no ids to guard on)
             return self
         return self._replace(protected=self.protected | frozenset(id(t) for t in tensors))
 

@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call, grad, jacrev, vmap
 
 import gradxform as gx
-from test_purity import CASES
+from test_purity import CASES, EAGER_ONLY, KNOWN_GAPS
 
 D = torch.float64
 
@@ -223,6 +223,8 @@ def _assert_tree_close(got, want, what):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_batched_equals_separate_calls(name):
+    if name in EAGER_ONLY or name in KNOWN_GAPS.get("func", {}):
+        pytest.skip("eager only (branches on loss values)" if name in EAGER_ONLY else KNOWN_GAPS["func"][name])
     tx = CASES[name]()
     btx = gx.batched(tx)
     ps = [_params(i) for i in range(N)]
@@ -290,6 +292,8 @@ _GRAD_XFAIL: dict[str, str] = {}  # every public transform is differentiable whe
     for n in sorted(CASES)
 ])
 def test_grad_wrt_incoming_gradients_matches_finite_difference(name):
+    if name in EAGER_ONLY or name in KNOWN_GAPS.get("func", {}):
+        pytest.skip("eager only (branches on loss values)" if name in EAGER_ONLY else KNOWN_GAPS["func"][name])
     # Non-smooth transforms pass too because no input sits on a kink: e.g. `clip` clamps every
     # coordinate here (gradient 0), autoclip does not clip step 2 (gradient = identity), the
     # random rule's decisions are functions of (seed, count) and the norm, fixed under the
