@@ -544,9 +544,10 @@ def test_inject_hyperparams_is_transparent(name, problem, data):
     state holds the values of h."""
     factory, hparams = INJECTABLE[name]
     h = data.draw(hparams, label="hyperparams")
-    if h.get("nesterov"):  # torch.optim.SGD (and gx.sgd) refuse Nesterov without momentum or with dampening
+    if h.get("nesterov") and "dampening" in h:
         h["dampening"] = 0.0
-        h["momentum"] = h.get("momentum") or 0.5
+    if name == "sgd" and h.get("nesterov") and not h["momentum"]:  # gx.sgd, as torch's SGD, refuses it
+        h["momentum"] = 0.5
     plain = _run(factory(**h), problem)
     injected = _run(gx.inject_hyperparams(factory)(**h), problem)
     for (u0, s0), (u1, s1) in zip(plain, injected):
