@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import gradxform as gx
+from helpers import needs
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -129,6 +130,7 @@ def _round_trip(obj):
     return torch.load(buf, weights_only=True)
 
 
+@needs("weights_only_load")
 def test_checkpoints_load_with_weights_only_as_the_docs_say():
     import torch
 
