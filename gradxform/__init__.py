@@ -425,11 +425,11 @@ from .torch_optimizers import (
 
 tree.register_state_types(ScaleByRssState, ScaleByAdadeltaState, ScaleByAdamaxState, ScaleByNadamState,
                           ScaleByRpropState, ScaleByAsgdState)
-_TORCH_OPTIMIZERS_ALL = [
+_TORCH_OPTIMIZERS_ALL = (
     "ScaleByRssState", "ScaleByAdadeltaState", "ScaleByAdamaxState", "ScaleByNadamState", "ScaleByRpropState",
     "ScaleByAsgdState", "scale_by_rss", "scale_by_adadelta", "scale_by_adamax", "scale_by_nadam", "scale_by_radam",
     "scale_by_rprop", "scale_by_asgd", "averaged_params", "adagrad", "adadelta", "adamax", "nadam", "radam",
     "rmsprop", "rprop", "asgd",
-]
+)
 __all__ += _TORCH_OPTIMIZERS_ALL
 # --- end torch_optimizers ---
