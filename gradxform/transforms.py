@@ -166,7 +166,28 @@ def _schedule_value(schedule: Callable[[Any], Any], count: torch.Tensor) -> Any:
 
 @recorded
 def scale(step_size: float | torch.Tensor) -> GradientTransformation:
-    """Multiply every update by a constant: ``u <- step_size * u``."""
+    """Multiply every update by a constant: ``u <- step_size * u``.
+
+    Args:
+        step_size: the factor (a number or a 0-d tensor; a negative one descends, as in
+            ``gx.scale(-lr)``).
+
+    Returns:
+        A stateless `GradientTransformation` (``params`` not needed).
+
+    Raises:
+        TypeError: ``step_size`` is not a number or a 0-d tensor.
+        ValueError: ``step_size`` is NaN.
+
+    References:
+        optax.scale (https://optax.readthedocs.io/en/latest/api/transformations.html#optax.scale).
+
+    Example:
+        >>> tx = gx.scale(-0.5)
+        >>> u, _ = tx.update({"w": torch.tensor([1.0, -2.0])}, tx.init({"w": torch.zeros(2)}))
+        >>> u["w"]
+        tensor([-0.5000,  1.0000])
+    """
     check_float("step_size", step_size)
 
     def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
@@ -187,7 +208,31 @@ class ScaleByScheduleState(NamedTuple):
 
 @recorded
 def scale_by_schedule(step_size_fn: Callable[[Any], Any]) -> GradientTransformation:
-    """Scale by a schedule of the step count: ``u <- step_size_fn(count) * u``, ``count`` 0-based."""
+    """Scale by a schedule of the step count: ``u <- step_size_fn(count) * u``, ``count`` 0-based.
+
+    Args:
+        step_size_fn: a function of the step count (a 0-d int64 tensor, 0 at the first update)
+            returning a number or a 0-d tensor, e.g. a `gradxform.schedules` schedule.
+
+    Returns:
+        A `GradientTransformation` whose state is `ScaleByScheduleState` (``params`` not needed).
+
+    Raises:
+        TypeError: ``step_size_fn`` is not callable.
+
+    References:
+        optax.scale_by_schedule
+        (https://optax.readthedocs.io/en/latest/api/transformations.html#optax.scale_by_schedule).
+
+    Example:
+        >>> tx = gx.scale_by_schedule(lambda count: 1.0 / (count + 1))
+        >>> g = {"w": torch.tensor([2.0])}
+        >>> state = tx.init(g)
+        >>> u1, state = tx.update(g, state)
+        >>> u2, state = tx.update(g, state)
+        >>> u1["w"], u2["w"]
+        (tensor([2.]), tensor([1.]))
+    """
     if not callable(step_size_fn):
         raise TypeError(f"step_size_fn must be callable count -> value; got {step_size_fn!r}")
 
@@ -211,7 +256,30 @@ def scale_by_schedule(step_size_fn: Callable[[Any], Any]) -> GradientTransformat
 def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool = True) -> GradientTransformation:
     """``u <- -lr * u`` (``+lr * u`` with ``flip_sign=False``); ``lr`` a number, tensor or schedule.
 
-    A negative learning rate is rejected (use ``flip_sign`` to ascend).
+    A negative learning rate is rejected (use ``flip_sign`` to ascend). A schedule is read at the
+    0-based step count, as `scale_by_schedule`.
+
+    Args:
+        learning_rate: a number, a 0-d tensor or a schedule of the step count (>= 0).
+        flip_sign: multiply by ``-lr`` (descent) rather than ``+lr``.
+
+    Returns:
+        A `GradientTransformation`: stateless for a constant, `ScaleByScheduleState` for a
+        schedule (``params`` not needed).
+
+    Raises:
+        TypeError: the learning rate is not a number, a 0-d tensor or a schedule.
+        ValueError: the learning rate is negative or NaN.
+
+    References:
+        optax.scale_by_learning_rate
+        (https://optax.readthedocs.io/en/latest/api/transformations.html#optax.scale_by_learning_rate).
+
+    Example:
+        >>> tx = gx.scale_by_learning_rate(0.1)
+        >>> u, _ = tx.update({"w": torch.tensor([1.0, -2.0])}, tx.init({"w": torch.zeros(2)}))
+        >>> u["w"]
+        tensor([-0.1000,  0.2000])
     """
     check_float("learning rate", learning_rate, low=0.0)
     sign = -1.0 if flip_sign else 1.0
@@ -263,6 +331,32 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
     Note the first step: the buffer starts at the gradient itself, without dampening. "First"
     is per leaf, as torch.optim's per-param buffer: a leaf frozen (``None``) for a while starts
     when it first receives an update.
+
+    Args:
+        decay: the momentum ``mu`` (>= 0; a number or a 0-d tensor).
+        nesterov: output ``g_t + decay * b_t`` (Nesterov momentum) instead of ``b_t``.
+        dampening: scales the gradient added after the first step, in [0, 1].
+
+    Returns:
+        A `GradientTransformation` whose state is `TraceState` (``params`` not needed).
+
+    Raises:
+        TypeError: ``decay`` or ``dampening`` is not a number or a 0-d tensor.
+        ValueError: a negative ``decay``, ``dampening`` outside [0, 1], or NaN.
+
+    References:
+        Sutskever, Martens, Dahl and Hinton, "On the importance of initialization and momentum in
+        deep learning", ICML 2013, Section 2; torch.optim.SGD
+        (https://pytorch.org/docs/stable/generated/torch.optim.SGD.html).
+
+    Example:
+        >>> tx = gx.trace(0.9, dampening=0.5)
+        >>> g = {"w": torch.tensor([1.0])}
+        >>> state = tx.init(g)
+        >>> u1, state = tx.update(g, state)
+        >>> u2, state = tx.update(g, state)
+        >>> u1["w"], u2["w"]
+        (tensor([1.]), tensor([1.4000]))
     """
     check_float("momentum (decay)", decay, low=0.0)
     check_float("dampening", dampening, low=0.0, high=1.0)
@@ -335,6 +429,31 @@ def scale_by_adam(
     ``m_t = b1 m + (1-b1) g``; ``v_t = b2 v + (1-b2) g^2``; with AMSGrad (Reddi et al., 2018)
     ``vmax_t = max(vmax, v_t)`` replaces ``v_t`` below;
     ``u = (m_t / (1-b1^t)) / (sqrt(v_t) / sqrt(1-b2^t) + eps)``, with ``t`` the leaf's own step.
+
+    Args:
+        b1: the decay of the first moment, in [0, 1).
+        b2: the decay of the second moment, in [0, 1).
+        eps: added to the bias-corrected root of the second moment (>= 0).
+        amsgrad: use the running maximum of ``v`` (AMSGrad).
+
+    Returns:
+        A `GradientTransformation` whose state is `ScaleByAdamState` (``params`` not needed).
+        Chain a learning rate after it, e.g. ``gx.chain(gx.scale_by_adam(), gx.scale(-lr))``.
+
+    Raises:
+        TypeError: a hyperparameter is not a number or a 0-d tensor.
+        ValueError: a beta outside [0, 1), a negative ``eps``, or NaN.
+
+    References:
+        Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, arXiv:1412.6980,
+        Algorithm 1. AMSGrad: Reddi, Kale and Kumar, "On the Convergence of Adam and Beyond",
+        ICLR 2018, arXiv:1904.09237, Algorithm 2.
+
+    Example:
+        >>> tx = gx.scale_by_adam()
+        >>> u, state = tx.update({"w": torch.tensor([0.5, -2.0])}, tx.init({"w": torch.zeros(2)}))
+        >>> u["w"]  # the first step is sign(g), up to eps
+        tensor([ 1.0000, -1.0000])
     """
     check_float("b1 (betas[0])", b1, low=0.0, high=1.0, high_open=True)
     check_float("b2 (betas[1])", b2, low=0.0, high=1.0, high_open=True)
@@ -526,7 +645,33 @@ def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor =
 def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = None) -> GradientTransformation:
     """``u <- u + weight_decay * params`` (L2 decay; decoupled when placed after the preconditioner,
     as AdamW, Loshchilov & Hutter 2019). ``mask``: a pytree of bools (or a function of params
-    returning one) that selects the leaves to decay; the others pass through unchanged."""
+    returning one) that selects the leaves to decay; the others pass through unchanged.
+
+    Args:
+        weight_decay: the decay rate (>= 0; a number or a 0-d tensor).
+        mask: ``None`` (decay every leaf), a pytree of bools shaped like the params, or a function
+            ``params -> mask``; the transform is then `masked`.
+
+    Returns:
+        A stateless `GradientTransformation` (`MaskedState` with a ``mask``); its ``update``
+        needs ``params``.
+
+    Raises:
+        TypeError: ``weight_decay`` is not a number or a 0-d tensor.
+        ValueError: ``weight_decay`` is negative or NaN; ``update`` called without ``params``.
+
+    References:
+        Loshchilov and Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
+        arXiv:1711.05101, Algorithm 2; optax.add_decayed_weights
+        (https://optax.readthedocs.io/en/latest/api/transformations.html#optax.add_decayed_weights).
+
+    Example:
+        >>> params = {"w": torch.tensor([2.0]), "b": torch.tensor([2.0])}
+        >>> tx = gx.add_decayed_weights(0.1, mask={"w": True, "b": False})
+        >>> u, _ = tx.update({"w": torch.zeros(1), "b": torch.zeros(1)}, tx.init(params), params)
+        >>> u["w"], u["b"]
+        (tensor([0.2000]), tensor([0.]))
+    """
     check_float("weight_decay", weight_decay, low=0.0)
     if mask is not None:
         from .combine import masked
