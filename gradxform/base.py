@@ -243,9 +243,23 @@ def update_in_place(tx: "GradientTransformation", updates: Updates, state: State
     Returns:
         ``(updates, new_state)`` as ``tx.update``.
 
+    Raises:
+        TypeError: as ``tx.update`` (a state not made by ``tx.init``, a missing or unknown extra
+            argument).
+
+    References:
+        torch.optim's in-place ``step`` (https://pytorch.org/docs/stable/optim.html); the pure
+        counterpart is optax's ``update`` + optax.apply_updates
+        (https://optax.readthedocs.io/en/latest/api/apply_updates.html).
+
     Example:
-        >>> updates, state = gx.update_in_place(tx, grads, state, params)
+        >>> params = {"w": torch.ones(2)}
+        >>> tx = gx.adam(0.1)
+        >>> state = tx.init(params)
+        >>> updates, state = gx.update_in_place(tx, {"w": torch.tensor([1.0, -2.0])}, state, params)
         >>> params = gx.apply_updates(params, updates, inplace=True)
+        >>> params["w"]
+        tensor([0.9000, 1.1000])
     """
     # (traced, updates are never written in place: nothing to protect)
     leaves = [] if donate_updates or _tree.traced() else [x for x in _tree.tree_flatten(updates)[0] if x is not None]
@@ -290,7 +304,29 @@ _ATTR = "__gx_extra_args__"
 
 
 def with_extra_args(update: Callable[..., Any], spec: ExtraArgs) -> Callable[..., Any]:
-    """Declare the extra arguments of an ``update`` that takes ``**extra`` (combinators use it)."""
+    """Declare the extra arguments of an ``update`` that takes ``**extra`` (combinators use it).
+
+    The declaration is stored on the function and read back by `extra_args_of`, so `chain`
+    routes each extra keyword argument only to the members that declare it.
+
+    Args:
+        update: the ``update(updates, state, params=None, **extra)`` function; marked in place.
+        spec: the `ExtraArgs` it takes.
+
+    Returns:
+        ``update`` itself.
+
+    References:
+        optax.GradientTransformationExtraArgs and optax.with_extra_args_support
+        (https://optax.readthedocs.io/en/latest/api/transformations.html).
+
+    Example:
+        >>> def update(updates, state, params=None, **extra):
+        ...     return updates, state
+        >>> update = gx.with_extra_args(update, gx.ExtraArgs(required=frozenset({"losses"})))
+        >>> gx.extra_args_of(gx.GradientTransformation(lambda p: (), update)).required
+        frozenset({'losses'})
+    """
     setattr(update, _ATTR, spec)
     return update
 
@@ -318,6 +354,22 @@ def extra_args_of(tx: GradientTransformation) -> ExtraArgs:
     Read from a declaration made with `with_extra_args`, else from the signature: every
     keyword-only parameter is an extra argument (required when it has no default); a bare
     ``**kwargs`` accepts anything.
+
+    Args:
+        tx: a `GradientTransformation`.
+
+    Returns:
+        An `ExtraArgs` (``required``, ``optional``, ``accepts_any``).
+
+    References:
+        optax.GradientTransformationExtraArgs
+        (https://optax.readthedocs.io/en/latest/api/transformations.html).
+
+    Example:
+        >>> def update(updates, state, params=None, *, losses, step=0):
+        ...     return updates, state
+        >>> gx.extra_args_of(gx.GradientTransformation(lambda p: (), update))
+        ExtraArgs(required=frozenset({'losses'}), optional=frozenset({'step'}), accepts_any=False)
     """
     fn = tx.update
     fn_dict = getattr(fn, "__dict__", None) or {}
@@ -388,6 +440,25 @@ def stateless(fn: Callable[..., Updates]) -> GradientTransformation:
     ``fn`` may take a third parameter ``own`` (an `Ownership`): it is then also declared as the
     transform's owned update (gradxform's own stateless blocks scale their updates in place when
     the caller owns them).
+
+    Args:
+        fn: ``fn(updates, params) -> updates`` (``params`` is ``None`` when ``update`` is called
+            without them), or ``fn(updates, params, own)``.
+
+    Returns:
+        A `GradientTransformation` whose state is `EmptyState`.
+
+    Raises:
+        TypeError: ``init`` given something other than a pytree of tensors (e.g. a generator).
+
+    References:
+        optax.stateless (https://optax.readthedocs.io/en/latest/api/transformations.html#optax.stateless).
+
+    Example:
+        >>> tx = gx.stateless(lambda u, p: {k: v.sign() for k, v in u.items()})
+        >>> u, _ = tx.update({"w": torch.tensor([0.3, -2.0])}, tx.init({"w": torch.zeros(2)}))
+        >>> u["w"]
+        tensor([ 1., -1.])
     """
     code = getattr(fn, "__code__", None)  # (inspect.signature does not trace under torch.compile)
     takes_own = code is not None and "own" in code.co_varnames[:code.co_argcount]
@@ -410,7 +481,23 @@ def stateless(fn: Callable[..., Updates]) -> GradientTransformation:
 
 
 def identity() -> GradientTransformation:
-    """The transform that returns its updates unchanged: ``u -> u``."""
+    """The transform that returns its updates unchanged: ``u -> u``.
+
+    Returns:
+        A `GradientTransformation` whose state is `EmptyState` (``params`` not needed).
+
+    Raises:
+        TypeError: ``init`` given something other than a pytree of tensors (e.g. a generator).
+
+    References:
+        optax.identity (https://optax.readthedocs.io/en/latest/api/transformations.html#optax.identity).
+
+    Example:
+        >>> tx = gx.identity()
+        >>> u, _ = tx.update({"w": torch.tensor([1.0])}, tx.init({"w": torch.zeros(1)}))
+        >>> u["w"]
+        tensor([1.])
+    """
 
     def init(params: Params) -> EmptyState:
         _tree.check_tree_root(params)
@@ -441,8 +528,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     Raises:
         TypeError: a member is not a transform.
 
+    References:
+        optax.chain (https://optax.readthedocs.io/en/latest/api/combining_optimizers.html#optax.chain).
+
     Example:
-        >>> tx = gx.chain(gx.clip_by_global_norm(1.0), gx.scale_by_adam(), gx.scale(-1e-3))
+        >>> tx = gx.chain(gx.clip_by_global_norm(1.0), gx.scale(-0.1))
+        >>> u, _ = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init({"w": torch.zeros(2)}))
+        >>> u["w"]
+        tensor([-0.0600, -0.0800])
     """
     members: list[GradientTransformation] = []
     for tx in transforms:
@@ -511,6 +604,27 @@ def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) ->
     Each update is cast to its param's dtype, as optax does. Pure by default; with
     ``inplace=True`` the params' tensors are updated in place and returned (for a caller that
     owns them, e.g. a compiled training step that donates its inputs).
+
+    Args:
+        params: the params (a pytree of tensors; ``None`` leaves pass).
+        updates: the updates, with the params' structure and shapes.
+        inplace: add into the params' tensors instead of returning new ones.
+
+    Returns:
+        The new params, with the structure of ``params`` (the same tensors when ``inplace``).
+
+    Raises:
+        ValueError: ``updates`` differs from ``params`` in structure or in a leaf's shape (the
+            message names the path).
+
+    References:
+        optax.apply_updates (https://optax.readthedocs.io/en/latest/api/apply_updates.html).
+
+    Example:
+        >>> params = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5])}
+        >>> new = gx.apply_updates(params, {"w": torch.tensor([0.5, -0.5]), "b": None})
+        >>> new["w"], new["b"]
+        (tensor([1.5000, 1.5000]), tensor([0.5000]))
     """
     p_leaves, spec = _tree.tree_flatten(params)
     u_leaves = _tree.check_structure(spec, updates, "updates", against="params", reference=params)
