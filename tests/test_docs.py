@@ -226,39 +226,6 @@ def test_compile_docs_warn_about_float_learning_rates():
 
 _SECTIONS = ("Args:", "Returns:", "Raises:", "References:", "Example:")
 
-# Names defined in modules whose owners convert them (gradxform/optim.py, fastpath.py, base.py and
-# the catalog modules torch_optimizers*.py, optax_optimizers.py, combinators.py, contrib.py):
-# skipped until they comply. The lead removes this list.
-_OTHER_OWNERS = {"gradxform.base", "gradxform.optim", "gradxform.fastpath", "gradxform.optax_optimizers",
-                 "gradxform.torch_optimizers", "gradxform.structured",
-                 "gradxform.combinators", "gradxform.contrib"}
-
-# Public functions of this project's own modules not converted yet (issue 16 item 10 is partly
-# done): each name here must still be non-compliant, so the list only shrinks.
-_NOT_CONVERTED = {
-    # gradxform.transforms
-    "add_decayed_weights", "scale", "scale_by_adam", "scale_by_learning_rate",
-    "scale_by_schedule", "trace",
-    # gradxform.persample
-    "all_reduce_sum_grad_squared",
-    # gradxform.combine
-    "graft",
-    # gradxform.clipping
-    "clip_fraction",
-    "monitor_norm", "norm_history",
-    # gradxform.batching
-    "get_hyperparam", "set_hyperparam",
-    # gradxform.tree
-    "differentiable", "tree_global_norm",
-    # gradxform.weighting
-    "fixed_weights", "loss_weights", "task_grad_norms",
-    "weighted_grad_and_task_norms",
-    # gradxform.empirical, initscale, moments, checkpoint, precision
-    "empirical_init_params", "scale_by_empirical_init", "gradinit_objective",
-    "gradinit_scale_tx", "project_lower_bound", "scale_by_truegrad_adam", "scale_by_truegrad_laprop",
-    "scale_by_truegrad_rmsprop",
-}
-
 # aliases and family entry points: an Example is required
 _NEEDS_EXAMPLE = {
     "sgd", "adam", "adamw", "tg_adamw", "tg_laprop", "tg_rmsprop", "clip_by_global_norm", "clip_by_leaf_norm",
@@ -294,23 +261,13 @@ def _format_problems(name: str) -> list[str]:
     return problems
 
 
-def _skipped(name: str) -> bool:
-    return getattr(gx, name).__module__ in _OTHER_OWNERS
-
-
 @pytest.mark.parametrize("name", _public_functions())
 def test_public_function_docstring_format(name):
-    if _skipped(name):
-        pytest.skip(f"gx.{name} is defined in {getattr(gx, name).__module__} (converted by its owner)")
     problems = _format_problems(name)
-    if name in _NOT_CONVERTED:
-        assert problems, f"gx.{name} complies now: remove it from _NOT_CONVERTED"
-        pytest.skip(f"gx.{name} not converted yet: {problems}")
     assert not problems, f"gx.{name}'s docstring: {problems}"
 
 
-def test_not_converted_list_names_public_functions():
-    assert _NOT_CONVERTED <= set(_public_functions()), sorted(_NOT_CONVERTED - set(_public_functions()))
+def test_needs_example_names_public_functions():
     assert _NEEDS_EXAMPLE <= set(gx.__all__), sorted(_NEEDS_EXAMPLE - set(gx.__all__))
 
 
@@ -331,11 +288,29 @@ def _example(name: str) -> list[tuple[str, str | None]]:
     return steps
 
 
-@pytest.mark.parametrize("name", [n for n in _public_functions() if _example(n) and not _skipped(n)])
-def test_docstring_example_runs(name):
+def _example_scope() -> dict:
+    """What an example may use without defining it: ``torch``, ``gx`` and every public name, and
+    a small model: ``model`` (``torch.nn.Linear(4, 2)``), ``x`` (a batch of 8 inputs),
+    ``params`` and ``grads`` (dicts of its detached parameters and of their gradients on
+    ``loss_fn(params, x)``, the mean squared output)."""
     import torch
 
-    scope = {"torch": torch, "gx": gx, **{n: getattr(gx, n) for n in gx.__all__}}
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x = torch.randn(8, 4)
+
+    def loss_fn(params, x):
+        return torch.func.functional_call(model, params, (x,)).square().mean()
+
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    grads = torch.func.grad(loss_fn)(params, x)
+    return {"torch": torch, "gx": gx, **{n: getattr(gx, n) for n in gx.__all__},
+            "model": model, "x": x, "params": params, "grads": grads, "loss_fn": loss_fn}
+
+
+@pytest.mark.parametrize("name", [n for n in _public_functions() if _example(n)])
+def test_docstring_example_runs(name):
+    scope = _example_scope()
     for code, expected in _example(name):
         if expected is None:
             exec(code, scope)
