@@ -299,11 +299,18 @@ def ema_params(state_or_optimizer: Any, group: int = 0) -> Any:
     Raises:
         ValueError: no `params_ema` in the state.
 
+    References:
+        Polyak and Juditsky, "Acceleration of stochastic approximation by averaging", SIAM J.
+        Control Optim. 30(4), 1992; Tarvainen and Valpola, "Mean teachers are better role
+        models", NeurIPS 2017, arXiv:1703.01780, Section 2; optax.ema
+        (https://optax.readthedocs.io/en/latest/api/transformations.html#optax.ema).
+
     Example:
         >>> opt = gx.Optimizer(model.parameters(), gx.chain(gx.adamw(1e-3), gx.params_ema(0.999)))
-        >>> ...  # train
+        >>> model(x).square().mean().backward()
+        >>> opt.step()  # ... train
         >>> averaged = dict(zip([n for n, _ in model.named_parameters()], gx.ema_params(opt)))
-        >>> torch.func.functional_call(model, averaged, (x,))
+        >>> out = torch.func.functional_call(model, averaged, (x,))
     """
     found = _find_state(_state_of(state_or_optimizer, group), ParamsEmaState)
     if found is None:
@@ -361,6 +368,7 @@ def lookahead(fast_optimizer: GradientTransformation, sync_period: int, slow_ste
 
     Example:
         >>> tx = gx.lookahead(gx.adam(1e-3), sync_period=5, slow_step_size=0.5)
+        >>> state = tx.init(params)
         >>> updates, state = tx.update(grads, state, params)
         >>> slow = gx.lookahead_params(state)
     """
@@ -444,9 +452,19 @@ def lookahead_params(state_or_optimizer: Any, params: Params | None = None, *, g
     Raises:
         ValueError: no `lookahead` in the state, or ``params`` of another structure.
 
+    References:
+        Zhang, Lucas, Hinton and Ba, "Lookahead Optimizer: k steps forward, 1 step back",
+        NeurIPS 2019, arXiv:1907.08610, Algorithm 1 (the slow weights); optax.lookahead
+        (https://optax.readthedocs.io/en/latest/api/optimizer_wrappers.html#optax.lookahead).
+
     Example:
-        >>> slow = gx.lookahead_params(state, params)
-        >>> eval_loss = loss_fn(slow)
+        >>> p = {"w": torch.zeros(1)}
+        >>> tx = gx.lookahead(gx.sgd(1.0), sync_period=2, slow_step_size=0.5)
+        >>> state = tx.init(p)
+        >>> u, state = tx.update({"w": torch.tensor([-1.0])}, state, p)
+        >>> p = gx.apply_updates(p, u)
+        >>> p["w"], gx.lookahead_params(state, p)["w"]  # fast moved, slow not yet
+        (tensor([1.]), tensor([0.]))
     """
     found = _find_state(_state_of(state_or_optimizer, group), LookaheadState)
     if found is None:
@@ -940,7 +958,11 @@ def skip_large_updates(updates: Updates, gradient_step: Any, params: Params | No
         optax.skip_large_updates (https://optax.readthedocs.io/en/latest/api/optimizer_wrappers.html).
 
     Example:
-        >>> tx = gx.skip_if(gx.adam(1e-3), functools.partial(gx.skip_large_updates, max_squared_norm=100.0))
+        >>> import functools
+        >>> tx = gx.skip_if(gx.sgd(0.1), functools.partial(gx.skip_large_updates, max_squared_norm=100.0))
+        >>> u, state = tx.update({"w": torch.tensor([20.0])}, tx.init({"w": torch.zeros(1)}))
+        >>> u["w"]  # 400 > 100: skipped
+        tensor([0.])
     """
     del gradient_step, params
     live = [x for x in _tree.tree_flatten(updates)[0] if x is not None]
@@ -1066,8 +1088,12 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
         torch.optim.lr_scheduler.ReduceLROnPlateau (the same rule as a scheduler).
 
     Example:
-        >>> tx = gx.chain(gx.adam(1e-3), gx.reduce_on_plateau(patience=5))
-        >>> updates, state = tx.update(grads, state, params, value=loss.detach())
+        >>> tx = gx.chain(gx.sgd(1.0), gx.reduce_on_plateau(factor=0.5, patience=1))
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> u, state = tx.update({"w": torch.ones(1)}, state, value=torch.tensor(1.0))
+        >>> u, state = tx.update({"w": torch.ones(1)}, state, value=torch.tensor(2.0))  # no better
+        >>> u["w"]
+        tensor([-0.5000])
     """
     if not 0.0 < factor < 1.0:
         raise ValueError(f"factor must be in (0, 1); got {factor}")
@@ -1180,8 +1206,10 @@ def per_example_global_norm_clip(grads: Any, l2_norm_clip: float | torch.Tensor)
         Algorithm 1; optax.per_example_global_norm_clip.
 
     Example:
-        >>> per_ex = gx.per_example_grads(loss_fn)(params, (x, y))
+        >>> per_ex = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}  # 2 examples
         >>> clipped_sum, n_clipped = gx.per_example_global_norm_clip(per_ex, 1.0)
+        >>> clipped_sum["w"], n_clipped
+        (tensor([0.9000, 1.2000]), tensor(1))
     """
     leaves, spec, idx, live = _per_example_leaves(grads, "per_example_global_norm_clip")
     sums, num = _clip_examples(live, l2_norm_clip)
@@ -1214,7 +1242,10 @@ def per_example_layer_norm_clip(grads: Any, global_l2_norm_clip: float | torch.T
         optax.per_example_layer_norm_clip.
 
     Example:
+        >>> per_ex = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]]), "b": torch.tensor([[0.1], [2.0]])}
         >>> clipped, counts = gx.per_example_layer_norm_clip(per_ex, 1.0, uniform=False)
+        >>> counts
+        {'w': tensor(1), 'b': tensor(1)}
     """
     leaves, spec, idx, live = _per_example_leaves(grads, "per_example_layer_norm_clip")
     k = len(live)
@@ -1260,10 +1291,15 @@ def per_example_grads(loss_fn: Callable[..., torch.Tensor], *, randomness: str =
         (https://pytorch.org/tutorials/intermediate/per_sample_grads.html).
 
     Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> params = {k: v.detach() for k, v in model.named_parameters()}
         >>> def loss_fn(params, batch):
         ...     x, y = batch
-        ...     return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
-        >>> per_ex = gx.per_example_grads(loss_fn)(params, (x, y))  # per_ex["0.weight"]: (N, 16, 8)
+        ...     return torch.nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> per_ex = gx.per_example_grads(loss_fn)(params, (x, y))
+        >>> per_ex["weight"].shape
+        torch.Size([8, 2, 4])
     """
     from .persample import _batch_size, _check_engine_args
 
