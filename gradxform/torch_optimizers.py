@@ -782,6 +782,8 @@ def scale_by_asgd(learning_rate: float | torch.Tensor = 1e-2, lambd: float | tor
 
     Example:
         >>> tx = gx.scale_by_asgd(1e-2)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update(grads, state, params)
         >>> avg = gx.averaged_params(state, params)
     """
     check_float("learning_rate", learning_rate, low=0.0)
@@ -886,8 +888,13 @@ def averaged_params(state_or_optimizer: Any, params: Any = None) -> Any:
         https://pytorch.org/docs/stable/generated/torch.optim.ASGD.html
 
     Example:
-        >>> avg = gx.averaged_params(opt)            # a gx.Optimizer(model.parameters(), gx.asgd())
-        >>> torch._foreach_copy_(list(eval_model.parameters()), avg)
+        >>> opt = gx.Optimizer(model.parameters(), gx.asgd())
+        >>> model(x).square().mean().backward()
+        >>> opt.step()  # ... train
+        >>> avg = gx.averaged_params(opt)
+        >>> eval_model = torch.nn.Linear(4, 2)
+        >>> with torch.no_grad():
+        ...     torch._foreach_copy_(list(eval_model.parameters()), avg)
     """
     if isinstance(state_or_optimizer, torch.optim.Optimizer):
         opt = state_or_optimizer
