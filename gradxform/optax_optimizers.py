@@ -915,8 +915,11 @@ def scale_by_polyak(f_min: float | torch.Tensor = 0.0, max_learning_rate: float 
         optax.scale_by_polyak.
 
     Example:
-        >>> tx = gx.chain(gx.scale(-1.0), gx.scale_by_polyak())
-        >>> updates, state = tx.update(grads, state, params, value=loss)
+        >>> tx = gx.chain(gx.scale_by_polyak(max_learning_rate=10.0), gx.scale(-1.0))
+        >>> g = {"w": torch.tensor([2.0])}
+        >>> u, _ = tx.update(g, tx.init(g), value=torch.tensor(8.0))
+        >>> u["w"]  # step (8 - 0) / 2^2 = 2
+        tensor([-4.])
     """
     check_float("max_learning_rate", max_learning_rate, low=0.0)
     check_float("eps", eps, low=0.0)
@@ -1835,6 +1838,8 @@ def polyak_sgd(max_learning_rate: float = 1.0, scaling: ScalarOrSchedule = 1.0, 
 
     Example:
         >>> opt = gx.Optimizer(model.parameters(), gx.polyak_sgd())
+        >>> loss = model(x).square().mean()
+        >>> loss.backward()
         >>> opt.step(value=loss.detach())
     """
     check_float("scaling", scaling, low=0.0)
