@@ -249,6 +249,10 @@ def schedule_free_eval_params(state: Any, params: Params) -> Params:
         2024, arXiv 2405.15682, Section 2; optax.contrib.schedule_free_eval_params.
 
     Example:
+        >>> tx = gx.schedule_free_adamw(1e-2)
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update(grads, state, params)
+        >>> params = gx.apply_updates(params, updates)
         >>> eval_params = gx.schedule_free_eval_params(state, params)
         >>> with torch.no_grad():
         ...     out = torch.func.functional_call(model, eval_params, (x,))
@@ -461,6 +465,7 @@ def schedule_free_sgd(
 
     Example:
         >>> tx = gx.schedule_free_sgd(1.0, warmup_steps=100)
+        >>> state = tx.init(params)
         >>> updates, state = tx.update(grads, state, params)
         >>> eval_params = gx.schedule_free_eval_params(state, gx.apply_updates(params, updates))
     """
@@ -1198,9 +1203,14 @@ def sam(
 
     Example:
         >>> tx = gx.sam(gx.sgd(0.1), gx.chain(gx.normalize(), gx.scale_by_learning_rate(0.05)))
-        >>> for batch in loader:
-        ...     for _ in range(2):  # ascent, then descent, on the same batch
-        ...         opt.step(lambda: closure(batch))
+        >>> opt = gx.Optimizer(model.parameters(), tx)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = model(x).square().mean()
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(2):  # ascent, then descent, on the same batch
+        ...     loss = opt.step(closure)
     """
     if not isinstance(sync_period, int) or isinstance(sync_period, bool) or sync_period < 1:
         raise ValueError(f"sync_period must be an int >= 1; got {sync_period!r}")
