@@ -951,6 +951,9 @@ def lbfgs(
         Algorithms 3.5, 3.6, 7.4; https://pytorch.org/docs/stable/generated/torch.optim.LBFGS.html
 
     Example:
+        >>> def f(p):  # (loss, grads) at p
+        ...     grads, loss = torch.func.grad_and_value(loss_fn)(p, x)
+        ...     return loss, grads
         >>> tx = gx.lbfgs(line_search_fn="strong_wolfe")
         >>> state = tx.init(params)
         >>> loss, grads = f(params)
@@ -1001,8 +1004,14 @@ def value_and_grad_from_closure(params: Sequence[torch.Tensor], closure: Callabl
         https://pytorch.org/docs/stable/optim.html#optimizer-step-closure
 
     Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.lbfgs(history_size=10))
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = model(x).square().mean()
+        ...     loss.backward()
+        ...     return loss
         >>> f = gx.value_and_grad_from_closure(list(model.parameters()), closure)
-        >>> opt.step(closure, value_and_grad_fn=f)
+        >>> loss = opt.step(closure, value_and_grad_fn=f)
     """
     params = list(params)
 
@@ -1153,8 +1162,13 @@ def sparse_adam(
         https://pytorch.org/docs/stable/generated/torch.optim.SparseAdam.html
 
     Example:
+        >>> emb = torch.nn.Embedding(5, 2, sparse=True)
+        >>> emb(torch.tensor([1, 3])).sum().backward()  # a COO gradient at rows 1 and 3
         >>> tx = gx.sparse_adam(1e-2)
-        >>> updates, state = tx.update([emb_weight_grad_coo], state, [emb.weight.detach()])
+        >>> state = tx.init([emb.weight.detach()])
+        >>> updates, state = tx.update([emb.weight.grad], state, [emb.weight.detach()])
+        >>> updates[0].to_dense()[:, 0]
+        tensor([ 0.0000, -0.0100,  0.0000, -0.0100,  0.0000])
     """
     lr = _scalar_lr(lr)
     check_float("lr", lr, low=0.0)
