@@ -937,6 +937,21 @@ def all_reduce_sum_grad_squared(sum_grad_squared: Any, batch_size: int, *, reduc
 
     Returns:
         The same structure holding the global statistic (equal on every rank).
+
+    Raises:
+        ValueError: ``batch_size`` is not a positive int; ``reduction`` is not ``"mean"`` or
+            ``"sum"``.
+
+    References:
+        Dangel, Kunstner and Hennig, "BackPACK: Packing more into Backprop", ICLR 2020,
+        arXiv:1912.10985 (the ``SumGradSquared`` quantity); torch.distributed.all_reduce
+        (https://pytorch.org/docs/stable/distributed.html#torch.distributed.all_reduce).
+        docs/second-moments.md.
+
+    Example:
+        >>> s = {"w": torch.tensor([4.0, 1.0])}
+        >>> gx.all_reduce_sum_grad_squared(s, batch_size=8)["w"]  # one process: unchanged
+        tensor([4., 1.])
     """
     _check_engine_args(reduction, None, "error")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
