@@ -303,7 +303,28 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def tree_global_norm(tree: Tree) -> torch.Tensor:
-    """Global L2 norm of all tensor leaves of ``tree`` (``None`` leaves are skipped)."""
+    """Global L2 norm of all tensor leaves of ``tree`` (``None`` leaves are skipped):
+    ``sqrt(sum_j ||t_j||_2^2)``.
+
+    Computed as a 0-d tensor (no host sync), in float32 or wider, on the device of the first
+    leaf; 0 for a tree without tensors. For sharded (``DTensor``) leaves the norm is over the
+    full tensors and equal on every rank.
+
+    Args:
+        tree: a pytree of tensors (params, updates or gradients).
+
+    Returns:
+        The norm, a 0-d tensor.
+
+    References:
+        optax.global_norm (https://optax.readthedocs.io/en/latest/api/utilities.html#optax.global_norm);
+        torch.nn.utils.clip_grad_norm_ computes the same total norm
+        (https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html).
+
+    Example:
+        >>> gx.tree_global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0]), "c": None})
+        tensor(5.)
+    """
     leaves, _ = tree_flatten(tree)
     return global_norm([x for x in leaves if x is not None])
 
@@ -388,7 +409,28 @@ def differentiable() -> Iterator[None]:
     """Make updates differentiable with ``torch.autograd``: inside this context transforms take
     their all-tensor, out-of-place code paths (as inside ``torch.func`` transforms, where this is
     automatic), so ``loss.backward()`` through unrolled ``tx.update`` calls reaches a learning
-    rate or the initial params. Like ``torch.optim``'s ``differentiable=True``; slower."""
+    rate or the initial params. Like ``torch.optim``'s ``differentiable=True``; slower.
+
+    Returns:
+        A context manager (the previous setting is restored on exit; contexts nest).
+
+    References:
+        torch.optim's ``differentiable`` flag (https://pytorch.org/docs/stable/optim.html);
+        Maclaurin, Duvenaud and Adams, "Gradient-based Hyperparameter Optimization through
+        Reversible Learning", ICML 2015, arXiv:1502.03492 (hypergradients through unrolled steps).
+
+    Example:
+        >>> lr = torch.tensor(0.1, requires_grad=True)
+        >>> p = {"w": torch.tensor([1.0, -1.0])}
+        >>> tx = gx.chain(gx.trace(0.9), gx.scale_by_learning_rate(lr))
+        >>> with gx.differentiable():
+        ...     state = tx.init(p)
+        ...     for _ in range(2):  # two steps on loss = sum(w^2)
+        ...         u, state = tx.update({"w": 2 * p["w"]}, state)
+        ...         p = gx.apply_updates(p, u)
+        >>> torch.autograd.grad(p["w"].square().sum(), lr)
+        (tensor(-9.2000),)
+    """
     previous = _DIFFERENTIABLE["on"]
     _DIFFERENTIABLE["on"] = True
     try:
