@@ -213,9 +213,29 @@ class ClipStats(NamedTuple):
 
 
 def clip_fraction(stats: ClipStats) -> torch.Tensor:
-    """``stats.clipped / stats.count`` as a float64 0-d tensor (0 before the first update).
+    """The fraction of updates a stateful clipper clipped: ``stats.clipped / max(stats.count, 1)``.
 
-    Reading it (``float(...)``) syncs with the device: do it when logging, not every step.
+    A float64 0-d tensor (0 before the first update). Reading it (``float(...)``) syncs with the
+    device: do it when logging, not every step.
+
+    Args:
+        stats: the `ClipStats` of a clipper's state (e.g. ``state.stats`` of `autoclip`).
+
+    Returns:
+        The fraction, a float64 0-d tensor on ``stats.clipped``'s device.
+
+    References:
+        Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient Clipping for Source
+        Separation Networks", IEEE MLSP 2020, arXiv:2007.14469 (`autoclip`, whose state keeps
+        these statistics). docs/clipping.md.
+
+    Example:
+        >>> tx = gx.autoclip(0.5, history=4)
+        >>> state = tx.init({"w": torch.zeros(2)})
+        >>> for g in ([3.0, 4.0], [0.3, 0.4], [6.0, 8.0]):
+        ...     _, state = tx.update({"w": torch.tensor(g)}, state)
+        >>> gx.clip_fraction(state.stats)  # the third update (norm 10) was clipped
+        tensor(0.3333, dtype=torch.float64)
     """
     return stats.clipped.to(torch.float64) / torch.clamp(stats.count.to(torch.float64), min=1.0)
 
@@ -800,6 +820,29 @@ def monitor_norm(size: int = 1024) -> GradientTransformation:
     sync: read them when logging, e.g. ``norm_history(state)`` for a histogram). Place it where
     the norms should be observed, e.g. ``chain(monitor_norm(), autoclip(), ...)`` for the raw
     gradient norms. Updates with no live leaf are not recorded. State: `MonitorNormState`.
+
+    Args:
+        size: the number of norms kept (>= 1).
+
+    Returns:
+        A `GradientTransformation` whose state is `MonitorNormState` (``params`` not needed).
+
+    Raises:
+        ValueError: ``size`` is not an int >= 1.
+
+    References:
+        Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient Clipping for Source
+        Separation Networks", IEEE MLSP 2020, arXiv:2007.14469, Section 2 (the history of gradient
+        norms); the total norm that torch.nn.utils.clip_grad_norm_ returns
+        (https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html).
+
+    Example:
+        >>> tx = gx.chain(gx.monitor_norm(size=2), gx.scale(-0.1))
+        >>> state = tx.init({"w": torch.zeros(2)})
+        >>> for g in ([3.0, 4.0], [0.3, 0.4], [6.0, 8.0]):
+        ...     _, state = tx.update({"w": torch.tensor(g)}, state)
+        >>> state[0].last_norm
+        tensor(10.)
     """
     if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
         raise ValueError(f"size must be an int >= 1 (the number of norms kept); got {size!r}")
@@ -830,6 +873,28 @@ def norm_history(state: MonitorNormState | AutoClipState) -> torch.Tensor:
 
     At most the buffer's size: the last ``min(count, size)`` norms. A host-side helper for
     logging and plotting (it reads ``count``), not for use inside a compiled step.
+
+    Args:
+        state: a `MonitorNormState` or an `AutoClipState` (the member's own state, e.g.
+            ``state[0]`` of a chain).
+
+    Returns:
+        A 1-D tensor of norms, oldest first (a copy).
+
+    Raises:
+        TypeError: ``state`` is neither a `MonitorNormState` nor an `AutoClipState`.
+
+    References:
+        Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient Clipping for Source
+        Separation Networks", IEEE MLSP 2020, arXiv:2007.14469, Section 2. docs/clipping.md.
+
+    Example:
+        >>> tx = gx.chain(gx.monitor_norm(size=2), gx.scale(-0.1))
+        >>> state = tx.init({"w": torch.zeros(2)})
+        >>> for g in ([3.0, 4.0], [0.3, 0.4], [6.0, 8.0]):
+        ...     _, state = tx.update({"w": torch.tensor(g)}, state)
+        >>> gx.norm_history(state[0])  # the last two
+        tensor([ 0.5000, 10.0000])
     """
     if isinstance(state, MonitorNormState):
         buf = state.history
