@@ -130,9 +130,30 @@ def set_hyperparam(state: Any, name: str, value: Any) -> Any:
     ``value`` may be a number, a 0-d tensor that requires grad (a hypergradient: the update then
     uses it as a tensor; with ``torch.func.grad`` nothing else is needed, with ``torch.autograd``
     run the unrolled updates inside `gradxform.differentiable`), or under `batched` an ``(N,)``
-    vector, one value per model. The state's
-    dict is updated in place (the rest of the state is untouched); raises ``KeyError`` when no
-    injected state has ``name``.
+    vector, one value per model. The state's dict is updated in place (the rest of the state is
+    untouched).
+
+    Args:
+        state: a transform state holding injected hyperparameters.
+        name: the hyperparameter's name, e.g. ``"lr"``.
+        value: a number (stored in the old value's dtype and device) or a tensor (stored as is).
+
+    Returns:
+        ``state`` itself, updated.
+
+    Raises:
+        KeyError: no injected state has ``name`` (the message lists the names it has).
+
+    References:
+        optax.inject_hyperparams
+        (https://optax.readthedocs.io/en/latest/api/optimizer_schedules.html#optax.inject_hyperparams);
+        setting ``param_group["lr"]`` in torch.optim (https://pytorch.org/docs/stable/optim.html).
+
+    Example:
+        >>> state = gx.adam(0.1).init({"w": torch.zeros(2)})
+        >>> state = gx.set_hyperparam(state, "lr", 0.01)
+        >>> gx.get_hyperparam(state, "lr")
+        tensor(0.0100, dtype=torch.float64)
     """
     hits = [inj for inj in find_injected(state) if name in inj.hyperparams]
     if not hits:
@@ -148,7 +169,31 @@ def set_hyperparam(state: Any, name: str, value: Any) -> Any:
 
 
 def get_hyperparam(state: Any, name: str) -> torch.Tensor:
-    """The value of injected hyperparameter ``name`` (from the outermost injected state that has it)."""
+    """The value of injected hyperparameter ``name`` (from the outermost injected state that has it).
+
+    ``state`` is searched depth-first (a chain's state included) for the states that
+    `gradxform.inject_hyperparams` keeps; the first with ``name`` in its ``hyperparams`` answers.
+
+    Args:
+        state: a transform state (e.g. of ``gx.adam(...)``, whose hyperparameters are injected).
+        name: the hyperparameter's name, e.g. ``"lr"``.
+
+    Returns:
+        The stored value (a tensor: 0-d, or ``(N,)`` under `batched`; the state's own, not a copy).
+
+    Raises:
+        KeyError: no injected state has ``name``.
+
+    References:
+        optax.inject_hyperparams
+        (https://optax.readthedocs.io/en/latest/api/optimizer_schedules.html#optax.inject_hyperparams);
+        torch.optim's ``param_groups[i]["lr"]`` (https://pytorch.org/docs/stable/optim.html).
+
+    Example:
+        >>> state = gx.adam(0.1).init({"w": torch.zeros(2)})
+        >>> gx.get_hyperparam(state, "lr")
+        tensor(0.1000, dtype=torch.float64)
+    """
     for inj in find_injected(state):
         if name in inj.hyperparams:
             return inj.hyperparams[name]

@@ -696,6 +696,30 @@ def graft(magnitude_tx: GradientTransformation, direction_tx: GradientTransforma
     e.g. ``graft(gx.scale_by_adam(), gx.identity())`` is SGD's direction with Adam's per-layer
     step size (Adam#SGD in the paper's notation). Extra arguments go to whichever of the two
     declares them. The state is ``GraftState(magnitude_state, direction_state)``.
+
+    Args:
+        magnitude_tx: the transform whose per-leaf norm sets the step size.
+        direction_tx: the transform whose output sets the direction.
+        eps: added to the direction's norm (>= 0).
+
+    Returns:
+        A `GradientTransformation` whose state is `GraftState`; its ``update`` needs ``params``
+        when either transform does.
+
+    Raises:
+        TypeError: ``eps`` is not a number or a 0-d tensor.
+        ValueError: ``eps`` is negative or NaN.
+
+    References:
+        Agarwal, Anil, Hazan, Koren and Zhang, "Disentangling Adaptive Gradient Methods from
+        Learning Rates", arXiv:2002.11803, 2020 (learning-rate grafting, the per-layer variant).
+
+    Example:
+        >>> tx = gx.graft(gx.scale_by_adam(), gx.identity())
+        >>> g = {"w": torch.tensor([3.0, 4.0])}
+        >>> u, _ = tx.update(g, tx.init(g))
+        >>> u["w"]  # the direction of g, Adam's first-step norm sqrt(2)
+        tensor([0.8485, 1.1314])
     """
     from .transforms import check_float
 
