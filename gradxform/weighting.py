@@ -571,8 +571,33 @@ class FixedWeightsState(NamedTuple):
 def fixed_weights(weights: Sequence[float] | torch.Tensor, *, dtype: torch.dtype | None = None) -> GradientTransformation:
     """Constant loss weights (the equal-weights baseline: ``fixed_weights([1.0] * T)``).
 
-    Accepts and ignores the extra arguments ``losses`` and ``task_grad_norms``, so that it can
-    replace any other updater in a chain without changing the call.
+    ``w_t = w_0`` for every update. Accepts and ignores the extra arguments ``losses`` and
+    ``task_grad_norms`` (``losses`` is checked to have ``T`` entries when given), so that it can
+    replace any other updater in a chain without changing the call. Updates pass through
+    unchanged.
+
+    Args:
+        weights: the ``T`` weights (finite, >= 0).
+        dtype: dtype of the stored weights (default: the params' floating dtype, at least
+            float32).
+
+    Returns:
+        A `GradientTransformation` whose state is `FixedWeightsState` (read the weights with
+        `loss_weights`).
+
+    Raises:
+        ValueError: no weight, or a weight that is negative or not finite; ``update`` with
+            ``losses`` of another length.
+
+    References:
+        The equal-weights baseline of Chen, Badrinarayanan, Lee and Rabinovich, "GradNorm:
+        Gradient Normalization for Adaptive Loss Balancing in Deep Multitask Networks", ICML 2018,
+        arXiv:1711.02257. docs/loss-weighting.md.
+
+    Example:
+        >>> tx = gx.fixed_weights([1.0, 0.5])
+        >>> gx.loss_weights(tx.init({"w": torch.zeros(2)}))
+        tensor([1.0000, 0.5000])
     """
     w0 = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
     if w0.numel() < 1 or not bool(torch.isfinite(w0).all()) or bool((w0 < 0).any()):
@@ -600,7 +625,28 @@ _WEIGHT_STATES = (GradNormState, UncertaintyWeightingState, DWAState, FixedWeigh
 def loss_weights(source: Any) -> torch.Tensor:
     """The current loss weights ``(T,)`` held in ``source``: the state of a loss-weight updater, a
     state that contains one (a chain's, `gradxform.inject_hyperparams`'s, ...), or a
-    `gradxform.Optimizer` (its first param group; initialised if it has not stepped yet)."""
+    `gradxform.Optimizer` (its first param group; initialised if it has not stepped yet).
+
+    Args:
+        source: a transform state or a `gradxform.Optimizer`.
+
+    Returns:
+        The weights, a ``(T,)`` tensor (the state's own: clone it before writing).
+
+    Raises:
+        ValueError: ``source`` holds no loss-weight state (`gradnorm`, `uncertainty_weighting`,
+            `dwa`, `fixed_weights`), or more than one.
+
+    References:
+        Chen, Badrinarayanan, Lee and Rabinovich, "GradNorm: Gradient Normalization for Adaptive
+        Loss Balancing in Deep Multitask Networks", ICML 2018, arXiv:1711.02257, Section 3 (the
+        weights ``w_i(t)``). docs/loss-weighting.md.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.chain(gx.gradnorm(2), gx.sgd(0.1)))
+        >>> gx.loss_weights(opt)  # equal before the first step
+        tensor([1., 1.])
+    """
     tx_state = getattr(source, "tx_state", None)
     if callable(tx_state):  # a gradxform.Optimizer: the state of its first param group
         source = tx_state(0)
@@ -669,6 +715,31 @@ def task_grad_norms(losses: Any, shared: torch.Tensor, *, retain_graph: bool = T
     over each rank's ``n_r`` examples): at a parameter (a leaf tensor) the per-task gradients are
     averaged over the ranks of ``group`` before the norm; at an activation (batch in dim 0, each
     rank holding its own examples' rows) ``n_i^2 = sum_r (n_r / N)^2 ||grad_r||^2``.
+
+    Args:
+        losses: the ``(T,)`` task losses (or a list of scalar tensors), on the autograd graph.
+        shared: the tensor the norms are taken at (requires grad).
+        retain_graph: keep the graph after the last task's backward (needed to back-propagate
+            the weighted loss afterwards).
+        group: the process group (default: the world).
+
+    Returns:
+        The ``(T,)`` norms (detached).
+
+    Raises:
+        ValueError: ``losses`` is not a ``(T,)`` vector of scalars; ``shared`` does not require
+            grad; a 0-d shared activation under ``torch.distributed``.
+
+    References:
+        Chen, Badrinarayanan, Lee and Rabinovich, "GradNorm: Gradient Normalization for Adaptive
+        Loss Balancing in Deep Multitask Networks", ICML 2018, arXiv:1711.02257, Section 3
+        (``G_W^(i)``). docs/loss-weighting.md.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> losses = torch.stack([(w * w).sum(), (3 * w).sum()])
+        >>> gx.task_grad_norms(losses, w)  # ||2w||, ||(3, 3)||
+        tensor([4.4721, 4.2426])
     """
     losses = _check_losses(losses)
     if not isinstance(shared, torch.Tensor) or not shared.requires_grad:
@@ -718,6 +789,37 @@ def weighted_grad_and_task_norms(
     layers above ``W`` only (each task's head and the layer that owns ``W``), not through the trunk.
     Under ``torch.distributed`` the per-task gradients at ``W`` are averaged over the ranks before
     the norms (``group``); the params' gradients are this rank's (average them as usual).
+
+    Args:
+        losses_fn: ``(params, batch, *args) -> losses`` (``(T,)``), or a tuple as above.
+        shared: the path of ``W`` in params, or ``None`` for a shared activation.
+        has_aux: ``losses_fn`` also returns an auxiliary value (passed through as ``aux``).
+        group: the process group (default: the world).
+
+    Returns:
+        ``f(params, batch, weights, *args)`` returning a `WeightedGrads` (``loss``, ``losses``,
+        ``grads``, ``task_grad_norms``, ``aux``).
+
+    Raises:
+        TypeError: ``losses_fn`` is not callable, ``shared`` is neither a str nor ``None``; (in
+            ``f``) ``losses_fn`` returns another shape of tuple than ``shared``/``has_aux`` say.
+        KeyError: (in ``f``) ``shared`` is not a path of params.
+        ValueError: (in ``f``) ``shared`` is a frozen leaf; ``weights`` of another length than the
+            losses.
+
+    References:
+        Chen, Badrinarayanan, Lee and Rabinovich, "GradNorm: Gradient Normalization for Adaptive
+        Loss Balancing in Deep Multitask Networks", ICML 2018, arXiv:1711.02257, Section 3.
+        docs/loss-weighting.md.
+
+    Example:
+        >>> p = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0])}
+        >>> def losses_fn(p, batch):
+        ...     return torch.stack([(p["a"] * batch).sum(), p["a"].sum() * p["b"].sum()])
+        >>> f = gx.weighted_grad_and_task_norms(losses_fn, "a")
+        >>> out = f(p, torch.ones(2), torch.tensor([1.0, 0.5]))
+        >>> out.grads["a"], out.task_grad_norms
+        (tensor([2.5000, 2.5000]), tensor([1.4142, 4.2426]))
     """
     if not callable(losses_fn):
         raise TypeError(f"losses_fn must be callable (params, batch, *args) -> (T,) losses; got {losses_fn!r}")
