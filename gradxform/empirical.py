@@ -118,9 +118,30 @@ def empirical_init_params(
     Per leaf, by its dotted pytree path: ``names_are_bias(path)`` (default: the path ends with
     "bias", case-insensitive) -> 0; other leaves with ``ndim >= 2`` (weights) -> N(0, 1); other
     leaves with ``ndim <= 1`` (normalisation gains, scalar gains) -> 1. ``None`` stays ``None``.
-    Unlike the reference (docs/migration/empirical-init.md), gains are not drawn N(0, 1) and a name that merely contains
-    "bias" (``unbiased_x``) is not zeroed. Draws use ``generator`` in leaf order; pure (returns
-    new tensors with each leaf's dtype and device).
+    Unlike the reference (docs/migration/empirical-init.md), gains are not drawn N(0, 1) and a name
+    that merely contains "bias" (``unbiased_x``) is not zeroed. Draws use ``generator`` in leaf
+    order; pure (returns new tensors with each leaf's dtype and device).
+
+    Args:
+        params: the params (a pytree of floating-point tensors; ``None`` leaves pass).
+        generator: the random generator for the N(0, 1) draws (default: torch's global one).
+        names_are_bias: ``path -> bool``, which leaves are biases (set to 0).
+
+    Returns:
+        New params with the structure, dtypes and devices of ``params``.
+
+    Raises:
+        TypeError: a leaf is not a floating-point tensor.
+
+    References:
+        The ``empirical_init`` package 0.0.2, its README (no paper). docs/init-scale.md,
+        docs/migration/empirical-init.md.
+
+    Example:
+        >>> p = {"weight": torch.zeros(2, 3), "bias": torch.ones(2), "gain": torch.zeros(2)}
+        >>> new = gx.empirical_init_params(p, generator=torch.Generator().manual_seed(0))
+        >>> new["bias"], new["gain"], new["weight"].shape
+        (tensor([0., 0.]), tensor([1., 1.]), torch.Size([2, 3]))
     """
     leaves, spec = _tree.tree_flatten(params)
     paths = _tree.tree_paths(params)
@@ -163,6 +184,28 @@ def scale_by_empirical_init(multipliers: Params) -> GradientTransformation:
     (docs/init-scale.md; empirical_init README, "maximal stable update"). Use it before the
     optimiser: ``chain(scale_by_empirical_init(c), trace(0.9), scale(-lr))``. The state holds the
     multipliers as 0-d CPU float64 tensors, so they are saved and restored with the state.
+
+    Args:
+        multipliers: the per-leaf multipliers ``c``, with the params' structure.
+
+    Returns:
+        A `GradientTransformation` whose state is `ScaleByEmpiricalInitState` (``params`` not
+        needed in ``update``).
+
+    Raises:
+        ValueError: (in ``init``) ``multipliers`` differs from the params in structure, or a
+            multiplier is not a scalar.
+
+    References:
+        The ``empirical_init`` package 0.0.2, its README, "maximal stable update" (no paper).
+        docs/init-scale.md, docs/migration/empirical-init.md.
+
+    Example:
+        >>> params = {"w": torch.ones(2), "b": torch.ones(1)}
+        >>> tx = gx.scale_by_empirical_init({"w": 0.5, "b": None})
+        >>> u, _ = tx.update({"w": torch.ones(2), "b": torch.ones(1)}, tx.init(params))
+        >>> u["w"], u["b"]
+        (tensor([0.5000, 0.5000]), tensor([1.]))
     """
 
     def init(params: Params) -> ScaleByEmpiricalInitState:

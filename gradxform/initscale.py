@@ -54,6 +54,30 @@ def project_lower_bound(lower: float) -> GradientTransformation:
 
     Needs ``params`` (the values the updates will be added to), like optax's
     ``keep_params_nonnegative`` generalised to any bound. GradInit uses it for ``m >= alpha``.
+
+    Args:
+        lower: the bound (a number or a 0-d tensor).
+
+    Returns:
+        A stateless `GradientTransformation`; its ``update`` needs ``params``.
+
+    Raises:
+        TypeError: ``lower`` is not a number or a 0-d tensor.
+        ValueError: ``lower`` is NaN; ``update`` without ``params``.
+
+    References:
+        optax.keep_params_nonnegative
+        (https://optax.readthedocs.io/en/latest/api/transformations.html#optax.keep_params_nonnegative);
+        Zhu, Ni, Xu, Kong, Huang and Goldstein, "GradInit: Learning to Initialize Neural Networks
+        for Stable and Efficient Training", NeurIPS 2021, arXiv:2102.08098, Algorithm 1 (the
+        projection ``m >= alpha``).
+
+    Example:
+        >>> params = {"m": torch.tensor([0.5, 2.0])}
+        >>> tx = gx.project_lower_bound(1.0)
+        >>> u, _ = tx.update({"m": torch.tensor([-1.0, -0.5])}, tx.init(params), params)
+        >>> gx.apply_updates(params, u)["m"]
+        tensor([1.0000, 1.5000])
     """
     check_float("lower", lower)
 
@@ -302,6 +326,35 @@ def gradinit_objective(
     No host sync: both branches are computed and selected with ``torch.where``; the look-ahead
     is evaluated at ``theta.detach()`` on the norm branch so that an overflowing step cannot turn
     the backward into NaN. ``aux = {"value": J, "grad_norm": ||g||_p, "norm_branch": bool}``.
+
+    Args:
+        loss_fn: ``(params, batch) -> scalar`` mean training loss.
+        target: ``"sgd"``, ``"adam"`` or a `GradientTransformation` (the optimizer to be trained
+            after the initialisation).
+        lr: the look-ahead step size ``eta`` (>= 0).
+        gamma: the gradient-norm bound ``gamma`` (>= 0).
+        p: the norm's order (default 2 for SGD and a transform, 1 for Adam), > 0.
+        simplified: the gradinit package's same-batch variant (no look-ahead step).
+
+    Returns:
+        ``objective(scales, params0, batch, lookahead_batch) -> (J, aux)``, differentiable with
+        respect to ``scales``.
+
+    Raises:
+        ValueError: an unknown ``target`` name, a negative ``lr`` or ``gamma``, ``p <= 0``.
+        TypeError: ``target`` is neither a name nor a transform.
+
+    References:
+        Zhu, Ni, Xu, Kong, Huang and Goldstein, "GradInit: Learning to Initialize Neural Networks
+        for Stable and Efficient Training", NeurIPS 2021, arXiv:2102.08098, Algorithm 1
+        (the objective with its gradient-norm constraint). docs/init-scale.md, docs/migration/gradinit.md.
+
+    Example:
+        >>> J = gx.gradinit_objective(lambda p, b: ((p["w"] - b) ** 2).mean(), lr=0.1, gamma=10.0)
+        >>> scales = {"w": torch.tensor(1.0, requires_grad=True)}
+        >>> value, aux = J(scales, {"w": torch.tensor([2.0])}, torch.zeros(1), torch.zeros(1))
+        >>> value, aux["norm_branch"]  # ||g|| = 4 <= 10: the loss after the step 2 - 0.1 * 4
+        (tensor(2.5600, grad_fn=<WhereBackward0>), tensor(False))
     """
     if isinstance(target, str):
         if target not in ("sgd", "adam"):
@@ -395,7 +448,32 @@ def gradinit_scale_tx(tau: float = 1e-2, alpha: float = 0.01, clip: float | None
     """The default optimizer of GradInit's scales: ``chain(clip_by_global_norm(clip),
     scale_by_adam(0.9, 0.999, 1e-8), scale(-tau), project_lower_bound(alpha))`` (the paper's
     Adam on the scales and ``m >= alpha``; the clip keeps the first, huge scale gradients of an
-    exploding init from freezing Adam's second moment, docs/migration/gradinit.md)."""
+    exploding init from freezing Adam's second moment, docs/migration/gradinit.md).
+
+    Args:
+        tau: Adam's learning rate on the scales (> 0).
+        alpha: the lower bound of every scale.
+        clip: the global-norm clip of the scales' gradients, or ``None`` for none.
+
+    Returns:
+        The chained `GradientTransformation`; its ``update`` needs ``params`` (the scales).
+
+    Raises:
+        TypeError: ``tau`` is not a number or a 0-d tensor.
+        ValueError: ``tau`` is not > 0; ``clip`` is not > 0.
+
+    References:
+        Zhu, Ni, Xu, Kong, Huang and Goldstein, "GradInit: Learning to Initialize Neural Networks
+        for Stable and Efficient Training", NeurIPS 2021, arXiv:2102.08098, Algorithm 1.
+        docs/migration/gradinit.md.
+
+    Example:
+        >>> tx = gx.gradinit_scale_tx(tau=0.5, alpha=0.9)
+        >>> scales = {"w": torch.tensor(1.0)}
+        >>> u, _ = tx.update({"w": torch.tensor(3.0)}, tx.init(scales), scales)
+        >>> gx.apply_updates(scales, u)["w"]  # 1 - 0.5, held at alpha
+        tensor(0.9000)
+    """
     check_float("tau", tau, low=0.0, low_open=True)
     parts = [] if clip is None else [clip_by_global_norm(clip)]
     parts += [scale_by_adam(0.9, 0.999, 1e-8), scale(-tau), project_lower_bound(alpha)]
