@@ -265,6 +265,39 @@ def scale_by_truegrad_adam(
     ``fallback="adam"`` or ``enforce_baseline``). See the module docstring for ``fallback`` and
     for what a negative or non-finite ``S`` does. Follow it with ``add_decayed_weights`` and
     ``scale_by_learning_rate`` for TGAdamW (`gradxform.tg_adamw`).
+
+    Args:
+        b1: the decay of the first moment ``m``, in [0, 1).
+        b2: the decay of the plain second moment ``v`` (``g^2``), in [0, 1).
+        b3: the decay of the TrueGrad moment ``s`` (``S``), in [0, 1).
+        eps: the floor on the root (``max(sqrt(.), eps)``) and the graft's guard.
+        graft: keep, per leaf, the TrueGrad direction with the norm of the plain step.
+        fallback: at a leaf whose ``S`` is ``None``: ``"raise"`` or ``"adam"`` (the plain step).
+        enforce_baseline: always take the plain step (no ``S`` needed), for ablations.
+
+    Returns:
+        A `GradientTransformation` whose state is `ScaleByTrueGradAdamState` (``params`` not
+        needed); ``update`` takes the extra argument ``sum_grad_squared``.
+
+    Raises:
+        TypeError: a hyperparameter is not a number or a 0-d tensor; ``update`` without
+            ``sum_grad_squared`` when it is required.
+        ValueError: a beta outside [0, 1), a negative ``eps``, an unknown ``fallback``; in
+            ``update``, ``sum_grad_squared`` of another structure or shape than the updates, or
+            ``None`` at a leaf with an update (``fallback="raise"``).
+
+    References:
+        truegrad 5.0.0 ``TGAdamW`` by L. Nestler (no paper); Dangel, Kunstner and Hennig, "BackPACK:
+        Packing more into Backprop", ICLR 2020, arXiv:1912.10985 (the ``SumGradSquared`` quantity).
+        Kingma and Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, arXiv:1412.6980.
+        docs/second-moments.md, docs/migration/truegrad.md.
+
+    Example:
+        >>> tx = gx.scale_by_truegrad_adam(graft=False)
+        >>> g, s = {"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([0.25, 16.0])}
+        >>> u, _ = tx.update(g, tx.init(g), sum_grad_squared=s)
+        >>> u["w"]  # step 1: g / sqrt(S)
+        tensor([ 2.0000, -0.5000])
     """
     _check_beta("b1 (betas[0])", b1)
     _check_beta("b2 (betas[1])", b2)
@@ -353,6 +386,40 @@ def scale_by_truegrad_laprop(
 
     The base moments are kept when grafting, with ``fallback="adam"`` or ``enforce_baseline``.
     Extra argument ``sum_grad_squared`` as in `scale_by_truegrad_adam`.
+
+    Args:
+        b1: the decay of the LaProp momentum ``mb``, in [0, 1).
+        b2: the decay of the plain second moment ``v``, in [0, 1).
+        b3: the decay of the TrueGrad momentum ``m`` (default ``b1``), in [0, 1).
+        b4: the decay of the TrueGrad moment ``s`` (default ``b2``), in [0, 1).
+        eps: the floor on the root (``max(sqrt(.), eps)``) and the graft's guard.
+        graft: keep, per leaf, the TrueGrad direction with the norm of the plain step.
+        fallback: at a leaf whose ``S`` is ``None``: ``"raise"`` or ``"adam"`` (the plain step).
+        enforce_baseline: always take the plain step (no ``S`` needed), for ablations.
+
+    Returns:
+        A `GradientTransformation` whose state is `ScaleByTrueGradLaPropState` (``params`` not
+        needed); ``update`` takes the extra argument ``sum_grad_squared``.
+
+    Raises:
+        TypeError: a hyperparameter is not a number or a 0-d tensor; ``update`` without
+            ``sum_grad_squared`` when it is required.
+        ValueError: a beta outside [0, 1), a negative ``eps``, an unknown ``fallback``; in
+            ``update``, ``sum_grad_squared`` of another structure or shape than the updates, or
+            ``None`` at a leaf with an update (``fallback="raise"``).
+
+    References:
+        truegrad 5.0.0 ``TGLaProp`` by L. Nestler (no paper); Dangel, Kunstner and Hennig, "BackPACK:
+        Packing more into Backprop", ICLR 2020, arXiv:1912.10985 (the ``SumGradSquared`` quantity).
+        Ziyin, Wang and Ueda, "LaProp: Separating Momentum and Adaptivity in Adam",
+        arXiv:2002.04839, 2020, Algorithm 1. docs/second-moments.md, docs/migration/truegrad.md.
+
+    Example:
+        >>> tx = gx.scale_by_truegrad_laprop(graft=False)
+        >>> g, s = {"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([0.25, 16.0])}
+        >>> u, _ = tx.update(g, tx.init(g), sum_grad_squared=s)
+        >>> u["w"]  # step 1: g / sqrt(S)
+        tensor([ 2.0000, -0.5000])
     """
     b3 = b1 if b3 is None else b3
     b4 = b2 if b4 is None else b4
@@ -450,6 +517,38 @@ def scale_by_truegrad_rmsprop(
         u    = u_b      (enforce_baseline, or S is None with fallback="adam")
 
     Extra argument ``sum_grad_squared`` as in `scale_by_truegrad_adam`.
+
+    Args:
+        b1: the decay of the plain second moment ``v``, in [0, 1).
+        b2: the decay of the TrueGrad moment ``s`` (default ``b1``), in [0, 1).
+        eps: the floor on the root (``max(sqrt(.), eps)``) and the graft's guard.
+        graft: keep, per leaf, the TrueGrad direction with the norm of the plain step.
+        fallback: at a leaf whose ``S`` is ``None``: ``"raise"`` or ``"adam"`` (the plain step).
+        enforce_baseline: always take the plain step (no ``S`` needed), for ablations.
+
+    Returns:
+        A `GradientTransformation` whose state is `ScaleByTrueGradRmsPropState` (``params`` not
+        needed); ``update`` takes the extra argument ``sum_grad_squared``.
+
+    Raises:
+        TypeError: a hyperparameter is not a number or a 0-d tensor; ``update`` without
+            ``sum_grad_squared`` when it is required.
+        ValueError: a beta outside [0, 1), a negative ``eps``, an unknown ``fallback``; in
+            ``update``, ``sum_grad_squared`` of another structure or shape than the updates, or
+            ``None`` at a leaf with an update (``fallback="raise"``).
+
+    References:
+        truegrad 5.0.0 ``TGRMSProp`` by L. Nestler (no paper); Dangel, Kunstner and Hennig, "BackPACK:
+        Packing more into Backprop", ICLR 2020, arXiv:1912.10985 (the ``SumGradSquared`` quantity).
+        Tieleman and Hinton, Lecture 6.5 of "Neural Networks for Machine Learning" (Coursera,
+        2012). docs/second-moments.md, docs/migration/truegrad.md.
+
+    Example:
+        >>> tx = gx.scale_by_truegrad_rmsprop(graft=False)
+        >>> g, s = {"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([0.25, 16.0])}
+        >>> u, _ = tx.update(g, tx.init(g), sum_grad_squared=s)
+        >>> u["w"]  # step 1: g / sqrt(S)
+        tensor([ 2.0000, -0.5000])
     """
     b2 = b1 if b2 is None else b2
     _check_beta("b1 (betas[0])", b1)
