@@ -69,6 +69,24 @@ class GradientTransformation(_Pair):
     `info_of`): how to rebuild it (so it pickles by name and arguments), the variant of
     ``update`` that may reuse buffers the caller owns, and an optional fused fast path. A
     transform made from user functions has none of them and is always called purely.
+
+    Attributes:
+        init: ``init(params) -> state``; ``params`` is a pytree of tensors.
+        update: ``update(updates, state, params=None, **extra_args) -> (updates, state)``; the
+            updates are *added* to the params (`apply_updates`). Keyword-only parameters are
+            the transform's extra arguments (see `extra_args_of`).
+
+    References:
+        optax.GradientTransformation
+        (https://optax.readthedocs.io/en/latest/api/transformations.html#optax.GradientTransformation).
+        docs/concepts.md.
+
+    Example:
+        >>> def update(updates, state, params=None):
+        ...     return {k: 2 * v for k, v in updates.items()}, state
+        >>> tx = gx.GradientTransformation(lambda params: (), update)
+        >>> tx.update({"w": torch.ones(1)}, tx.init({"w": torch.zeros(1)}))
+        ({'w': tensor([2.])}, ())
     """
 
     __slots__ = ()
@@ -276,7 +294,22 @@ class ExtraArgs:
     """Which extra keyword arguments an ``update`` takes.
 
     ``required`` must be given, ``optional`` may be given, ``accepts_any`` means the update
-    takes arbitrary keywords (``**kwargs`` without a declaration).
+    takes arbitrary keywords (``**kwargs`` without a declaration). ``a | b`` is the
+    declaration of a chain of both (required wins over optional).
+
+    Args:
+        required: the names ``update`` needs.
+        optional: the names ``update`` may take.
+        accepts_any: whether ``update`` takes any keyword.
+
+    References:
+        optax.GradientTransformationExtraArgs
+        (https://optax.readthedocs.io/en/latest/api/transformations.html).
+
+    Example:
+        >>> spec = gx.ExtraArgs(required=frozenset({"losses"})) | gx.ExtraArgs(optional=frozenset({"value"}))
+        >>> sorted(spec.names)
+        ['losses', 'value']
     """
 
     required: frozenset[str] = frozenset()

@@ -676,7 +676,12 @@ def multi_steps(
 
 
 class GraftState(NamedTuple):
-    """The states of the two grafted transforms."""
+    """The states of the two grafted transforms (`graft`).
+
+    Attributes:
+        magnitude_state: the state of ``magnitude_tx``.
+        direction_state: the state of ``direction_tx``.
+    """
 
     magnitude_state: Any
     direction_state: Any

@@ -153,17 +153,26 @@ def module_activation_rms(model: torch.nn.Module, params: Any, x: Any) -> dict[s
 
 @dataclasses.dataclass
 class InitReport:
-    """What an init-scale solver did. ``str(report)`` is a compact table; ``report.plot()`` (needs
-    matplotlib) draws the per-layer picture.
+    """What an init-scale solver did (`gradinit`, `empirical_init`). ``str(report)`` is a compact
+    table; ``report.plot()`` (needs matplotlib) draws the per-layer picture.
 
-    ``scales``: the solved multiplier per parameter tensor (path -> value); ``weight_norms_before``
-    / ``_after``: Frobenius norms; ``grad_rms_before`` / ``_after``: RMS of the loss gradient per
-    tensor on the first batch; ``act_rms_before`` / ``_after``: RMS of each parameter-owning leaf
-    module's output on the first batch (when the model is an ``nn.Module``); ``objective``: the
-    trace of the solver's objective; ``grad_norms``: GradInit's ``||g||_p`` per iteration;
-    ``norm_branch_steps``: GradInit iterations that took the norm branch; ``forward_passes`` /
-    ``backward_passes``: model evaluations and backward passes the solver ran (a double backward
-    counts once); ``iterations``; ``extra``: method-specific values.
+    Attributes:
+        method: the solver's name.
+        scales: the solved multiplier per parameter tensor (path -> value).
+        weight_norms_before: Frobenius norm per tensor before the solver.
+        weight_norms_after: Frobenius norm per tensor after it.
+        grad_rms_before: RMS of the loss gradient per tensor on the first batch, before.
+        grad_rms_after: the same, after.
+        act_rms_before: RMS of each parameter-owning leaf module's output on the first batch
+            (when the model is an ``nn.Module``), before.
+        act_rms_after: the same, after.
+        objective: the trace of the solver's objective.
+        grad_norms: GradInit's ``||g||_p`` per iteration.
+        norm_branch_steps: GradInit iterations that took the norm branch.
+        forward_passes: model evaluations the solver ran.
+        backward_passes: backward passes the solver ran (a double backward counts once).
+        iterations: the solver's iterations.
+        extra: method-specific values.
     """
 
     method: str

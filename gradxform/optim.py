@@ -105,20 +105,27 @@ class Optimizer(torch.optim.Optimizer):
             overrides it.
 
     Raises:
-        TypeError: ``tx`` is not a transform.
-        TypeError: ``params`` is a single tensor (give a list), as torch.optim.
+        TypeError: ``tx`` is not a transform; ``params`` is a single tensor (give a list), as
+            torch.optim.
         RuntimeError: ``fused=True`` for a step that cannot take a fused kernel (the reason named).
-
-    Example:
-        >>> opt = gx.Optimizer(model.parameters(), gx.adamw(1e-3))
-        >>> loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
-        >>> sorted(opt.state[model.weight])
-        ['exp_avg', 'exp_avg_sq', 'step']
 
     ``step(closure=None, **extra_args)`` forwards extra keyword arguments to ``tx.update``. A
     per-param extra (``sum_grad_squared``) is given as a `gradxform.PerParam` (what
     `gradxform.track_sum_grad_squared` returns): each group receives the list of its params'
     entries, ``None`` where a param has none.
+
+    References:
+        torch.optim.Optimizer (https://pytorch.org/docs/stable/optim.html); optax's
+        ``init``/``update`` contract (https://optax.readthedocs.io/en/latest/api/transformations.html).
+        docs/three-ways.md.
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.adamw(1e-3))
+        >>> model(x).square().mean().backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+        >>> sorted(opt.state[model.weight])
+        ['exp_avg', 'exp_avg_sq', 'step']
     """
 
     def __init__(self, params: Iterable[Any], tx: GradientTransformation, *, fused: bool | None = None) -> None:

@@ -79,7 +79,20 @@ def _default_budget(params: Sequence[torch.Tensor]) -> int:
 class PerParam(Mapping[torch.Tensor, Any]):
     """A mapping from parameter tensors (by identity) to values, e.g. ``sum_grad_squared`` of an
     `nn.Module`'s parameters. `gradxform.Optimizer.step` turns it into the per-group lists its
-    transforms expect; params without an entry get ``None``."""
+    transforms expect; params without an entry get ``None``.
+
+    Args:
+        items: ``(param, value)`` pairs; keys are compared by identity (``id``), not by value.
+
+    Raises:
+        KeyError: (on lookup) a param without an entry.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> pp = gx.PerParam([(model.weight, torch.ones(2, 4))])
+        >>> len(pp), model.weight in pp, model.bias in pp
+        (1, True, False)
+    """
 
     def __init__(self, items: Sequence[tuple[torch.Tensor, Any]] = ()) -> None:
         self._keys: dict[int, torch.Tensor] = {}
@@ -1087,6 +1100,37 @@ class track_sum_grad_squared:
     ``sum_grad_squared`` fail with the names and reasons of those params; ``missing="none"``
     leaves them out (``None``), e.g. for a transform with ``fallback="adam"``. Nothing is
     attached to the parameters.
+
+    Args:
+        params: an ``nn.Module`` (its parameters that require grad, by name) or an iterable of
+            parameter tensors.
+        missing: ``"raise"`` or ``"none"``: what reading ``sum_grad_squared`` does for a param
+            without an exact statistic.
+        per_example_norms: also keep each example's gradient norm.
+        chunk_bytes: the memory budget of one chunk of per-example work (``None``: a default
+            from the params' size).
+
+    Raises:
+        ValueError: an unknown ``missing``, a bad ``chunk_bytes``; (when reading) a param
+            without an exact statistic under ``missing="raise"``.
+        TypeError: a param is not a tensor.
+        RuntimeError: (when reading) no forward and backward ran inside the ``with`` block.
+
+    References:
+        Dangel, Kunstner and Hennig, "BackPACK: Packing more into Backprop", ICLR 2020,
+        arXiv:1912.10985 (the ``SumGradSquared`` convention); Goodfellow, "Efficient
+        Per-Example Gradient Computations", arXiv:1510.01799 (the per-layer rule for linear
+        layers). docs/second-moments.md.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with gx.track_sum_grad_squared(model) as stats:
+        ...     loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1] * 4))
+        ...     loss.backward()
+        >>> stats.methods
+        {'weight': 'fast:linear', 'bias': 'fast:linear'}
+        >>> opt = gx.Optimizer(model.parameters(), gx.tg_adamw(1e-3))
+        >>> opt.step(sum_grad_squared=stats.sum_grad_squared)
     """
 
     def __init__(self, params: Any, *, missing: str = "raise", per_example_norms: bool = False,

@@ -271,6 +271,69 @@ def test_needs_example_names_public_functions():
     assert _NEEDS_EXAMPLE <= set(gx.__all__), sorted(_NEEDS_EXAMPLE - set(gx.__all__))
 
 
+# --- public classes: a lighter check -------------------------------------------------------------
+#
+# Every class in ``gx.__all__`` has its own docstring whose first paragraph states its purpose.
+# A NamedTuple (the transform states) names each of its fields (``field``, or ``field:`` in an
+# ``Attributes:`` section); another class whose constructor takes arguments has an ``Args:`` (or,
+# for a record the library fills, ``Attributes:``) section. Sections that are present come in
+# the functions' order.
+
+
+def _public_classes() -> list[str]:
+    return sorted(n for n in gx.__all__ if inspect.isclass(getattr(gx, n)))
+
+
+def _class_problems(name: str) -> list[str]:
+    cls = getattr(gx, name)
+    own = cls.__dict__.get("__doc__") or ""
+    doc = inspect.cleandoc(own)
+    problems = []
+    if len(doc.split()) < 3:
+        return ["no docstring of its own"]
+    if re.match(r"^(Args|Attributes|Returns|Raises|References|Example):", doc):
+        problems.append("no summary before the sections")
+    fields = getattr(cls, "_fields", None)
+    if fields is not None:
+        missing = [f for f in fields if not re.search(rf"``{f}``|`{f}`|^\s+{f}:", doc, re.M)]
+        if missing:
+            problems.append(f"fields not described: {missing}")
+    else:
+        params = [p for p in inspect.signature(cls).parameters.values()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if params and not re.search(r"^(Args|Attributes):\s*$", doc, re.M):
+            problems.append(f"no Args: for {[p.name for p in params]}")
+    names = re.findall(r"^(Args:|Returns:|Raises:|References:|Example:)\s*$", doc, re.M)
+    if names != sorted(names, key=_SECTIONS.index) or len(set(names)) != len(names):
+        problems.append(f"sections out of order or repeated: {names}")
+    return problems
+
+
+@pytest.mark.parametrize("name", _public_classes())
+def test_public_class_docstring(name):
+    problems = _class_problems(name)
+    assert not problems, f"gx.{name}'s docstring: {problems}"
+
+
+def test_class_check_catches_the_old_docstrings():
+    class Old(tuple):  # a NamedTuple-like with an undescribed field, as GraftState was
+        """The states of the two grafted transforms."""
+        _fields = ("magnitude_state", "direction_state")
+
+    class NoArgs:
+        """Fill sum_grad_squared during a backward."""
+
+        def __init__(self, params, *, missing="raise"):
+            pass
+
+    for cls, expected in ((Old, "fields not described"), (NoArgs, "no Args:")):
+        setattr(gx, "_DocProbe", cls)
+        try:
+            assert any(expected in p for p in _class_problems("_DocProbe")), cls
+        finally:
+            delattr(gx, "_DocProbe")
+
+
 def _example(name: str) -> list[tuple[str, str | None]]:
     doc = inspect.getdoc(getattr(gx, name)) or ""
     if "\nExample:" not in doc:
@@ -308,7 +371,7 @@ def _example_scope() -> dict:
             "model": model, "x": x, "params": params, "grads": grads, "loss_fn": loss_fn}
 
 
-@pytest.mark.parametrize("name", [n for n in _public_functions() if _example(n)])
+@pytest.mark.parametrize("name", [n for n in _public_functions() + _public_classes() if _example(n)])
 def test_docstring_example_runs(name):
     scope = _example_scope()
     for code, expected in _example(name):
