@@ -67,25 +67,98 @@ def check_tree_root(tree: Tree) -> None:
 
 
 def tree_flatten(tree: Tree) -> tuple[list[Any], optree.PyTreeSpec]:
-    """Flatten ``tree`` with ``None`` treated as a leaf (it marks a frozen entry)."""
+    """Flatten ``tree`` with ``None`` treated as a leaf (it marks a frozen entry).
+
+    ``tree -> ([leaf_1, ..., leaf_n], spec)`` in optree's order; ``tree_unflatten(spec, leaves)``
+    rebuilds it.
+
+    Args:
+        tree: a pytree (dicts, lists, tuples, NamedTuples) of tensors and ``None``.
+
+    Returns:
+        ``(leaves, spec)``: the list of leaves (``None`` included) and the optree ``PyTreeSpec``.
+
+    Raises:
+        TypeError: ``tree`` is an iterator (e.g. ``model.parameters()``) or an ``nn.Module``.
+
+    References:
+        optree.tree_flatten with ``none_is_leaf=True``
+        (https://optree.readthedocs.io/en/latest/ops.html#optree.tree_flatten).
+
+    Example:
+        >>> leaves, spec = gx.tree.tree_flatten({"a": torch.ones(1), "b": None})
+        >>> leaves
+        [tensor([1.]), None]
+    """
     check_tree_root(tree)
     return optree.tree_flatten(tree, none_is_leaf=True)
 
 
 def tree_unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Any]) -> Tree:
-    """Inverse of `tree_flatten`."""
+    """Inverse of `tree_flatten`: ``tree_unflatten(spec, leaves)`` has the structure ``spec``.
+
+    Args:
+        spec: a ``PyTreeSpec`` from `tree_flatten`.
+        leaves: one value per leaf of ``spec``, in its order.
+
+    Returns:
+        The rebuilt pytree.
+
+    Raises:
+        ValueError: the number of leaves differs from ``spec``'s (optree's error).
+
+    References:
+        optree.tree_unflatten (https://optree.readthedocs.io/en/latest/ops.html#optree.tree_unflatten).
+
+    Example:
+        >>> _, spec = gx.tree.tree_flatten({"a": torch.ones(1), "b": None})
+        >>> gx.tree.tree_unflatten(spec, [torch.zeros(1), None])
+        {'a': tensor([0.]), 'b': None}
+    """
     return optree.tree_unflatten(spec, list(leaves))
 
 
 def path_to_str(path: Sequence[Any]) -> str:
-    """Render an optree path such as ``('layers', 0, 'weight')`` as ``layers.0.weight``."""
+    """Render an optree path such as ``('layers', 0, 'weight')`` as ``layers.0.weight``.
+
+    The entries are joined with ``.``; the empty path (the root) is ``<root>``.
+
+    Args:
+        path: a sequence of keys and indices.
+
+    Returns:
+        The dotted path.
+
+    References:
+        optree.tree_flatten_with_path
+        (https://optree.readthedocs.io/en/latest/ops.html#optree.tree_flatten_with_path).
+
+    Example:
+        >>> gx.tree.path_to_str(("layers", 0, "weight"))
+        'layers.0.weight'
+    """
     if not path:
         return "<root>"
     return ".".join(str(p) for p in path)
 
 
 def tree_paths(tree: Tree) -> list[str]:
-    """The dotted path of every leaf of ``tree`` (``None`` leaves included)."""
+    """The dotted path of every leaf of ``tree`` (``None`` leaves included), in `tree_flatten`'s order.
+
+    Args:
+        tree: a pytree.
+
+    Returns:
+        A list of strings, e.g. ``"layers.0.weight"`` (as `path_to_str` writes them).
+
+    References:
+        optree.tree_flatten_with_path
+        (https://optree.readthedocs.io/en/latest/ops.html#optree.tree_flatten_with_path).
+
+    Example:
+        >>> gx.tree.tree_paths({"layers": [{"weight": torch.ones(1)}, None]})
+        ['layers.0.weight', 'layers.1']
+    """
     paths, _, _ = optree.tree_flatten_with_path(tree, none_is_leaf=True)
     return [path_to_str(p) for p in paths]
 
@@ -121,6 +194,29 @@ def check_structure(
 
     On mismatch raise a ``ValueError`` that names both trees and the first differing path.
     ``reference`` (the tree ``spec`` came from) makes the message precise.
+
+    Args:
+        spec: the expected structure (a ``PyTreeSpec``).
+        tree: the tree to check.
+        what: its name in the message (e.g. ``"state.mu"``).
+        against: the name of the tree ``spec`` came from.
+        reference: that tree, to name the first differing path.
+
+    Returns:
+        The leaves of ``tree`` (``None`` included).
+
+    Raises:
+        ValueError: the structures differ.
+        TypeError: ``tree`` is an iterator or an ``nn.Module``.
+
+    References:
+        optree's ``PyTreeSpec`` equality (https://optree.readthedocs.io/en/latest/treespec.html).
+
+    Example:
+        >>> params = {"w": torch.ones(2)}
+        >>> _, spec = gx.tree.tree_flatten(params)
+        >>> gx.tree.check_structure(spec, {"w": torch.zeros(2)}, "state", reference=params)
+        [tensor([0., 0.])]
     """
     leaves, other_spec = tree_flatten(tree)
     if other_spec != spec:
@@ -172,7 +268,31 @@ def _dtype_error(path: str, u: torch.Tensor, o: torch.Tensor, what: str) -> None
 
 
 def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
-    """``optree.tree_map`` where a ``None`` leaf in ``tree`` maps to ``None``."""
+    """``optree.tree_map`` where a ``None`` leaf in ``tree`` maps to ``None``.
+
+    ``out[leaf] = fn(tree[leaf], *(r[leaf] for r in rest))``, except ``None`` where ``tree``
+    has ``None`` (``fn`` is not called there).
+
+    Args:
+        fn: the function of one leaf of ``tree`` and the matching leaves of ``rest``.
+        tree: the pytree whose structure the result has.
+        *rest: more pytrees with the same structure.
+
+    Returns:
+        The mapped pytree.
+
+    Raises:
+        TypeError: ``tree`` is an iterator or an ``nn.Module``.
+        ValueError: a tree of ``rest`` has another structure (optree's error).
+
+    References:
+        optree.tree_map (https://optree.readthedocs.io/en/latest/ops.html#optree.tree_map).
+
+    Example:
+        >>> a = {"x": torch.ones(1), "y": None}
+        >>> gx.tree.tree_map(lambda u, v: u + v, a, {"x": torch.ones(1), "y": torch.ones(1)})
+        {'x': tensor([2.]), 'y': None}
+    """
 
     def wrapped(x: Any, *xs: Any) -> Any:
         return None if x is None else fn(x, *xs)
@@ -191,20 +311,71 @@ def _zeros_like_leaf(x: Any) -> torch.Tensor:
 def tree_zeros_like(tree: Tree) -> Tree:
     """Zeros with the shape, dtype and device of each leaf (``None`` stays ``None``).
 
+    Args:
+        tree: a pytree of tensors.
+
+    Returns:
+        The pytree of zeros.
+
     Raises:
         TypeError: ``tree`` (or a leaf) is not a tensor tree, e.g. ``model.parameters()``.
+
+    References:
+        optax.tree_utils.tree_zeros_like
+        (https://optax.readthedocs.io/en/latest/api/utilities.html#optax.tree_utils.tree_zeros_like).
+
+    Example:
+        >>> gx.tree.tree_zeros_like({"a": torch.ones(2), "b": None})
+        {'a': tensor([0., 0.]), 'b': None}
     """
     return tree_map(_zeros_like_leaf, tree)
 
 
 def tree_clone(tree: Tree) -> Tree:
-    """A deep copy of every tensor leaf."""
+    """A deep copy of every tensor leaf: ``out[leaf] = leaf.clone()`` (other leaves as they are).
+
+    Args:
+        tree: a pytree.
+
+    Returns:
+        The copy, sharing no tensor with ``tree``.
+
+    Raises:
+        TypeError: ``tree`` is an iterator or an ``nn.Module``.
+
+    References:
+        torch.Tensor.clone (https://pytorch.org/docs/stable/generated/torch.clone.html).
+
+    Example:
+        >>> x = {"a": torch.ones(1)}
+        >>> gx.tree.tree_clone(x)["a"] is x["a"]
+        False
+    """
     return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, tree)
 
 
 def tree_to(tree: Tree, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tree:
     """Move every tensor leaf to ``device``; with ``dtype``, cast the floating-point leaves only
-    (integer step counts and boolean flags keep their dtype)."""
+    (integer step counts and boolean flags keep their dtype).
+
+    Args:
+        tree: a pytree (e.g. a transform state).
+        device: the target device (``None``: each leaf's own).
+        dtype: the floating-point dtype (``None``: unchanged).
+
+    Returns:
+        The moved pytree (leaves already there are returned as they are, as ``Tensor.to``).
+
+    Raises:
+        TypeError: ``tree`` is an iterator or an ``nn.Module``.
+
+    References:
+        torch.Tensor.to (https://pytorch.org/docs/stable/generated/torch.Tensor.to.html).
+
+    Example:
+        >>> gx.tree.tree_to({"count": torch.tensor(3), "mu": torch.ones(1)}, dtype=torch.float64)
+        {'count': tensor(3), 'mu': tensor([1.], dtype=torch.float64)}
+    """
 
     def move(x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
@@ -350,7 +521,26 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def tree_all_finite(tree: Tree) -> torch.Tensor:
-    """0-d bool tensor: all tensor leaves of ``tree`` are finite."""
+    """0-d bool tensor: all tensor leaves of ``tree`` are finite (no NaN or Inf; no host sync).
+
+    Args:
+        tree: a pytree of tensors (``None`` leaves are skipped).
+
+    Returns:
+        A 0-d bool tensor on the first leaf's device (``True`` for a tree without tensors).
+
+    Raises:
+        TypeError: ``tree`` is an iterator or an ``nn.Module``.
+
+    References:
+        torch.isfinite
+        (https://pytorch.org/docs/stable/generated/torch.isfinite.html), as optax.apply_if_finite
+        uses it (https://optax.readthedocs.io/en/latest/api/optimizer_wrappers.html).
+
+    Example:
+        >>> gx.tree.tree_all_finite({"a": torch.tensor([1.0, float("nan")])})
+        tensor(False)
+    """
     leaves, _ = tree_flatten(tree)
     return all_finite([x for x in leaves if x is not None])
 
@@ -359,6 +549,17 @@ def is_compiling() -> bool:
     """True while torch.compile (dynamo) traces the calling code.
 
     ``torch.compiler.is_compiling`` appeared in torch 2.3; older versions use the dynamo helper.
+
+    Returns:
+        Whether the caller is being traced by dynamo.
+
+    References:
+        torch.compiler.is_compiling
+        (https://pytorch.org/docs/stable/generated/torch.compiler.is_compiling.html).
+
+    Example:
+        >>> gx.tree.is_compiling()
+        False
     """
     fn = getattr(torch.compiler, "is_compiling", None)
     if fn is None:  # torch < 2.3
@@ -395,6 +596,19 @@ def functorch_active() -> bool:
 
     There, a 0-d tensor may be batched or carry a gradient: it must stay a tensor (no ``.item()``,
     no Python branch on its value).
+
+    Returns:
+        Whether a ``torch.func`` transform is active around the caller.
+
+    References:
+        torch.func (https://pytorch.org/docs/stable/func.html), "UX limitations" (no ``.item()``
+        or data-dependent control flow under ``vmap``).
+
+    Example:
+        >>> gx.tree.functorch_active()
+        False
+        >>> torch.func.vmap(lambda v: v * float(gx.tree.functorch_active()))(torch.ones(2))
+        tensor([1., 1.])
     """
     if is_compiling():
         return bool(_interpreter_stack_nonempty_traced())
@@ -442,14 +656,48 @@ def differentiable() -> Iterator[None]:
 def pure_ops() -> bool:
     """True when leaf arithmetic must be out of place and per leaf: inside ``torch.func``
     transforms (no vmap rule for foreach kernels; in-place writes break ``grad``) and inside
-    `differentiable`."""
+    `differentiable`.
+
+    ``pure_ops() = functorch_active() or (inside differentiable())``.
+
+    Returns:
+        Whether transforms must avoid in-place and ``torch._foreach_*`` kernels here.
+
+    References:
+        torch.func (https://pytorch.org/docs/stable/func.html); torch.optim's ``differentiable``
+        flag (https://pytorch.org/docs/stable/optim.html).
+
+    Example:
+        >>> gx.tree.pure_ops()
+        False
+        >>> with gx.differentiable():
+        ...     inside = gx.tree.pure_ops()
+        >>> inside
+        True
+    """
     return _DIFFERENTIABLE["on"] or functorch_active()
 
 
 def traced() -> bool:
     """True when host reads of tensor values are not allowed or not wanted: under
     ``torch.compile``, inside a ``torch.func`` transform, or inside `differentiable`. Transforms
-    then take their all-tensor code paths."""
+    then take their all-tensor code paths.
+
+    ``traced() = is_compiling() or pure_ops()``.
+
+    Returns:
+        Whether the caller must keep scalars as tensors (no ``.item()``, no Python branch on a
+        tensor's value).
+
+    References:
+        torch.compile's graph breaks on ``.item()``
+        (https://pytorch.org/docs/stable/torch.compiler_troubleshooting.html); torch.func
+        (https://pytorch.org/docs/stable/func.html).
+
+    Example:
+        >>> gx.tree.traced()
+        False
+    """
     return is_compiling() or pure_ops()
 
 
@@ -461,6 +709,20 @@ def as_scalar(x: Any) -> Any:
     synchronisation, and lets ``torch._foreach_*`` use its fast scalar overloads. Under
     ``torch.compile`` the value stays a tensor so that a changed value does not recompile; inside a
     ``torch.func`` transform, or when it requires grad (a hypergradient), it stays a tensor too.
+
+    Args:
+        x: a number, a tensor or anything else (returned as it is unless a 0-d CPU tensor).
+
+    Returns:
+        ``x.item()`` for a 0-d CPU tensor that does not require grad, outside a trace; else ``x``.
+
+    References:
+        torch.optim keeps ``step`` as a CPU tensor for the same reason
+        (https://pytorch.org/docs/stable/optim.html, ``capturable``).
+
+    Example:
+        >>> gx.tree.as_scalar(torch.tensor(0.5))
+        0.5
     """
     if (isinstance(x, torch.Tensor) and x.ndim == 0 and x.device.type == "cpu" and not x.requires_grad
             and not traced()):
@@ -478,7 +740,18 @@ def scalar_tensor(value: Any, dtype: torch.dtype = torch.float64) -> torch.Tenso
 def register_state_types(*classes: type) -> None:
     """Let ``torch.load(weights_only=True)`` (the default since torch 2.6) read states holding
     these NamedTuple classes. ``torch.serialization.add_safe_globals`` exists from torch 2.4; on
-    older versions load a saved state with ``weights_only=False``."""
+    older versions load a saved state with ``weights_only=False``.
+
+    Args:
+        *classes: the state classes (gradxform registers its own on import).
+
+    Returns:
+        ``None``.
+
+    References:
+        torch.serialization.add_safe_globals
+        (https://pytorch.org/docs/stable/notes/serialization.html#weights-only). docs/checkpoints.md.
+    """
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is not None:
         add(list(classes))

@@ -238,12 +238,32 @@ _NEEDS_EXAMPLE = {
 }
 
 
+def _obj(name: str):
+    """``gx.<name>``; a dotted name (``"tree.tree_map"``) reaches into a public module."""
+    obj = gx
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _public(kind) -> list[str]:
+    """The names in ``gx.__all__`` of this kind, and those in the ``__all__`` of the modules that
+    ``gx.__all__`` exports (``gx.tree``, ``gx.schedules``) that are not also ``gx`` names."""
+    names = [n for n in gx.__all__ if kind(getattr(gx, n))]
+    top = {id(getattr(gx, n)) for n in gx.__all__}
+    for mod in (getattr(gx, n) for n in gx.__all__ if inspect.ismodule(getattr(gx, n))):
+        short = mod.__name__.split(".", 1)[1]
+        names += [f"{short}.{n}" for n in getattr(mod, "__all__", ())
+                  if kind(getattr(mod, n)) and id(getattr(mod, n)) not in top]
+    return sorted(names)
+
+
 def _public_functions() -> list[str]:
-    return sorted(n for n in gx.__all__ if inspect.isfunction(getattr(gx, n)))
+    return _public(inspect.isfunction)
 
 
 def _format_problems(name: str) -> list[str]:
-    doc = inspect.getdoc(getattr(gx, name)) or ""
+    doc = inspect.getdoc(_obj(name)) or ""
     found = [(m.start(), m.group(1)) for m in re.finditer(r"^(Args:|Returns:|Raises:|References:|Example:)\s*$", doc, re.M)]
     names = [s for _, s in found]
     problems = []
@@ -252,7 +272,7 @@ def _format_problems(name: str) -> list[str]:
     for needed in ("Returns:", "References:"):
         if needed not in names:
             problems.append(f"no {needed}")
-    if inspect.signature(getattr(gx, name)).parameters and "Args:" not in names:
+    if inspect.signature(_obj(name)).parameters and "Args:" not in names:
         problems.append("no Args:")
     if names != sorted(names, key=_SECTIONS.index) or len(set(names)) != len(names):
         problems.append(f"sections out of order or repeated: {names}")
@@ -281,7 +301,7 @@ def test_needs_example_names_public_functions():
 
 
 def _public_classes() -> list[str]:
-    return sorted(n for n in gx.__all__ if inspect.isclass(getattr(gx, n)))
+    return _public(inspect.isclass)
 
 
 def _class_problems(cls: type) -> list[str]:
@@ -310,7 +330,7 @@ def _class_problems(cls: type) -> list[str]:
 
 @pytest.mark.parametrize("name", _public_classes())
 def test_public_class_docstring(name):
-    problems = _class_problems(getattr(gx, name))
+    problems = _class_problems(_obj(name))
     assert not problems, f"gx.{name}'s docstring: {problems}"
 
 
@@ -330,7 +350,7 @@ def test_class_check_catches_the_old_docstrings():
 
 
 def _example(name: str) -> list[tuple[str, str | None]]:
-    doc = inspect.getdoc(getattr(gx, name)) or ""
+    doc = inspect.getdoc(_obj(name)) or ""
     if "\nExample:" not in doc:
         return []
     body = doc.split("\nExample:", 1)[1]
