@@ -129,6 +129,12 @@ class Ownership(NamedTuple):
     transforms that declare an owned ``update`` (see `owned_transform`) ever receive it; a
     transform made from user functions is always called purely, so inputs it shares between
     inner transforms stay intact.
+
+    Attributes:
+        state: whether the state's buffers may be overwritten.
+        protected: ``id``s of update tensors that must not be written.
+        updates: whether incoming update tensors (other than the protected ones) may be
+            overwritten at all.
     """
 
     state: bool = False
@@ -177,13 +183,54 @@ _INFO_ATTR = "__gx_info__"
 
 
 def info_of(tx: Any) -> TransformInfo:
-    """The `TransformInfo` that ``tx`` declared (an empty one for user-made transforms)."""
+    """The `TransformInfo` that ``tx`` declared (an empty one for user-made transforms).
+
+    Args:
+        tx: a `GradientTransformation` (or an ``(init, update)`` pair).
+
+    Returns:
+        Its `TransformInfo` (all fields ``None`` when it declared nothing).
+
+    References:
+        optax's transforms carry no such record; the recipe plays the role of a torch.optim
+        optimizer's ``defaults`` (https://pytorch.org/docs/stable/optim.html).
+
+    Example:
+        >>> from gradxform.base import info_of
+        >>> info_of(gx.adam(0.1)).recipe[2]["lr"]
+        0.1
+        >>> info_of(gx.GradientTransformation(lambda p: (), lambda u, s, p=None: (u, s))).recipe is None
+        True
+    """
     fn_dict = getattr(tx[1], "__dict__", None) or {}
     return fn_dict.get(_INFO_ATTR, _NO_INFO)
 
 
 def declare(tx: "GradientTransformation", **fields: Any) -> "GradientTransformation":
-    """Attach `TransformInfo` fields to ``tx`` (its own ``update`` function) and return it."""
+    """Attach `TransformInfo` fields to ``tx`` (its own ``update`` function) and return it.
+
+    ``info_of(declare(tx, **fields)) == info_of(tx)._replace(**fields)``.
+
+    Args:
+        tx: the transform (its ``update`` function is marked in place).
+        **fields: `TransformInfo` fields (``owned_update``, ``recipe``, ``fast_path``, ``members``).
+
+    Returns:
+        ``tx`` as a `GradientTransformation`.
+
+    Raises:
+        ValueError: an unknown field (``NamedTuple._replace``'s error).
+
+    References:
+        optax.with_extra_args_support marks transforms the same way
+        (https://optax.readthedocs.io/en/latest/api/transformations.html).
+
+    Example:
+        >>> from gradxform.base import declare, info_of
+        >>> tx = declare(gx.GradientTransformation(lambda p: (), lambda u, s, p=None: (u, s)), members=())
+        >>> info_of(tx).members
+        ()
+    """
     info = info_of(tx)._replace(**fields)
     setattr(tx.update, _INFO_ATTR, info)
     return tx if isinstance(tx, GradientTransformation) else GradientTransformation(*tx)
@@ -192,7 +239,28 @@ def declare(tx: "GradientTransformation", **fields: Any) -> "GradientTransformat
 def recorded(factory: Callable[..., "GradientTransformation"]) -> Callable[..., "GradientTransformation"]:
     """Decorate a public transform factory so that what it builds remembers its recipe
     (``factory``, args, kwargs): the transform then pickles by name and arguments, shows them in
-    its ``repr``, and `gradxform.Optimizer` can rebuild it with a param group's options."""
+    its ``repr``, and `gradxform.Optimizer` can rebuild it with a param group's options.
+
+    Every argument is recorded by name, defaults included (unless the factory takes ``*args`` or
+    ``**kwargs``); nothing is recorded while ``torch.compile`` traces.
+
+    Args:
+        factory: a function returning a `GradientTransformation`.
+
+    Returns:
+        The wrapped factory (same signature and docstring).
+
+    References:
+        Python's pickle protocol, ``__reduce__`` (https://docs.python.org/3/library/pickle.html).
+
+    Example:
+        >>> from gradxform.base import recorded
+        >>> @recorded
+        ... def halve() -> gx.GradientTransformation:
+        ...     return gx.scale(0.5)
+        >>> halve()
+        halve()
+    """
 
     sig = inspect.signature(factory)
     variadic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values())
@@ -219,6 +287,27 @@ def owned_transform(init: Callable[[Params], State], owned_update: Callable[...,
     call ``owned_update`` with what they own. Keyword-only parameters after ``own`` are the
     transform's extra arguments, unless ``extra_args`` declares them (a combinator that forwards
     ``**extra`` to inner transforms).
+
+    Args:
+        init: ``init(params) -> state``.
+        owned_update: ``owned_update(updates, state, params, own, **extra) -> (updates, state)``.
+        extra_args: the `ExtraArgs` to declare (default: read from ``owned_update``'s signature).
+
+    Returns:
+        A `GradientTransformation` that declares ``owned_update``.
+
+    References:
+        optax.GradientTransformation's ``init``/``update`` contract
+        (https://optax.readthedocs.io/en/latest/api/transformations.html); torch.optim's in-place
+        ``step`` (https://pytorch.org/docs/stable/optim.html).
+
+    Example:
+        >>> from gradxform.base import owned_transform
+        >>> def owned_update(updates, state, params, own):
+        ...     return {k: v.neg() for k, v in updates.items()}, state
+        >>> tx = owned_transform(lambda params: (), owned_update)
+        >>> tx.update({"w": torch.ones(1)}, ())[0]
+        {'w': tensor([-1.])}
     """
     spec = _extra_args_of_fn(owned_update) if extra_args is None else extra_args
 

@@ -150,6 +150,27 @@ def clip_leaves(rule: str, leaves: Sequence[torch.Tensor], level: torch.Tensor |
 
     ``level`` may be a Python number or a 0-d tensor (e.g. a level that changes every step, as in
     clipped SSTM). A zero gradient passes through unchanged.
+
+    Args:
+        rule: ``"norm"``, ``"layer_wise"`` or ``"coordinate_wise"``.
+        leaves: the tensors to clip.
+        level: the clipping level.
+
+    Returns:
+        The clipped tensors (new ones; the inputs are not written).
+
+    Raises:
+        ValueError: an unknown ``rule``.
+
+    References:
+        torch-clip 0.0.6's ``norm``, ``layer_wise`` and ``coordinate_wise`` rules; Pascanu, Mikolov
+        and Bengio, "On the difficulty of training recurrent neural networks", ICML 2013,
+        arXiv:1211.5063, Section 3.2. docs/clipping.md.
+
+    Example:
+        >>> from gradxform.clipping import clip_leaves
+        >>> clip_leaves("norm", [torch.tensor([3.0, 4.0])], 1.0)
+        [tensor([0.6000, 0.8000])]
     """
     leaves = list(leaves)
     if rule not in RULES:
@@ -184,6 +205,22 @@ def uniform_from_hash(seed: torch.Tensor | int, t0: torch.Tensor | int) -> torch
 
     Pure int64 tensor ops: reproducible, no global RNG, no host sync, the same on CPU and GPU.
     ``t0`` is the 0-based step. Returns a float64 0-d tensor (or the broadcast shape).
+
+    Args:
+        seed: the seed (an int or an int64 tensor).
+        t0: the 0-based step (an int or an int64 tensor).
+
+    Returns:
+        A float64 tensor in [0, 1), on ``seed``'s device.
+
+    References:
+        The "lowbias32" integer hash (C. Wellons, "Prospecting for Hash Functions", 2018,
+        https://nullprogram.com/blog/2018/07/31/). docs/clipping.md, "Random rules".
+
+    Example:
+        >>> from gradxform.clipping import uniform_from_hash
+        >>> uniform_from_hash(0, 1)
+        tensor(0.4042, dtype=torch.float64)
     """
     seed = torch.as_tensor(seed, dtype=torch.int64)
     t0 = torch.as_tensor(t0, dtype=torch.int64, device=seed.device)

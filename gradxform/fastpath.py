@@ -42,7 +42,14 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class AdamKernel(NamedTuple):
-    """Declared by ``gx.adam`` (``decoupled=False``) and ``gx.adamw`` with constant hyperparameters."""
+    """Declared by ``gx.adam`` (``decoupled=False``) and ``gx.adamw`` with constant hyperparameters.
+
+    Attributes:
+        decoupled: AdamW's decoupled weight decay (``torch._fused_adamw_``) or Adam's L2
+            (``torch._fused_adam_``).
+        amsgrad: the AMSGrad variant.
+        maximize: ascend instead of descend.
+    """
 
     decoupled: bool
     amsgrad: bool
@@ -50,7 +57,12 @@ class AdamKernel(NamedTuple):
 
 
 class SGDKernel(NamedTuple):
-    """Declared by ``gx.sgd`` with constant hyperparameters."""
+    """Declared by ``gx.sgd`` with constant hyperparameters.
+
+    Attributes:
+        nesterov: Nesterov momentum.
+        maximize: ascend instead of descend.
+    """
 
     nesterov: bool
     maximize: bool
@@ -59,7 +71,11 @@ class SGDKernel(NamedTuple):
 class ClipFactor(NamedTuple):
     """Declared by a clip rule whose output is its input times a factor from norms alone:
     ``"global"`` (one factor from the global norm: foldable into a fused kernel), ``"leaf"`` (one
-    per leaf) or ``"coordinate"`` (an elementwise clamp, no factor)."""
+    per leaf) or ``"coordinate"`` (an elementwise clamp, no factor).
+
+    Attributes:
+        kind: ``"global"``, ``"leaf"`` or ``"coordinate"``.
+    """
 
     kind: str
 
@@ -303,7 +319,25 @@ def _sparse_sgd_step(kern: SGDKernel, alias_state: Any, hp: dict[str, Any], idx:
 
 def lowering_of(tx: GradientTransformation) -> Lowering | None:
     """The fused step ``tx`` declared, or ``None``: an alias's own `Lowering`, or
-    ``chain(rule, alias)`` where ``rule`` declares a global `ClipFactor`."""
+    ``chain(rule, alias)`` where ``rule`` declares a global `ClipFactor`.
+
+    Args:
+        tx: the transform.
+
+    Returns:
+        A `Lowering` (with ``clip`` set for a clipped chain) or ``None``.
+
+    References:
+        torch.optim's ``fused=True`` kernels (https://pytorch.org/docs/stable/optim.html,
+        "Algorithms" and the ``fused`` argument). docs/three-ways.md.
+
+    Example:
+        >>> from gradxform.fastpath import lowering_of
+        >>> lowering_of(gx.adamw(1e-3)).kernel
+        AdamKernel(decoupled=True, amsgrad=False, maximize=False)
+        >>> lowering_of(gx.adam(gx.constant_schedule(1e-3))) is None  # a schedule: no lowering
+        True
+    """
     info = info_of(tx)
     if isinstance(info.fast_path, Lowering):
         return info.fast_path
@@ -319,7 +353,26 @@ def lowering_of(tx: GradientTransformation) -> Lowering | None:
 def declare_kernel(tx: GradientTransformation, kernel: AdamKernel | SGDKernel, hyperparams: dict[str, Any]) -> None:
     """Declare ``kernel`` as ``tx``'s lowering unless a hyperparameter is a schedule (evaluated
     inside ``update``: the lowering reads the values the group set). Numbers and tensors qualify:
-    ``group["lr"]`` stays live either way."""
+    ``group["lr"]`` stays live either way.
+
+    Args:
+        tx: the alias's transform (marked in place).
+        kernel: the `AdamKernel` or `SGDKernel` it lowers to.
+        hyperparams: the alias's hyperparameters (tuples such as ``betas`` are looked into).
+
+    Returns:
+        ``None``.
+
+    References:
+        torch.optim's ``fused=True`` kernels (https://pytorch.org/docs/stable/optim.html).
+
+    Example:
+        >>> from gradxform.fastpath import SGDKernel, declare_kernel, lowering_of
+        >>> tx = gx.scale(-0.1)
+        >>> declare_kernel(tx, SGDKernel(nesterov=False, maximize=False), {"lr": 0.1})
+        >>> lowering_of(tx).kernel
+        SGDKernel(nesterov=False, maximize=False)
+    """
     flat = [x for v in hyperparams.values() for x in (v if isinstance(v, tuple) else (v,))]
     if not any(callable(v) and not isinstance(v, torch.Tensor) for v in flat):
         declare(tx, fast_path=Lowering(kernel))

@@ -91,7 +91,27 @@ def project_lower_bound(lower: float) -> GradientTransformation:
 
 def apply_fn_of(model: Any) -> Callable[[Any, Any], Any]:
     """``apply(params, x)``: ``functional_call`` for an ``nn.Module`` (unmodified), else ``model``
-    itself, which must be a callable ``(params, x) -> output``."""
+    itself, which must be a callable ``(params, x) -> output``.
+
+    Args:
+        model: an ``nn.Module`` or a callable ``(params, x) -> output``.
+
+    Returns:
+        ``apply(params, x)`` (``torch.func.functional_call(model, params, (x,), strict=False)``
+        for a module).
+
+    Raises:
+        TypeError: ``model`` is neither a module nor callable.
+
+    References:
+        torch.func.functional_call
+        (https://pytorch.org/docs/stable/generated/torch.func.functional_call.html).
+
+    Example:
+        >>> from gradxform.initscale import apply_fn_of
+        >>> apply_fn_of(model)(params, x).shape
+        torch.Size([8, 2])
+    """
     if isinstance(model, torch.nn.Module):
         def apply(params: Any, x: Any) -> Any:
             return torch.func.functional_call(model, params, (x,), strict=False)
@@ -102,7 +122,27 @@ def apply_fn_of(model: Any) -> Callable[[Any, Any], Any]:
 
 
 def progress_iter(it: Iterable[Any], total: int | None, enabled: bool, desc: str) -> Iterable[Any]:
-    """``it`` wrapped in a tqdm progress bar when asked for and tqdm is installed."""
+    """``it`` wrapped in a tqdm progress bar when asked for and tqdm is installed.
+
+    Without tqdm a ``progress=True`` request is logged at INFO and ``it`` is returned as is.
+
+    Args:
+        it: the iterable.
+        total: its length, for the bar (``None``: unknown).
+        enabled: whether to show a bar.
+        desc: the bar's label.
+
+    Returns:
+        ``it`` or the tqdm wrapper around it.
+
+    References:
+        tqdm.auto (https://tqdm.github.io/docs/shortcuts/#tqdmauto).
+
+    Example:
+        >>> from gradxform.initscale import progress_iter
+        >>> list(progress_iter(range(3), 3, False, "gradinit"))
+        [0, 1, 2]
+    """
     if not enabled:
         return it
     try:

@@ -4,6 +4,7 @@ mkdocs.yml's nav), and every docs page is reachable from the nav."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 from pathlib import Path
@@ -239,22 +240,31 @@ _NEEDS_EXAMPLE = {
 
 
 def _obj(name: str):
-    """``gx.<name>``; a dotted name (``"tree.tree_map"``) reaches into a public module."""
-    obj = gx
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
+    """``gx.<name>``; a dotted name (``"tree.tree_map"``) is a name of module ``gradxform.tree``."""
+    if "." not in name:
+        return getattr(gx, name)
+    module, attr = name.rsplit(".", 1)
+    return getattr(importlib.import_module(f"gradxform.{module}"), attr)
+
+
+def _api_modules() -> list[str]:
+    """The modules an API page renders (``docs/api/<module>.md``)."""
+    return sorted(p.stem for p in (DOCS / "api").glob("*.md"))
 
 
 def _public(kind) -> list[str]:
-    """The names in ``gx.__all__`` of this kind, and those in the ``__all__`` of the modules that
-    ``gx.__all__`` exports (``gx.tree``, ``gx.schedules``) that are not also ``gx`` names."""
+    """The names in ``gx.__all__`` of this kind, and those in the ``__all__`` of every module an API
+    page renders (``gx.tree``, ``gradxform.base``, ...) that are not also ``gx`` names (nor
+    re-exports such as ``base.Params = typing.Any``)."""
     names = [n for n in gx.__all__ if kind(getattr(gx, n))]
-    top = {id(getattr(gx, n)) for n in gx.__all__}
-    for mod in (getattr(gx, n) for n in gx.__all__ if inspect.ismodule(getattr(gx, n))):
-        short = mod.__name__.split(".", 1)[1]
-        names += [f"{short}.{n}" for n in getattr(mod, "__all__", ())
-                  if kind(getattr(mod, n)) and id(getattr(mod, n)) not in top]
+    seen = {id(getattr(gx, n)) for n in gx.__all__}
+    for short in _api_modules():
+        mod = importlib.import_module(f"gradxform.{short}")
+        for n in getattr(mod, "__all__", ()):
+            obj = getattr(mod, n)
+            if kind(obj) and id(obj) not in seen and (getattr(obj, "__module__", None) or "").startswith("gradxform."):
+                seen.add(id(obj))
+                names.append(f"{short}.{n}")
     return sorted(names)
 
 
