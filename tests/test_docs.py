@@ -223,7 +223,9 @@ def test_compile_docs_warn_about_float_learning_rates():
 # The rule (math) first, then ``Args:``, ``Returns:``, ``Raises:`` (when it raises),
 # ``References:`` and ``Example:``, in that order. Every alias and family entry point has an
 # ``Example:``, and each example runs (``>>>`` lines executed; an output line after an expression
-# is compared with its repr).
+# is compared with its repr; the names an example may use undefined are `_example_scope`'s).
+# "Public" is every function in ``gx.__all__`` and in the ``__all__`` of each module that an API
+# page renders (``gx.tree.tree_map``, ``gradxform.base.info_of``, ...): no allow-list.
 
 _SECTIONS = ("Args:", "Returns:", "Raises:", "References:", "Example:")
 
@@ -303,7 +305,8 @@ def test_needs_example_names_public_functions():
 
 # --- public classes: a lighter check -------------------------------------------------------------
 #
-# Every class in ``gx.__all__`` has its own docstring whose first paragraph states its purpose.
+# Every public class (in ``gx.__all__`` or in the ``__all__`` of a module an API page renders, as
+# for the functions) has its own docstring whose first paragraph states its purpose.
 # A NamedTuple (the transform states) names each of its fields (``field``, or ``field:`` in an
 # ``Attributes:`` section); another class whose constructor takes arguments has an ``Args:`` (or,
 # for a record the library fills, ``Attributes:``) section. Sections that are present come in
