@@ -335,7 +335,7 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
     Args:
         decay: the momentum ``mu`` (>= 0; a number or a 0-d tensor).
         nesterov: output ``g_t + decay * b_t`` (Nesterov momentum) instead of ``b_t``.
-        dampening: scales the gradient added after the first step, in [0, 1].
+        dampening: after the first step the gradient is added times ``1 - dampening``; in [0, 1].
 
     Returns:
         A `GradientTransformation` whose state is `TraceState` (``params`` not needed).
