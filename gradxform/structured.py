@@ -9,7 +9,8 @@ The torch twins follow torch.optim 2.13 (names, defaults, semantics, per-param s
   also public (`orthogonalize_via_newton_schulz`);
 - `lbfgs` as ``torch.optim.LBFGS`` (with and without the strong-Wolfe line search): its
   ``update`` takes the extra arguments ``value`` and ``value_and_grad_fn``;
-- `sparse_adam` as ``torch.optim.SparseAdam`` on the functional path (COO gradients).
+- `sparse_adam` as ``torch.optim.SparseAdam`` (COO gradients, functionally and through
+  `gradxform.Optimizer`).
 """
 
 from __future__ import annotations
@@ -1042,6 +1043,9 @@ class SparseAdamState(NamedTuple):
 
 SparseAdamState.torch_state_keys = MappingProxyType(  # type: ignore[attr-defined]
     {"count": "step", "mu": "exp_avg", "nu": "exp_avg_sq"})
+# torch.optim.SparseAdam keeps ``step`` as a Python int (its bias correction ``beta ** step`` then
+# stays in float64); gx.Optimizer stores it so, and a gx state dict continues equal in torch
+SparseAdamState.torch_python_ints = frozenset({"count"})  # type: ignore[attr-defined]
 
 
 def _sparse_adam(lr: Any, betas: Any, eps: Any, maximize: bool, lr_dtype: torch.dtype | None) -> GradientTransformation:
@@ -1131,10 +1135,13 @@ def sparse_adam(
     it). Unlike torch, a dense gradient is accepted and taken as a sparse one with every entry
     present (then this is Adam with eps outside the bias correction of ``v``).
 
-    Where it runs: the functional API (``tx.update`` with COO gradients, eagerly). Through
-    `gradxform.Optimizer`, sparse gradients are routed only to ``gx.sgd`` today and raise for
-    every other transform, this one included; use the functional API, or dense gradients with
-    ``gx.adam`` (``nn.Embedding(sparse=False)``).
+    Where it runs: the functional API (``tx.update`` with COO gradients, eagerly) and
+    `gradxform.Optimizer` (``gx.Optimizer(emb.parameters(), gx.sparse_adam())`` with
+    ``nn.Embedding(sparse=True)``): the adapter passes the COO gradients through its generic path
+    without densifying them and adds the COO updates to the params; ``opt.state[p]`` holds torch's
+    keys ``step``, ``exp_avg``, ``exp_avg_sq`` and a ``torch.optim.SparseAdam`` state dict loads
+    into it (and the reverse). Only as the group's whole transform: inside a chain the other
+    members would receive COO tensors (the adapter raises). Sparse gradients run eagerly only.
 
     Args:
         lr: learning rate, ``>= 0``.
@@ -1166,5 +1173,7 @@ def sparse_adam(
     return inject_hyperparams(_sparse_adam, static_args=("maximize", "lr_dtype"))(
         lr=lr, betas=tuple(betas), eps=eps, maximize=maximize, lr_dtype=_lr_dtype(lr))
 
+
+sparse_adam.takes_sparse_gradients = True  # type: ignore[attr-defined]  # gx.Optimizer passes COO grads through
 
 _tree.register_state_types(FactoredRmsState, ScaleByMuonState, LbfgsState, SparseAdamState)
