@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from types import MappingProxyType
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -612,11 +612,18 @@ def muon(
 
 
 class LbfgsState(NamedTuple):
-    """torch.optim.LBFGS's state, over the flat vector of the live leaves (``n`` entries):
-    ``func_evals``, ``n_iter`` (0-d int64 totals); ``d`` (``n``), the last direction; ``t``, its
-    step (0-d float64); ``old_dirs``, ``old_stps`` (``(k, n)``, ``k <= history_size``: the
-    gradient and step differences ``y``, ``s``, oldest first); ``ro`` (``(k,)``, ``1 / y.s``);
-    ``H_diag`` (``y.s / y.y`` of the newest pair); ``prev_flat_grad`` (``n``); ``prev_loss``."""
+    """torch.optim.LBFGS's state, over the flat vector of the params (``n`` entries), with its
+    history in fixed-size ring buffers: ``func_evals``, ``n_iter`` (0-d int64 totals); ``d``
+    (``n``), the last direction; ``t``, its step (0-d float64); ``old_dirs``, ``old_stps``
+    (``(history_size, n)``: the gradient and step differences ``y``, ``s``), ``ro``
+    (``(history_size,)``, ``1 / y.s``) and ``al`` (the two-loop's coefficients), each pair in
+    slot ``(history_start + i) % history_size`` for the ``i``-th oldest of ``history_len``;
+    ``H_diag`` (``y.s / y.y`` of the newest pair); ``prev_flat_grad`` (``n``); ``prev_loss``.
+
+    Through `gradxform.Optimizer` it lives as torch keeps it, in ``opt.state[params[0]]`` under
+    torch's keys (``func_evals``, ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``,
+    ``H_diag``, ``prev_flat_grad``, ``prev_loss``, ``al``; the history as lists of tensors,
+    oldest first, views of the ring buffers): `to_torch_state` and `from_torch_state` convert."""
 
     func_evals: torch.Tensor
     n_iter: torch.Tensor
@@ -628,6 +635,96 @@ class LbfgsState(NamedTuple):
     H_diag: torch.Tensor
     prev_flat_grad: torch.Tensor
     prev_loss: torch.Tensor
+    al: torch.Tensor
+    history_start: torch.Tensor
+    history_len: torch.Tensor
+
+    def _slots(self) -> list[int]:
+        size, start, k = self.old_dirs.shape[0], int(self.history_start), int(self.history_len)
+        return [(start + i) % size for i in range(k)]
+
+    def to_torch_state(self) -> dict[str, Any]:
+        """torch.optim.LBFGS's entries of ``opt.state[params[0]]`` (Python numbers where torch
+        keeps them; the history as lists of views of the ring buffers, oldest first; ``al`` as
+        torch's list of ``history_size`` entries, ``None`` past the history). torch creates ``d``
+        ... ``prev_loss`` after its first iteration and ``al`` at its second: so are they here."""
+        n_iter = int(self.n_iter)
+        out: dict[str, Any] = {"func_evals": int(self.func_evals), "n_iter": n_iter}
+        if n_iter == 0:
+            return out
+        slots = self._slots()
+        out.update(d=self.d, t=float(self.t), old_dirs=[self.old_dirs[s] for s in slots],
+                   old_stps=[self.old_stps[s] for s in slots], ro=[self.ro[s] for s in slots],
+                   H_diag=self.H_diag if slots else 1, prev_flat_grad=self.prev_flat_grad,
+                   prev_loss=float(self.prev_loss))
+        if n_iter >= 2:
+            out["al"] = [self.al[s] for s in slots] + [None] * (self.old_dirs.shape[0] - len(slots))
+        return out
+
+    @classmethod
+    def from_torch_state(cls, entries: Mapping[str, Any], like: "LbfgsState") -> "LbfgsState":
+        """The state from torch.optim.LBFGS's entries (``like``: a state from ``init``, for the
+        history size and for what the entries lack). Lists that are the views `to_torch_state`
+        made of one ring buffer are taken back without a copy.
+
+        Raises:
+            ValueError: a history longer than ``like``'s ``history_size``, or of uneven lengths.
+        """
+        count = lambda key: torch.tensor(int(entries.get(key, 0)), dtype=torch.int64)  # noqa: E731
+        if "d" not in entries:  # before torch's first iteration: only the counts
+            return like._replace(func_evals=count("func_evals"), n_iter=count("n_iter"),
+                                 history_start=torch.zeros((), dtype=torch.int64),
+                                 history_len=torch.zeros((), dtype=torch.int64))
+        size = like.old_dirs.shape[0]
+        d = entries["d"]
+        lists = [list(entries.get(k, ())) for k in ("old_dirs", "old_stps", "ro")]
+        k = len(lists[0])
+        if any(len(x) != k for x in lists) or k > size:
+            raise ValueError(f"the loaded L-BFGS history has {[len(x) for x in lists]} entries (old_dirs, old_stps, "
+                             f"ro); this lbfgs keeps history_size={size}: build it with the history_size of the "
+                             "optimizer that saved it")
+        start, rings = 0, None
+        base = lists[0][0]._base if k else None
+        if base is not None and base.ndim == 2 and base.shape == (size, d.numel()):
+            # views of one ring buffer (what to_torch_state made): take the buffers back
+            found = [_ring_of(x, size) for x in lists] + [_ring_of(list(entries.get("al", ()))[:k], size)]
+            if all(f is not None and f[1] == found[0][1] for f in found):  # type: ignore[index]
+                rings, start = [f[0] for f in found], found[0][1]  # type: ignore[index]
+        if rings is None:
+            rings = []
+            al = [a for a in list(entries.get("al", ()))[:k]]
+            for x, shape in zip(lists + [al], ((size, d.numel()), (size, d.numel()), (size,), (size,))):
+                ring = d.new_zeros(shape)
+                for i, v in enumerate(x):
+                    if v is not None:
+                        ring[i] = v
+                rings.append(ring)
+        h = entries.get("H_diag", 1)
+        as64 = lambda v: torch.as_tensor(v, dtype=torch.float64).detach().clone().reshape(())  # noqa: E731
+        return cls(count("func_evals"), count("n_iter"), d, as64(entries.get("t", 0.0)), rings[0], rings[1], rings[2],
+                   torch.as_tensor(h, dtype=d.dtype).detach().clone().reshape(()), entries["prev_flat_grad"],
+                   as64(entries.get("prev_loss", 0.0)), rings[3], torch.tensor(start, dtype=torch.int64),
+                   torch.tensor(k, dtype=torch.int64))
+
+
+# gx.Optimizer keeps it where torch.optim.LBFGS does: opt.state[params[0]], in torch's format
+LbfgsState.torch_first_param_keys = frozenset(  # type: ignore[attr-defined]
+    {"func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "prev_loss", "al"})
+
+
+def _ring_of(views: list[Any], size: int) -> tuple[torch.Tensor, int] | None:
+    """``(ring, start)`` when ``views`` are the rows ``(start + i) % size`` of one ring buffer."""
+    if not views or any(v is None for v in views):
+        return None
+    base = views[0]._base
+    if base is None or base.shape[0] != size or any(v._base is not base for v in views):
+        return None
+    stride = base.stride(0)
+    slots = [(v.storage_offset() - base.storage_offset()) // max(stride, 1) for v in views]
+    start = slots[0]
+    if any(s != (start + i) % size for i, s in enumerate(slots)):
+        return None
+    return base, start
 
 
 def _cubic_min(x1: float, f1: float, g1: float, x2: float, f2: float, g2: float,
@@ -743,13 +840,13 @@ def _lbfgs_core(lr: Any, max_iter: int, max_eval: int, tolerance_grad: float, to
         n = sum(p.numel() for p in live)
         z = lambda *shape: torch.zeros(shape, dtype=dtype)  # noqa: E731
         i64 = lambda: torch.zeros((), dtype=torch.int64)  # noqa: E731
-        return LbfgsState(i64(), i64(), z(n), torch.zeros((), dtype=torch.float64), z(0, n), z(0, n), z(0),
-                          torch.ones((), dtype=dtype), z(n), torch.zeros((), dtype=torch.float64))
+        f64 = lambda: torch.zeros((), dtype=torch.float64)  # noqa: E731
+        return LbfgsState(i64(), i64(), z(n), f64(), z(history_size, n), z(history_size, n), z(history_size),
+                          torch.ones((), dtype=dtype), z(n), f64(), z(history_size), i64(), i64())
 
     def owned_update(updates: Updates, state: LbfgsState, params: Params | None, own: Ownership, *,
                      value: Any = None, value_and_grad_fn: Callable[[Params], tuple[Any, Any]] | None = None
                      ) -> tuple[Updates, LbfgsState]:
-        del own  # pure: the line search re-evaluates at trial points built from fresh tensors
         expect_state(state, LbfgsState, "lbfgs")
         if _tree.traced():
             raise RuntimeError("lbfgs cannot run under torch.compile or torch.func: its iterations and line "
@@ -775,6 +872,9 @@ def _lbfgs_core(lr: Any, max_iter: int, max_eval: int, tolerance_grad: float, to
         if int(state.n_iter) > 0 and state.d.numel() != sum(sizes):
             raise ValueError(f"the lbfgs state holds {state.d.numel()} entries but the params have "
                              f"{sum(sizes)}: the state was made for other params")
+        if int(state.n_iter) > 0 and state.old_dirs.shape != (history_size, sum(sizes)):
+            raise ValueError(f"the lbfgs state's history has shape {tuple(state.old_dirs.shape)}; this lbfgs keeps "
+                             f"({history_size}, {sum(sizes)}): the state was made with another history_size")
 
         def grads_flat(g_leaves: Sequence[Any]) -> torch.Tensor:
             # a leaf without a gradient counts as a zero gradient (as torch.optim.LBFGS)
@@ -812,8 +912,11 @@ def _lbfgs_core(lr: Any, max_iter: int, max_eval: int, tolerance_grad: float, to
         if x.numel() == 0 or float(flat_grad.abs().max()) <= tolerance_grad:  # already optimal
             return as_tree(torch.zeros_like(x), only_live=True), state._replace(func_evals=torch.tensor(func_evals))
         d, t = state.d.to(flat_grad.dtype), float(state.t)
-        dirs, stps = list(state.old_dirs.to(dtype).unbind(0)), list(state.old_stps.to(dtype).unbind(0))
-        ro = list(state.ro.to(dtype).unbind(0))
+        # the history: ring buffers of history_size slots; the i-th oldest of k pairs in slot
+        # (start + i) % history_size. Written in place when the state is owned, else copied first.
+        rings = [state.old_dirs, state.old_stps, state.ro, state.al]
+        start, k = int(state.history_start), int(state.history_len)
+        copied = own.state
         h_diag: Any = state.H_diag.to(dtype)
         prev_flat_grad = state.prev_flat_grad.to(flat_grad.dtype)
         prev_loss = float(state.prev_loss)
@@ -823,28 +926,42 @@ def _lbfgs_core(lr: Any, max_iter: int, max_eval: int, tolerance_grad: float, to
             total_iter += 1
             if total_iter == 1:
                 d = flat_grad.neg()
-                dirs, stps, ro, h_diag = [], [], [], torch.ones((), dtype=flat_grad.dtype)
+                start, k, h_diag = 0, 0, torch.ones((), dtype=flat_grad.dtype)
+                shapes = ((history_size, x.numel()), (history_size, x.numel()), (history_size,), (history_size,))
+                if any(r.shape != sh or r.dtype != dtype for r, sh in zip(rings, shapes)):
+                    rings, copied = [x.new_zeros(sh) for sh in shapes], True
             else:
                 y = flat_grad.sub(prev_flat_grad)
                 s = d.mul(t)
                 ys = y.dot(s)
                 if ys > 1e-10:  # keep the pair only with positive curvature
-                    if len(dirs) == history_size:
-                        dirs, stps, ro = dirs[1:], stps[1:], ro[1:]
-                    dirs.append(y)
-                    stps.append(s)
-                    ro.append(1.0 / ys)
+                    if not copied:
+                        rings, copied = [r.clone() for r in rings], True
+                    if k == history_size:  # drop the oldest
+                        slot, start = start, (start + 1) % history_size
+                    else:
+                        slot, k = (start + k) % history_size, k + 1
+                    rings[0][slot] = y
+                    rings[1][slot] = s
+                    rings[2][slot] = 1.0 / ys
                     h_diag = ys / y.dot(y)
-                # two-loop recursion: d = -H g
+                dirs, stps, ro, al = rings
+                slots = [(start + i) % history_size for i in range(k)]
+                if slots and not copied:
+                    rings, copied = [r.clone() for r in rings], True
+                    dirs, stps, ro, al = rings
+                # two-loop recursion: d = -H g (torch's order and rounding)
                 q = flat_grad.neg()
-                al: list[Any] = [None] * len(dirs)
-                for i in range(len(dirs) - 1, -1, -1):
-                    al[i] = stps[i].dot(q) * ro[i]
-                    q.add_(dirs[i], alpha=-al[i])
+                coef: list[Any] = [None] * k
+                for i in range(k - 1, -1, -1):
+                    coef[i] = stps[slots[i]].dot(q) * ro[slots[i]]
+                    q.add_(dirs[slots[i]], alpha=-coef[i])
                 d = r = torch.mul(q, h_diag)
-                for i in range(len(dirs)):
-                    be_i = dirs[i].dot(r) * ro[i]
-                    r.add_(stps[i], alpha=al[i] - be_i)
+                for i in range(k):
+                    be_i = dirs[slots[i]].dot(r) * ro[slots[i]]
+                    r.add_(stps[slots[i]], alpha=coef[i] - be_i)
+                for i in range(k):
+                    al[slots[i]] = coef[i]
             prev_flat_grad = flat_grad.clone()
             prev_loss = loss
             if total_iter == 1:
@@ -878,13 +995,11 @@ def _lbfgs_core(lr: Any, max_iter: int, max_eval: int, tolerance_grad: float, to
                 break
             if abs(loss - prev_loss) < tolerance_change:
                 break
-        n = x.numel()
+        i64 = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
         new_state = LbfgsState(
-            torch.tensor(func_evals), torch.tensor(total_iter), d, torch.tensor(float(t), dtype=torch.float64),
-            torch.stack(dirs) if dirs else x.new_zeros(0, n), torch.stack(stps) if stps else x.new_zeros(0, n),
-            torch.stack([torch.as_tensor(v, dtype=x.dtype) for v in ro]) if ro else x.new_zeros(0),
-            torch.as_tensor(h_diag, dtype=x.dtype).clone(), prev_flat_grad,
-            torch.tensor(float(prev_loss), dtype=torch.float64))
+            i64(func_evals), i64(total_iter), d, torch.tensor(float(t), dtype=torch.float64), rings[0], rings[1],
+            rings[2], torch.as_tensor(h_diag, dtype=x.dtype).clone(), prev_flat_grad,
+            torch.tensor(float(prev_loss), dtype=torch.float64), rings[3], i64(start), i64(k))
         return as_tree(x - x0, only_live=True), new_state
 
     owned_update.__qualname__ = "lbfgs"
@@ -923,11 +1038,19 @@ def lbfgs(
     (the adapter's own closure call gives the gradients; the helper evaluates the closure once
     more at the start for the loss, then at every trial point, restoring the params after each).
 
-    Differences from torch: the state is one flat history over the leaves that have a gradient (a
-    leaf without one is frozen, not moved with a zero gradient), kept by the group
-    (``group["tx_state"]``) rather than in ``opt.state`` of the first param; a torch.optim.LBFGS
-    state dict does not load into it. The iterations branch on loss values (host reads): no
-    ``torch.compile``, no ``torch.func``. Differences from optax's ``lbfgs``: optax does one
+    State: `LbfgsState`, one flat history over the params in ring buffers of ``history_size``
+    slots (allocated by ``init``: ``2 * history_size * n`` entries, what torch's lists reach once
+    full), so its shapes never change and `gradxform.state_from_dict` restores it. Through
+    `gradxform.Optimizer` it is kept as torch keeps it: in ``opt.state[params[0]]`` under torch's
+    keys and types (``func_evals``, ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``,
+    ``H_diag``, ``prev_flat_grad``, ``prev_loss``, ``al``; the history as lists, oldest first),
+    and the group holds torch's ``max_iter``, ``max_eval``, ``tolerance_grad``,
+    ``tolerance_change``, ``history_size`` and ``line_search_fn``: a ``torch.optim.LBFGS`` state
+    dict loads into the twin and continues equal, and the reverse.
+
+    Differences from torch: a param without a gradient is not moved (torch moves it with a zero
+    gradient; its entries still count in the flat vector). The iterations branch on loss values
+    (host reads): no ``torch.compile``, no ``torch.func``. Differences from optax's ``lbfgs``: optax does one
     iteration per update with a zoom line search by default, its ``value_fn`` returns the loss
     only and the gradient comes as ``grad=``.
 
@@ -977,6 +1100,20 @@ def lbfgs(
         "max_iter", "max_eval", "tolerance_grad", "tolerance_change", "history_size", "line_search_fn"))(
         lr=lr, max_iter=max_iter, max_eval=max_eval, tolerance_grad=float(tolerance_grad),
         tolerance_change=float(tolerance_change), history_size=history_size, line_search_fn=line_search_fn)
+
+
+def _lbfgs_group_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """torch.optim.LBFGS's group keys besides ``lr`` (``max_eval`` resolved as torch does): gx.Optimizer
+    keeps them in the group, so that its state dict loads into torch.optim.LBFGS; a group that
+    changes one gets the alias rebuilt with the group's values."""
+    max_eval = kwargs.get("max_eval")
+    return {"max_iter": kwargs["max_iter"],
+            "max_eval": kwargs["max_iter"] * 5 // 4 if max_eval is None else max_eval,
+            "tolerance_grad": kwargs["tolerance_grad"], "tolerance_change": kwargs["tolerance_change"],
+            "history_size": kwargs["history_size"], "line_search_fn": kwargs["line_search_fn"]}
+
+
+lbfgs.torch_group_options = _lbfgs_group_options  # type: ignore[attr-defined]
 
 
 def value_and_grad_from_closure(params: Sequence[torch.Tensor], closure: Callable[[], Any]

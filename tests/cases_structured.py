@@ -86,10 +86,7 @@ CASES = {
 EAGER_ONLY = frozenset({"lbfgs", "lbfgs_strong_wolfe", "value_and_grad_from_closure"})
 
 # Harness limits not lifted yet (name -> reason), read by tests/test_purity.py::KNOWN_GAPS.
-KNOWN_GAPS = {"checkpoint": {
-    name: "L-BFGS keeps a history whose length grows to history_size: gx.state_from_dict restores into a "
-          "template from tx.init, whose history is empty (checkpoint it through gx.Optimizer.state_dict)"
-    for name in ("lbfgs", "lbfgs_strong_wolfe", "value_and_grad_from_closure")}}
+KNOWN_GAPS: dict = {}
 KNOWN_GAPS["func"] = {
     name: "Newton-Schulz runs in bfloat16 (as torch.optim.Muon): finite differences and vmapped-vs-separate "
           "calls differ at bfloat16 rounding"

@@ -343,6 +343,73 @@ def test_lbfgs_equals_torch_functional_and_adapter(kw, objective):
     assert int(inner.n_iter) == opt_t.state[pt[0]]["n_iter"]
 
 
+LBFGS_RESUME = [{"history_size": 3, "max_iter": 4}, {"history_size": 3, "max_iter": 5, "line_search_fn": "strong_wolfe"},
+                {"history_size": 2, "max_iter": 1}]
+
+
+def _lbfgs_opt(kind, params, kw):
+    """(optimizer, step()) for torch.optim.LBFGS or its gx twin on `_logistic` over ``params``."""
+    opt = torch.optim.LBFGS(params, **kw) if kind == "torch" else gx.Optimizer(params, gx.lbfgs(**kw))
+
+    def closure():
+        opt.zero_grad()
+        loss = _logistic(*params)
+        loss.backward()
+        return loss
+
+    if kind == "torch":
+        return opt, lambda: opt.step(closure)
+    return opt, lambda: opt.step(closure, value_and_grad_fn=gx.value_and_grad_from_closure(params, closure))
+
+
+@pytest.mark.parametrize("kw", LBFGS_RESUME, ids=_ids(LBFGS_RESUME))
+def test_lbfgs_state_dicts_load_both_ways_mid_run_and_continue_equal(kw):
+    """gx.Optimizer keeps L-BFGS's state as torch does (opt.state[params[0]], torch's keys, the
+    history as lists): mid-run (the history wrapped past history_size), a torch.optim.LBFGS state
+    dict loads into the gx twin and gx's into torch.optim.LBFGS, each continuing equal to the
+    optimizer it came from (float64); gx's own checkpoint resumes bit-exact."""
+    init = [torch.full((6,), 0.1, dtype=F64), torch.full((1,), 0.3, dtype=F64)]
+    pt, pg = ([p.clone().requires_grad_() for p in init] for _ in range(2))
+    opt_t, step_t = _lbfgs_opt("torch", pt, kw)
+    opt_g, step_g = _lbfgs_opt("gx", pg, kw)
+    for _ in range(4):
+        step_t()
+        step_g()
+        assert set(opt_g.state[pg[0]]) == set(opt_t.state[pt[0]])
+        assert pg[1] not in opt_g.state and pt[1] not in opt_t.state
+    st, sg = opt_t.state[pt[0]], opt_g.state[pg[0]]
+    assert len(st["old_dirs"]) == kw["history_size"] and st["n_iter"] > kw["history_size"] + 1  # wrapped
+    assert (sg["func_evals"], sg["n_iter"], len(sg["old_dirs"])) == (st["func_evals"], st["n_iter"], len(st["old_dirs"]))
+    assert isinstance(sg["old_dirs"], list) and isinstance(sg["n_iter"], int)
+    twins = {}
+    for name, kind, src in (("gx<-torch", "gx", (pt, opt_t)), ("torch<-gx", "torch", (pg, opt_g)),
+                            ("gx<-gx", "gx", (pg, opt_g))):
+        ps = [p.detach().clone().requires_grad_() for p in src[0]]
+        opt, step = _lbfgs_opt(kind, ps, kw)
+        opt.load_state_dict(saved_and_loaded(src[1].state_dict()))
+        twins[name] = (ps, step)
+    for _ in range(3):
+        for step in (step_t, step_g, *(s for _, s in twins.values())):
+            step()
+    scale = max(float(p.detach().abs().max()) for p in pt)
+    for got, want in ((twins["gx<-torch"][0], pt), (twins["torch<-gx"][0], pg), (pg, pt)):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-10 * scale)
+    for a, b in zip(twins["gx<-gx"][0], pg):
+        assert torch.equal(a, b), "the resumed gx twin differs from the uninterrupted one"
+
+
+def test_lbfgs_refuses_a_longer_history_than_it_keeps():
+    p = [torch.full((6,), 0.5, dtype=F64, requires_grad=True)]
+    opt_t, step_t = _lbfgs_opt("torch", [p[0], torch.zeros(1, dtype=F64, requires_grad=True)], {"history_size": 5})
+    step_t()
+    step_t()
+    q = [p[0].detach().clone().requires_grad_(), torch.zeros(1, dtype=F64, requires_grad=True)]
+    opt_g, _ = _lbfgs_opt("gx", q, {"history_size": 1})
+    with pytest.raises(ValueError, match="history_size=1"):
+        opt_g.load_state_dict(opt_t.state_dict())
+
+
 def test_lbfgs_asks_for_the_loss_function_where_it_needs_it():
     tx = gx.lbfgs()
     params = [torch.zeros(3)]
