@@ -4,7 +4,8 @@ SparseAdam.
 
 The torch twins follow torch.optim 2.13 (names, defaults, semantics, per-param state keys):
 
-- `adafactor` as ``torch.optim.Adafactor`` on the block `scale_by_factored_rms`;
+- `adafactor` as ``torch.optim.Adafactor`` on the block `scale_by_factored_rms`; optax's flavour
+  as `optax_adafactor` on `optax_scale_by_factored_rms`;
 - `muon` as ``torch.optim.Muon`` on the block `scale_by_muon`, whose Newton-Schulz iteration is
   also public (`orthogonalize_via_newton_schulz`);
 - `lbfgs` as ``torch.optim.LBFGS`` (with and without the strong-Wolfe line search): its
@@ -53,6 +54,9 @@ __all__ = [
     "SparseAdamState",
     "scale_by_factored_rms",
     "adafactor",
+    "OptaxFactoredRmsState",
+    "optax_scale_by_factored_rms",
+    "optax_adafactor",
     "orthogonalize_via_newton_schulz",
     "scale_by_muon",
     "muon",
@@ -217,7 +221,7 @@ def scale_by_factored_rms(beta2_decay: float | torch.Tensor = -0.8, eps: float |
     largest* dims and only leaves whose dims are at least ``min_dim_size_to_factor`` (128), adds
     ``epsilon = 1e-30`` to ``g^2`` before the averages, and has ``decay_rate = 0.8`` and a
     ``step_offset`` (``b_t = 1 - (t - offset)^-0.8``). This block follows torch; optax's flavour is
-    not implemented.
+    `optax_scale_by_factored_rms`.
 
     Args:
         beta2_decay: the exponent of the decay schedule (``<= 0``; torch's default ``-0.8``).
@@ -301,7 +305,7 @@ def adafactor(
     Differences from optax's ``adafactor``: see `scale_by_factored_rms` (factored dims, eps
     placement); optax also multiplies by ``max(1e-3, rms(p))`` but uses ``lr`` as is (no
     ``1/sqrt(t)`` cap), clips with ``clip_by_block_rms``, has optional momentum and decays without
-    ``lr``. An optax-flavoured alias is not provided here.
+    ``lr``: that flavour is `optax_adafactor`.
 
     Args:
         lr: the cap of the relative step (number, 0-d tensor or schedule), ``>= 0``.
@@ -338,6 +342,273 @@ def adafactor(
     return inject_hyperparams(_adafactor, static_args=("eps", "maximize", "use_weight_decay"))(
         lr=lr, beta2_decay=beta2_decay, d=d, weight_decay=weight_decay, eps=tuple(eps), maximize=maximize,
         use_weight_decay=_nonzero(weight_decay))
+
+
+# --- Adafactor in optax's flavour -----------------------------------------------------------------
+
+
+class OptaxFactoredRmsState(NamedTuple):
+    """``count``: per-leaf number of updates (0-d int64; optax keeps one shared count, equal while
+    every leaf gets a gradient at every step); ``v_row``, ``v_col``: the factored second moment of
+    a leaf that is factored (its largest dim, respectively its second largest, averaged out;
+    ``None`` for other leaves); ``v``: the full second moment of a leaf that is not (``None`` for
+    factored ones)."""
+
+    count: Any
+    v_row: Any
+    v_col: Any
+    v: Any
+
+
+def _optax_factored_dims(shape: Sequence[int], factored: bool, min_dim_size_to_factor: int) -> tuple[int, int] | None:
+    """optax's choice: ``(d1, d0)``, the second largest and the largest dim (ties: the earlier dim
+    counts as smaller), when the second largest has at least ``min_dim_size_to_factor`` entries."""
+    if not factored or len(shape) < 2:
+        return None
+    order = sorted(range(len(shape)), key=lambda i: (shape[i], i))
+    if shape[order[-2]] < min_dim_size_to_factor:
+        return None
+    return order[-2], order[-1]
+
+
+@recorded
+def optax_scale_by_factored_rms(
+    factored: bool = True,
+    decay_rate: float | torch.Tensor = 0.8,
+    step_offset: int = 0,
+    min_dim_size_to_factor: int = 128,
+    epsilon: float | torch.Tensor = 1e-30,
+) -> GradientTransformation:
+    """Adafactor's factored second-moment preconditioner in optax's flavour
+    (``optax.scale_by_factored_rms``).
+
+    With ``t = step - step_offset`` the leaf's own step (1-based) and the decay
+    ``b_t = 1 - t^(-decay_rate)`` (computed in float32, as optax), ``G = g^2 + epsilon``: a leaf
+    whose two largest dims ``d0 >= d1`` (by size) both have at least ``min_dim_size_to_factor``
+    entries keeps ``R_t = b_t R + (1 - b_t) mean_{d0}(G)`` and ``C_t = b_t C + (1 - b_t) mean_{d1}(G)``
+    and outputs ``u = g (R_t / mean(R_t))^(-1/2) C_t^(-1/2)`` (a rank-1 estimate of ``E[g^2]``);
+    any other leaf keeps ``v_t = b_t v + (1 - b_t) G`` and outputs ``u = g v_t^(-1/2)``.
+
+    Differences from `scale_by_factored_rms` (torch's flavour): the factored dims are the two
+    largest (by size, so a torch ``(out, in)`` weight and JAX's ``(in, out)`` layout give the same
+    numbers), only for dims of at least ``min_dim_size_to_factor``; ``epsilon`` is added to
+    ``g^2`` (torch clamps ``v_hat`` at ``eps^2``); the decay is ``1 - t^-0.8`` with an optional
+    ``step_offset``; there is no clamp of the row mean. The state keeps the reduced dims dropped
+    (optax's shapes up to the order of the dims).
+
+    Args:
+        factored: factor the leaves with two large enough dims (``False``: none).
+        decay_rate: the exponent of the decay schedule, ``>= 0``.
+        step_offset: subtracted from the step (fine-tuning from a later step), an int ``>= 0``.
+        min_dim_size_to_factor: the size both factored dims need, an int ``>= 1``.
+        epsilon: added to ``g^2``, ``>= 0``.
+
+    Returns:
+        A transform with state `OptaxFactoredRmsState`.
+
+    Raises:
+        ValueError: an argument out of range (named in the message).
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018,
+        arXiv 1804.04235, sections 3-4 and 7;
+        https://optax.readthedocs.io/en/latest/api/transformations.html#optax.scale_by_factored_rms
+
+    Example:
+        >>> tx = gx.chain(gx.optax_scale_by_factored_rms(min_dim_size_to_factor=2), gx.scale(-1e-2))
+    """
+    check_float("decay_rate", decay_rate, low=0.0)
+    check_float("epsilon", epsilon, low=0.0)
+    for name, v, low in (("step_offset", step_offset, 0), ("min_dim_size_to_factor", min_dim_size_to_factor, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
+
+    def dims(p: torch.Tensor) -> tuple[int, int] | None:
+        return _optax_factored_dims(tuple(p.shape), factored, min_dim_size_to_factor)
+
+    def init(params: Params) -> OptaxFactoredRmsState:
+        leaves, spec = _tree.tree_flatten(params)
+
+        def make(fn: Callable[[torch.Tensor, Any], Any]) -> Any:
+            return _tree.tree_unflatten(spec, [None if p is None else fn(p, dims(p)) for p in leaves])
+
+        row = make(lambda p, d: None if d is None else p.new_zeros(p.shape[:d[1]] + p.shape[d[1] + 1:]))
+        col = make(lambda p, d: None if d is None else p.new_zeros(p.shape[:d[0]] + p.shape[d[0] + 1:]))
+        var = make(lambda p, d: torch.zeros_like(p) if d is None else None)
+        return OptaxFactoredRmsState(_leaf_counts(params), row, col, var)
+
+    def owned_update(updates: Updates, state: OptaxFactoredRmsState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, OptaxFactoredRmsState]:
+        del params
+        expect_state(state, OptaxFactoredRmsState, "optax_scale_by_factored_rms")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        inplace = own.state
+        counts = _step_counts(flat, state.count, inplace)
+        rows, cols, vars_ = (_live_or_none(flat, t) for t in (state.v_row, state.v_col, state.v))
+        dr = _tree.as_scalar(decay_rate)
+        exponent = -(dr.to(torch.float32) if isinstance(dr, torch.Tensor) else torch.tensor(dr, dtype=torch.float32))
+        eps = _tree.as_scalar(epsilon)
+        eager = _eager_counts(counts) and not isinstance(dr, torch.Tensor)
+        out, new_r, new_c, new_v = [], [], [], []
+        for g, r, c, v, n in zip(flat.live, rows, cols, vars_, counts):
+            # optax: 1 - float32(t)^-decay_rate, in float32; (1 - b_t) rounded in float32 too
+            t32 = (torch.tensor(float(int(n) - step_offset), dtype=torch.float32) if eager
+                   else (n - step_offset).to(torch.float32))
+            b32 = 1.0 - torch.pow(t32, exponent)
+            om32 = 1.0 - b32
+            work = torch.promote_types(g.dtype, torch.float32)
+            if eager:
+                b: Any = float(b32)
+                om: Any = float(om32)
+            else:
+                b, om = b32.to(work), om32.to(work)
+            gsq = g.to(work) * g.to(work) + eps
+            d = dims(g)
+            if d is not None:
+                if r is None or c is None:
+                    raise ValueError(f"a leaf of shape {tuple(g.shape)} needs a factored state (v_row, v_col): the "
+                                     "state was made by init() on params of other shapes")
+                d1, d0 = d
+                row_new = (b * r + om * gsq.mean(dim=d0)).to(g.dtype)
+                col_new = (b * c + om * gsq.mean(dim=d1)).to(g.dtype)
+                reduced_d1 = d1 - 1 if d1 > d0 else d1
+                row_factor = (row_new / row_new.mean(dim=reduced_d1, keepdim=True)) ** -0.5
+                col_factor = col_new ** -0.5
+                u = g * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
+                if inplace:
+                    r.copy_(row_new)
+                    c.copy_(col_new)
+                    row_new, col_new = r, c
+                new_r.append(row_new)
+                new_c.append(col_new)
+                new_v.append(v)
+            else:
+                if v is None:
+                    raise ValueError(f"a leaf of shape {tuple(g.shape)} needs a full second moment (v): the state "
+                                     "was made by init() on params of other shapes")
+                v_new = (b * v + om * gsq).to(g.dtype)
+                u = g * v_new ** -0.5
+                if inplace:
+                    v_new = v.copy_(v_new)
+                new_r.append(r)
+                new_c.append(c)
+                new_v.append(v_new)
+            out.append(u)
+        new_state = OptaxFactoredRmsState(
+            flat.rebuild(counts, like=state.count), flat.rebuild(new_r, like=state.v_row),
+            flat.rebuild(new_c, like=state.v_col), flat.rebuild(new_v, like=state.v))
+        return flat.rebuild(out), new_state
+
+    owned_update.__qualname__ = "optax_scale_by_factored_rms"
+    return owned_transform(init, owned_update)
+
+
+def _optax_adafactor(lr: Any, decay_rate: Any, clipping_threshold: Any, momentum: Any, weight_decay_rate: Any,
+                     eps: Any, min_dim_size_to_factor: int, decay_offset: int, multiply_by_parameter_scale: bool,
+                     dtype_momentum: torch.dtype | None, factored: bool, weight_decay_mask: Any
+                     ) -> GradientTransformation:
+    from .clipping import clip_by_block_rms
+    from .combinators import ema
+    from .optax_optimizers import scale_by_param_block_rms
+
+    txs = [optax_scale_by_factored_rms(factored, decay_rate, decay_offset, min_dim_size_to_factor, eps)]
+    if clipping_threshold is not None:
+        txs.append(clip_by_block_rms(clipping_threshold))
+    if lr is not None:
+        txs.append(scale_by_learning_rate(lr, flip_sign=False))
+    if multiply_by_parameter_scale:
+        txs.append(scale_by_param_block_rms())
+    if momentum is not None:
+        txs.append(ema(momentum, debias=False, accumulator_dtype=dtype_momentum))
+    if weight_decay_rate is not None:
+        txs.append(add_decayed_weights(weight_decay_rate, weight_decay_mask))
+    txs.append(scale(-1.0))
+    return chain(*txs)
+
+
+@recorded
+def optax_adafactor(
+    learning_rate: ScalarOrSchedule | None = None,
+    min_dim_size_to_factor: int = 128,
+    decay_rate: float = 0.8,
+    decay_offset: int = 0,
+    multiply_by_parameter_scale: bool = True,
+    clipping_threshold: float | None = 1.0,
+    momentum: float | None = None,
+    dtype_momentum: torch.dtype | None = torch.float32,
+    weight_decay_rate: ScalarOrSchedule | None = None,
+    eps: float = 1e-30,
+    factored: bool = True,
+    weight_decay_mask: Any = None,
+) -> GradientTransformation:
+    """Adafactor as ``optax.adafactor`` (optax's names, defaults and blocks).
+
+    ``u = optax_scale_by_factored_rms(g)``; ``u <- u / max(1, rms(u) / clipping_threshold)``
+    (`gradxform.clip_by_block_rms`); ``u <- lr u`` (when ``learning_rate`` is given);
+    ``u <- u max(rms(p), 1e-3)`` (`gradxform.scale_by_param_block_rms`, when
+    ``multiply_by_parameter_scale``); ``u <- EMA_momentum(u)`` (`gradxform.ema`, no debias, when
+    ``momentum`` is given); ``u <- u + weight_decay_rate p`` (`gradxform.add_decayed_weights`);
+    ``p <- p - u``. With the defaults (no learning rate) the step is relative: ``rms(p)`` times
+    the clipped preconditioned gradient.
+
+    Differences from `adafactor` (``torch.optim.Adafactor``'s flavour): optax factors the two
+    largest dims and only dims of at least ``min_dim_size_to_factor`` (128), adds ``eps = 1e-30``
+    to ``g^2``, has no ``min(lr, 1/sqrt(t))`` cap (the learning rate, if any, multiplies),
+    clips the update's RMS at ``clipping_threshold`` before the param scale, has optional momentum
+    and decays the weights without the learning rate. Through `gradxform.Optimizer` the learning
+    rate is the group's ``lr`` (only when ``learning_rate`` is given: then LR schedulers work).
+    ``dtype_momentum`` is the dtype of the momentum buffer as optax (float32 by default); for
+    float64 params `gradxform.ema` rounds the momentum's output to it too (optax rounds only the
+    stored buffer): give ``dtype_momentum=None`` (the params' dtype) for float64.
+
+    Args:
+        learning_rate: ``None`` (relative step only), a number ``>= 0``, a tensor or a schedule.
+        min_dim_size_to_factor, decay_rate, decay_offset, eps, factored: see
+            `optax_scale_by_factored_rms` (``decay_offset`` is its ``step_offset``, ``eps`` its
+            ``epsilon``).
+        multiply_by_parameter_scale: scale by ``max(rms(p), 1e-3)``.
+        clipping_threshold: ``None`` (no clipping) or ``>= 1``.
+        momentum: ``None`` or a decay in ``[0, 1]``.
+        dtype_momentum: the momentum buffer's dtype (``None``: the params').
+        weight_decay_rate: ``None`` or ``>= 0`` (number or schedule).
+        weight_decay_mask: the leaves to decay (see `gradxform.add_decayed_weights`).
+
+    Returns:
+        The transform; ``update`` needs ``params``.
+
+    Raises:
+        ValueError: an argument out of range (named in the message).
+
+    References:
+        Shazeer & Stern, ICML 2018, arXiv 1804.04235;
+        https://optax.readthedocs.io/en/latest/api/optimizers.html#optax.adafactor
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.optax_adafactor(learning_rate=1e-2))
+    """
+    learning_rate = _scalar_lr(learning_rate)
+    if learning_rate is not None:
+        check_float("learning_rate", learning_rate, low=0.0)
+    check_float("decay_rate", decay_rate, low=0.0)
+    check_float("eps", eps, low=0.0)
+    if clipping_threshold is not None:
+        check_float("clipping_threshold", clipping_threshold, low=1.0)
+    if momentum is not None:
+        check_float("momentum", momentum, low=0.0, high=1.0)
+    if weight_decay_rate is not None:
+        check_float("weight_decay_rate", weight_decay_rate, low=0.0)
+    for name, v, low in (("decay_offset", decay_offset, 0), ("min_dim_size_to_factor", min_dim_size_to_factor, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
+    return inject_hyperparams(_optax_adafactor, static_args=(
+        "min_dim_size_to_factor", "decay_offset", "multiply_by_parameter_scale", "dtype_momentum", "factored",
+        "weight_decay_mask"))(
+        lr=learning_rate, decay_rate=decay_rate, clipping_threshold=clipping_threshold, momentum=momentum,
+        weight_decay_rate=weight_decay_rate, eps=eps, min_dim_size_to_factor=min_dim_size_to_factor,
+        decay_offset=decay_offset, multiply_by_parameter_scale=multiply_by_parameter_scale,
+        dtype_momentum=dtype_momentum, factored=factored, weight_decay_mask=weight_decay_mask)
 
 
 # --- Muon ---------------------------------------------------------------------------------------
@@ -1313,4 +1584,4 @@ def sparse_adam(
 
 sparse_adam.takes_sparse_gradients = True  # type: ignore[attr-defined]  # gx.Optimizer passes COO grads through
 
-_tree.register_state_types(FactoredRmsState, ScaleByMuonState, LbfgsState, SparseAdamState)
+_tree.register_state_types(FactoredRmsState, OptaxFactoredRmsState, ScaleByMuonState, LbfgsState, SparseAdamState)

@@ -203,6 +203,122 @@ def test_factored_rms_keeps_row_and_column_statistics_only():
     torch.testing.assert_close(u[0], g / torch.sqrt(r @ c / r.mean()), rtol=1e-12, atol=0)
 
 
+# --- Adafactor in optax's flavour ------------------------------------------------------------------
+
+
+def _optax():
+    jax = pytest.importorskip("jax", reason="the optax flavour is checked against optax (test-only extra)")
+    jax.config.update("jax_enable_x64", True)
+    return pytest.importorskip("optax", reason="the optax flavour is checked against optax 0.2.x (test-only extra)")
+
+
+def _to_jax(tree: dict) -> dict:
+    """torch layouts to JAX's: a Linear weight (out, in) is JAX's (in, out)."""
+    import jax.numpy as jnp
+
+    return {k: jnp.asarray((v.detach().T if k.endswith("weight") else v.detach()).numpy()) for k, v in tree.items()}
+
+
+def _from_jax(tree: dict) -> dict:
+    import numpy as np
+
+    return {k: torch.from_numpy(np.array(v).T.copy() if k.endswith("weight") else np.array(v)) for k, v in tree.items()}
+
+
+_OAF_SHAPES = {"big.weight": (130, 140), "big.bias": (130,), "head.weight": (3, 130), "conv": (4, 3, 5)}
+OPTAX_ADAFACTOR = [
+    {},
+    {"learning_rate": 0.01, "momentum": 0.9, "weight_decay_rate": 1e-3, "dtype_momentum": None},
+    {"min_dim_size_to_factor": 2, "decay_rate": 0.7, "clipping_threshold": 1.5, "eps": 1e-20, "learning_rate": 0.3},
+    {"factored": False, "clipping_threshold": None, "multiply_by_parameter_scale": False, "learning_rate": 0.1},
+]
+
+
+def _optax_kwargs(kw: dict) -> dict:
+    import jax.numpy as jnp
+
+    out = dict(kw)
+    if "dtype_momentum" in out:
+        out["dtype_momentum"] = jnp.float64 if out["dtype_momentum"] is None else out["dtype_momentum"]
+    return out
+
+
+@pytest.mark.parametrize("kw", OPTAX_ADAFACTOR, ids=_ids(OPTAX_ADAFACTOR))
+def test_optax_adafactor_equals_optax_over_100_float64_steps(kw):
+    """gx.optax_adafactor vs optax.adafactor (0.2.8) on torch layouts mapped to JAX's: a factored
+    (130, 140) weight and a (3, 130) one (factored only when min_dim_size_to_factor allows), a
+    bias and a 3-D tensor; 100 steps of our own gradients, float64."""
+    optax = _optax()
+    g = torch.Generator().manual_seed(0)
+    params = {k: torch.randn(s, generator=g, dtype=F64) for k, s in _OAF_SHAPES.items()}
+    tx, ox = gx.optax_adafactor(**kw), optax.adafactor(**_optax_kwargs(kw))
+    pj = _to_jax(params)
+    state, state_j = tx.init(params), ox.init(pj)
+    for k in range(100):
+        grads = {n: torch.randn(v.shape, generator=g, dtype=F64) * (1 + k % 3) for n, v in params.items()}
+        updates, state = tx.update(grads, state, params)
+        params = gx.apply_updates(params, updates)
+        updates_j, state_j = ox.update(_to_jax(grads), state_j, pj)
+        pj = optax.apply_updates(pj, updates_j)
+    want = _from_jax(pj)
+    for n in params:
+        torch.testing.assert_close(params[n], want[n], rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
+
+
+def test_optax_scale_by_factored_rms_block_equals_optax():
+    """The block alone (optax.scale_by_factored_rms): the preconditioned updates, step by step,
+    with a step offset; a factored matrix keeps only its row and column statistics."""
+    optax = _optax()
+    g = torch.Generator().manual_seed(2)
+    params = {"w.weight": torch.randn(5, 7, generator=g, dtype=F64), "b": torch.randn(7, generator=g, dtype=F64)}
+    tx = gx.optax_scale_by_factored_rms(decay_rate=0.6, step_offset=0, min_dim_size_to_factor=3, epsilon=1e-12)
+    ox = optax.scale_by_factored_rms(decay_rate=0.6, step_offset=0, min_dim_size_to_factor=3, epsilon=1e-12)
+    state, state_j = tx.init(params), ox.init(_to_jax(params))
+    assert state.v_row["w.weight"].numel() + state.v_col["w.weight"].numel() == 5 + 7 and state.v["w.weight"] is None
+    for k in range(100):
+        grads = {n: torch.randn(v.shape, generator=g, dtype=F64) for n, v in params.items()}
+        updates, state = tx.update(grads, state, params)
+        updates_j, state_j = ox.update(_to_jax(grads), state_j, _to_jax(params))
+        want = _from_jax(updates_j)
+        for n in params:
+            torch.testing.assert_close(updates[n], want[n], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_optax_adafactor_adapter_with_scheduler_and_checkpoint_equals_optax(path):
+    """Through gx.Optimizer with a StepLR (optax: the same schedule of its count) over 100 steps,
+    with a checkpoint round trip mid-run that continues bit-exact."""
+    optax = _optax()
+    kw = {"learning_rate": 0.05, "min_dim_size_to_factor": 2, "momentum": 0.5, "dtype_momentum": None}
+    model_g = make_model()
+    names = [n for n, _ in model_g.named_parameters()]
+    pj = _to_jax(dict(make_model().named_parameters()))
+    ox = optax.adafactor(**_optax_kwargs({**kw, "learning_rate": lambda c: 0.05 * 0.5 ** (c // 10)}))
+    state_j = ox.init(pj)
+    opt_g = gx.Optimizer(model_g.parameters(), gx.optax_adafactor(**kw), fused=PATHS[path])
+    sched_g = torch.optim.lr_scheduler.StepLR(opt_g, step_size=10, gamma=0.5)
+    model_r = opt_r = sched_r = None
+    for k in range(100):
+        current = _from_jax(pj)
+        grads = grads_at(model_g, names, [current[n] for n in names], k)
+        updates_j, state_j = ox.update(_to_jax(dict(zip(names, grads))), state_j, pj)
+        pj = optax.apply_updates(pj, updates_j)
+        runs = [(model_g, opt_g, sched_g)] + ([(model_r, opt_r, sched_r)] if model_r is not None else [])
+        for model, opt, sched in runs:
+            torch_steps(model, opt, range(k, k + 1), sched)
+        if k == 39:
+            model_r = make_model()
+            model_r.load_state_dict(model_g.state_dict())
+            opt_r = gx.Optimizer(model_r.parameters(), gx.optax_adafactor(**kw), fused=PATHS[path])
+            opt_r.load_state_dict(saved_and_loaded(opt_g.state_dict()))
+            sched_r = torch.optim.lr_scheduler.StepLR(opt_r, step_size=10, gamma=0.5)
+            sched_r.load_state_dict(sched_g.state_dict())
+    want = _from_jax(pj)
+    assert_params(list(model_g.parameters()), [want[n] for n in names], what="optax_adafactor vs optax")
+    for a, b in zip(model_r.parameters(), model_g.parameters()):
+        assert torch.equal(a, b), "the resumed twin differs from the uninterrupted one"
+
+
 # --- Muon ---------------------------------------------------------------------------------------
 
 MUON = _db("Muon")
@@ -568,6 +684,10 @@ def test_sparse_gradients_inside_a_chain_raise_pointing_to_the_alternatives():
     (lambda: gx.lbfgs(max_iter=0), "max_iter"),
     (lambda: gx.sparse_adam(eps=0.0), "eps"),
     (lambda: gx.sparse_adam(betas=(0.9, 1.0)), r"betas\[1\]"),
+    (lambda: gx.optax_adafactor(clipping_threshold=0.5), "clipping_threshold"),
+    (lambda: gx.optax_adafactor(min_dim_size_to_factor=0), "min_dim_size_to_factor"),
+    (lambda: gx.optax_adafactor(momentum=1.5), "momentum"),
+    (lambda: gx.optax_scale_by_factored_rms(decay_rate=-0.8), "decay_rate"),
 ])
 def test_bad_arguments_name_the_culprit(make, match):
     with pytest.raises(ValueError, match=match):
