@@ -262,7 +262,7 @@ def test_optax_adafactor_equals_optax_over_100_float64_steps(kw):
         pj = optax.apply_updates(pj, updates_j)
     want = _from_jax(pj)
     for n in params:
-        torch.testing.assert_close(params[n], want[n], rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(params[n], want[n], rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_optax_scale_by_factored_rms_block_equals_optax():
@@ -275,7 +275,7 @@ def test_optax_scale_by_factored_rms_block_equals_optax():
     ox = optax.scale_by_factored_rms(decay_rate=0.6, step_offset=0, min_dim_size_to_factor=3, epsilon=1e-12)
     state, state_j = tx.init(params), ox.init(_to_jax(params))
     assert state.v_row["w.weight"].numel() + state.v_col["w.weight"].numel() == 5 + 7 and state.v["w.weight"] is None
-    for k in range(100):
+    for _ in range(100):
         grads = {n: torch.randn(v.shape, generator=g, dtype=F64) for n, v in params.items()}
         updates, state = tx.update(grads, state, params)
         updates_j, state_j = ox.update(_to_jax(grads), state_j, _to_jax(params))
