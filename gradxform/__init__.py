@@ -379,11 +379,14 @@ __all__ += [
 from .structured import (
     FactoredRmsState,
     LbfgsState,
+    OptaxFactoredRmsState,
     ScaleByMuonState,
     SparseAdamState,
     adafactor,
     lbfgs,
     muon,
+    optax_adafactor,
+    optax_scale_by_factored_rms,
     orthogonalize_via_newton_schulz,
     scale_by_factored_rms,
     scale_by_muon,
@@ -394,7 +397,7 @@ from .structured import (
 __all__ += [
     "FactoredRmsState", "LbfgsState", "ScaleByMuonState", "SparseAdamState", "adafactor", "lbfgs", "muon",
     "orthogonalize_via_newton_schulz", "scale_by_factored_rms", "scale_by_muon", "sparse_adam",
-    "value_and_grad_from_closure",
+    "value_and_grad_from_closure", "OptaxFactoredRmsState", "optax_adafactor", "optax_scale_by_factored_rms",
 ]
 # --- end catalog: gradxform.structured ---
 # --- torch_optimizers (issue 17: torch.optim's other optimizers) ---

@@ -275,10 +275,10 @@ class Optimizer(torch.optim.Optimizer):
                 stepped = lowering.step(ps, grads, state, scratch)  # type: ignore[union-attr]
                 state = stepped if stepped is not None else \
                     self._generic_step(tx, group, gi, ps, grads, state, extra_args)
-            elif sparse:
-                raise RuntimeError(f"param {sparse[0]} of group {gi} has a sparse gradient: only gx.sgd takes sparse "
-                                   f"gradients, as torch.optim.SGD (here: {why}); use dense gradients (e.g. "
-                                   "nn.Embedding(sparse=False))")
+            elif sparse and not _sm.takes_sparse_gradients(tx):
+                raise RuntimeError(f"param {sparse[0]} of group {gi} has a sparse gradient: only gx.sgd and "
+                                   f"gx.sparse_adam take sparse gradients, as torch.optim.SGD and SparseAdam (here: "
+                                   f"{why}); use one of them, or dense gradients (e.g. nn.Embedding(sparse=False))")
             elif fused is True:
                 raise RuntimeError(f"group {gi}: `fused=True` requires all the params to be floating point Tensors on "
                                    "a device where torch's fused kernel runs, and a transform that declares a fused "
@@ -306,7 +306,10 @@ class Optimizer(torch.optim.Optimizer):
         if not isinstance(updates, list) or len(updates) != len(ps):
             raise TypeError(f"the transform of group {gi} returned {type(updates).__name__} updates; expected a "
                             f"list of {len(ps)} tensors (or None) mirroring the params")
-        idx = [i for i, u in enumerate(updates) if u is not None]
+        idx = [i for i, u in enumerate(updates) if u is not None and u.layout is torch.strided]
+        for i, u in enumerate(updates):  # a sparse update (gx.sparse_adam): added one tensor at a time
+            if u is not None and u.layout is not torch.strided:
+                ps[i].add_(u if u.dtype == ps[i].dtype else u.to(ps[i].dtype))
         if idx:
             deltas = [updates[i] if updates[i].dtype == ps[i].dtype else updates[i].to(ps[i].dtype) for i in idx]
             torch._foreach_add_([ps[i] for i in idx], deltas)

@@ -10,6 +10,11 @@ pytree that ``tx.init`` makes is split (`Layout`):
   whichever is unique; a per-param count that only says whether the param was stepped
   (``stepped_flags``, torch.optim.SGD keeps none) is not stored;
 - an injected hyperparameter is the group's own value (``group["lr"]``): not stored twice;
+- a state class that declares ``torch_first_param_keys`` (torch.optim.LBFGS's history) lives,
+  as in torch, in ``opt.state[params[0]]`` under those keys: the class converts itself with
+  ``to_torch_state()`` and ``from_torch_state(entries, like)`` (`FirstParamNode`);
+- a state class that declares ``torch_python_ints`` (fields whose torch value is a Python int,
+  torch.optim.SparseAdam's ``step``) is stored with those fields as Python ints;
 - every other leaf (combinator counts, clip histories, task weights) is the group's:
   ``group["tx_state"][path]``.
 
@@ -32,12 +37,13 @@ from .base import GradientTransformation, chain, info_of
 from .checkpoint import _children
 from .combine import find_injected as _find_injected
 
-__all__ = ["Layout", "layout_of_template", "absent_records", "gather", "scatter", "sync_in", "options", "for_group",
-           "probe_hyperparams", "hyperparam_values", "check_loadable", "upgrade_v1"]
+__all__ = ["Layout", "FirstParamNode", "layout_of_template", "absent_records", "gather", "scatter", "sync_in", "options", "for_group",
+           "probe_hyperparams", "hyperparam_values", "takes_sparse_gradients", "check_loadable", "upgrade_v1"]
 
 logger = logging.getLogger(__name__)
 
 STEPPED = "#stepped"  # a per-param count that only says whether the param was stepped: not stored
+FIRST = -2  # the record index of a leaf of a state kept in opt.state[params[0]] (see FirstParamNode)
 # hyperparameters that are a tuple of numbers (torch.optim's ``betas``); any other 1-d value is a
 # per-model vector of `gradxform.batched`
 _TUPLE_HYPERPARAMS = frozenset({"betas", "etas", "step_sizes"})
@@ -88,15 +94,35 @@ def aliases(tx: GradientTransformation) -> list[GradientTransformation]:
     return found
 
 
-def options(tx: GradientTransformation) -> dict[str, bool]:
-    """The alias options (bool arguments: ``maximize``, ``amsgrad``, ``nesterov``) ``tx`` was built
-    with; they become group keys, and a group that changes one gets the alias rebuilt."""
-    out: dict[str, bool] = {}
+def _declared_options(member: GradientTransformation) -> dict[str, Any]:
+    """The group options an alias's factory declares with ``torch_group_options(kwargs) -> dict``
+    (torch.optim.LBFGS's ``max_iter``, ``history_size``, ...: static arguments that torch keeps in
+    the group, resolved as torch resolves them)."""
+    factory, _, kwargs = info_of(member).recipe  # type: ignore[misc]
+    declare = getattr(factory, "torch_group_options", None)
+    return dict(declare(kwargs)) if declare is not None else {}
+
+
+def options(tx: GradientTransformation) -> dict[str, Any]:
+    """The alias options (bool arguments: ``maximize``, ``amsgrad``, ``nesterov``, and the static
+    options an alias declares, see `_declared_options`) ``tx`` was built with; they become group
+    keys, and a group that changes one gets the alias rebuilt."""
+    out: dict[str, Any] = {}
     for m in aliases(tx):
         for k, v in info_of(m).recipe[2].items():  # type: ignore[index]
             if isinstance(v, bool):
                 out.setdefault(k, v)
+        for k, v in _declared_options(m).items():
+            out.setdefault(k, v)
     return out
+
+
+def takes_sparse_gradients(tx: GradientTransformation) -> bool:
+    """Whether ``tx`` is an alias whose factory declares ``takes_sparse_gradients = True`` (it
+    updates from COO gradients and returns COO updates, e.g. ``gx.sparse_adam``): the adapter then
+    passes sparse gradients through its generic path without densifying them."""
+    recipe = info_of(tx).recipe
+    return recipe is not None and bool(getattr(recipe[0], "takes_sparse_gradients", False))
 
 
 def structural(old: Any, new: Any) -> bool:
@@ -122,6 +148,9 @@ def for_group(tx: GradientTransformation, group: dict[str, Any]) -> GradientTran
             return member
         factory, args, kwargs = recipe
         overrides = {k: group[k] for k, v in kwargs.items() if k in group and structural(v, group[k])}
+        declared = _declared_options(member)
+        if any(k in group and group[k] != v for k, v in declared.items()):
+            overrides.update({k: group[k] for k in declared if k in group})  # as torch: the group's values
         if not overrides:
             return member
         fresh = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in overrides.items()}
@@ -134,16 +163,31 @@ def for_group(tx: GradientTransformation, group: dict[str, Any]) -> GradientTran
     return tx if all(a is b for a, b in zip(new, members)) else chain(*new)
 
 
+class FirstParamNode(NamedTuple):
+    """A state node kept in ``opt.state[params[0]]`` in torch's own format, as torch.optim.LBFGS
+    keeps its (global) state. Its class declares ``torch_first_param_keys`` (every key it may
+    write there), a method ``to_torch_state() -> dict`` (torch's entries; a key left out is absent)
+    and a classmethod ``from_torch_state(entries, like) -> state`` (``like``: the node of a
+    template from ``tx.init``, for what torch's entries lack). Its fields must be leaves."""
+
+    cls: type
+    leaves: tuple[int, ...]  # the positions of its fields among the state's leaves
+    like: Any  # the node of the layout's template
+
+
 class Layout(NamedTuple):
     """Where each leaf of a group's transform state lives: ``(i, key)`` in ``opt.state[p_i]``,
     ``(None, key)`` in ``group["tx_state"]``, ``(-1, key)`` an injected hyperparameter that the
-    group's own value sets before every update (not saved twice)."""
+    group's own value sets before every update (not saved twice), ``(FIRST, path)`` a field of a
+    `FirstParamNode`."""
 
     spec: Any
     records: list[tuple[int | None, str]]
     paths: list[str]  # each leaf's field path, dotted (the key of gradxform 0.1's adapter)
     shared: frozenset[str]  # the group keys that hold a tensor (the others are None)
     synced: dict[str, torch.Tensor]  # initial values of the (-1, key) leaves
+    first: tuple[FirstParamNode, ...] = ()
+    python_ints: frozenset[str] = frozenset()  # per-param keys whose torch value is a Python int
 
 
 def layout_of_template(template: Any, n: int) -> Layout:
@@ -154,7 +198,9 @@ def layout_of_template(template: Any, n: int) -> Layout:
     paths, leaves, spec = optree.tree_flatten_with_path(template, none_is_leaf=True)
     synced_ids = {id(t) for inj in _find_injected(template) for t in inj.hyperparams.values()}
     located: list[tuple[list[str], bool, Any]] = []  # (names on the path, per-param, owner of the field)
-    for path in paths:
+    first_nodes: dict[int, tuple[Any, list[int]]] = {}  # id(node) -> (node, its leaves)
+    in_first: dict[int, str] = {}  # leaf position -> its path, for the leaves of such nodes
+    for j, path in enumerate(paths):
         node, chain_of, names = template, [], []
         for entry in path:
             key = node._fields[entry] if hasattr(node, "_fields") else str(entry)
@@ -162,9 +208,17 @@ def layout_of_template(template: Any, n: int) -> Layout:
             names.append(key)
             node = dict(_children(node))[key]
         parent = chain_of[-1] if chain_of else None
-        per_param = (isinstance(parent, list) and len(parent) == n
+        if parent is not None and hasattr(type(parent), "torch_first_param_keys"):
+            first_nodes.setdefault(id(parent), (parent, []))[1].append(j)
+            in_first[j] = "/".join(names)
+        per_param = (j not in in_first and isinstance(parent, list) and len(parent) == n
                      and all(x is None or isinstance(x, torch.Tensor) for x in parent))
         located.append((names, per_param, chain_of[-2] if len(chain_of) >= 2 else None))
+    first = []
+    for node, js in first_nodes.values():
+        if len(js) != len(node._fields):
+            raise TypeError(f"{type(node).__name__} declares torch_first_param_keys: its fields must be leaves")
+        first.append(FirstParamNode(type(node), tuple(js), node))
     options: dict[tuple[str, ...], list[str]] = {}
     for names, per_param, owner in located:
         field = tuple(names[:-1])
@@ -179,12 +233,16 @@ def layout_of_template(template: Any, n: int) -> Layout:
         taken = list(chosen.values()) + list(proposals.values())
         chosen.update({f: name for f, name in proposals.items() if taken.count(name) == 1})
     records = [(int(names[-1]), chosen.get(tuple(names[:-1]), "/".join(names[:-1]))) if per_param
+               else (FIRST, in_first[j]) if j in in_first
                else (-1 if id(leaf) in synced_ids else None, "/".join(names))
-               for (names, per_param, _), leaf in zip(located, leaves)]
+               for j, ((names, per_param, _), leaf) in enumerate(zip(located, leaves))]
     dotted = [".".join(names[:-1] if per_param else names) for names, per_param, _ in located]
     shared = frozenset(key for (i, key), leaf in zip(records, leaves) if i is None and leaf is not None)
     synced = {key: leaf for (i, key), leaf in zip(records, leaves) if i == -1}
-    return Layout(spec, records, dotted, shared, synced)
+    python_ints = frozenset(chosen[tuple(names[:-1])] for names, per_param, owner in located
+                            if per_param and len(names) >= 2 and tuple(names[:-1]) in chosen
+                            and names[-2] in getattr(type(owner), "torch_python_ints", ()))
+    return Layout(spec, records, dotted, shared, synced, tuple(first), python_ints)
 
 
 def gather(layout: Layout, tx: GradientTransformation, group: dict[str, Any], opt_state: Mapping[Any, Any],
@@ -206,12 +264,20 @@ def gather(layout: Layout, tx: GradientTransformation, group: dict[str, Any], op
                                   if j == i and key != STEPPED and k not in absent)
                for i in range(len(params))]
     fresh: list[Any] = []
-    if any(need) or any(partial) or not layout.shared <= shared.keys():
+    per_param = any(i is not None and i >= 0 for i, _ in layout.records)
+    if (per_param and (any(need) or any(partial))) or not layout.shared <= shared.keys():
         init = tx.init([p.detach() if need[i] or partial[i] else None for i, p in enumerate(ps)])
         fresh = optree.tree_flatten(init, none_is_leaf=True)[0]
+    from_first: dict[int, Any] = {}
+    for node in layout.first:  # torch's format in opt.state[params[0]], converted by the state class
+        entries = (opt_state.get(params[0]) or {}) if params else {}
+        own = {k: v for k, v in entries.items() if k in node.cls.torch_first_param_keys}
+        from_first.update(zip(node.leaves, node.cls.from_torch_state(own, node.like)))
     leaves = []
     for j, (i, key) in enumerate(layout.records):
-        if i is None:
+        if i == FIRST:
+            leaves.append(from_first[j])
+        elif i is None:
             leaves.append(shared[key] if key in shared else fresh[j] if key in layout.shared else None)
         elif i == -1:  # set from the group by _sync_in
             if key not in synced:
@@ -230,7 +296,7 @@ def gather(layout: Layout, tx: GradientTransformation, group: dict[str, Any], op
                 continue
             if t is None:
                 t = fresh[j]
-            elif key == "step" and not isinstance(t, torch.Tensor):
+            elif not isinstance(t, torch.Tensor) and (key == "step" or key in layout.python_ints):
                 t = torch.tensor(int(t), dtype=torch.int64)  # a number (torch.optim takes one too)
             elif key == "step" and t.is_floating_point():
                 t = t.to(torch.int64)  # torch.optim's float step
@@ -260,8 +326,16 @@ def scatter(layout: Layout, group: dict[str, Any], opt_state: Any, ps: list[torc
         raise ValueError(f"the transform of group {gi} returned a state of another structure than its init "
                          f"gives: {spec} vs {layout.spec}")
     shared = group.setdefault("tx_state", {}) if layout.shared else {}
+    for node in layout.first:
+        entries = opt_state[params[0]]
+        torch_state = node.cls(*(leaves[j] for j in node.leaves)).to_torch_state()
+        for k in node.cls.torch_first_param_keys:
+            if k in torch_state:
+                entries[k] = torch_state[k]
+            else:
+                entries.pop(k, None)
     for (i, key), leaf in zip(layout.records, leaves):
-        if leaf is None:
+        if leaf is None or i == FIRST:
             continue
         if i is None:
             shared[key] = leaf
@@ -269,6 +343,9 @@ def scatter(layout: Layout, group: dict[str, Any], opt_state: Any, ps: list[torc
             synced[key] = leaf
         elif key != STEPPED:
             p = params[i]
+            if key in layout.python_ints:
+                opt_state[p][key] = int(leaf)  # torch keeps a Python int (eager: scatter runs outside traces)
+                continue
             opt_state[p][key] = torch.view_as_complex(leaf) if p.is_complex() and leaf.shape == ps[i].shape else leaf
 
 
@@ -336,14 +413,21 @@ def check_loadable(state_dict: dict[str, Any], groups_now: list[dict[str, Any]],
             logger.debug("meta init failed; not checking the loaded state", exc_info=True)
             continue
         leaves = optree.tree_flatten(template, none_is_leaf=True)[0]
-        records = layout_of(group).records
+        layout = layout_of(group)
+        if params and saved["params"]:
+            first_entries = state_dict["state"].get(saved["params"][0], {})
+            for node in layout.first:  # the class's own checks (e.g. a history longer than it keeps)
+                node.cls.from_torch_state({k: v for k, v in first_entries.items()
+                                           if k in node.cls.torch_first_param_keys}, node.like)
+        records = layout.records
+        first_keys = frozenset(k for node in layout.first for k in node.cls.torch_first_param_keys)
         expect: list[dict[str, torch.Tensor]] = [{} for _ in params]
         for (i, key), like in zip(records, leaves):
             if i is not None and i >= 0 and like is not None and key != STEPPED:
                 expect[i][key] = like
         for i, pid in enumerate(saved["params"]):
             entries = state_dict["state"].get(pid, {})
-            own = set(entries)
+            own = set(entries) - (first_keys if i == 0 else frozenset())
             if not own:
                 continue
             unknown, missing = own - expect[i].keys(), expect[i].keys() - own

@@ -4,19 +4,21 @@ SparseAdam.
 
 The torch twins follow torch.optim 2.13 (names, defaults, semantics, per-param state keys):
 
-- `adafactor` as ``torch.optim.Adafactor`` on the block `scale_by_factored_rms`;
+- `adafactor` as ``torch.optim.Adafactor`` on the block `scale_by_factored_rms`; optax's flavour
+  as `optax_adafactor` on `optax_scale_by_factored_rms`;
 - `muon` as ``torch.optim.Muon`` on the block `scale_by_muon`, whose Newton-Schulz iteration is
   also public (`orthogonalize_via_newton_schulz`);
 - `lbfgs` as ``torch.optim.LBFGS`` (with and without the strong-Wolfe line search): its
   ``update`` takes the extra arguments ``value`` and ``value_and_grad_fn``;
-- `sparse_adam` as ``torch.optim.SparseAdam`` on the functional path (COO gradients).
+- `sparse_adam` as ``torch.optim.SparseAdam`` (COO gradients, functionally and through
+  `gradxform.Optimizer`).
 """
 
 from __future__ import annotations
 
 import math
 from types import MappingProxyType
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -52,6 +54,9 @@ __all__ = [
     "SparseAdamState",
     "scale_by_factored_rms",
     "adafactor",
+    "OptaxFactoredRmsState",
+    "optax_scale_by_factored_rms",
+    "optax_adafactor",
     "orthogonalize_via_newton_schulz",
     "scale_by_muon",
     "muon",
@@ -216,7 +221,7 @@ def scale_by_factored_rms(beta2_decay: float | torch.Tensor = -0.8, eps: float |
     largest* dims and only leaves whose dims are at least ``min_dim_size_to_factor`` (128), adds
     ``epsilon = 1e-30`` to ``g^2`` before the averages, and has ``decay_rate = 0.8`` and a
     ``step_offset`` (``b_t = 1 - (t - offset)^-0.8``). This block follows torch; optax's flavour is
-    not implemented.
+    `optax_scale_by_factored_rms`.
 
     Args:
         beta2_decay: the exponent of the decay schedule (``<= 0``; torch's default ``-0.8``).
@@ -300,7 +305,7 @@ def adafactor(
     Differences from optax's ``adafactor``: see `scale_by_factored_rms` (factored dims, eps
     placement); optax also multiplies by ``max(1e-3, rms(p))`` but uses ``lr`` as is (no
     ``1/sqrt(t)`` cap), clips with ``clip_by_block_rms``, has optional momentum and decays without
-    ``lr``. An optax-flavoured alias is not provided here.
+    ``lr``: that flavour is `optax_adafactor`.
 
     Args:
         lr: the cap of the relative step (number, 0-d tensor or schedule), ``>= 0``.
@@ -337,6 +342,273 @@ def adafactor(
     return inject_hyperparams(_adafactor, static_args=("eps", "maximize", "use_weight_decay"))(
         lr=lr, beta2_decay=beta2_decay, d=d, weight_decay=weight_decay, eps=tuple(eps), maximize=maximize,
         use_weight_decay=_nonzero(weight_decay))
+
+
+# --- Adafactor in optax's flavour -----------------------------------------------------------------
+
+
+class OptaxFactoredRmsState(NamedTuple):
+    """``count``: per-leaf number of updates (0-d int64; optax keeps one shared count, equal while
+    every leaf gets a gradient at every step); ``v_row``, ``v_col``: the factored second moment of
+    a leaf that is factored (its largest dim, respectively its second largest, averaged out;
+    ``None`` for other leaves); ``v``: the full second moment of a leaf that is not (``None`` for
+    factored ones)."""
+
+    count: Any
+    v_row: Any
+    v_col: Any
+    v: Any
+
+
+def _optax_factored_dims(shape: Sequence[int], factored: bool, min_dim_size_to_factor: int) -> tuple[int, int] | None:
+    """optax's choice: ``(d1, d0)``, the second largest and the largest dim (ties: the earlier dim
+    counts as smaller), when the second largest has at least ``min_dim_size_to_factor`` entries."""
+    if not factored or len(shape) < 2:
+        return None
+    order = sorted(range(len(shape)), key=lambda i: (shape[i], i))
+    if shape[order[-2]] < min_dim_size_to_factor:
+        return None
+    return order[-2], order[-1]
+
+
+@recorded
+def optax_scale_by_factored_rms(
+    factored: bool = True,
+    decay_rate: float | torch.Tensor = 0.8,
+    step_offset: int = 0,
+    min_dim_size_to_factor: int = 128,
+    epsilon: float | torch.Tensor = 1e-30,
+) -> GradientTransformation:
+    """Adafactor's factored second-moment preconditioner in optax's flavour
+    (``optax.scale_by_factored_rms``).
+
+    With ``t = step - step_offset`` the leaf's own step (1-based) and the decay
+    ``b_t = 1 - t^(-decay_rate)`` (computed in float32, as optax), ``G = g^2 + epsilon``: a leaf
+    whose two largest dims ``d0 >= d1`` (by size) both have at least ``min_dim_size_to_factor``
+    entries keeps ``R_t = b_t R + (1 - b_t) mean_{d0}(G)`` and ``C_t = b_t C + (1 - b_t) mean_{d1}(G)``
+    and outputs ``u = g (R_t / mean(R_t))^(-1/2) C_t^(-1/2)`` (a rank-1 estimate of ``E[g^2]``);
+    any other leaf keeps ``v_t = b_t v + (1 - b_t) G`` and outputs ``u = g v_t^(-1/2)``.
+
+    Differences from `scale_by_factored_rms` (torch's flavour): the factored dims are the two
+    largest (by size, so a torch ``(out, in)`` weight and JAX's ``(in, out)`` layout give the same
+    numbers), only for dims of at least ``min_dim_size_to_factor``; ``epsilon`` is added to
+    ``g^2`` (torch clamps ``v_hat`` at ``eps^2``); the decay is ``1 - t^-0.8`` with an optional
+    ``step_offset``; there is no clamp of the row mean. The state keeps the reduced dims dropped
+    (optax's shapes up to the order of the dims).
+
+    Args:
+        factored: factor the leaves with two large enough dims (``False``: none).
+        decay_rate: the exponent of the decay schedule, ``>= 0``.
+        step_offset: subtracted from the step (fine-tuning from a later step), an int ``>= 0``.
+        min_dim_size_to_factor: the size both factored dims need, an int ``>= 1``.
+        epsilon: added to ``g^2``, ``>= 0``.
+
+    Returns:
+        A transform with state `OptaxFactoredRmsState`.
+
+    Raises:
+        ValueError: an argument out of range (named in the message).
+
+    References:
+        Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018,
+        arXiv 1804.04235, sections 3-4 and 7;
+        https://optax.readthedocs.io/en/latest/api/transformations.html#optax.scale_by_factored_rms
+
+    Example:
+        >>> tx = gx.chain(gx.optax_scale_by_factored_rms(min_dim_size_to_factor=2), gx.scale(-1e-2))
+    """
+    check_float("decay_rate", decay_rate, low=0.0)
+    check_float("epsilon", epsilon, low=0.0)
+    for name, v, low in (("step_offset", step_offset, 0), ("min_dim_size_to_factor", min_dim_size_to_factor, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
+
+    def dims(p: torch.Tensor) -> tuple[int, int] | None:
+        return _optax_factored_dims(tuple(p.shape), factored, min_dim_size_to_factor)
+
+    def init(params: Params) -> OptaxFactoredRmsState:
+        leaves, spec = _tree.tree_flatten(params)
+
+        def make(fn: Callable[[torch.Tensor, Any], Any]) -> Any:
+            return _tree.tree_unflatten(spec, [None if p is None else fn(p, dims(p)) for p in leaves])
+
+        row = make(lambda p, d: None if d is None else p.new_zeros(p.shape[:d[1]] + p.shape[d[1] + 1:]))
+        col = make(lambda p, d: None if d is None else p.new_zeros(p.shape[:d[0]] + p.shape[d[0] + 1:]))
+        var = make(lambda p, d: torch.zeros_like(p) if d is None else None)
+        return OptaxFactoredRmsState(_leaf_counts(params), row, col, var)
+
+    def owned_update(updates: Updates, state: OptaxFactoredRmsState, params: Params | None,
+                     own: Ownership) -> tuple[Updates, OptaxFactoredRmsState]:
+        del params
+        expect_state(state, OptaxFactoredRmsState, "optax_scale_by_factored_rms")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        inplace = own.state
+        counts = _step_counts(flat, state.count, inplace)
+        rows, cols, vars_ = (_live_or_none(flat, t) for t in (state.v_row, state.v_col, state.v))
+        dr = _tree.as_scalar(decay_rate)
+        exponent = -(dr.to(torch.float32) if isinstance(dr, torch.Tensor) else torch.tensor(dr, dtype=torch.float32))
+        eps = _tree.as_scalar(epsilon)
+        eager = _eager_counts(counts) and not isinstance(dr, torch.Tensor)
+        out, new_r, new_c, new_v = [], [], [], []
+        for g, r, c, v, n in zip(flat.live, rows, cols, vars_, counts):
+            # optax: 1 - float32(t)^-decay_rate, in float32; (1 - b_t) rounded in float32 too
+            t32 = (torch.tensor(float(int(n) - step_offset), dtype=torch.float32) if eager
+                   else (n - step_offset).to(torch.float32))
+            b32 = 1.0 - torch.pow(t32, exponent)
+            om32 = 1.0 - b32
+            work = torch.promote_types(g.dtype, torch.float32)
+            if eager:
+                b: Any = float(b32)
+                om: Any = float(om32)
+            else:
+                b, om = b32.to(work), om32.to(work)
+            gsq = g.to(work) * g.to(work) + eps
+            d = dims(g)
+            if d is not None:
+                if r is None or c is None:
+                    raise ValueError(f"a leaf of shape {tuple(g.shape)} needs a factored state (v_row, v_col): the "
+                                     "state was made by init() on params of other shapes")
+                d1, d0 = d
+                row_new = (b * r + om * gsq.mean(dim=d0)).to(g.dtype)
+                col_new = (b * c + om * gsq.mean(dim=d1)).to(g.dtype)
+                reduced_d1 = d1 - 1 if d1 > d0 else d1
+                row_factor = (row_new / row_new.mean(dim=reduced_d1, keepdim=True)) ** -0.5
+                col_factor = col_new ** -0.5
+                u = g * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
+                if inplace:
+                    r.copy_(row_new)
+                    c.copy_(col_new)
+                    row_new, col_new = r, c
+                new_r.append(row_new)
+                new_c.append(col_new)
+                new_v.append(v)
+            else:
+                if v is None:
+                    raise ValueError(f"a leaf of shape {tuple(g.shape)} needs a full second moment (v): the state "
+                                     "was made by init() on params of other shapes")
+                v_new = (b * v + om * gsq).to(g.dtype)
+                u = g * v_new ** -0.5
+                if inplace:
+                    v_new = v.copy_(v_new)
+                new_r.append(r)
+                new_c.append(c)
+                new_v.append(v_new)
+            out.append(u)
+        new_state = OptaxFactoredRmsState(
+            flat.rebuild(counts, like=state.count), flat.rebuild(new_r, like=state.v_row),
+            flat.rebuild(new_c, like=state.v_col), flat.rebuild(new_v, like=state.v))
+        return flat.rebuild(out), new_state
+
+    owned_update.__qualname__ = "optax_scale_by_factored_rms"
+    return owned_transform(init, owned_update)
+
+
+def _optax_adafactor(lr: Any, decay_rate: Any, clipping_threshold: Any, momentum: Any, weight_decay_rate: Any,
+                     eps: Any, min_dim_size_to_factor: int, decay_offset: int, multiply_by_parameter_scale: bool,
+                     dtype_momentum: torch.dtype | None, factored: bool, weight_decay_mask: Any
+                     ) -> GradientTransformation:
+    from .clipping import clip_by_block_rms
+    from .combinators import ema
+    from .optax_optimizers import scale_by_param_block_rms
+
+    txs = [optax_scale_by_factored_rms(factored, decay_rate, decay_offset, min_dim_size_to_factor, eps)]
+    if clipping_threshold is not None:
+        txs.append(clip_by_block_rms(clipping_threshold))
+    if lr is not None:
+        txs.append(scale_by_learning_rate(lr, flip_sign=False))
+    if multiply_by_parameter_scale:
+        txs.append(scale_by_param_block_rms())
+    if momentum is not None:
+        txs.append(ema(momentum, debias=False, accumulator_dtype=dtype_momentum))
+    if weight_decay_rate is not None:
+        txs.append(add_decayed_weights(weight_decay_rate, weight_decay_mask))
+    txs.append(scale(-1.0))
+    return chain(*txs)
+
+
+@recorded
+def optax_adafactor(
+    learning_rate: ScalarOrSchedule | None = None,
+    min_dim_size_to_factor: int = 128,
+    decay_rate: float = 0.8,
+    decay_offset: int = 0,
+    multiply_by_parameter_scale: bool = True,
+    clipping_threshold: float | None = 1.0,
+    momentum: float | None = None,
+    dtype_momentum: torch.dtype | None = torch.float32,
+    weight_decay_rate: ScalarOrSchedule | None = None,
+    eps: float = 1e-30,
+    factored: bool = True,
+    weight_decay_mask: Any = None,
+) -> GradientTransformation:
+    """Adafactor as ``optax.adafactor`` (optax's names, defaults and blocks).
+
+    ``u = optax_scale_by_factored_rms(g)``; ``u <- u / max(1, rms(u) / clipping_threshold)``
+    (`gradxform.clip_by_block_rms`); ``u <- lr u`` (when ``learning_rate`` is given);
+    ``u <- u max(rms(p), 1e-3)`` (`gradxform.scale_by_param_block_rms`, when
+    ``multiply_by_parameter_scale``); ``u <- EMA_momentum(u)`` (`gradxform.ema`, no debias, when
+    ``momentum`` is given); ``u <- u + weight_decay_rate p`` (`gradxform.add_decayed_weights`);
+    ``p <- p - u``. With the defaults (no learning rate) the step is relative: ``rms(p)`` times
+    the clipped preconditioned gradient.
+
+    Differences from `adafactor` (``torch.optim.Adafactor``'s flavour): optax factors the two
+    largest dims and only dims of at least ``min_dim_size_to_factor`` (128), adds ``eps = 1e-30``
+    to ``g^2``, has no ``min(lr, 1/sqrt(t))`` cap (the learning rate, if any, multiplies),
+    clips the update's RMS at ``clipping_threshold`` before the param scale, has optional momentum
+    and decays the weights without the learning rate. Through `gradxform.Optimizer` the learning
+    rate is the group's ``lr`` (only when ``learning_rate`` is given: then LR schedulers work).
+    ``dtype_momentum`` is the dtype of the momentum buffer as optax (float32 by default); for
+    float64 params `gradxform.ema` rounds the momentum's output to it too (optax rounds only the
+    stored buffer): give ``dtype_momentum=None`` (the params' dtype) for float64.
+
+    Args:
+        learning_rate: ``None`` (relative step only), a number ``>= 0``, a tensor or a schedule.
+        min_dim_size_to_factor, decay_rate, decay_offset, eps, factored: see
+            `optax_scale_by_factored_rms` (``decay_offset`` is its ``step_offset``, ``eps`` its
+            ``epsilon``).
+        multiply_by_parameter_scale: scale by ``max(rms(p), 1e-3)``.
+        clipping_threshold: ``None`` (no clipping) or ``>= 1``.
+        momentum: ``None`` or a decay in ``[0, 1]``.
+        dtype_momentum: the momentum buffer's dtype (``None``: the params').
+        weight_decay_rate: ``None`` or ``>= 0`` (number or schedule).
+        weight_decay_mask: the leaves to decay (see `gradxform.add_decayed_weights`).
+
+    Returns:
+        The transform; ``update`` needs ``params``.
+
+    Raises:
+        ValueError: an argument out of range (named in the message).
+
+    References:
+        Shazeer & Stern, ICML 2018, arXiv 1804.04235;
+        https://optax.readthedocs.io/en/latest/api/optimizers.html#optax.adafactor
+
+    Example:
+        >>> opt = gx.Optimizer(model.parameters(), gx.optax_adafactor(learning_rate=1e-2))
+    """
+    learning_rate = _scalar_lr(learning_rate)
+    if learning_rate is not None:
+        check_float("learning_rate", learning_rate, low=0.0)
+    check_float("decay_rate", decay_rate, low=0.0)
+    check_float("eps", eps, low=0.0)
+    if clipping_threshold is not None:
+        check_float("clipping_threshold", clipping_threshold, low=1.0)
+    if momentum is not None:
+        check_float("momentum", momentum, low=0.0, high=1.0)
+    if weight_decay_rate is not None:
+        check_float("weight_decay_rate", weight_decay_rate, low=0.0)
+    for name, v, low in (("decay_offset", decay_offset, 0), ("min_dim_size_to_factor", min_dim_size_to_factor, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
+    return inject_hyperparams(_optax_adafactor, static_args=(
+        "min_dim_size_to_factor", "decay_offset", "multiply_by_parameter_scale", "dtype_momentum", "factored",
+        "weight_decay_mask"))(
+        lr=learning_rate, decay_rate=decay_rate, clipping_threshold=clipping_threshold, momentum=momentum,
+        weight_decay_rate=weight_decay_rate, eps=eps, min_dim_size_to_factor=min_dim_size_to_factor,
+        decay_offset=decay_offset, multiply_by_parameter_scale=multiply_by_parameter_scale,
+        dtype_momentum=dtype_momentum, factored=factored, weight_decay_mask=weight_decay_mask)
 
 
 # --- Muon ---------------------------------------------------------------------------------------
@@ -611,11 +883,18 @@ def muon(
 
 
 class LbfgsState(NamedTuple):
-    """torch.optim.LBFGS's state, over the flat vector of the live leaves (``n`` entries):
-    ``func_evals``, ``n_iter`` (0-d int64 totals); ``d`` (``n``), the last direction; ``t``, its
-    step (0-d float64); ``old_dirs``, ``old_stps`` (``(k, n)``, ``k <= history_size``: the
-    gradient and step differences ``y``, ``s``, oldest first); ``ro`` (``(k,)``, ``1 / y.s``);
-    ``H_diag`` (``y.s / y.y`` of the newest pair); ``prev_flat_grad`` (``n``); ``prev_loss``."""
+    """torch.optim.LBFGS's state, over the flat vector of the params (``n`` entries), with its
+    history in fixed-size ring buffers: ``func_evals``, ``n_iter`` (0-d int64 totals); ``d``
+    (``n``), the last direction; ``t``, its step (0-d float64); ``old_dirs``, ``old_stps``
+    (``(history_size, n)``: the gradient and step differences ``y``, ``s``), ``ro``
+    (``(history_size,)``, ``1 / y.s``) and ``al`` (the two-loop's coefficients), each pair in
+    slot ``(history_start + i) % history_size`` for the ``i``-th oldest of ``history_len``;
+    ``H_diag`` (``y.s / y.y`` of the newest pair); ``prev_flat_grad`` (``n``); ``prev_loss``.
+
+    Through `gradxform.Optimizer` it lives as torch keeps it, in ``opt.state[params[0]]`` under
+    torch's keys (``func_evals``, ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``,
+    ``H_diag``, ``prev_flat_grad``, ``prev_loss``, ``al``; the history as lists of tensors,
+    oldest first, views of the ring buffers): `to_torch_state` and `from_torch_state` convert."""
 
     func_evals: torch.Tensor
     n_iter: torch.Tensor
@@ -627,6 +906,96 @@ class LbfgsState(NamedTuple):
     H_diag: torch.Tensor
     prev_flat_grad: torch.Tensor
     prev_loss: torch.Tensor
+    al: torch.Tensor
+    history_start: torch.Tensor
+    history_len: torch.Tensor
+
+    def _slots(self) -> list[int]:
+        size, start, k = self.old_dirs.shape[0], int(self.history_start), int(self.history_len)
+        return [(start + i) % size for i in range(k)]
+
+    def to_torch_state(self) -> dict[str, Any]:
+        """torch.optim.LBFGS's entries of ``opt.state[params[0]]`` (Python numbers where torch
+        keeps them; the history as lists of views of the ring buffers, oldest first; ``al`` as
+        torch's list of ``history_size`` entries, ``None`` past the history). torch creates ``d``
+        ... ``prev_loss`` after its first iteration and ``al`` at its second: so are they here."""
+        n_iter = int(self.n_iter)
+        out: dict[str, Any] = {"func_evals": int(self.func_evals), "n_iter": n_iter}
+        if n_iter == 0:
+            return out
+        slots = self._slots()
+        out.update(d=self.d, t=float(self.t), old_dirs=[self.old_dirs[s] for s in slots],
+                   old_stps=[self.old_stps[s] for s in slots], ro=[self.ro[s] for s in slots],
+                   H_diag=self.H_diag if slots else 1, prev_flat_grad=self.prev_flat_grad,
+                   prev_loss=float(self.prev_loss))
+        if n_iter >= 2:
+            out["al"] = [self.al[s] for s in slots] + [None] * (self.old_dirs.shape[0] - len(slots))
+        return out
+
+    @classmethod
+    def from_torch_state(cls, entries: Mapping[str, Any], like: "LbfgsState") -> "LbfgsState":
+        """The state from torch.optim.LBFGS's entries (``like``: a state from ``init``, for the
+        history size and for what the entries lack). Lists that are the views `to_torch_state`
+        made of one ring buffer are taken back without a copy.
+
+        Raises:
+            ValueError: a history longer than ``like``'s ``history_size``, or of uneven lengths.
+        """
+        count = lambda key: torch.tensor(int(entries.get(key, 0)), dtype=torch.int64)  # noqa: E731
+        if "d" not in entries:  # before torch's first iteration: only the counts
+            return like._replace(func_evals=count("func_evals"), n_iter=count("n_iter"),
+                                 history_start=torch.zeros((), dtype=torch.int64),
+                                 history_len=torch.zeros((), dtype=torch.int64))
+        size = like.old_dirs.shape[0]
+        d = entries["d"]
+        lists = [list(entries.get(k, ())) for k in ("old_dirs", "old_stps", "ro")]
+        k = len(lists[0])
+        if any(len(x) != k for x in lists) or k > size:
+            raise ValueError(f"the loaded L-BFGS history has {[len(x) for x in lists]} entries (old_dirs, old_stps, "
+                             f"ro); this lbfgs keeps history_size={size}: build it with the history_size of the "
+                             "optimizer that saved it")
+        start, rings = 0, None
+        base = lists[0][0]._base if k else None
+        if base is not None and base.ndim == 2 and base.shape == (size, d.numel()):
+            # views of one ring buffer (what to_torch_state made): take the buffers back
+            found = [_ring_of(x, size) for x in lists] + [_ring_of(list(entries.get("al", ()))[:k], size)]
+            if all(f is not None and f[1] == found[0][1] for f in found):  # type: ignore[index]
+                rings, start = [f[0] for f in found], found[0][1]  # type: ignore[index]
+        if rings is None:
+            rings = []
+            al = [a for a in list(entries.get("al", ()))[:k]]
+            for x, shape in zip(lists + [al], ((size, d.numel()), (size, d.numel()), (size,), (size,))):
+                ring = d.new_zeros(shape)
+                for i, v in enumerate(x):
+                    if v is not None:
+                        ring[i] = v
+                rings.append(ring)
+        h = entries.get("H_diag", 1)
+        as64 = lambda v: torch.as_tensor(v, dtype=torch.float64).detach().clone().reshape(())  # noqa: E731
+        return cls(count("func_evals"), count("n_iter"), d, as64(entries.get("t", 0.0)), rings[0], rings[1], rings[2],
+                   torch.as_tensor(h, dtype=d.dtype).detach().clone().reshape(()), entries["prev_flat_grad"],
+                   as64(entries.get("prev_loss", 0.0)), rings[3], torch.tensor(start, dtype=torch.int64),
+                   torch.tensor(k, dtype=torch.int64))
+
+
+# gx.Optimizer keeps it where torch.optim.LBFGS does: opt.state[params[0]], in torch's format
+LbfgsState.torch_first_param_keys = frozenset(  # type: ignore[attr-defined]
+    {"func_evals", "n_iter", "d", "t", "old_dirs", "old_stps", "ro", "H_diag", "prev_flat_grad", "prev_loss", "al"})
+
+
+def _ring_of(views: list[Any], size: int) -> tuple[torch.Tensor, int] | None:
+    """``(ring, start)`` when ``views`` are the rows ``(start + i) % size`` of one ring buffer."""
+    if not views or any(v is None for v in views):
+        return None
+    base = views[0]._base
+    if base is None or base.shape[0] != size or any(v._base is not base for v in views):
+        return None
+    stride = base.stride(0)
+    slots = [(v.storage_offset() - base.storage_offset()) // max(stride, 1) for v in views]
+    start = slots[0]
+    if any(s != (start + i) % size for i, s in enumerate(slots)):
+        return None
+    return base, start
 
 
 def _cubic_min(x1: float, f1: float, g1: float, x2: float, f2: float, g2: float,
@@ -742,13 +1111,13 @@ def _lbfgs_core(lr: Any, max_iter: int, max_eval: int, tolerance_grad: float, to
         n = sum(p.numel() for p in live)
         z = lambda *shape: torch.zeros(shape, dtype=dtype)  # noqa: E731
         i64 = lambda: torch.zeros((), dtype=torch.int64)  # noqa: E731
-        return LbfgsState(i64(), i64(), z(n), torch.zeros((), dtype=torch.float64), z(0, n), z(0, n), z(0),
-                          torch.ones((), dtype=dtype), z(n), torch.zeros((), dtype=torch.float64))
+        f64 = lambda: torch.zeros((), dtype=torch.float64)  # noqa: E731
+        return LbfgsState(i64(), i64(), z(n), f64(), z(history_size, n), z(history_size, n), z(history_size),
+                          torch.ones((), dtype=dtype), z(n), f64(), z(history_size), i64(), i64())
 
     def owned_update(updates: Updates, state: LbfgsState, params: Params | None, own: Ownership, *,
                      value: Any = None, value_and_grad_fn: Callable[[Params], tuple[Any, Any]] | None = None
                      ) -> tuple[Updates, LbfgsState]:
-        del own  # pure: the line search re-evaluates at trial points built from fresh tensors
         expect_state(state, LbfgsState, "lbfgs")
         if _tree.traced():
             raise RuntimeError("lbfgs cannot run under torch.compile or torch.func: its iterations and line "
@@ -774,6 +1143,9 @@ def _lbfgs_core(lr: Any, max_iter: int, max_eval: int, tolerance_grad: float, to
         if int(state.n_iter) > 0 and state.d.numel() != sum(sizes):
             raise ValueError(f"the lbfgs state holds {state.d.numel()} entries but the params have "
                              f"{sum(sizes)}: the state was made for other params")
+        if int(state.n_iter) > 0 and state.old_dirs.shape != (history_size, sum(sizes)):
+            raise ValueError(f"the lbfgs state's history has shape {tuple(state.old_dirs.shape)}; this lbfgs keeps "
+                             f"({history_size}, {sum(sizes)}): the state was made with another history_size")
 
         def grads_flat(g_leaves: Sequence[Any]) -> torch.Tensor:
             # a leaf without a gradient counts as a zero gradient (as torch.optim.LBFGS)
@@ -811,8 +1183,11 @@ def _lbfgs_core(lr: Any, max_iter: int, max_eval: int, tolerance_grad: float, to
         if x.numel() == 0 or float(flat_grad.abs().max()) <= tolerance_grad:  # already optimal
             return as_tree(torch.zeros_like(x), only_live=True), state._replace(func_evals=torch.tensor(func_evals))
         d, t = state.d.to(flat_grad.dtype), float(state.t)
-        dirs, stps = list(state.old_dirs.to(dtype).unbind(0)), list(state.old_stps.to(dtype).unbind(0))
-        ro = list(state.ro.to(dtype).unbind(0))
+        # the history: ring buffers of history_size slots; the i-th oldest of k pairs in slot
+        # (start + i) % history_size. Written in place when the state is owned, else copied first.
+        rings = [state.old_dirs, state.old_stps, state.ro, state.al]
+        start, k = int(state.history_start), int(state.history_len)
+        copied = own.state
         h_diag: Any = state.H_diag.to(dtype)
         prev_flat_grad = state.prev_flat_grad.to(flat_grad.dtype)
         prev_loss = float(state.prev_loss)
@@ -822,28 +1197,42 @@ def _lbfgs_core(lr: Any, max_iter: int, max_eval: int, tolerance_grad: float, to
             total_iter += 1
             if total_iter == 1:
                 d = flat_grad.neg()
-                dirs, stps, ro, h_diag = [], [], [], torch.ones((), dtype=flat_grad.dtype)
+                start, k, h_diag = 0, 0, torch.ones((), dtype=flat_grad.dtype)
+                shapes = ((history_size, x.numel()), (history_size, x.numel()), (history_size,), (history_size,))
+                if any(r.shape != sh or r.dtype != dtype for r, sh in zip(rings, shapes)):
+                    rings, copied = [x.new_zeros(sh) for sh in shapes], True
             else:
                 y = flat_grad.sub(prev_flat_grad)
                 s = d.mul(t)
                 ys = y.dot(s)
                 if ys > 1e-10:  # keep the pair only with positive curvature
-                    if len(dirs) == history_size:
-                        dirs, stps, ro = dirs[1:], stps[1:], ro[1:]
-                    dirs.append(y)
-                    stps.append(s)
-                    ro.append(1.0 / ys)
+                    if not copied:
+                        rings, copied = [r.clone() for r in rings], True
+                    if k == history_size:  # drop the oldest
+                        slot, start = start, (start + 1) % history_size
+                    else:
+                        slot, k = (start + k) % history_size, k + 1
+                    rings[0][slot] = y
+                    rings[1][slot] = s
+                    rings[2][slot] = 1.0 / ys
                     h_diag = ys / y.dot(y)
-                # two-loop recursion: d = -H g
+                dirs, stps, ro, al = rings
+                slots = [(start + i) % history_size for i in range(k)]
+                if slots and not copied:
+                    rings, copied = [r.clone() for r in rings], True
+                    dirs, stps, ro, al = rings
+                # two-loop recursion: d = -H g (torch's order and rounding)
                 q = flat_grad.neg()
-                al: list[Any] = [None] * len(dirs)
-                for i in range(len(dirs) - 1, -1, -1):
-                    al[i] = stps[i].dot(q) * ro[i]
-                    q.add_(dirs[i], alpha=-al[i])
+                coef: list[Any] = [None] * k
+                for i in range(k - 1, -1, -1):
+                    coef[i] = stps[slots[i]].dot(q) * ro[slots[i]]
+                    q.add_(dirs[slots[i]], alpha=-coef[i])
                 d = r = torch.mul(q, h_diag)
-                for i in range(len(dirs)):
-                    be_i = dirs[i].dot(r) * ro[i]
-                    r.add_(stps[i], alpha=al[i] - be_i)
+                for i in range(k):
+                    be_i = dirs[slots[i]].dot(r) * ro[slots[i]]
+                    r.add_(stps[slots[i]], alpha=coef[i] - be_i)
+                for i in range(k):
+                    al[slots[i]] = coef[i]
             prev_flat_grad = flat_grad.clone()
             prev_loss = loss
             if total_iter == 1:
@@ -877,13 +1266,11 @@ def _lbfgs_core(lr: Any, max_iter: int, max_eval: int, tolerance_grad: float, to
                 break
             if abs(loss - prev_loss) < tolerance_change:
                 break
-        n = x.numel()
+        i64 = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
         new_state = LbfgsState(
-            torch.tensor(func_evals), torch.tensor(total_iter), d, torch.tensor(float(t), dtype=torch.float64),
-            torch.stack(dirs) if dirs else x.new_zeros(0, n), torch.stack(stps) if stps else x.new_zeros(0, n),
-            torch.stack([torch.as_tensor(v, dtype=x.dtype) for v in ro]) if ro else x.new_zeros(0),
-            torch.as_tensor(h_diag, dtype=x.dtype).clone(), prev_flat_grad,
-            torch.tensor(float(prev_loss), dtype=torch.float64))
+            i64(func_evals), i64(total_iter), d, torch.tensor(float(t), dtype=torch.float64), rings[0], rings[1],
+            rings[2], torch.as_tensor(h_diag, dtype=x.dtype).clone(), prev_flat_grad,
+            torch.tensor(float(prev_loss), dtype=torch.float64), rings[3], i64(start), i64(k))
         return as_tree(x - x0, only_live=True), new_state
 
     owned_update.__qualname__ = "lbfgs"
@@ -922,11 +1309,19 @@ def lbfgs(
     (the adapter's own closure call gives the gradients; the helper evaluates the closure once
     more at the start for the loss, then at every trial point, restoring the params after each).
 
-    Differences from torch: the state is one flat history over the leaves that have a gradient (a
-    leaf without one is frozen, not moved with a zero gradient), kept by the group
-    (``group["tx_state"]``) rather than in ``opt.state`` of the first param; a torch.optim.LBFGS
-    state dict does not load into it. The iterations branch on loss values (host reads): no
-    ``torch.compile``, no ``torch.func``. Differences from optax's ``lbfgs``: optax does one
+    State: `LbfgsState`, one flat history over the params in ring buffers of ``history_size``
+    slots (allocated by ``init``: ``2 * history_size * n`` entries, what torch's lists reach once
+    full), so its shapes never change and `gradxform.state_from_dict` restores it. Through
+    `gradxform.Optimizer` it is kept as torch keeps it: in ``opt.state[params[0]]`` under torch's
+    keys and types (``func_evals``, ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``,
+    ``H_diag``, ``prev_flat_grad``, ``prev_loss``, ``al``; the history as lists, oldest first),
+    and the group holds torch's ``max_iter``, ``max_eval``, ``tolerance_grad``,
+    ``tolerance_change``, ``history_size`` and ``line_search_fn``: a ``torch.optim.LBFGS`` state
+    dict loads into the twin and continues equal, and the reverse.
+
+    Differences from torch: a param without a gradient is not moved (torch moves it with a zero
+    gradient; its entries still count in the flat vector). The iterations branch on loss values
+    (host reads): no ``torch.compile``, no ``torch.func``. Differences from optax's ``lbfgs``: optax does one
     iteration per update with a zoom line search by default, its ``value_fn`` returns the loss
     only and the gradient comes as ``grad=``.
 
@@ -979,6 +1374,20 @@ def lbfgs(
         "max_iter", "max_eval", "tolerance_grad", "tolerance_change", "history_size", "line_search_fn"))(
         lr=lr, max_iter=max_iter, max_eval=max_eval, tolerance_grad=float(tolerance_grad),
         tolerance_change=float(tolerance_change), history_size=history_size, line_search_fn=line_search_fn)
+
+
+def _lbfgs_group_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """torch.optim.LBFGS's group keys besides ``lr`` (``max_eval`` resolved as torch does): gx.Optimizer
+    keeps them in the group, so that its state dict loads into torch.optim.LBFGS; a group that
+    changes one gets the alias rebuilt with the group's values."""
+    max_eval = kwargs.get("max_eval")
+    return {"max_iter": kwargs["max_iter"],
+            "max_eval": kwargs["max_iter"] * 5 // 4 if max_eval is None else max_eval,
+            "tolerance_grad": kwargs["tolerance_grad"], "tolerance_change": kwargs["tolerance_change"],
+            "history_size": kwargs["history_size"], "line_search_fn": kwargs["line_search_fn"]}
+
+
+lbfgs.torch_group_options = _lbfgs_group_options  # type: ignore[attr-defined]
 
 
 def value_and_grad_from_closure(params: Sequence[torch.Tensor], closure: Callable[[], Any]
@@ -1051,6 +1460,9 @@ class SparseAdamState(NamedTuple):
 
 SparseAdamState.torch_state_keys = MappingProxyType(  # type: ignore[attr-defined]
     {"count": "step", "mu": "exp_avg", "nu": "exp_avg_sq"})
+# torch.optim.SparseAdam keeps ``step`` as a Python int (its bias correction ``beta ** step`` then
+# stays in float64); gx.Optimizer stores it so, and a gx state dict continues equal in torch
+SparseAdamState.torch_python_ints = frozenset({"count"})  # type: ignore[attr-defined]
 
 
 def _sparse_adam(lr: Any, betas: Any, eps: Any, maximize: bool, lr_dtype: torch.dtype | None) -> GradientTransformation:
@@ -1140,10 +1552,13 @@ def sparse_adam(
     it). Unlike torch, a dense gradient is accepted and taken as a sparse one with every entry
     present (then this is Adam with eps outside the bias correction of ``v``).
 
-    Where it runs: the functional API (``tx.update`` with COO gradients, eagerly). Through
-    `gradxform.Optimizer`, sparse gradients are routed only to ``gx.sgd`` today and raise for
-    every other transform, this one included; use the functional API, or dense gradients with
-    ``gx.adam`` (``nn.Embedding(sparse=False)``).
+    Where it runs: the functional API (``tx.update`` with COO gradients, eagerly) and
+    `gradxform.Optimizer` (``gx.Optimizer(emb.parameters(), gx.sparse_adam())`` with
+    ``nn.Embedding(sparse=True)``): the adapter passes the COO gradients through its generic path
+    without densifying them and adds the COO updates to the params; ``opt.state[p]`` holds torch's
+    keys ``step``, ``exp_avg``, ``exp_avg_sq`` and a ``torch.optim.SparseAdam`` state dict loads
+    into it (and the reverse). Only as the group's whole transform: inside a chain the other
+    members would receive COO tensors (the adapter raises). Sparse gradients run eagerly only.
 
     Args:
         lr: learning rate, ``>= 0``.
@@ -1181,4 +1596,6 @@ def sparse_adam(
         lr=lr, betas=tuple(betas), eps=eps, maximize=maximize, lr_dtype=_lr_dtype(lr))
 
 
-_tree.register_state_types(FactoredRmsState, ScaleByMuonState, LbfgsState, SparseAdamState)
+sparse_adam.takes_sparse_gradients = True  # type: ignore[attr-defined]  # gx.Optimizer passes COO grads through
+
+_tree.register_state_types(FactoredRmsState, OptaxFactoredRmsState, ScaleByMuonState, LbfgsState, SparseAdamState)

@@ -75,6 +75,10 @@ CASES = {
     "orthogonalize_via_newton_schulz": _orthogonalize_leaves,
     "scale_by_muon": lambda: gx.partition({"muon": gx.scale_by_muon(), "adamw": gx.identity()}, _by_ndim),
     "muon": lambda: gx.partition({"muon": gx.muon(0.02), "adamw": gx.adamw(0.01)}, _by_ndim),
+    "optax_scale_by_factored_rms": lambda: gx.optax_scale_by_factored_rms(min_dim_size_to_factor=2),
+    "optax_adafactor": lambda: gx.optax_adafactor(min_dim_size_to_factor=2),
+    "optax_adafactor_momentum": lambda: gx.optax_adafactor(0.1, min_dim_size_to_factor=2, momentum=0.9,
+                                                           dtype_momentum=None, weight_decay_rate=1e-3),
     "sparse_adam": lambda: gx.sparse_adam(0.1),
     "lbfgs": lambda: gx.lbfgs(0.1, max_iter=1, history_size=2),
     "lbfgs_strong_wolfe": lambda: _with_value_and_grad(gx.lbfgs(max_iter=4, line_search_fn="strong_wolfe")),
@@ -86,10 +90,7 @@ CASES = {
 EAGER_ONLY = frozenset({"lbfgs", "lbfgs_strong_wolfe", "value_and_grad_from_closure"})
 
 # Harness limits not lifted yet (name -> reason), read by tests/test_purity.py::KNOWN_GAPS.
-KNOWN_GAPS = {"checkpoint": {
-    name: "L-BFGS keeps a history whose length grows to history_size: gx.state_from_dict restores into a "
-          "template from tx.init, whose history is empty (checkpoint it through gx.Optimizer.state_dict)"
-    for name in ("lbfgs", "lbfgs_strong_wolfe", "value_and_grad_from_closure")}}
+KNOWN_GAPS: dict = {}
 KNOWN_GAPS["func"] = {
     name: "Newton-Schulz runs in bfloat16 (as torch.optim.Muon): finite differences and vmapped-vs-separate "
           "calls differ at bfloat16 rounding"

@@ -203,6 +203,122 @@ def test_factored_rms_keeps_row_and_column_statistics_only():
     torch.testing.assert_close(u[0], g / torch.sqrt(r @ c / r.mean()), rtol=1e-12, atol=0)
 
 
+# --- Adafactor in optax's flavour ------------------------------------------------------------------
+
+
+def _optax():
+    jax = pytest.importorskip("jax", reason="the optax flavour is checked against optax (test-only extra)")
+    jax.config.update("jax_enable_x64", True)
+    return pytest.importorskip("optax", reason="the optax flavour is checked against optax 0.2.x (test-only extra)")
+
+
+def _to_jax(tree: dict) -> dict:
+    """torch layouts to JAX's: a Linear weight (out, in) is JAX's (in, out)."""
+    import jax.numpy as jnp
+
+    return {k: jnp.asarray((v.detach().T if k.endswith("weight") else v.detach()).numpy()) for k, v in tree.items()}
+
+
+def _from_jax(tree: dict) -> dict:
+    import numpy as np
+
+    return {k: torch.from_numpy(np.array(v).T.copy() if k.endswith("weight") else np.array(v)) for k, v in tree.items()}
+
+
+_OAF_SHAPES = {"big.weight": (130, 140), "big.bias": (130,), "head.weight": (3, 130), "conv": (4, 3, 5)}
+OPTAX_ADAFACTOR = [
+    {},
+    {"learning_rate": 0.01, "momentum": 0.9, "weight_decay_rate": 1e-3, "dtype_momentum": None},
+    {"min_dim_size_to_factor": 2, "decay_rate": 0.7, "clipping_threshold": 1.5, "eps": 1e-20, "learning_rate": 0.3},
+    {"factored": False, "clipping_threshold": None, "multiply_by_parameter_scale": False, "learning_rate": 0.1},
+]
+
+
+def _optax_kwargs(kw: dict) -> dict:
+    import jax.numpy as jnp
+
+    out = dict(kw)
+    if "dtype_momentum" in out:
+        out["dtype_momentum"] = jnp.float64 if out["dtype_momentum"] is None else out["dtype_momentum"]
+    return out
+
+
+@pytest.mark.parametrize("kw", OPTAX_ADAFACTOR, ids=_ids(OPTAX_ADAFACTOR))
+def test_optax_adafactor_equals_optax_over_100_float64_steps(kw):
+    """gx.optax_adafactor vs optax.adafactor (0.2.8) on torch layouts mapped to JAX's: a factored
+    (130, 140) weight and a (3, 130) one (factored only when min_dim_size_to_factor allows), a
+    bias and a 3-D tensor; 100 steps of our own gradients, float64."""
+    optax = _optax()
+    g = torch.Generator().manual_seed(0)
+    params = {k: torch.randn(s, generator=g, dtype=F64) for k, s in _OAF_SHAPES.items()}
+    tx, ox = gx.optax_adafactor(**kw), optax.adafactor(**_optax_kwargs(kw))
+    pj = _to_jax(params)
+    state, state_j = tx.init(params), ox.init(pj)
+    for k in range(100):
+        grads = {n: torch.randn(v.shape, generator=g, dtype=F64) * (1 + k % 3) for n, v in params.items()}
+        updates, state = tx.update(grads, state, params)
+        params = gx.apply_updates(params, updates)
+        updates_j, state_j = ox.update(_to_jax(grads), state_j, pj)
+        pj = optax.apply_updates(pj, updates_j)
+    want = _from_jax(pj)
+    for n in params:
+        torch.testing.assert_close(params[n], want[n], rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_optax_scale_by_factored_rms_block_equals_optax():
+    """The block alone (optax.scale_by_factored_rms): the preconditioned updates, step by step,
+    with a step offset; a factored matrix keeps only its row and column statistics."""
+    optax = _optax()
+    g = torch.Generator().manual_seed(2)
+    params = {"w.weight": torch.randn(5, 7, generator=g, dtype=F64), "b": torch.randn(7, generator=g, dtype=F64)}
+    tx = gx.optax_scale_by_factored_rms(decay_rate=0.6, step_offset=0, min_dim_size_to_factor=3, epsilon=1e-12)
+    ox = optax.scale_by_factored_rms(decay_rate=0.6, step_offset=0, min_dim_size_to_factor=3, epsilon=1e-12)
+    state, state_j = tx.init(params), ox.init(_to_jax(params))
+    assert state.v_row["w.weight"].numel() + state.v_col["w.weight"].numel() == 5 + 7 and state.v["w.weight"] is None
+    for _ in range(100):
+        grads = {n: torch.randn(v.shape, generator=g, dtype=F64) for n, v in params.items()}
+        updates, state = tx.update(grads, state, params)
+        updates_j, state_j = ox.update(_to_jax(grads), state_j, _to_jax(params))
+        want = _from_jax(updates_j)
+        for n in params:
+            torch.testing.assert_close(updates[n], want[n], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_optax_adafactor_adapter_with_scheduler_and_checkpoint_equals_optax(path):
+    """Through gx.Optimizer with a StepLR (optax: the same schedule of its count) over 100 steps,
+    with a checkpoint round trip mid-run that continues bit-exact."""
+    optax = _optax()
+    kw = {"learning_rate": 0.05, "min_dim_size_to_factor": 2, "momentum": 0.5, "dtype_momentum": None}
+    model_g = make_model()
+    names = [n for n, _ in model_g.named_parameters()]
+    pj = _to_jax(dict(make_model().named_parameters()))
+    ox = optax.adafactor(**_optax_kwargs({**kw, "learning_rate": lambda c: 0.05 * 0.5 ** (c // 10)}))
+    state_j = ox.init(pj)
+    opt_g = gx.Optimizer(model_g.parameters(), gx.optax_adafactor(**kw), fused=PATHS[path])
+    sched_g = torch.optim.lr_scheduler.StepLR(opt_g, step_size=10, gamma=0.5)
+    model_r = opt_r = sched_r = None
+    for k in range(100):
+        current = _from_jax(pj)
+        grads = grads_at(model_g, names, [current[n] for n in names], k)
+        updates_j, state_j = ox.update(_to_jax(dict(zip(names, grads))), state_j, pj)
+        pj = optax.apply_updates(pj, updates_j)
+        runs = [(model_g, opt_g, sched_g)] + ([(model_r, opt_r, sched_r)] if model_r is not None else [])
+        for model, opt, sched in runs:
+            torch_steps(model, opt, range(k, k + 1), sched)
+        if k == 39:
+            model_r = make_model()
+            model_r.load_state_dict(model_g.state_dict())
+            opt_r = gx.Optimizer(model_r.parameters(), gx.optax_adafactor(**kw), fused=PATHS[path])
+            opt_r.load_state_dict(saved_and_loaded(opt_g.state_dict()))
+            sched_r = torch.optim.lr_scheduler.StepLR(opt_r, step_size=10, gamma=0.5)
+            sched_r.load_state_dict(sched_g.state_dict())
+    want = _from_jax(pj)
+    assert_params(list(model_g.parameters()), [want[n] for n in names], what="optax_adafactor vs optax")
+    for a, b in zip(model_r.parameters(), model_g.parameters()):
+        assert torch.equal(a, b), "the resumed twin differs from the uninterrupted one"
+
+
 # --- Muon ---------------------------------------------------------------------------------------
 
 MUON = _db("Muon")
@@ -343,6 +459,73 @@ def test_lbfgs_equals_torch_functional_and_adapter(kw, objective):
     assert int(inner.n_iter) == opt_t.state[pt[0]]["n_iter"]
 
 
+LBFGS_RESUME = [{"history_size": 3, "max_iter": 4}, {"history_size": 3, "max_iter": 5, "line_search_fn": "strong_wolfe"},
+                {"history_size": 2, "max_iter": 1}]
+
+
+def _lbfgs_opt(kind, params, kw):
+    """(optimizer, step()) for torch.optim.LBFGS or its gx twin on `_logistic` over ``params``."""
+    opt = torch.optim.LBFGS(params, **kw) if kind == "torch" else gx.Optimizer(params, gx.lbfgs(**kw))
+
+    def closure():
+        opt.zero_grad()
+        loss = _logistic(*params)
+        loss.backward()
+        return loss
+
+    if kind == "torch":
+        return opt, lambda: opt.step(closure)
+    return opt, lambda: opt.step(closure, value_and_grad_fn=gx.value_and_grad_from_closure(params, closure))
+
+
+@pytest.mark.parametrize("kw", LBFGS_RESUME, ids=_ids(LBFGS_RESUME))
+def test_lbfgs_state_dicts_load_both_ways_mid_run_and_continue_equal(kw):
+    """gx.Optimizer keeps L-BFGS's state as torch does (opt.state[params[0]], torch's keys, the
+    history as lists): mid-run (the history wrapped past history_size), a torch.optim.LBFGS state
+    dict loads into the gx twin and gx's into torch.optim.LBFGS, each continuing equal to the
+    optimizer it came from (float64); gx's own checkpoint resumes bit-exact."""
+    init = [torch.full((6,), 0.1, dtype=F64), torch.full((1,), 0.3, dtype=F64)]
+    pt, pg = ([p.clone().requires_grad_() for p in init] for _ in range(2))
+    opt_t, step_t = _lbfgs_opt("torch", pt, kw)
+    opt_g, step_g = _lbfgs_opt("gx", pg, kw)
+    for _ in range(4):
+        step_t()
+        step_g()
+        assert set(opt_g.state[pg[0]]) == set(opt_t.state[pt[0]])
+        assert pg[1] not in opt_g.state and pt[1] not in opt_t.state
+    st, sg = opt_t.state[pt[0]], opt_g.state[pg[0]]
+    assert len(st["old_dirs"]) == kw["history_size"] and st["n_iter"] > kw["history_size"] + 1  # wrapped
+    assert (sg["func_evals"], sg["n_iter"], len(sg["old_dirs"])) == (st["func_evals"], st["n_iter"], len(st["old_dirs"]))
+    assert isinstance(sg["old_dirs"], list) and isinstance(sg["n_iter"], int)
+    twins = {}
+    for name, kind, src in (("gx<-torch", "gx", (pt, opt_t)), ("torch<-gx", "torch", (pg, opt_g)),
+                            ("gx<-gx", "gx", (pg, opt_g))):
+        ps = [p.detach().clone().requires_grad_() for p in src[0]]
+        opt, step = _lbfgs_opt(kind, ps, kw)
+        opt.load_state_dict(saved_and_loaded(src[1].state_dict()))
+        twins[name] = (ps, step)
+    for _ in range(3):
+        for step in (step_t, step_g, *(s for _, s in twins.values())):
+            step()
+    scale = max(float(p.detach().abs().max()) for p in pt)
+    for got, want in ((twins["gx<-torch"][0], pt), (twins["torch<-gx"][0], pg), (pg, pt)):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-10 * scale)
+    for a, b in zip(twins["gx<-gx"][0], pg):
+        assert torch.equal(a, b), "the resumed gx twin differs from the uninterrupted one"
+
+
+def test_lbfgs_refuses_a_longer_history_than_it_keeps():
+    p = [torch.full((6,), 0.5, dtype=F64, requires_grad=True)]
+    opt_t, step_t = _lbfgs_opt("torch", [p[0], torch.zeros(1, dtype=F64, requires_grad=True)], {"history_size": 5})
+    step_t()
+    step_t()
+    q = [p[0].detach().clone().requires_grad_(), torch.zeros(1, dtype=F64, requires_grad=True)]
+    opt_g, _ = _lbfgs_opt("gx", q, {"history_size": 1})
+    with pytest.raises(ValueError, match="history_size=1"):
+        opt_g.load_state_dict(opt_t.state_dict())
+
+
 def test_lbfgs_asks_for_the_loss_function_where_it_needs_it():
     tx = gx.lbfgs()
     params = [torch.zeros(3)]
@@ -398,11 +581,93 @@ def test_sparse_adam_dense_gradient_is_every_entry_present():
     torch.testing.assert_close(w, p.detach(), rtol=1e-12, atol=1e-14)
 
 
-def test_sparse_adam_through_the_adapter_raises_pointing_to_the_alternatives():
+class _Bag(nn.Module):
+    """Two sparse embedding tables (SparseAdam's use: rows touched by a batch)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = nn.Embedding(12, 3, sparse=True).to(F64)
+        self.b = nn.Embedding(7, 2, sparse=True).to(F64)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.randn(12, 3, generator=g, dtype=F64))
+            self.b.weight.copy_(torch.randn(7, 2, generator=g, dtype=F64))
+
+    def loss(self, k: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(100 + k)
+        ia, ib = torch.randint(0, 12, (5,), generator=g), torch.randint(0, 7, (3,), generator=g)
+        return (self.a(ia) ** 2).sum() * (k % 3 + 1) + (self.b(ib) - 0.5).pow(2).sum()
+
+
+def _bag_steps(bag: _Bag, opt, steps: range, sched=None) -> None:
+    for k in steps:
+        opt.zero_grad()
+        bag.loss(k).backward()
+        assert bag.a.weight.grad.is_sparse
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+@pytest.mark.parametrize("kw", SPARSE_ADAM, ids=_ids(SPARSE_ADAM))
+def test_sparse_adam_adapter_equals_torch_with_scheduler_and_checkpoint(kw):
+    """gx.Optimizer takes the COO gradients of nn.Embedding(sparse=True) without densifying them:
+    equal to torch.optim.SparseAdam over 30 steps with a StepLR, torch's state keys, and a
+    checkpoint round trip mid-run that continues bit-exact."""
+    bag_t, bag_g = _Bag(), _Bag()
+    opt_t = torch.optim.SparseAdam(bag_t.parameters(), **_fresh(kw))
+    opt_g = gx.Optimizer(bag_g.parameters(), gx.sparse_adam(**_fresh(kw)))
+    sched_t = torch.optim.lr_scheduler.StepLR(opt_t, step_size=10, gamma=0.5)
+    sched_g = torch.optim.lr_scheduler.StepLR(opt_g, step_size=10, gamma=0.5)
+    _bag_steps(bag_t, opt_t, range(15), sched_t)
+    _bag_steps(bag_g, opt_g, range(15), sched_g)
+    for pg, pt in zip(bag_g.parameters(), bag_t.parameters()):
+        assert set(opt_g.state[pg]) == set(opt_t.state[pt]) == {"step", "exp_avg", "exp_avg_sq"}
+        assert isinstance(opt_g.state[pg]["step"], int)  # as torch.optim.SparseAdam
+        assert int(opt_g.state[pg]["step"]) == opt_t.state[pt]["step"] == 15
+    sd, sched_sd = saved_and_loaded(opt_g.state_dict()), sched_g.state_dict()
+    bag_r = _Bag()
+    bag_r.load_state_dict(bag_g.state_dict())
+    opt_r = gx.Optimizer(bag_r.parameters(), gx.sparse_adam(**_fresh(kw)))
+    opt_r.load_state_dict(sd)
+    sched_r = torch.optim.lr_scheduler.StepLR(opt_r, step_size=10, gamma=0.5)
+    sched_r.load_state_dict(sched_sd)
+    for bag, opt, sched in ((bag_t, opt_t, sched_t), (bag_g, opt_g, sched_g), (bag_r, opt_r, sched_r)):
+        _bag_steps(bag, opt, range(15, 30), sched)
+    for pg, pt, pr in zip(bag_g.parameters(), bag_t.parameters(), bag_r.parameters()):
+        torch.testing.assert_close(pg.detach(), pt.detach(), rtol=1e-10, atol=1e-12)
+        assert torch.equal(pr, pg), "the resumed twin differs from the uninterrupted one"
+
+
+def test_sparse_adam_state_dicts_load_both_ways_and_continue_equal():
+    """A torch.optim.SparseAdam state dict loads into the gx twin and the gx twin's into
+    torch.optim.SparseAdam; each continues equal to the optimizer it came from."""
+    bag_t, bag_g = _Bag(), _Bag()
+    opt_t = torch.optim.SparseAdam(bag_t.parameters(), lr=0.05, betas=(0.8, 0.99))
+    opt_g = gx.Optimizer(bag_g.parameters(), gx.sparse_adam(0.05, betas=(0.8, 0.99)))
+    _bag_steps(bag_t, opt_t, range(10))
+    _bag_steps(bag_g, opt_g, range(10))
+    bag_gt, bag_tg = _Bag(), _Bag()  # gx twin from torch's dict, torch from gx's
+    bag_gt.load_state_dict(bag_t.state_dict())
+    bag_tg.load_state_dict(bag_g.state_dict())
+    opt_gt = gx.Optimizer(bag_gt.parameters(), gx.sparse_adam(0.05, betas=(0.8, 0.99)))
+    opt_gt.load_state_dict(saved_and_loaded(opt_t.state_dict()))
+    opt_tg = torch.optim.SparseAdam(bag_tg.parameters(), lr=0.05, betas=(0.8, 0.99))
+    opt_tg.load_state_dict(saved_and_loaded(opt_g.state_dict()))
+    for bag, opt in ((bag_t, opt_t), (bag_g, opt_g), (bag_gt, opt_gt), (bag_tg, opt_tg)):
+        _bag_steps(bag, opt, range(10, 20))
+    for a, b in ((bag_gt, bag_t), (bag_tg, bag_g), (bag_g, bag_t)):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pa.detach(), pb.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_sparse_gradients_inside_a_chain_raise_pointing_to_the_alternatives():
+    """Only the whole group transform may take COO gradients: a clip before gx.sparse_adam would
+    receive them, so the adapter raises naming the alternatives."""
     emb = nn.Embedding(5, 2, sparse=True)
-    opt = gx.Optimizer(emb.parameters(), gx.sparse_adam())
+    opt = gx.Optimizer(emb.parameters(), gx.chain(gx.clip_by_global_norm(1.0), gx.sparse_adam()))
     emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match=r"sparse gradient.*nn.Embedding\(sparse=False\)"):
+    with pytest.raises(RuntimeError, match=r"sparse gradient.*gx.sparse_adam.*nn.Embedding\(sparse=False\)"):
         opt.step()
 
 
@@ -419,6 +684,10 @@ def test_sparse_adam_through_the_adapter_raises_pointing_to_the_alternatives():
     (lambda: gx.lbfgs(max_iter=0), "max_iter"),
     (lambda: gx.sparse_adam(eps=0.0), "eps"),
     (lambda: gx.sparse_adam(betas=(0.9, 1.0)), r"betas\[1\]"),
+    (lambda: gx.optax_adafactor(clipping_threshold=0.5), "clipping_threshold"),
+    (lambda: gx.optax_adafactor(min_dim_size_to_factor=0), "min_dim_size_to_factor"),
+    (lambda: gx.optax_adafactor(momentum=1.5), "momentum"),
+    (lambda: gx.optax_scale_by_factored_rms(decay_rate=-0.8), "decay_rate"),
 ])
 def test_bad_arguments_name_the_culprit(make, match):
     with pytest.raises(ValueError, match=match):
