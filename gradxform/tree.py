@@ -11,6 +11,7 @@ messages that name the offending pytree path, and hold the few scalar utilities 
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
 import optree
@@ -615,7 +616,16 @@ def functorch_active() -> bool:
     return _interpreter_stack_nonempty()
 
 
-_DIFFERENTIABLE = {"on": False}
+class _DifferentiableMode(threading.local):
+    """Whether `differentiable` is entered, per thread (as torch's own grad mode): a context
+    manager's setting, never a process-wide flag, so one thread's differentiable unroll does not
+    switch another thread's updates to the slow path. A ``threading.local`` attribute (not a
+    ``contextvars.ContextVar``, which dynamo cannot read) so it is readable under compile."""
+
+    on: bool = False
+
+
+_DIFFERENTIABLE_MODE = _DifferentiableMode()
 
 
 @contextlib.contextmanager
@@ -626,7 +636,8 @@ def differentiable() -> Iterator[None]:
     rate or the initial params. Like ``torch.optim``'s ``differentiable=True``; slower.
 
     Returns:
-        A context manager (the previous setting is restored on exit; contexts nest).
+        A context manager (the previous setting is restored on exit; contexts nest; the setting
+        is per thread, as torch's grad mode).
 
     References:
         torch.optim's ``differentiable`` flag (https://pytorch.org/docs/stable/optim.html);
@@ -645,12 +656,12 @@ def differentiable() -> Iterator[None]:
         >>> torch.autograd.grad(p["w"].square().sum(), lr)
         (tensor(-9.2000),)
     """
-    previous = _DIFFERENTIABLE["on"]
-    _DIFFERENTIABLE["on"] = True
+    previous = _DIFFERENTIABLE_MODE.on
+    _DIFFERENTIABLE_MODE.on = True
     try:
         yield
     finally:
-        _DIFFERENTIABLE["on"] = previous
+        _DIFFERENTIABLE_MODE.on = previous
 
 
 def pure_ops() -> bool:
@@ -675,7 +686,7 @@ def pure_ops() -> bool:
         >>> inside
         True
     """
-    return _DIFFERENTIABLE["on"] or functorch_active()
+    return _DIFFERENTIABLE_MODE.on or functorch_active()
 
 
 def traced() -> bool:

@@ -202,3 +202,27 @@ def test_apply_updates_inplace_writes_the_params():
     new = gx.apply_updates(p, {"w": torch.full((2,), 0.5), "frozen": None}, inplace=True)
     assert new["w"] is w and torch.equal(w, torch.full((2,), 1.5))
     assert torch.equal(new["frozen"], torch.ones(1))
+
+
+def test_differentiable_mode_is_per_thread():
+    # gx.differentiable is a context's setting, like torch's grad mode: entering it in one thread
+    # must not switch updates running in another thread to the pure (out-of-place) code path
+    import threading
+
+    inside, outside = threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def other_thread():
+        inside.wait(5)
+        seen["other"] = gx.tree.pure_ops()
+        outside.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with gx.differentiable():
+        seen["here"] = gx.tree.pure_ops()
+        inside.set()
+        outside.wait(5)
+    t.join(5)
+    assert seen == {"here": True, "other": False}
+    assert not gx.tree.pure_ops()
