@@ -113,10 +113,19 @@ def _mul_(xs: list[torch.Tensor], s: Any, inplace: bool) -> list[torch.Tensor]:
     return list(_fe.mul(xs, s))
 
 
+def _keep_frozen(fresh: Any, old: Any) -> Any:
+    """``fresh`` with ``old``'s leaf wherever ``fresh`` has ``None`` (a state re-initialised from
+    the live leaves only keeps the slots of the leaves without an update, so that the state's
+    structure never changes between steps: a compiled or vmapped step needs a fixed one)."""
+    return optree.tree_map(lambda a, b: b if a is None else a, fresh, old, none_is_leaf=True)
+
+
 def _reset(fresh: Any, old: Any, inplace: bool) -> Any:
     """``fresh`` (an initial state), written into ``old``'s buffers where the caller owns them."""
 
     def put(a: Any, b: Any) -> Any:
+        if a is b:  # a slot kept as it is (`_keep_frozen`)
+            return b
         if (inplace and isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.ndim > 0
                 and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device):
             b.copy_(a)
@@ -346,7 +355,8 @@ def lookahead(fast_optimizer: GradientTransformation, sync_period: int, slow_ste
     ordinary params and in `gradxform.Optimizer`; read them with `lookahead_params` for
     evaluation. With ``reset_state`` the fast optimizer's state is re-initialised after each
     synchronisation (from the params before the update, as optax; leaves without an update stay
-    frozen). Do not modify the output
+    frozen and keep their state slots, so the state's structure is the same at every step). Do
+    not modify the output
     before applying it, or fast and slow params drift apart.
 
     Args:
@@ -392,7 +402,9 @@ def lookahead(fast_optimizer: GradientTransformation, sync_period: int, slow_ste
         sync_next = steps == sync_period - 1
         alpha = _tree.as_scalar(slow_step_size)
         idx = [i for i in flat.idx if u_leaves[i] is not None]
-        if _eager_cpu(steps) and not bool(sync_next):
+        if not idx or (_eager_cpu(steps) and not bool(sync_next)):
+            # no leaf with an update (all frozen this step): nothing to synchronise, and the
+            # fast state keeps every slot
             return u_tree, LookaheadState(fast_state, new_steps, state.slow)
         slow_all = _tree.check_structure(flat.spec, state.slow, "state.slow", reference=updates)
         slow = [slow_all[i] for i in idx]
@@ -415,7 +427,8 @@ def lookahead(fast_optimizer: GradientTransformation, sync_period: int, slow_ste
             else:
                 out = list(_fe.add(u, diff, alpha=-1.0))
             if reset_state:
-                fast_state = _reset(fast_optimizer.init(flat.rebuild(p)), fast_state, own.state)
+                fresh = _keep_frozen(fast_optimizer.init(flat.rebuild(p)), fast_state)
+                fast_state = _reset(fresh, fast_state, own.state)
         else:  # all-tensor: the synchronisation weighted by the 0/1 flag (as optax)
             s = sync_next.to(torch.float64)
             step_slow = list(_fe.mul(diff, alpha * s))
@@ -426,7 +439,8 @@ def lookahead(fast_optimizer: GradientTransformation, sync_period: int, slow_ste
                 new_slow = list(_fe.add(slow, step_slow))
             out = list(_fe.add(u, _fe.mul(diff, -(s * (1.0 - alpha)))))
             if reset_state:
-                fast_state = _select(sync_next, fast_optimizer.init(flat.rebuild(p)), fast_state, own.state)
+                fresh = _keep_frozen(fast_optimizer.init(flat.rebuild(p)), fast_state)
+                fast_state = _select(sync_next, fresh, fast_state, own.state)
         out_tree = _tree.tree_unflatten(flat.spec, _tree.scatter(u_leaves, idx, out))
         slow_tree = _tree.tree_unflatten(flat.spec, _tree.scatter(slow_all, idx, new_slow))
         return out_tree, LookaheadState(fast_state, new_steps, slow_tree)
