@@ -60,14 +60,5 @@ NOT_TRANSFORMS = {
 }
 
 # Harness limits not lifted yet (name -> reason), read by tests/test_purity.py::KNOWN_GAPS.
-_LOOKAHEAD_RESET = ("lookahead(reset_state=True) re-initialises the fast state at a sync, so a frozen leaf's slots "
-                    "change between None and a tensor (a known gap)")
-KNOWN_GAPS = {"compile": {"lookahead_reset": _LOOKAHEAD_RESET,
-                          "freeze": "freeze's mask under torch.compile fails on this harness's tree (a known gap; "
-                                    "tests/test_combinators.py compiles it on its own tree)"},
-              "func": {"lookahead_reset": _LOOKAHEAD_RESET},
-              "properties": {"lookahead_reset": _LOOKAHEAD_RESET},
-              "checkpoint": {
-    "lookahead_reset": "lookahead(reset_state=True) re-initialises the fast state at a sync with the params it "
-                       "gets, so a frozen leaf's slots change between None and a tensor: gx.state_from_dict's "
-                       "template from tx.init does not match (a known gap)"}}
+KNOWN_GAPS = {"compile": {"freeze": "freeze's mask under torch.compile fails on this harness's tree (a known gap; "
+                                     "tests/test_combinators.py compiles it on its own tree)"}}
