@@ -1127,18 +1127,52 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """`_mix32` in place (the same operations, on a tensor the caller owns)."""
+    x.bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 16)
+    x.mul_(0x7FEB352D).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x846CA68B).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
+
+
+_TWO32 = 4294967296.0
+_NOISE_CHUNK = 1 << 16  # pairs per eager chunk: the integer temporaries (1 MiB) stay in cache
+
+
 def _normal_like(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """Standard normal noise shaped like ``x`` from a 0-d int64 ``seed`` (Box-Muller on two
-    hashed 32-bit uniforms per element): deterministic, no generator, traceable."""
+    """Standard normal noise shaped like ``x`` from a 0-d int64 ``seed``: Box-Muller on pairs of
+    hashed 32-bit uniforms, both of its outputs used. With ``m = ceil(n / 2)`` pairs, pair ``i``
+    hashes the counters ``i`` and ``m + i`` into ``u1 = (h_i + 1) / 2^32``, ``u2 = h_{m+i} / 2^32``
+    and gives ``z_i = r cos(2 pi u2)``, ``z_{m+i} = r sin(2 pi u2)``, ``r = sqrt(-2 log u1)``.
+    Deterministic, no generator, traceable. Eagerly (not traced) the same operations run in
+    place over chunks of pairs, so the integer temporaries stay in cache: the result is the one
+    buffer of the noise."""
     n = x.numel()
-    idx = torch.arange(2 * n, device=x.device, dtype=torch.int64)
-    h = _mix32(_mix32(idx ^ seed.to(x.device)) + seed.to(x.device))
+    m = (n + 1) // 2
     dtype = x.dtype if x.dtype == torch.float64 else torch.float32
-    u = h.to(dtype)
-    u1 = (u[:n] + 1.0) / 4294967296.0  # (0, 1]
-    u2 = u[n:] / 4294967296.0
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-    return z.reshape(x.shape).to(x.dtype)
+    seed = seed.to(x.device)
+    if _tree.traced():
+        h = _mix32(_mix32(torch.arange(2 * m, device=x.device, dtype=torch.int64) ^ seed) + seed)
+        u = h.to(dtype)
+        r = torch.sqrt(-2.0 * torch.log((u[:m] + 1.0) / _TWO32))
+        theta = 2.0 * math.pi * (u[m:] / _TWO32)
+        z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)])
+    else:
+        z = torch.empty(2 * m, device=x.device, dtype=dtype)
+        for s in range(0, m, _NOISE_CHUNK):
+            e = min(m, s + _NOISE_CHUNK)
+            a = torch.arange(s, e, device=x.device, dtype=torch.int64)
+            h = _mix32_(_mix32_(torch.cat([a, a + m]).bitwise_xor_(seed)).add_(seed))
+            u = h.to(dtype)
+            k = e - s
+            r = u[:k].add_(1.0).div_(_TWO32).log_().mul_(-2.0).sqrt_()
+            theta = u[k:].div_(_TWO32).mul_(2.0 * math.pi)
+            torch.cos(theta, out=z[s:e]).mul_(r)
+            torch.sin(theta, out=z[m + s:m + e]).mul_(r)
+    z = z[:n].reshape(x.shape)
+    return z if z.dtype == x.dtype else z.to(x.dtype)
 
 
 @recorded
@@ -1189,8 +1223,10 @@ def add_noise(eta: float | torch.Tensor = 0.01, gamma: float | torch.Tensor = 0.
         for i, x, c in zip(flat.idx, flat.live, counts):
             seed = _mix32(_mix32(state.key) + _mix32(c * 1000003 + i))
             t = c.to(torch.float64)
-            std = torch.sqrt(e / t ** gm).to(x.dtype)
-            out.append(x + std.to(x.device) * _normal_like(x, seed))
+            std = torch.sqrt(e / t ** gm).to(x.dtype).to(x.device)
+            z = _normal_like(x, seed)
+            # eagerly the noise is a fresh buffer of ours: scale it and add the update in place
+            out.append(x + std * z if _tree.traced() else z.mul_(std).add_(x))
         return flat.rebuild(out), AddNoiseState(_store(flat, counts, state.count), state.key)
 
     return owned_transform(init, owned_update)
