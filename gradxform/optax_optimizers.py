@@ -104,7 +104,13 @@ def _mul_each(xs: list[torch.Tensor], cs: list[Any]) -> list[torch.Tensor]:
 
 
 def _moment(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplace: bool) -> list[torch.Tensor]:
-    """optax's ``update_moment``: ``(1 - decay) * new + decay * old`` (same rounding)."""
+    """optax's ``update_moment``: ``(1 - decay) * new + decay * old``; with a number ``decay``
+    as one ``lerp`` (one pass, no temporary; equal up to rounding)."""
+    if not isinstance(decay, torch.Tensor):
+        if inplace:
+            _fe.lerp_(old, new, 1 - decay)
+            return old
+        return list(_fe.lerp(old, new, 1 - decay))
     a = _fe.mul(new, 1 - decay)
     if inplace:
         _fe.mul_(old, decay)
@@ -114,7 +120,14 @@ def _moment(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplac
 
 
 def _moment_sq(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplace: bool) -> list[torch.Tensor]:
-    """optax's ``update_moment_per_elem_norm`` of order 2: ``(1 - decay) * new**2 + decay * old``."""
+    """optax's ``update_moment_per_elem_norm`` of order 2: ``(1 - decay) * new**2 + decay * old``
+    (a number ``decay``: ``mul`` and ``addcmul``, no temporary)."""
+    if not isinstance(decay, torch.Tensor):
+        out = old if inplace else list(_fe.mul(old, decay))
+        if inplace:
+            _fe.mul_(out, decay)
+        _fe.addcmul_(out, new, new, 1 - decay)
+        return out
     return _moment(old, list(_fe.mul(new, new)), decay, inplace)
 
 
@@ -124,6 +137,44 @@ def _denominators(nu_hat: list[torch.Tensor], eps: Any, eps_root: Any) -> list[t
     d = list(_fe.sqrt(x))
     _fe.add_(d, eps)
     return d
+
+
+_copy_ = _fe._op("copy_", lambda x, src: src.to(x.dtype).expand_as(x).clone())
+_sqrt_ = _fe._op("sqrt_", _fe._safe_sqrt)
+_sign_ = _fe._op("sign_", torch.sign)
+_reciprocal_ = _fe._op("reciprocal_", torch.reciprocal)
+_sub = _fe._op("sub", lambda x, o, alpha=1: torch.sub(x, o, alpha=alpha))
+
+
+def _eager(own: Ownership, counts: list[torch.Tensor], *hps: Any) -> bool:
+    """Whether an update may take its eager fast path: state buffers owned, number
+    hyperparameters, bias corrections as Python floats (CPU counts read eagerly), out of
+    ``torch.func``. That path makes one params-shaped temporary per step and does the rest in
+    place (on the state and on that temporary)."""
+    return own.state and not _tree.pure_ops() and not _scalars_traced(counts, *hps)
+
+
+def _adam_ratio(mu: list[torch.Tensor], nu: list[torch.Tensor], c1: list[Any], c2: list[Any] | None, eps: Any,
+                eps_root: Any, scratch: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """``(mu / c1) / (sqrt(nu / c2 + eps_root) + eps)`` (``c2`` None: 1) written into ``scratch``
+    (tensors of the caller's own), or into one new buffer: the eager path's output. Rounding
+    differs from the two-division form by an ulp or two."""
+    if scratch is None:
+        s = list(_fe.div(nu, c2)) if c2 is not None else list(_fe.add(nu, eps_root))
+    else:
+        s = scratch
+        _copy_(s, nu)
+        if c2 is not None:
+            _fe.div_(s, c2)
+    if c2 is not None or scratch is not None:
+        if not _is_zero(eps_root):
+            _fe.add_(s, eps_root)
+    _sqrt_(s)
+    _fe.add_(s, eps)
+    _fe.mul_(s, c1)
+    _reciprocal_(s)
+    _fe.mul_(s, mu)
+    return s
 
 
 def _is_zero(x: Any) -> bool:
@@ -201,8 +252,14 @@ def scale_by_lion(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
         mu = flat.state_live(state.mu, "state.mu")
-        x = list(_fe.add(_fe.mul(g, 1 - beta1), _fe.mul(mu, beta1)))
-        if mode == "hard":
+        if isinstance(beta1, torch.Tensor):
+            x = list(_fe.add(_fe.mul(g, 1 - beta1), _fe.mul(mu, beta1)))
+        else:  # one temporary, made and signed in place
+            x = list(_fe.lerp(mu, g, 1 - beta1))
+        if mode == "hard" and not _tree.pure_ops():
+            _sign_(x)
+            out = x
+        elif mode == "hard":
             out = list(_sign(x))
         elif mode == "smooth":
             out = [torch.tanh(smooth_beta * v) for v in x]
@@ -279,10 +336,15 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
-        err = list(_fe.add(g, _fe.mul(mu, -1.0)))
+        err = list(_sub(g, mu))
         nu = _moment_sq(flat.state_live(state.nu, "state.nu"), err, beta2, own.state)
         if not _is_zero(er):
             _fe.add_(nu, er)
+        if not nesterov and _eager(own, counts, beta1, beta2):
+            # the residual's buffer becomes the output: one temporary per step
+            out = _adam_ratio(mu, nu, _bias_corrections(counts, beta1), _bias_corrections(counts, beta2), e, 0.0, err)
+            return flat.rebuild(out), ScaleByBeliefState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
+                                                         _store(flat, nu, state.nu))
         mu_hat = _nesterov_mu_hat(mu, g, counts, beta1) if nesterov else _div_each(mu, _bias_corrections(counts, beta1))
         nu_hat = _div_each(nu, _bias_corrections(counts, beta2))
         out = list(_fe.div(mu_hat, _denominators(nu_hat, e, 0.0)))
@@ -349,6 +411,17 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         counts = _step_counts(flat, state.count, own.state)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         nu_old = flat.state_live(state.nu, "state.nu")
+        if _eager(own, counts, beta1, beta2):
+            # one temporary t: t = sign(nu - g^2) g; nu -= (1 - b2) t g; then t holds the output
+            t = list(_fe.mul(g, g))
+            _fe.mul_(t, -1.0)
+            _fe.add_(t, nu_old)
+            _sign_(t)
+            _fe.mul_(t, g)
+            _fe.addcmul_(nu_old, t, g, -(1 - beta2))
+            out = _adam_ratio(mu, nu_old, _bias_corrections(counts, beta1), _bias_corrections(counts, beta2), e, er, t)
+            return flat.rebuild(out), ScaleByYogiState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
+                                                       _store(flat, nu_old, state.nu))
         g2 = list(_fe.mul(g, g))
         step = list(_fe.mul(_fe.mul(_sign(_fe.add(nu_old, g2, alpha=-1)), g2), 1 - beta2))
         if own.state:
@@ -408,6 +481,40 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         nu_old = flat.state_live(state.nu, "state.nu")
         nu_max = None
+        fast = _eager(own, counts, beta1, beta2) and bias_correction_mu and bias_correction_nu
+        if fast and kind == "adamax":
+            a = list(_fe._op("abs", torch.abs)(g))
+            _fe.add_(a, e)
+            _fe.mul_(nu_old, beta2)
+            _fe.maximum_(nu_old, a)
+            # a's buffer becomes the output m_hat / nu
+            _copy_(a, nu_old)
+            _fe.mul_(a, _bias_corrections(counts, beta1))
+            _reciprocal_(a)
+            _fe.mul_(a, mu)
+            return flat.rebuild(a), OptaxAdamState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
+                                                   _store(flat, nu_old, state.nu), None)
+        if fast and kind != "adamax" and not (nesterov and _is_zero(beta1)):
+            nu = _moment_sq(nu_old, g, beta2, True)
+            c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
+            if kind == "amsgrad":
+                nu_max = flat.state_live(state.nu_max, "state.nu_max")
+                s = list(_fe.div(nu, c2))
+                _fe.maximum_(nu_max, s)
+                out = _adam_ratio(mu, nu_max, [1.0] * len(c1), None, e, er, s)
+                _fe.mul_(out, [1 / c for c in c1])
+            elif nesterov:
+                # numerator b1 mu / c1' + (1 - b1) g / c1 as a (mu + (b / a) g), then / denominator
+                a = [beta1 / c for c in _bias_corrections(counts, beta1, shift=1)]
+                out = list(_fe.mul(g, [(1 - beta1) / c / ai for c, ai in zip(c1, a)]))
+                _fe.add_(out, mu)
+                _fe.mul_(out, a)
+                _fe.div_(out, _denominators(list(_fe.div(nu, c2)), e, er))
+            else:
+                out = _adam_ratio(mu, nu, c1, c2, e, er)
+            new = OptaxAdamState(_store(flat, counts, state.count), _store(flat, mu, state.mu), _store(flat, nu, state.nu),
+                                 _store(flat, nu_max, state.nu_max) if kind == "amsgrad" else None)
+            return flat.rebuild(out), new
         if kind == "adamax":
             a = list(_fe.add(_fe._op("abs", torch.abs)(g), e))
             if own.state:
