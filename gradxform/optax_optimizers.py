@@ -1370,6 +1370,22 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
                                                            max_step_size))
         steps_old = flat.state_live(state.step_sizes, "state.step_sizes")
         prev_old = flat.state_live(state.prev_updates, "state.prev_updates")
+        if _inplace(own) and not any(isinstance(x, torch.Tensor) for x in (lr, em, ep, lo, hi)):
+            # eager and owned: per leaf one float temporary (the output) and three masks, the
+            # state rewritten in place (elementwise selects have no foreach kernels)
+            out = []
+            for g, st, pv in zip(flat.live, steps_old, prev_old):
+                s = torch.mul(g, pv)
+                neg, zero = s < 0, s == 0
+                one = torch.ones((), dtype=g.dtype)
+                torch.where(s > 0, one * ep, one * em, out=s)
+                s.mul_(st).clamp_(min=lo / lr, max=hi / lr)
+                torch.where(zero, st, s, out=st)  # the step sizes (in units of lr)
+                torch.where(neg, torch.zeros((), dtype=g.dtype), pv, out=s)  # the output: last step's update
+                torch.sign(g, out=pv)
+                pv.mul_(st).mul_(lr).masked_fill_(neg, 0.0)  # this step's update
+                out.append(s)
+            return flat.rebuild(out), state
         steps, prev, out = [], [], []
         for g, s_old, p_old in zip(flat.live, steps_old, prev_old):
             s = g * p_old
