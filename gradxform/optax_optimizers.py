@@ -702,6 +702,8 @@ def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.
         g = flat.live
         old_counts = flat.state_live(state.count, "state.count", check_shapes=False)
         prev = flat.state_live(state.g, "state.g")
+        if _eager(own, old_counts, beta1, beta2, beta3, e, er):
+            return _adan_eager(flat, state, g, old_counts, prev, beta1, beta2, beta3, e, er)
         if _scalars_traced(old_counts):
             diff = [torch.where(c > 0, x - p, torch.zeros_like(x)) for c, x, p in zip(old_counts, g, prev)]
         else:
@@ -727,6 +729,44 @@ def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.
                                                    _store(flat, new_g, state.g))
 
     return owned_transform(init, owned_update)
+
+
+def _adan_eager(flat: _Flat, state: Any, g: list[torch.Tensor], old_counts: list[torch.Tensor],
+                prev: list[torch.Tensor], beta1: float, beta2: float, beta3: float, e: float,
+                er: float) -> tuple[Updates, Any]:
+    """scale_by_adan's eager owned step: one temporary (the output); the difference of
+    gradients and then the denominator live in the buffer of the previous gradient, which
+    receives this gradient last."""
+    first = [int(c) == 0 for c in old_counts]
+    diff = prev
+    _fe.mul_(diff, -1.0)
+    _fe.add_(diff, g)  # g - g_prev
+    for d, f in zip(diff, first):
+        if f:
+            d.zero_()
+    counts = _step_counts(flat, state.count, True)
+    m = _moment(flat.state_live(state.m, "state.m"), g, beta1, True)
+    v = _moment(flat.state_live(state.v, "state.v"), diff, beta2, True)
+    u = list(_fe.add(g, diff, alpha=1 - beta2))
+    n = _moment_sq(flat.state_live(state.n, "state.n"), u, beta3, True)
+    c1, c2, c3 = (_bias_corrections(counts, b) for b in (beta1, beta2, beta3))
+    # u = m / c1 + (1 - b2) v / c2, written as ((v * k c1) + m) / c1 with k = (1 - b2) / c2
+    _copy_(u, v)
+    _fe.mul_(u, [(1 - beta2) / b * a for a, b in zip(c1, c2)])
+    _fe.add_(u, m)
+    _fe.div_(u, c1)
+    den = diff
+    _copy_(den, n)
+    _fe.div_(den, c3)
+    if not _is_zero(er):
+        _fe.add_(den, er)
+    _sqrt_(den)
+    _fe.add_(den, e)
+    _fe.div_(u, den)
+    _copy_(prev, g)
+    return flat.rebuild(u), ScaleByAdanState(_store(flat, counts, state.count), _store(flat, m, state.m),
+                                             _store(flat, v, state.v), _store(flat, n, state.n),
+                                             _store(flat, prev, state.g))
 
 
 # --- SM3 ------------------------------------------------------------------------------------------
@@ -822,6 +862,8 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
             if a.shape != (_sm3_size(g),):
                 raise ValueError(f"scale_by_sm3: state.mu at '{flat.paths()[i]}' has shape {tuple(a.shape)}, "
                                  f"expected ({_sm3_size(g)},) for an update of shape {tuple(g.shape)}")
+        if _inplace(own) and not any(isinstance(x, torch.Tensor) for x in (beta1, beta2, e)):
+            return _sm3_eager(flat, state, accs, beta1, beta2, e)
         pairs = [one(g, a, beta2, e) for g, a in zip(flat.live, accs)]
         w = [p[0] for p in pairs]
         new_acc = [p[1] for p in pairs]
@@ -834,6 +876,42 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
         return flat.rebuild(out), ScaleBySM3State(_store(flat, new_acc, state.mu), _store(flat, nu, state.nu))
 
     return owned_transform(init, owned_update)
+
+
+def _sm3_eager(flat: _Flat, state: Any, accs: list[torch.Tensor], beta1: float, beta2: float,
+               e: float) -> tuple[Updates, Any]:
+    """scale_by_sm3's eager owned step: per leaf one params-shaped temporary ``v`` (the
+    accumulator's cover, then ``g / sqrt(v + eps)``, then the output), the state in place.
+    With ``eps > 0`` the ``v > 0`` guard needs no mask: ``v = 0`` only where ``g = 0``."""
+    c = 1.0 - beta2 if beta2 != 1.0 else 1.0
+    w = []
+    for g, acc in zip(flat.live, accs):
+        if g.numel() == 0:
+            w.append(g.clone())
+            continue
+        if g.ndim < 2:
+            v = acc.view(g.shape)
+            v.mul_(beta2).addcmul_(g, g, value=c)  # the accumulator itself, in place
+            x = torch.add(v, e)
+        else:
+            parts = torch.split(acc, list(g.shape))
+            views = [a.view([1] * i + [g.shape[i]] + [1] * (g.ndim - i - 1)) for i, a in enumerate(parts)]
+            x = torch.minimum(views[0], views[1]) if g.ndim == 2 else torch.minimum(views[0], views[1]).expand(g.shape).clone()
+            for a in views[2:]:
+                torch.minimum(x, a, out=x)
+            x.mul_(beta2).addcmul_(g, g, value=c)
+            for i, a in enumerate(parts):
+                torch.amax(x, dim=[j for j in range(g.ndim) if j != i], out=a)
+            v = x
+            x.add_(e)
+        mask = None if e > 0 else v > 0
+        x.rsqrt_().mul_(g)
+        if mask is not None:
+            x.masked_fill_(~mask, 0.0)
+        w.append(x)
+    nu = _moment(flat.state_live(state.nu, "state.nu"), w, beta1, True)
+    _copy_(w, nu)
+    return flat.rebuild(w), ScaleBySM3State(state.mu, _store(flat, nu, state.nu))
 
 
 # --- stateless per-leaf scalings --------------------------------------------------------------------
