@@ -35,6 +35,7 @@ from .base import (
     stateless,
 )
 from .combine import inject_hyperparams
+from .optax_optimizers import _copy_, _reciprocal_, _sqrt_, _sub
 from .transforms import (
     ScalarOrSchedule,
     _ema,
@@ -584,6 +585,10 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
         t = _count_value(state.count) + 1
         bc = ((1 - b2 ** t) ** 0.5) / (1 - b1 ** t)
         dlr = d * sched * bc
+        wd = _sv(weight_decay) if use_weight_decay else 0.0
+        if own.state and not _tree.pure_ops() and not isinstance(wd, torch.Tensor):
+            return _prodigy_eager(flat, state, g, p, p0, d, d0, dlr, b1, b2, b3, wd, estim_lr_coef, eps,
+                                  safeguard_warmup)
         dg = list(_fe.mul(g, d))
         acum = _vdot(g, _fe.add(p0, p, alpha=-1))
         ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), dg, b1, True)
@@ -608,6 +613,41 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
         return flat.rebuild(out), new_state
 
     return owned_transform(init, owned_update)
+
+
+def _prodigy_eager(flat: _Flat, state: ProdigyState, g: list[torch.Tensor], p: list[torch.Tensor],
+                   p0: list[torch.Tensor], d: torch.Tensor, d0: Any, dlr: Any, b1: Any, b2: Any, b3: Any, wd: float,
+                   estim_lr_coef: Any, eps: Any, safeguard_warmup: bool) -> tuple[Updates, ProdigyState]:
+    """prodigy's owned step with one temporary: ``p0 - p`` (for the dot product), then ``d g``
+    (for the moments and the sum), then the output; the state in place. The estimate ``d`` stays
+    a tensor (no host read)."""
+    tmp = list(_sub(p0, p))
+    acum = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(g, tmp)]).sum()
+    _copy_(tmp, g)
+    _fe.mul_(tmp, d)  # d g
+    ea = _ema(flat.state_live(state.exp_avg, "state.exp_avg"), tmp, b1, True)
+    eas = _ema_sq(flat.state_live(state.exp_avg_sq, "state.exp_avg_sq"), tmp, b2, True)
+    s = flat.state_live(state.grad_sum, "state.grad_sum")
+    _fe.mul_(s, b3)
+    _fe.mul_(tmp, (d / d0) if safeguard_warmup else (dlr / d0))
+    _fe.add_(s, tmp)
+    num = b3 * state.numerator_weighted + (d / d0) * dlr * acum
+    l1 = torch.stack(list(_fe.norm(s, 1))).sum()
+    estimate = torch.where(l1 > 0, _sv(estim_lr_coef) * num / torch.where(l1 > 0, l1, 1.0), d)
+    num = num.to(state.numerator_weighted.dtype)
+    new_d = torch.maximum(d, estimate.to(d.dtype))
+    out = tmp
+    _copy_(out, eas)
+    _sqrt_(out)
+    _fe.add_(out, new_d * _sv(eps))
+    _reciprocal_(out)
+    _fe.mul_(out, ea)  # exp_avg / (sqrt(exp_avg_sq) + d eps)
+    if wd != 0:
+        _fe.add_(out, p, alpha=wd)
+    _fe.mul_(out, -dlr)
+    new_state = ProdigyState(flat.rebuild(ea, like=state.exp_avg), flat.rebuild(eas, like=state.exp_avg_sq),
+                             flat.rebuild(s, like=state.grad_sum), state.params0, new_d, num, state.count + 1)
+    return flat.rebuild(out), new_state
 
 
 @recorded
