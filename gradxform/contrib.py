@@ -35,7 +35,7 @@ from .base import (
     stateless,
 )
 from .combine import inject_hyperparams
-from .optax_optimizers import _copy_, _reciprocal_, _sqrt_, _sub
+from .optax_optimizers import _copy_, _dog_norms, _dog_scaled, _reciprocal_, _sqrt_, _sub
 from .transforms import (
     ScalarOrSchedule,
     _ema,
@@ -1633,14 +1633,16 @@ def scale_by_dog(init_step: tuple[str, float] = ("heuristic", 1e-6), eps: float 
             return updates, state
         x = flat.params_live(params, "scale_by_dog")
         x0 = flat.state_live(state.init_params, "state.init_params")
-        dist = torch.sqrt(_sq_norm(_fe.add(x0, x, alpha=-1)))
+        # the step of the layer-wise scale_by_distance_over_gradients, with norms over all leaves
+        tmp, dists, gnorms = _dog_norms(x, x0, flat.live)
+        dist = torch.linalg.vector_norm(torch.stack(dists))
         max_dist = torch.maximum(state.max_dist, dist.to(state.max_dist))
-        sum_sq = state.sum_sq_norm_grads + _sq_norm(flat.live).to(state.sum_sq_norm_grads)
+        sum_sq = state.sum_sq_norm_grads + (torch.stack(gnorms) ** 2).sum().to(state.sum_sq_norm_grads)
         lr = max_dist / torch.sqrt(sum_sq + _sv(eps))
         if kind == "learning_rate":
             lr = torch.where(state.is_init_step, _like(_sv(value), lr), lr)
-        out = list(_fe.mul(flat.live, lr))
-        return flat.rebuild(out), DoGState(torch.zeros_like(state.is_init_step), state.init_params, max_dist, sum_sq)
+        out = _dog_scaled(flat, tmp, lr)
+        return out, DoGState(torch.zeros_like(state.is_init_step), state.init_params, max_dist, sum_sq)
 
     return owned_transform(init, owned_update)
 

@@ -1219,6 +1219,30 @@ class ScaleByDistanceOverGradientsState(NamedTuple):
     init_params: Any
 
 
+def _dog_norms(p: list[torch.Tensor], p0: list[torch.Tensor],
+               g: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The norms of a DoG step (Ivgi et al., 2023), shared by the layer-wise
+    `scale_by_distance_over_gradients` and the global `gradxform.scale_by_dog`: ``p - p0`` (a
+    temporary, returned for `_dog_scaled` to reuse), ``||p_i - p0_i||`` and ``||g_i||`` per leaf
+    (foreach norms; the global variant combines them)."""
+    tmp = list(_sub(p, p0))
+    return tmp, list(_fe.norm(tmp)), list(_fe.norm(g))
+
+
+def _dog_scaled(flat: _Flat, tmp: list[torch.Tensor], factors: Any) -> Updates:
+    """``factor * g`` (``factors``: one 0-d tensor, or one per leaf) written into the temporary
+    of `_dog_norms` where its dtype is the update's, so the step makes one temporary."""
+    g = flat.live
+    if any(t.dtype != x.dtype for t, x in zip(tmp, g)):
+        tmp = [torch.empty_like(x) for x in g]
+    _copy_(tmp, g)
+    if isinstance(factors, list):
+        _fe.mul_(tmp, [f.to(x.dtype) for f, x in zip(factors, g)])
+    else:
+        _fe.mul_(tmp, factors)
+    return flat.rebuild(tmp)
+
+
 @recorded
 def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: float = 1e-8,
                                      param_dtype: torch.dtype | None = torch.float32,
@@ -1273,11 +1297,11 @@ def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: float = 1e-8,
         p0 = flat.state_live(state.init_params, "state.init_params", check_shapes=False)
         d_old = flat.state_live(state.max_dist, "state.max_dist", check_shapes=False)
         gs_old = flat.state_live(state.grad_sum_of_squares, "state.grad_sum_of_squares", check_shapes=False)
-        dist = [torch.linalg.vector_norm(a - b) for a, b in zip(p, p0)]
+        tmp, dist, gn = _dog_norms(p, p0, flat.live)
         d = [torch.maximum(o, x.to(o.dtype)) for o, x in zip(d_old, dist)]
-        gs = [o + torch.linalg.vector_norm(x).to(o.dtype) ** 2 for o, x in zip(gs_old, flat.live)]
+        gs = [o + x.to(o.dtype) ** 2 for o, x in zip(gs_old, gn)]
         factors = [global_scale * (a / torch.sqrt(b + eps)) for a, b in zip(d, gs)]
-        out = _scaled_by(flat, factors, own)
+        out = _dog_scaled(flat, tmp, factors)
         if _inplace(own):
             for o, n in zip(d_old + gs_old, d + gs):
                 o.copy_(n)
