@@ -743,6 +743,8 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
         dlr = state.estim_lr * sched * bc
         s = _bufs(flat, state.grad_sum, "state.grad_sum", own)
         eas = _bufs(flat, state.exp_avg_sq, "state.exp_avg_sq", own)
+        if own.state and not _tree.pure_ops():
+            return _dadapt_eager(flat, state, g, p, s, eas, b1, b2, sb2, e, dlr, weight_decay, use_weight_decay)
         den = list(_fe.sqrt(eas))
         _fe.add_(den, e)
         acum = _vdot(g, _fe.div(s, den))
@@ -768,6 +770,42 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
         return flat.rebuild(out), new_state
 
     return owned_transform(init, owned_update)
+
+
+def _dadapt_eager(flat: _Flat, state: DAdaptAdamWState, g: list[torch.Tensor], p: list[torch.Tensor],
+                  s: list[torch.Tensor], eas: list[torch.Tensor], b1: Any, b2: Any, sb2: Any, e: Any, dlr: Any,
+                  weight_decay: Any, use_weight_decay: bool) -> tuple[Updates, DAdaptAdamWState]:
+    """dadapt_adamw's owned step with one temporary ``T`` (``s / den``, then ``dlr g``, then
+    the output; a second one for the weight decay), the state in place, ``d`` a tensor."""
+    T = list(_fe.sqrt(eas))
+    _fe.add_(T, e)
+    _reciprocal_(T)
+    _fe.mul_(T, s)  # s / (sqrt(v) + eps)
+    acum = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(g, T)]).sum()
+    _copy_(T, g)
+    _fe.mul_(T, dlr)  # dlr g
+    ea = _ema(flat.state_live(state.exp_avg, "state.exp_avg"), T, b1, True)
+    eas = _ema_sq(eas, g, b2, True)
+    _fe.mul_(s, sb2)
+    _fe.mul_(T, 1 - sb2)
+    _fe.add_(s, T)
+    num = sb2 * state.numerator_weighted + (1 - sb2) * dlr * acum
+    l1 = torch.stack(list(_fe.norm(s, 1))).sum()
+    estimate = torch.where(l1 > 0, num / ((1 - sb2) * torch.where(l1 > 0, l1, 1.0)), state.estim_lr)
+    num = num.to(state.numerator_weighted.dtype)
+    new_d = torch.maximum(state.estim_lr, estimate.to(state.estim_lr.dtype))
+    out = T
+    _copy_(out, eas)
+    _sqrt_(out)
+    _fe.add_(out, e)
+    _reciprocal_(out)
+    _fe.mul_(out, ea)
+    _fe.mul_(out, -1.0)
+    if use_weight_decay:
+        _fe.add_(out, _fe.mul(p, -_sv(weight_decay) * dlr))
+    new_state = DAdaptAdamWState(flat.rebuild(ea, like=state.exp_avg), flat.rebuild(eas, like=state.exp_avg_sq),
+                                 flat.rebuild(s, like=state.grad_sum), new_d, num, state.count + 1)
+    return flat.rebuild(out), new_state
 
 
 @recorded
@@ -1372,12 +1410,17 @@ def scale_by_madgrad(learning_rate: ScalarOrSchedule, momentum: float | torch.Te
         k = _count_value(state.count)
         lam = (lr + e) * ((k + 1) ** 0.5)
         gss = _bufs(flat, state.grad_sum_sq, "state.grad_sum_sq", own)
-        _fe.add_(gss, _fe.mul(_fe.mul(g, g), lam))
         s = _bufs(flat, state.s, "state.s", own)
-        _fe.add_(s, _fe.mul(g, lam))
-        sigma = list(_pow(gss, 1.0 / 3.0))
-        _fe.add_(sigma, e)
-        z = list(_fe.div(s, sigma))
+        if isinstance(lam, (int, float)) and not _tree.pure_ops():  # no temporaries but sigma
+            _fe.addcmul_(gss, g, g, lam)
+            _fe.add_(s, g, alpha=lam)
+        else:
+            _fe.add_(gss, _fe.mul(_fe.mul(g, g), lam))
+            _fe.add_(s, _fe.mul(g, lam))
+        z = list(_pow(gss, 1.0 / 3.0))
+        _fe.add_(z, e)
+        _reciprocal_(z)
+        _fe.mul_(z, s)  # s / sigma, in sigma's buffer
         _fe.mul_(z, -1.0)
         _fe.add_(z, flat.state_live(state.x0, "state.x0"))
         _fe.add_(z, x, alpha=-1)
@@ -1495,6 +1538,8 @@ def scale_by_cocob(alpha: float | torch.Tensor = 100.0, eps: float | torch.Tenso
         x = flat.params_live(params, "scale_by_cocob")
         x0 = flat.state_live(state.init_particles, "state.init_particles")
         a = _sv(alpha)
+        if own.state and not _tree.pure_ops() and isinstance(a, (int, float)):
+            return _cocob_eager(flat, state, g, x, x0, a)
         absg = list(_abs(g))
         L = _bufs(flat, state.scale, "state.scale", own)
         _fe.maximum_(L, absg)
@@ -1517,6 +1562,34 @@ def scale_by_cocob(alpha: float | torch.Tensor = 100.0, eps: float | torch.Tenso
         return flat.rebuild(out), new_state
 
     return owned_transform(init, owned_update)
+
+
+def _cocob_eager(flat: _Flat, state: COCOBState, g: list[torch.Tensor], x: list[torch.Tensor],
+                 x0: list[torch.Tensor], a: float) -> tuple[Updates, COCOBState]:
+    """scale_by_cocob's owned step with two temporaries (``|g|``, then the ratio; ``x - x0``, then the output),
+    the state in place; ``max(G + L, a L)`` as ``L + max(G, (a - 1) L)``."""
+    T = list(_abs(g))
+    L = flat.state_live(state.scale, "state.scale")
+    _fe.maximum_(L, T)
+    G = flat.state_live(state.subgradients, "state.subgradients")
+    _fe.add_(G, T)
+    R = flat.state_live(state.reward, "state.reward")
+    diff = list(_sub(x, x0))
+    _fe.addcmul_(R, g, diff, -1.0)
+    _fe.clamp_min_(R, 0.0)
+    C = flat.state_live(state.cumulative_gradients, "state.cumulative_gradients")
+    _fe.add_(C, g, alpha=-1)
+    _copy_(T, L)
+    _fe.mul_(T, a - 1.0)
+    _fe.maximum_(T, G)
+    _fe.add_(T, L)
+    _fe.mul_(T, L)  # the denominator
+    _reciprocal_(T)
+    _fe.mul_(T, C)  # C / den
+    _fe.mul_(diff, -1.0)  # the output: (C / den) (L + R) - (x - x0), in diff's buffer
+    _fe.addcmul_(diff, T, L)
+    _fe.addcmul_(diff, T, R)
+    return flat.rebuild(diff), state
 
 
 def _cocob(lr: Any, alpha: Any, eps: Any, weight_decay: Any, mask: Any, use_weight_decay: bool) -> GradientTransformation:
