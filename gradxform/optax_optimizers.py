@@ -1188,6 +1188,19 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
         g = flat.live
         old_counts = flat.state_live(state.count, "state.count", check_shapes=False)
         prev = flat.state_live(state.previous_gradient, "state.previous_gradient")
+        if _eager(own, old_counts, a, b):
+            # out = (a + b) g - b g_prev, in g_prev's buffer; the state then keeps g itself when
+            # the update is ours to keep, else a copy: one temporary at most
+            for c, x, pv in zip(old_counts, g, prev):
+                if int(c) == 0:
+                    pv.copy_(x)
+            out = prev
+            _fe.mul_(out, -b)
+            _fe.add_(out, g, alpha=a + b)
+            new_prev = g if own.may_write(g) else list(_fe.mul(g, 1.0))
+            counts = _step_counts(flat, state.count, True)
+            return flat.rebuild(out), ScaleByOptimisticGradientState(_store(flat, counts, state.count),
+                                                                     _store(flat, new_prev, state.previous_gradient))
         if _scalars_traced(old_counts):
             prev_eff = [torch.where(c == 0, x, p) for c, x, p in zip(old_counts, g, prev)]
         else:
