@@ -509,7 +509,12 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
                 out = list(_fe.mul(g, [(1 - beta1) / c / ai for c, ai in zip(c1, a)]))
                 _fe.add_(out, mu)
                 _fe.mul_(out, a)
-                _fe.div_(out, _denominators(list(_fe.div(nu, c2)), e, er))
+                den = list(_fe.div(nu, c2))
+                if not _is_zero(er):
+                    _fe.add_(den, er)
+                _sqrt_(den)
+                _fe.add_(den, e)
+                _fe.div_(out, den)
             else:
                 out = _adam_ratio(mu, nu, c1, c2, e, er)
             new = OptaxAdamState(_store(flat, counts, state.count), _store(flat, mu, state.mu), _store(flat, nu, state.nu),
@@ -621,6 +626,18 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
         # first step: b2e = 0 gives n = ||g||^2 (bit-equal to optax's ``(1-b2) s + b2 n`` later on)
         nu = [((1 - b) * s + b * n).to(n.dtype) for s, n, b in zip(sq, nu_old, b2e)]
         denom = [torch.sqrt(n + er) + e if not _is_zero(er) else torch.sqrt(n) + e for n in nu]
+        if _eager(own, counts, beta1, beta2, wd):
+            # one temporary: g / denom, then the output (a copy of the new momentum)
+            a = list(_fe.div(g, [d.to(x.dtype) for x, d in zip(g, denom)]))
+            if not _is_zero(wd):
+                _fe.add_(a, flat.params_live(params, "scale_by_novograd (weight_decay)"), alpha=wd)
+            mu = flat.state_live(state.mu, "state.mu")
+            _fe.mul_(mu, b1e)
+            _fe.add_(mu, a)
+            _copy_(a, mu)
+            _copy_(nu_old, nu)
+            return flat.rebuild(a), ScaleByNovogradState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
+                                                         _store(flat, nu_old, state.nu))
         a = [x / d.to(x.dtype) for x, d in zip(g, denom)]
         if not _is_zero(wd):
             p = flat.params_live(params, "scale_by_novograd (weight_decay)")
