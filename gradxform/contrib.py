@@ -586,9 +586,9 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
         bc = ((1 - b2 ** t) ** 0.5) / (1 - b1 ** t)
         dlr = d * sched * bc
         wd = _sv(weight_decay) if use_weight_decay else 0.0
-        if own.state and not _tree.pure_ops() and not isinstance(wd, torch.Tensor):
+        if not _tree.pure_ops() and not isinstance(wd, torch.Tensor):
             return _prodigy_eager(flat, state, g, p, p0, d, d0, dlr, b1, b2, b3, wd, estim_lr_coef, eps,
-                                  safeguard_warmup)
+                                  safeguard_warmup, own)
         dg = list(_fe.mul(g, d))
         acum = _vdot(g, _fe.add(p0, p, alpha=-1))
         ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), dg, b1, True)
@@ -617,7 +617,7 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
 
 def _prodigy_eager(flat: _Flat, state: ProdigyState, g: list[torch.Tensor], p: list[torch.Tensor],
                    p0: list[torch.Tensor], d: torch.Tensor, d0: Any, dlr: Any, b1: Any, b2: Any, b3: Any, wd: float,
-                   estim_lr_coef: Any, eps: Any, safeguard_warmup: bool) -> tuple[Updates, ProdigyState]:
+                   estim_lr_coef: Any, eps: Any, safeguard_warmup: bool, own: Ownership) -> tuple[Updates, ProdigyState]:
     """prodigy's owned step with one temporary: ``p0 - p`` (for the dot product), then ``d g``
     (for the moments and the sum), then the output; the state in place. The estimate ``d`` stays
     a tensor (no host read)."""
@@ -625,9 +625,9 @@ def _prodigy_eager(flat: _Flat, state: ProdigyState, g: list[torch.Tensor], p: l
     acum = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(g, tmp)]).sum()
     _copy_(tmp, g)
     _fe.mul_(tmp, d)  # d g
-    ea = _ema(flat.state_live(state.exp_avg, "state.exp_avg"), tmp, b1, True)
-    eas = _ema_sq(flat.state_live(state.exp_avg_sq, "state.exp_avg_sq"), tmp, b2, True)
-    s = flat.state_live(state.grad_sum, "state.grad_sum")
+    ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), tmp, b1, True)
+    eas = _ema_sq(_bufs(flat, state.exp_avg_sq, "state.exp_avg_sq", own), tmp, b2, True)
+    s = _bufs(flat, state.grad_sum, "state.grad_sum", own)
     _fe.mul_(s, b3)
     _fe.mul_(tmp, (d / d0) if safeguard_warmup else (dlr / d0))
     _fe.add_(s, tmp)
@@ -743,8 +743,8 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
         dlr = state.estim_lr * sched * bc
         s = _bufs(flat, state.grad_sum, "state.grad_sum", own)
         eas = _bufs(flat, state.exp_avg_sq, "state.exp_avg_sq", own)
-        if own.state and not _tree.pure_ops():
-            return _dadapt_eager(flat, state, g, p, s, eas, b1, b2, sb2, e, dlr, weight_decay, use_weight_decay)
+        if not _tree.pure_ops():
+            return _dadapt_eager(flat, state, g, p, s, eas, b1, b2, sb2, e, dlr, weight_decay, use_weight_decay, own)
         den = list(_fe.sqrt(eas))
         _fe.add_(den, e)
         acum = _vdot(g, _fe.div(s, den))
@@ -774,7 +774,7 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
 
 def _dadapt_eager(flat: _Flat, state: DAdaptAdamWState, g: list[torch.Tensor], p: list[torch.Tensor],
                   s: list[torch.Tensor], eas: list[torch.Tensor], b1: Any, b2: Any, sb2: Any, e: Any, dlr: Any,
-                  weight_decay: Any, use_weight_decay: bool) -> tuple[Updates, DAdaptAdamWState]:
+                  weight_decay: Any, use_weight_decay: bool, own: Ownership) -> tuple[Updates, DAdaptAdamWState]:
     """dadapt_adamw's owned step with one temporary ``T`` (``s / den``, then ``dlr g``, then
     the output; a second one for the weight decay), the state in place, ``d`` a tensor."""
     T = list(_fe.sqrt(eas))
@@ -784,7 +784,7 @@ def _dadapt_eager(flat: _Flat, state: DAdaptAdamWState, g: list[torch.Tensor], p
     acum = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(g, T)]).sum()
     _copy_(T, g)
     _fe.mul_(T, dlr)  # dlr g
-    ea = _ema(flat.state_live(state.exp_avg, "state.exp_avg"), T, b1, True)
+    ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), T, b1, True)
     eas = _ema_sq(eas, g, b2, True)
     _fe.mul_(s, sb2)
     _fe.mul_(T, 1 - sb2)
@@ -1538,8 +1538,8 @@ def scale_by_cocob(alpha: float | torch.Tensor = 100.0, eps: float | torch.Tenso
         x = flat.params_live(params, "scale_by_cocob")
         x0 = flat.state_live(state.init_particles, "state.init_particles")
         a = _sv(alpha)
-        if own.state and not _tree.pure_ops() and isinstance(a, (int, float)):
-            return _cocob_eager(flat, state, g, x, x0, a)
+        if not _tree.pure_ops() and isinstance(a, (int, float)):
+            return _cocob_eager(flat, state, g, x, x0, a, own)
         absg = list(_abs(g))
         L = _bufs(flat, state.scale, "state.scale", own)
         _fe.maximum_(L, absg)
@@ -1565,19 +1565,19 @@ def scale_by_cocob(alpha: float | torch.Tensor = 100.0, eps: float | torch.Tenso
 
 
 def _cocob_eager(flat: _Flat, state: COCOBState, g: list[torch.Tensor], x: list[torch.Tensor],
-                 x0: list[torch.Tensor], a: float) -> tuple[Updates, COCOBState]:
+                 x0: list[torch.Tensor], a: float, own: Ownership) -> tuple[Updates, COCOBState]:
     """scale_by_cocob's owned step with two temporaries (``|g|``, then the ratio; ``x - x0``, then the output),
     the state in place; ``max(G + L, a L)`` as ``L + max(G, (a - 1) L)``."""
     T = list(_abs(g))
-    L = flat.state_live(state.scale, "state.scale")
+    L = _bufs(flat, state.scale, "state.scale", own)
     _fe.maximum_(L, T)
-    G = flat.state_live(state.subgradients, "state.subgradients")
+    G = _bufs(flat, state.subgradients, "state.subgradients", own)
     _fe.add_(G, T)
-    R = flat.state_live(state.reward, "state.reward")
+    R = _bufs(flat, state.reward, "state.reward", own)
     diff = list(_sub(x, x0))
     _fe.addcmul_(R, g, diff, -1.0)
     _fe.clamp_min_(R, 0.0)
-    C = flat.state_live(state.cumulative_gradients, "state.cumulative_gradients")
+    C = _bufs(flat, state.cumulative_gradients, "state.cumulative_gradients", own)
     _fe.add_(C, g, alpha=-1)
     _copy_(T, L)
     _fe.mul_(T, a - 1.0)
@@ -1589,7 +1589,9 @@ def _cocob_eager(flat: _Flat, state: COCOBState, g: list[torch.Tensor], x: list[
     _fe.mul_(diff, -1.0)  # the output: (C / den) (L + R) - (x - x0), in diff's buffer
     _fe.addcmul_(diff, T, L)
     _fe.addcmul_(diff, T, R)
-    return flat.rebuild(diff), state
+    return flat.rebuild(diff), COCOBState(state.init_particles, flat.rebuild(C, like=state.cumulative_gradients),
+                                          flat.rebuild(L, like=state.scale), flat.rebuild(G, like=state.subgradients),
+                                          flat.rebuild(R, like=state.reward))
 
 
 def _cocob(lr: Any, alpha: Any, eps: Any, weight_decay: Any, mask: Any, use_weight_decay: bool) -> GradientTransformation:

@@ -147,11 +147,18 @@ _sub = _fe._op("sub", lambda x, o, alpha=1: torch.sub(x, o, alpha=alpha))
 
 
 def _eager(own: Ownership, counts: list[torch.Tensor], *hps: Any) -> bool:
-    """Whether an update may take its eager fast path: state buffers owned, number
-    hyperparameters, bias corrections as Python floats (CPU counts read eagerly), out of
-    ``torch.func``. That path makes one params-shaped temporary per step and does the rest in
-    place (on the state and on that temporary)."""
-    return own.state and not _tree.pure_ops() and not _scalars_traced(counts, *hps)
+    """Whether an update takes its eager path: number hyperparameters, bias corrections as
+    Python floats (CPU counts read eagerly), out of ``torch.func``. That path makes one
+    params-shaped temporary per step and does the rest in place, on the state buffers when
+    they are owned (``own.state``), else on copies of them (`_held`): the pure and the owned
+    update run the same arithmetic, so they agree to the bit."""
+    del own
+    return not _tree.pure_ops() and not _scalars_traced(counts, *hps)
+
+
+def _held(xs: list[torch.Tensor], own: Ownership) -> list[torch.Tensor]:
+    """State buffers to update in place: themselves when the caller owns the state, else copies."""
+    return xs if own.state else [x.clone() for x in xs]
 
 
 def _adam_ratio(mu: list[torch.Tensor], nu: list[torch.Tensor], c1: list[Any], c2: list[Any] | None, eps: Any,
@@ -413,6 +420,7 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         nu_old = flat.state_live(state.nu, "state.nu")
         if _eager(own, counts, beta1, beta2):
             # one temporary t: t = sign(nu - g^2) g; nu -= (1 - b2) t g; then t holds the output
+            nu_old = _held(nu_old, own)
             t = list(_fe.mul(g, g))
             _fe.mul_(t, -1.0)
             _fe.add_(t, nu_old)
@@ -482,6 +490,8 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
         nu_old = flat.state_live(state.nu, "state.nu")
         nu_max = None
         fast = _eager(own, counts, beta1, beta2) and bias_correction_mu and bias_correction_nu
+        if fast:
+            nu_old = _held(nu_old, own)
         if fast and kind == "adamax":
             a = list(_fe._op("abs", torch.abs)(g))
             _fe.add_(a, e)
@@ -498,7 +508,7 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
             nu = _moment_sq(nu_old, g, beta2, True)
             c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
             if kind == "amsgrad":
-                nu_max = flat.state_live(state.nu_max, "state.nu_max")
+                nu_max = _held(flat.state_live(state.nu_max, "state.nu_max"), own)
                 s = list(_fe.div(nu, c2))
                 _fe.maximum_(nu_max, s)
                 out = _adam_ratio(mu, nu_max, [1.0] * len(c1), None, e, er, s)
@@ -631,7 +641,8 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
             a = list(_fe.div(g, [d.to(x.dtype) for x, d in zip(g, denom)]))
             if not _is_zero(wd):
                 _fe.add_(a, flat.params_live(params, "scale_by_novograd (weight_decay)"), alpha=wd)
-            mu = flat.state_live(state.mu, "state.mu")
+            mu = _held(flat.state_live(state.mu, "state.mu"), own)
+            nu_old = _held(nu_old, own)
             _fe.mul_(mu, b1e)
             _fe.add_(mu, a)
             _copy_(a, mu)
@@ -720,7 +731,7 @@ def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.
         old_counts = flat.state_live(state.count, "state.count", check_shapes=False)
         prev = flat.state_live(state.g, "state.g")
         if _eager(own, old_counts, beta1, beta2, beta3, e, er):
-            return _adan_eager(flat, state, g, old_counts, prev, beta1, beta2, beta3, e, er)
+            return _adan_eager(flat, state, g, old_counts, _held(prev, own), beta1, beta2, beta3, e, er, own)
         if _scalars_traced(old_counts):
             diff = [torch.where(c > 0, x - p, torch.zeros_like(x)) for c, x, p in zip(old_counts, g, prev)]
         else:
@@ -750,7 +761,7 @@ def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.
 
 def _adan_eager(flat: _Flat, state: Any, g: list[torch.Tensor], old_counts: list[torch.Tensor],
                 prev: list[torch.Tensor], beta1: float, beta2: float, beta3: float, e: float,
-                er: float) -> tuple[Updates, Any]:
+                er: float, own: Ownership) -> tuple[Updates, Any]:
     """scale_by_adan's eager owned step: one temporary (the output); the difference of
     gradients and then the denominator live in the buffer of the previous gradient, which
     receives this gradient last."""
@@ -761,11 +772,11 @@ def _adan_eager(flat: _Flat, state: Any, g: list[torch.Tensor], old_counts: list
     for d, f in zip(diff, first):
         if f:
             d.zero_()
-    counts = _step_counts(flat, state.count, True)
-    m = _moment(flat.state_live(state.m, "state.m"), g, beta1, True)
-    v = _moment(flat.state_live(state.v, "state.v"), diff, beta2, True)
+    counts = _step_counts(flat, state.count, own.state)
+    m = _moment(_held(flat.state_live(state.m, "state.m"), own), g, beta1, True)
+    v = _moment(_held(flat.state_live(state.v, "state.v"), own), diff, beta2, True)
     u = list(_fe.add(g, diff, alpha=1 - beta2))
-    n = _moment_sq(flat.state_live(state.n, "state.n"), u, beta3, True)
+    n = _moment_sq(_held(flat.state_live(state.n, "state.n"), own), u, beta3, True)
     c1, c2, c3 = (_bias_corrections(counts, b) for b in (beta1, beta2, beta3))
     # u = m / c1 + (1 - b2) v / c2, written as ((v * k c1) + m) / c1 with k = (1 - b2) / c2
     _copy_(u, v)
@@ -879,8 +890,8 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
             if a.shape != (_sm3_size(g),):
                 raise ValueError(f"scale_by_sm3: state.mu at '{flat.paths()[i]}' has shape {tuple(a.shape)}, "
                                  f"expected ({_sm3_size(g)},) for an update of shape {tuple(g.shape)}")
-        if _inplace(own) and not any(isinstance(x, torch.Tensor) for x in (beta1, beta2, e)):
-            return _sm3_eager(flat, state, accs, beta1, beta2, e)
+        if not _tree.pure_ops() and not any(isinstance(x, torch.Tensor) for x in (beta1, beta2, e)):
+            return _sm3_eager(flat, state, _held(accs, own), beta1, beta2, e, own)
         pairs = [one(g, a, beta2, e) for g, a in zip(flat.live, accs)]
         w = [p[0] for p in pairs]
         new_acc = [p[1] for p in pairs]
@@ -896,7 +907,7 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
 
 
 def _sm3_eager(flat: _Flat, state: Any, accs: list[torch.Tensor], beta1: float, beta2: float,
-               e: float) -> tuple[Updates, Any]:
+               e: float, own: Ownership) -> tuple[Updates, Any]:
     """scale_by_sm3's eager owned step: per leaf one params-shaped temporary ``v`` (the
     accumulator's cover, then ``g / sqrt(v + eps)``, then the output), the state in place.
     With ``eps > 0`` the ``v > 0`` guard needs no mask: ``v = 0`` only where ``g = 0``."""
@@ -926,9 +937,9 @@ def _sm3_eager(flat: _Flat, state: Any, accs: list[torch.Tensor], beta1: float, 
         if mask is not None:
             x.masked_fill_(~mask, 0.0)
         w.append(x)
-    nu = _moment(flat.state_live(state.nu, "state.nu"), w, beta1, True)
+    nu = _moment(_held(flat.state_live(state.nu, "state.nu"), own), w, beta1, True)
     _copy_(w, nu)
-    return flat.rebuild(w), ScaleBySM3State(state.mu, _store(flat, nu, state.nu))
+    return flat.rebuild(w), ScaleBySM3State(_store(flat, accs, state.mu), _store(flat, nu, state.nu))
 
 
 # --- stateless per-leaf scalings --------------------------------------------------------------------
@@ -1208,14 +1219,15 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
         if _eager(own, old_counts, a, b):
             # out = (a + b) g - b g_prev, in g_prev's buffer; the state then keeps g itself when
             # the update is ours to keep, else a copy: one temporary at most
+            prev = _held(prev, own)
             for c, x, pv in zip(old_counts, g, prev):
                 if int(c) == 0:
                     pv.copy_(x)
             out = prev
             _fe.mul_(out, -b)
             _fe.add_(out, g, alpha=a + b)
-            new_prev = g if own.may_write(g) else list(_fe.mul(g, 1.0))
-            counts = _step_counts(flat, state.count, True)
+            new_prev = g if own.may_write(g) else [x.clone() for x in g]
+            counts = _step_counts(flat, state.count, own.state)
             return flat.rebuild(out), ScaleByOptimisticGradientState(_store(flat, counts, state.count),
                                                                      _store(flat, new_prev, state.previous_gradient))
         if _scalars_traced(old_counts):
