@@ -743,31 +743,7 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
         dlr = state.estim_lr * sched * bc
         s = _bufs(flat, state.grad_sum, "state.grad_sum", own)
         eas = _bufs(flat, state.exp_avg_sq, "state.exp_avg_sq", own)
-        if not _tree.pure_ops():
-            return _dadapt_eager(flat, state, g, p, s, eas, b1, b2, sb2, e, dlr, weight_decay, use_weight_decay, own)
-        den = list(_fe.sqrt(eas))
-        _fe.add_(den, e)
-        acum = _vdot(g, _fe.div(s, den))
-        dlr_g = list(_fe.mul(g, dlr))
-        ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), dlr_g, b1, True)
-        eas = _ema_sq(eas, g, b2, True)
-        _fe.mul_(s, sb2)
-        _fe.add_(s, _fe.mul(dlr_g, 1 - sb2))
-        num = sb2 * state.numerator_weighted + (1 - sb2) * dlr * acum
-        l1 = _sum(_abs(s))
-        # ||s||_1 = 0 (all-zero or empty gradients so far): keep d (optax would make d NaN)
-        estimate = torch.where(l1 > 0, num / ((1 - sb2) * torch.where(l1 > 0, l1, 1.0)), state.estim_lr)
-        num = num.to(state.numerator_weighted.dtype)  # (injected float64 hyperparameters promote)
-        new_d = torch.maximum(state.estim_lr, estimate.to(state.estim_lr.dtype))
-        den = list(_fe.sqrt(eas))
-        _fe.add_(den, e)
-        out = list(_fe.div(ea, den))
-        _fe.mul_(out, -1.0)
-        if use_weight_decay:
-            _fe.add_(out, _fe.mul(p, -_sv(weight_decay) * dlr))
-        new_state = DAdaptAdamWState(flat.rebuild(ea, like=state.exp_avg), flat.rebuild(eas, like=state.exp_avg_sq),
-                                     flat.rebuild(s, like=state.grad_sum), new_d, num, state.count + 1)
-        return flat.rebuild(out), new_state
+        return _dadapt_eager(flat, state, g, p, s, eas, b1, b2, sb2, e, dlr, weight_decay, use_weight_decay, own)
 
     return owned_transform(init, owned_update)
 
@@ -775,8 +751,9 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
 def _dadapt_eager(flat: _Flat, state: DAdaptAdamWState, g: list[torch.Tensor], p: list[torch.Tensor],
                   s: list[torch.Tensor], eas: list[torch.Tensor], b1: Any, b2: Any, sb2: Any, e: Any, dlr: Any,
                   weight_decay: Any, use_weight_decay: bool, own: Ownership) -> tuple[Updates, DAdaptAdamWState]:
-    """dadapt_adamw's owned step with one temporary ``T`` (``s / den``, then ``dlr g``, then
-    the output; a second one for the weight decay), the state in place, ``d`` a tensor."""
+    """dadapt_adamw's step with one temporary ``T`` (``s / den``, then ``dlr g``, then the
+    output; a second one for the weight decay), the state buffers (copies unless owned) in
+    place, ``d`` a tensor. Inside ``torch.func`` the in-place ops rebind the lists instead."""
     T = list(_fe.sqrt(eas))
     _fe.add_(T, e)
     _reciprocal_(T)
