@@ -18,6 +18,10 @@ gradients every step, no forward/backward timed. For each row of ``ROWS``:
                 counting the bytes a step must move (read the gradient, read and write the
                 params and each buffer; AdamW: 7 passes).
 
+``--allocs`` prints instead, per row, the bytes one step allocates (``torch.profiler`` with
+``profile_memory=True``, after two untimed steps) in units of the params: the number of
+params-sized temporaries a step makes, a figure that does not drift with the machine's load.
+
 Time: median of ``--steps`` timed steps after ``--warmup`` untimed ones; ``--repeat`` runs of
 the whole table keep, per row, the median of the runs' figures. Use ``--threads 1`` on a shared
 machine.
@@ -26,6 +30,7 @@ Usage::
 
     python benchmarks/catalog_optax.py --threads 1
     python benchmarks/catalog_optax.py --only lars,sm3 --steps 10 --repeat 3
+    python benchmarks/catalog_optax.py --allocs --params-millions 2
 """
 
 from __future__ import annotations
@@ -116,6 +121,23 @@ def one_pass(base: list[torch.Tensor], names: list[str], warmup: int, steps: int
     return out
 
 
+def allocations(base: list[torch.Tensor], names: list[str]) -> None:
+    """Params-sized temporaries per step (bytes allocated by one step / bytes of the params)."""
+    import torch.profiler as tp
+
+    pbytes = sum(p.numel() * p.element_size() for p in base)
+    print(f"{'alias':30s} {'temporaries per step (params-sized)':>36s}")
+    for name in names:
+        ps = clone_params(base)
+        opt = ROWS[name](ps)
+        opt.step()
+        opt.step()
+        with tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True) as prof:
+            opt.step()
+        allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
+        print(f"{name:30s} {allocated / pbytes:36.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params-millions", type=float, default=25.0)
@@ -124,12 +146,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of the table; per row the median is kept")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma-separated row names")
+    ap.add_argument("--allocs", action="store_true", help="print temporaries per step instead of times")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     base = make_params(args.params_millions)
     total = sum(p.numel() for p in base)
     names = args.only.split(",") if args.only else list(ROWS)
+    if args.allocs:
+        allocations(base, names)
+        return
     runs = [one_pass(base, names, args.warmup, args.steps) for _ in range(args.repeat)]
     print(f"# {total / 1e6:.1f}M float32 params in {len(base)} tensors, {torch.get_num_threads()} thread(s), "
           f"torch {torch.__version__}, median of {args.steps} steps, median of {args.repeat} run(s)")
