@@ -80,6 +80,7 @@ __all__ = [
 
 _pow = _fe._op("pow", torch.pow)
 _abs = _fe._op("abs", torch.abs)
+_abs_ = _fe._op("abs_", torch.abs)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -1543,19 +1544,25 @@ def scale_by_cocob(alpha: float | torch.Tensor = 100.0, eps: float | torch.Tenso
 
 def _cocob_eager(flat: _Flat, state: COCOBState, g: list[torch.Tensor], x: list[torch.Tensor],
                  x0: list[torch.Tensor], a: float, own: Ownership) -> tuple[Updates, COCOBState]:
-    """scale_by_cocob's owned step with two temporaries (``|g|``, then the ratio; ``x - x0``, then the output),
+    """scale_by_cocob's step with two temporaries (``|g|``, in the update's own buffer when it may
+    be written, then the ratio; ``x - x0``, then the output),
     the state in place; ``max(G + L, a L)`` as ``L + max(G, (a - 1) L)``."""
-    T = list(_abs(g))
-    L = _bufs(flat, state.scale, "state.scale", own)
-    _fe.maximum_(L, T)
-    G = _bufs(flat, state.subgradients, "state.subgradients", own)
-    _fe.add_(G, T)
     R = _bufs(flat, state.reward, "state.reward", own)
     diff = list(_sub(x, x0))
     _fe.addcmul_(R, g, diff, -1.0)
     _fe.clamp_min_(R, 0.0)
     C = _bufs(flat, state.cumulative_gradients, "state.cumulative_gradients", own)
     _fe.add_(C, g, alpha=-1)
+    # g is no longer needed: |g| in its own buffer when the update is ours to write
+    if own.may_write(g):
+        _abs_(g)
+        T = g
+    else:
+        T = list(_abs(g))
+    L = _bufs(flat, state.scale, "state.scale", own)
+    _fe.maximum_(L, T)
+    G = _bufs(flat, state.subgradients, "state.subgradients", own)
+    _fe.add_(G, T)
     _copy_(T, L)
     _fe.mul_(T, a - 1.0)
     _fe.maximum_(T, G)
