@@ -35,6 +35,7 @@ from .base import (
     stateless,
 )
 from .combine import inject_hyperparams
+from .optax_optimizers import _copy_, _dog_norms, _dog_scaled, _reciprocal_, _sqrt_, _sub
 from .transforms import (
     ScalarOrSchedule,
     _ema,
@@ -79,6 +80,7 @@ __all__ = [
 
 _pow = _fe._op("pow", torch.pow)
 _abs = _fe._op("abs", torch.abs)
+_abs_ = _fe._op("abs_", torch.abs)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -589,6 +591,10 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
         t = _count_value(state.count) + 1
         bc = ((1 - b2 ** t) ** 0.5) / (1 - b1 ** t)
         dlr = d * sched * bc
+        wd = _sv(weight_decay) if use_weight_decay else 0.0
+        if not _tree.pure_ops() and not isinstance(wd, torch.Tensor):
+            return _prodigy_eager(flat, state, g, p, p0, d, d0, dlr, b1, b2, b3, wd, estim_lr_coef, eps,
+                                  safeguard_warmup, own)
         dg = list(_fe.mul(g, d))
         acum = _vdot(g, _fe.add(p0, p, alpha=-1))
         ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), dg, b1, True)
@@ -613,6 +619,41 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
         return flat.rebuild(out), new_state
 
     return owned_transform(init, owned_update)
+
+
+def _prodigy_eager(flat: _Flat, state: ProdigyState, g: list[torch.Tensor], p: list[torch.Tensor],
+                   p0: list[torch.Tensor], d: torch.Tensor, d0: Any, dlr: Any, b1: Any, b2: Any, b3: Any, wd: float,
+                   estim_lr_coef: Any, eps: Any, safeguard_warmup: bool, own: Ownership) -> tuple[Updates, ProdigyState]:
+    """prodigy's owned step with one temporary: ``p0 - p`` (for the dot product), then ``d g``
+    (for the moments and the sum), then the output; the state in place. The estimate ``d`` stays
+    a tensor (no host read)."""
+    tmp = list(_sub(p0, p))
+    acum = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(g, tmp)]).sum()
+    _copy_(tmp, g)
+    _fe.mul_(tmp, d)  # d g
+    ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), tmp, b1, True)
+    eas = _ema_sq(_bufs(flat, state.exp_avg_sq, "state.exp_avg_sq", own), tmp, b2, True)
+    s = _bufs(flat, state.grad_sum, "state.grad_sum", own)
+    _fe.mul_(s, b3)
+    _fe.mul_(tmp, (d / d0) if safeguard_warmup else (dlr / d0))
+    _fe.add_(s, tmp)
+    num = b3 * state.numerator_weighted + (d / d0) * dlr * acum
+    l1 = torch.stack(list(_fe.norm(s, 1))).sum()
+    estimate = torch.where(l1 > 0, _sv(estim_lr_coef) * num / torch.where(l1 > 0, l1, 1.0), d)
+    num = num.to(state.numerator_weighted.dtype)
+    new_d = torch.maximum(d, estimate.to(d.dtype))
+    out = tmp
+    _copy_(out, eas)
+    _sqrt_(out)
+    _fe.add_(out, new_d * _sv(eps))
+    _reciprocal_(out)
+    _fe.mul_(out, ea)  # exp_avg / (sqrt(exp_avg_sq) + d eps)
+    if wd != 0:
+        _fe.add_(out, p, alpha=wd)
+    _fe.mul_(out, -dlr)
+    new_state = ProdigyState(flat.rebuild(ea, like=state.exp_avg), flat.rebuild(eas, like=state.exp_avg_sq),
+                             flat.rebuild(s, like=state.grad_sum), state.params0, new_d, num, state.count + 1)
+    return flat.rebuild(out), new_state
 
 
 @recorded
@@ -708,31 +749,46 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
         dlr = state.estim_lr * sched * bc
         s = _bufs(flat, state.grad_sum, "state.grad_sum", own)
         eas = _bufs(flat, state.exp_avg_sq, "state.exp_avg_sq", own)
-        den = list(_fe.sqrt(eas))
-        _fe.add_(den, e)
-        acum = _vdot(g, _fe.div(s, den))
-        dlr_g = list(_fe.mul(g, dlr))
-        ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), dlr_g, b1, True)
-        eas = _ema_sq(eas, g, b2, True)
-        _fe.mul_(s, sb2)
-        _fe.add_(s, _fe.mul(dlr_g, 1 - sb2))
-        num = sb2 * state.numerator_weighted + (1 - sb2) * dlr * acum
-        l1 = _sum(_abs(s))
-        # ||s||_1 = 0 (all-zero or empty gradients so far): keep d (optax would make d NaN)
-        estimate = torch.where(l1 > 0, num / ((1 - sb2) * torch.where(l1 > 0, l1, 1.0)), state.estim_lr)
-        num = num.to(state.numerator_weighted.dtype)  # (injected float64 hyperparameters promote)
-        new_d = torch.maximum(state.estim_lr, estimate.to(state.estim_lr.dtype))
-        den = list(_fe.sqrt(eas))
-        _fe.add_(den, e)
-        out = list(_fe.div(ea, den))
-        _fe.mul_(out, -1.0)
-        if use_weight_decay:
-            _fe.add_(out, _fe.mul(p, -_sv(weight_decay) * dlr))
-        new_state = DAdaptAdamWState(flat.rebuild(ea, like=state.exp_avg), flat.rebuild(eas, like=state.exp_avg_sq),
-                                     flat.rebuild(s, like=state.grad_sum), new_d, num, state.count + 1)
-        return flat.rebuild(out), new_state
+        return _dadapt_eager(flat, state, g, p, s, eas, b1, b2, sb2, e, dlr, weight_decay, use_weight_decay, own)
 
     return owned_transform(init, owned_update)
+
+
+def _dadapt_eager(flat: _Flat, state: DAdaptAdamWState, g: list[torch.Tensor], p: list[torch.Tensor],
+                  s: list[torch.Tensor], eas: list[torch.Tensor], b1: Any, b2: Any, sb2: Any, e: Any, dlr: Any,
+                  weight_decay: Any, use_weight_decay: bool, own: Ownership) -> tuple[Updates, DAdaptAdamWState]:
+    """dadapt_adamw's step with one temporary ``T`` (``s / den``, then ``dlr g``, then the
+    output; a second one for the weight decay), the state buffers (copies unless owned) in
+    place, ``d`` a tensor. Inside ``torch.func`` the in-place ops rebind the lists instead."""
+    T = list(_fe.sqrt(eas))
+    _fe.add_(T, e)
+    _reciprocal_(T)
+    _fe.mul_(T, s)  # s / (sqrt(v) + eps)
+    acum = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(g, T)]).sum()
+    _copy_(T, g)
+    _fe.mul_(T, dlr)  # dlr g
+    ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), T, b1, True)
+    eas = _ema_sq(eas, g, b2, True)
+    _fe.mul_(s, sb2)
+    _fe.mul_(T, 1 - sb2)
+    _fe.add_(s, T)
+    num = sb2 * state.numerator_weighted + (1 - sb2) * dlr * acum
+    l1 = torch.stack(list(_fe.norm(s, 1))).sum()
+    estimate = torch.where(l1 > 0, num / ((1 - sb2) * torch.where(l1 > 0, l1, 1.0)), state.estim_lr)
+    num = num.to(state.numerator_weighted.dtype)
+    new_d = torch.maximum(state.estim_lr, estimate.to(state.estim_lr.dtype))
+    out = T
+    _copy_(out, eas)
+    _sqrt_(out)
+    _fe.add_(out, e)
+    _reciprocal_(out)
+    _fe.mul_(out, ea)
+    _fe.mul_(out, -1.0)
+    if use_weight_decay:
+        _fe.add_(out, _fe.mul(p, -_sv(weight_decay) * dlr))
+    new_state = DAdaptAdamWState(flat.rebuild(ea, like=state.exp_avg), flat.rebuild(eas, like=state.exp_avg_sq),
+                                 flat.rebuild(s, like=state.grad_sum), new_d, num, state.count + 1)
+    return flat.rebuild(out), new_state
 
 
 @recorded
@@ -1342,12 +1398,17 @@ def scale_by_madgrad(learning_rate: ScalarOrSchedule, momentum: float | torch.Te
         k = _count_value(state.count)
         lam = (lr + e) * ((k + 1) ** 0.5)
         gss = _bufs(flat, state.grad_sum_sq, "state.grad_sum_sq", own)
-        _fe.add_(gss, _fe.mul(_fe.mul(g, g), lam))
         s = _bufs(flat, state.s, "state.s", own)
-        _fe.add_(s, _fe.mul(g, lam))
-        sigma = list(_pow(gss, 1.0 / 3.0))
-        _fe.add_(sigma, e)
-        z = list(_fe.div(s, sigma))
+        if isinstance(lam, (int, float)) and not _tree.pure_ops():  # no temporaries but sigma
+            _fe.addcmul_(gss, g, g, lam)
+            _fe.add_(s, g, alpha=lam)
+        else:
+            _fe.add_(gss, _fe.mul(_fe.mul(g, g), lam))
+            _fe.add_(s, _fe.mul(g, lam))
+        z = list(_pow(gss, 1.0 / 3.0))
+        _fe.add_(z, e)
+        _reciprocal_(z)
+        _fe.mul_(z, s)  # s / sigma, in sigma's buffer
         _fe.mul_(z, -1.0)
         _fe.add_(z, flat.state_live(state.x0, "state.x0"))
         _fe.add_(z, x, alpha=-1)
@@ -1465,6 +1526,8 @@ def scale_by_cocob(alpha: float | torch.Tensor = 100.0, eps: float | torch.Tenso
         x = flat.params_live(params, "scale_by_cocob")
         x0 = flat.state_live(state.init_particles, "state.init_particles")
         a = _sv(alpha)
+        if not _tree.pure_ops() and isinstance(a, (int, float)):
+            return _cocob_eager(flat, state, g, x, x0, a, own)
         absg = list(_abs(g))
         L = _bufs(flat, state.scale, "state.scale", own)
         _fe.maximum_(L, absg)
@@ -1487,6 +1550,42 @@ def scale_by_cocob(alpha: float | torch.Tensor = 100.0, eps: float | torch.Tenso
         return flat.rebuild(out), new_state
 
     return owned_transform(init, owned_update)
+
+
+def _cocob_eager(flat: _Flat, state: COCOBState, g: list[torch.Tensor], x: list[torch.Tensor],
+                 x0: list[torch.Tensor], a: float, own: Ownership) -> tuple[Updates, COCOBState]:
+    """scale_by_cocob's step with two temporaries (``|g|``, in the update's own buffer when it may
+    be written, then the ratio; ``x - x0``, then the output),
+    the state in place; ``max(G + L, a L)`` as ``L + max(G, (a - 1) L)``."""
+    R = _bufs(flat, state.reward, "state.reward", own)
+    diff = list(_sub(x, x0))
+    _fe.addcmul_(R, g, diff, -1.0)
+    _fe.clamp_min_(R, 0.0)
+    C = _bufs(flat, state.cumulative_gradients, "state.cumulative_gradients", own)
+    _fe.add_(C, g, alpha=-1)
+    # g is no longer needed: |g| in its own buffer when the update is ours to write
+    if own.may_write(g):
+        _abs_(g)
+        T = g
+    else:
+        T = list(_abs(g))
+    L = _bufs(flat, state.scale, "state.scale", own)
+    _fe.maximum_(L, T)
+    G = _bufs(flat, state.subgradients, "state.subgradients", own)
+    _fe.add_(G, T)
+    _copy_(T, L)
+    _fe.mul_(T, a - 1.0)
+    _fe.maximum_(T, G)
+    _fe.add_(T, L)
+    _fe.mul_(T, L)  # the denominator
+    _reciprocal_(T)
+    _fe.mul_(T, C)  # C / den
+    _fe.mul_(diff, -1.0)  # the output: (C / den) (L + R) - (x - x0), in diff's buffer
+    _fe.addcmul_(diff, T, L)
+    _fe.addcmul_(diff, T, R)
+    return flat.rebuild(diff), COCOBState(state.init_particles, flat.rebuild(C, like=state.cumulative_gradients),
+                                          flat.rebuild(L, like=state.scale), flat.rebuild(G, like=state.subgradients),
+                                          flat.rebuild(R, like=state.reward))
 
 
 def _cocob(lr: Any, alpha: Any, eps: Any, weight_decay: Any, mask: Any, use_weight_decay: bool) -> GradientTransformation:
@@ -1603,14 +1702,16 @@ def scale_by_dog(init_step: tuple[str, float] = ("heuristic", 1e-6), eps: float 
             return updates, state
         x = flat.params_live(params, "scale_by_dog")
         x0 = flat.state_live(state.init_params, "state.init_params")
-        dist = torch.sqrt(_sq_norm(_fe.add(x0, x, alpha=-1)))
+        # the step of the layer-wise scale_by_distance_over_gradients, with norms over all leaves
+        tmp, dists, gnorms = _dog_norms(x, x0, flat.live)
+        dist = torch.linalg.vector_norm(torch.stack(dists))
         max_dist = torch.maximum(state.max_dist, dist.to(state.max_dist))
-        sum_sq = state.sum_sq_norm_grads + _sq_norm(flat.live).to(state.sum_sq_norm_grads)
+        sum_sq = state.sum_sq_norm_grads + (torch.stack(gnorms) ** 2).sum().to(state.sum_sq_norm_grads)
         lr = max_dist / torch.sqrt(sum_sq + _sv(eps))
         if kind == "learning_rate":
             lr = torch.where(state.is_init_step, _like(_sv(value), lr), lr)
-        out = list(_fe.mul(flat.live, lr))
-        return flat.rebuild(out), DoGState(torch.zeros_like(state.is_init_step), state.init_params, max_dist, sum_sq)
+        out = _dog_scaled(flat, tmp, lr)
+        return out, DoGState(torch.zeros_like(state.is_init_step), state.init_params, max_dist, sum_sq)
 
     return owned_transform(init, owned_update)
 

@@ -104,7 +104,13 @@ def _mul_each(xs: list[torch.Tensor], cs: list[Any]) -> list[torch.Tensor]:
 
 
 def _moment(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplace: bool) -> list[torch.Tensor]:
-    """optax's ``update_moment``: ``(1 - decay) * new + decay * old`` (same rounding)."""
+    """optax's ``update_moment``: ``(1 - decay) * new + decay * old``; with a number ``decay``
+    as one ``lerp`` (one pass, no temporary; equal up to rounding)."""
+    if not isinstance(decay, torch.Tensor):
+        if inplace:
+            _fe.lerp_(old, new, 1 - decay)
+            return old
+        return list(_fe.lerp(old, new, 1 - decay))
     a = _fe.mul(new, 1 - decay)
     if inplace:
         _fe.mul_(old, decay)
@@ -114,7 +120,14 @@ def _moment(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplac
 
 
 def _moment_sq(old: list[torch.Tensor], new: list[torch.Tensor], decay: Any, inplace: bool) -> list[torch.Tensor]:
-    """optax's ``update_moment_per_elem_norm`` of order 2: ``(1 - decay) * new**2 + decay * old``."""
+    """optax's ``update_moment_per_elem_norm`` of order 2: ``(1 - decay) * new**2 + decay * old``
+    (a number ``decay``: ``mul`` and ``addcmul``, no temporary)."""
+    if not isinstance(decay, torch.Tensor):
+        out = old if inplace else list(_fe.mul(old, decay))
+        if inplace:
+            _fe.mul_(out, decay)
+        _fe.addcmul_(out, new, new, 1 - decay)
+        return out
     return _moment(old, list(_fe.mul(new, new)), decay, inplace)
 
 
@@ -124,6 +137,51 @@ def _denominators(nu_hat: list[torch.Tensor], eps: Any, eps_root: Any) -> list[t
     d = list(_fe.sqrt(x))
     _fe.add_(d, eps)
     return d
+
+
+_copy_ = _fe._op("copy_", lambda x, src: src.to(x.dtype).expand_as(x).clone())
+_sqrt_ = _fe._op("sqrt_", _fe._safe_sqrt)
+_sign_ = _fe._op("sign_", torch.sign)
+_reciprocal_ = _fe._op("reciprocal_", torch.reciprocal)
+_sub = _fe._op("sub", lambda x, o, alpha=1: torch.sub(x, o, alpha=alpha))
+
+
+def _eager(own: Ownership, counts: list[torch.Tensor], *hps: Any) -> bool:
+    """Whether an update takes its eager path: number hyperparameters, bias corrections as
+    Python floats (CPU counts read eagerly), out of ``torch.func``. That path makes one
+    params-shaped temporary per step and does the rest in place, on the state buffers when
+    they are owned (``own.state``), else on copies of them (`_held`): the pure and the owned
+    update run the same arithmetic, so they agree to the bit."""
+    del own
+    return not _tree.pure_ops() and not _scalars_traced(counts, *hps)
+
+
+def _held(xs: list[torch.Tensor], own: Ownership) -> list[torch.Tensor]:
+    """State buffers to update in place: themselves when the caller owns the state, else copies."""
+    return xs if own.state else [x.clone() for x in xs]
+
+
+def _adam_ratio(mu: list[torch.Tensor], nu: list[torch.Tensor], c1: list[Any], c2: list[Any] | None, eps: Any,
+                eps_root: Any, scratch: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """``(mu / c1) / (sqrt(nu / c2 + eps_root) + eps)`` (``c2`` None: 1) written into ``scratch``
+    (tensors of the caller's own), or into one new buffer: the eager path's output. Rounding
+    differs from the two-division form by an ulp or two."""
+    if scratch is None:
+        s = list(_fe.div(nu, c2)) if c2 is not None else list(_fe.add(nu, eps_root))
+    else:
+        s = scratch
+        _copy_(s, nu)
+        if c2 is not None:
+            _fe.div_(s, c2)
+    if c2 is not None or scratch is not None:
+        if not _is_zero(eps_root):
+            _fe.add_(s, eps_root)
+    _sqrt_(s)
+    _fe.add_(s, eps)
+    _fe.mul_(s, c1)
+    _reciprocal_(s)
+    _fe.mul_(s, mu)
+    return s
 
 
 def _is_zero(x: Any) -> bool:
@@ -201,8 +259,14 @@ def scale_by_lion(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
         mu = flat.state_live(state.mu, "state.mu")
-        x = list(_fe.add(_fe.mul(g, 1 - beta1), _fe.mul(mu, beta1)))
-        if mode == "hard":
+        if isinstance(beta1, torch.Tensor):
+            x = list(_fe.add(_fe.mul(g, 1 - beta1), _fe.mul(mu, beta1)))
+        else:  # one temporary, made and signed in place
+            x = list(_fe.lerp(mu, g, 1 - beta1))
+        if mode == "hard" and not _tree.pure_ops():
+            _sign_(x)
+            out = x
+        elif mode == "hard":
             out = list(_sign(x))
         elif mode == "smooth":
             out = [torch.tanh(smooth_beta * v) for v in x]
@@ -279,10 +343,15 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
-        err = list(_fe.add(g, _fe.mul(mu, -1.0)))
+        err = list(_sub(g, mu))
         nu = _moment_sq(flat.state_live(state.nu, "state.nu"), err, beta2, own.state)
         if not _is_zero(er):
             _fe.add_(nu, er)
+        if not nesterov and _eager(own, counts, beta1, beta2):
+            # the residual's buffer becomes the output: one temporary per step
+            out = _adam_ratio(mu, nu, _bias_corrections(counts, beta1), _bias_corrections(counts, beta2), e, 0.0, err)
+            return flat.rebuild(out), ScaleByBeliefState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
+                                                         _store(flat, nu, state.nu))
         mu_hat = _nesterov_mu_hat(mu, g, counts, beta1) if nesterov else _div_each(mu, _bias_corrections(counts, beta1))
         nu_hat = _div_each(nu, _bias_corrections(counts, beta2))
         out = list(_fe.div(mu_hat, _denominators(nu_hat, e, 0.0)))
@@ -349,6 +418,18 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         counts = _step_counts(flat, state.count, own.state)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         nu_old = flat.state_live(state.nu, "state.nu")
+        if _eager(own, counts, beta1, beta2):
+            # one temporary t: t = sign(nu - g^2) g; nu -= (1 - b2) t g; then t holds the output
+            nu_old = _held(nu_old, own)
+            t = list(_fe.mul(g, g))
+            _fe.mul_(t, -1.0)
+            _fe.add_(t, nu_old)
+            _sign_(t)
+            _fe.mul_(t, g)
+            _fe.addcmul_(nu_old, t, g, -(1 - beta2))
+            out = _adam_ratio(mu, nu_old, _bias_corrections(counts, beta1), _bias_corrections(counts, beta2), e, er, t)
+            return flat.rebuild(out), ScaleByYogiState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
+                                                       _store(flat, nu_old, state.nu))
         g2 = list(_fe.mul(g, g))
         step = list(_fe.mul(_fe.mul(_sign(_fe.add(nu_old, g2, alpha=-1)), g2), 1 - beta2))
         if own.state:
@@ -408,6 +489,47 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         nu_old = flat.state_live(state.nu, "state.nu")
         nu_max = None
+        fast = _eager(own, counts, beta1, beta2) and bias_correction_mu and bias_correction_nu
+        if fast:
+            nu_old = _held(nu_old, own)
+        if fast and kind == "adamax":
+            a = list(_fe._op("abs", torch.abs)(g))
+            _fe.add_(a, e)
+            _fe.mul_(nu_old, beta2)
+            _fe.maximum_(nu_old, a)
+            # a's buffer becomes the output m_hat / nu
+            _copy_(a, nu_old)
+            _fe.mul_(a, _bias_corrections(counts, beta1))
+            _reciprocal_(a)
+            _fe.mul_(a, mu)
+            return flat.rebuild(a), OptaxAdamState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
+                                                   _store(flat, nu_old, state.nu), None)
+        if fast and kind != "adamax" and not (nesterov and _is_zero(beta1)):
+            nu = _moment_sq(nu_old, g, beta2, True)
+            c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
+            if kind == "amsgrad":
+                nu_max = _held(flat.state_live(state.nu_max, "state.nu_max"), own)
+                s = list(_fe.div(nu, c2))
+                _fe.maximum_(nu_max, s)
+                out = _adam_ratio(mu, nu_max, [1.0] * len(c1), None, e, er, s)
+                _fe.mul_(out, [1 / c for c in c1])
+            elif nesterov:
+                # numerator b1 mu / c1' + (1 - b1) g / c1 as a (mu + (b / a) g), then / denominator
+                a = [beta1 / c for c in _bias_corrections(counts, beta1, shift=1)]
+                out = list(_fe.mul(g, [(1 - beta1) / c / ai for c, ai in zip(c1, a)]))
+                _fe.add_(out, mu)
+                _fe.mul_(out, a)
+                den = list(_fe.div(nu, c2))
+                if not _is_zero(er):
+                    _fe.add_(den, er)
+                _sqrt_(den)
+                _fe.add_(den, e)
+                _fe.div_(out, den)
+            else:
+                out = _adam_ratio(mu, nu, c1, c2, e, er)
+            new = OptaxAdamState(_store(flat, counts, state.count), _store(flat, mu, state.mu), _store(flat, nu, state.nu),
+                                 _store(flat, nu_max, state.nu_max) if kind == "amsgrad" else None)
+            return flat.rebuild(out), new
         if kind == "adamax":
             a = list(_fe.add(_fe._op("abs", torch.abs)(g), e))
             if own.state:
@@ -514,6 +636,19 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
         # first step: b2e = 0 gives n = ||g||^2 (bit-equal to optax's ``(1-b2) s + b2 n`` later on)
         nu = [((1 - b) * s + b * n).to(n.dtype) for s, n, b in zip(sq, nu_old, b2e)]
         denom = [torch.sqrt(n + er) + e if not _is_zero(er) else torch.sqrt(n) + e for n in nu]
+        if _eager(own, counts, beta1, beta2, wd):
+            # one temporary: g / denom, then the output (a copy of the new momentum)
+            a = list(_fe.div(g, [d.to(x.dtype) for x, d in zip(g, denom)]))
+            if not _is_zero(wd):
+                _fe.add_(a, flat.params_live(params, "scale_by_novograd (weight_decay)"), alpha=wd)
+            mu = _held(flat.state_live(state.mu, "state.mu"), own)
+            nu_old = _held(nu_old, own)
+            _fe.mul_(mu, b1e)
+            _fe.add_(mu, a)
+            _copy_(a, mu)
+            _copy_(nu_old, nu)
+            return flat.rebuild(a), ScaleByNovogradState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
+                                                         _store(flat, nu_old, state.nu))
         a = [x / d.to(x.dtype) for x, d in zip(g, denom)]
         if not _is_zero(wd):
             p = flat.params_live(params, "scale_by_novograd (weight_decay)")
@@ -595,6 +730,8 @@ def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.
         g = flat.live
         old_counts = flat.state_live(state.count, "state.count", check_shapes=False)
         prev = flat.state_live(state.g, "state.g")
+        if _eager(own, old_counts, beta1, beta2, beta3, e, er):
+            return _adan_eager(flat, state, g, old_counts, _held(prev, own), beta1, beta2, beta3, e, er, own)
         if _scalars_traced(old_counts):
             diff = [torch.where(c > 0, x - p, torch.zeros_like(x)) for c, x, p in zip(old_counts, g, prev)]
         else:
@@ -620,6 +757,44 @@ def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.
                                                    _store(flat, new_g, state.g))
 
     return owned_transform(init, owned_update)
+
+
+def _adan_eager(flat: _Flat, state: Any, g: list[torch.Tensor], old_counts: list[torch.Tensor],
+                prev: list[torch.Tensor], beta1: float, beta2: float, beta3: float, e: float,
+                er: float, own: Ownership) -> tuple[Updates, Any]:
+    """scale_by_adan's eager owned step: one temporary (the output); the difference of
+    gradients and then the denominator live in the buffer of the previous gradient, which
+    receives this gradient last."""
+    first = [int(c) == 0 for c in old_counts]
+    diff = prev
+    _fe.mul_(diff, -1.0)
+    _fe.add_(diff, g)  # g - g_prev
+    for d, f in zip(diff, first):
+        if f:
+            d.zero_()
+    counts = _step_counts(flat, state.count, own.state)
+    m = _moment(_held(flat.state_live(state.m, "state.m"), own), g, beta1, True)
+    v = _moment(_held(flat.state_live(state.v, "state.v"), own), diff, beta2, True)
+    u = list(_fe.add(g, diff, alpha=1 - beta2))
+    n = _moment_sq(_held(flat.state_live(state.n, "state.n"), own), u, beta3, True)
+    c1, c2, c3 = (_bias_corrections(counts, b) for b in (beta1, beta2, beta3))
+    # u = m / c1 + (1 - b2) v / c2, written as ((v * k c1) + m) / c1 with k = (1 - b2) / c2
+    _copy_(u, v)
+    _fe.mul_(u, [(1 - beta2) / b * a for a, b in zip(c1, c2)])
+    _fe.add_(u, m)
+    _fe.div_(u, c1)
+    den = diff
+    _copy_(den, n)
+    _fe.div_(den, c3)
+    if not _is_zero(er):
+        _fe.add_(den, er)
+    _sqrt_(den)
+    _fe.add_(den, e)
+    _fe.div_(u, den)
+    _copy_(prev, g)
+    return flat.rebuild(u), ScaleByAdanState(_store(flat, counts, state.count), _store(flat, m, state.m),
+                                             _store(flat, v, state.v), _store(flat, n, state.n),
+                                             _store(flat, prev, state.g))
 
 
 # --- SM3 ------------------------------------------------------------------------------------------
@@ -715,6 +890,8 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
             if a.shape != (_sm3_size(g),):
                 raise ValueError(f"scale_by_sm3: state.mu at '{flat.paths()[i]}' has shape {tuple(a.shape)}, "
                                  f"expected ({_sm3_size(g)},) for an update of shape {tuple(g.shape)}")
+        if not _tree.pure_ops() and not any(isinstance(x, torch.Tensor) for x in (beta1, beta2, e)):
+            return _sm3_eager(flat, state, _held(accs, own), beta1, beta2, e, own)
         pairs = [one(g, a, beta2, e) for g, a in zip(flat.live, accs)]
         w = [p[0] for p in pairs]
         new_acc = [p[1] for p in pairs]
@@ -727,6 +904,42 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
         return flat.rebuild(out), ScaleBySM3State(_store(flat, new_acc, state.mu), _store(flat, nu, state.nu))
 
     return owned_transform(init, owned_update)
+
+
+def _sm3_eager(flat: _Flat, state: Any, accs: list[torch.Tensor], beta1: float, beta2: float,
+               e: float, own: Ownership) -> tuple[Updates, Any]:
+    """scale_by_sm3's eager owned step: per leaf one params-shaped temporary ``v`` (the
+    accumulator's cover, then ``g / sqrt(v + eps)``, then the output), the state in place.
+    With ``eps > 0`` the ``v > 0`` guard needs no mask: ``v = 0`` only where ``g = 0``."""
+    c = 1.0 - beta2 if beta2 != 1.0 else 1.0
+    w = []
+    for g, acc in zip(flat.live, accs):
+        if g.numel() == 0:
+            w.append(g.clone())
+            continue
+        if g.ndim < 2:
+            v = acc.view(g.shape)
+            v.mul_(beta2).addcmul_(g, g, value=c)  # the accumulator itself, in place
+            x = torch.add(v, e)
+        else:
+            parts = torch.split(acc, list(g.shape))
+            views = [a.view([1] * i + [g.shape[i]] + [1] * (g.ndim - i - 1)) for i, a in enumerate(parts)]
+            x = torch.minimum(views[0], views[1]) if g.ndim == 2 else torch.minimum(views[0], views[1]).expand(g.shape).clone()
+            for a in views[2:]:
+                torch.minimum(x, a, out=x)
+            x.mul_(beta2).addcmul_(g, g, value=c)
+            for i, a in enumerate(parts):
+                torch.amax(x, dim=[j for j in range(g.ndim) if j != i], out=a)
+            v = x
+            x.add_(e)
+        mask = None if e > 0 else v > 0
+        x.rsqrt_().mul_(g)
+        if mask is not None:
+            x.masked_fill_(~mask, 0.0)
+        w.append(x)
+    nu = _moment(_held(flat.state_live(state.nu, "state.nu"), own), w, beta1, True)
+    _copy_(w, nu)
+    return flat.rebuild(w), ScaleBySM3State(_store(flat, accs, state.mu), _store(flat, nu, state.nu))
 
 
 # --- stateless per-leaf scalings --------------------------------------------------------------------
@@ -1006,6 +1219,20 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
         g = flat.live
         old_counts = flat.state_live(state.count, "state.count", check_shapes=False)
         prev = flat.state_live(state.previous_gradient, "state.previous_gradient")
+        if _eager(own, old_counts, a, b):
+            # out = (a + b) g - b g_prev, in g_prev's buffer; the state then keeps g itself when
+            # the update is ours to keep, else a copy: one temporary at most
+            prev = _held(prev, own)
+            for c, x, pv in zip(old_counts, g, prev):
+                if int(c) == 0:
+                    pv.copy_(x)
+            out = prev
+            _fe.mul_(out, -b)
+            _fe.add_(out, g, alpha=a + b)
+            new_prev = g if own.may_write(g) else [x.clone() for x in g]
+            counts = _step_counts(flat, state.count, own.state)
+            return flat.rebuild(out), ScaleByOptimisticGradientState(_store(flat, counts, state.count),
+                                                                     _store(flat, new_prev, state.previous_gradient))
         if _scalars_traced(old_counts):
             prev_eff = [torch.where(c == 0, x, p) for c, x, p in zip(old_counts, g, prev)]
         else:
@@ -1035,6 +1262,30 @@ class ScaleByDistanceOverGradientsState(NamedTuple):
     max_dist: Any
     grad_sum_of_squares: Any
     init_params: Any
+
+
+def _dog_norms(p: list[torch.Tensor], p0: list[torch.Tensor],
+               g: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The norms of a DoG step (Ivgi et al., 2023), shared by the layer-wise
+    `scale_by_distance_over_gradients` and the global `gradxform.scale_by_dog`: ``p - p0`` (a
+    temporary, returned for `_dog_scaled` to reuse), ``||p_i - p0_i||`` and ``||g_i||`` per leaf
+    (foreach norms; the global variant combines them)."""
+    tmp = list(_sub(p, p0))
+    return tmp, list(_fe.norm(tmp)), list(_fe.norm(g))
+
+
+def _dog_scaled(flat: _Flat, tmp: list[torch.Tensor], factors: Any) -> Updates:
+    """``factor * g`` (``factors``: one 0-d tensor, or one per leaf) written into the temporary
+    of `_dog_norms` where its dtype is the update's, so the step makes one temporary."""
+    g = flat.live
+    if any(t.dtype != x.dtype for t, x in zip(tmp, g)):
+        tmp = [torch.empty_like(x) for x in g]
+    _copy_(tmp, g)
+    if isinstance(factors, list):
+        _fe.mul_(tmp, [f.to(x.dtype) for f, x in zip(factors, g)])
+    else:
+        _fe.mul_(tmp, factors)
+    return flat.rebuild(tmp)
 
 
 @recorded
@@ -1091,11 +1342,11 @@ def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: float = 1e-8,
         p0 = flat.state_live(state.init_params, "state.init_params", check_shapes=False)
         d_old = flat.state_live(state.max_dist, "state.max_dist", check_shapes=False)
         gs_old = flat.state_live(state.grad_sum_of_squares, "state.grad_sum_of_squares", check_shapes=False)
-        dist = [torch.linalg.vector_norm(a - b) for a, b in zip(p, p0)]
+        tmp, dist, gn = _dog_norms(p, p0, flat.live)
         d = [torch.maximum(o, x.to(o.dtype)) for o, x in zip(d_old, dist)]
-        gs = [o + torch.linalg.vector_norm(x).to(o.dtype) ** 2 for o, x in zip(gs_old, flat.live)]
+        gs = [o + x.to(o.dtype) ** 2 for o, x in zip(gs_old, gn)]
         factors = [global_scale * (a / torch.sqrt(b + eps)) for a, b in zip(d, gs)]
-        out = _scaled_by(flat, factors, own)
+        out = _dog_scaled(flat, tmp, factors)
         if _inplace(own):
             for o, n in zip(d_old + gs_old, d + gs):
                 o.copy_(n)
@@ -1130,18 +1381,52 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """`_mix32` in place (the same operations, on a tensor the caller owns)."""
+    x.bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 16)
+    x.mul_(0x7FEB352D).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x846CA68B).bitwise_and_(_M32)
+    return x.bitwise_xor_(x >> 16)
+
+
+_TWO32 = 4294967296.0
+_NOISE_CHUNK = 1 << 16  # pairs per eager chunk: the integer temporaries (1 MiB) stay in cache
+
+
 def _normal_like(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """Standard normal noise shaped like ``x`` from a 0-d int64 ``seed`` (Box-Muller on two
-    hashed 32-bit uniforms per element): deterministic, no generator, traceable."""
+    """Standard normal noise shaped like ``x`` from a 0-d int64 ``seed``: Box-Muller on pairs of
+    hashed 32-bit uniforms, both of its outputs used. With ``m = ceil(n / 2)`` pairs, pair ``i``
+    hashes the counters ``i`` and ``m + i`` into ``u1 = (h_i + 1) / 2^32``, ``u2 = h_{m+i} / 2^32``
+    and gives ``z_i = r cos(2 pi u2)``, ``z_{m+i} = r sin(2 pi u2)``, ``r = sqrt(-2 log u1)``.
+    Deterministic, no generator, traceable. Eagerly (not traced) the same operations run in
+    place over chunks of pairs, so the integer temporaries stay in cache: the result is the one
+    buffer of the noise."""
     n = x.numel()
-    idx = torch.arange(2 * n, device=x.device, dtype=torch.int64)
-    h = _mix32(_mix32(idx ^ seed.to(x.device)) + seed.to(x.device))
+    m = (n + 1) // 2
     dtype = x.dtype if x.dtype == torch.float64 else torch.float32
-    u = h.to(dtype)
-    u1 = (u[:n] + 1.0) / 4294967296.0  # (0, 1]
-    u2 = u[n:] / 4294967296.0
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-    return z.reshape(x.shape).to(x.dtype)
+    seed = seed.to(x.device)
+    if _tree.traced():
+        h = _mix32(_mix32(torch.arange(2 * m, device=x.device, dtype=torch.int64) ^ seed) + seed)
+        u = h.to(dtype)
+        r = torch.sqrt(-2.0 * torch.log((u[:m] + 1.0) / _TWO32))
+        theta = 2.0 * math.pi * (u[m:] / _TWO32)
+        z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)])
+    else:
+        z = torch.empty(2 * m, device=x.device, dtype=dtype)
+        for s in range(0, m, _NOISE_CHUNK):
+            e = min(m, s + _NOISE_CHUNK)
+            a = torch.arange(s, e, device=x.device, dtype=torch.int64)
+            h = _mix32_(_mix32_(torch.cat([a, a + m]).bitwise_xor_(seed)).add_(seed))
+            u = h.to(dtype)
+            k = e - s
+            r = u[:k].add_(1.0).div_(_TWO32).log_().mul_(-2.0).sqrt_()
+            theta = u[k:].div_(_TWO32).mul_(2.0 * math.pi)
+            torch.cos(theta, out=z[s:e]).mul_(r)
+            torch.sin(theta, out=z[m + s:m + e]).mul_(r)
+    z = z[:n].reshape(x.shape)
+    return z if z.dtype == x.dtype else z.to(x.dtype)
 
 
 @recorded
@@ -1192,8 +1477,10 @@ def add_noise(eta: float | torch.Tensor = 0.01, gamma: float | torch.Tensor = 0.
         for i, x, c in zip(flat.idx, flat.live, counts):
             seed = _mix32(_mix32(state.key) + _mix32(c * 1000003 + i))
             t = c.to(torch.float64)
-            std = torch.sqrt(e / t ** gm).to(x.dtype)
-            out.append(x + std.to(x.device) * _normal_like(x, seed))
+            std = torch.sqrt(e / t ** gm).to(x.dtype).to(x.device)
+            z = _normal_like(x, seed)
+            # eagerly the noise is a fresh buffer of ours: scale it and add the update in place
+            out.append(x + std * z if _tree.traced() else z.mul_(std).add_(x))
         return flat.rebuild(out), AddNoiseState(_store(flat, counts, state.count), state.key)
 
     return owned_transform(init, owned_update)
@@ -1230,6 +1517,22 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
                                                            max_step_size))
         steps_old = flat.state_live(state.step_sizes, "state.step_sizes")
         prev_old = flat.state_live(state.prev_updates, "state.prev_updates")
+        if _inplace(own) and not any(isinstance(x, torch.Tensor) for x in (lr, em, ep, lo, hi)):
+            # eager and owned: per leaf one float temporary (the output) and three masks, the
+            # state rewritten in place (elementwise selects have no foreach kernels)
+            out = []
+            for g, st, pv in zip(flat.live, steps_old, prev_old):
+                s = torch.mul(g, pv)
+                neg, zero = s < 0, s == 0
+                one = torch.ones((), dtype=g.dtype)
+                torch.where(s > 0, one * ep, one * em, out=s)
+                s.mul_(st).clamp_(min=lo / lr, max=hi / lr)
+                torch.where(zero, st, s, out=st)  # the step sizes (in units of lr)
+                torch.where(neg, torch.zeros((), dtype=g.dtype), pv, out=s)  # the output: last step's update
+                torch.sign(g, out=pv)
+                pv.mul_(st).mul_(lr).masked_fill_(neg, 0.0)  # this step's update
+                out.append(s)
+            return flat.rebuild(out), state
         steps, prev, out = [], [], []
         for g, s_old, p_old in zip(flat.live, steps_old, prev_old):
             s = g * p_old

@@ -430,3 +430,21 @@ def test_madgrad_equals_authors_package():
     p_gx, _ = _run_gx(gx.madgrad(0.02, momentum=0.7, weight_decay=0.01))
     for p, k in zip(ps, SHAPES):
         torch.testing.assert_close(p_gx[k], p.detach(), rtol=1e-9, atol=1e-11)
+
+
+# --- temporaries per step (regression: prodigy made 8, dadapt_adamw 9, cocob 9, dog 4) ----------
+
+
+@pytest.mark.parametrize("name, make, limit", [
+    ("prodigy", lambda: gx.prodigy(1.0), 1.2),
+    ("dog", lambda: gx.dog(1.0), 1.2),
+    ("dadapt_adamw", lambda: gx.dadapt_adamw(1.0), 1.2),
+    ("madgrad", lambda: gx.madgrad(1e-2), 1.2),
+    ("cocob", lambda: gx.cocob(), 2.2),  # |g| then the ratio; x - x0 then the output
+])
+def test_an_adapter_step_makes_few_params_sized_temporaries(name, make, limit):
+    """Bytes one `gx.Optimizer` step allocates, in units of the params (torch.profiler's memory
+    accounting, not a timing): the update once, the state in place."""
+    from test_optax_optimizers import temporaries_per_step
+
+    assert temporaries_per_step(make) <= limit, name
