@@ -1,17 +1,18 @@
 """The docs' self-contained snippets run and print what the page says: every ```python block that
-starts with an import (a block meant to be copied and run as it is) is executed in a fresh
-interpreter, and each ``print(...)  # output`` line's comment is compared with what it printed. Fragments (blocks
+starts with an import (a block meant to be copied and run as it is) is executed as in a fresh
+interpreter (a child forked from a server that has imported only torch and gradxform:
+tests/snippet_runner.py), and each ``print(...)  # output`` line's comment is compared with what it printed. Fragments (blocks
 that continue a previous one, or need a process group or a GPU) do not start with an import and
 are not run; the few that do and cannot run here are listed with the reason."""
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from snippet_runner import run_fresh
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -52,7 +53,7 @@ BLOCKS = _blocks()
 def test_snippet_runs(page, index, code, tmp_path):
     if (page, index) in NOT_HERE:
         pytest.skip(NOT_HERE[(page, index)])
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_fresh(code, tmp_path, timeout=300)
     assert proc.returncode == 0, f"{page} snippet {index} failed:\n{code}\n--- stderr ---\n{proc.stderr[-3000:]}"
     # what the page says each print shows: `print(...)  # <output>[: prose]` against the output line
     prints = [line for line in code.splitlines() if re.match(r"\s*print\(", line)]

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# long by nature: end-to-end runs of the example scripts (subprocesses, trainings). Deselected by default (pyproject addopts);
+# CI runs them with `pytest -m slow` (README, "Run the tests").
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("sklearn", reason="the examples train on scikit-learn's digits data set")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -25,6 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# long by nature: the init-scale experiment gates (trainings over several seeds). Deselected by default (pyproject addopts);
+# CI runs them with `pytest -m slow` (README, "Run the tests").
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("sklearn", reason="the experiments train on scikit-learn's digits data set")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
