@@ -51,6 +51,8 @@ pytestmark = [
                        reason="torch.distributed with the gloo backend is not available in this torch build"),
     pytest.mark.skipif(not CATALOG_IN_HARNESSES, reason="the optimizer catalog is tested on torch 2.13 "
                        "(docs/support.md); the older-torch floor job runs the original families"),
+    # one pytest-xdist worker runs the module (its ranks start once, in the module fixture)
+    pytest.mark.xdist_group("distributed_catalog"),
 ]
 
 
