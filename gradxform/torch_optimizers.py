@@ -118,6 +118,39 @@ def _owned_out(flat: _Flat, own: Ownership) -> bool:
     return own.may_write(flat.live)
 
 
+def _neg_lr(lr: Any) -> Any:
+    """``-lr`` for a learning rate folded into a block's last pass (``None``: not folded)."""
+    return None if lr is None else -_tree.as_scalar(lr)
+
+
+def _host_scalars(*values: Any) -> bool:
+    """Whether the eager fused passes apply: not traced, and every value a Python number."""
+    return not _tree.traced() and not any(isinstance(v, torch.Tensor) for v in values)
+
+
+def _zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _scaled_div(a: list[torch.Tensor], b: list[torch.Tensor], ks: list[float],
+                out: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``k_i a_i / b_i`` written into ``out`` (private buffers, which may be ``a`` or ``b``) in one
+    pass per leaf (eager only: ``addcdiv`` of a 0-d zero)."""
+    for x, y, k, o in zip(a, b, ks, out):
+        if k == 1.0:
+            torch.div(x, y, out=o)
+        else:
+            torch.addcdiv(_zero(o), x, y, value=k, out=o)
+    return out
+
+
+def _scaled(xs: list[torch.Tensor], k: Any, inplace: bool) -> list[torch.Tensor]:
+    """``k x`` (the traced paths' unfolded learning-rate step); ``k`` ``None``: ``xs`` unchanged."""
+    if k is None:
+        return xs
+    return _mul(xs, k, inplace)
+
+
 # --- Adagrad ------------------------------------------------------------------------------------
 
 
@@ -167,6 +200,13 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float | torch.Tens
     check_float("initial_accumulator_value", initial_accumulator_value, low=0.0)
     check_float("eps", eps, low=0.0)
     check_float("lr_decay", lr_decay, low=0.0)
+    return _rss_tx(initial_accumulator_value, eps, lr_decay, eps_in_sqrt, None)
+
+
+def _rss_tx(initial_accumulator_value: float, eps: Any, lr_decay: Any, eps_in_sqrt: bool,
+            lr: Any) -> GradientTransformation:
+    """`scale_by_rss`; with ``lr``, followed by ``u <- -lr u`` folded into its last pass (Adagrad:
+    ``u = -clr g / (sqrt(s) + eps)``, ``clr = lr / (1 + (t - 1) lr_decay)`` as torch)."""
 
     def init(params: Params) -> ScaleByRssState:
         return ScaleByRssState(_leaf_counts(params),
@@ -179,7 +219,7 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float | torch.Tens
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        e, decay = _tree.as_scalar(eps), _tree.as_scalar(lr_decay)
+        e, decay, neg_lr = _tree.as_scalar(eps), _tree.as_scalar(lr_decay), _neg_lr(lr)
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
         s = flat.state_live(state.sum_of_squares, "state.sum_of_squares")
@@ -195,22 +235,24 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float | torch.Tens
         else:
             denom = _fe.sqrt(s)
             _fe.add_(denom, e)
-        if not (isinstance(decay, (int, float)) and decay == 0):
-            ts = _host_steps(counts)
-            if ts is not None:
-                factors: list[Any] = [1.0 + (t - 1) * decay for t in ts]
-            else:
-                factors = [1.0 + (t - 1.0) * decay for t in _f64(counts)]
-            denom = _each("mul", denom, factors, True)
-        if _owned_out(flat, own):
-            _fe.div_(g, denom)
-            out = g
-        elif not _tree.traced():  # the denominator is private to this call: the quotient goes into it
-            for x, d in zip(g, denom):
-                torch.div(x, d, out=d)
-            out = denom
+        no_decay = isinstance(decay, (int, float)) and decay == 0
+        ts = None if no_decay else _host_steps(counts)
+        if _host_scalars(decay, neg_lr) and (no_decay or ts is not None):
+            # one pass: u = k g / denom, k = -lr / (1 + (t - 1) lr_decay) (torch's -clr)
+            lr_k = 1.0 if neg_lr is None else -neg_lr
+            ks = [lr_k if no_decay else lr_k / (1.0 + (t - 1) * decay) for t in ts or [1] * len(g)]
+            if neg_lr is not None:
+                ks = [-k for k in ks]
+            out = _scaled_div(g, denom, ks, g if _owned_out(flat, own) else denom)
         else:
-            out = list(_fe.div(g, denom))
+            if not no_decay:
+                ts = _host_steps(counts)
+                if ts is not None:
+                    factors: list[Any] = [1.0 + (t - 1) * decay for t in ts]
+                else:
+                    factors = [1.0 + (t - 1.0) * decay for t in _f64(counts)]
+                denom = _each("mul", denom, factors, True)
+            out = _scaled(list(_fe.div(g, denom)), neg_lr, True)
         new_state = ScaleByRssState(flat.rebuild(counts, like=state.count), flat.rebuild(s, like=state.sum_of_squares))
         return flat.rebuild(out), new_state
 
@@ -261,6 +303,11 @@ def scale_by_adadelta(rho: float | torch.Tensor = 0.9, eps: float | torch.Tensor
     """
     check_float("rho", rho, low=0.0, high=1.0)
     check_float("eps", eps, low=0.0)
+    return _adadelta_tx(rho, eps, None)
+
+
+def _adadelta_tx(rho: Any, eps: Any, lr: Any) -> GradientTransformation:
+    """`scale_by_adadelta`; with ``lr``, followed by ``u <- -lr u`` folded into its last pass."""
 
     def init(params: Params) -> ScaleByAdadeltaState:
         zeros = _tree.tree_zeros_like
@@ -273,21 +320,40 @@ def scale_by_adadelta(rho: float | torch.Tensor = 0.9, eps: float | torch.Tensor
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        r, e = _tree.as_scalar(rho), _tree.as_scalar(eps)
+        r, e, neg_lr = _tree.as_scalar(rho), _tree.as_scalar(eps), _neg_lr(lr)
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
         e_g = _ema_sq(flat.state_live(state.e_g, "state.e_g"), g, r, own.state)
-        std = list(_fe.add(e_g, e))
-        _sqrt_(std)
         e_x = flat.state_live(state.e_x, "state.e_x")
-        delta = list(_fe.add(e_x, e))
-        _sqrt_(delta)
-        _fe.div_(delta, std)
-        _fe.mul_(delta, g)
-        e_x = _ema_sq(e_x, delta, r, own.state)
+        if _host_scalars(r, e, neg_lr):
+            # sqrt(E[dx^2] + eps) / sqrt(E[g^2] + eps) as one root of the quotient: a pass less
+            q = list(_fe.add(e_g, e))
+            delta = list(_fe.add(e_x, e))
+            _fe.div_(delta, q)
+            del q
+            _sqrt_(delta)
+            # fold -lr into the product when E[dx^2] can take the scaled step back exactly enough:
+            # (1 - rho) / lr^2 stays finite in float32 (the kernel multiplies it by u first)
+            fold = (neg_lr is not None and -neg_lr >= 1e-8
+                    and all(x.dtype in (torch.float32, torch.float64) for x in g))
+            k = neg_lr if fold else 1.0
+            for dl, x in zip(delta, g):
+                torch.addcmul(_zero(dl), dl, x, value=k, out=dl)
+            e_x = _mul(e_x, r, own.state)
+            _fe.addcmul_(e_x, delta, delta, (1.0 - r) / (k * k))
+            out = delta if fold else _scaled(delta, neg_lr, True)
+        else:
+            std = list(_fe.add(e_g, e))
+            _sqrt_(std)
+            delta = list(_fe.add(e_x, e))
+            _sqrt_(delta)
+            _fe.div_(delta, std)
+            _fe.mul_(delta, g)
+            e_x = _ema_sq(e_x, delta, r, own.state)
+            out = _scaled(list(delta), neg_lr, True)
         new_state = ScaleByAdadeltaState(flat.rebuild(counts, like=state.count), flat.rebuild(e_g, like=state.e_g),
                                          flat.rebuild(e_x, like=state.e_x))
-        return flat.rebuild(delta), new_state
+        return flat.rebuild(out), new_state
 
     return owned_transform(init, owned_update)
 
@@ -338,6 +404,12 @@ def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
     check_float("b1 (betas[0])", b1, low=0.0, high=1.0, high_open=True)
     check_float("b2 (betas[1])", b2, low=0.0, high=1.0, high_open=True)
     check_float("eps", eps, low=0.0)
+    return _adamax_tx(b1, b2, eps, None)
+
+
+def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
+    """`scale_by_adamax`; with ``lr``, followed by ``u <- -lr u`` folded into its last pass (as
+    torch: ``u = -(lr / (1 - b1^t)) m / u_t``)."""
 
     def init(params: Params) -> ScaleByAdamaxState:
         zeros = _tree.tree_zeros_like
@@ -351,6 +423,7 @@ def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         if not flat.live:
             return updates, state
         beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
+        neg_lr = _neg_lr(lr)
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
         mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
@@ -367,19 +440,25 @@ def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         else:
             nu = list(_fe.maximum(nu, a))
         ts = _host_steps(counts)
-        if ts is not None:
-            bc: list[Any] = [1.0 - beta1**t for t in ts]
+        if ts is not None and _host_scalars(beta1, neg_lr):
+            # one pass: u = k m / u_t with k = -(lr / (1 - b1^t)) (torch's -clr), into a's buffers
+            lr_v = 1.0 if neg_lr is None else -neg_lr
+            ks = [lr_v / (1.0 - beta1**t) for t in ts]
+            out = _scaled_div(mu, nu, ks if neg_lr is None else [-k for k in ks], a)
         else:
-            bc = [1.0 - beta1**t for t in _f64(counts)]
-        # u = m / nu / bc; a (|g| + eps) is private to this call and no longer needed: the
-        # quotient goes into its buffers (no allocation) when not traced
-        if _tree.traced():
-            out = list(_fe.div(mu, nu))
-        else:
-            for m, n, x in zip(mu, nu, a):
-                torch.div(m, n, out=x)
-            out = a
-        out = _each("div", out, bc, True)
+            if ts is not None:
+                bc: list[Any] = [1.0 - beta1**t for t in ts]
+            else:
+                bc = [1.0 - beta1**t for t in _f64(counts)]
+            # u = m / nu / bc; a (|g| + eps) is private to this call and no longer needed: the
+            # quotient goes into its buffers (no allocation) when not traced
+            if _tree.traced():
+                out = list(_fe.div(mu, nu))
+            else:
+                for m, n, x in zip(mu, nu, a):
+                    torch.div(m, n, out=x)
+                out = a
+            out = _scaled(_each("div", out, bc, True), neg_lr, True)
         new_state = ScaleByAdamaxState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
                                        flat.rebuild(nu, like=state.nu))
         return flat.rebuild(out), new_state
@@ -954,8 +1033,9 @@ def _pair(name: str, value: Any) -> tuple[Any, Any]:
 
 def _adagrad(lr: Any, lr_decay: Any, weight_decay: Any, initial_accumulator_value: Any, eps: Any,
              maximize: bool, use_weight_decay: bool) -> GradientTransformation:
+    # scale_by_rss with the step -lr u folded into its last pass
     return chain(*_lead(maximize, weight_decay, use_weight_decay),
-                 scale_by_rss(initial_accumulator_value, eps, lr_decay), scale_by_learning_rate(lr))
+                 _rss_tx(initial_accumulator_value, eps, lr_decay, False, lr))
 
 
 @recorded
@@ -1000,8 +1080,8 @@ def adagrad(lr: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0, weight_decay: Sc
 
 def _adadelta(lr: Any, rho: Any, eps: Any, weight_decay: Any, maximize: bool,
               use_weight_decay: bool) -> GradientTransformation:
-    return chain(*_lead(maximize, weight_decay, use_weight_decay), scale_by_adadelta(rho, eps),
-                 scale_by_learning_rate(lr))
+    # scale_by_adadelta with the step -lr u folded into its last pass
+    return chain(*_lead(maximize, weight_decay, use_weight_decay), _adadelta_tx(rho, eps, lr))
 
 
 @recorded
@@ -1043,8 +1123,8 @@ def adadelta(lr: ScalarOrSchedule = 1.0, rho: float = 0.9, eps: float = 1e-6, we
 def _adamax(lr: Any, betas: Any, eps: Any, weight_decay: Any, maximize: bool,
             use_weight_decay: bool) -> GradientTransformation:
     b1, b2 = betas
-    return chain(*_lead(maximize, weight_decay, use_weight_decay), scale_by_adamax(b1, b2, eps),
-                 scale_by_learning_rate(lr))
+    # scale_by_adamax with the step -lr u folded into its last pass
+    return chain(*_lead(maximize, weight_decay, use_weight_decay), _adamax_tx(b1, b2, eps, lr))
 
 
 @recorded
