@@ -33,6 +33,8 @@ from .combine import inject_hyperparams
 from .transforms import (
     ScalarOrSchedule,
     ScaleByAdamState,
+    ScaleByRmsState,
+    TraceState,
     _addcmul,
     _ema,
     _ema_sq,
@@ -524,6 +526,12 @@ def scale_by_nadam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
     check_float("b2 (betas[1])", b2, low=0.0, high=1.0, high_open=True)
     check_float("eps", eps, low=0.0)
     check_float("momentum_decay", momentum_decay, low=0.0)
+    return _nadam_tx(b1, b2, eps, momentum_decay, None, None)
+
+
+def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decoupled_wd: Any) -> GradientTransformation:
+    """`scale_by_nadam`; with ``lr``, followed by ``u <- -lr (u + decoupled_wd p)`` folded into
+    its last passes (``decoupled_wd``: NAdamW's decay, or ``None``)."""
 
     def init(params: Params) -> ScaleByNadamState:
         zeros = _tree.tree_zeros_like
@@ -532,13 +540,15 @@ def scale_by_nadam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
 
     def owned_update(updates: Updates, state: ScaleByNadamState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByNadamState]:
-        del params
         expect_state(state, ScaleByNadamState, "scale_by_nadam")
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
         beta1, beta2 = _tree.as_scalar(b1), _tree.as_scalar(b2)
         e, psi = _tree.as_scalar(eps), _tree.as_scalar(momentum_decay)
+        neg_lr = _neg_lr(lr)
+        wd = None if decoupled_wd is None else _tree.as_scalar(decoupled_wd)
+        p = None if wd is None else flat.params_live(params, "nadam")
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
         sdtype = _scalar_dtype()
@@ -570,16 +580,33 @@ def scale_by_nadam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
             c_m = [n / (1.0 - p * n) * s for n, p, s in zip(nexts_t, pv_t, bc_sqrt_t)]
             eps_s = [e * s for s in bc_sqrt_t]
         denom = _each("add", list(_fe.sqrt(nu)), eps_s, True)
-        if _owned_out(flat, own):
-            _fe.div_(g, denom)
-            out = g
+        if ts is not None and _host_scalars(e, neg_lr, wd) and not isinstance(c_m[0], torch.Tensor):
+            # u = k_g (g + (c_m / c_g) m) / denom, k_g = -lr c_g: two passes (c_g > 0 for beta1 < 1)
+            k = 1.0 if neg_lr is None else neg_lr
+            mine = _owned_out(flat, own)
+            if mine:
+                for x, m, r in zip(g, mu, [cm / cg for cm, cg in zip(c_m, c_g)]):
+                    x.add_(m, alpha=r)
+                num = g
+            else:
+                num = [torch.add(x, m, alpha=cm / cg) for x, m, cm, cg in zip(g, mu, c_m, c_g)]
+            out = _scaled_div(num, denom, [k * cg for cg in c_g], denom)
+            if wd is not None:
+                _fe.add_(out, p, alpha=k * wd)
         else:
-            out = list(_fe.div(g, denom))
-        out = _each("mul", out, c_g, True)
-        if ts is not None and not isinstance(c_m[0], torch.Tensor):
-            _addcdiv_(out, mu, denom, c_m)
-        else:
-            out = list(_fe.add(out, _each("mul", list(_fe.div(mu, denom)), c_m, True)))
+            if _owned_out(flat, own):
+                _fe.div_(g, denom)
+                out = g
+            else:
+                out = list(_fe.div(g, denom))
+            out = _each("mul", out, c_g, True)
+            if ts is not None and not isinstance(c_m[0], torch.Tensor):
+                _addcdiv_(out, mu, denom, c_m)
+            else:
+                out = list(_fe.add(out, _each("mul", list(_fe.div(mu, denom)), c_m, True)))
+            if wd is not None:
+                out = list(_fe.add(out, _fe.mul(p, wd))) if isinstance(wd, torch.Tensor) else list(_fe.add(out, p, alpha=wd))
+            out = _scaled(out, neg_lr, True)
         new_state = ScaleByNadamState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
                                       flat.rebuild(nu, like=state.nu),
                                       flat.rebuild(new_products, like=state.mu_product))
@@ -632,6 +659,13 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
     check_float("b2 (betas[1])", b2, low=0.0, high=1.0, high_open=True)
     check_float("eps", eps, low=0.0)
     check_float("threshold", threshold)
+    return _radam_tx(b1, b2, eps, threshold, eps_on_debiased, None, None)
+
+
+def _radam_tx(b1: Any, b2: Any, eps: Any, threshold: float, eps_on_debiased: bool, lr: Any,
+              decoupled_wd: Any) -> GradientTransformation:
+    """`scale_by_radam`; with ``lr``, followed by ``u <- -lr (u + decoupled_wd p)`` folded into
+    its last passes (``decoupled_wd``: RAdamW's decay, or ``None``)."""
 
     def init(params: Params) -> ScaleByAdamState:
         zeros = _tree.tree_zeros_like
@@ -639,12 +673,14 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
 
     def owned_update(updates: Updates, state: ScaleByAdamState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByAdamState]:
-        del params
         expect_state(state, ScaleByAdamState, "scale_by_radam")
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
         beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
+        neg_lr = _neg_lr(lr)
+        wd = None if decoupled_wd is None else _tree.as_scalar(decoupled_wd)
+        p = None if wd is None else flat.params_live(params, "radam")
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
         mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
@@ -652,6 +688,8 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
         rho_inf = 2.0 / (1.0 - beta2) - 1.0
         ts = _host_steps(counts)
         mine = _owned_out(flat, own)
+        host = _host_scalars(beta1, beta2, e, neg_lr, wd)
+        k = 1.0 if neg_lr is None or not host else neg_lr  # the step folded into the passes below
         if ts is not None:
             out: list[Any] = [None] * len(g)
             rect_i, plain_i = [], []
@@ -671,13 +709,16 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
                 denom = _fe.sqrt([nu[i] for i in rect_i])
                 _fe.add_(denom, eps_s)
                 dst = [g[i] for i in rect_i] if mine else denom
-                for i, d, o in zip(rect_i, denom, dst):
-                    torch.div(mu[i], d, out=o)
-                _fe.mul_(dst, coef)
+                if host:  # one pass: u = k coef m / denom
+                    _scaled_div([mu[i] for i in rect_i], denom, [k * c for c in coef], dst)
+                else:
+                    for i, d, o in zip(rect_i, denom, dst):
+                        torch.div(mu[i], d, out=o)
+                    _fe.mul_(dst, coef)
                 for i, o in zip(rect_i, dst):
                     out[i] = o
             if plain_i:
-                plain = list(_fe.mul([mu[i] for i in plain_i], inv_bc1))
+                plain = list(_fe.mul([mu[i] for i in plain_i], [k * c for c in inv_bc1]))
                 for i, o in zip(plain_i, plain):
                     out[i] = o
         else:
@@ -690,6 +731,13 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
                 e_t = e * bc2**0.5 if eps_on_debiased else e
                 adapted = m * (r * bc2**0.5 / bc1).to(m.dtype) / (_fe.sqrt([v])[0] + e_t)
                 out.append(torch.where(rho_t > threshold, adapted, m * (1.0 / bc1).to(m.dtype)))
+        if ts is not None and host:
+            if wd is not None:
+                _fe.add_(out, p, alpha=k * wd)
+        else:
+            if wd is not None:
+                out = list(_fe.add(out, _fe.mul(p, wd))) if isinstance(wd, torch.Tensor) else list(_fe.add(out, p, alpha=wd))
+            out = _scaled(out, neg_lr, True)
         new_state = ScaleByAdamState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
                                      flat.rebuild(nu, like=state.nu), None)
         return flat.rebuild(out), new_state
@@ -1166,10 +1214,9 @@ def _nadam(lr: Any, betas: Any, eps: Any, weight_decay: Any, momentum_decay: Any
            maximize: bool, use_weight_decay: bool) -> GradientTransformation:
     b1, b2 = betas
     parts = _lead(maximize, weight_decay, use_weight_decay and not decoupled_weight_decay)
-    parts.append(scale_by_nadam(b1, b2, eps, momentum_decay))
-    if use_weight_decay and decoupled_weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_learning_rate(lr))
+    # scale_by_nadam, then NAdamW's decay and the step -lr u, folded into its last passes
+    decoupled = weight_decay if use_weight_decay and decoupled_weight_decay else None
+    parts.append(_nadam_tx(b1, b2, eps, momentum_decay, lr, decoupled))
     return chain(*parts)
 
 
@@ -1221,10 +1268,9 @@ def _radam(lr: Any, betas: Any, eps: Any, weight_decay: Any, decoupled_weight_de
            use_weight_decay: bool) -> GradientTransformation:
     b1, b2 = betas
     parts = _lead(maximize, weight_decay, use_weight_decay and not decoupled_weight_decay)
-    parts.append(scale_by_radam(b1, b2, eps))
-    if use_weight_decay and decoupled_weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_learning_rate(lr))
+    # scale_by_radam, then RAdamW's decay and the step -lr u, folded into its last passes
+    decoupled = weight_decay if use_weight_decay and decoupled_weight_decay else None
+    parts.append(_radam_tx(b1, b2, eps, 5.0, False, lr, decoupled))
     return chain(*parts)
 
 
@@ -1267,13 +1313,71 @@ def radam(lr: ScalarOrSchedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999)
         use_weight_decay=_nonzero(weight_decay))
 
 
+def _rms_step(alpha: Any, eps: Any, centered: bool, momentum: Any, lr: Any) -> GradientTransformation:
+    """``chain(scale_by_rms(alpha, eps, centered=centered, count_steps=True), [trace(momentum)],
+    scale_by_learning_rate(lr))`` with torch.optim.RMSprop's passes: the momentum buffer takes
+    ``g / (sqrt(v) + eps)`` in one ``addcdiv`` and ``-lr`` is folded into the last pass. Its state
+    is the blocks' (`gradxform.ScaleByRmsState`, and `gradxform.TraceState` with momentum, whose
+    count only flags a stepped leaf: RMSprop's buffer starts at 0, without a first-step rule)."""
+    rms = scale_by_rms(alpha, eps, centered=centered, count_steps=True)
+
+    def init(params: Params) -> Any:
+        rs = rms.init(params)
+        if momentum is None:
+            return rs
+        return (rs, TraceState(_leaf_counts(params), _tree.tree_zeros_like(params)))
+
+    def owned_update(updates: Updates, state: Any, params: Params | None, own: Ownership) -> tuple[Updates, Any]:
+        del params
+        rs, ms = (state, None) if momentum is None else state
+        expect_state(rs, ScaleByRmsState, "rmsprop")
+        if ms is not None:
+            expect_state(ms, TraceState, "rmsprop")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        d, e, neg_lr = _tree.as_scalar(alpha), _tree.as_scalar(eps), _neg_lr(lr)
+        g = flat.live
+        counts = _step_counts(flat, rs.count, own.state)
+        nu = _ema_sq(flat.state_live(rs.nu, "state.nu"), g, d, own.state)
+        grad_avg = None
+        if centered:
+            grad_avg = _ema(flat.state_live(rs.grad_avg, "state.grad_avg"), g, d, own.state)
+            avg = list(_addcmul(nu, grad_avg, grad_avg, value=-1.0))  # v - m^2, as torch.optim
+            _sqrt_(avg)
+        else:
+            avg = list(_fe.sqrt(nu))
+        _fe.add_(avg, e)
+        host = _host_scalars(d, e, neg_lr)
+        if ms is not None:
+            m = _tree.as_scalar(momentum)
+            mcounts = _step_counts(flat, ms.count, own.state)
+            buf = _mul(flat.state_live(ms.trace, "state.trace"), m, own.state)
+            _addcdiv_(buf, g, avg)  # in the state's buffers when owned, else in the new ones
+            if host:  # -lr b into avg's buffers (private to this call)
+                for b, a in zip(buf, avg):
+                    torch.mul(b, neg_lr, out=a)
+                out = avg
+            else:
+                out = list(_fe.mul(buf, neg_lr))
+            new_ms = TraceState(flat.rebuild(mcounts, like=ms.count), flat.rebuild(buf, like=ms.trace))
+        else:
+            if host:  # one pass: u = -lr g / avg
+                out = _scaled_div(g, avg, [neg_lr] * len(g), g if _owned_out(flat, own) else avg)
+            else:
+                out = list(_fe.mul(_fe.div(g, avg), neg_lr))
+        new_rs = ScaleByRmsState(flat.rebuild(nu, like=rs.nu),
+                                 flat.rebuild(grad_avg, like=rs.grad_avg) if centered else None,
+                                 flat.rebuild(counts, like=rs.count))
+        return flat.rebuild(out), (new_rs if ms is None else (new_rs, new_ms))
+
+    return owned_transform(init, owned_update)
+
+
 def _rmsprop(lr: Any, alpha: Any, eps: Any, weight_decay: Any, momentum: Any, centered: bool, maximize: bool,
              use_weight_decay: bool, use_momentum: bool) -> GradientTransformation:
     parts = _lead(maximize, weight_decay, use_weight_decay)
-    parts.append(scale_by_rms(alpha, eps, centered=centered, count_steps=True))
-    if use_momentum:
-        parts.append(trace(momentum))
-    parts.append(scale_by_learning_rate(lr))
+    parts.append(_rms_step(alpha, eps, centered, momentum if use_momentum else None, lr))
     return chain(*parts)
 
 
