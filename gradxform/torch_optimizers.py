@@ -799,6 +799,13 @@ def scale_by_rprop(learning_rate: float | torch.Tensor = 1e-2, eta_minus: float 
     check_float("learning_rate", learning_rate, low=0.0)
     check_float("eta_minus (etas[0])", eta_minus, low=0.0, high=1.0, low_open=True, high_open=True)
     check_float("eta_plus (etas[1])", eta_plus, low=1.0, low_open=True)
+    return _rprop_tx(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size, False)
+
+
+def _rprop_tx(learning_rate: Any, eta_minus: Any, eta_plus: Any, min_step_size: Any, max_step_size: Any,
+              descend: bool) -> GradientTransformation:
+    """`scale_by_rprop`; with ``descend``, followed by ``u <- -u`` folded into its last pass."""
+    sign = -1.0 if descend else 1.0
 
     def init(params: Params) -> ScaleByRpropState:
         lr0 = _tree.as_scalar(learning_rate)
@@ -840,13 +847,14 @@ def scale_by_rprop(learning_rate: float | torch.Tensor = 1e-2, eta_minus: float 
             if inplace:
                 d.mul_(factor).clamp_(lo, hi)
                 torch.where(sg < 0, torch.zeros((), dtype=x.dtype), x, out=p)
-                o = torch.sign(p).mul_(d)
+                o = torch.sign(p)
+                torch.addcmul(torch.zeros((), dtype=o.dtype), o, d, value=sign, out=o)
                 new_sizes.append(d)
                 new_prev.append(p)
             else:
                 d = (d * factor).clamp(lo, hi)
                 p = torch.where(sg < 0, torch.zeros((), dtype=x.dtype), x)
-                o = torch.sign(p) * d
+                o = torch.sign(p) * d * sign if descend else torch.sign(p) * d
                 new_sizes.append(d)
                 new_prev.append(p)
             out.append(o)
@@ -971,6 +979,15 @@ def scale_by_asgd(learning_rate: float | torch.Tensor = 1e-2, lambd: float | tor
                 new_ax = ax
             else:
                 new_ax = list(_fe.add(p, out))
+        elif ts is not None and not _tree.pure_ops() and not isinstance(mu_v[0], torch.Tensor):
+            # ax + mu (p + u - ax) as one lerp towards the new params (two passes fewer)
+            step = list(_fe.add(p, out))
+            if own.state:  # per leaf: a list of weights is no lerp overload on older torch
+                for a, s, m in zip(ax, step, mu_v):
+                    a.lerp_(s, m)
+                new_ax = ax
+            else:
+                new_ax = [torch.lerp(a, s, m) for a, s, m in zip(ax, step, mu_v)]
         else:
             step = list(_fe.add(p, out))
             _fe.sub_(step, ax)
@@ -1427,7 +1444,7 @@ def _rprop(lr: Any, etas: Any, step_sizes: Any, maximize: bool) -> GradientTrans
     em, ep = etas
     lo, hi = step_sizes
     parts = [scale(-1.0)] if maximize else []
-    parts += [scale_by_rprop(lr, em, ep, lo, hi), scale(-1.0)]
+    parts.append(_rprop_tx(lr, em, ep, lo, hi, True))  # scale_by_rprop, then scale(-1) folded in
     return chain(*parts)
 
 
