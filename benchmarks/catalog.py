@@ -24,9 +24,8 @@ shared machine use ``--threads 1`` for steadier ratios.
 
 ``--compiled`` times compiled steps instead (see ``compiled_rows``): the alias's functional
 step ``torch.compile(step, fullgraph=True)`` that donates its buffers
-(``gx.update_in_place(tx, grads, state, params, donate_updates=True)`` then
-``gx.apply_updates(params, updates, inplace=True)``: params and state updated in place, nothing
-allocated), against torch.optim's step compiled as torch documents
+(``gx.update_in_place(tx, grads, state, params)`` then
+``gx.apply_updates(params, updates, inplace=True)``: params and state updated in place), against torch.optim's step compiled as torch documents
 (``torch.compile(opt.step)``, foreach implementation; ``fused=True`` is not traceable), both
 warmed up (compiled) before timing. The compile times of the first calls are printed.
 
@@ -143,114 +142,108 @@ def eager_rows(names: list[str], base: list[torch.Tensor], args: argparse.Namesp
     print(f"{'alias':34s} {'gx ms':>7s} {'foreach':>8s} {'fused':>7s} {'/foreach':>8s} {'/fused':>7s} "
           f"{'buffers gx/torch':>17s}")
     for name in names:
-        make_gx, make_t = ROWS[name]
-        ps = clone_params(base)
-        opt = gx.Optimizer(ps, make_gx())
-        runners: dict[str, Callable[[], Any]] = {"gx": opt.step}
-        bufs = {}
-        keep = [ps]
-        if make_t is not None:
-            for impl in torch_impls(make_t):
-                tps = clone_params(base)
-                try:
-                    topt = make_t(tps, impl)
-                    topt.step()
-                except (RuntimeError, ValueError) as err:  # e.g. fused not built for this device/dtype
-                    print(f"  ({make_t.cls.__name__} {impl}: {err})", file=sys.stderr)
-                    continue
-                runners[next(iter(impl))] = topt.step
-                keep.append(tps)
-                bufs[next(iter(impl))] = (topt, tps)
-        for fn in runners.values():
-            for _ in range(args.warmup):
-                fn()
-        rounds: dict[str, list[float]] = {k: [] for k in runners}
-        for _ in range(args.rounds):
-            for k, fn in runners.items():
-                rounds[k].append(time_calls(fn, args.steps))
-        b_gx = buffers(opt, ps)
+        eager_row(name, base, args)
 
-        def ratio(k: str) -> str:
-            if k not in rounds:
-                return "-"
-            return f"{statistics.median(g / t for g, t in zip(rounds['gx'], rounds[k])):.2f}"
 
-        def ms(k: str) -> str:
-            return f"{statistics.median(rounds[k]):.1f}" if k in rounds else "-"
+def eager_row(name: str, base: list[torch.Tensor], args: argparse.Namespace) -> None:
+    make_gx, make_t = ROWS[name]
+    ps = clone_params(base)
+    opt = gx.Optimizer(ps, make_gx())
+    runners: dict[str, Callable[[], Any]] = {"gx": opt.step}
+    bufs = {}
+    keep = [ps]
+    if make_t is not None:
+        for impl in torch_impls(make_t):
+            tps = clone_params(base)
+            try:
+                topt = make_t(tps, impl)
+                topt.step()
+            except (RuntimeError, ValueError) as err:  # e.g. fused not built for this device/dtype
+                print(f"  ({make_t.cls.__name__} {impl}: {err})", file=sys.stderr)
+                continue
+            runners[next(iter(impl))] = topt.step
+            keep.append(tps)
+            bufs[next(iter(impl))] = (topt, tps)
+    for fn in runners.values():
+        for _ in range(args.warmup):
+            fn()
+    rounds: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(args.rounds):
+        for k, fn in runners.items():
+            rounds[k].append(time_calls(fn, args.steps))
+    b_gx = buffers(opt, ps)
 
-        b_t = f"{buffers(*bufs['foreach']):.0f}" if "foreach" in bufs else "-"
-        print(f"{name:34s} {ms('gx'):>7s} {ms('foreach'):>8s} {ms('fused'):>7s} {ratio('foreach'):>8s} "
-              f"{ratio('fused'):>7s} {b_gx:8.0f}/{b_t:<8s}", flush=True)
-        del runners, keep, bufs, opt
+    def ratio(k: str) -> str:
+        if k not in rounds:
+            return "-"
+        return f"{statistics.median(g / t for g, t in zip(rounds['gx'], rounds[k])):.2f}"
+
+    def ms(k: str) -> str:
+        return f"{statistics.median(rounds[k]):.1f}" if k in rounds else "-"
+
+    b_t = f"{buffers(*bufs['foreach']):.0f}" if "foreach" in bufs else "-"
+    print(f"{name:34s} {ms('gx'):>7s} {ms('foreach'):>8s} {ms('fused'):>7s} {ratio('foreach'):>8s} "
+          f"{ratio('fused'):>7s} {b_gx:8.0f}/{b_t:<8s}", flush=True)
+    del runners, keep, bufs, opt
 
 
 def compiled_rows(names: list[str], base: list[torch.Tensor], args: argparse.Namespace) -> None:
     print(f"{'alias':34s} {'gx ms':>7s} {'torch ms':>8s} {'ratio':>6s} {'compile s gx/torch':>19s}")
     for name in names:
-        make_gx, make_t = ROWS[name]
-        tx = make_gx()
-        ps = clone_params(base)
-        params = [p.detach() for p in ps]
-        grads = [p.grad for p in ps]
-        state = tx.init(params)
+        compiled_row(name, base, args)
 
-        @torch.compile(fullgraph=True)
-        def step(params: list[torch.Tensor], state: Any, grads: list[torch.Tensor]) -> tuple[Any, Any]:
-            updates, state = gx.update_in_place(tx, grads, state, params, donate_updates=True)
-            return gx.apply_updates(params, updates, inplace=True), state
 
-        # the grads are donated (overwritten): each call gets a fresh copy, made outside the timing
-        box = {"state": state}
-        spare = [g.clone() for g in grads]
+def compiled_row(name: str, base: list[torch.Tensor], args: argparse.Namespace) -> None:
+    make_gx, make_t = ROWS[name]
+    tx = make_gx()
+    ps = clone_params(base)
+    params = [p.detach() for p in ps]
+    grads = [p.grad for p in ps]
+    state = tx.init(params)
 
-        def run_gx() -> None:
-            _, box["state"] = step(params, box["state"], spare)
+    @torch.compile(fullgraph=True)
+    def step(params: list[torch.Tensor], state: Any, grads: list[torch.Tensor]) -> tuple[Any, Any]:
+        updates, state = gx.update_in_place(tx, grads, state, params)  # the state is donated
+        return gx.apply_updates(params, updates, inplace=True), state
 
-        def refill() -> None:
-            torch._foreach_copy_(spare, grads)
+    box = {"state": state}
 
+    def run_gx() -> None:
+        _, box["state"] = step(params, box["state"], grads)
+
+    t0 = time.perf_counter()
+    run_gx()
+    c_gx = time.perf_counter() - t0
+    runners: dict[str, Callable[[], Any]] = {"gx": run_gx}
+    c_t = float("nan")
+    if make_t is not None:
+        tps = clone_params(base)
+        topt = make_t(tps, {"foreach": True})
+        cstep = torch.compile(topt.step)
         t0 = time.perf_counter()
-        run_gx()
-        c_gx = time.perf_counter() - t0
-        runners: dict[str, Callable[[], Any]] = {"gx": run_gx}
-        c_t = float("nan")
-        if make_t is not None:
-            tps = clone_params(base)
-            topt = make_t(tps, {"foreach": True})
-            cstep = torch.compile(topt.step)
-            t0 = time.perf_counter()
-            cstep()
-            c_t = time.perf_counter() - t0
-            runners["torch"] = cstep
-        print(f"  ({name}: compiled, first calls {c_gx:.1f} s / {c_t:.1f} s)", file=sys.stderr, flush=True)
-        rounds: dict[str, list[float]] = {k: [] for k in runners}
+        cstep()
+        c_t = time.perf_counter() - t0
+        runners["torch"] = cstep
+    print(f"  ({name}: compiled, first calls {c_gx:.1f} s / {c_t:.1f} s)", file=sys.stderr, flush=True)
+    rounds: dict[str, list[float]] = {k: [] for k in runners}
 
-        def timed(k: str) -> float:
-            times = []
-            for _ in range(args.steps):
-                if k == "gx":
-                    refill()
-                t = time.perf_counter()
-                runners[k]()
-                times.append(time.perf_counter() - t)
-            return statistics.median(times) * 1e3
+    def timed(k: str) -> float:
+        return time_calls(runners[k], args.steps)
 
+    for k in runners:
+        for _ in range(args.warmup):
+            runners[k]()
+    for _ in range(args.rounds):
         for k in runners:
-            for _ in range(args.warmup):
-                if k == "gx":
-                    refill()
-                runners[k]()
-        for _ in range(args.rounds):
-            for k in runners:
-                rounds[k].append(timed(k))
-        gx_ms = statistics.median(rounds["gx"])
-        if "torch" in rounds:
-            t_ms = statistics.median(rounds["torch"])
-            r = statistics.median(g / t for g, t in zip(rounds["gx"], rounds["torch"]))
-            print(f"{name:34s} {gx_ms:7.1f} {t_ms:8.1f} {r:6.2f} {c_gx:9.1f}/{c_t:<9.1f}", flush=True)
-        else:
-            print(f"{name:34s} {gx_ms:7.1f} {'-':>8s} {'-':>6s} {c_gx:9.1f}/-", flush=True)
-        torch._dynamo.reset()
+            rounds[k].append(timed(k))
+    gx_ms = statistics.median(rounds["gx"])
+    if "torch" in rounds:
+        t_ms = statistics.median(rounds["torch"])
+        r = statistics.median(g / t for g, t in zip(rounds["gx"], rounds["torch"]))
+        print(f"{name:34s} {gx_ms:7.1f} {t_ms:8.1f} {r:6.2f} {c_gx:9.1f}/{c_t:<9.1f}", flush=True)
+    else:
+        print(f"{name:34s} {gx_ms:7.1f} {'-':>8s} {'-':>6s} {c_gx:9.1f}/-", flush=True)
+    torch._dynamo.reset()
 
 
 def main() -> None:

@@ -45,9 +45,7 @@ from .transforms import (
     add_decayed_weights,
     check_float,
     scale,
-    scale_by_learning_rate,
     scale_by_rms,
-    trace,
 )
 
 __all__ = [
