@@ -12,7 +12,10 @@ each row of ``ROWS``:
 - ``foreach ms``: the torch.optim class with ``foreach=True``;
 - ``fused ms``:   the torch.optim class with ``fused=True`` where the class accepts it (on CPU in
                   torch 2.13: Adam, AdamW, SGD, Adagrad), else ``-``;
-- ``/foreach``, ``/fused``: gx / torch (below 1.0: gradxform is faster);
+- ``/foreach``, ``/fused``: gx / torch (below 1.0: gradxform is faster), the median over rounds
+                  of each round's ratio of median step times;
+- ``min/fe``, ``min/fu``: the same from the fastest step of each (all rounds): on a loaded
+                  machine, the ratio of the undisturbed costs;
 - ``buffers``:    params-shaped state buffers per param (gx / torch): the state memory in units
                   of the params.
 
@@ -114,13 +117,15 @@ def clone_params(ps: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def time_calls(fn: Callable[[], Any], steps: int) -> float:
-    """Median ms of ``steps`` calls."""
+def time_calls(fn: Callable[[], Any], steps: int, mins: list[float] | None = None) -> float:
+    """Median ms of ``steps`` calls (their minimum appended to ``mins``)."""
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
+    if mins is not None:
+        mins.append(min(times) * 1e3)
     return statistics.median(times) * 1e3
 
 
@@ -140,7 +145,7 @@ def torch_impls(make: Any) -> list[dict[str, bool]]:
 
 def eager_rows(names: list[str], base: list[torch.Tensor], args: argparse.Namespace) -> None:
     print(f"{'alias':34s} {'gx ms':>7s} {'foreach':>8s} {'fused':>7s} {'/foreach':>8s} {'/fused':>7s} "
-          f"{'buffers gx/torch':>17s}")
+          f"{'min/fe':>8s} {'min/fu':>7s} {'buffers gx/torch':>17s}")
     for name in names:
         eager_row(name, base, args)
 
@@ -168,9 +173,10 @@ def eager_row(name: str, base: list[torch.Tensor], args: argparse.Namespace) -> 
         for _ in range(args.warmup):
             fn()
     rounds: dict[str, list[float]] = {k: [] for k in runners}
+    mins: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.rounds):
         for k, fn in runners.items():
-            rounds[k].append(time_calls(fn, args.steps))
+            rounds[k].append(time_calls(fn, args.steps, mins[k]))
     b_gx = buffers(opt, ps)
 
     def ratio(k: str) -> str:
@@ -178,17 +184,20 @@ def eager_row(name: str, base: list[torch.Tensor], args: argparse.Namespace) -> 
             return "-"
         return f"{statistics.median(g / t for g, t in zip(rounds['gx'], rounds[k])):.2f}"
 
+    def min_ratio(k: str) -> str:
+        return f"{min(mins['gx']) / min(mins[k]):.2f}" if k in mins else "-"
+
     def ms(k: str) -> str:
         return f"{statistics.median(rounds[k]):.1f}" if k in rounds else "-"
 
     b_t = f"{buffers(*bufs['foreach']):.0f}" if "foreach" in bufs else "-"
     print(f"{name:34s} {ms('gx'):>7s} {ms('foreach'):>8s} {ms('fused'):>7s} {ratio('foreach'):>8s} "
-          f"{ratio('fused'):>7s} {b_gx:8.0f}/{b_t:<8s}", flush=True)
+          f"{ratio('fused'):>7s} {min_ratio('foreach'):>8s} {min_ratio('fused'):>7s} {b_gx:8.0f}/{b_t:<8s}", flush=True)
     del runners, keep, bufs, opt
 
 
 def compiled_rows(names: list[str], base: list[torch.Tensor], args: argparse.Namespace) -> None:
-    print(f"{'alias':34s} {'gx ms':>7s} {'torch ms':>8s} {'ratio':>6s} {'compile s gx/torch':>19s}")
+    print(f"{'alias':34s} {'gx ms':>7s} {'torch ms':>8s} {'ratio':>6s} {'min':>6s} {'compile s gx/torch':>19s}")
     for name in names:
         compiled_row(name, base, args)
 
@@ -227,8 +236,10 @@ def compiled_row(name: str, base: list[torch.Tensor], args: argparse.Namespace) 
     print(f"  ({name}: compiled, first calls {c_gx:.1f} s / {c_t:.1f} s)", file=sys.stderr, flush=True)
     rounds: dict[str, list[float]] = {k: [] for k in runners}
 
+    mins: dict[str, list[float]] = {k: [] for k in runners}
+
     def timed(k: str) -> float:
-        return time_calls(runners[k], args.steps)
+        return time_calls(runners[k], args.steps, mins[k])
 
     for k in runners:
         for _ in range(args.warmup):
@@ -240,9 +251,10 @@ def compiled_row(name: str, base: list[torch.Tensor], args: argparse.Namespace) 
     if "torch" in rounds:
         t_ms = statistics.median(rounds["torch"])
         r = statistics.median(g / t for g, t in zip(rounds["gx"], rounds["torch"]))
-        print(f"{name:34s} {gx_ms:7.1f} {t_ms:8.1f} {r:6.2f} {c_gx:9.1f}/{c_t:<9.1f}", flush=True)
+        r_min = min(mins["gx"]) / min(mins["torch"])
+        print(f"{name:34s} {gx_ms:7.1f} {t_ms:8.1f} {r:6.2f} {r_min:6.2f} {c_gx:9.1f}/{c_t:<9.1f}", flush=True)
     else:
-        print(f"{name:34s} {gx_ms:7.1f} {'-':>8s} {'-':>6s} {c_gx:9.1f}/-", flush=True)
+        print(f"{name:34s} {gx_ms:7.1f} {'-':>8s} {'-':>6s} {'-':>6s} {c_gx:9.1f}/-", flush=True)
     torch._dynamo.reset()
 
 
