@@ -92,6 +92,18 @@ def _f64(counts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [c.to(torch.float64) for c in counts]
 
 
+def _realized(xs: list[Any]) -> list[Any]:
+    """Per-leaf 0-d factors (functions of the step counts) computed once under torch.compile:
+    inductor would otherwise inline them into every element loop (a ``pow`` per vector of
+    elements); a reduction is always materialised, so the amax over a duplicated column makes
+    them one tiny kernel. Values unchanged; elsewhere ``xs`` itself."""
+    if not xs or not _tree.is_compiling() or not all(isinstance(x, torch.Tensor) for x in xs):
+        return xs
+    v = torch.stack([x.reshape(()).to(torch.float64) for x in xs])
+    v = torch.stack([v, v], dim=1).amax(dim=1)
+    return [v[i] for i in range(len(xs))]
+
+
 def _scalar_dtype() -> torch.dtype:
     """torch.optim's dtype for scalar state (``_get_scalar_dtype``): float64 if the default dtype
     is float64, else float32."""
@@ -250,7 +262,7 @@ def _rss_tx(initial_accumulator_value: float, eps: Any, lr_decay: Any, eps_in_sq
                 if ts is not None:
                     factors: list[Any] = [1.0 + (t - 1) * decay for t in ts]
                 else:
-                    factors = [1.0 + (t - 1.0) * decay for t in _f64(counts)]
+                    factors = _realized([1.0 + (t - 1.0) * decay for t in _f64(counts)])
                 denom = _each("mul", denom, factors, True)
             out = _scaled(list(_fe.div(g, denom)), neg_lr, True)
         new_state = ScaleByRssState(flat.rebuild(counts, like=state.count), flat.rebuild(s, like=state.sum_of_squares))
@@ -449,7 +461,7 @@ def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
             if ts is not None:
                 bc: list[Any] = [1.0 - beta1**t for t in ts]
             else:
-                bc = [1.0 - beta1**t for t in _f64(counts)]
+                bc = _realized([1.0 - beta1**t for t in _f64(counts)])
             # u = m / nu / bc; a (|g| + eps) is private to this call and no longer needed: the
             # quotient goes into its buffers (no allocation) when not traced
             if _tree.traced():
@@ -577,6 +589,9 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
             c_g = [(1.0 - m) / (1.0 - p) * s for m, p, s in zip(mus_t, pv_t, bc_sqrt_t)]
             c_m = [n / (1.0 - p * n) * s for n, p, s in zip(nexts_t, pv_t, bc_sqrt_t)]
             eps_s = [e * s for s in bc_sqrt_t]
+            n_l = len(c_g)
+            both = _realized(c_g + c_m + eps_s)
+            c_g, c_m, eps_s = both[:n_l], both[n_l:2 * n_l], both[2 * n_l:]
         denom = _each("add", list(_fe.sqrt(nu)), eps_s, True)
         if ts is not None and _host_scalars(e, neg_lr, wd) and not isinstance(c_m[0], torch.Tensor):
             # u = k_g (g + (c_m / c_g) m) / denom, k_g = -lr c_g: two passes (c_g > 0 for beta1 < 1)
@@ -721,14 +736,24 @@ def _radam_tx(b1: Any, b2: Any, eps: Any, threshold: float, eps_on_debiased: boo
                     out[i] = o
         else:
             t = _f64(counts)
-            out = []
-            for x, m, v in zip(t, mu, nu):
+            coefs, invs, rhos, e_ts = [], [], [], []
+            for x in t:
                 bc1, bc2 = 1.0 - beta1**x, 1.0 - beta2**x
                 rho_t = rho_inf - 2.0 * x * beta2**x / bc2
                 r = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp_min(0) ** 0.5
-                e_t = e * bc2**0.5 if eps_on_debiased else e
-                adapted = m * (r * bc2**0.5 / bc1).to(m.dtype) / (_fe.sqrt([v])[0] + e_t)
-                out.append(torch.where(rho_t > threshold, adapted, m * (1.0 / bc1).to(m.dtype)))
+                coefs.append(r * bc2**0.5 / bc1)
+                invs.append(1.0 / bc1)
+                rhos.append(rho_t)
+                e_ts.append(e * bc2**0.5 if eps_on_debiased else e)
+            n_l = len(t)
+            both = _realized(coefs + invs + rhos + (e_ts if eps_on_debiased else []))
+            coefs, invs, rhos = both[:n_l], both[n_l:2 * n_l], both[2 * n_l:3 * n_l]
+            if eps_on_debiased:
+                e_ts = both[3 * n_l:]
+            out = []
+            for m, v, c, inv, rho_t, e_t in zip(mu, nu, coefs, invs, rhos, e_ts):
+                adapted = m * c.to(m.dtype) / (_fe.sqrt([v])[0] + e_t)
+                out.append(torch.where(rho_t > threshold, adapted, m * inv.to(m.dtype)))
         if ts is not None and host:
             if wd is not None:
                 _fe.add_(out, p, alpha=k * wd)
@@ -959,6 +984,9 @@ def scale_by_asgd(learning_rate: float | torch.Tensor = 1e-2, lambd: float | tor
             eta_v = [torch.where(c == 1, lr_t.to(sd).to(torch.float64), x.to(torch.float64)) for c, x in zip(counts, etas)]
             mu_v = [torch.where(c == 1, torch.ones((), dtype=torch.float64), x.to(torch.float64)) for c, x in zip(counts, mus)]
             neg_eta = [-v for v in eta_v]
+            n_l = len(t)
+            both = _realized(neg_eta + mu_v)
+            neg_eta, mu_v = both[:n_l], both[n_l:]
             new_etas = [(lr_t / (1 + lam * lr_t * x) ** pw).to(sd) for x in t]
             new_mus = [(1 / torch.clamp_min(x - start, 1.0)).to(sd) for x in t]
         if _owned_out(flat, own):
