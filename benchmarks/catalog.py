@@ -265,7 +265,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds (the ratio is the median over rounds)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--only", default=None, help="comma-separated row names")
+    ap.add_argument("--only", default=None, help="row names, separated by commas (or by ';' when a name has one)")
     ap.add_argument("--compiled", action="store_true",
                     help="time compiled steps: gx donating its buffers vs torch.compile(opt.step)")
     args = ap.parse_args()
@@ -276,7 +276,7 @@ def main() -> None:
     mode = "compiled" if args.compiled else "eager"
     print(f"# {mode}: {total / 1e6:.1f}M float32 params in {len(base)} tensors, {torch.get_num_threads()} "
           f"thread(s), torch {torch.__version__}, median of {args.rounds} rounds x {args.steps} steps")
-    names = args.only.split(",") if args.only else list(ROWS)
+    names = args.only.split(";" if ";" in args.only else ",") if args.only else list(ROWS)
     for name in names:
         if name not in ROWS:
             raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
