@@ -1,35 +1,51 @@
-"""Per-step time of every catalog alias through ``gx.Optimizer`` against torch.optim's fastest CPU
-implementation of the same optimizer, in one run.
+"""Per-step time of every catalog alias through ``gx.Optimizer`` against torch.optim's CPU
+implementations of the same optimizer (foreach, and fused where torch has one), in one run.
 
 What it measures
 ----------------
 One optimizer step over a fixed set of float32 CPU tensors totalling ``--params-millions``
-(default 25M) parameters (a few matrices and their biases). Params and gradients come from
-fixed seeds; the same gradients are fed to every step (no forward/backward is timed). For each
-row of ``ROWS``:
+(default 25M) parameters (four square matrices and their biases). Params and gradients come
+from fixed seeds; the same gradients are fed to every step (no forward/backward is timed). For
+each row of ``ROWS``:
 
-- ``gx ms``:     ``gx.Optimizer(params, alias)`` (its default path) ``.step()``;
-- ``torch ms``:  the torch.optim class with the fastest CPU implementation it offers, chosen in
-                 the run: each of ``fused=True`` and ``foreach=True`` that the class accepts is
-                 timed briefly and the faster is kept (the ``impl`` column);
-- ``ratio``:     gx / torch (below 1.0: gradxform is faster);
-- ``buffers``:   params-shaped state buffers per param (gx / torch): the state memory in units
-                 of the params.
+- ``gx ms``:      ``gx.Optimizer(params, alias)`` (its default path) ``.step()``;
+- ``foreach ms``: the torch.optim class with ``foreach=True``;
+- ``fused ms``:   the torch.optim class with ``fused=True`` where the class accepts it (on CPU in
+                  torch 2.13: Adam, AdamW, SGD, Adagrad), else ``-``;
+- ``/foreach``, ``/fused``: gx / torch (below 1.0: gradxform is faster), the median over rounds
+                  of each round's ratio of median step times;
+- ``min/fe``, ``min/fu``: the same from the fastest step of each (all rounds): on a loaded
+                  machine, the ratio of the undisturbed costs;
+- ``buffers``:    params-shaped state buffers per param (gx / torch): the state memory in units
+                  of the params.
 
-Time: median of ``--steps`` timed steps after ``--warmup`` untimed ones (``time.perf_counter``;
-CPU ops are synchronous). On a shared machine use ``--threads 1`` for steadier ratios.
+Time: each optimizer takes ``--warmup`` untimed steps, then ``--rounds`` rounds in which every
+implementation of the row takes ``--steps`` timed steps in turn (``time.perf_counter``; CPU ops
+are synchronous); a round's time is the median of its steps and the ratio is the median over
+rounds of the per-round ratios, so the implementations of a row see the same machine load. On a
+shared machine use ``--threads 1`` for steadier ratios.
+
+``--compiled`` times compiled steps instead (see ``compiled_rows``): the alias's functional
+step ``torch.compile(step, fullgraph=True)`` that donates its buffers
+(``gx.update_in_place(tx, grads, state, params)`` then
+``gx.apply_updates(params, updates, inplace=True)``: params and state updated in place), against torch.optim's step compiled as torch documents
+(``torch.compile(opt.step)``, foreach implementation; ``fused=True`` is not traceable), both
+warmed up (compiled) before timing. The compile times of the first calls are printed.
 
 Adding rows
 -----------
-Other catalog modules add their optimizers to ``ROWS`` below: ``name -> (gx factory, torch
-factory or None)``; each factory takes the list of params and returns an optimizer (for gx, a
-`gradxform.Optimizer`). A row without a torch twin (optax's optimizers) prints its gx time only.
+Other catalog modules add their optimizers to ``ROWS`` below: ``name -> (gx alias factory,
+torch factory or None)``; the gx factory takes no argument and returns the transform (it is
+wrapped in a `gradxform.Optimizer`, or compiled functionally with ``--compiled``); the torch
+factory takes the list of params and the implementation keywords. A row without a torch twin
+(optax's optimizers) prints its gx time only.
 
 Usage::
 
     python benchmarks/catalog.py                        # 25M params
-    python benchmarks/catalog.py --params-millions 5 --threads 1
+    python benchmarks/catalog.py --threads 1 --rounds 5
     python benchmarks/catalog.py --only rmsprop,nadam --steps 20
+    python benchmarks/catalog.py --compiled --params-millions 5 --threads 1
 """
 
 from __future__ import annotations
@@ -47,11 +63,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gradxform as gx  # noqa: E402
 
-Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+Alias = Callable[[], gx.GradientTransformation]
 
 
-def _gx(alias: Callable[..., Any], **kw: Any) -> Factory:
-    return lambda ps: gx.Optimizer(ps, alias(**kw))
+def _gx(alias: Callable[..., Any], **kw: Any) -> Alias:
+    return lambda: alias(**kw)
 
 
 def _torch(cls: type, **kw: Any) -> Callable[..., torch.optim.Optimizer]:
@@ -62,8 +78,8 @@ def _torch(cls: type, **kw: Any) -> Callable[..., torch.optim.Optimizer]:
     return make
 
 
-# name -> (gradxform factory, torch factory (params, impl kwargs) or None). Catalog modules add rows here.
-ROWS: dict[str, tuple[Factory, Any]] = {
+# name -> (gradxform alias factory, torch factory (params, impl kwargs) or None). Catalog modules add rows here.
+ROWS: dict[str, tuple[Alias, Any]] = {
     "adam": (_gx(gx.adam, lr=1e-3), _torch(torch.optim.Adam, lr=1e-3)),
     "adagrad": (_gx(gx.adagrad, lr=1e-2), _torch(torch.optim.Adagrad, lr=1e-2)),
     "adadelta": (_gx(gx.adadelta), _torch(torch.optim.Adadelta)),
@@ -81,7 +97,7 @@ ROWS: dict[str, tuple[Factory, Any]] = {
 
 
 def make_params(millions: float) -> list[torch.Tensor]:
-    """Four square-ish matrices and their biases, ``millions`` * 1e6 elements in all."""
+    """Four square matrices and their biases, ``millions`` * 1e6 elements in all."""
     n = int(millions * 1e6)
     side = int((n / 4) ** 0.5)
     g = torch.Generator().manual_seed(0)
@@ -101,14 +117,15 @@ def clone_params(ps: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def time_steps(opt: torch.optim.Optimizer, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        opt.step()
+def time_calls(fn: Callable[[], Any], steps: int, mins: list[float] | None = None) -> float:
+    """Median ms of ``steps`` calls (their minimum appended to ``mins``)."""
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        opt.step()
+        fn()
         times.append(time.perf_counter() - t)
+    if mins is not None:
+        mins.append(min(times) * 1e3)
     return statistics.median(times) * 1e3
 
 
@@ -121,55 +138,149 @@ def buffers(opt: torch.optim.Optimizer, ps: list[torch.Tensor]) -> float:
     return sum(counts) / max(len(counts), 1)
 
 
-def fastest_torch(make: Any, base: list[torch.Tensor], warmup: int, steps: int) -> tuple[str, float, float]:
+def torch_impls(make: Any) -> list[dict[str, bool]]:
     accepted = set(inspect.signature(make.cls).parameters)
-    best = None
-    for impl in ({"fused": True}, {"foreach": True}):
-        if not set(impl) <= accepted:
-            continue
-        ps = clone_params(base)
-        try:
-            opt = make(ps, impl)
-            t = time_steps(opt, warmup, max(3, steps // 2))
-        except (RuntimeError, ValueError) as err:  # e.g. fused not built for this device/dtype
-            print(f"  ({make.cls.__name__} {impl}: {err})", file=sys.stderr)
-            continue
-        if best is None or t < best[1]:
-            best = (next(iter(impl)), t, ps, opt)
-    assert best is not None
-    name, _, ps, opt = best
-    t = time_steps(opt, 1, steps)  # the chosen implementation, timed in full
-    return name, t, buffers(opt, ps)
+    return [impl for impl in ({"foreach": True}, {"fused": True}) if set(impl) <= accepted]
+
+
+def eager_rows(names: list[str], base: list[torch.Tensor], args: argparse.Namespace) -> None:
+    print(f"{'alias':34s} {'gx ms':>7s} {'foreach':>8s} {'fused':>7s} {'/foreach':>8s} {'/fused':>7s} "
+          f"{'min/fe':>8s} {'min/fu':>7s} {'buffers gx/torch':>17s}")
+    for name in names:
+        eager_row(name, base, args)
+
+
+def eager_row(name: str, base: list[torch.Tensor], args: argparse.Namespace) -> None:
+    make_gx, make_t = ROWS[name]
+    ps = clone_params(base)
+    opt = gx.Optimizer(ps, make_gx())
+    runners: dict[str, Callable[[], Any]] = {"gx": opt.step}
+    bufs = {}
+    keep = [ps]
+    if make_t is not None:
+        for impl in torch_impls(make_t):
+            tps = clone_params(base)
+            try:
+                topt = make_t(tps, impl)
+                topt.step()
+            except (RuntimeError, ValueError) as err:  # e.g. fused not built for this device/dtype
+                print(f"  ({make_t.cls.__name__} {impl}: {err})", file=sys.stderr)
+                continue
+            runners[next(iter(impl))] = topt.step
+            keep.append(tps)
+            bufs[next(iter(impl))] = (topt, tps)
+    for fn in runners.values():
+        for _ in range(args.warmup):
+            fn()
+    rounds: dict[str, list[float]] = {k: [] for k in runners}
+    mins: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(args.rounds):
+        for k, fn in runners.items():
+            rounds[k].append(time_calls(fn, args.steps, mins[k]))
+    b_gx = buffers(opt, ps)
+
+    def ratio(k: str) -> str:
+        if k not in rounds:
+            return "-"
+        return f"{statistics.median(g / t for g, t in zip(rounds['gx'], rounds[k])):.2f}"
+
+    def min_ratio(k: str) -> str:
+        return f"{min(mins['gx']) / min(mins[k]):.2f}" if k in mins else "-"
+
+    def ms(k: str) -> str:
+        return f"{statistics.median(rounds[k]):.1f}" if k in rounds else "-"
+
+    b_t = f"{buffers(*bufs['foreach']):.0f}" if "foreach" in bufs else "-"
+    print(f"{name:34s} {ms('gx'):>7s} {ms('foreach'):>8s} {ms('fused'):>7s} {ratio('foreach'):>8s} "
+          f"{ratio('fused'):>7s} {min_ratio('foreach'):>8s} {min_ratio('fused'):>7s} {b_gx:8.0f}/{b_t:<8s}", flush=True)
+    del runners, keep, bufs, opt
+
+
+def compiled_rows(names: list[str], base: list[torch.Tensor], args: argparse.Namespace) -> None:
+    print(f"{'alias':34s} {'gx ms':>7s} {'torch ms':>8s} {'ratio':>6s} {'min':>6s} {'compile s gx/torch':>19s}")
+    for name in names:
+        compiled_row(name, base, args)
+
+
+def compiled_row(name: str, base: list[torch.Tensor], args: argparse.Namespace) -> None:
+    make_gx, make_t = ROWS[name]
+    tx = make_gx()
+    ps = clone_params(base)
+    params = [p.detach() for p in ps]
+    grads = [p.grad for p in ps]
+    state = tx.init(params)
+
+    @torch.compile(fullgraph=True)
+    def step(params: list[torch.Tensor], state: Any, grads: list[torch.Tensor]) -> tuple[Any, Any]:
+        updates, state = gx.update_in_place(tx, grads, state, params)  # the state is donated
+        return gx.apply_updates(params, updates, inplace=True), state
+
+    box = {"state": state}
+
+    def run_gx() -> None:
+        _, box["state"] = step(params, box["state"], grads)
+
+    t0 = time.perf_counter()
+    run_gx()
+    c_gx = time.perf_counter() - t0
+    runners: dict[str, Callable[[], Any]] = {"gx": run_gx}
+    c_t = float("nan")
+    if make_t is not None:
+        tps = clone_params(base)
+        topt = make_t(tps, {"foreach": True})
+        cstep = torch.compile(topt.step)
+        t0 = time.perf_counter()
+        cstep()
+        c_t = time.perf_counter() - t0
+        runners["torch"] = cstep
+    print(f"  ({name}: compiled, first calls {c_gx:.1f} s / {c_t:.1f} s)", file=sys.stderr, flush=True)
+    rounds: dict[str, list[float]] = {k: [] for k in runners}
+
+    mins: dict[str, list[float]] = {k: [] for k in runners}
+
+    def timed(k: str) -> float:
+        return time_calls(runners[k], args.steps, mins[k])
+
+    for k in runners:
+        for _ in range(args.warmup):
+            runners[k]()
+    for _ in range(args.rounds):
+        for k in runners:
+            rounds[k].append(timed(k))
+    gx_ms = statistics.median(rounds["gx"])
+    if "torch" in rounds:
+        t_ms = statistics.median(rounds["torch"])
+        r = statistics.median(g / t for g, t in zip(rounds["gx"], rounds["torch"]))
+        r_min = min(mins["gx"]) / min(mins["torch"])
+        print(f"{name:34s} {gx_ms:7.1f} {t_ms:8.1f} {r:6.2f} {r_min:6.2f} {c_gx:9.1f}/{c_t:<9.1f}", flush=True)
+    else:
+        print(f"{name:34s} {gx_ms:7.1f} {'-':>8s} {'-':>6s} {'-':>6s} {c_gx:9.1f}/-", flush=True)
+    torch._dynamo.reset()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params-millions", type=float, default=25.0)
-    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=7, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (the ratio is the median over rounds)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--only", default=None, help="comma-separated row names")
+    ap.add_argument("--only", default=None, help="row names, separated by commas (or by ';' when a name has one)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="time compiled steps: gx donating its buffers vs torch.compile(opt.step)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     base = make_params(args.params_millions)
     total = sum(p.numel() for p in base)
-    print(f"# {total / 1e6:.1f}M float32 params in {len(base)} tensors, {torch.get_num_threads()} thread(s), "
-          f"torch {torch.__version__}, median of {args.steps} steps")
-    print(f"{'alias':34s} {'gx ms':>9s} {'torch ms':>9s} {'impl':>8s} {'ratio':>6s} {'buffers gx/torch':>17s}")
-    names = args.only.split(",") if args.only else list(ROWS)
+    mode = "compiled" if args.compiled else "eager"
+    print(f"# {mode}: {total / 1e6:.1f}M float32 params in {len(base)} tensors, {torch.get_num_threads()} "
+          f"thread(s), torch {torch.__version__}, median of {args.rounds} rounds x {args.steps} steps")
+    names = args.only.split(";" if ";" in args.only else ",") if args.only else list(ROWS)
     for name in names:
-        make_gx, make_t = ROWS[name]
-        ps = clone_params(base)
-        opt = make_gx(ps)
-        t_gx = time_steps(opt, args.warmup, args.steps)
-        b_gx = buffers(opt, ps)
-        del opt, ps
-        if make_t is None:
-            print(f"{name:34s} {t_gx:9.1f} {'-':>9s} {'-':>8s} {'-':>6s} {b_gx:8.0f}/-")
-            continue
-        impl, t_t, b_t = fastest_torch(make_t, base, args.warmup, args.steps)
-        print(f"{name:34s} {t_gx:9.1f} {t_t:9.1f} {impl:>8s} {t_gx / t_t:6.2f} {b_gx:8.0f}/{b_t:<8.0f}")
+        if name not in ROWS:
+            raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
+    (compiled_rows if args.compiled else eager_rows)(names, base, args)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from .combine import inject_hyperparams
 from .transforms import (
     ScalarOrSchedule,
     ScaleByAdamState,
+    ScaleByRmsState,
+    TraceState,
     _addcmul,
     _ema,
     _ema_sq,
@@ -43,9 +45,7 @@ from .transforms import (
     add_decayed_weights,
     check_float,
     scale,
-    scale_by_learning_rate,
     scale_by_rms,
-    trace,
 )
 
 __all__ = [
@@ -92,6 +92,18 @@ def _f64(counts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [c.to(torch.float64) for c in counts]
 
 
+def _realized(xs: list[Any]) -> list[Any]:
+    """Per-leaf 0-d factors (functions of the step counts) computed once under torch.compile:
+    inductor would otherwise inline them into every element loop (a ``pow`` per vector of
+    elements); a reduction is always materialised, so the amax over a duplicated column makes
+    them one tiny kernel. Values unchanged; elsewhere ``xs`` itself."""
+    if not xs or not _tree.is_compiling() or not all(isinstance(x, torch.Tensor) for x in xs):
+        return xs
+    v = torch.stack([x.reshape(()).to(torch.float64) for x in xs])
+    v = torch.stack([v, v], dim=1).amax(dim=1)
+    return [v[i] for i in range(len(xs))]
+
+
 def _scalar_dtype() -> torch.dtype:
     """torch.optim's dtype for scalar state (``_get_scalar_dtype``): float64 if the default dtype
     is float64, else float32."""
@@ -116,6 +128,39 @@ def _each(op: str, xs: list[torch.Tensor], fs: list[Any], inplace: bool) -> list
 
 def _owned_out(flat: _Flat, own: Ownership) -> bool:
     return own.may_write(flat.live)
+
+
+def _neg_lr(lr: Any) -> Any:
+    """``-lr`` for a learning rate folded into a block's last pass (``None``: not folded)."""
+    return None if lr is None else -_tree.as_scalar(lr)
+
+
+def _host_scalars(*values: Any) -> bool:
+    """Whether the eager fused passes apply: not traced, and every value a Python number."""
+    return not _tree.traced() and not any(isinstance(v, torch.Tensor) for v in values)
+
+
+def _zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _scaled_div(a: list[torch.Tensor], b: list[torch.Tensor], ks: list[float],
+                out: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``k_i a_i / b_i`` written into ``out`` (private buffers, which may be ``a`` or ``b``) in one
+    pass per leaf (eager only: ``addcdiv`` of a 0-d zero)."""
+    for x, y, k, o in zip(a, b, ks, out):
+        if k == 1.0:
+            torch.div(x, y, out=o)
+        else:
+            torch.addcdiv(_zero(o), x, y, value=k, out=o)
+    return out
+
+
+def _scaled(xs: list[torch.Tensor], k: Any, inplace: bool) -> list[torch.Tensor]:
+    """``k x`` (the traced paths' unfolded learning-rate step); ``k`` ``None``: ``xs`` unchanged."""
+    if k is None:
+        return xs
+    return _mul(xs, k, inplace)
 
 
 # --- Adagrad ------------------------------------------------------------------------------------
@@ -167,6 +212,13 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float | torch.Tens
     check_float("initial_accumulator_value", initial_accumulator_value, low=0.0)
     check_float("eps", eps, low=0.0)
     check_float("lr_decay", lr_decay, low=0.0)
+    return _rss_tx(initial_accumulator_value, eps, lr_decay, eps_in_sqrt, None)
+
+
+def _rss_tx(initial_accumulator_value: float, eps: Any, lr_decay: Any, eps_in_sqrt: bool,
+            lr: Any) -> GradientTransformation:
+    """`scale_by_rss`; with ``lr``, followed by ``u <- -lr u`` folded into its last pass (Adagrad:
+    ``u = -clr g / (sqrt(s) + eps)``, ``clr = lr / (1 + (t - 1) lr_decay)`` as torch)."""
 
     def init(params: Params) -> ScaleByRssState:
         return ScaleByRssState(_leaf_counts(params),
@@ -179,7 +231,7 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float | torch.Tens
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        e, decay = _tree.as_scalar(eps), _tree.as_scalar(lr_decay)
+        e, decay, neg_lr = _tree.as_scalar(eps), _tree.as_scalar(lr_decay), _neg_lr(lr)
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
         s = flat.state_live(state.sum_of_squares, "state.sum_of_squares")
@@ -195,22 +247,24 @@ def scale_by_rss(initial_accumulator_value: float = 0.0, eps: float | torch.Tens
         else:
             denom = _fe.sqrt(s)
             _fe.add_(denom, e)
-        if not (isinstance(decay, (int, float)) and decay == 0):
-            ts = _host_steps(counts)
-            if ts is not None:
-                factors: list[Any] = [1.0 + (t - 1) * decay for t in ts]
-            else:
-                factors = [1.0 + (t - 1.0) * decay for t in _f64(counts)]
-            denom = _each("mul", denom, factors, True)
-        if _owned_out(flat, own):
-            _fe.div_(g, denom)
-            out = g
-        elif not _tree.traced():  # the denominator is private to this call: the quotient goes into it
-            for x, d in zip(g, denom):
-                torch.div(x, d, out=d)
-            out = denom
+        no_decay = isinstance(decay, (int, float)) and decay == 0
+        ts = None if no_decay else _host_steps(counts)
+        if _host_scalars(decay, neg_lr) and (no_decay or ts is not None):
+            # one pass: u = k g / denom, k = -lr / (1 + (t - 1) lr_decay) (torch's -clr)
+            lr_k = 1.0 if neg_lr is None else -neg_lr
+            ks = [lr_k if no_decay else lr_k / (1.0 + (t - 1) * decay) for t in ts or [1] * len(g)]
+            if neg_lr is not None:
+                ks = [-k for k in ks]
+            out = _scaled_div(g, denom, ks, g if _owned_out(flat, own) else denom)
         else:
-            out = list(_fe.div(g, denom))
+            if not no_decay:
+                ts = _host_steps(counts)
+                if ts is not None:
+                    factors: list[Any] = [1.0 + (t - 1) * decay for t in ts]
+                else:
+                    factors = _realized([1.0 + (t - 1.0) * decay for t in _f64(counts)])
+                denom = _each("mul", denom, factors, True)
+            out = _scaled(list(_fe.div(g, denom)), neg_lr, True)
         new_state = ScaleByRssState(flat.rebuild(counts, like=state.count), flat.rebuild(s, like=state.sum_of_squares))
         return flat.rebuild(out), new_state
 
@@ -261,6 +315,11 @@ def scale_by_adadelta(rho: float | torch.Tensor = 0.9, eps: float | torch.Tensor
     """
     check_float("rho", rho, low=0.0, high=1.0)
     check_float("eps", eps, low=0.0)
+    return _adadelta_tx(rho, eps, None)
+
+
+def _adadelta_tx(rho: Any, eps: Any, lr: Any) -> GradientTransformation:
+    """`scale_by_adadelta`; with ``lr``, followed by ``u <- -lr u`` folded into its last pass."""
 
     def init(params: Params) -> ScaleByAdadeltaState:
         zeros = _tree.tree_zeros_like
@@ -273,21 +332,40 @@ def scale_by_adadelta(rho: float | torch.Tensor = 0.9, eps: float | torch.Tensor
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        r, e = _tree.as_scalar(rho), _tree.as_scalar(eps)
+        r, e, neg_lr = _tree.as_scalar(rho), _tree.as_scalar(eps), _neg_lr(lr)
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
         e_g = _ema_sq(flat.state_live(state.e_g, "state.e_g"), g, r, own.state)
-        std = list(_fe.add(e_g, e))
-        _sqrt_(std)
         e_x = flat.state_live(state.e_x, "state.e_x")
-        delta = list(_fe.add(e_x, e))
-        _sqrt_(delta)
-        _fe.div_(delta, std)
-        _fe.mul_(delta, g)
-        e_x = _ema_sq(e_x, delta, r, own.state)
+        if _host_scalars(r, e, neg_lr):
+            # sqrt(E[dx^2] + eps) / sqrt(E[g^2] + eps) as one root of the quotient: a pass less
+            q = list(_fe.add(e_g, e))
+            delta = list(_fe.add(e_x, e))
+            _fe.div_(delta, q)
+            del q
+            _sqrt_(delta)
+            # fold -lr into the product when E[dx^2] can take the scaled step back exactly enough:
+            # (1 - rho) / lr^2 stays finite in float32 (the kernel multiplies it by u first)
+            fold = (neg_lr is not None and -neg_lr >= 1e-8
+                    and all(x.dtype in (torch.float32, torch.float64) for x in g))
+            k = neg_lr if fold else 1.0
+            for dl, x in zip(delta, g):
+                torch.addcmul(_zero(dl), dl, x, value=k, out=dl)
+            e_x = _mul(e_x, r, own.state)
+            _fe.addcmul_(e_x, delta, delta, (1.0 - r) / (k * k))
+            out = delta if fold else _scaled(delta, neg_lr, True)
+        else:
+            std = list(_fe.add(e_g, e))
+            _sqrt_(std)
+            delta = list(_fe.add(e_x, e))
+            _sqrt_(delta)
+            _fe.div_(delta, std)
+            _fe.mul_(delta, g)
+            e_x = _ema_sq(e_x, delta, r, own.state)
+            out = _scaled(list(delta), neg_lr, True)
         new_state = ScaleByAdadeltaState(flat.rebuild(counts, like=state.count), flat.rebuild(e_g, like=state.e_g),
                                          flat.rebuild(e_x, like=state.e_x))
-        return flat.rebuild(delta), new_state
+        return flat.rebuild(out), new_state
 
     return owned_transform(init, owned_update)
 
@@ -338,6 +416,12 @@ def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
     check_float("b1 (betas[0])", b1, low=0.0, high=1.0, high_open=True)
     check_float("b2 (betas[1])", b2, low=0.0, high=1.0, high_open=True)
     check_float("eps", eps, low=0.0)
+    return _adamax_tx(b1, b2, eps, None)
+
+
+def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
+    """`scale_by_adamax`; with ``lr``, followed by ``u <- -lr u`` folded into its last pass (as
+    torch: ``u = -(lr / (1 - b1^t)) m / u_t``)."""
 
     def init(params: Params) -> ScaleByAdamaxState:
         zeros = _tree.tree_zeros_like
@@ -351,6 +435,7 @@ def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         if not flat.live:
             return updates, state
         beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
+        neg_lr = _neg_lr(lr)
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
         mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
@@ -367,19 +452,25 @@ def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         else:
             nu = list(_fe.maximum(nu, a))
         ts = _host_steps(counts)
-        if ts is not None:
-            bc: list[Any] = [1.0 - beta1**t for t in ts]
+        if ts is not None and _host_scalars(beta1, neg_lr):
+            # one pass: u = k m / u_t with k = -(lr / (1 - b1^t)) (torch's -clr), into a's buffers
+            lr_v = 1.0 if neg_lr is None else -neg_lr
+            ks = [lr_v / (1.0 - beta1**t) for t in ts]
+            out = _scaled_div(mu, nu, ks if neg_lr is None else [-k for k in ks], a)
         else:
-            bc = [1.0 - beta1**t for t in _f64(counts)]
-        # u = m / nu / bc; a (|g| + eps) is private to this call and no longer needed: the
-        # quotient goes into its buffers (no allocation) when not traced
-        if _tree.traced():
-            out = list(_fe.div(mu, nu))
-        else:
-            for m, n, x in zip(mu, nu, a):
-                torch.div(m, n, out=x)
-            out = a
-        out = _each("div", out, bc, True)
+            if ts is not None:
+                bc: list[Any] = [1.0 - beta1**t for t in ts]
+            else:
+                bc = _realized([1.0 - beta1**t for t in _f64(counts)])
+            # u = m / nu / bc; a (|g| + eps) is private to this call and no longer needed: the
+            # quotient goes into its buffers (no allocation) when not traced
+            if _tree.traced():
+                out = list(_fe.div(mu, nu))
+            else:
+                for m, n, x in zip(mu, nu, a):
+                    torch.div(m, n, out=x)
+                out = a
+            out = _scaled(_each("div", out, bc, True), neg_lr, True)
         new_state = ScaleByAdamaxState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
                                        flat.rebuild(nu, like=state.nu))
         return flat.rebuild(out), new_state
@@ -445,6 +536,12 @@ def scale_by_nadam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
     check_float("b2 (betas[1])", b2, low=0.0, high=1.0, high_open=True)
     check_float("eps", eps, low=0.0)
     check_float("momentum_decay", momentum_decay, low=0.0)
+    return _nadam_tx(b1, b2, eps, momentum_decay, None, None)
+
+
+def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decoupled_wd: Any) -> GradientTransformation:
+    """`scale_by_nadam`; with ``lr``, followed by ``u <- -lr (u + decoupled_wd p)`` folded into
+    its last passes (``decoupled_wd``: NAdamW's decay, or ``None``)."""
 
     def init(params: Params) -> ScaleByNadamState:
         zeros = _tree.tree_zeros_like
@@ -453,13 +550,15 @@ def scale_by_nadam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
 
     def owned_update(updates: Updates, state: ScaleByNadamState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByNadamState]:
-        del params
         expect_state(state, ScaleByNadamState, "scale_by_nadam")
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
         beta1, beta2 = _tree.as_scalar(b1), _tree.as_scalar(b2)
         e, psi = _tree.as_scalar(eps), _tree.as_scalar(momentum_decay)
+        neg_lr = _neg_lr(lr)
+        wd = None if decoupled_wd is None else _tree.as_scalar(decoupled_wd)
+        p = None if wd is None else flat.params_live(params, "nadam")
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
         sdtype = _scalar_dtype()
@@ -490,17 +589,37 @@ def scale_by_nadam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
             c_g = [(1.0 - m) / (1.0 - p) * s for m, p, s in zip(mus_t, pv_t, bc_sqrt_t)]
             c_m = [n / (1.0 - p * n) * s for n, p, s in zip(nexts_t, pv_t, bc_sqrt_t)]
             eps_s = [e * s for s in bc_sqrt_t]
+            n_l = len(c_g)
+            both = _realized(c_g + c_m + eps_s)
+            c_g, c_m, eps_s = both[:n_l], both[n_l:2 * n_l], both[2 * n_l:]
         denom = _each("add", list(_fe.sqrt(nu)), eps_s, True)
-        if _owned_out(flat, own):
-            _fe.div_(g, denom)
-            out = g
+        if ts is not None and _host_scalars(e, neg_lr, wd) and not isinstance(c_m[0], torch.Tensor):
+            # u = k_g (g + (c_m / c_g) m) / denom, k_g = -lr c_g: two passes (c_g > 0 for beta1 < 1)
+            k = 1.0 if neg_lr is None else neg_lr
+            mine = _owned_out(flat, own)
+            if mine:
+                for x, m, r in zip(g, mu, [cm / cg for cm, cg in zip(c_m, c_g)]):
+                    x.add_(m, alpha=r)
+                num = g
+            else:
+                num = [torch.add(x, m, alpha=cm / cg) for x, m, cm, cg in zip(g, mu, c_m, c_g)]
+            out = _scaled_div(num, denom, [k * cg for cg in c_g], denom)
+            if wd is not None:
+                _fe.add_(out, p, alpha=k * wd)
         else:
-            out = list(_fe.div(g, denom))
-        out = _each("mul", out, c_g, True)
-        if ts is not None and not isinstance(c_m[0], torch.Tensor):
-            _addcdiv_(out, mu, denom, c_m)
-        else:
-            out = list(_fe.add(out, _each("mul", list(_fe.div(mu, denom)), c_m, True)))
+            if _owned_out(flat, own):
+                _fe.div_(g, denom)
+                out = g
+            else:
+                out = list(_fe.div(g, denom))
+            out = _each("mul", out, c_g, True)
+            if ts is not None and not isinstance(c_m[0], torch.Tensor):
+                _addcdiv_(out, mu, denom, c_m)
+            else:
+                out = list(_fe.add(out, _each("mul", list(_fe.div(mu, denom)), c_m, True)))
+            if wd is not None:
+                out = list(_fe.add(out, _fe.mul(p, wd))) if isinstance(wd, torch.Tensor) else list(_fe.add(out, p, alpha=wd))
+            out = _scaled(out, neg_lr, True)
         new_state = ScaleByNadamState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
                                       flat.rebuild(nu, like=state.nu),
                                       flat.rebuild(new_products, like=state.mu_product))
@@ -553,6 +672,13 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
     check_float("b2 (betas[1])", b2, low=0.0, high=1.0, high_open=True)
     check_float("eps", eps, low=0.0)
     check_float("threshold", threshold)
+    return _radam_tx(b1, b2, eps, threshold, eps_on_debiased, None, None)
+
+
+def _radam_tx(b1: Any, b2: Any, eps: Any, threshold: float, eps_on_debiased: bool, lr: Any,
+              decoupled_wd: Any) -> GradientTransformation:
+    """`scale_by_radam`; with ``lr``, followed by ``u <- -lr (u + decoupled_wd p)`` folded into
+    its last passes (``decoupled_wd``: RAdamW's decay, or ``None``)."""
 
     def init(params: Params) -> ScaleByAdamState:
         zeros = _tree.tree_zeros_like
@@ -560,12 +686,14 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
 
     def owned_update(updates: Updates, state: ScaleByAdamState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByAdamState]:
-        del params
         expect_state(state, ScaleByAdamState, "scale_by_radam")
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
         beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
+        neg_lr = _neg_lr(lr)
+        wd = None if decoupled_wd is None else _tree.as_scalar(decoupled_wd)
+        p = None if wd is None else flat.params_live(params, "radam")
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
         mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
@@ -573,6 +701,8 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
         rho_inf = 2.0 / (1.0 - beta2) - 1.0
         ts = _host_steps(counts)
         mine = _owned_out(flat, own)
+        host = _host_scalars(beta1, beta2, e, neg_lr, wd)
+        k = 1.0 if neg_lr is None or not host else neg_lr  # the step folded into the passes below
         if ts is not None:
             out: list[Any] = [None] * len(g)
             rect_i, plain_i = [], []
@@ -592,25 +722,45 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
                 denom = _fe.sqrt([nu[i] for i in rect_i])
                 _fe.add_(denom, eps_s)
                 dst = [g[i] for i in rect_i] if mine else denom
-                for i, d, o in zip(rect_i, denom, dst):
-                    torch.div(mu[i], d, out=o)
-                _fe.mul_(dst, coef)
+                if host:  # one pass: u = k coef m / denom
+                    _scaled_div([mu[i] for i in rect_i], denom, [k * c for c in coef], dst)
+                else:
+                    for i, d, o in zip(rect_i, denom, dst):
+                        torch.div(mu[i], d, out=o)
+                    _fe.mul_(dst, coef)
                 for i, o in zip(rect_i, dst):
                     out[i] = o
             if plain_i:
-                plain = list(_fe.mul([mu[i] for i in plain_i], inv_bc1))
+                plain = list(_fe.mul([mu[i] for i in plain_i], [k * c for c in inv_bc1]))
                 for i, o in zip(plain_i, plain):
                     out[i] = o
         else:
             t = _f64(counts)
-            out = []
-            for x, m, v in zip(t, mu, nu):
+            coefs, invs, rhos, e_ts = [], [], [], []
+            for x in t:
                 bc1, bc2 = 1.0 - beta1**x, 1.0 - beta2**x
                 rho_t = rho_inf - 2.0 * x * beta2**x / bc2
                 r = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)).clamp_min(0) ** 0.5
-                e_t = e * bc2**0.5 if eps_on_debiased else e
-                adapted = m * (r * bc2**0.5 / bc1).to(m.dtype) / (_fe.sqrt([v])[0] + e_t)
-                out.append(torch.where(rho_t > threshold, adapted, m * (1.0 / bc1).to(m.dtype)))
+                coefs.append(r * bc2**0.5 / bc1)
+                invs.append(1.0 / bc1)
+                rhos.append(rho_t)
+                e_ts.append(e * bc2**0.5 if eps_on_debiased else e)
+            n_l = len(t)
+            both = _realized(coefs + invs + rhos + (e_ts if eps_on_debiased else []))
+            coefs, invs, rhos = both[:n_l], both[n_l:2 * n_l], both[2 * n_l:3 * n_l]
+            if eps_on_debiased:
+                e_ts = both[3 * n_l:]
+            out = []
+            for m, v, c, inv, rho_t, e_t in zip(mu, nu, coefs, invs, rhos, e_ts):
+                adapted = m * c.to(m.dtype) / (_fe.sqrt([v])[0] + e_t)
+                out.append(torch.where(rho_t > threshold, adapted, m * inv.to(m.dtype)))
+        if ts is not None and host:
+            if wd is not None:
+                _fe.add_(out, p, alpha=k * wd)
+        else:
+            if wd is not None:
+                out = list(_fe.add(out, _fe.mul(p, wd))) if isinstance(wd, torch.Tensor) else list(_fe.add(out, p, alpha=wd))
+            out = _scaled(out, neg_lr, True)
         new_state = ScaleByAdamState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
                                      flat.rebuild(nu, like=state.nu), None)
         return flat.rebuild(out), new_state
@@ -672,6 +822,13 @@ def scale_by_rprop(learning_rate: float | torch.Tensor = 1e-2, eta_minus: float 
     check_float("learning_rate", learning_rate, low=0.0)
     check_float("eta_minus (etas[0])", eta_minus, low=0.0, high=1.0, low_open=True, high_open=True)
     check_float("eta_plus (etas[1])", eta_plus, low=1.0, low_open=True)
+    return _rprop_tx(learning_rate, eta_minus, eta_plus, min_step_size, max_step_size, False)
+
+
+def _rprop_tx(learning_rate: Any, eta_minus: Any, eta_plus: Any, min_step_size: Any, max_step_size: Any,
+              descend: bool) -> GradientTransformation:
+    """`scale_by_rprop`; with ``descend``, followed by ``u <- -u`` folded into its last pass."""
+    sign = -1.0 if descend else 1.0
 
     def init(params: Params) -> ScaleByRpropState:
         lr0 = _tree.as_scalar(learning_rate)
@@ -713,13 +870,14 @@ def scale_by_rprop(learning_rate: float | torch.Tensor = 1e-2, eta_minus: float 
             if inplace:
                 d.mul_(factor).clamp_(lo, hi)
                 torch.where(sg < 0, torch.zeros((), dtype=x.dtype), x, out=p)
-                o = torch.sign(p).mul_(d)
+                o = torch.sign(p)
+                torch.addcmul(torch.zeros((), dtype=o.dtype), o, d, value=sign, out=o)
                 new_sizes.append(d)
                 new_prev.append(p)
             else:
                 d = (d * factor).clamp(lo, hi)
                 p = torch.where(sg < 0, torch.zeros((), dtype=x.dtype), x)
-                o = torch.sign(p) * d
+                o = torch.sign(p) * d * sign if descend else torch.sign(p) * d
                 new_sizes.append(d)
                 new_prev.append(p)
             out.append(o)
@@ -828,6 +986,9 @@ def scale_by_asgd(learning_rate: float | torch.Tensor = 1e-2, lambd: float | tor
             eta_v = [torch.where(c == 1, lr_t.to(sd).to(torch.float64), x.to(torch.float64)) for c, x in zip(counts, etas)]
             mu_v = [torch.where(c == 1, torch.ones((), dtype=torch.float64), x.to(torch.float64)) for c, x in zip(counts, mus)]
             neg_eta = [-v for v in eta_v]
+            n_l = len(t)
+            both = _realized(neg_eta + mu_v)
+            neg_eta, mu_v = both[:n_l], both[n_l:]
             new_etas = [(lr_t / (1 + lam * lr_t * x) ** pw).to(sd) for x in t]
             new_mus = [(1 / torch.clamp_min(x - start, 1.0)).to(sd) for x in t]
         if _owned_out(flat, own):
@@ -846,6 +1007,15 @@ def scale_by_asgd(learning_rate: float | torch.Tensor = 1e-2, lambd: float | tor
                 new_ax = ax
             else:
                 new_ax = list(_fe.add(p, out))
+        elif ts is not None and not _tree.pure_ops() and not isinstance(mu_v[0], torch.Tensor):
+            # ax + mu (p + u - ax) as one lerp towards the new params (two passes fewer)
+            step = list(_fe.add(p, out))
+            if own.state:  # per leaf: a list of weights is no lerp overload on older torch
+                for a, s, m in zip(ax, step, mu_v):
+                    a.lerp_(s, m)
+                new_ax = ax
+            else:
+                new_ax = [torch.lerp(a, s, m) for a, s, m in zip(ax, step, mu_v)]
         else:
             step = list(_fe.add(p, out))
             _fe.sub_(step, ax)
@@ -961,8 +1131,9 @@ def _pair(name: str, value: Any) -> tuple[Any, Any]:
 
 def _adagrad(lr: Any, lr_decay: Any, weight_decay: Any, initial_accumulator_value: Any, eps: Any,
              maximize: bool, use_weight_decay: bool) -> GradientTransformation:
+    # scale_by_rss with the step -lr u folded into its last pass
     return chain(*_lead(maximize, weight_decay, use_weight_decay),
-                 scale_by_rss(initial_accumulator_value, eps, lr_decay), scale_by_learning_rate(lr))
+                 _rss_tx(initial_accumulator_value, eps, lr_decay, False, lr))
 
 
 @recorded
@@ -1007,8 +1178,8 @@ def adagrad(lr: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0, weight_decay: Sc
 
 def _adadelta(lr: Any, rho: Any, eps: Any, weight_decay: Any, maximize: bool,
               use_weight_decay: bool) -> GradientTransformation:
-    return chain(*_lead(maximize, weight_decay, use_weight_decay), scale_by_adadelta(rho, eps),
-                 scale_by_learning_rate(lr))
+    # scale_by_adadelta with the step -lr u folded into its last pass
+    return chain(*_lead(maximize, weight_decay, use_weight_decay), _adadelta_tx(rho, eps, lr))
 
 
 @recorded
@@ -1050,8 +1221,8 @@ def adadelta(lr: ScalarOrSchedule = 1.0, rho: float = 0.9, eps: float = 1e-6, we
 def _adamax(lr: Any, betas: Any, eps: Any, weight_decay: Any, maximize: bool,
             use_weight_decay: bool) -> GradientTransformation:
     b1, b2 = betas
-    return chain(*_lead(maximize, weight_decay, use_weight_decay), scale_by_adamax(b1, b2, eps),
-                 scale_by_learning_rate(lr))
+    # scale_by_adamax with the step -lr u folded into its last pass
+    return chain(*_lead(maximize, weight_decay, use_weight_decay), _adamax_tx(b1, b2, eps, lr))
 
 
 @recorded
@@ -1093,10 +1264,9 @@ def _nadam(lr: Any, betas: Any, eps: Any, weight_decay: Any, momentum_decay: Any
            maximize: bool, use_weight_decay: bool) -> GradientTransformation:
     b1, b2 = betas
     parts = _lead(maximize, weight_decay, use_weight_decay and not decoupled_weight_decay)
-    parts.append(scale_by_nadam(b1, b2, eps, momentum_decay))
-    if use_weight_decay and decoupled_weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_learning_rate(lr))
+    # scale_by_nadam, then NAdamW's decay and the step -lr u, folded into its last passes
+    decoupled = weight_decay if use_weight_decay and decoupled_weight_decay else None
+    parts.append(_nadam_tx(b1, b2, eps, momentum_decay, lr, decoupled))
     return chain(*parts)
 
 
@@ -1148,10 +1318,9 @@ def _radam(lr: Any, betas: Any, eps: Any, weight_decay: Any, decoupled_weight_de
            use_weight_decay: bool) -> GradientTransformation:
     b1, b2 = betas
     parts = _lead(maximize, weight_decay, use_weight_decay and not decoupled_weight_decay)
-    parts.append(scale_by_radam(b1, b2, eps))
-    if use_weight_decay and decoupled_weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_learning_rate(lr))
+    # scale_by_radam, then RAdamW's decay and the step -lr u, folded into its last passes
+    decoupled = weight_decay if use_weight_decay and decoupled_weight_decay else None
+    parts.append(_radam_tx(b1, b2, eps, 5.0, False, lr, decoupled))
     return chain(*parts)
 
 
@@ -1194,13 +1363,71 @@ def radam(lr: ScalarOrSchedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999)
         use_weight_decay=_nonzero(weight_decay))
 
 
+def _rms_step(alpha: Any, eps: Any, centered: bool, momentum: Any, lr: Any) -> GradientTransformation:
+    """``chain(scale_by_rms(alpha, eps, centered=centered, count_steps=True), [trace(momentum)],
+    scale_by_learning_rate(lr))`` with torch.optim.RMSprop's passes: the momentum buffer takes
+    ``g / (sqrt(v) + eps)`` in one ``addcdiv`` and ``-lr`` is folded into the last pass. Its state
+    is the blocks' (`gradxform.ScaleByRmsState`, and `gradxform.TraceState` with momentum, whose
+    count only flags a stepped leaf: RMSprop's buffer starts at 0, without a first-step rule)."""
+    rms = scale_by_rms(alpha, eps, centered=centered, count_steps=True)
+
+    def init(params: Params) -> Any:
+        rs = rms.init(params)
+        if momentum is None:
+            return rs
+        return (rs, TraceState(_leaf_counts(params), _tree.tree_zeros_like(params)))
+
+    def owned_update(updates: Updates, state: Any, params: Params | None, own: Ownership) -> tuple[Updates, Any]:
+        del params
+        rs, ms = (state, None) if momentum is None else state
+        expect_state(rs, ScaleByRmsState, "rmsprop")
+        if ms is not None:
+            expect_state(ms, TraceState, "rmsprop")
+        flat = _Flat(updates)
+        if not flat.live:
+            return updates, state
+        d, e, neg_lr = _tree.as_scalar(alpha), _tree.as_scalar(eps), _neg_lr(lr)
+        g = flat.live
+        counts = _step_counts(flat, rs.count, own.state)
+        nu = _ema_sq(flat.state_live(rs.nu, "state.nu"), g, d, own.state)
+        grad_avg = None
+        if centered:
+            grad_avg = _ema(flat.state_live(rs.grad_avg, "state.grad_avg"), g, d, own.state)
+            avg = list(_addcmul(nu, grad_avg, grad_avg, value=-1.0))  # v - m^2, as torch.optim
+            _sqrt_(avg)
+        else:
+            avg = list(_fe.sqrt(nu))
+        _fe.add_(avg, e)
+        host = _host_scalars(d, e, neg_lr)
+        if ms is not None:
+            m = _tree.as_scalar(momentum)
+            mcounts = _step_counts(flat, ms.count, own.state)
+            buf = _mul(flat.state_live(ms.trace, "state.trace"), m, own.state)
+            _addcdiv_(buf, g, avg)  # in the state's buffers when owned, else in the new ones
+            if host:  # -lr b into avg's buffers (private to this call)
+                for b, a in zip(buf, avg):
+                    torch.mul(b, neg_lr, out=a)
+                out = avg
+            else:
+                out = list(_fe.mul(buf, neg_lr))
+            new_ms = TraceState(flat.rebuild(mcounts, like=ms.count), flat.rebuild(buf, like=ms.trace))
+        else:
+            if host:  # one pass: u = -lr g / avg
+                out = _scaled_div(g, avg, [neg_lr] * len(g), g if _owned_out(flat, own) else avg)
+            else:
+                out = list(_fe.mul(_fe.div(g, avg), neg_lr))
+        new_rs = ScaleByRmsState(flat.rebuild(nu, like=rs.nu),
+                                 flat.rebuild(grad_avg, like=rs.grad_avg) if centered else None,
+                                 flat.rebuild(counts, like=rs.count))
+        return flat.rebuild(out), (new_rs if ms is None else (new_rs, new_ms))
+
+    return owned_transform(init, owned_update)
+
+
 def _rmsprop(lr: Any, alpha: Any, eps: Any, weight_decay: Any, momentum: Any, centered: bool, maximize: bool,
              use_weight_decay: bool, use_momentum: bool) -> GradientTransformation:
     parts = _lead(maximize, weight_decay, use_weight_decay)
-    parts.append(scale_by_rms(alpha, eps, centered=centered, count_steps=True))
-    if use_momentum:
-        parts.append(trace(momentum))
-    parts.append(scale_by_learning_rate(lr))
+    parts.append(_rms_step(alpha, eps, centered, momentum if use_momentum else None, lr))
     return chain(*parts)
 
 
@@ -1250,7 +1477,7 @@ def _rprop(lr: Any, etas: Any, step_sizes: Any, maximize: bool) -> GradientTrans
     em, ep = etas
     lo, hi = step_sizes
     parts = [scale(-1.0)] if maximize else []
-    parts += [scale_by_rprop(lr, em, ep, lo, hi), scale(-1.0)]
+    parts.append(_rprop_tx(lr, em, ep, lo, hi, True))  # scale_by_rprop, then scale(-1) folded in
     return chain(*parts)
 
 
