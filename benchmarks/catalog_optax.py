@@ -46,7 +46,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gradxform as gx  # noqa: E402
-from catalog import buffers, clone_params, make_params, time_steps  # noqa: E402
+from catalog import buffers, clone_params, make_params, time_calls  # noqa: E402
+
+
+def time_steps(opt: torch.optim.Optimizer, warmup: int, steps: int) -> float:
+    """Median ms of ``steps`` calls of ``opt.step()`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        opt.step()
+    return time_calls(opt.step, steps)
+
 
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
