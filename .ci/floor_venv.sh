@@ -29,6 +29,6 @@ pins=(torch==2.1.2
 # install exactly the pinned files from the wheel directory (it may hold other versions too)
 "$venv/bin/pip" install --quiet --no-deps --no-index --find-links "$wheels" "${pins[@]}"
 "$venv/bin/pip" install --quiet filelock typing-extensions sympy networkx jinja2 fsspec "numpy<2" \
-  optree pytest pytest-xdist hypothesis scikit-learn
+  optree pytest hypothesis scikit-learn
 "$venv/bin/pip" install --quiet --no-deps -e .
 "$venv/bin/python" -c "import torch, gradxform; print('floor venv: torch', torch.__version__, '| gradxform', gradxform.__version__)"
