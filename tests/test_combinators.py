@@ -13,6 +13,7 @@ import torch
 from torch.func import functional_call
 
 import gradxform as gx
+from helpers import needs
 
 STEPS = 120
 SHAPES = {"w": (3, 4), "b": (4,), "c": (2, 2, 3)}
@@ -136,6 +137,7 @@ def test_freeze_equals_optax(ox, mask):
     _run(ox, gx.chain(gx.freeze(mask), gx.scale(-0.05)), optax.chain(optax.freeze(mask), optax.scale(-0.05)))
 
 
+@needs("fullgraph_compile")
 def test_freeze_with_a_dict_mask_compiles_in_one_graph():
     """Regression: a dict of Python bools as the mask failed to flatten under torch.compile."""
     tx = gx.freeze({"w": True, "b": False})

@@ -156,16 +156,30 @@ def test_all_four_state_dict_hooks_run_and_float64_checkpoint_is_cast():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+def _torch_sgd_takes_tensor_lr() -> bool:
+    """Whether this torch's single-tensor SGD accepts a tensor lr of shape (1,) (torch 2.1's does
+    not: ``add_(): argument 'alpha' must be Number, not Tensor``)."""
+    p = nn.Parameter(torch.ones(1))
+    p.grad = torch.ones(1)
+    try:
+        torch.optim.SGD([p], lr=torch.tensor([0.1]), momentum=0.9, foreach=False).step()
+    except TypeError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("fused", PATHS, ids=["generic", "default"])
 def test_group_maximize_and_tensor_lr_as_torch(fused):
     """A group's own maximize=True (not the transform's) and tensor learning rates of shape ()
-    and (1,) give torch's numbers."""
+    and (1,) give torch's numbers (torch's with the same rates as floats where its SGD takes no
+    tensor lr of shape (1,), as on torch 2.1)."""
     ma, mb = _model(), _model()
     lr1 = torch.tensor([0.01])
     groups_g = [{"params": ma[0].parameters(), "maximize": True, "lr": lr1.clone()},
                 {"params": ma[2].parameters(), "lr": torch.tensor(0.02)}]
-    groups_t = [{"params": mb[0].parameters(), "maximize": True, "lr": lr1.clone()},
-                {"params": mb[2].parameters(), "lr": torch.tensor(0.02)}]
+    ref_lr = (lambda t: t.clone()) if _torch_sgd_takes_tensor_lr() else (lambda t: float(t))  # noqa: E731
+    groups_t = [{"params": mb[0].parameters(), "maximize": True, "lr": ref_lr(lr1)},
+                {"params": mb[2].parameters(), "lr": ref_lr(torch.tensor(0.02))}]
     opt_g = gx.Optimizer(groups_g, gx.sgd(0.1, momentum=0.9), fused=fused)
     opt_t = torch.optim.SGD(groups_t, lr=0.1, momentum=0.9, foreach=False)
     for k in range(4):

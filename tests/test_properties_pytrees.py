@@ -17,7 +17,7 @@ import torch
 
 import gradxform as gx
 from helpers import assert_unchanged, snapshot
-from test_purity import CASES, CATALOG_IN_HARNESSES, CATALOG_MODULES, KNOWN_GAPS
+from test_purity import CASES, CATALOG_MODULES, KNOWN_GAPS
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install hypothesis)")
 from hypothesis import example, given, settings  # noqa: E402
@@ -181,7 +181,7 @@ FACTORIES: dict[str, Callable[[Any], gx.GradientTransformation]] = {
     "batched": _same("batched"),
 }
 
-for _module in CATALOG_MODULES if CATALOG_IN_HARNESSES else []:  # catalog cases act on any tree unless they say otherwise
+for _module in CATALOG_MODULES:  # catalog cases act on any tree unless they say otherwise
     FACTORIES.update({name: _same(name) for name in _module.CASES})
     FACTORIES.update(getattr(_module, "PYTREE_FACTORIES", {}))
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import gradxform as gx
-from gradxform import _compat
 from helpers import assert_unchanged, snapshot
 
 
@@ -123,11 +122,8 @@ CASES["batched"] = lambda: _one_model(gx.batched(gx.chain(gx.clip_by_global_norm
 # factories (and, for cases whose construction depends on the tree's keys, ``PYTREE_FACTORIES``
 # for test_properties_pytrees). Every harness that runs test_purity's CASES runs them too.
 CATALOG_MODULES = [importlib.import_module(p.stem) for p in sorted(pathlib.Path(__file__).parent.glob("cases_*.py"))]
-# The optimizer catalog is tested on torch 2.13 (docs/support.md): on an older torch (CI's floor
-# job) the harnesses run the original families only.
-CATALOG_IN_HARNESSES = _compat.torch_version() >= (2, 13)
 FAMILY_CASES = dict(CASES)  # the original families' cases (the distributed harness runs these)
-for _module in CATALOG_MODULES if CATALOG_IN_HARNESSES else []:
+for _module in CATALOG_MODULES:
     CASES.update(_module.CASES)
 
 # Public names that are not transform factories.
@@ -157,12 +153,7 @@ for _module in CATALOG_MODULES:
 
 
 def test_every_public_transform_is_covered():
-    catalog = {n for m in CATALOG_MODULES for n in getattr(gx, "__all__") if getattr(getattr(gx, n), "__module__", "")
-               .startswith(tuple(f"gradxform.{x}" for x in ("torch_optimizers", "structured", "optax_optimizers",
-                                                            "combinators", "contrib")))}
     public = {n for n in gx.__all__ if not n.endswith("State")} - NOT_TRANSFORMS
-    if not CATALOG_IN_HARNESSES:
-        public -= catalog
     covered = {name.split("_dampening")[0].split("_random")[0] for name in CASES}
     assert public <= covered, f"add a purity case for: {sorted(public - covered)}"
 

@@ -12,8 +12,11 @@ from torch.func import functional_call
 
 import gradxform as gx
 
-pytest.importorskip("expecttest", reason="torch's optimizer database needs expecttest")
-from torch.testing._internal.common_optimizers import optim_db  # noqa: E402
+try:
+    from torch.testing._internal.common_optimizers import optim_db
+except ImportError as err:  # pragma: no cover - torch 2.1 has none (nor torch.optim.Adafactor or Muon)
+    pytest.skip(f"torch's optimizer database cannot be imported ({err}): it needs torch>=2.2 (absent from 2.1) and "
+                "expecttest; the reference is torch 2.13's optimizers, in the main CI job", allow_module_level=True)
 
 F64, F32 = torch.float64, torch.float32
 TOL = {F64: {"rtol": 1e-10, "atol": 1e-12}, F32: {"rtol": 1e-5, "atol": 1e-6}}

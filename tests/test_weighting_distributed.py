@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradxform as gx
-from helpers import run_on_ranks
+from gradxform._compat import FEATURES
+from helpers import needs, run_on_ranks
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(),
@@ -180,7 +181,8 @@ def _run_all(rank: int, world: int) -> dict:
         "dwa": _adapter_run(rank, world, gx.dwa(T, temperature=2.0, period=1, dtype=DT), norms=False),
     }
     if world > 1:
-        res["gn_compiled"] = _gradnorm_functional(rank, world, compiled=True)
+        if FEATURES["fullgraph_compile"].available():  # with graph breaks (torch < 2.13) it recompiles for minutes
+            res["gn_compiled"] = _gradnorm_functional(rank, world, compiled=True)
         res["gn_ddp"] = _adapter_run(rank, world, gx.gradnorm(T, alpha=1.5, dtype=DT), ddp=True)
         res["uw_nosync"] = _adapter_run(rank, world, gx.uncertainty_weighting(T, gx.adam(0.05), sync=False, dtype=DT),
                                         norms=False)
@@ -236,6 +238,7 @@ def test_gradnorm_functional_matches_single_process(results):
             _close(ranks[r]["gn_functional"]["norms"][step], ref["gn_functional"]["norms"][step])
 
 
+@needs("fullgraph_compile")
 def test_gradnorm_compiled_update_syncs_like_eager(results):
     # regression: under torch.compile the world size read 1 while tracing, so a compiled
     # GradNorm update used each rank's own losses (no error) and the ranks' L_i(0) and weights

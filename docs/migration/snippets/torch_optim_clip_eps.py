@@ -31,7 +31,7 @@ def torch_clip(params):  # torch's idiom: factor min(1, 1 / (norm + 1e-6))
 
 
 def exact_clip(params):  # optax's rule, which gx.clip_by_global_norm follows: min(1, 1 / norm)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
     for p in params:
         p.grad.mul_(torch.clamp(1.0 / norm, max=1.0))
     return norm
