@@ -36,10 +36,13 @@ from helpers import assert_trees_close, needs, run_on_ranks
 # scripts (docs: combinators, contrib), and the DDP/FSDP2 reductions they use are the shared ones.
 from test_purity import FAMILY_CASES as CASES
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(),
-    reason="torch.distributed with the gloo backend is not available in this torch build",
-)
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="torch.distributed with the gloo backend is not available in this torch build"),
+    # one pytest-xdist worker runs the module (with --dist loadgroup): its ranks start once, in
+    # the module fixture, instead of once per worker
+    pytest.mark.xdist_group("distributed"),
+]
 
 try:  # public from torch 2.6; torch.distributed._composable.fsdp from 2.4
     from torch.distributed.fsdp import fully_shard

@@ -38,10 +38,13 @@ import gradxform as gx
 from gradxform._compat import FEATURES
 from helpers import needs, run_on_ranks
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(),
-    reason="torch.distributed with the gloo backend is not available in this torch build",
-)
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="torch.distributed with the gloo backend is not available in this torch build"),
+    # one pytest-xdist worker runs the module (with --dist loadgroup): its ranks start once, in
+    # the module fixture, instead of once per worker
+    pytest.mark.xdist_group("weighting_distributed"),
+]
 
 WORLD = 2
 T = 3
