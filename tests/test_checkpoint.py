@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gradxform as gx
-from helpers import assert_trees_equal, make_mlp
+from helpers import assert_trees_equal, make_mlp, needs
 from test_purity import CASES, KNOWN_GAPS, _grads, _params
 
 
@@ -91,11 +91,10 @@ def test_floating_state_is_cast_to_the_template_dtype():
     torch.testing.assert_close(mu, s.inner_state[0].mu["w"].float())
 
 
+@needs("dcp_save")
 def test_torch_distributed_checkpoint_roundtrip(tmp_path):
     """``torch.distributed.checkpoint`` in one process: save the dict, load it into a template."""
-    dcp = pytest.importorskip("torch.distributed.checkpoint")
-    if not hasattr(dcp, "save"):  # torch < 2.2 has only save_state_dict
-        pytest.skip("torch.distributed.checkpoint.save needs torch >= 2.2")
+    import torch.distributed.checkpoint as dcp
     tx = CASES["chain"]()
     p0 = _params()
     p, s = _steps(tx, p0, tx.init(p0), range(3))
