@@ -1220,16 +1220,19 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
         old_counts = flat.state_live(state.count, "state.count", check_shapes=False)
         prev = flat.state_live(state.previous_gradient, "state.previous_gradient")
         if _eager(own, old_counts, a, b):
-            # out = (a + b) g - b g_prev, in g_prev's buffer; the state then keeps g itself when
-            # the update is ours to keep, else a copy: one temporary at most
-            prev = _held(prev, own)
-            for c, x, pv in zip(old_counts, g, prev):
-                if int(c) == 0:
+            # out = (a + b) g - b g_prev (g_prev = g at a leaf's first step): the one temporary.
+            # The state keeps a copy of g, in its own buffers when they are ours, never g itself:
+            # a donated update may be reused by the caller (a zero_grad(set_to_none=False) on it
+            # would then zero the state)
+            prev_eff = [x if int(c) == 0 else pv for c, x, pv in zip(old_counts, g, prev)]
+            out = list(_fe.mul(g, a + b))
+            _fe.add_(out, prev_eff, alpha=-b)
+            if own.state:
+                for pv, x in zip(prev, g):
                     pv.copy_(x)
-            out = prev
-            _fe.mul_(out, -b)
-            _fe.add_(out, g, alpha=a + b)
-            new_prev = g if own.may_write(g) else [x.clone() for x in g]
+                new_prev = prev
+            else:
+                new_prev = [x.clone() for x in g]
             counts = _step_counts(flat, state.count, own.state)
             return flat.rebuild(out), ScaleByOptimisticGradientState(_store(flat, counts, state.count),
                                                                      _store(flat, new_prev, state.previous_gradient))

@@ -889,7 +889,9 @@ class LbfgsState(NamedTuple):
     (``(history_size, n)``: the gradient and step differences ``y``, ``s``), ``ro``
     (``(history_size,)``, ``1 / y.s``) and ``al`` (the two-loop's coefficients), each pair in
     slot ``(history_start + i) % history_size`` for the ``i``-th oldest of ``history_len``;
-    ``H_diag`` (``y.s / y.y`` of the newest pair); ``prev_flat_grad`` (``n``); ``prev_loss``.
+    ``H_diag`` (``y.s / y.y`` of the newest pair); ``prev_flat_grad`` (``n``); ``prev_loss``;
+    ``history_start`` and ``history_len`` (0-d int64): the ring's oldest slot and how many pairs
+    it holds.
 
     Through `gradxform.Optimizer` it lives as torch keeps it, in ``opt.state[params[0]]`` under
     torch's keys (``func_evals``, ``n_iter``, ``d``, ``t``, ``old_dirs``, ``old_stps``, ``ro``,

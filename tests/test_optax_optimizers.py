@@ -501,3 +501,21 @@ def test_noisy_sgd_hashes_in_place():
     leaf: 18 params' worth of short-lived int64 scratch; before, 113: two hash rounds over twice
     the elements, each operation a new tensor)."""
     assert temporaries_per_step(lambda: gx.noisy_sgd(1e-2)) <= 25
+
+
+def test_optimistic_gradient_keeps_a_copy_of_a_donated_update():
+    """The state keeps g_{t-1} in its own buffers, never the caller's tensor: with the update
+    donated (gx.update_in_place), a later in-place write to that tensor (a zero_grad with
+    set_to_none=False) must not reach the state. (A reworked step once stored the donated tensor.)"""
+    tx = gx.scale_by_optimistic_gradient(alpha=1.0, beta=1.0)
+    params = {"w": torch.zeros(3, dtype=torch.float64)}
+    state = tx.init(params)
+    g1 = {"w": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)}
+    _, state = gx.update_in_place(tx, g1, state, params, donate_updates=True)
+    g2 = {"w": torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64)}
+    _, state = gx.update_in_place(tx, g2, state, params, donate_updates=True)
+    g2["w"].zero_()  # the caller reuses its buffer
+    torch.testing.assert_close(state.previous_gradient["w"], torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64))
+    # and the next step uses it: u = 2 g3 - g2
+    u, _ = tx.update({"w": torch.ones(3, dtype=torch.float64)}, state)
+    torch.testing.assert_close(u["w"], torch.tensor([-2.0, -3.0, -4.0], dtype=torch.float64))
