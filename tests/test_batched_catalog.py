@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import gradxform as gx
-from test_purity import CATALOG_IN_HARNESSES, CATALOG_MODULES
+from test_purity import CATALOG_MODULES
 
 D = torch.float64
 B = 3
@@ -68,10 +68,6 @@ ALL_ZERO_HERE = {"freeze"}
 ALL = {**CATALOG, **EXTRA}
 # cases fed a NaN gradient in one instance at one step (they exist to handle it)
 NAN_CASES = {"zero_nans", "skip_not_finite", "skip_if"}
-
-pytestmark = pytest.mark.skipif(not CATALOG_IN_HARNESSES, reason="the optimizer catalog is tested on torch 2.13 "
-                                "(docs/support.md); the older-torch floor job runs the original families")
-
 
 def _params(i: int) -> dict:
     g = torch.Generator().manual_seed(10 + i)

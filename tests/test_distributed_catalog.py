@@ -19,7 +19,7 @@ import torch.distributed as dist
 import gradxform as gx
 from helpers import assert_trees_close, run_on_ranks
 from test_distributed import WORLD, Tiny, _run_case
-from test_purity import CATALOG_IN_HARNESSES, CATALOG_MODULES
+from test_purity import CATALOG_MODULES
 
 CATALOG = {name: make for m in CATALOG_MODULES for name, make in m.CASES.items()}
 
@@ -49,8 +49,6 @@ ROUTES = ("functional", "adapter")
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                        reason="torch.distributed with the gloo backend is not available in this torch build"),
-    pytest.mark.skipif(not CATALOG_IN_HARNESSES, reason="the optimizer catalog is tested on torch 2.13 "
-                       "(docs/support.md); the older-torch floor job runs the original families"),
     # one pytest-xdist worker runs the module (its ranks start once, in the module fixture)
     pytest.mark.xdist_group("distributed_catalog"),
 ]
