@@ -184,3 +184,27 @@ def needs(feature: str) -> Any:
     from gradxform import _compat
 
     return pytest.mark.skipif(not _compat.FEATURES[feature].available(), reason=_compat.requirement(feature))
+
+
+def once_per_run(tmp_path_factory: Any, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` once per test run, even when pytest-xdist runs the module on several
+    workers: the first worker to get here computes it (holding a file lock) and saves it with
+    ``torch.save`` in the run's shared base folder; the others wait for the lock and load it.
+    For module fixtures that start process groups (a minute of two ranks' CPU each)."""
+    import fcntl
+    import os
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of one run
+    path, lock = root / f"{key}.pt", root / f"{key}.lock"
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            if path.exists():
+                return torch.load(path, weights_only=False)
+            value = compute()
+            torch.save(value, path)
+            return value
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -30,7 +30,7 @@ from torch import nn
 
 import gradxform as gx
 from gradxform import _compat
-from helpers import assert_trees_close, needs, run_on_ranks
+from helpers import assert_trees_close, needs, once_per_run, run_on_ranks
 # The original families' cases: the catalog's ~130 more would take the two ranks past the fixture's
 # time limit on a 2-core machine; the catalog modules checked theirs on two ranks with their own
 # scripts (docs: combinators, contrib), and the DDP/FSDP2 reductions they use are the shared ones.
@@ -39,9 +39,6 @@ from test_purity import FAMILY_CASES as CASES
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                        reason="torch.distributed with the gloo backend is not available in this torch build"),
-    # one pytest-xdist worker runs the module (with --dist loadgroup): its ranks start once, in
-    # the module fixture, instead of once per worker
-    pytest.mark.xdist_group("distributed"),
 ]
 
 try:  # public from torch 2.6; torch.distributed._composable.fsdp from 2.4
@@ -331,9 +328,12 @@ COMPILED_CASES = ("chain", "sgd", "autoclip", "multi_steps")
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    ranks = run_on_ranks(_run_all, WORLD, tmp_path_factory.mktemp("dist"), timeout_s=300)
-    assert not dist.is_initialized()
-    return ranks, _run_all(0, 1)
+    def compute():
+        ranks = run_on_ranks(_run_all, WORLD, tmp_path_factory.mktemp("dist"), timeout_s=300)
+        assert not dist.is_initialized()
+        return ranks, _run_all(0, 1)
+
+    return once_per_run(tmp_path_factory, "test_distributed", compute)
 
 
 @pytest.mark.parametrize("mode", MODES)

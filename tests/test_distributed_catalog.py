@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import gradxform as gx
-from helpers import assert_trees_close, run_on_ranks
+from helpers import assert_trees_close, once_per_run, run_on_ranks
 from test_distributed import WORLD, Tiny, _run_case
 from test_purity import CATALOG_MODULES
 
@@ -49,8 +49,6 @@ ROUTES = ("functional", "adapter")
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                        reason="torch.distributed with the gloo backend is not available in this torch build"),
-    # one pytest-xdist worker runs the module (its ranks start once, in the module fixture)
-    pytest.mark.xdist_group("distributed_catalog"),
 ]
 
 
@@ -70,9 +68,12 @@ def _run_catalog(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    ranks = run_on_ranks(_run_catalog, WORLD, tmp_path_factory.mktemp("dist_catalog"), timeout_s=120)
-    assert not dist.is_initialized()
-    return ranks, _run_catalog(0, 1)
+    def compute():
+        ranks = run_on_ranks(_run_catalog, WORLD, tmp_path_factory.mktemp("dist_catalog"), timeout_s=120)
+        assert not dist.is_initialized()
+        return ranks, _run_catalog(0, 1)
+
+    return once_per_run(tmp_path_factory, "test_distributed_catalog", compute)
 
 
 def test_the_cases_are_catalog_cases():

@@ -36,14 +36,11 @@ from torch import nn
 
 import gradxform as gx
 from gradxform._compat import FEATURES
-from helpers import needs, run_on_ranks
+from helpers import needs, once_per_run, run_on_ranks
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                        reason="torch.distributed with the gloo backend is not available in this torch build"),
-    # one pytest-xdist worker runs the module (with --dist loadgroup): its ranks start once, in
-    # the module fixture, instead of once per worker
-    pytest.mark.xdist_group("weighting_distributed"),
 ]
 
 WORLD = 2
@@ -197,10 +194,13 @@ def _run_all(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    ranks = run_on_ranks(_run_all, WORLD, tmp_path_factory.mktemp("dist"), SPAWN_TIMEOUT_S)
-    assert not dist.is_initialized()
-    reference = _run_all(0, 1)  # this process, the whole batch
-    return ranks, reference
+    def compute():
+        ranks = run_on_ranks(_run_all, WORLD, tmp_path_factory.mktemp("dist"), SPAWN_TIMEOUT_S)
+        assert not dist.is_initialized()
+        reference = _run_all(0, 1)  # this process, the whole batch
+        return ranks, reference
+
+    return once_per_run(tmp_path_factory, "test_weighting_distributed", compute)
 
 
 def _close(a, b) -> None:
