@@ -463,7 +463,9 @@ def test_batched_equals_per_model_runs(name):
 
 def temporaries_per_step(make_tx, steps_before: int = 2) -> float:
     """Bytes one `gx.Optimizer` step allocates, in units of the params' bytes (torch.profiler's
-    CPU memory accounting: deterministic, not a timing)."""
+    CPU memory accounting, not a timing): the least of three profiled steps, since torch 2.1's
+    profiler now and then books an allocation made outside the step (a temporary the step makes
+    shows in every step)."""
     import torch.profiler as tp
 
     g = torch.Generator().manual_seed(0)
@@ -473,10 +475,12 @@ def temporaries_per_step(make_tx, steps_before: int = 2) -> float:
     opt = gx.Optimizer(ps, make_tx())
     for _ in range(steps_before):
         opt.step()
-    with tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True) as prof:
-        opt.step()
-    allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
-    return allocated / sum(p.numel() * p.element_size() for p in ps)
+    allocated = []
+    for _ in range(3):
+        with tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True) as prof:
+            opt.step()
+        allocated.append(sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages()))
+    return min(allocated) / sum(p.numel() * p.element_size() for p in ps)
 
 
 ONE_TEMPORARY = {
