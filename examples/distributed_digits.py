@@ -9,7 +9,9 @@ the same run in one process.
 Each rank takes half of every batch; the optimizer is ``chain(autoclip, adamw)``: AutoClip's
 norm history must be the norm of the *whole* gradient, which under FSDP2 lives in shards on the
 two ranks. Printed: the test accuracy, the largest parameter difference to the one-process run
-(rounding only), and whether the resumed run continued bit-exactly.
+(rounding only), and whether the resumed run continued bit-exactly. FSDP2 with gradxform needs
+torch >= 2.8; torch 2.8's FSDP2 itself sums float32 gradients over gloo ranks instead of
+averaging them, so there the two runs differ (docs/support.md).
 """
 
 from __future__ import annotations

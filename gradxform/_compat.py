@@ -157,9 +157,9 @@ def dtensor_foreach_complete() -> bool:
     """Whether DTensor has sharding strategies for every foreach op gradxform uses: torch 2.13,
     where they are registered from the ops' pointwise tags. Before it several out-of-place ones
     have none (``aten._foreach_lerp.Scalar``, ``aten._foreach_maximum.List``: "found no DeviceMesh
-    from dtensor args"), nor does ``aten.clamp_min`` (all measured on 2.8), so gradxform's foreach
-    ops refuse DTensor leaves there with an error naming torch 2.13. Version-based: torch offers no
-    query."""
+    from dtensor args"), nor does ``aten.clamp_min`` (all measured on 2.8), so there gradxform's
+    foreach ops run on the DTensors' local shards (every one is elementwise) and wrap the results
+    back. Version-based: torch offers no query."""
     return _at_least(2, 13)
 
 
@@ -232,8 +232,10 @@ FEATURES: types.MappingProxyType[str, Feature] = types.MappingProxyType({
                 has_safe_globals, "torch.load(weights_only=False) of a trusted file"),
         Feature("get_total_norm", "2.6", "torch.nn.utils.get_total_norm (test reference only)",
                 has_get_total_norm, "tests compare with torch.nn.utils.clip_grad_norm_"),
-        Feature("fsdp2", "2.13", "FSDP2 (torch.distributed.fsdp.fully_shard) with gradxform's state, on CPU/gloo",
-                lambda: has_fsdp2() and _at_least(2, 13), "DDP, or the one-process path"),
+        Feature("fsdp2", "2.8", "FSDP2 (torch.distributed.fsdp.fully_shard) with gradxform's state, on CPU/gloo",
+                lambda: has_fsdp2() and _at_least(2, 8), "DDP, or the one-process path"),
+        Feature("fsdp2_batched", "2.13", "gx.batched (torch.func.vmap) over FSDP2's DTensor leaves",
+                lambda: has_fsdp2() and _at_least(2, 13), "gx.batched on plain tensors, or separate runs"),
         Feature("func_sdpa", "2.13", "torch.func (vmap, double backward) through scaled_dot_product_attention",
                 lambda: _at_least(2, 13), "models without F.scaled_dot_product_attention (torch 2.1 lacks the batching "
                 "rule and double backward of its flash kernel)"),

@@ -24,19 +24,34 @@ def _is_scalar_list(arg: Any) -> bool:
 def _per_leaf_on_old_torch(xs: Any, args: tuple[Any, ...]) -> bool:
     """Whether a foreach op must run leaf by leaf (with the same arithmetic) on this torch: a list
     of Python numbers under torch.compile before torch 2.13 (no meta kernel for the ``ScalarList``
-    overloads, measured on 2.1.2, so inductor cannot trace them).
-
-    Raises:
-        RuntimeError: FSDP2's DTensor leaves before torch 2.13, where DTensor lacks sharding
-            strategies for ops the transforms use (``_foreach_lerp.Scalar``,
-            ``_foreach_maximum.List``, ``clamp_min``: measured on 2.8), instead of DTensor's
-            "found no DeviceMesh from dtensor args" deep inside a step.
-    """
-    # the version checks are constants and come first: on torch >= 2.13 nothing else is looked up
-    if not _compat.dtensor_foreach_complete() and xs and _tree.is_dtensor(xs[0]):
-        raise RuntimeError(f"gradxform transforms on FSDP2 (DTensor) leaves {_compat.requirement('fsdp2')}; "
-                           "use DDP or the one-process path on this torch (docs/support.md)")
+    overloads, measured on 2.1.2, so inductor cannot trace them)."""
     return not _compat.foreach_scalarlist_traceable() and _tree.is_compiling() and any(map(_is_scalar_list, args))
+
+
+def _local(arg: Any) -> Any:
+    """A DTensor's local shard (a view of its storage: in-place writes reach the DTensor); lists
+    element by element; anything else as it is."""
+    if isinstance(arg, (list, tuple)):
+        return [_local(a) for a in arg]
+    return arg.to_local() if _tree.is_dtensor(arg) else arg
+
+
+def _on_local_shards(op: Callable[..., Any], inplace: bool, xs: Any, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+    """``op`` over the local shards of DTensor leaves, the results wrapped back as DTensors with
+    each leaf's mesh, placements, shape and stride.
+
+    Used before torch 2.13, where DTensor has no sharding strategy for several foreach ops the
+    transforms use (``aten._foreach_lerp.Scalar``, ``aten._foreach_maximum.List``: measured on
+    2.8). Every op in this module is elementwise, and FSDP2 shards a param, its gradient and its
+    per-param state alike, so the op on each rank's shards is the op on the whole tensors, with no
+    communication (as DTensor's own pointwise strategy does on 2.13)."""
+    dtensor = _tree._dtensor_type()
+    out = op(_local(xs), *[_local(a) for a in args], **kwargs)
+    if inplace:
+        return None
+    return [dtensor.from_local(o, x.device_mesh, x.placements, run_check=False, shape=x.shape,  # type: ignore[union-attr]
+                               stride=x.stride()) for o, x in zip(out, xs)]
 
 
 def _at(arg: Any, i: int) -> Any:
@@ -63,6 +78,9 @@ def _op(name: str, per_leaf: Callable[..., torch.Tensor]) -> Callable[..., Any]:
     inplace = name.endswith("_")
 
     def op(xs: Any, *args: Any, **kwargs: Any) -> Any:
+        # the version check is a constant and comes first: on torch >= 2.13 nothing else is looked up
+        if not _compat.dtensor_foreach_complete() and xs and _tree.is_dtensor(xs[0]):
+            return _on_local_shards(op, inplace, xs, args, kwargs)
         if _per_leaf_on_old_torch(xs, args):
             out = _keep_dtypes(xs, [per_leaf(x, *[_at(a, i) for a in args], **kwargs) for i, x in enumerate(xs)])
             if not inplace:

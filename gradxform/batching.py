@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import _compat
 from . import tree as _tree
 from .base import GradientTransformation, Params, Updates, recorded
 from .combine import find_injected
@@ -101,6 +102,7 @@ def batched(tx: GradientTransformation, *, unbatched_extras: tuple[str, ...] = (
 
     def update(updates: Updates, state: Any, params: Params | None = None, **extra: Any) -> tuple[Updates, Any]:
         u_pack, s_pack, p_pack = _Packed(updates), _Packed(state), _Packed(params)
+        _check_no_dtensor(_Packed.tensors(updates))
         names = sorted(extra)
         e_packs = {k: _Packed(extra[k]) for k in names}
         groups = [_Packed.tensors(updates), _Packed.tensors(state), _Packed.tensors(params)]
@@ -120,6 +122,15 @@ def batched(tx: GradientTransformation, *, unbatched_extras: tuple[str, ...] = (
         return box["u"].unpack(out_u), box["s"].unpack(out_s)
 
     return GradientTransformation(init, update)
+
+
+def _check_no_dtensor(leaves: list[torch.Tensor]) -> None:
+    """vmap over DTensor leaves before torch 2.13 stops in an internal assert of functorch
+    (``*bdim < tensor.dim()``, measured on 2.8): say which torch it needs instead."""
+    # the version check is a constant and comes first: on torch >= 2.13 nothing else is looked up
+    if not _compat.dtensor_foreach_complete() and any(_tree.is_dtensor(t) for t in leaves):
+        raise RuntimeError(f"gx.batched over FSDP2 (DTensor) leaves {_compat.requirement('fsdp2_batched')}; "
+                           "on this torch run the models separately (docs/support.md)")
 
 
 def set_hyperparam(state: Any, name: str, value: Any) -> Any:

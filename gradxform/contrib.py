@@ -1089,7 +1089,7 @@ def scale_by_adopt(
         den = list(_fe.sqrt(nu_old))
         e = _sv(eps)
         if isinstance(e, torch.Tensor):
-            den = [torch.clamp_min(x, e.to(x)) for x in den]
+            den = [torch.maximum(x, e.to(x)) for x in den]  # maximum: a DTensor strategy on every torch with FSDP2
         else:
             _fe.clamp_min_(den, e)
         n = list(_fe.div(g, den))

@@ -84,7 +84,7 @@ def project_lower_bound(lower: float) -> GradientTransformation:
     def update_fn(updates: Updates, params: Params | None) -> Updates:
         if params is None:
             raise ValueError("project_lower_bound needs params: call update(updates, state, params)")
-        return _tree.tree_map(lambda u, p: None if u is None else torch.clamp_min(p + u, lower) - p, updates, params)
+        return _tree.tree_map(lambda u, p: None if u is None else torch.clamp(p + u, min=lower) - p, updates, params)
 
     return stateless(update_fn)
 

@@ -107,7 +107,7 @@ def _root_floor(second: list[torch.Tensor], counts: Sequence[torch.Tensor], beta
     denom = list(_fe.sqrt(second))
     _div_each_(denom, _corrections(counts, beta, root=True))
     if isinstance(eps, torch.Tensor):
-        denom = [torch.clamp_min(d, eps) for d in denom]
+        denom = [torch.maximum(d, eps) for d in denom]  # maximum: a DTensor strategy on every torch with FSDP2
     else:
         _fe.clamp_min_(denom, eps)
     return denom

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gradxform import _compat
+from helpers import needs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "support.md"
@@ -102,14 +103,70 @@ def test_torch_version_parses_local_builds():
     assert _compat._parse_version(torch.__version__) == _compat.torch_version()
 
 
-def test_dtensor_leaves_before_2_13_get_an_error_naming_the_torch(monkeypatch):
-    """On torch < 2.13 a foreach op on FSDP2's DTensor leaves raises an error naming torch 2.13
-    (measured on 2.8: DTensor's own "found no DeviceMesh" assertion, or a missing strategy for
-    clamp_min, deep inside Adam's update). Simulated here: a plain tensor taken for a DTensor."""
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    """A one-rank gloo process group and CPU mesh in this process, destroyed afterwards."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@needs("fsdp2")
+def test_foreach_ops_on_dtensor_leaves_run_on_the_local_shards_before_2_13(monkeypatch, one_rank_mesh):
+    """Before torch 2.13 DTensor has no sharding strategy for some foreach ops the transforms use
+    (``aten._foreach_lerp.Scalar``, ``aten._foreach_maximum.List``: measured on 2.8), so
+    gradxform's foreach ops run them on each rank's local shards and wrap the results back. Forced
+    here on any torch: each result equals the op on plain tensors, keeps the leaf's placements,
+    and an in-place op writes the DTensor's own storage."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
     from gradxform import _foreach as fe
-    from gradxform import tree
 
     monkeypatch.setattr(_compat, "dtensor_foreach_complete", lambda: False)
-    monkeypatch.setattr(tree, "is_dtensor", lambda x: True)
-    with pytest.raises(RuntimeError, match=r"FSDP2 \(DTensor\) leaves needs torch>=2\.13"):
-        fe.lerp([torch.zeros(2)], [torch.ones(2)], 0.1)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    ys = [torch.randn_like(x) for x in xs]
+    dx = [distribute_tensor(x.clone(), one_rank_mesh, [Shard(0)]) for x in xs]
+    dy = [distribute_tensor(y.clone(), one_rank_mesh, [Shard(0)]) for y in ys]
+    for op, args, want in [
+        (fe.lerp, (dy, 0.25), [torch.lerp(x, y, 0.25) for x, y in zip(xs, ys)]),
+        (fe.maximum, (dy,), [torch.maximum(x, y) for x, y in zip(xs, ys)]),
+        (fe.add, (dy,), [x + y for x, y in zip(xs, ys)]),
+        (fe.clamp_min, (0.1,), [x.clamp_min(0.1) for x in xs]),
+    ]:
+        out = op(dx, *args)
+        for o, w, d in zip(out, want, dx):
+            assert gx_is_dtensor(o) and o.placements == d.placements and o.shape == d.shape, op.__name__
+            torch.testing.assert_close(o.full_tensor(), w, rtol=0, atol=0, msg=op.__name__)
+    fe.lerp_(dx, dy, 0.5)
+    for d, x, y in zip(dx, xs, ys):
+        torch.testing.assert_close(d.full_tensor(), torch.lerp(x, y, 0.5), rtol=0, atol=0)
+
+
+@needs("fsdp2")
+def test_batched_over_dtensor_leaves_before_2_13_names_the_torch(monkeypatch, one_rank_mesh):
+    """vmap over DTensor leaves stops in a functorch internal assert on torch 2.8; gx.batched
+    says which torch it needs instead (forced here on any torch)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import gradxform as gx
+
+    monkeypatch.setattr(_compat, "dtensor_foreach_complete", lambda: False)
+    p = {"w": distribute_tensor(torch.randn(3, 4, 2), one_rank_mesh, [Shard(0)])}
+    tx = gx.batched(gx.sgd(0.1))
+    with pytest.raises(RuntimeError, match=r"gx\.batched over FSDP2 \(DTensor\) leaves needs torch>=2\.13"):
+        tx.update(p, tx.init({"w": torch.zeros(3, 4, 2)}), p)
+
+
+def gx_is_dtensor(x):
+    from gradxform import tree
+
+    return tree.is_dtensor(x)
