@@ -111,6 +111,9 @@ def kernel_supported(name: str, device_type: str, ops: Any = torch) -> bool:
     Returns:
         Whether the kernel exists and runs there.
 
+    References:
+        torch.optim's ``fused=True`` kernels (https://pytorch.org/docs/stable/optim.html).
+
     Example:
         >>> from gradxform.fastpath import kernel_supported
         >>> kernel_supported("_fused_adagrad_", "cpu", ops=object())  # a torch without the kernel
