@@ -344,6 +344,17 @@ def adafactor(
         use_weight_decay=_nonzero(weight_decay))
 
 
+def _adafactor_group_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """torch.optim.Adafactor's ``eps`` pair ``(eps1 or None, eps2)``, a group key in torch (its
+    step reads ``eps1, eps2 = group["eps"]``): gx.Optimizer keeps it in the group, so that its
+    state dict loads into torch.optim.Adafactor; a group that changes it gets the alias rebuilt
+    with the group's pair."""
+    return {"eps": tuple(kwargs["eps"])}
+
+
+adafactor.torch_group_options = _adafactor_group_options  # type: ignore[attr-defined]
+
+
 # --- Adafactor in optax's flavour -----------------------------------------------------------------
 
 

@@ -193,6 +193,46 @@ def test_adafactor_torch_state_dict_loads_into_twin():
     _torch_state_dict_into_twin(gx.adafactor, torch.optim.Adafactor, {"weight_decay": 0.1}, _all)
 
 
+ADAFACTOR_EPS = ADAFACTOR + [{"eps": (1e-30, 1e-2), "weight_decay": 0.1}, {"eps": (None, 0.0), "lr": 0.05}]
+
+
+@needs_optional_keys
+@pytest.mark.parametrize("kw", ADAFACTOR_EPS, ids=_ids(ADAFACTOR_EPS))
+def test_adafactor_twin_state_dict_loads_into_torch(kw):
+    """gx.Optimizer's Adafactor group keeps torch's ``eps`` pair (torch's step reads
+    ``eps1, eps2 = group["eps"]``): its state dict, saved and loaded mid-run, loads into
+    torch.optim.Adafactor (built with torch's defaults, so every value comes from the state dict)
+    and continues equal to the twin it came from (float64); the group has every key of torch's."""
+    model_g, model_t = make_model(), make_model()
+    opt_g = gx.Optimizer(_all(model_g), gx.adafactor(**_fresh(kw)))
+    torch_steps(model_g, opt_g, range(10))
+    ref = torch.optim.Adafactor(_all(make_model()), **_fresh(kw))
+    assert set(ref.param_groups[0]) <= set(opt_g.param_groups[0])  # every key torch's step reads
+    assert opt_g.param_groups[0]["eps"] == tuple(kw.get("eps", (None, 1e-3)))
+    model_t.load_state_dict(model_g.state_dict())
+    opt_t = torch.optim.Adafactor(_all(model_t))
+    opt_t.load_state_dict(saved_and_loaded(opt_g.state_dict()))
+    assert opt_t.param_groups[0]["eps"] == tuple(kw.get("eps", (None, 1e-3)))
+    torch_steps(model_g, opt_g, range(10, 20))
+    torch_steps(model_t, opt_t, range(10, 20))
+    assert_params(list(model_t.parameters()), list(model_g.parameters()), what="torch after loading gx's state dict")
+
+
+@needs_optional_keys
+def test_adafactor_group_eps_change_rebuilds_the_twin_as_torch():
+    """Setting ``group["eps"]`` mid-run changes the rule as it does in torch.optim.Adafactor."""
+    model_g, model_t = make_model(), make_model()
+    opt_g = gx.Optimizer(_all(model_g), gx.adafactor(weight_decay=0.1))
+    opt_t = torch.optim.Adafactor(_all(model_t), weight_decay=0.1)
+    torch_steps(model_g, opt_g, range(5))
+    torch_steps(model_t, opt_t, range(5))
+    for opt in (opt_g, opt_t):
+        opt.param_groups[0]["eps"] = (1e-20, 2.0)  # eps2 above rms(p): the relative step changes
+    torch_steps(model_g, opt_g, range(5, 10))
+    torch_steps(model_t, opt_t, range(5, 10))
+    assert_params(list(model_g.parameters()), list(model_t.parameters()), what="after changing group eps")
+
+
 def test_factored_rms_keeps_row_and_column_statistics_only():
     """A (300, 200) leaf keeps 300 + 200 numbers, and the block's output is Adafactor's
     preconditioned gradient (checked against the formula on the first step: v_hat = g^2 row/col
