@@ -257,6 +257,10 @@ class Optimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             grads = [None if p.grad is None else _real(p.grad) for p in params]
+            if any(g is None for g in grads) and _sm.zeros_for_missing_gradients(self._tx(group)):
+                # torch.optim.LBFGS: a param without a gradient has zeros in the flat gradient
+                # and still moves along the flat direction
+                grads = [torch.zeros_like(_real(p)) if g is None else g for p, g in zip(params, grads)]
             if all(g is None for g in grads):
                 continue
             tx, state = self._read(group, gi, [g is not None for g in grads])

@@ -558,6 +558,69 @@ def test_lbfgs_state_dicts_load_both_ways_mid_run_and_continue_equal(kw):
         assert torch.equal(a, b), "the resumed gx twin differs from the uninterrupted one"
 
 
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_lbfgs_moves_a_param_without_a_gradient_as_torch(line_search_fn):
+    """torch.optim.LBFGS reads a missing ``.grad`` as zeros and moves every param along the flat
+    direction: a param that gets a gradient on even steps only (none on odd ones) moves on the
+    odd steps too (the history carries its curvature), and one that never gets a gradient stays.
+    The gx twin through gx.Optimizer equals torch to 1e-10 over 20 steps (float64)."""
+    kw = dict(max_iter=5, history_size=4, line_search_fn=line_search_fn)
+
+    def run(kind):
+        w = torch.full((6,), 0.1, dtype=F64, requires_grad=True)
+        b = torch.full((2,), 0.3, dtype=F64, requires_grad=True)  # a gradient on even steps only
+        c = torch.full((3,), 0.7, dtype=F64, requires_grad=True)  # never a gradient
+        ps = [b, w, c]  # params[0] (where the state lives) without a gradient on odd steps
+        opt = torch.optim.LBFGS(ps, **kw) if kind == "torch" else gx.Optimizer(ps, gx.lbfgs(**kw))
+        moved_without_grad = []
+        for k in range(20):
+            def closure():
+                opt.zero_grad()
+                loss = _quadratic(w, b[:1]) if k % 2 == 0 else 0.5 * w @ _Q @ w - _B @ w
+                loss.backward()
+                return loss
+
+            before = b.detach().clone()
+            if kind == "torch":
+                opt.step(closure)
+            else:
+                opt.step(closure, value_and_grad_fn=gx.value_and_grad_from_closure(ps, closure))
+            if k % 2 == 1:
+                assert b.grad is None
+                moved_without_grad.append(not torch.equal(before, b.detach()))
+        return [p.detach() for p in ps], moved_without_grad, opt.state[ps[0]]
+
+    (pt, moved_t, st), (pg, moved_g, sg) = run("torch"), run("gx")
+    assert any(moved_t), "the case must exercise torch moving a param without a gradient"
+    assert moved_g == moved_t
+    for a, b in zip(pg, pt):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.equal(pg[2], torch.full((3,), 0.7, dtype=F64))
+    assert (sg["func_evals"], sg["n_iter"]) == (st["func_evals"], st["n_iter"])
+
+
+def test_lbfgs_counts_a_step_without_any_gradient_as_torch():
+    """No param has a gradient: torch still evaluates the closure and counts it (func_evals) and
+    leaves the params; so does the twin."""
+    states = []
+    for kind in ("torch", "gx"):
+        w = torch.ones(3, dtype=F64, requires_grad=True)
+        opt = torch.optim.LBFGS([w]) if kind == "torch" else gx.Optimizer([w], gx.lbfgs())
+
+        def closure():
+            opt.zero_grad()
+            return torch.tensor(1.0, dtype=F64)
+
+        for _ in range(2):
+            if kind == "torch":
+                opt.step(closure)
+            else:
+                opt.step(closure, value_and_grad_fn=gx.value_and_grad_from_closure([w], closure))
+        assert torch.equal(w.detach(), torch.ones(3, dtype=F64))
+        states.append((opt.state[w]["func_evals"], opt.state[w]["n_iter"]))
+    assert states[0] == states[1] == (2, 0)
+
+
 def test_lbfgs_refuses_a_longer_history_than_it_keeps():
     p = [torch.full((6,), 0.5, dtype=F64, requires_grad=True)]
     opt_t, step_t = _lbfgs_opt("torch", [p[0], torch.zeros(1, dtype=F64, requires_grad=True)], {"history_size": 5})
