@@ -189,12 +189,21 @@ class Optimizer(torch.optim.Optimizer):
         if "tx" in group:  # put back by a wrapper that copies group keys (ZeroRedundancyOptimizer)
             group["tx_index"] = self._index_of(group.pop("tx"))
         base = self.transforms[group.get("tx_index", 0)]
-        key = (id(base),) + tuple(sorted((k, repr(group[k])) for k in _sm.options(base) if k in group))
+        key = (id(base),) + tuple(sorted((k, repr(group[k])) for k in self._options(base) if k in group))
         key += tuple((k, group[k] == 0) for k in ("momentum", "weight_decay") if isinstance(group.get(k), (int, float)))
         tx = self._gx_cache.get(key)
         if tx is None:
             tx = self._gx_cache[key] = _sm.for_group(base, group)
         return tx
+
+    def _options(self, tx: GradientTransformation) -> dict[str, Any]:
+        """`statemap.options` of ``tx`` (a transform this optimizer holds), computed once: it builds
+        the alias's members (``init([])``), too slow to repeat at every step."""
+        key = ("options", id(tx))
+        found = self._gx_cache.get(key)
+        if found is None:
+            found = self._gx_cache[key] = (tx, _sm.options(tx))  # tx kept: its id stays its own
+        return found[1]
 
     # -- state: opt.state <-> the transform's pytree --------------------------------------------
 
@@ -265,7 +274,7 @@ class Optimizer(torch.optim.Optimizer):
                 continue
             tx, state = self._read(group, gi, [g is not None for g in grads])
             ps = [_real(p) for p in params]
-            maximize = bool(group.get("maximize", False)) and "maximize" not in _sm.options(tx)
+            maximize = bool(group.get("maximize", False)) and "maximize" not in self._options(tx)
             if maximize:
                 grads = [None if g is None else -g for g in grads]
             sparse = [i for i, g in enumerate(grads) if g is not None and g.layout is not torch.strided]
