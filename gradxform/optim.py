@@ -36,11 +36,14 @@ How it maps onto torch.optim:
   state into the old buffers. The user's ``.grad`` is never written on the generic path.
   Transforms made from user functions are called purely.
 - **Fast paths.** A group whose transform declares a lowering (`gradxform.fastpath`: ``gx.adam``,
-  ``gx.adamw``, ``gx.sgd`` with constant hyperparameters, optionally after a global-norm clip rule)
+  ``gx.adamw``, ``gx.sgd``, ``gx.adagrad`` with constant hyperparameters, optionally after a global-norm clip rule)
   runs on torch's fused kernel when every precondition holds for the step (device in torch's
   fused-supported set with the kernel present, float dtype, contiguous dense params and grads,
   state buffers shaped like the params, eager). ``fused=False`` (or a group's ``fused``) turns it
   off, ``fused=True`` raises when it cannot be taken.
+- **Params without a gradient.** They are skipped (no update), except in a group whose alias
+  declares ``zeros_for_missing_gradients`` (``gx.lbfgs``, as torch.optim.LBFGS reads a missing
+  ``.grad`` as zeros): it gets zeros for them and moves them.
 """
 
 from __future__ import annotations
