@@ -1124,6 +1124,28 @@ def test_fused_adagrad_equals_torch_fused_and_the_generic_path(case, dtype):
 
 
 @needs("cpu_fused_adagrad")
+def test_default_path_takes_the_fused_adagrad_kernel(monkeypatch):
+    """The default (fused=None) runs torch's kernel on every step: counted through a wrapper of
+    ``torch._fused_adagrad_`` (the capability check probes the wrapper once), and fused=False
+    never calls it."""
+    calls = []
+    kernel = torch._fused_adagrad_
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[0]))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adagrad_", counting)
+    batches = _adagrad_batches(torch.float32, 12)
+    m = _adagrad_model(torch.float32)
+    _adagrad_train(m, gx.Optimizer(m.parameters(), gx.adagrad(0.05, lr_decay=0.01)), batches)
+    assert calls[-12:] == [4] * 12 and len(calls) <= 13  # 12 steps over the 4 params (+ one probe)
+    calls.clear()
+    _adagrad_train(m, gx.Optimizer(m.parameters(), gx.adagrad(0.05), fused=False), batches)
+    assert calls == []
+
+
+@needs("cpu_fused_adagrad")
 def test_torch_fused_adagrad_state_dict_continues_on_the_fused_lowering():
     """A torch.optim.Adagrad(fused=True) checkpoint (float32 ``step``) loads into the twin, whose
     next steps run on the kernel and stay bitwise equal to torch's."""
