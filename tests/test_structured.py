@@ -574,7 +574,7 @@ def test_lbfgs_moves_a_param_without_a_gradient_as_torch(line_search_fn):
         opt = torch.optim.LBFGS(ps, **kw) if kind == "torch" else gx.Optimizer(ps, gx.lbfgs(**kw))
         moved_without_grad = []
         for k in range(20):
-            def closure():
+            def closure(k=k):
                 opt.zero_grad()
                 loss = _quadratic(w, b[:1]) if k % 2 == 0 else 0.5 * w @ _Q @ w - _B @ w
                 loss.backward()
@@ -607,7 +607,7 @@ def test_lbfgs_counts_a_step_without_any_gradient_as_torch():
         w = torch.ones(3, dtype=F64, requires_grad=True)
         opt = torch.optim.LBFGS([w]) if kind == "torch" else gx.Optimizer([w], gx.lbfgs())
 
-        def closure():
+        def closure(opt=opt):
             opt.zero_grad()
             return torch.tensor(1.0, dtype=F64)
 
