@@ -29,6 +29,7 @@ __all__ = [
     "requirement",
     "fused_adam_supported",
     "fused_sgd_supported",
+    "fused_adagrad_supported",
     "has_fsdp2",
     "has_dcp_save",
     "has_amp_gradscaler_cpu",
@@ -108,6 +109,25 @@ def fused_sgd_supported(device: Any) -> bool:
         Whether the fused SGD kernel can be called for tensors on ``device``.
     """
     if not hasattr(torch, "_fused_sgd_"):
+        return False
+    return _device_type(device) in fused_devices()
+
+
+def fused_adagrad_supported(device: Any) -> bool:
+    """Whether ``torch._fused_adagrad_`` may run on ``device``.
+
+    The op does not exist in torch 2.1 (measured on 2.1.2); it arrived with its CPU kernel in
+    torch 2.4 (a CUDA kernel came later). True when the op exists and ``device``'s type is in
+    torch's fused-supported-devices list; `gradxform.fastpath.kernel_supported` also runs it
+    once on the device before the adapter relies on it.
+
+    Args:
+        device: a ``torch.device``, a device string or a tensor on the device.
+
+    Returns:
+        Whether the fused Adagrad kernel can be called for tensors on ``device``.
+    """
+    if not hasattr(torch, "_fused_adagrad_"):
         return False
     return _device_type(device) in fused_devices()
 
@@ -217,12 +237,18 @@ def _cpu_fused_sgd() -> bool:
     return fused_sgd_supported("cpu")
 
 
+def _cpu_fused_adagrad() -> bool:
+    return fused_adagrad_supported("cpu")
+
+
 FEATURES: types.MappingProxyType[str, Feature] = types.MappingProxyType({
     f.name: f
     for f in (
         Feature("cpu_fused_adam", "2.4", "fused Adam/AdamW kernels on CPU (torch._fused_adamw_)", _cpu_fused_adam,
                 "gx.Optimizer takes its foreach path"),
         Feature("cpu_fused_sgd", "2.4", "fused SGD kernel on CPU (torch._fused_sgd_)", _cpu_fused_sgd,
+                "gx.Optimizer takes its foreach path"),
+        Feature("cpu_fused_adagrad", "2.4", "fused Adagrad kernel on CPU (torch._fused_adagrad_)", _cpu_fused_adagrad,
                 "gx.Optimizer takes its foreach path"),
         Feature("amp_gradscaler_cpu", "2.3", 'torch.amp.GradScaler("cpu")', has_amp_gradscaler_cpu,
                 "use torch.cuda.amp.GradScaler on CUDA"),

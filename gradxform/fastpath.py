@@ -7,6 +7,8 @@ read back with `gradxform.base.info_of`), never by the adapter reading its struc
   ``torch._fused_adamw_``);
 - `SGDKernel`: ``gx.sgd`` with constant hyperparameters (``torch._fused_sgd_``; also the exact
   per-tensor step for sparse gradients, as ``torch.optim.SGD``);
+- `AdagradKernel`: ``gx.adagrad`` with constant hyperparameters (``torch._fused_adagrad_``, where
+  the running torch has it for the device: not in torch 2.1);
 - `ClipFactor`: a clip rule whose output is its input times a factor computed from norms alone.
 
 `lowering_of` combines them: an alias on its own, or ``chain(rule, alias)`` with a global-factor
@@ -15,7 +17,7 @@ clip rule, whose factor scales the gradients (into scratch buffers) that the ker
 generic path, which is the reference every lowering equals (to rounding: the clip factor comes
 from the rule run on the global norm, ``rule(norm) / norm``).
 
-The state is the generic path's own (``ScaleByAdamState`` / ``TraceState`` inside the alias's
+The state is the generic path's own (``ScaleByAdamState`` / ``TraceState`` / ``ScaleByRssState`` inside the alias's
 ``InjectHyperparamsState``), so a run may switch paths at any step and checkpoints do not depend
 on the path.
 
@@ -36,7 +38,7 @@ from . import _compat
 from . import tree as _tree
 from .base import GradientTransformation, declare, info_of
 
-__all__ = ["AdamKernel", "SGDKernel", "ClipFactor", "Lowering", "lowering_of", "kernel_supported", "declare_kernel"]
+__all__ = ["AdamKernel", "SGDKernel", "AdagradKernel", "ClipFactor", "Lowering", "lowering_of", "kernel_supported", "declare_kernel"]
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -68,6 +70,18 @@ class SGDKernel(NamedTuple):
     maximize: bool
 
 
+class AdagradKernel(NamedTuple):
+    """Declared by ``gx.adagrad`` with constant hyperparameters (``torch._fused_adagrad_``: the
+    rule of ``torch.optim.Adagrad`` with ``lr``, ``lr_decay``, ``weight_decay``, ``eps``; the
+    ``initial_accumulator_value`` only fills the ``sum`` buffer at init).
+
+    Attributes:
+        maximize: ascend instead of descend.
+    """
+
+    maximize: bool
+
+
 class ClipFactor(NamedTuple):
     """Declared by a clip rule whose output is its input times a factor from norms alone:
     ``"global"`` (one factor from the global norm: foldable into a fused kernel), ``"leaf"`` (one
@@ -80,16 +94,39 @@ class ClipFactor(NamedTuple):
     kind: str
 
 
-@functools.lru_cache(maxsize=None)
-def kernel_supported(name: str, device_type: str) -> bool:
-    """Whether torch's fused kernel ``torch.<name>`` runs on ``device_type`` in the running torch.
+def kernel_supported(name: str, device_type: str, ops: Any = torch) -> bool:
+    """Whether torch's fused kernel ``ops.<name>`` (``torch.<name>``) runs on ``device_type``.
 
-    Asks torch's own list of devices with fused optimizer kernels (`gradxform._compat`), then runs
-    the kernel once on one-element tensors: the CPU kernels arrived in torch 2.4, after the names.
+    Looks the kernel up on every call (``torch._fused_adagrad_`` is absent from torch 2.1, for
+    example), asks torch's own list of devices with fused optimizer kernels (`gradxform._compat`),
+    then runs the kernel once on one-element tensors (once per kernel and device: the CPU kernels
+    arrived in torch 2.4, after the names).
+
+    Args:
+        name: the kernel's name in ``torch`` (``"_fused_adam_"``, ``"_fused_adamw_"``,
+            ``"_fused_sgd_"``, ``"_fused_adagrad_"``).
+        device_type: ``"cpu"``, ``"cuda"``, ...
+        ops: where to look the kernel up (``torch``; another namespace stands for another torch).
+
+    Returns:
+        Whether the kernel exists and runs there.
+
+    References:
+        torch.optim's ``fused=True`` kernels (https://pytorch.org/docs/stable/optim.html).
+
+    Example:
+        >>> from gradxform.fastpath import kernel_supported
+        >>> kernel_supported("_fused_adagrad_", "cpu", ops=object())  # a torch without the kernel
+        False
     """
-    kernel = getattr(torch, name, None)
+    kernel = getattr(ops, name, None)
     if kernel is None:
         return False
+    return _kernel_runs(name, kernel, device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_runs(name: str, kernel: Any, device_type: str) -> bool:
     if device_type not in _compat.fused_devices():
         return False
     try:
@@ -98,6 +135,9 @@ def kernel_supported(name: str, device_type: str) -> bool:
         if name == "_fused_sgd_":
             kernel([one.clone()], [one.clone()], [], weight_decay=0.0, momentum=0.0, lr=0.1, dampening=0.0,
                    nesterov=False, maximize=False, is_first_step=False)
+        elif name == "_fused_adagrad_":
+            kernel([one.clone()], [one.clone()], [one.clone()], [step], lr=0.1, lr_decay=0.0, weight_decay=0.0,
+                   eps=1e-10, maximize=False)
         else:
             kernel([one.clone()], [one.clone()], [one.clone()], [one.clone()], [], [step], lr=0.1, beta1=0.9,
                    beta2=0.99, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
@@ -106,8 +146,10 @@ def kernel_supported(name: str, device_type: str) -> bool:
     return True
 
 
-def _unsupported_tensors(ps: list[torch.Tensor], gs: list[torch.Tensor], kernel: str) -> str | None:
-    """Why these params and gradients cannot take ``kernel`` (``None``: they can)."""
+def _unsupported_tensors(ps: list[torch.Tensor], gs: list[torch.Tensor], kernel: str,
+                         ops: Any = torch) -> str | None:
+    """Why these params and gradients cannot take ``kernel`` (``None``: they can; ``ops``: where
+    the kernel is looked up, as in `kernel_supported`)."""
     device = ps[0].device
     for i, (p, g) in enumerate(zip(ps, gs)):
         if type(p) is not torch.Tensor and not isinstance(p, torch.nn.Parameter):
@@ -122,7 +164,7 @@ def _unsupported_tensors(ps: list[torch.Tensor], gs: list[torch.Tensor], kernel:
             return f"param {i} has a sparse gradient"
         if not (p.is_contiguous() and g.is_contiguous()):
             return f"param {i} or its gradient is not contiguous"
-    if not kernel_supported(kernel, device.type):
+    if not kernel_supported(kernel, device.type, ops):
         return f"torch.{kernel} does not run on {device.type} in torch {torch.__version__}"
     return None
 
@@ -143,17 +185,19 @@ def _find(states: Any, fields: tuple[str, ...]) -> Any:
 
 
 class Lowering(NamedTuple):
-    """A transform's fused step: ``kernel`` (an `AdamKernel` or `SGDKernel`) of an alias whose
+    """A transform's fused step: ``kernel`` (an `AdamKernel`, `SGDKernel` or `AdagradKernel`) of an alias whose
     state is an ``InjectHyperparamsState``, optionally after ``clip``, a global-factor clip rule
     (then the transform's state is ``(clip_state, alias_state)``)."""
 
-    kernel: AdamKernel | SGDKernel
+    kernel: AdamKernel | SGDKernel | AdagradKernel
     clip: GradientTransformation | None = None
 
     @property
     def kernel_name(self) -> str:
         if isinstance(self.kernel, SGDKernel):
             return "_fused_sgd_"
+        if isinstance(self.kernel, AdagradKernel):
+            return "_fused_adagrad_"
         return "_fused_adamw_" if self.kernel.decoupled else "_fused_adam_"
 
     def _split(self, state: Any) -> tuple[Any, Any]:
@@ -171,14 +215,21 @@ class Lowering(NamedTuple):
                 bufs.append([adam.nu_max[i] for i in idx])
                 names.append("max_exp_avg_sq")
             return adam, bufs, names
+        if isinstance(self.kernel, AdagradKernel):
+            rss = _find(inner, ("count", "sum_of_squares"))
+            if rss is None:
+                return None, [], []
+            return rss, [[rss.sum_of_squares[i] for i in idx]], ["sum"]
         tr = _find(inner, ("count", "trace"))
         if tr is None:
             return None, [], []
         return tr, [[tr.trace[i] for i in idx]], ["momentum_buffer"]
 
-    def unsupported(self, ps: list[torch.Tensor], grads: list[torch.Tensor | None], state: Any) -> str | None:
+    def unsupported(self, ps: list[torch.Tensor], grads: list[torch.Tensor | None], state: Any,
+                    ops: Any = torch) -> str | None:
         """Why this step cannot take the lowering (``None``: it can). Checked on every step:
-        device, dtype, contiguity, density, state shapes and the kernel in the running torch."""
+        device, dtype, contiguity, density, state shapes and the kernel in the running torch
+        (looked up in ``ops``, as in `kernel_supported`)."""
         if _tree.traced():
             return "traced (torch.compile or torch.func): the generic path traces"
         idx = [i for i, g in enumerate(grads) if g is not None]
@@ -197,12 +248,14 @@ class Lowering(NamedTuple):
             if "weight_decay" in hp and hp["weight_decay"].item() != 0:
                 return "weight decay with sparse gradients (torch.optim.SGD does not take them either)"
             return None
-        why = _unsupported_tensors(live_p, live_g, self.kernel_name)
+        why = _unsupported_tensors(live_p, live_g, self.kernel_name, ops)
         if why is not None:
             return why
         member, bufs, names = self._buffers(alias_state, idx)
         if member is None and isinstance(self.kernel, AdamKernel):
             return "no Adam state"
+        if member is None and isinstance(self.kernel, AdagradKernel):
+            return "no Adagrad state"
         for b, n in zip(bufs, names):
             why = _unsupported_buffers(live_p, b, n)
             if why is not None:
@@ -235,6 +288,8 @@ class Lowering(NamedTuple):
             new_alias = _sparse_sgd_step(self.kernel, alias_state, hp, idx, live_p, live_g)
         elif isinstance(self.kernel, SGDKernel):
             new_alias = self._sgd(alias_state, hp, idx, live_p, live_g)
+        elif isinstance(self.kernel, AdagradKernel):
+            new_alias = self._adagrad(alias_state, hp, idx, live_p, live_g)
         else:
             new_alias = self._adam(alias_state, hp, idx, live_p, live_g)
         return new_alias if self.clip is None else (clip_state, new_alias)
@@ -271,6 +326,20 @@ class Lowering(NamedTuple):
         kernel(live_p, live_g, bufs[0], bufs[1], bufs[2] if kern.amsgrad else [], list(steps),
                lr=hp["lr"], beta1=beta1, beta2=beta2, weight_decay=hp.get("weight_decay", 0.0), eps=hp["eps"],
                amsgrad=kern.amsgrad, maximize=kern.maximize)
+        return alias_state._replace(count=alias_state.count + 1)
+
+    def _adagrad(self, alias_state: Any, hp: dict[str, Any], idx: list[int], live_p: list[torch.Tensor],
+                 live_g: list[torch.Tensor]) -> Any:
+        # torch.optim.Adagrad(fused=True): each leaf's step advanced first, then the kernel reads
+        # it (clr = lr / (1 + (step - 1) lr_decay)); s += g^2, p -= clr g / (sqrt(s) + eps)
+        rss, bufs, _ = self._buffers(alias_state, idx)
+        counts = [rss.count[i] for i in idx]
+        torch._foreach_add_(counts, 1)
+        device = live_p[0].device
+        steps = torch.stack(counts).to(device=device, dtype=torch.float32).unbind(0)
+        torch._fused_adagrad_(live_p, live_g, bufs[0], list(steps), lr=hp["lr"], lr_decay=hp["lr_decay"],
+                              weight_decay=hp.get("weight_decay", 0.0), eps=hp["eps"],
+                              maximize=self.kernel.maximize)
         return alias_state._replace(count=alias_state.count + 1)
 
     def _sgd(self, alias_state: Any, hp: dict[str, Any], idx: list[int], live_p: list[torch.Tensor],
@@ -350,14 +419,15 @@ def lowering_of(tx: GradientTransformation) -> Lowering | None:
     return None
 
 
-def declare_kernel(tx: GradientTransformation, kernel: AdamKernel | SGDKernel, hyperparams: dict[str, Any]) -> None:
+def declare_kernel(tx: GradientTransformation, kernel: AdamKernel | SGDKernel | AdagradKernel,
+                   hyperparams: dict[str, Any]) -> None:
     """Declare ``kernel`` as ``tx``'s lowering unless a hyperparameter is a schedule (evaluated
     inside ``update``: the lowering reads the values the group set). Numbers and tensors qualify:
     ``group["lr"]`` stays live either way.
 
     Args:
         tx: the alias's transform (marked in place).
-        kernel: the `AdamKernel` or `SGDKernel` it lowers to.
+        kernel: the `AdamKernel`, `SGDKernel` or `AdagradKernel` it lowers to.
         hyperparams: the alias's hyperparameters (tuples such as ``betas`` are looked into).
 
     Returns:

@@ -36,11 +36,14 @@ How it maps onto torch.optim:
   state into the old buffers. The user's ``.grad`` is never written on the generic path.
   Transforms made from user functions are called purely.
 - **Fast paths.** A group whose transform declares a lowering (`gradxform.fastpath`: ``gx.adam``,
-  ``gx.adamw``, ``gx.sgd`` with constant hyperparameters, optionally after a global-norm clip rule)
+  ``gx.adamw``, ``gx.sgd``, ``gx.adagrad`` with constant hyperparameters, optionally after a global-norm clip rule)
   runs on torch's fused kernel when every precondition holds for the step (device in torch's
   fused-supported set with the kernel present, float dtype, contiguous dense params and grads,
   state buffers shaped like the params, eager). ``fused=False`` (or a group's ``fused``) turns it
   off, ``fused=True`` raises when it cannot be taken.
+- **Params without a gradient.** They are skipped (no update), except in a group whose alias
+  declares ``zeros_for_missing_gradients`` (``gx.lbfgs``, as torch.optim.LBFGS reads a missing
+  ``.grad`` as zeros): it gets zeros for them and moves them.
 """
 
 from __future__ import annotations
@@ -189,12 +192,21 @@ class Optimizer(torch.optim.Optimizer):
         if "tx" in group:  # put back by a wrapper that copies group keys (ZeroRedundancyOptimizer)
             group["tx_index"] = self._index_of(group.pop("tx"))
         base = self.transforms[group.get("tx_index", 0)]
-        key = (id(base),) + tuple(sorted((k, repr(group[k])) for k in _sm.options(base) if k in group))
+        key = (id(base),) + tuple(sorted((k, repr(group[k])) for k in self._options(base) if k in group))
         key += tuple((k, group[k] == 0) for k in ("momentum", "weight_decay") if isinstance(group.get(k), (int, float)))
         tx = self._gx_cache.get(key)
         if tx is None:
             tx = self._gx_cache[key] = _sm.for_group(base, group)
         return tx
+
+    def _options(self, tx: GradientTransformation) -> dict[str, Any]:
+        """`statemap.options` of ``tx`` (a transform this optimizer holds), computed once: it builds
+        the alias's members (``init([])``), too slow to repeat at every step."""
+        key = ("options", id(tx))
+        found = self._gx_cache.get(key)
+        if found is None:
+            found = self._gx_cache[key] = (tx, _sm.options(tx))  # tx kept: its id stays its own
+        return found[1]
 
     # -- state: opt.state <-> the transform's pytree --------------------------------------------
 
@@ -257,11 +269,15 @@ class Optimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
             grads = [None if p.grad is None else _real(p.grad) for p in params]
+            if any(g is None for g in grads) and _sm.zeros_for_missing_gradients(self._tx(group)):
+                # torch.optim.LBFGS: a param without a gradient has zeros in the flat gradient
+                # and still moves along the flat direction
+                grads = [torch.zeros_like(_real(p)) if g is None else g for p, g in zip(params, grads)]
             if all(g is None for g in grads):
                 continue
             tx, state = self._read(group, gi, [g is not None for g in grads])
             ps = [_real(p) for p in params]
-            maximize = bool(group.get("maximize", False)) and "maximize" not in _sm.options(tx)
+            maximize = bool(group.get("maximize", False)) and "maximize" not in self._options(tx)
             if maximize:
                 grads = [None if g is None else -g for g in grads]
             sparse = [i for i, g in enumerate(grads) if g is not None and g.layout is not torch.strided]

@@ -38,7 +38,8 @@ from .checkpoint import _children
 from .combine import find_injected as _find_injected
 
 __all__ = ["Layout", "FirstParamNode", "layout_of_template", "absent_records", "gather", "scatter", "sync_in", "options", "for_group",
-           "probe_hyperparams", "hyperparam_values", "takes_sparse_gradients", "check_loadable", "upgrade_v1"]
+           "probe_hyperparams", "hyperparam_values", "takes_sparse_gradients", "zeros_for_missing_gradients",
+           "check_loadable", "upgrade_v1"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,15 @@ def takes_sparse_gradients(tx: GradientTransformation) -> bool:
     passes sparse gradients through its generic path without densifying them."""
     recipe = info_of(tx).recipe
     return recipe is not None and bool(getattr(recipe[0], "takes_sparse_gradients", False))
+
+
+def zeros_for_missing_gradients(tx: GradientTransformation) -> bool:
+    """Whether ``tx`` is an alias whose factory declares ``zeros_for_missing_gradients = True``
+    (``gx.lbfgs``: torch.optim.LBFGS reads a missing ``.grad`` as zeros and moves every param of
+    its group along the flat direction): the adapter then hands the transform a zero gradient for
+    each param of the group without one (when some param has one), so the transform updates it."""
+    recipe = info_of(tx).recipe
+    return recipe is not None and bool(getattr(recipe[0], "zeros_for_missing_gradients", False))
 
 
 def structural(old: Any, new: Any) -> bool:

@@ -344,6 +344,17 @@ def adafactor(
         use_weight_decay=_nonzero(weight_decay))
 
 
+def _adafactor_group_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """torch.optim.Adafactor's ``eps`` pair ``(eps1 or None, eps2)``, a group key in torch (its
+    step reads ``eps1, eps2 = group["eps"]``): gx.Optimizer keeps it in the group, so that its
+    state dict loads into torch.optim.Adafactor; a group that changes it gets the alias rebuilt
+    with the group's pair."""
+    return {"eps": tuple(kwargs["eps"])}
+
+
+adafactor.torch_group_options = _adafactor_group_options  # type: ignore[attr-defined]
+
+
 # --- Adafactor in optax's flavour -----------------------------------------------------------------
 
 
@@ -1321,8 +1332,11 @@ def lbfgs(
     ``tolerance_change``, ``history_size`` and ``line_search_fn``: a ``torch.optim.LBFGS`` state
     dict loads into the twin and continues equal, and the reverse.
 
-    Differences from torch: a param without a gradient is not moved (torch moves it with a zero
-    gradient; its entries still count in the flat vector). The iterations branch on loss values
+    A param without a gradient: torch.optim.LBFGS reads it as zeros in the flat gradient and
+    still moves it along the flat direction (which is not zero there once the history holds its
+    curvature); through ``gx.Optimizer`` the twin does the same (the adapter hands it zeros). In
+    ``update`` a ``None`` gradient leaf counts as zeros but gets a ``None`` update (every
+    transform's contract: it is not moved); pass zeros to move it as torch. The iterations branch on loss values
     (host reads): no ``torch.compile``, no ``torch.func``. Differences from optax's ``lbfgs``: optax does one
     iteration per update with a zoom line search by default, its ``value_fn`` returns the loss
     only and the gradient comes as ``grad=``.
@@ -1390,6 +1404,8 @@ def _lbfgs_group_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 lbfgs.torch_group_options = _lbfgs_group_options  # type: ignore[attr-defined]
+# gx.Optimizer gives a param without a gradient zeros, as torch.optim.LBFGS's flat gradient: it moves
+lbfgs.zeros_for_missing_gradients = True  # type: ignore[attr-defined]
 
 
 def value_and_grad_from_closure(params: Sequence[torch.Tensor], closure: Callable[[], Any]

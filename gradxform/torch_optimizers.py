@@ -30,6 +30,7 @@ from . import tree as _tree
 from .alias import _check_betas, _nonzero, _scalar_lr
 from .base import GradientTransformation, Ownership, Params, Updates, chain, expect_state, owned_transform, recorded
 from .combine import inject_hyperparams
+from .fastpath import AdagradKernel, declare_kernel
 from .transforms import (
     ScalarOrSchedule,
     ScaleByAdamState,
@@ -1155,7 +1156,11 @@ def adagrad(lr: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0, weight_decay: Sc
         maximize: ascend instead.
 
     Returns:
-        The transform (state keys in ``opt.state[p]``: ``step``, ``sum``).
+        The transform (state keys in ``opt.state[p]``: ``step``, ``sum``). With constant
+        hyperparameters it declares a fused lowering (`gradxform.fastpath.AdagradKernel`):
+        ``gx.Optimizer`` runs torch's ``torch._fused_adagrad_`` (``torch.optim.Adagrad(fused=True)``'s
+        kernel) where the running torch has it for the params' device and every precondition
+        holds, and the generic path otherwise.
 
     Raises:
         ValueError: a negative argument.
@@ -1171,9 +1176,12 @@ def adagrad(lr: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0, weight_decay: Sc
     check_float("weight_decay", weight_decay, low=0.0)
     check_float("initial_accumulator_value", initial_accumulator_value, low=0.0)
     check_float("eps", eps, low=0.0)
-    return inject_hyperparams(_adagrad, static_args=("maximize", "use_weight_decay"))(
+    tx = inject_hyperparams(_adagrad, static_args=("maximize", "use_weight_decay"))(
         lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value,
         eps=eps, maximize=maximize, use_weight_decay=_nonzero(weight_decay))
+    declare_kernel(tx, AdagradKernel(bool(maximize)),
+                   {"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps})
+    return tx
 
 
 def _adadelta(lr: Any, rho: Any, eps: Any, weight_decay: Any, maximize: bool,

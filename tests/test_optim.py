@@ -1039,3 +1039,223 @@ def test_compiled_optimizer_step_equals_eager(name):
         ref, _ = run("torch")
         for a, b in zip(compiled, ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- the fused Adagrad lowering ----------------------------------------------------------------
+
+ADAGRAD_CASES = {
+    "default": dict(lr=5e-2),
+    "all_options": dict(lr=5e-2, lr_decay=1e-2, weight_decay=5e-2, initial_accumulator_value=0.1, eps=1e-8),
+    "maximize": dict(lr=5e-2, lr_decay=1e-3, maximize=True),
+}
+
+
+def _adagrad_batches(dtype, n, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 6, generator=g).to(dtype), torch.randn(16, 2, generator=g).to(dtype)) for _ in range(n)]
+
+
+def _adagrad_model(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2)).to(dtype)
+
+
+def _adagrad_train(model, opt, batches, sched=None):
+    for x, y in batches:
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+@needs("cpu_fused_adagrad")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", list(ADAGRAD_CASES))
+def test_fused_adagrad_equals_torch_fused_and_the_generic_path(case, dtype):
+    """gx.adagrad in the adapter with fused=True (the lowering must be taken: otherwise the step
+    raises) over 60 steps with a StepLR scheduler and a checkpoint round trip at step 30: bitwise
+    torch.optim.Adagrad(fused=True) (the same kernel), equal to torch's foreach Adagrad and to our
+    generic path to rounding; the resumed run is bitwise the uninterrupted one; the state keys
+    are torch's."""
+    kw = ADAGRAD_CASES[case]
+    batches = _adagrad_batches(dtype, 60)
+    base = _adagrad_model(dtype)
+    models = {k: copy.deepcopy(base) for k in ("torch_fused", "torch_foreach", "gx_fused", "gx_generic", "resumed")}
+    opts = {
+        "torch_fused": torch.optim.Adagrad(models["torch_fused"].parameters(), fused=True, **kw),
+        "torch_foreach": torch.optim.Adagrad(models["torch_foreach"].parameters(), foreach=True, **kw),
+        "gx_fused": gx.Optimizer(models["gx_fused"].parameters(), gx.adagrad(**kw), fused=True),
+        "gx_generic": gx.Optimizer(models["gx_generic"].parameters(), gx.adagrad(**kw), fused=False),
+    }
+    lowering = gx.fastpath.lowering_of(gx.adagrad(**kw))
+    assert lowering is not None and lowering.kernel == gx.fastpath.AdagradKernel(kw.get("maximize", False))
+    scheds = {k: lrs.StepLR(o, 10, 0.5) for k, o in opts.items()}
+    for k in opts:
+        _adagrad_train(models[k], opts[k], batches, scheds[k])
+    ref = list(models["torch_fused"].parameters())
+    for a, b in zip(ref, models["gx_fused"].parameters()):
+        assert torch.equal(a, b)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    for k in ("torch_foreach", "gx_generic"):
+        for a, b in zip(ref, models[k].parameters()):
+            torch.testing.assert_close(b, a, **tol)
+    p0 = next(models["gx_fused"].parameters())
+    assert set(opts["gx_fused"].state[p0]) == set(opts["torch_fused"].state[next(models["torch_fused"].parameters())])
+    for a, b in zip(opts["torch_fused"].state.values(), opts["gx_fused"].state.values()):
+        assert torch.equal(a["sum"], b["sum"]) and float(a["step"]) == float(b["step"]) == 60.0
+
+    # checkpoint round trip mid-run: fused before and after, bitwise the uninterrupted run
+    m = models["resumed"]
+    first = gx.Optimizer(m.parameters(), gx.adagrad(**kw), fused=True)
+    sched = lrs.StepLR(first, 10, 0.5)
+    _adagrad_train(m, first, batches[:30], sched)
+    buf = io.BytesIO()
+    torch.save({"opt": first.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    second = gx.Optimizer(m.parameters(), gx.adagrad(**kw), fused=True)
+    second.load_state_dict(ck["opt"])
+    sched = lrs.StepLR(second, 10, 0.5)
+    sched.load_state_dict(ck["sched"])
+    _adagrad_train(m, second, batches[30:], sched)
+    for a, b in zip(models["gx_fused"].parameters(), m.parameters()):
+        assert torch.equal(a, b)
+
+
+@needs("cpu_fused_adagrad")
+def test_default_path_takes_the_fused_adagrad_kernel(monkeypatch):
+    """The default (fused=None) runs torch's kernel on every step: counted through a wrapper of
+    ``torch._fused_adagrad_`` (the capability check probes the wrapper once), and fused=False
+    never calls it."""
+    calls = []
+    kernel = torch._fused_adagrad_
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[0]))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adagrad_", counting)
+    batches = _adagrad_batches(torch.float32, 12)
+    m = _adagrad_model(torch.float32)
+    _adagrad_train(m, gx.Optimizer(m.parameters(), gx.adagrad(0.05, lr_decay=0.01)), batches)
+    assert calls[-12:] == [4] * 12 and len(calls) <= 13  # 12 steps over the 4 params (+ one probe)
+    calls.clear()
+    _adagrad_train(m, gx.Optimizer(m.parameters(), gx.adagrad(0.05), fused=False), batches)
+    assert calls == []
+
+
+@needs("cpu_fused_adagrad")
+def test_torch_fused_adagrad_state_dict_continues_on_the_fused_lowering():
+    """A torch.optim.Adagrad(fused=True) checkpoint (float32 ``step``) loads into the twin, whose
+    next steps run on the kernel and stay bitwise equal to torch's."""
+    kw = ADAGRAD_CASES["all_options"]
+    batches = _adagrad_batches(torch.float32, 20)
+    m_t, m_g = _adagrad_model(torch.float32), _adagrad_model(torch.float32)
+    opt_t = torch.optim.Adagrad(m_t.parameters(), fused=True, **kw)
+    _adagrad_train(m_t, opt_t, batches[:10])
+    m_g.load_state_dict(m_t.state_dict())
+    opt_g = gx.Optimizer(m_g.parameters(), gx.adagrad(**kw), fused=True)
+    opt_g.load_state_dict(copy.deepcopy(opt_t.state_dict()))  # a checkpoint: torch's own buffers stay torch's
+    _adagrad_train(m_t, opt_t, batches[10:])
+    _adagrad_train(m_g, opt_g, batches[10:])
+    for a, b in zip(m_t.parameters(), m_g.parameters()):
+        assert torch.equal(a, b)
+
+
+@needs("cpu_fused_adagrad")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_adagrad_low_precision_is_lowered_as_torch(dtype):
+    """torch's CPU kernel takes float16/bfloat16 (computing in float32): the lowering takes them
+    (fused=True) and equals torch.optim.Adagrad(fused=True) bitwise."""
+    batches = _adagrad_batches(dtype, 10)
+    m_t, m_g = _adagrad_model(dtype), _adagrad_model(dtype)
+    opt_t = torch.optim.Adagrad(m_t.parameters(), fused=True, lr=1e-2, lr_decay=1e-2, weight_decay=1e-2)
+    opt_g = gx.Optimizer(m_g.parameters(), gx.adagrad(1e-2, lr_decay=1e-2, weight_decay=1e-2), fused=True)
+    _adagrad_train(m_t, opt_t, batches)
+    _adagrad_train(m_g, opt_g, batches)
+    for a, b in zip(m_t.parameters(), m_g.parameters()):
+        assert torch.equal(a, b)
+
+
+@needs("cpu_fused_adagrad")
+def test_fused_adagrad_lowering_is_refused_for_non_contiguous_params():
+    """A strided view param: the lowering names it (fused=True raises) and the default path runs
+    the generic update, equal to torch's single-tensor Adagrad, the buffer's other half intact."""
+    base = torch.zeros(4, 3, 2)
+    w = nn.Parameter(base[..., 0])
+    ref = nn.Parameter(torch.zeros(4, 3))
+    with pytest.raises(RuntimeError, match="not contiguous"):
+        w.grad = torch.ones(4, 3)
+        gx.Optimizer([w], gx.adagrad(0.1, lr_decay=0.1), fused=True).step()
+    opt = gx.Optimizer([w], gx.adagrad(0.1, lr_decay=0.1))
+    opt_t = torch.optim.Adagrad([ref], lr=0.1, lr_decay=0.1, foreach=False)
+    for k in range(3):
+        w.grad = torch.full((4, 3), 1.0 + k)
+        ref.grad = torch.full((4, 3), 1.0 + k)
+        opt.step()
+        opt_t.step()
+    torch.testing.assert_close(w.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(base[..., 1], torch.zeros(4, 3))
+
+
+@needs("cpu_fused_adagrad")
+def test_fused_adagrad_lowering_is_refused_for_sparse_gradients():
+    """torch's fused Adagrad rejects sparse gradients; so does the lowering, and gx.adagrad's
+    generic path refuses them with the adapter's clear message (it takes dense gradients only)."""
+    emb = nn.Embedding(5, 3, sparse=True)
+    emb(torch.tensor([0, 2])).sum().backward()
+    lowering = gx.fastpath.lowering_of(gx.adagrad(0.1))
+    state = gx.adagrad(0.1).init([emb.weight.detach()])
+    assert "sparse" in lowering.unsupported([emb.weight], [emb.weight.grad], state)
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        gx.Optimizer(emb.parameters(), gx.adagrad(0.1)).step()
+
+
+@needs("cpu_fused_adagrad")
+@pytest.mark.parametrize("rule", ["leaf_norm", "coordinate", "global_norm"])
+def test_clipped_adagrad_is_lowered_only_with_a_global_factor(rule):
+    """chain(clip, adagrad): a per-leaf or elementwise clip is not covered by the lowering
+    (fused=True raises; the default path runs the generic update, bitwise equal to fused=False);
+    a global-norm clip is (its factor scales the gradients the kernel reads): fused=True runs,
+    equal to the generic path to rounding, state included."""
+    clip = {"leaf_norm": lambda: gx.clip_by_leaf_norm(0.02), "coordinate": lambda: gx.clip(0.01),
+            "global_norm": lambda: gx.clip_by_global_norm(0.05)}[rule]
+    make = lambda: gx.chain(clip(), gx.adagrad(5e-2, lr_decay=1e-2, weight_decay=1e-2))  # noqa: E731
+    lowered = rule == "global_norm"
+    assert (gx.fastpath.lowering_of(make()) is not None) == lowered
+    if not lowered:
+        with pytest.raises(RuntimeError, match="no fused lowering"):
+            _lowered_and_generic(make, 1, lowered_fused=True)
+        models, opts = _lowered_and_generic(make, 25)
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.equal(a, b)
+    else:
+        _assert_same_params_and_state(*_lowered_and_generic(make, 25, lowered_fused=True))
+
+
+def test_adagrad_without_the_kernel_in_torch_takes_the_generic_path(monkeypatch):
+    """A torch without ``torch._fused_adagrad_`` (torch 2.1): the capability check, given a torch
+    namespace that lacks it, says so; with the op removed from ``torch`` the adapter's default
+    path runs the generic update (the op cannot be called: it is gone), equal to torch.optim's
+    foreach Adagrad, and fused=True names the reason."""
+    import types
+
+    assert not gx.fastpath.kernel_supported("_fused_adagrad_", "cpu", ops=types.SimpleNamespace())
+    lowering = gx.fastpath.lowering_of(gx.adagrad(0.1))
+    w = torch.zeros(3)
+    why = lowering.unsupported([w], [torch.ones(3)], gx.adagrad(0.1).init([w]), ops=types.SimpleNamespace())
+    assert why is not None and "_fused_adagrad_ does not run on cpu" in why
+    if hasattr(torch, "_fused_adagrad_"):
+        monkeypatch.delattr(torch, "_fused_adagrad_")
+    kw = ADAGRAD_CASES["all_options"]
+    batches = _adagrad_batches(torch.float64, 20)
+    m_t, m_g = _adagrad_model(torch.float64), _adagrad_model(torch.float64)
+    opt_t = torch.optim.Adagrad(m_t.parameters(), foreach=True, **kw)
+    opt_g = gx.Optimizer(m_g.parameters(), gx.adagrad(**kw))
+    _adagrad_train(m_t, opt_t, batches)
+    _adagrad_train(m_g, opt_g, batches)
+    for a, b in zip(m_t.parameters(), m_g.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="_fused_adagrad_ does not run on cpu"):
+        gx.Optimizer(m_g.parameters(), gx.adagrad(**kw), fused=True).step()

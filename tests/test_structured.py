@@ -193,6 +193,46 @@ def test_adafactor_torch_state_dict_loads_into_twin():
     _torch_state_dict_into_twin(gx.adafactor, torch.optim.Adafactor, {"weight_decay": 0.1}, _all)
 
 
+ADAFACTOR_EPS = ADAFACTOR + [{"eps": (1e-30, 1e-2), "weight_decay": 0.1}, {"eps": (None, 0.0), "lr": 0.05}]
+
+
+@needs_optional_keys
+@pytest.mark.parametrize("kw", ADAFACTOR_EPS, ids=_ids(ADAFACTOR_EPS))
+def test_adafactor_twin_state_dict_loads_into_torch(kw):
+    """gx.Optimizer's Adafactor group keeps torch's ``eps`` pair (torch's step reads
+    ``eps1, eps2 = group["eps"]``): its state dict, saved and loaded mid-run, loads into
+    torch.optim.Adafactor (built with torch's defaults, so every value comes from the state dict)
+    and continues equal to the twin it came from (float64); the group has every key of torch's."""
+    model_g, model_t = make_model(), make_model()
+    opt_g = gx.Optimizer(_all(model_g), gx.adafactor(**_fresh(kw)))
+    torch_steps(model_g, opt_g, range(10))
+    ref = torch.optim.Adafactor(_all(make_model()), **_fresh(kw))
+    assert set(ref.param_groups[0]) <= set(opt_g.param_groups[0])  # every key torch's step reads
+    assert opt_g.param_groups[0]["eps"] == tuple(kw.get("eps", (None, 1e-3)))
+    model_t.load_state_dict(model_g.state_dict())
+    opt_t = torch.optim.Adafactor(_all(model_t))
+    opt_t.load_state_dict(saved_and_loaded(opt_g.state_dict()))
+    assert opt_t.param_groups[0]["eps"] == tuple(kw.get("eps", (None, 1e-3)))
+    torch_steps(model_g, opt_g, range(10, 20))
+    torch_steps(model_t, opt_t, range(10, 20))
+    assert_params(list(model_t.parameters()), list(model_g.parameters()), what="torch after loading gx's state dict")
+
+
+@needs_optional_keys
+def test_adafactor_group_eps_change_rebuilds_the_twin_as_torch():
+    """Setting ``group["eps"]`` mid-run changes the rule as it does in torch.optim.Adafactor."""
+    model_g, model_t = make_model(), make_model()
+    opt_g = gx.Optimizer(_all(model_g), gx.adafactor(weight_decay=0.1))
+    opt_t = torch.optim.Adafactor(_all(model_t), weight_decay=0.1)
+    torch_steps(model_g, opt_g, range(5))
+    torch_steps(model_t, opt_t, range(5))
+    for opt in (opt_g, opt_t):
+        opt.param_groups[0]["eps"] = (1e-20, 2.0)  # eps2 above rms(p): the relative step changes
+    torch_steps(model_g, opt_g, range(5, 10))
+    torch_steps(model_t, opt_t, range(5, 10))
+    assert_params(list(model_g.parameters()), list(model_t.parameters()), what="after changing group eps")
+
+
 def test_factored_rms_keeps_row_and_column_statistics_only():
     """A (300, 200) leaf keeps 300 + 200 numbers, and the block's output is Adafactor's
     preconditioned gradient (checked against the formula on the first step: v_hat = g^2 row/col
@@ -516,6 +556,69 @@ def test_lbfgs_state_dicts_load_both_ways_mid_run_and_continue_equal(kw):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-10 * scale)
     for a, b in zip(twins["gx<-gx"][0], pg):
         assert torch.equal(a, b), "the resumed gx twin differs from the uninterrupted one"
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_lbfgs_moves_a_param_without_a_gradient_as_torch(line_search_fn):
+    """torch.optim.LBFGS reads a missing ``.grad`` as zeros and moves every param along the flat
+    direction: a param that gets a gradient on even steps only (none on odd ones) moves on the
+    odd steps too (the history carries its curvature), and one that never gets a gradient stays.
+    The gx twin through gx.Optimizer equals torch to 1e-10 over 20 steps (float64)."""
+    kw = dict(max_iter=5, history_size=4, line_search_fn=line_search_fn)
+
+    def run(kind):
+        w = torch.full((6,), 0.1, dtype=F64, requires_grad=True)
+        b = torch.full((2,), 0.3, dtype=F64, requires_grad=True)  # a gradient on even steps only
+        c = torch.full((3,), 0.7, dtype=F64, requires_grad=True)  # never a gradient
+        ps = [b, w, c]  # params[0] (where the state lives) without a gradient on odd steps
+        opt = torch.optim.LBFGS(ps, **kw) if kind == "torch" else gx.Optimizer(ps, gx.lbfgs(**kw))
+        moved_without_grad = []
+        for k in range(20):
+            def closure(k=k):
+                opt.zero_grad()
+                loss = _quadratic(w, b[:1]) if k % 2 == 0 else 0.5 * w @ _Q @ w - _B @ w
+                loss.backward()
+                return loss
+
+            before = b.detach().clone()
+            if kind == "torch":
+                opt.step(closure)
+            else:
+                opt.step(closure, value_and_grad_fn=gx.value_and_grad_from_closure(ps, closure))
+            if k % 2 == 1:
+                assert b.grad is None
+                moved_without_grad.append(not torch.equal(before, b.detach()))
+        return [p.detach() for p in ps], moved_without_grad, opt.state[ps[0]]
+
+    (pt, moved_t, st), (pg, moved_g, sg) = run("torch"), run("gx")
+    assert any(moved_t), "the case must exercise torch moving a param without a gradient"
+    assert moved_g == moved_t
+    for a, b in zip(pg, pt):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.equal(pg[2], torch.full((3,), 0.7, dtype=F64))
+    assert (sg["func_evals"], sg["n_iter"]) == (st["func_evals"], st["n_iter"])
+
+
+def test_lbfgs_counts_a_step_without_any_gradient_as_torch():
+    """No param has a gradient: torch still evaluates the closure and counts it (func_evals) and
+    leaves the params; so does the twin."""
+    states = []
+    for kind in ("torch", "gx"):
+        w = torch.ones(3, dtype=F64, requires_grad=True)
+        opt = torch.optim.LBFGS([w]) if kind == "torch" else gx.Optimizer([w], gx.lbfgs())
+
+        def closure(opt=opt):
+            opt.zero_grad()
+            return torch.tensor(1.0, dtype=F64)
+
+        for _ in range(2):
+            if kind == "torch":
+                opt.step(closure)
+            else:
+                opt.step(closure, value_and_grad_fn=gx.value_and_grad_from_closure([w], closure))
+        assert torch.equal(w.detach(), torch.ones(3, dtype=F64))
+        states.append((opt.state[w]["func_evals"], opt.state[w]["n_iter"]))
+    assert states[0] == states[1] == (2, 0)
 
 
 def test_lbfgs_refuses_a_longer_history_than_it_keeps():
