@@ -57,7 +57,7 @@ from . import fastpath as _fastpath
 from . import statemap as _sm
 from .statemap import _real
 from . import tree as _tree
-from .base import GradientTransformation, Ownership, call_update
+from .base import GradientTransformation, Ownership, call_apply, call_update
 
 __all__ = ["Optimizer"]
 
@@ -297,7 +297,10 @@ class Optimizer(torch.optim.Optimizer):
         own = Ownership(state=owned, protected=frozenset(id(g) for g in user + [g for g in grads if g is not None]),
                         updates=owned)
         try:
-            updates, state = call_update(tx, grads, state, ps, own, **_group_extras(extra_args, group["params"]))
+            # owned: a transform that declares it adds its last term into the params itself
+            # (`call_apply`: None returned there), as torch.optim's final addcdiv_ into the params
+            updates, state = (call_apply if owned else call_update)(tx, grads, state, ps, own,
+                                                                    **_group_extras(extra_args, group["params"]))
         except TypeError as e:  # an extra argument missing or unknown: say how to give it here
             if "update(updates, state, params, " not in str(e):
                 raise
