@@ -49,6 +49,7 @@ __all__ = [
     "owned_transform",
     "recorded",
     "update_in_place",
+    "call_apply",
 ]
 
 Params = Any

@@ -34,7 +34,10 @@ How it maps onto torch.optim:
 - **Ownership.** The adapter owns the state, so it calls each transform's owned update
   (`gradxform.base.update_in_place` semantics): transforms that declare one write their new
   state into the old buffers. The user's ``.grad`` is never written on the generic path.
-  Transforms made from user functions are called purely.
+  Transforms made from user functions are called purely. A transform that declares an
+  ``owned_apply`` (`gradxform.base.call_apply`: RMSprop, Adamax, NAdam, RAdam) adds its last
+  term into the params itself, as torch.optim's last ``addcdiv_`` does, with the rounding of
+  ``p + u``; the adapter adds the updates of every other transform.
 - **Fast paths.** A group whose transform declares a lowering (`gradxform.fastpath`: ``gx.adam``,
   ``gx.adamw``, ``gx.sgd`` with constant hyperparameters, optionally after a global-norm clip rule)
   runs on torch's fused kernel when every precondition holds for the step (device in torch's
