@@ -330,14 +330,23 @@ def _rss_tx(initial_accumulator_value: float, eps: Any, lr_decay: Any, eps_in_sq
                 ks = [-k for k in ks]
             out = _scaled_div(g, denom, ks, g if _owned_out(flat, own) else denom)
         else:
+            factors: list[Any] | None = None
             if not no_decay:
                 ts = _host_steps(counts)
                 if ts is not None:
-                    factors: list[Any] = [1.0 + (t - 1) * decay for t in ts]
+                    factors = [1.0 + (t - 1) * decay for t in ts]
                 else:
-                    factors = _realized([1.0 + (t - 1.0) * decay for t in _f64(counts)])
-                denom = _each("mul", denom, factors, True)
-            out = _scaled(list(_fe.div(g, denom)), neg_lr, True)
+                    factors = [1.0 + (t - 1.0) * decay for t in _f64(counts)]
+            if neg_lr is not None:
+                # torch's form (-clr g) / denom, clr = lr / (1 + (t - 1) lr_decay) a per-leaf 0-d
+                # factor: one product and one quotient per element (a compiled step otherwise
+                # multiplies the denominator by the decay factor, then the quotient by -lr)
+                ks = [neg_lr] * len(g) if factors is None else _realized([neg_lr / f for f in factors])
+                out = list(_fe.div(_each("mul", g, ks, False), denom))
+            else:
+                if factors is not None:
+                    denom = _each("mul", denom, _realized(factors), True)
+                out = list(_fe.div(g, denom))
         new_state = ScaleByRssState(flat.rebuild(counts, like=state.count), flat.rebuild(s, like=state.sum_of_squares))
         return flat.rebuild(out), new_state
 

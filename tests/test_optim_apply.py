@@ -6,7 +6,7 @@ Checked here: the numbers are bit for bit those of the owned update followed by 
 adapter's path before), on leaves below and above NAdam's chunk, in float32 and float64, with two
 threads; only transforms that declare it take it (a chain ending in another block, a masked
 alias); the params-sized tensors a step writes are at most torch.optim's; NAdam's numerator is
-no params-sized temporary.
+no params-sized temporary. And Adagrad's all-tensor (compiled) path scales the gradient once.
 """
 
 from __future__ import annotations
@@ -193,3 +193,42 @@ def test_nadam_makes_one_params_sized_temporary():
         allocated.append(sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages()))
     temporaries = min(allocated) / sum(p.numel() * p.element_size() for p in ps)
     assert temporaries <= 1.3, temporaries
+
+
+class _ParamsSizedOps(TorchDispatchMode):
+    """The names of the ops that make or write a params-sized tensor, in call order."""
+
+    def __init__(self, numels: set[int]) -> None:
+        super().__init__()
+        self.numels = numels
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.numel() in self.numels for t in tree_flatten(out)[0]):
+            self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize("lr_decay", [0.0, 1e-3])
+def test_traced_adagrad_scales_the_gradient_once_as_torch(lr_decay):
+    """The all-tensor path (torch.compile, torch.func) forms torch's ``(-clr g) / denom``: one
+    product and one quotient per element. Before, the denominator was multiplied by the lr-decay
+    factor (a 0-d tensor under inject_hyperparams even at 0) and the quotient by ``-lr``: one
+    product more in every compiled element loop. Checked under ``differentiable`` (the same
+    path as a trace), values against the eager step."""
+    from gradxform import tree as _tree
+
+    ps = [torch.randn(40, 30, dtype=torch.float64), torch.randn(30, dtype=torch.float64)]
+    grads = [[torch.randn_like(p) for p in ps] for _ in range(2)]
+    tx = gx.adagrad(1e-2, lr_decay=lr_decay)
+    state = tx.init(ps)
+    _, state = tx.update(grads[0], state, ps)
+    eager, _ = tx.update(grads[1], state, ps)
+    mode = _ParamsSizedOps({p.numel() for p in ps})
+    with _tree.differentiable(), mode:
+        traced, _ = tx.update(grads[1], state, ps)
+    for a, b in zip(traced, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    per_leaf = {op: mode.ops.count(op) / len(ps) for op in set(mode.ops)}
+    assert per_leaf.get("mul", 0) == 1 and per_leaf.get("div", 0) == 1, per_leaf
