@@ -49,6 +49,7 @@ __all__ = [
     "owned_transform",
     "recorded",
     "update_in_place",
+    "call_apply",
 ]
 
 Params = Any
@@ -170,12 +171,19 @@ class TransformInfo(NamedTuple):
             changes a structural option (``maximize``, ``amsgrad``, ...).
         fast_path: a fused lowering (`gradxform.fastpath.FastPath`) or ``None``.
         members: the members of a `chain`.
+        owned_apply: ``owned_apply(updates, state, params, own, **extra)``, the owned update for
+            a caller that adds the updates to ``params`` in place right after (as
+            `gradxform.Optimizer` does): it may add a leaf's update into its param itself, with
+            the rounding of ``param + update``, and return ``None`` there (one pass over memory
+            less, as torch.optim's final ``addcdiv_`` into the params); the caller adds the
+            leaves it returns. See `call_apply`.
     """
 
     owned_update: Callable[..., tuple[Updates, State]] | None = None
     recipe: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None = None
     fast_path: Any = None
     members: tuple["GradientTransformation", ...] | None = None
+    owned_apply: Callable[..., tuple[Updates, State]] | None = None
 
 
 _NO_INFO = TransformInfo()
@@ -326,6 +334,53 @@ def call_update(tx: "GradientTransformation", updates: Updates, state: State, pa
     if owned is None or own is PURE:
         return tx.update(updates, state, params, **extra)
     return owned(updates, state, params, own, **extra)
+
+
+def call_apply(tx: "GradientTransformation", updates: Updates, state: State, params: Params, own: Ownership,
+               **extra: Any) -> tuple[Updates, State]:
+    """The owned update of a caller that then adds the returned updates to ``params`` in place.
+
+    ``p <- p + u`` for every leaf, in two parts: a transform that declares ``owned_apply``
+    (a `chain` whose last member does, `gradxform.inject_hyperparams` around one, the
+    catalog's blocks with the learning rate folded in) adds some leaves' updates into ``params``
+    itself, with exactly the rounding of ``p + u``, and returns ``None`` for them; the caller
+    adds the rest. Any other transform runs its owned update (`call_update`) and every leaf is
+    returned. Only for a caller that owns ``params`` and the state (``own.state``).
+
+    Args:
+        tx: the transform.
+        updates: the incoming updates (e.g. gradients).
+        state: the state (owned by the caller).
+        params: the params (written in place).
+        own: what the caller owns (`Ownership`).
+        **extra: extra arguments of ``tx.update``.
+
+    Returns:
+        ``(updates, new_state)``: ``updates`` mirrors the params, ``None`` at leaves already
+        added into their param (and at leaves the update leaves out).
+
+    Raises:
+        ValueError: ``own`` does not grant the state (the call would write the params of a pure
+            update).
+
+    References:
+        torch.optim's ``foreach`` steps end in one ``addcdiv_``/``add_`` into the params
+        (https://pytorch.org/docs/stable/optim.html, "Algorithms").
+
+    Example:
+        >>> from gradxform.base import Ownership, call_apply
+        >>> tx = gx.rmsprop(1e-2)
+        >>> p, g = [torch.ones(2)], [torch.tensor([1.0, -1.0])]
+        >>> u, state = call_apply(tx, g, tx.init(p), p, Ownership(state=True, updates=True))
+        >>> u, p[0]
+        ([None], tensor([0.9000, 1.1000]))
+    """
+    if not own.state:
+        raise ValueError("call_apply() writes the params: give it an Ownership that owns the state")
+    fn = info_of(tx).owned_apply
+    if fn is None:
+        return call_update(tx, updates, state, params, own, **extra)
+    return fn(updates, state, params, own, **extra)
 
 
 def update_in_place(tx: "GradientTransformation", updates: Updates, state: State, params: Params | None = None, *,
@@ -683,8 +738,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         _tree.check_tree_root(params)  # before a member consumes a generator
         return tuple(tx.init(params) for tx in members)
 
-    def owned_update(updates: Updates, state: tuple[Any, ...], params: Params | None, own: Ownership,
-                     **extra: Any) -> tuple[Updates, tuple[Any, ...]]:
+    last_apply = info_of(members[-1]).owned_apply if members else None
+
+    def run(updates: Updates, state: tuple[Any, ...], params: Params | None, own: Ownership, apply: bool,
+            extra: dict[str, Any]) -> tuple[Updates, tuple[Any, ...]]:
         if not isinstance(state, tuple) or len(state) != len(members):
             got = "None" if state is None else f"{type(state).__name__} of length {len(state) if isinstance(state, tuple) else '?'}"
             raise ValueError(
@@ -694,7 +751,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if not union.accepts_any:
             check_extra(union_check, extra, "chain")
         new_states = []
-        for tx, s, spec, fn in zip(members, state, specs, owned_fns):
+        for i, (tx, s, spec, fn) in enumerate(zip(members, state, specs, owned_fns)):
             kwargs = select_extra(spec, extra)
             missing = sorted(k for k in spec.required if k not in kwargs)
             if missing:
@@ -702,12 +759,22 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                     f"{transform_name(tx)} (in chain) needs the extra argument {missing[0]!r}, which was not given "
                     f"to update(); pass it as update(updates, state, params, {missing[0]}=...)"
                 )
-            if fn is None or own is PURE:
+            if apply and i == len(members) - 1:  # the last member adds its update into the params
+                updates, s = last_apply(updates, s, params, own, **kwargs)  # type: ignore[misc]
+            elif fn is None or own is PURE:
                 updates, s = tx.update(updates, s, params, **kwargs)
             else:
                 updates, s = fn(updates, s, params, own, **kwargs)
             new_states.append(s)
         return updates, tuple(new_states)
+
+    def owned_update(updates: Updates, state: tuple[Any, ...], params: Params | None, own: Ownership,
+                     **extra: Any) -> tuple[Updates, tuple[Any, ...]]:
+        return run(updates, state, params, own, False, extra)
+
+    def owned_apply(updates: Updates, state: tuple[Any, ...], params: Params, own: Ownership,
+                    **extra: Any) -> tuple[Updates, tuple[Any, ...]]:
+        return run(updates, state, params, own, True, extra)
 
     def update(updates: Updates, state: tuple[Any, ...], params: Params | None = None, **extra: Any) -> tuple[Updates, tuple[Any, ...]]:
         return owned_update(updates, state, params, PURE, **extra)
@@ -717,7 +784,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     if all(info_of(m).recipe is not None for m in members):
         recipe = (chain, tuple(members), {})
     return declare(GradientTransformation(init, update), owned_update=owned_update, members=tuple(members),
-                   recipe=recipe)
+                   recipe=recipe, owned_apply=owned_apply if last_apply is not None else None)
 
 
 def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) -> Params:

@@ -22,7 +22,10 @@ from . import _foreach as _fe
 from . import tree as _tree
 from .base import (
     Ownership,
+    call_apply,
     call_update,
+    declare,
+    info_of,
     owned_transform,
     recorded,
     ExtraArgs,
@@ -365,8 +368,8 @@ def inject_hyperparams(
             hp.update({k: _to_state_value(s(0)) for k, s in schedules.items()})
             return InjectHyperparamsState(torch.zeros((), dtype=torch.int64), hp, build(hp).init(params))
 
-        def owned_update(updates: Updates, state: InjectHyperparamsState, params: Params | None, own: Ownership,
-                         **extra: Any) -> tuple[Updates, InjectHyperparamsState]:
+        def run(call: Callable[..., Any], updates: Updates, state: InjectHyperparamsState, params: Params | None,
+                own: Ownership, extra: dict[str, Any]) -> tuple[Updates, InjectHyperparamsState]:
             expect_state(state, InjectHyperparamsState, f"inject_hyperparams({name_of})")
             # One new dict, not a copy mutated key by key: dynamo before torch 2.13 loses such
             # mutations of a local dict at a graph break (the schedule's value was dropped).
@@ -374,10 +377,20 @@ def inject_hyperparams(
             missing = [k for k in (*numeric, *schedules) if k not in hp]
             if missing:
                 raise KeyError(f"state.hyperparams lacks {sorted(missing)}: the state was not made by this transform's init")
-            new_u, new_inner = call_update(build(hp), updates, state.inner_state, params, own, **extra)
+            new_u, new_inner = call(build(hp), updates, state.inner_state, params, own, **extra)
             return new_u, InjectHyperparamsState(state.count + 1, hp, new_inner)
 
-        return owned_transform(init, owned_update, extra_args_of(probe))
+        def owned_update(updates: Updates, state: InjectHyperparamsState, params: Params | None, own: Ownership,
+                         **extra: Any) -> tuple[Updates, InjectHyperparamsState]:
+            return run(call_update, updates, state, params, own, extra)
+
+        def owned_apply(updates: Updates, state: InjectHyperparamsState, params: Params, own: Ownership,
+                        **extra: Any) -> tuple[Updates, InjectHyperparamsState]:
+            return run(call_apply, updates, state, params, own, extra)
+
+        tx = owned_transform(init, owned_update, extra_args_of(probe))
+        # the inner transform adds its updates into the params itself where it can (`call_apply`)
+        return declare(tx, owned_apply=owned_apply) if info_of(probe).owned_apply is not None else tx
 
     return wrapped
 

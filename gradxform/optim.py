@@ -34,7 +34,10 @@ How it maps onto torch.optim:
 - **Ownership.** The adapter owns the state, so it calls each transform's owned update
   (`gradxform.base.update_in_place` semantics): transforms that declare one write their new
   state into the old buffers. The user's ``.grad`` is never written on the generic path.
-  Transforms made from user functions are called purely.
+  Transforms made from user functions are called purely. A transform that declares an
+  ``owned_apply`` (`gradxform.base.call_apply`: RMSprop, Adamax, NAdam, RAdam) adds its last
+  term into the params itself, as torch.optim's last ``addcdiv_`` does, with the rounding of
+  ``p + u``; the adapter adds the updates of every other transform.
 - **Fast paths.** A group whose transform declares a lowering (`gradxform.fastpath`: ``gx.adam``,
   ``gx.adamw``, ``gx.sgd``, ``gx.adagrad`` with constant hyperparameters, optionally after a global-norm clip rule)
   runs on torch's fused kernel when every precondition holds for the step (device in torch's
@@ -60,7 +63,7 @@ from . import fastpath as _fastpath
 from . import statemap as _sm
 from .statemap import _real
 from . import tree as _tree
-from .base import GradientTransformation, Ownership, call_update
+from .base import GradientTransformation, Ownership, call_apply, call_update
 
 __all__ = ["Optimizer"]
 
@@ -313,7 +316,10 @@ class Optimizer(torch.optim.Optimizer):
         own = Ownership(state=owned, protected=frozenset(id(g) for g in user + [g for g in grads if g is not None]),
                         updates=owned)
         try:
-            updates, state = call_update(tx, grads, state, ps, own, **_group_extras(extra_args, group["params"]))
+            # owned: a transform that declares it adds its last term into the params itself
+            # (`call_apply`: None returned there), as torch.optim's final addcdiv_ into the params
+            updates, state = (call_apply if owned else call_update)(tx, grads, state, ps, own,
+                                                                    **_group_extras(extra_args, group["params"]))
         except TypeError as e:  # an extra argument missing or unknown: say how to give it here
             if "update(updates, state, params, " not in str(e):
                 raise

@@ -28,7 +28,8 @@ import torch
 from . import _foreach as _fe
 from . import tree as _tree
 from .alias import _check_betas, _nonzero, _scalar_lr
-from .base import GradientTransformation, Ownership, Params, Updates, chain, expect_state, owned_transform, recorded
+from .base import (GradientTransformation, Ownership, Params, Updates, chain, declare, expect_state, owned_transform,
+                   recorded)
 from .combine import inject_hyperparams
 from .fastpath import AdagradKernel, declare_kernel
 from .transforms import (
@@ -157,6 +158,78 @@ def _scaled_div(a: list[torch.Tensor], b: list[torch.Tensor], ks: list[float],
     return out
 
 
+def _apply_params(flat: _Flat, params: Params | None, xs: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The live leaves of ``params`` when the update can be added into them here (`call_apply`):
+    each shaped, typed and placed as its update ``xs``; else ``None`` (the caller adds it)."""
+    if params is None:
+        return None
+    leaves = _tree.tree_flatten(params)[0]
+    if len(leaves) != len(flat.leaves):
+        return None
+    ps = [leaves[i] for i in flat.idx]
+    if any(p is None or p.shape != x.shape or p.dtype != x.dtype or p.device != x.device for p, x in zip(ps, xs)):
+        return None
+    return ps
+
+
+def _add_scaled_div(ps: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor],
+                    ks: list[float]) -> list[None]:
+    """``p <- p + k_i a_i / b_i`` in one pass (torch.optim's final ``addcdiv_``): bitwise
+    ``p + u`` with ``u`` from `_scaled_div` (``addcdiv`` rounds ``(k a) / b`` then adds it). The
+    updates returned for these leaves: ``None`` (added)."""
+    torch._foreach_addcdiv_(ps, a, b, ks)
+    return [None] * len(ps)
+
+
+_CHUNK = 1 << 18  # elements: a 1 MiB float32 scratch that stays in cache between its two passes
+
+
+def _sum_div(ps: list[torch.Tensor] | None, a: list[torch.Tensor], b: list[torch.Tensor], rs: list[float],
+             d: list[torch.Tensor], ks: list[float]) -> list[Any]:
+    """``u = k_i (a_i + r_i b_i) / d_i`` (NAdam's two terms) without a params-sized numerator:
+    it is made one ``_CHUNK`` at a time in one small scratch buffer (the same elementwise kernels
+    on the same elements, so the same numbers as ``_scaled_div(a + r b, d, ks, d)``). With params
+    ``ps``: ``p <- p + u`` (`call_apply`, the rounding of ``p + u``), ``None`` returned; else ``u``
+    is written into ``d`` (private to the caller) and returned."""
+    scratch: torch.Tensor | None = None
+    zero = None
+    for i, (x, y, r, dd, k) in enumerate(zip(a, b, rs, d, ks)):
+        p = None if ps is None else ps[i]
+        n = x.numel()
+        if n <= _CHUNK or not all(t.is_contiguous() for t in (x, y, dd) + (() if p is None else (p,))):
+            views = [(x, y, dd, p, None)]
+        else:
+            if scratch is None or scratch.dtype != x.dtype or scratch.device != x.device:
+                scratch = torch.empty(_CHUNK, dtype=x.dtype, device=x.device)
+            xf, yf, df = x.view(-1), y.view(-1), dd.view(-1)
+            pf = None if p is None else p.view(-1)
+            views = [(xf[lo:lo + _CHUNK], yf[lo:lo + _CHUNK], df[lo:lo + _CHUNK],
+                      None if pf is None else pf[lo:lo + _CHUNK], scratch[:min(_CHUNK, n - lo)]) for lo in range(0, n, _CHUNK)]
+        for xc, yc, dc, pc, sc in views:
+            num = torch.add(xc, yc, alpha=r) if sc is None else torch.add(xc, yc, alpha=r, out=sc)
+            if pc is not None:
+                pc.addcdiv_(num, dc, value=k)
+            elif k == 1.0:
+                torch.div(num, dc, out=dc)
+            else:
+                zero = _zero(dc) if zero is None or zero.dtype != dc.dtype else zero
+                torch.addcdiv(zero, num, dc, value=k, out=dc)
+    return [None] * len(a) if ps is not None else d
+
+
+def _with_apply(init: Any, step: Any) -> GradientTransformation:
+    """``owned_transform`` from ``step(updates, state, params, own, apply)``, declaring
+    ``owned_apply`` (`gradxform.base.call_apply`): ``step`` with ``apply=True`` may add its last
+    term into the params and return ``None`` there."""
+    def owned_update(updates: Updates, state: Any, params: Params | None, own: Ownership) -> tuple[Updates, Any]:
+        return step(updates, state, params, own, False)
+
+    def owned_apply(updates: Updates, state: Any, params: Params, own: Ownership) -> tuple[Updates, Any]:
+        return step(updates, state, params, own, True)
+
+    return declare(owned_transform(init, owned_update), owned_apply=owned_apply)
+
+
 def _scaled(xs: list[torch.Tensor], k: Any, inplace: bool) -> list[torch.Tensor]:
     """``k x`` (the traced paths' unfolded learning-rate step); ``k`` ``None``: ``xs`` unchanged."""
     if k is None:
@@ -258,14 +331,23 @@ def _rss_tx(initial_accumulator_value: float, eps: Any, lr_decay: Any, eps_in_sq
                 ks = [-k for k in ks]
             out = _scaled_div(g, denom, ks, g if _owned_out(flat, own) else denom)
         else:
+            factors: list[Any] | None = None
             if not no_decay:
                 ts = _host_steps(counts)
                 if ts is not None:
-                    factors: list[Any] = [1.0 + (t - 1) * decay for t in ts]
+                    factors = [1.0 + (t - 1) * decay for t in ts]
                 else:
-                    factors = _realized([1.0 + (t - 1.0) * decay for t in _f64(counts)])
-                denom = _each("mul", denom, factors, True)
-            out = _scaled(list(_fe.div(g, denom)), neg_lr, True)
+                    factors = [1.0 + (t - 1.0) * decay for t in _f64(counts)]
+            if neg_lr is not None:
+                # torch's form (-clr g) / denom, clr = lr / (1 + (t - 1) lr_decay) a per-leaf 0-d
+                # factor: one product and one quotient per element (a compiled step otherwise
+                # multiplies the denominator by the decay factor, then the quotient by -lr)
+                ks = [neg_lr] * len(g) if factors is None else _realized([neg_lr / f for f in factors])
+                out = list(_fe.div(_each("mul", g, ks, False), denom))
+            else:
+                if factors is not None:
+                    denom = _each("mul", denom, _realized(factors), True)
+                out = list(_fe.div(g, denom))
         new_state = ScaleByRssState(flat.rebuild(counts, like=state.count), flat.rebuild(s, like=state.sum_of_squares))
         return flat.rebuild(out), new_state
 
@@ -428,9 +510,8 @@ def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
         zeros = _tree.tree_zeros_like
         return ScaleByAdamaxState(_leaf_counts(params), zeros(params), zeros(params))
 
-    def owned_update(updates: Updates, state: ScaleByAdamaxState, params: Params | None,
-                     own: Ownership) -> tuple[Updates, ScaleByAdamaxState]:
-        del params
+    def step(updates: Updates, state: ScaleByAdamaxState, params: Params | None,
+             own: Ownership, apply: bool) -> tuple[Updates, ScaleByAdamaxState]:
         expect_state(state, ScaleByAdamaxState, "scale_by_adamax")
         flat = _Flat(updates)
         if not flat.live:
@@ -457,7 +538,10 @@ def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
             # one pass: u = k m / u_t with k = -(lr / (1 - b1^t)) (torch's -clr), into a's buffers
             lr_v = 1.0 if neg_lr is None else -neg_lr
             ks = [lr_v / (1.0 - beta1**t) for t in ts]
-            out = _scaled_div(mu, nu, ks if neg_lr is None else [-k for k in ks], a)
+            ks = ks if neg_lr is None else [-k for k in ks]
+            ps = _apply_params(flat, params, mu) if apply else None
+            # p <- p + k m / u_t: torch's one addcdiv_ into the params, else u into a's buffers
+            out = _add_scaled_div(ps, mu, nu, ks) if ps is not None else _scaled_div(mu, nu, ks, a)
         else:
             if ts is not None:
                 bc: list[Any] = [1.0 - beta1**t for t in ts]
@@ -476,7 +560,7 @@ def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
                                        flat.rebuild(nu, like=state.nu))
         return flat.rebuild(out), new_state
 
-    return owned_transform(init, owned_update)
+    return _with_apply(init, step)
 
 
 # --- NAdam --------------------------------------------------------------------------------------
@@ -549,8 +633,8 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
         return ScaleByNadamState(_leaf_counts(params), zeros(params), zeros(params),
                                  _tree.tree_map(_ones_scalar, params))
 
-    def owned_update(updates: Updates, state: ScaleByNadamState, params: Params | None,
-                     own: Ownership) -> tuple[Updates, ScaleByNadamState]:
+    def step(updates: Updates, state: ScaleByNadamState, params: Params | None,
+             own: Ownership, apply: bool) -> tuple[Updates, ScaleByNadamState]:
         expect_state(state, ScaleByNadamState, "scale_by_nadam")
         flat = _Flat(updates)
         if not flat.live:
@@ -598,13 +682,15 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
             # u = k_g (g + (c_m / c_g) m) / denom, k_g = -lr c_g: two passes (c_g > 0 for beta1 < 1)
             k = 1.0 if neg_lr is None else neg_lr
             mine = _owned_out(flat, own)
+            rs, ks = [cm / cg for cm, cg in zip(c_m, c_g)], [k * cg for cg in c_g]
+            # (with NAdamW's decay the update is u + k wd p: added by the caller, same rounding)
+            ps = _apply_params(flat, params, g) if apply and wd is None else None
             if mine:
-                for x, m, r in zip(g, mu, [cm / cg for cm, cg in zip(c_m, c_g)]):
+                for x, m, r in zip(g, mu, rs):
                     x.add_(m, alpha=r)
-                num = g
-            else:
-                num = [torch.add(x, m, alpha=cm / cg) for x, m, cm, cg in zip(g, mu, c_m, c_g)]
-            out = _scaled_div(num, denom, [k * cg for cg in c_g], denom)
+                out = _add_scaled_div(ps, g, denom, ks) if ps is not None else _scaled_div(g, denom, ks, denom)
+            else:  # p <- p + u (ps given) or u into denom's buffers; no params-sized numerator
+                out = _sum_div(ps, g, mu, rs, denom, ks)
             if wd is not None:
                 _fe.add_(out, p, alpha=k * wd)
         else:
@@ -626,7 +712,7 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
                                       flat.rebuild(new_products, like=state.mu_product))
         return flat.rebuild(out), new_state
 
-    return owned_transform(init, owned_update)
+    return _with_apply(init, step)
 
 
 # --- RAdam --------------------------------------------------------------------------------------
@@ -685,8 +771,8 @@ def _radam_tx(b1: Any, b2: Any, eps: Any, threshold: float, eps_on_debiased: boo
         zeros = _tree.tree_zeros_like
         return ScaleByAdamState(_leaf_counts(params), zeros(params), zeros(params), None)
 
-    def owned_update(updates: Updates, state: ScaleByAdamState, params: Params | None,
-                     own: Ownership) -> tuple[Updates, ScaleByAdamState]:
+    def step(updates: Updates, state: ScaleByAdamState, params: Params | None,
+             own: Ownership, apply: bool) -> tuple[Updates, ScaleByAdamState]:
         expect_state(state, ScaleByAdamState, "scale_by_radam")
         flat = _Flat(updates)
         if not flat.live:
@@ -723,8 +809,12 @@ def _radam_tx(b1: Any, b2: Any, eps: Any, threshold: float, eps_on_debiased: boo
                 denom = _fe.sqrt([nu[i] for i in rect_i])
                 _fe.add_(denom, eps_s)
                 dst = [g[i] for i in rect_i] if mine else denom
-                if host:  # one pass: u = k coef m / denom
-                    _scaled_div([mu[i] for i in rect_i], denom, [k * c for c in coef], dst)
+                mu_r = [mu[i] for i in rect_i]
+                ps = _apply_params(flat, params, g) if apply and host and wd is None else None
+                if ps is not None:  # p <- p + k coef m / denom: one addcdiv_ into the params
+                    dst = _add_scaled_div([ps[i] for i in rect_i], mu_r, denom, [k * c for c in coef])
+                elif host:  # one pass: u = k coef m / denom
+                    _scaled_div(mu_r, denom, [k * c for c in coef], dst)
                 else:
                     for i, d, o in zip(rect_i, denom, dst):
                         torch.div(mu[i], d, out=o)
@@ -766,7 +856,7 @@ def _radam_tx(b1: Any, b2: Any, eps: Any, threshold: float, eps_on_debiased: boo
                                      flat.rebuild(nu, like=state.nu), None)
         return flat.rebuild(out), new_state
 
-    return owned_transform(init, owned_update)
+    return _with_apply(init, step)
 
 
 # --- Rprop --------------------------------------------------------------------------------------
@@ -1385,8 +1475,7 @@ def _rms_step(alpha: Any, eps: Any, centered: bool, momentum: Any, lr: Any) -> G
             return rs
         return (rs, TraceState(_leaf_counts(params), _tree.tree_zeros_like(params)))
 
-    def owned_update(updates: Updates, state: Any, params: Params | None, own: Ownership) -> tuple[Updates, Any]:
-        del params
+    def step(updates: Updates, state: Any, params: Params | None, own: Ownership, apply: bool) -> tuple[Updates, Any]:
         rs, ms = (state, None) if momentum is None else state
         expect_state(rs, ScaleByRmsState, "rmsprop")
         if ms is not None:
@@ -1420,7 +1509,10 @@ def _rms_step(alpha: Any, eps: Any, centered: bool, momentum: Any, lr: Any) -> G
                 out = list(_fe.mul(buf, neg_lr))
             new_ms = TraceState(flat.rebuild(mcounts, like=ms.count), flat.rebuild(buf, like=ms.trace))
         else:
-            if host:  # one pass: u = -lr g / avg
+            ps = _apply_params(flat, params, g) if apply and host else None
+            if ps is not None:  # p <- p - lr g / avg: torch's one addcdiv_ into the params
+                out = _add_scaled_div(ps, g, avg, [neg_lr] * len(g))
+            elif host:  # one pass: u = -lr g / avg
                 out = _scaled_div(g, avg, [neg_lr] * len(g), g if _owned_out(flat, own) else avg)
             else:
                 out = list(_fe.mul(_fe.div(g, avg), neg_lr))
@@ -1429,7 +1521,7 @@ def _rms_step(alpha: Any, eps: Any, centered: bool, momentum: Any, lr: Any) -> G
                                  flat.rebuild(counts, like=rs.count))
         return flat.rebuild(out), (new_rs if ms is None else (new_rs, new_ms))
 
-    return owned_transform(init, owned_update)
+    return _with_apply(init, step)
 
 
 def _rmsprop(lr: Any, alpha: Any, eps: Any, weight_decay: Any, momentum: Any, centered: bool, maximize: bool,
