@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from . import _foreach as _fe
+from . import _owned
 from . import tree as _tree
 from .base import (
     PURE,
@@ -35,7 +36,7 @@ from .base import (
     stateless,
 )
 from .combine import inject_hyperparams
-from .optax_optimizers import _copy_, _dog_norms, _dog_scaled, _reciprocal_, _sqrt_, _sub
+from .optax_optimizers import _copy_, _div_by_root_, _dog_norms, _dog_scaled, _reciprocal_, _sqrt_, _sub
 from .transforms import (
     ScalarOrSchedule,
     _ema,
@@ -122,6 +123,21 @@ def _bufs(flat: _Flat, tree: Any, what: str, own: Ownership) -> list[torch.Tenso
     the caller owns the state, else copies."""
     xs = flat.state_live(tree, what)
     return xs if own.state else [x.clone() for x in xs]
+
+
+def _eager_numbers(*values: Any) -> bool:
+    """Whether an update may take its eager in-place path: outside any trace, with every
+    scalar it needs a Python number (``None``: not needed). That path writes its one
+    params-shaped temporary and the state buffers (copies when the state is not owned) in
+    place, the same operations for the pure and the owned update, so they agree to the bit."""
+    return not _tree.traced() and all(v is None or isinstance(v, (int, float)) for v in values)
+
+
+def _rdiv_(xs: list[torch.Tensor], num: list[torch.Tensor]) -> None:
+    """``x <- num / x`` in place (one pass, the division's own rounding); no foreach kernel
+    divides that way round, so per leaf with ``out=`` (eager path only)."""
+    for x, n in zip(xs, num):
+        torch.div(n, x, out=x)
 
 
 def _sum(xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -905,31 +921,34 @@ def scale_by_ademamix(
 
     def owned_update(updates: Updates, state: ScaleByAdemamixState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByAdemamixState]:
-        del params
-        expect_state(state, ScaleByAdemamixState, "scale_by_ademamix")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAdemamixState, "scale_by_ademamix")
+        if flat is None:
             return updates, state
         g = flat.live
         c3 = _sv(b3(state.count_m2)) if callable(b3) else _sv(b3)
         ca = _sv(alpha(state.count_m2)) if callable(alpha) else _sv(alpha)
-        beta1, beta2 = _sv(b1), _sv(b2)
-        live = lambda tree, what: _bufs_any(flat, tree, what, own)  # noqa: E731
+        beta1, beta2, e, er = _sv(b1), _sv(b2), _sv(eps), _sv(eps_root)
+        live = lambda tree, what: _owned.held(flat, tree, what, own, same_dtype=False)  # noqa: E731
         m1 = _ema(live(state.m1, "state.m1"), _cast(g, state.m1, flat), beta1, True)
         m2 = _ema(live(state.m2, "state.m2"), _cast(g, state.m2, flat), c3, True)
         nu = _ema_sq(live(state.nu, "state.nu"), _cast(g, state.nu, flat), beta2, True)
         t = _count_value(state.count) + 1
+        new_state = state._replace(count=state.count + 1, count_m2=state.count_m2 + 1)
+        if _eager_numbers(t, c3, ca, beta1, beta2, e, er) and all(x.dtype == y.dtype for x, y in zip(m1, g)):
+            # one temporary: the numerator, divided in place by the denominator made chunk by chunk
+            out = list(_fe.div(m1, 1 - beta1 ** t))
+            _fe.add_(out, m2, alpha=ca)
+            _div_by_root_(out, nu, [1 - beta2 ** t] * len(nu), er, e)
+            return _owned.finish(flat, out, new_state, m1=m1, m2=m2, nu=nu)
         num = list(_fe.div(m1, 1 - beta1 ** t))
         _fe.add_(num, _fe.mul(m2, ca))
         den = list(_fe.div(nu, 1 - beta2 ** t))
         if not (isinstance(eps_root, (int, float)) and eps_root == 0):
-            _fe.add_(den, _sv(eps_root))
+            _fe.add_(den, er)
         den = list(_fe.sqrt(den))
-        _fe.add_(den, _sv(eps))
+        _fe.add_(den, e)
         out = [o.to(x.dtype) for o, x in zip(_fe.div(num, den), g)]
-        new_state = ScaleByAdemamixState(state.count + 1, state.count_m2 + 1, flat.rebuild(m1, like=state.m1),
-                                         flat.rebuild(m2, like=state.m2), flat.rebuild(nu, like=state.nu))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, new_state, m1=m1, m2=m2, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -1075,26 +1094,41 @@ def scale_by_adopt(
 
     def owned_update(updates: Updates, state: ScaleByAdoptState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByAdoptState]:
-        del params
-        expect_state(state, ScaleByAdoptState, "scale_by_adopt")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAdoptState, "scale_by_adopt")
+        if flat is None:
             return updates, state
         g = flat.live
         c = _count_value(state.count)
         first = c == 0
         beta1 = _select(first, 1.0, _sv(b1))
         beta2 = _select(first, 0.0, _sv(b2))
+        e = _sv(eps)
+        bound = clip_value_fn(c) if use_clipping else None
+        if _eager_numbers(c, beta1, beta2, e, bound):
+            # one temporary s: s = clip(g / max(sqrt(nu), eps)); nu, mu in place; s <- the output
+            nu = _owned.held(flat, state.nu, "state.nu", own)
+            s = list(_fe.sqrt(nu))
+            _fe.clamp_min_(s, e)
+            _rdiv_(s, g)
+            if use_clipping:
+                for x in s:
+                    x.clamp_(-bound, bound)
+            _ema_sq(nu, g, beta2, True)
+            mu = _ema(_owned.held(flat, state.mu, "state.mu", own, same_dtype=False), _cast(s, state.mu, flat), beta1, True)
+            if nesterov:  # b1 mu + (1 - b1) n, written over n
+                for m, x in zip(mu, s):
+                    torch.lerp(m.to(x.dtype), x, 1.0 - beta1, out=x)
+            else:
+                _copy_(s, mu)
+            return _owned.finish(flat, s, state._replace(count=state.count + 1), mu=mu, nu=nu)
         nu_old = flat.state_live(state.nu, "state.nu")
         den = list(_fe.sqrt(nu_old))
-        e = _sv(eps)
         if isinstance(e, torch.Tensor):
             den = [torch.clamp_min(x, e.to(x)) for x in den]
         else:
             _fe.clamp_min_(den, e)
         n = list(_fe.div(g, den))
         if use_clipping:
-            bound = clip_value_fn(c)
             n = [torch.clamp(x, -bound, bound) for x in n] if isinstance(bound, torch.Tensor) else \
                 [x.clamp(-bound, bound) for x in n]
         nu = _ema_sq(nu_old if own.state else [x.clone() for x in nu_old], g, beta2, True)
@@ -1103,8 +1137,7 @@ def scale_by_adopt(
             out = _ema([x.to(y.dtype) for x, y in zip(mu, g)], n, beta1, False)
         else:
             out = [x.to(y.dtype, copy=True) for x, y in zip(mu, g)]
-        new_state = ScaleByAdoptState(state.count + 1, flat.rebuild(mu, like=state.mu), flat.rebuild(nu, like=state.nu))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state._replace(count=state.count + 1), mu=mu, nu=nu)
 
     return owned_transform(init, owned_update)
 

@@ -184,6 +184,39 @@ def _adam_ratio(mu: list[torch.Tensor], nu: list[torch.Tensor], c1: list[Any], c
     return s
 
 
+_ROOT_CHUNK = 1 << 15  # elements of the denominator's scratch in `_div_by_root_` (128 KiB in float32)
+
+
+def _div_by_root_(out: list[torch.Tensor], nu: list[torch.Tensor], c2: list[float], eps_root: Any,
+                  eps: Any) -> None:
+    """``out <- out / (sqrt(nu / c2 + eps_root) + eps)`` in place (``c2``: a number per leaf),
+    eager only. The denominator is made chunk by chunk in one scratch of at most ``_ROOT_CHUNK``
+    elements (it stays in cache), never as a params-sized temporary; per element the same
+    operations as the foreach form ``div, add, sqrt, add`` then ``div``, so the same numbers."""
+    sizes = [min(v.numel(), _ROOT_CHUNK) for v in nu]
+    scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+    for o, v, c in zip(out, nu, c2):
+        if not (o.is_contiguous() and v.is_contiguous()) or o.dtype != v.dtype:
+            d = torch.div(v, c)
+            if not _is_zero(eps_root):
+                d.add_(eps_root)
+            o.div_(d.sqrt_().add_(eps))
+            continue
+        key = (v.dtype, v.device)
+        if key not in scratch:
+            scratch[key] = torch.empty(max(n for n, x in zip(sizes, nu) if (x.dtype, x.device) == key),
+                                       dtype=v.dtype, device=v.device)
+        buf, of, vf, n = scratch[key], o.view(-1), v.view(-1), v.numel()
+        for s in range(0, n, _ROOT_CHUNK):
+            e = min(n, s + _ROOT_CHUNK)
+            d = buf[:e - s]
+            torch.div(vf[s:e], c, out=d)
+            if not _is_zero(eps_root):
+                d.add_(eps_root)
+            d.sqrt_().add_(eps)
+            of[s:e].div_(d)
+
+
 def _is_zero(x: Any) -> bool:
     return isinstance(x, (int, float)) and x == 0
 
