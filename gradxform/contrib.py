@@ -140,6 +140,27 @@ def _rdiv_(xs: list[torch.Tensor], num: list[torch.Tensor]) -> None:
         torch.div(n, x, out=x)
 
 
+_DIFF_CHUNK = 1 << 15  # elements of `_add_scaled_diff_`'s scratch (128 KiB in float32: in cache)
+
+
+def _add_scaled_diff_(out: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], k: Any) -> None:
+    """``out <- out + k (a - b)`` in place, eager only, over chunks of each leaf through one
+    scratch of at most ``_DIFF_CHUNK`` elements: per element the operations of the foreach form
+    ``(a - b) * k`` then ``+ out`` (the same numbers), without a params-sized temporary.
+    Leaves must be contiguous and of one dtype."""
+    size = max(min(x.numel(), _DIFF_CHUNK) for x in a)
+    buf = torch.empty(size, dtype=a[0].dtype, device=a[0].device)
+    for o, x, y in zip(out, a, b):
+        of, xf, yf, n = o.view(-1), x.view(-1), y.view(-1), x.numel()
+        if buf.dtype != x.dtype or buf.device != x.device:
+            buf = torch.empty(size, dtype=x.dtype, device=x.device)
+        for s in range(0, n, _DIFF_CHUNK):
+            e = min(n, s + _DIFF_CHUNK)
+            d = buf[:e - s]
+            torch.sub(xf[s:e], yf[s:e], out=d)
+            of[s:e].add_(d.mul_(k))
+
+
 def _sum(xs: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([x.sum() for x in xs]).sum()
 
@@ -350,9 +371,8 @@ def schedule_free(
 
     def owned_update(updates: Updates, state: ScheduleFreeState, params: Params | None, own: Ownership,
                      **extra: Any) -> tuple[Updates, ScheduleFreeState]:
-        expect_state(state, ScheduleFreeState, "schedule_free")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScheduleFreeState, "schedule_free")
+        if flat is None:
             return updates, state
         y = flat.params_live(params, "schedule_free")
         z = flat.state_live(state.z, "state.z", check_shapes=False)
@@ -372,12 +392,24 @@ def schedule_free(
             raise ValueError("schedule_free: the base optimizer must return an update for every live leaf")
         _fe.add_(z, bu)
         beta = _sv(b1)
+        new_state = ScheduleFreeState(state.b1, total, state.step_count + 1, max_lr, base_state,
+                                      flat.rebuild(z, like=state.z))
+        if not _tree.traced() and all(a.dtype == b.dtype == u.dtype and a.is_contiguous() and b.is_contiguous()
+                                      and u.is_contiguous() for a, b, u in zip(z, y, bu)):
+            # at most one temporary: the output is the base update scaled in place (when the
+            # caller lets us write it), then ck (z - y) is added chunk by chunk (`_add_scaled_diff_`)
+            k2 = (1.0 - ck) * (1.0 - beta)
+            if own.may_write(bu):
+                _fe.mul_(bu, k2)
+                out = bu
+            else:
+                out = list(_fe.mul(bu, k2))
+            _add_scaled_diff_(out, z, y, ck)
+            return flat.rebuild(out), new_state
         out = list(_fe.add(z, y, alpha=-1)) if all(a.dtype == b.dtype for a, b in zip(z, y)) else \
             [(a - b).to(b.dtype) for a, b in zip(z, y)]
         _fe.mul_(out, ck)
         _fe.add_(out, _fe.mul(bu, (1.0 - ck) * (1.0 - beta)))
-        new_state = ScheduleFreeState(state.b1, total, state.step_count + 1, max_lr, base_state,
-                                      flat.rebuild(z, like=state.z))
         return flat.rebuild(out), new_state
 
     return owned_transform(init, owned_update, extra_args_of(base_optimizer))
@@ -421,19 +453,22 @@ def scale_by_rms_debiased(decay: float | torch.Tensor = 0.999, eps: float | torc
 
     def owned_update(updates: Updates, state: ScaleByRmsDebiasedState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByRmsDebiasedState]:
-        del params
-        expect_state(state, ScaleByRmsDebiasedState, "scale_by_rms_debiased")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByRmsDebiasedState, "scale_by_rms_debiased")
+        if flat is None:
             return updates, state
         d, e = _sv(decay), _sv(eps)
         nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, own.state)
         t = _count_value(state.count) + 1
         den = list(_fe.div(nu, 1 - d ** t))
+        if _eager_numbers(t, d, e):  # the denominator's buffer takes the output: one temporary
+            _sqrt_(den)
+            _fe.add_(den, e)
+            _rdiv_(den, flat.live)
+            return _owned.finish(flat, den, state._replace(count=state.count + 1), nu=nu)
         den = list(_fe.sqrt(den))
         _fe.add_(den, e)
         out = list(_fe.div(flat.live, den))
-        return flat.rebuild(out), ScaleByRmsDebiasedState(state.count + 1, flat.rebuild(nu, like=state.nu))
+        return _owned.finish(flat, out, state._replace(count=state.count + 1), nu=nu)
 
     return owned_transform(init, owned_update)
 
