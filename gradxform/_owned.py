@@ -39,9 +39,14 @@ def held(flat: _Flat, tree: Any, what: str, own: Ownership, same_dtype: bool = T
     return xs if own.state else [x.clone() for x in xs]
 
 
-def finish(flat: _Flat, out: list[torch.Tensor], state: NamedTuple, **trees: Any) -> tuple[Updates, Any]:
-    """``(output tree, new state)``: ``out`` unflattened into the updates' structure, and
-    ``state`` with each field named in ``trees`` replaced by those live leaves (frozen
+def restate(flat: _Flat, state: NamedTuple, **trees: Any) -> Any:
+    """``state`` with each field named in ``trees`` replaced by those live leaves (frozen
     positions keep the old state's leaves); the other fields stay as they are."""
     fields = {k: flat.rebuild(v, like=getattr(state, k)) for k, v in trees.items()}
-    return flat.rebuild(out), type(state)(*[fields.get(k, v) for k, v in zip(state._fields, state)])
+    return type(state)(*[fields.get(k, v) for k, v in zip(state._fields, state)])
+
+
+def finish(flat: _Flat, out: list[torch.Tensor], state: NamedTuple, **trees: Any) -> tuple[Updates, Any]:
+    """``(output tree, new state)``: ``out`` unflattened into the updates' structure (``None`` at
+    frozen leaves) and `restate` ``(flat, state, **trees)``."""
+    return flat.rebuild(out), restate(flat, state, **trees)

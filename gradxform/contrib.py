@@ -29,7 +29,6 @@ from .base import (
     Updates,
     call_update,
     chain,
-    expect_state,
     extra_args_of,
     owned_transform,
     recorded,
@@ -628,9 +627,8 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
 
     def owned_update(updates: Updates, state: ProdigyState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ProdigyState]:
-        expect_state(state, ProdigyState, "prodigy")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ProdigyState, "prodigy")
+        if flat is None:
             return updates, state
         g = flat.live
         p = flat.params_live(params, "prodigy")
@@ -665,9 +663,8 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
         _fe.mul_(out, -dlr)
         if use_weight_decay:
             _fe.add_(out, _fe.mul(p, -_sv(weight_decay) * dlr))
-        new_state = ProdigyState(flat.rebuild(ea, like=state.exp_avg), flat.rebuild(eas, like=state.exp_avg_sq),
-                                 flat.rebuild(s, like=state.grad_sum), state.params0, new_d, num, state.count + 1)
-        return flat.rebuild(out), new_state
+        scalars = state._replace(estim_lr=new_d, numerator_weighted=num, count=state.count + 1)
+        return _owned.finish(flat, out, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
 
     return owned_transform(init, owned_update)
 
@@ -702,9 +699,8 @@ def _prodigy_eager(flat: _Flat, state: ProdigyState, g: list[torch.Tensor], p: l
     if wd != 0:
         _fe.add_(out, p, alpha=wd)
     _fe.mul_(out, -dlr)
-    new_state = ProdigyState(flat.rebuild(ea, like=state.exp_avg), flat.rebuild(eas, like=state.exp_avg_sq),
-                             flat.rebuild(s, like=state.grad_sum), state.params0, new_d, num, state.count + 1)
-    return flat.rebuild(out), new_state
+    scalars = state._replace(estim_lr=new_d, numerator_weighted=num, count=state.count + 1)
+    return _owned.finish(flat, out, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
 
 
 @recorded
@@ -785,9 +781,8 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
 
     def owned_update(updates: Updates, state: DAdaptAdamWState, params: Params | None,
                      own: Ownership) -> tuple[Updates, DAdaptAdamWState]:
-        expect_state(state, DAdaptAdamWState, "dadapt_adamw")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, DAdaptAdamWState, "dadapt_adamw")
+        if flat is None:
             return updates, state
         g = flat.live
         p = flat.params_live(params, "dadapt_adamw")
@@ -837,9 +832,8 @@ def _dadapt_eager(flat: _Flat, state: DAdaptAdamWState, g: list[torch.Tensor], p
     _fe.mul_(out, -1.0)
     if use_weight_decay:
         _fe.add_(out, _fe.mul(p, -_sv(weight_decay) * dlr))
-    new_state = DAdaptAdamWState(flat.rebuild(ea, like=state.exp_avg), flat.rebuild(eas, like=state.exp_avg_sq),
-                                 flat.rebuild(s, like=state.grad_sum), new_d, num, state.count + 1)
-    return flat.rebuild(out), new_state
+    scalars = state._replace(estim_lr=new_d, numerator_weighted=num, count=state.count + 1)
+    return _owned.finish(flat, out, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
 
 
 @recorded
@@ -1347,9 +1341,8 @@ def sam(
 
     def owned_update(updates: Updates, state: SAMState, params: Params | None,
                      own: Ownership) -> tuple[Updates, SAMState]:
-        expect_state(state, SAMState, "sam")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, SAMState, "sam")
+        if flat is None:
             return updates, state
         x = flat.params_live(params, "sam")
         ssc = _count_value(state.steps_since_sync)
@@ -1455,9 +1448,8 @@ def scale_by_madgrad(learning_rate: ScalarOrSchedule, momentum: float | torch.Te
 
     def owned_update(updates: Updates, state: MadgradState, params: Params | None,
                      own: Ownership) -> tuple[Updates, MadgradState]:
-        expect_state(state, MadgradState, "scale_by_madgrad")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, MadgradState, "scale_by_madgrad")
+        if flat is None:
             return updates, state
         g = flat.live
         x = flat.params_live(params, "scale_by_madgrad")
@@ -1481,9 +1473,7 @@ def scale_by_madgrad(learning_rate: ScalarOrSchedule, momentum: float | torch.Te
         _fe.add_(z, flat.state_live(state.x0, "state.x0"))
         _fe.add_(z, x, alpha=-1)
         _fe.mul_(z, 1 - m)
-        new_state = MadgradState(state.count + 1, flat.rebuild(gss, like=state.grad_sum_sq),
-                                 flat.rebuild(s, like=state.s), state.x0)
-        return flat.rebuild(z), new_state
+        return _owned.finish(flat, z, state._replace(count=state.count + 1), grad_sum_sq=gss, s=s)
 
     return owned_transform(init, owned_update)
 
@@ -1586,9 +1576,8 @@ def scale_by_cocob(alpha: float | torch.Tensor = 100.0, eps: float | torch.Tenso
 
     def owned_update(updates: Updates, state: COCOBState, params: Params | None,
                      own: Ownership) -> tuple[Updates, COCOBState]:
-        expect_state(state, COCOBState, "scale_by_cocob")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, COCOBState, "scale_by_cocob")
+        if flat is None:
             return updates, state
         g = flat.live
         x = flat.params_live(params, "scale_by_cocob")
@@ -1612,10 +1601,7 @@ def scale_by_cocob(alpha: float | torch.Tensor = 100.0, eps: float | torch.Tenso
         out = list(_fe.div(C, den))
         _fe.mul_(out, _fe.add(L, R))
         _fe.add_(out, diff, alpha=-1)
-        new_state = COCOBState(state.init_particles, flat.rebuild(C, like=state.cumulative_gradients),
-                               flat.rebuild(L, like=state.scale), flat.rebuild(G, like=state.subgradients),
-                               flat.rebuild(R, like=state.reward))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state, cumulative_gradients=C, scale=L, subgradients=G, reward=R)
 
     return owned_transform(init, owned_update)
 
@@ -1651,9 +1637,7 @@ def _cocob_eager(flat: _Flat, state: COCOBState, g: list[torch.Tensor], x: list[
     _fe.mul_(diff, -1.0)  # the output: (C / den) (L + R) - (x - x0), in diff's buffer
     _fe.addcmul_(diff, T, L)
     _fe.addcmul_(diff, T, R)
-    return flat.rebuild(diff), COCOBState(state.init_particles, flat.rebuild(C, like=state.cumulative_gradients),
-                                          flat.rebuild(L, like=state.scale), flat.rebuild(G, like=state.subgradients),
-                                          flat.rebuild(R, like=state.reward))
+    return _owned.finish(flat, diff, state, cumulative_gradients=C, scale=L, subgradients=G, reward=R)
 
 
 def _cocob(lr: Any, alpha: Any, eps: Any, weight_decay: Any, mask: Any, use_weight_decay: bool) -> GradientTransformation:
@@ -1764,9 +1748,8 @@ def scale_by_dog(init_step: tuple[str, float] = ("heuristic", 1e-6), eps: float 
     def owned_update(updates: Updates, state: DoGState, params: Params | None,
                      own: Ownership) -> tuple[Updates, DoGState]:
         del own
-        expect_state(state, DoGState, "scale_by_dog")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, DoGState, "scale_by_dog")
+        if flat is None:
             return updates, state
         x = flat.params_live(params, "scale_by_dog")
         x0 = flat.state_live(state.init_params, "state.init_params")

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _foreach as _fe
+from . import _owned
 from . import tree as _tree
 from .base import (
     PURE,
@@ -36,7 +37,6 @@ from .base import (
     Params,
     Updates,
     chain,
-    expect_state,
     owned_transform,
     recorded,
     stateless,
@@ -221,10 +221,6 @@ def _is_zero(x: Any) -> bool:
     return isinstance(x, (int, float)) and x == 0
 
 
-def _store(flat: _Flat, new: list[torch.Tensor], like: Any) -> Any:
-    return flat.rebuild(new, like=like)
-
-
 def _inplace(own: Ownership) -> bool:  # noqa: D401
     """Whether state buffers may be written with plain tensor methods (``copy_``)."""
     return own.state and not _tree.pure_ops()
@@ -283,10 +279,8 @@ def scale_by_lion(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
 
     def owned_update(updates: Updates, state: ScaleByLionState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByLionState]:
-        del params
-        expect_state(state, ScaleByLionState, "scale_by_lion")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByLionState, "scale_by_lion")
+        if flat is None:
             return updates, state
         beta1, beta2 = _tree.as_scalar(b1), _tree.as_scalar(b2)
         g = flat.live
@@ -306,7 +300,7 @@ def scale_by_lion(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         else:
             out = [torch.where(v.abs() < 1.0, v, torch.sign(v)) for v in x]
         mu = _moment(mu, g, beta2, own.state)
-        return flat.rebuild(out), ScaleByLionState(_store(flat, counts, state.count), _store(flat, mu, state.mu))
+        return _owned.finish(flat, out, state, count=counts, mu=mu)
 
     return owned_transform(init, owned_update)
 
@@ -367,10 +361,8 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
 
     def owned_update(updates: Updates, state: ScaleByBeliefState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByBeliefState]:
-        del params
-        expect_state(state, ScaleByBeliefState, "scale_by_belief")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByBeliefState, "scale_by_belief")
+        if flat is None:
             return updates, state
         beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
         g = flat.live
@@ -383,13 +375,11 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         if not nesterov and _eager(own, counts, beta1, beta2):
             # the residual's buffer becomes the output: one temporary per step
             out = _adam_ratio(mu, nu, _bias_corrections(counts, beta1), _bias_corrections(counts, beta2), e, 0.0, err)
-            return flat.rebuild(out), ScaleByBeliefState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                         _store(flat, nu, state.nu))
+            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
         mu_hat = _nesterov_mu_hat(mu, g, counts, beta1) if nesterov else _div_each(mu, _bias_corrections(counts, beta1))
         nu_hat = _div_each(nu, _bias_corrections(counts, beta2))
         out = list(_fe.div(mu_hat, _denominators(nu_hat, e, 0.0)))
-        return flat.rebuild(out), ScaleByBeliefState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                     _store(flat, nu, state.nu))
+        return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -441,10 +431,8 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
 
     def owned_update(updates: Updates, state: ScaleByYogiState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByYogiState]:
-        del params
-        expect_state(state, ScaleByYogiState, "scale_by_yogi")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByYogiState, "scale_by_yogi")
+        if flat is None:
             return updates, state
         beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
         g = flat.live
@@ -461,8 +449,7 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
             _fe.mul_(t, g)
             _fe.addcmul_(nu_old, t, g, -(1 - beta2))
             out = _adam_ratio(mu, nu_old, _bias_corrections(counts, beta1), _bias_corrections(counts, beta2), e, er, t)
-            return flat.rebuild(out), ScaleByYogiState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                       _store(flat, nu_old, state.nu))
+            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu_old)
         g2 = list(_fe.mul(g, g))
         step = list(_fe.mul(_fe.mul(_sign(_fe.add(nu_old, g2, alpha=-1)), g2), 1 - beta2))
         if own.state:
@@ -473,8 +460,7 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         mu_hat = _div_each(mu, _bias_corrections(counts, beta1))
         nu_hat = _div_each(nu, _bias_corrections(counts, beta2))
         out = list(_fe.div(mu_hat, _denominators(nu_hat, e, er)))
-        return flat.rebuild(out), ScaleByYogiState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                   _store(flat, nu, state.nu))
+        return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -497,6 +483,11 @@ class OptaxAdamState(NamedTuple):
     nu_max: Any
 
 
+def _amsgrad_max(kind: str, nu_max: Any) -> dict[str, Any]:
+    """The ``nu_max`` field to store: AMSGrad's maximum, else none (the state keeps ``None``)."""
+    return {"nu_max": nu_max} if kind == "amsgrad" else {}
+
+
 @recorded
 def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_root: Any = 0.0, nesterov: bool = False,
                          kind: str = "adam", bias_correction_mu: bool = True,
@@ -511,10 +502,8 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
 
     def owned_update(updates: Updates, state: OptaxAdamState, params: Params | None,
                      own: Ownership) -> tuple[Updates, OptaxAdamState]:
-        del params
-        expect_state(state, OptaxAdamState, "scale_by_adam (optax)")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, OptaxAdamState, "scale_by_adam (optax)")
+        if flat is None:
             return updates, state
         beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
         g = flat.live
@@ -535,8 +524,7 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
             _fe.mul_(a, _bias_corrections(counts, beta1))
             _reciprocal_(a)
             _fe.mul_(a, mu)
-            return flat.rebuild(a), OptaxAdamState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                   _store(flat, nu_old, state.nu), None)
+            return _owned.finish(flat, a, state, count=counts, mu=mu, nu=nu_old)
         if fast and kind != "adamax" and not (nesterov and _is_zero(beta1)):
             nu = _moment_sq(nu_old, g, beta2, True)
             c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
@@ -555,9 +543,7 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
                 _div_by_root_(out, nu, c2, er, e)  # the denominator in a cache-sized scratch
             else:
                 out = _adam_ratio(mu, nu, c1, c2, e, er)
-            new = OptaxAdamState(_store(flat, counts, state.count), _store(flat, mu, state.mu), _store(flat, nu, state.nu),
-                                 _store(flat, nu_max, state.nu_max) if kind == "amsgrad" else None)
-            return flat.rebuild(out), new
+            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu, **_amsgrad_max(kind, nu_max))
         if kind == "adamax":
             a = list(_fe.add(_fe._op("abs", torch.abs)(g), e))
             if own.state:
@@ -585,9 +571,7 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
                     nu_max = list(_fe.maximum(old_max, nu_hat))
                 nu_hat = nu_max
             out = list(_fe.div(mu_hat, _denominators(nu_hat, e, er)))
-        new = OptaxAdamState(_store(flat, counts, state.count), _store(flat, mu, state.mu), _store(flat, nu, state.nu),
-                             _store(flat, nu_max, state.nu_max) if kind == "amsgrad" else None)
-        return flat.rebuild(out), new
+        return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu, **_amsgrad_max(kind, nu_max))
 
     return owned_transform(init, owned_update)
 
@@ -645,9 +629,8 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
 
     def owned_update(updates: Updates, state: ScaleByNovogradState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByNovogradState]:
-        expect_state(state, ScaleByNovogradState, "scale_by_novograd")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByNovogradState, "scale_by_novograd")
+        if flat is None:
             return updates, state
         beta1, beta2, e, er, wd = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root, weight_decay))
         g = flat.live
@@ -675,8 +658,7 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
             _fe.add_(mu, a)
             _copy_(a, mu)
             _copy_(nu_old, nu)
-            return flat.rebuild(a), ScaleByNovogradState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                         _store(flat, nu_old, state.nu))
+            return _owned.finish(flat, a, state, count=counts, mu=mu, nu=nu_old)
         a = [x / d.to(x.dtype) for x, d in zip(g, denom)]
         if not _is_zero(wd):
             p = flat.params_live(params, "scale_by_novograd (weight_decay)")
@@ -690,8 +672,7 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
                 o.copy_(n)
             mu, nu = mu_old, nu_old
         out = [m.clone() for m in mu]
-        return flat.rebuild(out), ScaleByNovogradState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                       _store(flat, nu, state.nu))
+        return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -749,10 +730,8 @@ def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.
 
     def owned_update(updates: Updates, state: ScaleByAdanState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByAdanState]:
-        del params
-        expect_state(state, ScaleByAdanState, "scale_by_adan")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAdanState, "scale_by_adan")
+        if flat is None:
             return updates, state
         beta1, beta2, beta3, e, er = (_tree.as_scalar(x) for x in (b1, b2, b3, eps, eps_root))
         g = flat.live
@@ -780,9 +759,7 @@ def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.
             new_g = prev
         else:
             new_g = [x.clone() for x in g]
-        return flat.rebuild(out), ScaleByAdanState(_store(flat, counts, state.count), _store(flat, m, state.m),
-                                                   _store(flat, v, state.v), _store(flat, n, state.n),
-                                                   _store(flat, new_g, state.g))
+        return _owned.finish(flat, out, state, count=counts, m=m, v=v, n=n, g=new_g)
 
     return owned_transform(init, owned_update)
 
@@ -820,9 +797,7 @@ def _adan_eager(flat: _Flat, state: Any, g: list[torch.Tensor], old_counts: list
     _fe.add_(den, e)
     _fe.div_(u, den)
     _copy_(prev, g)
-    return flat.rebuild(u), ScaleByAdanState(_store(flat, counts, state.count), _store(flat, m, state.m),
-                                             _store(flat, v, state.v), _store(flat, n, state.n),
-                                             _store(flat, prev, state.g))
+    return _owned.finish(flat, u, state, count=counts, m=m, v=v, n=n, g=prev)
 
 
 # --- SM3 ------------------------------------------------------------------------------------------
@@ -907,10 +882,8 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
 
     def owned_update(updates: Updates, state: ScaleBySM3State, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleBySM3State]:
-        del params
-        expect_state(state, ScaleBySM3State, "scale_by_sm3")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleBySM3State, "scale_by_sm3")
+        if flat is None:
             return updates, state
         beta1, beta2, e = (_tree.as_scalar(x) for x in (b1, b2, eps))
         accs = flat.state_live(state.mu, "state.mu", check_shapes=False)
@@ -929,7 +902,7 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
                 o.copy_(n)
             new_acc = accs
         out = [x.clone() for x in nu]
-        return flat.rebuild(out), ScaleBySM3State(_store(flat, new_acc, state.mu), _store(flat, nu, state.nu))
+        return _owned.finish(flat, out, state, mu=new_acc, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -967,7 +940,7 @@ def _sm3_eager(flat: _Flat, state: Any, accs: list[torch.Tensor], beta1: float, 
         w.append(x)
     nu = _moment(_held(flat.state_live(state.nu, "state.nu"), own), w, beta1, True)
     _copy_(w, nu)
-    return flat.rebuild(w), ScaleBySM3State(_store(flat, accs, state.mu), _store(flat, nu, state.nu))
+    return _owned.finish(flat, w, state, mu=accs, nu=nu)
 
 
 # --- stateless per-leaf scalings --------------------------------------------------------------------
@@ -1238,10 +1211,8 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
 
     def owned_update(updates: Updates, state: ScaleByOptimisticGradientState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByOptimisticGradientState]:
-        del params
-        expect_state(state, ScaleByOptimisticGradientState, "scale_by_optimistic_gradient")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByOptimisticGradientState, "scale_by_optimistic_gradient")
+        if flat is None:
             return updates, state
         a, b = _tree.as_scalar(alpha), _tree.as_scalar(beta)
         g = flat.live
@@ -1262,8 +1233,7 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
             else:
                 new_prev = [x.clone() for x in g]
             counts = _step_counts(flat, state.count, own.state)
-            return flat.rebuild(out), ScaleByOptimisticGradientState(_store(flat, counts, state.count),
-                                                                     _store(flat, new_prev, state.previous_gradient))
+            return _owned.finish(flat, out, state, count=counts, previous_gradient=new_prev)
         if _scalars_traced(old_counts):
             prev_eff = [torch.where(c == 0, x, p) for c, x, p in zip(old_counts, g, prev)]
         else:
@@ -1276,8 +1246,7 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
             new_prev = prev
         else:
             new_prev = [x.clone() for x in g]
-        return flat.rebuild(out), ScaleByOptimisticGradientState(_store(flat, counts, state.count),
-                                                                 _store(flat, new_prev, state.previous_gradient))
+        return _owned.finish(flat, out, state, count=counts, previous_gradient=new_prev)
 
     return owned_transform(init, owned_update)
 
@@ -1365,9 +1334,8 @@ def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: float = 1e-8,
 
     def owned_update(updates: Updates, state: ScaleByDistanceOverGradientsState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByDistanceOverGradientsState]:
-        expect_state(state, ScaleByDistanceOverGradientsState, "scale_by_distance_over_gradients")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByDistanceOverGradientsState, "scale_by_distance_over_gradients")
+        if flat is None:
             return updates, state
         p = flat.params_live(params, "scale_by_distance_over_gradients")
         p0 = flat.state_live(state.init_params, "state.init_params", check_shapes=False)
@@ -1382,8 +1350,7 @@ def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: float = 1e-8,
             for o, n in zip(d_old + gs_old, d + gs):
                 o.copy_(n)
             d, gs = d_old, gs_old
-        return out, ScaleByDistanceOverGradientsState(_store(flat, d, state.max_dist),
-                                                      _store(flat, gs, state.grad_sum_of_squares), state.init_params)
+        return out, _owned.restate(flat, state, max_dist=d, grad_sum_of_squares=gs)
 
     return owned_transform(init, owned_update)
 
@@ -1497,10 +1464,8 @@ def add_noise(eta: float | torch.Tensor = 0.01, gamma: float | torch.Tensor = 0.
 
     def owned_update(updates: Updates, state: AddNoiseState, params: Params | None,
                      own: Ownership) -> tuple[Updates, AddNoiseState]:
-        del params
-        expect_state(state, AddNoiseState, "add_noise")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, AddNoiseState, "add_noise")
+        if flat is None:
             return updates, state
         e, gm = _tree.as_scalar(eta), _tree.as_scalar(gamma)
         counts = _step_counts(flat, state.count, own.state)
@@ -1512,7 +1477,7 @@ def add_noise(eta: float | torch.Tensor = 0.01, gamma: float | torch.Tensor = 0.
             z = _normal_like(x, seed)
             # eagerly the noise is a fresh buffer of ours: scale it and add the update in place
             out.append(x + std * z if _tree.traced() else z.mul_(std).add_(x))
-        return flat.rebuild(out), AddNoiseState(_store(flat, counts, state.count), state.key)
+        return _owned.finish(flat, out, state, count=counts)
 
     return owned_transform(init, owned_update)
 
@@ -1586,10 +1551,8 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
 
     def owned_update(updates: Updates, state: OptaxRpropState, params: Params | None,
                      own: Ownership) -> tuple[Updates, OptaxRpropState]:
-        del params
-        expect_state(state, OptaxRpropState, "optax_rprop")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, OptaxRpropState, "optax_rprop")
+        if flat is None:
             return updates, state
         lr, em, ep, lo, hi = (_tree.as_scalar(x) for x in (learning_rate, eta_minus, eta_plus, min_step_size,
                                                            max_step_size))
@@ -1616,8 +1579,7 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
             for o, n in zip(steps_old + prev_old, steps + prev):
                 o.copy_(n)
             steps, prev = steps_old, prev_old
-        return flat.rebuild(out), OptaxRpropState(_store(flat, steps, state.step_sizes),
-                                                  _store(flat, prev, state.prev_updates))
+        return _owned.finish(flat, out, state, step_sizes=steps, prev_updates=prev)
 
     return owned_transform(init, owned_update)
 
@@ -1630,13 +1592,11 @@ def _ema_no_debias(decay: Any) -> GradientTransformation:
         return _EmaState(_tree.tree_zeros_like(params))
 
     def owned_update(updates: Updates, state: Any, params: Params | None, own: Ownership) -> tuple[Updates, Any]:
-        del params
-        expect_state(state, _EmaState, "signum (ema)")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, _EmaState, "signum (ema)")
+        if flat is None:
             return updates, state
         m = _moment(flat.state_live(state.ema, "state.ema"), flat.live, _tree.as_scalar(decay), own.state)
-        return flat.rebuild([x.clone() for x in m]), _EmaState(_store(flat, m, state.ema))
+        return _owned.finish(flat, [x.clone() for x in m], state, ema=m)
 
     return owned_transform(init, owned_update)
 
