@@ -1493,53 +1493,6 @@ class OptaxRpropState(NamedTuple):
     prev_updates: Any
 
 
-_RPROP_CHUNK = 1 << 15  # elements per chunk of `_rprop_chunks_` (its three masks: 96 KiB, in cache)
-
-
-def _rprop_chunks_(g: list[torch.Tensor], steps: list[torch.Tensor], prev: list[torch.Tensor], lr: float,
-                   em: float, ep: float, lo: float, hi: float) -> list[torch.Tensor]:
-    """optax's Rprop step, eager, over chunks of each leaf: per element the selects and products
-    of the out-of-place form (so the same numbers), the step sizes ``steps`` and last steps
-    ``prev`` rewritten in place; returns the output (the one params-sized temporary). The three
-    masks live in one scratch of ``3 * _RPROP_CHUNK`` booleans, so every pass after the first
-    reads the chunk from cache (elementwise selects have no foreach kernels)."""
-    out = []
-    scratch = None
-    for gl, st, pv in zip(g, steps, prev):
-        o = torch.empty_like(gl)
-        one = torch.ones((), dtype=gl.dtype)
-        up, down, zero0 = one * ep, one * em, torch.zeros((), dtype=gl.dtype)
-        if gl.is_contiguous() and st.is_contiguous() and pv.is_contiguous():
-            views, n, step = [x.view(-1) for x in (gl, st, pv, o)], gl.numel(), _RPROP_CHUNK
-            if scratch is None or scratch.device != gl.device:
-                scratch = torch.empty((3, min(max(x.numel() for x in g), _RPROP_CHUNK)), dtype=torch.bool,
-                                      device=gl.device)
-            masks = scratch
-        else:  # a strided leaf: one chunk, the leaf itself
-            views, n, step = [gl, st, pv, o], 1, 1
-            masks = torch.empty((3,) + tuple(gl.shape), dtype=torch.bool, device=gl.device)
-        gf, sf, pf, of = views
-        for s in range(0, n, step):
-            if step == 1:
-                gc, sc, pc, oc, neg, zero, pos = gf, sf, pf, of, masks[0], masks[1], masks[2]
-            else:
-                e = min(n, s + step)
-                gc, sc, pc, oc = gf[s:e], sf[s:e], pf[s:e], of[s:e]
-                neg, zero, pos = masks[0, :e - s], masks[1, :e - s], masks[2, :e - s]
-            torch.mul(gc, pc, out=oc)
-            torch.lt(oc, 0, out=neg)
-            torch.eq(oc, 0, out=zero)
-            torch.gt(oc, 0, out=pos)
-            torch.where(pos, up, down, out=oc)
-            oc.mul_(sc).clamp_(min=lo / lr, max=hi / lr)
-            torch.where(zero, sc, oc, out=sc)  # the step sizes (in units of lr)
-            torch.where(neg, zero0, pc, out=oc)  # the output: last step's update
-            torch.sign(gc, out=pc)
-            pc.mul_(sc).mul_(lr).masked_fill_(neg, 0.0)  # this step's update
-        out.append(o)
-    return out
-
-
 @recorded
 def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: Any = 1.2, min_step_size: Any = 1e-6,
                           max_step_size: Any = 50.0) -> GradientTransformation:
@@ -1559,9 +1512,21 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
         steps_old = flat.state_live(state.step_sizes, "state.step_sizes")
         prev_old = flat.state_live(state.prev_updates, "state.prev_updates")
         if _inplace(own) and not any(isinstance(x, torch.Tensor) for x in (lr, em, ep, lo, hi)):
-            # eager and owned: the output is the one params-sized temporary, the state is
-            # rewritten in place, and the masks live in a chunk-sized scratch (`_rprop_chunks_`)
-            return flat.rebuild(_rprop_chunks_(flat.live, steps_old, prev_old, lr, em, ep, lo, hi)), state
+            # eager and owned: per leaf one float temporary (the output) and three masks, the
+            # state rewritten in place (elementwise selects have no foreach kernels)
+            out = []
+            for g, st, pv in zip(flat.live, steps_old, prev_old):
+                s = torch.mul(g, pv)
+                neg, zero = s < 0, s == 0
+                one = torch.ones((), dtype=g.dtype)
+                torch.where(s > 0, one * ep, one * em, out=s)
+                s.mul_(st).clamp_(min=lo / lr, max=hi / lr)
+                torch.where(zero, st, s, out=st)  # the step sizes (in units of lr)
+                torch.where(neg, torch.zeros((), dtype=g.dtype), pv, out=s)  # the output: last step's update
+                torch.sign(g, out=pv)
+                pv.mul_(st).mul_(lr).masked_fill_(neg, 0.0)  # this step's update
+                out.append(s)
+            return flat.rebuild(out), state
         steps, prev, out = [], [], []
         for g, s_old, p_old in zip(flat.live, steps_old, prev_old):
             s = g * p_old
