@@ -35,7 +35,7 @@ from .base import (
     stateless,
 )
 from .combine import inject_hyperparams
-from .optax_optimizers import _copy_, _div_by_root_, _dog_norms, _dog_scaled, _reciprocal_, _sqrt_, _sub
+from .optax_optimizers import _copy_, _div_by_root_, _dog_norms, _dog_scaled, _rdiv_, _reciprocal_, _sqrt_, _sub
 from .transforms import (
     ScalarOrSchedule,
     _ema,
@@ -130,13 +130,6 @@ def _eager_numbers(*values: Any) -> bool:
     params-shaped temporary and the state buffers (copies when the state is not owned) in
     place, the same operations for the pure and the owned update, so they agree to the bit."""
     return not _tree.traced() and all(v is None or isinstance(v, (int, float)) for v in values)
-
-
-def _rdiv_(xs: list[torch.Tensor], num: list[torch.Tensor]) -> None:
-    """``x <- num / x`` in place (one pass, the division's own rounding); no foreach kernel
-    divides that way round, so per leaf with ``out=`` (eager path only)."""
-    for x, n in zip(xs, num):
-        torch.div(n, x, out=x)
 
 
 _DIFF_CHUNK = 1 << 15  # elements of `_add_scaled_diff_`'s scratch (128 KiB in float32: in cache)

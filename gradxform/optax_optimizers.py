@@ -164,24 +164,34 @@ def _held(xs: list[torch.Tensor], own: Ownership) -> list[torch.Tensor]:
 def _adam_ratio(mu: list[torch.Tensor], nu: list[torch.Tensor], c1: list[Any], c2: list[Any] | None, eps: Any,
                 eps_root: Any, scratch: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """``(mu / c1) / (sqrt(nu / c2 + eps_root) + eps)`` (``c2`` None: 1) written into ``scratch``
-    (tensors of the caller's own), or into one new buffer: the eager path's output. Rounding
-    differs from the two-division form by an ulp or two."""
+    (tensors of the caller's own), or into one new buffer: the eager path's output (``c1``,
+    ``c2``: numbers). As ``mu / (c1 (sqrt(nu / c2 + eps_root) + eps))``: rounding differs from
+    the two-division form by an ulp or two."""
     if scratch is None:
         s = list(_fe.div(nu, c2)) if c2 is not None else list(_fe.add(nu, eps_root))
     else:
         s = scratch
-        _copy_(s, nu)
         if c2 is not None:
-            _fe.div_(s, c2)
+            for x, v, c in zip(s, nu, c2):
+                torch.div(v, c, out=x)
+        else:
+            _copy_(s, nu)
     if c2 is not None or scratch is not None:
         if not _is_zero(eps_root):
             _fe.add_(s, eps_root)
     _sqrt_(s)
     _fe.add_(s, eps)
-    _fe.mul_(s, c1)
-    _reciprocal_(s)
-    _fe.mul_(s, mu)
+    if any(c != 1 for c in c1):
+        _fe.mul_(s, c1)
+    _rdiv_(s, mu)
     return s
+
+
+def _rdiv_(xs: list[torch.Tensor], num: list[torch.Tensor]) -> None:
+    """``x <- num / x`` in place (one pass, the division's own rounding); no foreach kernel
+    divides that way round, so per leaf with ``out=`` (eager paths only)."""
+    for x, n in zip(xs, num):
+        torch.div(n, x, out=x)
 
 
 _ROOT_CHUNK = 1 << 15  # elements of the denominator's scratch in `_div_by_root_` (128 KiB in float32)
