@@ -117,13 +117,6 @@ def _like(value: Any, ref: torch.Tensor) -> torch.Tensor:
     return torch.full((), value, dtype=ref.dtype, device=ref.device)
 
 
-def _bufs(flat: _Flat, tree: Any, what: str, own: Ownership) -> list[torch.Tensor]:
-    """The live leaves of a state buffer tree, to be updated in place: the buffers themselves when
-    the caller owns the state, else copies."""
-    xs = flat.state_live(tree, what)
-    return xs if own.state else [x.clone() for x in xs]
-
-
 def _eager_numbers(*values: Any) -> bool:
     """Whether an update may take its eager in-place path: outside any trace, with every
     scalar it needs a Python number (``None``: not needed). That path writes its one
@@ -639,9 +632,9 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
                                   safeguard_warmup, own)
         dg = list(_fe.mul(g, d))
         acum = _vdot(g, _fe.add(p0, p, alpha=-1))
-        ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), dg, b1, True)
-        eas = _ema_sq(_bufs(flat, state.exp_avg_sq, "state.exp_avg_sq", own), dg, b2, True)
-        s = _bufs(flat, state.grad_sum, "state.grad_sum", own)
+        ea = _ema(_owned.held(flat, state.exp_avg, "state.exp_avg", own), dg, b1, True)
+        eas = _ema_sq(_owned.held(flat, state.exp_avg_sq, "state.exp_avg_sq", own), dg, b2, True)
+        s = _owned.held(flat, state.grad_sum, "state.grad_sum", own)
         _fe.mul_(s, b3)
         _fe.add_(s, _fe.mul(dg, (d / d0) if safeguard_warmup else (dlr / d0)))
         num = b3 * state.numerator_weighted + (d / d0) * dlr * acum
@@ -672,9 +665,9 @@ def _prodigy_eager(flat: _Flat, state: ProdigyState, g: list[torch.Tensor], p: l
     acum = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(g, tmp)]).sum()
     _copy_(tmp, g)
     _fe.mul_(tmp, d)  # d g
-    ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), tmp, b1, True)
-    eas = _ema_sq(_bufs(flat, state.exp_avg_sq, "state.exp_avg_sq", own), tmp, b2, True)
-    s = _bufs(flat, state.grad_sum, "state.grad_sum", own)
+    ea = _ema(_owned.held(flat, state.exp_avg, "state.exp_avg", own), tmp, b1, True)
+    eas = _ema_sq(_owned.held(flat, state.exp_avg_sq, "state.exp_avg_sq", own), tmp, b2, True)
+    s = _owned.held(flat, state.grad_sum, "state.grad_sum", own)
     _fe.mul_(s, b3)
     _fe.mul_(tmp, (d / d0) if safeguard_warmup else (dlr / d0))
     _fe.add_(s, tmp)
@@ -786,8 +779,8 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
         t = _count_value(state.count) + 1
         bc = ((1 - b2 ** t) ** 0.5) / (1 - b1 ** t)
         dlr = state.estim_lr * sched * bc
-        s = _bufs(flat, state.grad_sum, "state.grad_sum", own)
-        eas = _bufs(flat, state.exp_avg_sq, "state.exp_avg_sq", own)
+        s = _owned.held(flat, state.grad_sum, "state.grad_sum", own)
+        eas = _owned.held(flat, state.exp_avg_sq, "state.exp_avg_sq", own)
         return _dadapt_eager(flat, state, g, p, s, eas, b1, b2, sb2, e, dlr, weight_decay, use_weight_decay, own)
 
     return owned_transform(init, owned_update)
@@ -806,7 +799,7 @@ def _dadapt_eager(flat: _Flat, state: DAdaptAdamWState, g: list[torch.Tensor], p
     acum = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(g, T)]).sum()
     _copy_(T, g)
     _fe.mul_(T, dlr)  # dlr g
-    ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), T, b1, True)
+    ea = _ema(_owned.held(flat, state.exp_avg, "state.exp_avg", own), T, b1, True)
     eas = _ema_sq(eas, g, b2, True)
     _fe.mul_(s, sb2)
     _fe.mul_(T, 1 - sb2)
@@ -973,13 +966,6 @@ def scale_by_ademamix(
         return _owned.finish(flat, out, new_state, m1=m1, m2=m2, nu=nu)
 
     return owned_transform(init, owned_update)
-
-
-def _bufs_any(flat: _Flat, tree: Any, what: str, own: Ownership) -> list[torch.Tensor]:
-    """As `_bufs`, for buffers whose dtype may differ from the updates' (``mu_dtype``)."""
-    xs = flat.state_live(tree, what, check_shapes=False)
-    _tree.check_shapes(lambda: [flat.paths()[i] for i in flat.idx], flat.live, xs, what)
-    return xs if own.state else [x.clone() for x in xs]
 
 
 def _cast(g: list[torch.Tensor], tree: Any, flat: _Flat) -> list[torch.Tensor]:
@@ -1154,7 +1140,7 @@ def scale_by_adopt(
             n = [torch.clamp(x, -bound, bound) for x in n] if isinstance(bound, torch.Tensor) else \
                 [x.clamp(-bound, bound) for x in n]
         nu = _ema_sq(nu_old if own.state else [x.clone() for x in nu_old], g, beta2, True)
-        mu = _ema(_bufs_any(flat, state.mu, "state.mu", own), _cast(n, state.mu, flat), beta1, True)
+        mu = _ema(_owned.held(flat, state.mu, "state.mu", own, same_dtype=False), _cast(n, state.mu, flat), beta1, True)
         if nesterov:
             out = _ema([x.to(y.dtype) for x, y in zip(mu, g)], n, beta1, False)
         else:
@@ -1450,8 +1436,8 @@ def scale_by_madgrad(learning_rate: ScalarOrSchedule, momentum: float | torch.Te
         e, m = _sv(eps), _sv(momentum)
         k = _count_value(state.count)
         lam = (lr + e) * ((k + 1) ** 0.5)
-        gss = _bufs(flat, state.grad_sum_sq, "state.grad_sum_sq", own)
-        s = _bufs(flat, state.s, "state.s", own)
+        gss = _owned.held(flat, state.grad_sum_sq, "state.grad_sum_sq", own)
+        s = _owned.held(flat, state.s, "state.s", own)
         if isinstance(lam, (int, float)) and not _tree.pure_ops():  # no temporaries but sigma
             _fe.addcmul_(gss, g, g, lam)
             _fe.add_(s, g, alpha=lam)
@@ -1579,15 +1565,15 @@ def scale_by_cocob(alpha: float | torch.Tensor = 100.0, eps: float | torch.Tenso
         if not _tree.pure_ops() and isinstance(a, (int, float)):
             return _cocob_eager(flat, state, g, x, x0, a, own)
         absg = list(_abs(g))
-        L = _bufs(flat, state.scale, "state.scale", own)
+        L = _owned.held(flat, state.scale, "state.scale", own)
         _fe.maximum_(L, absg)
-        G = _bufs(flat, state.subgradients, "state.subgradients", own)
+        G = _owned.held(flat, state.subgradients, "state.subgradients", own)
         _fe.add_(G, absg)
-        R = _bufs(flat, state.reward, "state.reward", own)
+        R = _owned.held(flat, state.reward, "state.reward", own)
         diff = list(_fe.add(x, x0, alpha=-1))
         _fe.add_(R, _fe.mul(g, diff), alpha=-1)
         _fe.clamp_min_(R, 0.0)
-        C = _bufs(flat, state.cumulative_gradients, "state.cumulative_gradients", own)
+        C = _owned.held(flat, state.cumulative_gradients, "state.cumulative_gradients", own)
         _fe.add_(C, g, alpha=-1)
         den = list(_fe.maximum(_fe.add(G, L), _fe.mul(L, a)))
         _fe.mul_(den, L)
@@ -1604,11 +1590,11 @@ def _cocob_eager(flat: _Flat, state: COCOBState, g: list[torch.Tensor], x: list[
     """scale_by_cocob's step with two temporaries (``|g|``, in the update's own buffer when it may
     be written, then the ratio; ``x - x0``, then the output),
     the state in place; ``max(G + L, a L)`` as ``L + max(G, (a - 1) L)``."""
-    R = _bufs(flat, state.reward, "state.reward", own)
+    R = _owned.held(flat, state.reward, "state.reward", own)
     diff = list(_sub(x, x0))
     _fe.addcmul_(R, g, diff, -1.0)
     _fe.clamp_min_(R, 0.0)
-    C = _bufs(flat, state.cumulative_gradients, "state.cumulative_gradients", own)
+    C = _owned.held(flat, state.cumulative_gradients, "state.cumulative_gradients", own)
     _fe.add_(C, g, alpha=-1)
     # g is no longer needed: |g| in its own buffer when the update is ours to write
     if own.may_write(g):
@@ -1616,9 +1602,9 @@ def _cocob_eager(flat: _Flat, state: COCOBState, g: list[torch.Tensor], x: list[
         T = g
     else:
         T = list(_abs(g))
-    L = _bufs(flat, state.scale, "state.scale", own)
+    L = _owned.held(flat, state.scale, "state.scale", own)
     _fe.maximum_(L, T)
-    G = _bufs(flat, state.subgradients, "state.subgradients", own)
+    G = _owned.held(flat, state.subgradients, "state.subgradients", own)
     _fe.add_(G, T)
     _copy_(T, L)
     _fe.mul_(T, a - 1.0)

@@ -539,7 +539,7 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
             nu = _moment_sq(nu_old, g, beta2, True)
             c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
             if kind == "amsgrad":
-                nu_max = _held(flat.state_live(state.nu_max, "state.nu_max"), own)
+                nu_max = _owned.held(flat, state.nu_max, "state.nu_max", own)
                 s = list(_fe.div(nu, c2))
                 _fe.maximum_(nu_max, s)
                 out = _adam_ratio(mu, nu_max, [1.0] * len(c1), None, e, er, s)
@@ -662,7 +662,7 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
             a = list(_fe.div(g, [d.to(x.dtype) for x, d in zip(g, denom)]))
             if not _is_zero(wd):
                 _fe.add_(a, flat.params_live(params, "scale_by_novograd (weight_decay)"), alpha=wd)
-            mu = _held(flat.state_live(state.mu, "state.mu"), own)
+            mu = _owned.held(flat, state.mu, "state.mu", own)
             nu_old = _held(nu_old, own)
             _fe.mul_(mu, b1e)
             _fe.add_(mu, a)
@@ -788,10 +788,10 @@ def _adan_eager(flat: _Flat, state: Any, g: list[torch.Tensor], old_counts: list
         if f:
             d.zero_()
     counts = _step_counts(flat, state.count, own.state)
-    m = _moment(_held(flat.state_live(state.m, "state.m"), own), g, beta1, True)
-    v = _moment(_held(flat.state_live(state.v, "state.v"), own), diff, beta2, True)
+    m = _moment(_owned.held(flat, state.m, "state.m", own), g, beta1, True)
+    v = _moment(_owned.held(flat, state.v, "state.v", own), diff, beta2, True)
     u = list(_fe.add(g, diff, alpha=1 - beta2))
-    n = _moment_sq(_held(flat.state_live(state.n, "state.n"), own), u, beta3, True)
+    n = _moment_sq(_owned.held(flat, state.n, "state.n", own), u, beta3, True)
     c1, c2, c3 = (_bias_corrections(counts, b) for b in (beta1, beta2, beta3))
     # u = m / c1 + (1 - b2) v / c2, written as ((v * k c1) + m) / c1 with k = (1 - b2) / c2
     _copy_(u, v)
@@ -948,7 +948,7 @@ def _sm3_eager(flat: _Flat, state: Any, accs: list[torch.Tensor], beta1: float, 
         if mask is not None:
             x.masked_fill_(~mask, 0.0)
         w.append(x)
-    nu = _moment(_held(flat.state_live(state.nu, "state.nu"), own), w, beta1, True)
+    nu = _moment(_owned.held(flat, state.nu, "state.nu", own), w, beta1, True)
     _copy_(w, nu)
     return _owned.finish(flat, w, state, mu=accs, nu=nu)
 
