@@ -42,8 +42,9 @@ def held(flat: _Flat, tree: Any, what: str, own: Ownership, same_dtype: bool = T
 def restate(flat: _Flat, state: NamedTuple, **trees: Any) -> Any:
     """``state`` with each field named in ``trees`` replaced by those live leaves (frozen
     positions keep the old state's leaves); the other fields stay as they are."""
-    fields = {k: flat.rebuild(v, like=getattr(state, k)) for k, v in trees.items()}
-    return type(state)(*[fields.get(k, v) for k, v in zip(state._fields, state)])
+    for name, live_leaves in trees.items():
+        trees[name] = flat.rebuild(live_leaves, like=getattr(state, name))
+    return state._replace(**trees)
 
 
 def finish(flat: _Flat, out: list[torch.Tensor], state: NamedTuple, **trees: Any) -> tuple[Updates, Any]:
