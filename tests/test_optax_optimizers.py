@@ -462,7 +462,7 @@ def test_batched_equals_per_model_runs(name):
 
 
 SMALL = [(256, 256), (256,), (128, 256), (128,)]
-# 1.6M params: a step's cache-sized chunk scratch (32K elements) is 2% of them, not a third
+# 1.6M params: a step's cache-sized chunk scratch (128K elements) is 8% of them, not more than all
 LARGE = [(1024, 1024), (1024,), (512, 1024), (512,)]
 
 
@@ -508,7 +508,7 @@ def test_an_adapter_step_makes_one_params_sized_temporary(name):
 def test_nadamw_makes_one_params_sized_temporary():
     """The Nesterov numerator is the step's one temporary; the denominator is made chunk by chunk
     in a cache-sized scratch and divided in place (before: 2 params-sized temporaries)."""
-    assert temporaries_per_step(lambda: gx.nadamw(1e-3), shapes=LARGE) <= 1.1
+    assert temporaries_per_step(lambda: gx.nadamw(1e-3), shapes=LARGE) <= 1.15
 
 
 def test_noisy_sgd_hashes_in_place():
