@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from . import _foreach as _fe
+from . import _owned
 from . import tree as _tree
 from .base import (
     PURE,
@@ -28,14 +29,13 @@ from .base import (
     Updates,
     call_update,
     chain,
-    expect_state,
     extra_args_of,
     owned_transform,
     recorded,
     stateless,
 )
 from .combine import inject_hyperparams
-from .optax_optimizers import _copy_, _dog_norms, _dog_scaled, _reciprocal_, _sqrt_, _sub
+from .optax_optimizers import _copy_, _div_by_root_, _dog_norms, _dog_scaled, _rdiv_, _reciprocal_, _sqrt_, _sub
 from .transforms import (
     ScalarOrSchedule,
     _ema,
@@ -117,11 +117,33 @@ def _like(value: Any, ref: torch.Tensor) -> torch.Tensor:
     return torch.full((), value, dtype=ref.dtype, device=ref.device)
 
 
-def _bufs(flat: _Flat, tree: Any, what: str, own: Ownership) -> list[torch.Tensor]:
-    """The live leaves of a state buffer tree, to be updated in place: the buffers themselves when
-    the caller owns the state, else copies."""
-    xs = flat.state_live(tree, what)
-    return xs if own.state else [x.clone() for x in xs]
+def _eager_numbers(*values: Any) -> bool:
+    """Whether an update may take its eager in-place path: outside any trace, with every
+    scalar it needs a Python number (``None``: not needed). That path writes its one
+    params-shaped temporary and the state buffers (copies when the state is not owned) in
+    place, the same operations for the pure and the owned update, so they agree to the bit."""
+    return not _tree.traced() and all(v is None or isinstance(v, (int, float)) for v in values)
+
+
+_DIFF_CHUNK = 1 << 17  # elements of `_add_scaled_diff_`'s scratch (512 KiB in float32: in L2)
+
+
+def _add_scaled_diff_(out: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor], k: Any) -> None:
+    """``out <- out + k (a - b)`` in place, eager only, over chunks of each leaf through one
+    scratch of at most ``_DIFF_CHUNK`` elements: per element the operations of the foreach form
+    ``(a - b) * k`` then ``+ out`` (the same numbers), without a params-sized temporary.
+    Leaves must be contiguous and of one dtype."""
+    size = max(min(x.numel(), _DIFF_CHUNK) for x in a)
+    buf = torch.empty(size, dtype=a[0].dtype, device=a[0].device)
+    for o, x, y in zip(out, a, b):
+        of, xf, yf, n = o.view(-1), x.view(-1), y.view(-1), x.numel()
+        if buf.dtype != x.dtype or buf.device != x.device:
+            buf = torch.empty(size, dtype=x.dtype, device=x.device)
+        for s in range(0, n, _DIFF_CHUNK):
+            e = min(n, s + _DIFF_CHUNK)
+            d = buf[:e - s]
+            torch.sub(xf[s:e], yf[s:e], out=d)
+            of[s:e].add_(d.mul_(k))
 
 
 def _sum(xs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -334,9 +356,8 @@ def schedule_free(
 
     def owned_update(updates: Updates, state: ScheduleFreeState, params: Params | None, own: Ownership,
                      **extra: Any) -> tuple[Updates, ScheduleFreeState]:
-        expect_state(state, ScheduleFreeState, "schedule_free")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScheduleFreeState, "schedule_free")
+        if flat is None:
             return updates, state
         y = flat.params_live(params, "schedule_free")
         z = flat.state_live(state.z, "state.z", check_shapes=False)
@@ -356,12 +377,24 @@ def schedule_free(
             raise ValueError("schedule_free: the base optimizer must return an update for every live leaf")
         _fe.add_(z, bu)
         beta = _sv(b1)
+        new_state = ScheduleFreeState(state.b1, total, state.step_count + 1, max_lr, base_state,
+                                      flat.rebuild(z, like=state.z))
+        if not _tree.traced() and all(a.dtype == b.dtype == u.dtype and a.is_contiguous() and b.is_contiguous()
+                                      and u.is_contiguous() for a, b, u in zip(z, y, bu)):
+            # at most one temporary: the output is the base update scaled in place (when the
+            # caller lets us write it), then ck (z - y) is added chunk by chunk (`_add_scaled_diff_`)
+            k2 = (1.0 - ck) * (1.0 - beta)
+            if own.may_write(bu):
+                _fe.mul_(bu, k2)
+                out = bu
+            else:
+                out = list(_fe.mul(bu, k2))
+            _add_scaled_diff_(out, z, y, ck)
+            return flat.rebuild(out), new_state
         out = list(_fe.add(z, y, alpha=-1)) if all(a.dtype == b.dtype for a, b in zip(z, y)) else \
             [(a - b).to(b.dtype) for a, b in zip(z, y)]
         _fe.mul_(out, ck)
         _fe.add_(out, _fe.mul(bu, (1.0 - ck) * (1.0 - beta)))
-        new_state = ScheduleFreeState(state.b1, total, state.step_count + 1, max_lr, base_state,
-                                      flat.rebuild(z, like=state.z))
         return flat.rebuild(out), new_state
 
     return owned_transform(init, owned_update, extra_args_of(base_optimizer))
@@ -405,19 +438,22 @@ def scale_by_rms_debiased(decay: float | torch.Tensor = 0.999, eps: float | torc
 
     def owned_update(updates: Updates, state: ScaleByRmsDebiasedState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByRmsDebiasedState]:
-        del params
-        expect_state(state, ScaleByRmsDebiasedState, "scale_by_rms_debiased")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByRmsDebiasedState, "scale_by_rms_debiased")
+        if flat is None:
             return updates, state
         d, e = _sv(decay), _sv(eps)
         nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, own.state)
         t = _count_value(state.count) + 1
         den = list(_fe.div(nu, 1 - d ** t))
+        if _eager_numbers(t, d, e):  # the denominator's buffer takes the output: one temporary
+            _sqrt_(den)
+            _fe.add_(den, e)
+            _rdiv_(den, flat.live)
+            return _owned.finish(flat, den, state._replace(count=state.count + 1), nu=nu)
         den = list(_fe.sqrt(den))
         _fe.add_(den, e)
         out = list(_fe.div(flat.live, den))
-        return flat.rebuild(out), ScaleByRmsDebiasedState(state.count + 1, flat.rebuild(nu, like=state.nu))
+        return _owned.finish(flat, out, state._replace(count=state.count + 1), nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -577,9 +613,8 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
 
     def owned_update(updates: Updates, state: ProdigyState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ProdigyState]:
-        expect_state(state, ProdigyState, "prodigy")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ProdigyState, "prodigy")
+        if flat is None:
             return updates, state
         g = flat.live
         p = flat.params_live(params, "prodigy")
@@ -597,9 +632,9 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
                                   safeguard_warmup, own)
         dg = list(_fe.mul(g, d))
         acum = _vdot(g, _fe.add(p0, p, alpha=-1))
-        ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), dg, b1, True)
-        eas = _ema_sq(_bufs(flat, state.exp_avg_sq, "state.exp_avg_sq", own), dg, b2, True)
-        s = _bufs(flat, state.grad_sum, "state.grad_sum", own)
+        ea = _ema(_owned.held(flat, state.exp_avg, "state.exp_avg", own), dg, b1, True)
+        eas = _ema_sq(_owned.held(flat, state.exp_avg_sq, "state.exp_avg_sq", own), dg, b2, True)
+        s = _owned.held(flat, state.grad_sum, "state.grad_sum", own)
         _fe.mul_(s, b3)
         _fe.add_(s, _fe.mul(dg, (d / d0) if safeguard_warmup else (dlr / d0)))
         num = b3 * state.numerator_weighted + (d / d0) * dlr * acum
@@ -614,9 +649,8 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
         _fe.mul_(out, -dlr)
         if use_weight_decay:
             _fe.add_(out, _fe.mul(p, -_sv(weight_decay) * dlr))
-        new_state = ProdigyState(flat.rebuild(ea, like=state.exp_avg), flat.rebuild(eas, like=state.exp_avg_sq),
-                                 flat.rebuild(s, like=state.grad_sum), state.params0, new_d, num, state.count + 1)
-        return flat.rebuild(out), new_state
+        scalars = state._replace(estim_lr=new_d, numerator_weighted=num, count=state.count + 1)
+        return _owned.finish(flat, out, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
 
     return owned_transform(init, owned_update)
 
@@ -631,9 +665,9 @@ def _prodigy_eager(flat: _Flat, state: ProdigyState, g: list[torch.Tensor], p: l
     acum = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(g, tmp)]).sum()
     _copy_(tmp, g)
     _fe.mul_(tmp, d)  # d g
-    ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), tmp, b1, True)
-    eas = _ema_sq(_bufs(flat, state.exp_avg_sq, "state.exp_avg_sq", own), tmp, b2, True)
-    s = _bufs(flat, state.grad_sum, "state.grad_sum", own)
+    ea = _ema(_owned.held(flat, state.exp_avg, "state.exp_avg", own), tmp, b1, True)
+    eas = _ema_sq(_owned.held(flat, state.exp_avg_sq, "state.exp_avg_sq", own), tmp, b2, True)
+    s = _owned.held(flat, state.grad_sum, "state.grad_sum", own)
     _fe.mul_(s, b3)
     _fe.mul_(tmp, (d / d0) if safeguard_warmup else (dlr / d0))
     _fe.add_(s, tmp)
@@ -651,9 +685,8 @@ def _prodigy_eager(flat: _Flat, state: ProdigyState, g: list[torch.Tensor], p: l
     if wd != 0:
         _fe.add_(out, p, alpha=wd)
     _fe.mul_(out, -dlr)
-    new_state = ProdigyState(flat.rebuild(ea, like=state.exp_avg), flat.rebuild(eas, like=state.exp_avg_sq),
-                             flat.rebuild(s, like=state.grad_sum), state.params0, new_d, num, state.count + 1)
-    return flat.rebuild(out), new_state
+    scalars = state._replace(estim_lr=new_d, numerator_weighted=num, count=state.count + 1)
+    return _owned.finish(flat, out, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
 
 
 @recorded
@@ -734,9 +767,8 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
 
     def owned_update(updates: Updates, state: DAdaptAdamWState, params: Params | None,
                      own: Ownership) -> tuple[Updates, DAdaptAdamWState]:
-        expect_state(state, DAdaptAdamWState, "dadapt_adamw")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, DAdaptAdamWState, "dadapt_adamw")
+        if flat is None:
             return updates, state
         g = flat.live
         p = flat.params_live(params, "dadapt_adamw")
@@ -747,8 +779,8 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
         t = _count_value(state.count) + 1
         bc = ((1 - b2 ** t) ** 0.5) / (1 - b1 ** t)
         dlr = state.estim_lr * sched * bc
-        s = _bufs(flat, state.grad_sum, "state.grad_sum", own)
-        eas = _bufs(flat, state.exp_avg_sq, "state.exp_avg_sq", own)
+        s = _owned.held(flat, state.grad_sum, "state.grad_sum", own)
+        eas = _owned.held(flat, state.exp_avg_sq, "state.exp_avg_sq", own)
         return _dadapt_eager(flat, state, g, p, s, eas, b1, b2, sb2, e, dlr, weight_decay, use_weight_decay, own)
 
     return owned_transform(init, owned_update)
@@ -767,7 +799,7 @@ def _dadapt_eager(flat: _Flat, state: DAdaptAdamWState, g: list[torch.Tensor], p
     acum = torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(g, T)]).sum()
     _copy_(T, g)
     _fe.mul_(T, dlr)  # dlr g
-    ea = _ema(_bufs(flat, state.exp_avg, "state.exp_avg", own), T, b1, True)
+    ea = _ema(_owned.held(flat, state.exp_avg, "state.exp_avg", own), T, b1, True)
     eas = _ema_sq(eas, g, b2, True)
     _fe.mul_(s, sb2)
     _fe.mul_(T, 1 - sb2)
@@ -786,9 +818,8 @@ def _dadapt_eager(flat: _Flat, state: DAdaptAdamWState, g: list[torch.Tensor], p
     _fe.mul_(out, -1.0)
     if use_weight_decay:
         _fe.add_(out, _fe.mul(p, -_sv(weight_decay) * dlr))
-    new_state = DAdaptAdamWState(flat.rebuild(ea, like=state.exp_avg), flat.rebuild(eas, like=state.exp_avg_sq),
-                                 flat.rebuild(s, like=state.grad_sum), new_d, num, state.count + 1)
-    return flat.rebuild(out), new_state
+    scalars = state._replace(estim_lr=new_d, numerator_weighted=num, count=state.count + 1)
+    return _owned.finish(flat, out, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
 
 
 @recorded
@@ -905,40 +936,36 @@ def scale_by_ademamix(
 
     def owned_update(updates: Updates, state: ScaleByAdemamixState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByAdemamixState]:
-        del params
-        expect_state(state, ScaleByAdemamixState, "scale_by_ademamix")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAdemamixState, "scale_by_ademamix")
+        if flat is None:
             return updates, state
         g = flat.live
         c3 = _sv(b3(state.count_m2)) if callable(b3) else _sv(b3)
         ca = _sv(alpha(state.count_m2)) if callable(alpha) else _sv(alpha)
-        beta1, beta2 = _sv(b1), _sv(b2)
-        live = lambda tree, what: _bufs_any(flat, tree, what, own)  # noqa: E731
+        beta1, beta2, e, er = _sv(b1), _sv(b2), _sv(eps), _sv(eps_root)
+        live = lambda tree, what: _owned.held(flat, tree, what, own, same_dtype=False)  # noqa: E731
         m1 = _ema(live(state.m1, "state.m1"), _cast(g, state.m1, flat), beta1, True)
         m2 = _ema(live(state.m2, "state.m2"), _cast(g, state.m2, flat), c3, True)
         nu = _ema_sq(live(state.nu, "state.nu"), _cast(g, state.nu, flat), beta2, True)
         t = _count_value(state.count) + 1
+        new_state = state._replace(count=state.count + 1, count_m2=state.count_m2 + 1)
+        if _eager_numbers(t, c3, ca, beta1, beta2, e, er) and all(x.dtype == y.dtype for x, y in zip(m1, g)):
+            # one temporary: the numerator, divided in place by the denominator made chunk by chunk
+            out = list(_fe.div(m1, 1 - beta1 ** t))
+            _fe.add_(out, m2, alpha=ca)
+            _div_by_root_(out, nu, [1 - beta2 ** t] * len(nu), er, e)
+            return _owned.finish(flat, out, new_state, m1=m1, m2=m2, nu=nu)
         num = list(_fe.div(m1, 1 - beta1 ** t))
         _fe.add_(num, _fe.mul(m2, ca))
         den = list(_fe.div(nu, 1 - beta2 ** t))
         if not (isinstance(eps_root, (int, float)) and eps_root == 0):
-            _fe.add_(den, _sv(eps_root))
+            _fe.add_(den, er)
         den = list(_fe.sqrt(den))
-        _fe.add_(den, _sv(eps))
+        _fe.add_(den, e)
         out = [o.to(x.dtype) for o, x in zip(_fe.div(num, den), g)]
-        new_state = ScaleByAdemamixState(state.count + 1, state.count_m2 + 1, flat.rebuild(m1, like=state.m1),
-                                         flat.rebuild(m2, like=state.m2), flat.rebuild(nu, like=state.nu))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, new_state, m1=m1, m2=m2, nu=nu)
 
     return owned_transform(init, owned_update)
-
-
-def _bufs_any(flat: _Flat, tree: Any, what: str, own: Ownership) -> list[torch.Tensor]:
-    """As `_bufs`, for buffers whose dtype may differ from the updates' (``mu_dtype``)."""
-    xs = flat.state_live(tree, what, check_shapes=False)
-    _tree.check_shapes(lambda: [flat.paths()[i] for i in flat.idx], flat.live, xs, what)
-    return xs if own.state else [x.clone() for x in xs]
 
 
 def _cast(g: list[torch.Tensor], tree: Any, flat: _Flat) -> list[torch.Tensor]:
@@ -1075,36 +1102,50 @@ def scale_by_adopt(
 
     def owned_update(updates: Updates, state: ScaleByAdoptState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByAdoptState]:
-        del params
-        expect_state(state, ScaleByAdoptState, "scale_by_adopt")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAdoptState, "scale_by_adopt")
+        if flat is None:
             return updates, state
         g = flat.live
         c = _count_value(state.count)
         first = c == 0
         beta1 = _select(first, 1.0, _sv(b1))
         beta2 = _select(first, 0.0, _sv(b2))
+        e = _sv(eps)
+        bound = clip_value_fn(c) if use_clipping else None
+        if _eager_numbers(c, beta1, beta2, e, bound):
+            # one temporary s: s = clip(g / max(sqrt(nu), eps)); nu, mu in place; s <- the output
+            nu = _owned.held(flat, state.nu, "state.nu", own)
+            s = list(_fe.sqrt(nu))
+            _fe.clamp_min_(s, e)
+            _rdiv_(s, g)
+            if use_clipping:
+                for x in s:
+                    x.clamp_(-bound, bound)
+            _ema_sq(nu, g, beta2, True)
+            mu = _ema(_owned.held(flat, state.mu, "state.mu", own, same_dtype=False), _cast(s, state.mu, flat), beta1, True)
+            if nesterov:  # b1 mu + (1 - b1) n, written over n
+                for m, x in zip(mu, s):
+                    torch.lerp(m.to(x.dtype), x, 1.0 - beta1, out=x)
+            else:
+                _copy_(s, mu)
+            return _owned.finish(flat, s, state._replace(count=state.count + 1), mu=mu, nu=nu)
         nu_old = flat.state_live(state.nu, "state.nu")
         den = list(_fe.sqrt(nu_old))
-        e = _sv(eps)
         if isinstance(e, torch.Tensor):
             den = [torch.maximum(x, e.to(x)) for x in den]  # maximum: a DTensor strategy on every torch with FSDP2
         else:
             _fe.clamp_min_(den, e)
         n = list(_fe.div(g, den))
         if use_clipping:
-            bound = clip_value_fn(c)
             n = [torch.clamp(x, -bound, bound) for x in n] if isinstance(bound, torch.Tensor) else \
                 [x.clamp(-bound, bound) for x in n]
         nu = _ema_sq(nu_old if own.state else [x.clone() for x in nu_old], g, beta2, True)
-        mu = _ema(_bufs_any(flat, state.mu, "state.mu", own), _cast(n, state.mu, flat), beta1, True)
+        mu = _ema(_owned.held(flat, state.mu, "state.mu", own, same_dtype=False), _cast(n, state.mu, flat), beta1, True)
         if nesterov:
             out = _ema([x.to(y.dtype) for x, y in zip(mu, g)], n, beta1, False)
         else:
             out = [x.to(y.dtype, copy=True) for x, y in zip(mu, g)]
-        new_state = ScaleByAdoptState(state.count + 1, flat.rebuild(mu, like=state.mu), flat.rebuild(nu, like=state.nu))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state._replace(count=state.count + 1), mu=mu, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -1279,9 +1320,8 @@ def sam(
 
     def owned_update(updates: Updates, state: SAMState, params: Params | None,
                      own: Ownership) -> tuple[Updates, SAMState]:
-        expect_state(state, SAMState, "sam")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, SAMState, "sam")
+        if flat is None:
             return updates, state
         x = flat.params_live(params, "sam")
         ssc = _count_value(state.steps_since_sync)
@@ -1387,9 +1427,8 @@ def scale_by_madgrad(learning_rate: ScalarOrSchedule, momentum: float | torch.Te
 
     def owned_update(updates: Updates, state: MadgradState, params: Params | None,
                      own: Ownership) -> tuple[Updates, MadgradState]:
-        expect_state(state, MadgradState, "scale_by_madgrad")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, MadgradState, "scale_by_madgrad")
+        if flat is None:
             return updates, state
         g = flat.live
         x = flat.params_live(params, "scale_by_madgrad")
@@ -1397,8 +1436,8 @@ def scale_by_madgrad(learning_rate: ScalarOrSchedule, momentum: float | torch.Te
         e, m = _sv(eps), _sv(momentum)
         k = _count_value(state.count)
         lam = (lr + e) * ((k + 1) ** 0.5)
-        gss = _bufs(flat, state.grad_sum_sq, "state.grad_sum_sq", own)
-        s = _bufs(flat, state.s, "state.s", own)
+        gss = _owned.held(flat, state.grad_sum_sq, "state.grad_sum_sq", own)
+        s = _owned.held(flat, state.s, "state.s", own)
         if isinstance(lam, (int, float)) and not _tree.pure_ops():  # no temporaries but sigma
             _fe.addcmul_(gss, g, g, lam)
             _fe.add_(s, g, alpha=lam)
@@ -1413,9 +1452,7 @@ def scale_by_madgrad(learning_rate: ScalarOrSchedule, momentum: float | torch.Te
         _fe.add_(z, flat.state_live(state.x0, "state.x0"))
         _fe.add_(z, x, alpha=-1)
         _fe.mul_(z, 1 - m)
-        new_state = MadgradState(state.count + 1, flat.rebuild(gss, like=state.grad_sum_sq),
-                                 flat.rebuild(s, like=state.s), state.x0)
-        return flat.rebuild(z), new_state
+        return _owned.finish(flat, z, state._replace(count=state.count + 1), grad_sum_sq=gss, s=s)
 
     return owned_transform(init, owned_update)
 
@@ -1518,9 +1555,8 @@ def scale_by_cocob(alpha: float | torch.Tensor = 100.0, eps: float | torch.Tenso
 
     def owned_update(updates: Updates, state: COCOBState, params: Params | None,
                      own: Ownership) -> tuple[Updates, COCOBState]:
-        expect_state(state, COCOBState, "scale_by_cocob")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, COCOBState, "scale_by_cocob")
+        if flat is None:
             return updates, state
         g = flat.live
         x = flat.params_live(params, "scale_by_cocob")
@@ -1529,25 +1565,22 @@ def scale_by_cocob(alpha: float | torch.Tensor = 100.0, eps: float | torch.Tenso
         if not _tree.pure_ops() and isinstance(a, (int, float)):
             return _cocob_eager(flat, state, g, x, x0, a, own)
         absg = list(_abs(g))
-        L = _bufs(flat, state.scale, "state.scale", own)
+        L = _owned.held(flat, state.scale, "state.scale", own)
         _fe.maximum_(L, absg)
-        G = _bufs(flat, state.subgradients, "state.subgradients", own)
+        G = _owned.held(flat, state.subgradients, "state.subgradients", own)
         _fe.add_(G, absg)
-        R = _bufs(flat, state.reward, "state.reward", own)
+        R = _owned.held(flat, state.reward, "state.reward", own)
         diff = list(_fe.add(x, x0, alpha=-1))
         _fe.add_(R, _fe.mul(g, diff), alpha=-1)
         _fe.clamp_min_(R, 0.0)
-        C = _bufs(flat, state.cumulative_gradients, "state.cumulative_gradients", own)
+        C = _owned.held(flat, state.cumulative_gradients, "state.cumulative_gradients", own)
         _fe.add_(C, g, alpha=-1)
         den = list(_fe.maximum(_fe.add(G, L), _fe.mul(L, a)))
         _fe.mul_(den, L)
         out = list(_fe.div(C, den))
         _fe.mul_(out, _fe.add(L, R))
         _fe.add_(out, diff, alpha=-1)
-        new_state = COCOBState(state.init_particles, flat.rebuild(C, like=state.cumulative_gradients),
-                               flat.rebuild(L, like=state.scale), flat.rebuild(G, like=state.subgradients),
-                               flat.rebuild(R, like=state.reward))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state, cumulative_gradients=C, scale=L, subgradients=G, reward=R)
 
     return owned_transform(init, owned_update)
 
@@ -1557,11 +1590,11 @@ def _cocob_eager(flat: _Flat, state: COCOBState, g: list[torch.Tensor], x: list[
     """scale_by_cocob's step with two temporaries (``|g|``, in the update's own buffer when it may
     be written, then the ratio; ``x - x0``, then the output),
     the state in place; ``max(G + L, a L)`` as ``L + max(G, (a - 1) L)``."""
-    R = _bufs(flat, state.reward, "state.reward", own)
+    R = _owned.held(flat, state.reward, "state.reward", own)
     diff = list(_sub(x, x0))
     _fe.addcmul_(R, g, diff, -1.0)
     _fe.clamp_min_(R, 0.0)
-    C = _bufs(flat, state.cumulative_gradients, "state.cumulative_gradients", own)
+    C = _owned.held(flat, state.cumulative_gradients, "state.cumulative_gradients", own)
     _fe.add_(C, g, alpha=-1)
     # g is no longer needed: |g| in its own buffer when the update is ours to write
     if own.may_write(g):
@@ -1569,9 +1602,9 @@ def _cocob_eager(flat: _Flat, state: COCOBState, g: list[torch.Tensor], x: list[
         T = g
     else:
         T = list(_abs(g))
-    L = _bufs(flat, state.scale, "state.scale", own)
+    L = _owned.held(flat, state.scale, "state.scale", own)
     _fe.maximum_(L, T)
-    G = _bufs(flat, state.subgradients, "state.subgradients", own)
+    G = _owned.held(flat, state.subgradients, "state.subgradients", own)
     _fe.add_(G, T)
     _copy_(T, L)
     _fe.mul_(T, a - 1.0)
@@ -1583,9 +1616,7 @@ def _cocob_eager(flat: _Flat, state: COCOBState, g: list[torch.Tensor], x: list[
     _fe.mul_(diff, -1.0)  # the output: (C / den) (L + R) - (x - x0), in diff's buffer
     _fe.addcmul_(diff, T, L)
     _fe.addcmul_(diff, T, R)
-    return flat.rebuild(diff), COCOBState(state.init_particles, flat.rebuild(C, like=state.cumulative_gradients),
-                                          flat.rebuild(L, like=state.scale), flat.rebuild(G, like=state.subgradients),
-                                          flat.rebuild(R, like=state.reward))
+    return _owned.finish(flat, diff, state, cumulative_gradients=C, scale=L, subgradients=G, reward=R)
 
 
 def _cocob(lr: Any, alpha: Any, eps: Any, weight_decay: Any, mask: Any, use_weight_decay: bool) -> GradientTransformation:
@@ -1696,9 +1727,8 @@ def scale_by_dog(init_step: tuple[str, float] = ("heuristic", 1e-6), eps: float 
     def owned_update(updates: Updates, state: DoGState, params: Params | None,
                      own: Ownership) -> tuple[Updates, DoGState]:
         del own
-        expect_state(state, DoGState, "scale_by_dog")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, DoGState, "scale_by_dog")
+        if flat is None:
             return updates, state
         x = flat.params_live(params, "scale_by_dog")
         x0 = flat.state_live(state.init_params, "state.init_params")

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _foreach as _fe
+from . import _owned
 from . import tree as _tree
 from .base import (
     PURE,
@@ -36,7 +37,6 @@ from .base import (
     Params,
     Updates,
     chain,
-    expect_state,
     owned_transform,
     recorded,
     stateless,
@@ -164,32 +164,71 @@ def _held(xs: list[torch.Tensor], own: Ownership) -> list[torch.Tensor]:
 def _adam_ratio(mu: list[torch.Tensor], nu: list[torch.Tensor], c1: list[Any], c2: list[Any] | None, eps: Any,
                 eps_root: Any, scratch: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """``(mu / c1) / (sqrt(nu / c2 + eps_root) + eps)`` (``c2`` None: 1) written into ``scratch``
-    (tensors of the caller's own), or into one new buffer: the eager path's output. Rounding
-    differs from the two-division form by an ulp or two."""
+    (tensors of the caller's own), or into one new buffer: the eager path's output (``c1``,
+    ``c2``: numbers). As ``mu / (c1 (sqrt(nu / c2 + eps_root) + eps))``: rounding differs from
+    the two-division form by an ulp or two."""
     if scratch is None:
         s = list(_fe.div(nu, c2)) if c2 is not None else list(_fe.add(nu, eps_root))
     else:
         s = scratch
-        _copy_(s, nu)
         if c2 is not None:
-            _fe.div_(s, c2)
+            for x, v, c in zip(s, nu, c2):
+                torch.div(v, c, out=x)
+        else:
+            _copy_(s, nu)
     if c2 is not None or scratch is not None:
         if not _is_zero(eps_root):
             _fe.add_(s, eps_root)
     _sqrt_(s)
     _fe.add_(s, eps)
-    _fe.mul_(s, c1)
-    _reciprocal_(s)
-    _fe.mul_(s, mu)
+    if any(c != 1 for c in c1):
+        _fe.mul_(s, c1)
+    _rdiv_(s, mu)
     return s
+
+
+def _rdiv_(xs: list[torch.Tensor], num: list[torch.Tensor]) -> None:
+    """``x <- num / x`` in place (one pass, the division's own rounding); no foreach kernel
+    divides that way round, so per leaf with ``out=`` (eager paths only)."""
+    for x, n in zip(xs, num):
+        torch.div(n, x, out=x)
+
+
+_ROOT_CHUNK = 1 << 17  # elements of the denominator's scratch in `_div_by_root_` (512 KiB in float32: in L2)
+
+
+def _div_by_root_(out: list[torch.Tensor], nu: list[torch.Tensor], c2: list[float], eps_root: Any,
+                  eps: Any) -> None:
+    """``out <- out / (sqrt(nu / c2 + eps_root) + eps)`` in place (``c2``: a number per leaf),
+    eager only. The denominator is made chunk by chunk in one scratch of at most ``_ROOT_CHUNK``
+    elements (it stays in cache), never as a params-sized temporary; per element the same
+    operations as the foreach form ``div, add, sqrt, add`` then ``div``, so the same numbers."""
+    sizes = [min(v.numel(), _ROOT_CHUNK) for v in nu]
+    scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+    for o, v, c in zip(out, nu, c2):
+        if not (o.is_contiguous() and v.is_contiguous()) or o.dtype != v.dtype:
+            d = torch.div(v, c)
+            if not _is_zero(eps_root):
+                d.add_(eps_root)
+            o.div_(d.sqrt_().add_(eps))
+            continue
+        key = (v.dtype, v.device)
+        if key not in scratch:
+            scratch[key] = torch.empty(max(n for n, x in zip(sizes, nu) if (x.dtype, x.device) == key),
+                                       dtype=v.dtype, device=v.device)
+        buf, of, vf, n = scratch[key], o.view(-1), v.view(-1), v.numel()
+        for s in range(0, n, _ROOT_CHUNK):
+            e = min(n, s + _ROOT_CHUNK)
+            d = buf[:e - s]
+            torch.div(vf[s:e], c, out=d)
+            if not _is_zero(eps_root):
+                d.add_(eps_root)
+            d.sqrt_().add_(eps)
+            of[s:e].div_(d)
 
 
 def _is_zero(x: Any) -> bool:
     return isinstance(x, (int, float)) and x == 0
-
-
-def _store(flat: _Flat, new: list[torch.Tensor], like: Any) -> Any:
-    return flat.rebuild(new, like=like)
 
 
 def _inplace(own: Ownership) -> bool:  # noqa: D401
@@ -250,10 +289,8 @@ def scale_by_lion(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
 
     def owned_update(updates: Updates, state: ScaleByLionState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByLionState]:
-        del params
-        expect_state(state, ScaleByLionState, "scale_by_lion")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByLionState, "scale_by_lion")
+        if flat is None:
             return updates, state
         beta1, beta2 = _tree.as_scalar(b1), _tree.as_scalar(b2)
         g = flat.live
@@ -273,7 +310,7 @@ def scale_by_lion(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         else:
             out = [torch.where(v.abs() < 1.0, v, torch.sign(v)) for v in x]
         mu = _moment(mu, g, beta2, own.state)
-        return flat.rebuild(out), ScaleByLionState(_store(flat, counts, state.count), _store(flat, mu, state.mu))
+        return _owned.finish(flat, out, state, count=counts, mu=mu)
 
     return owned_transform(init, owned_update)
 
@@ -334,10 +371,8 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
 
     def owned_update(updates: Updates, state: ScaleByBeliefState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByBeliefState]:
-        del params
-        expect_state(state, ScaleByBeliefState, "scale_by_belief")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByBeliefState, "scale_by_belief")
+        if flat is None:
             return updates, state
         beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
         g = flat.live
@@ -350,13 +385,11 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         if not nesterov and _eager(own, counts, beta1, beta2):
             # the residual's buffer becomes the output: one temporary per step
             out = _adam_ratio(mu, nu, _bias_corrections(counts, beta1), _bias_corrections(counts, beta2), e, 0.0, err)
-            return flat.rebuild(out), ScaleByBeliefState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                         _store(flat, nu, state.nu))
+            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
         mu_hat = _nesterov_mu_hat(mu, g, counts, beta1) if nesterov else _div_each(mu, _bias_corrections(counts, beta1))
         nu_hat = _div_each(nu, _bias_corrections(counts, beta2))
         out = list(_fe.div(mu_hat, _denominators(nu_hat, e, 0.0)))
-        return flat.rebuild(out), ScaleByBeliefState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                     _store(flat, nu, state.nu))
+        return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -408,10 +441,8 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
 
     def owned_update(updates: Updates, state: ScaleByYogiState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByYogiState]:
-        del params
-        expect_state(state, ScaleByYogiState, "scale_by_yogi")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByYogiState, "scale_by_yogi")
+        if flat is None:
             return updates, state
         beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
         g = flat.live
@@ -428,8 +459,7 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
             _fe.mul_(t, g)
             _fe.addcmul_(nu_old, t, g, -(1 - beta2))
             out = _adam_ratio(mu, nu_old, _bias_corrections(counts, beta1), _bias_corrections(counts, beta2), e, er, t)
-            return flat.rebuild(out), ScaleByYogiState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                       _store(flat, nu_old, state.nu))
+            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu_old)
         g2 = list(_fe.mul(g, g))
         step = list(_fe.mul(_fe.mul(_sign(_fe.add(nu_old, g2, alpha=-1)), g2), 1 - beta2))
         if own.state:
@@ -440,8 +470,7 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         mu_hat = _div_each(mu, _bias_corrections(counts, beta1))
         nu_hat = _div_each(nu, _bias_corrections(counts, beta2))
         out = list(_fe.div(mu_hat, _denominators(nu_hat, e, er)))
-        return flat.rebuild(out), ScaleByYogiState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                   _store(flat, nu, state.nu))
+        return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -464,6 +493,11 @@ class OptaxAdamState(NamedTuple):
     nu_max: Any
 
 
+def _amsgrad_max(kind: str, nu_max: Any) -> dict[str, Any]:
+    """The ``nu_max`` field to store: AMSGrad's maximum, else none (the state keeps ``None``)."""
+    return {"nu_max": nu_max} if kind == "amsgrad" else {}
+
+
 @recorded
 def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_root: Any = 0.0, nesterov: bool = False,
                          kind: str = "adam", bias_correction_mu: bool = True,
@@ -478,10 +512,8 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
 
     def owned_update(updates: Updates, state: OptaxAdamState, params: Params | None,
                      own: Ownership) -> tuple[Updates, OptaxAdamState]:
-        del params
-        expect_state(state, OptaxAdamState, "scale_by_adam (optax)")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, OptaxAdamState, "scale_by_adam (optax)")
+        if flat is None:
             return updates, state
         beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
         g = flat.live
@@ -502,13 +534,12 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
             _fe.mul_(a, _bias_corrections(counts, beta1))
             _reciprocal_(a)
             _fe.mul_(a, mu)
-            return flat.rebuild(a), OptaxAdamState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                   _store(flat, nu_old, state.nu), None)
+            return _owned.finish(flat, a, state, count=counts, mu=mu, nu=nu_old)
         if fast and kind != "adamax" and not (nesterov and _is_zero(beta1)):
             nu = _moment_sq(nu_old, g, beta2, True)
             c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
             if kind == "amsgrad":
-                nu_max = _held(flat.state_live(state.nu_max, "state.nu_max"), own)
+                nu_max = _owned.held(flat, state.nu_max, "state.nu_max", own)
                 s = list(_fe.div(nu, c2))
                 _fe.maximum_(nu_max, s)
                 out = _adam_ratio(mu, nu_max, [1.0] * len(c1), None, e, er, s)
@@ -519,17 +550,10 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
                 out = list(_fe.mul(g, [(1 - beta1) / c / ai for c, ai in zip(c1, a)]))
                 _fe.add_(out, mu)
                 _fe.mul_(out, a)
-                den = list(_fe.div(nu, c2))
-                if not _is_zero(er):
-                    _fe.add_(den, er)
-                _sqrt_(den)
-                _fe.add_(den, e)
-                _fe.div_(out, den)
+                _div_by_root_(out, nu, c2, er, e)  # the denominator in a cache-sized scratch
             else:
                 out = _adam_ratio(mu, nu, c1, c2, e, er)
-            new = OptaxAdamState(_store(flat, counts, state.count), _store(flat, mu, state.mu), _store(flat, nu, state.nu),
-                                 _store(flat, nu_max, state.nu_max) if kind == "amsgrad" else None)
-            return flat.rebuild(out), new
+            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu, **_amsgrad_max(kind, nu_max))
         if kind == "adamax":
             a = list(_fe.add(_fe._op("abs", torch.abs)(g), e))
             if own.state:
@@ -557,9 +581,7 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
                     nu_max = list(_fe.maximum(old_max, nu_hat))
                 nu_hat = nu_max
             out = list(_fe.div(mu_hat, _denominators(nu_hat, e, er)))
-        new = OptaxAdamState(_store(flat, counts, state.count), _store(flat, mu, state.mu), _store(flat, nu, state.nu),
-                             _store(flat, nu_max, state.nu_max) if kind == "amsgrad" else None)
-        return flat.rebuild(out), new
+        return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu, **_amsgrad_max(kind, nu_max))
 
     return owned_transform(init, owned_update)
 
@@ -617,9 +639,8 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
 
     def owned_update(updates: Updates, state: ScaleByNovogradState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByNovogradState]:
-        expect_state(state, ScaleByNovogradState, "scale_by_novograd")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByNovogradState, "scale_by_novograd")
+        if flat is None:
             return updates, state
         beta1, beta2, e, er, wd = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root, weight_decay))
         g = flat.live
@@ -641,14 +662,13 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
             a = list(_fe.div(g, [d.to(x.dtype) for x, d in zip(g, denom)]))
             if not _is_zero(wd):
                 _fe.add_(a, flat.params_live(params, "scale_by_novograd (weight_decay)"), alpha=wd)
-            mu = _held(flat.state_live(state.mu, "state.mu"), own)
+            mu = _owned.held(flat, state.mu, "state.mu", own)
             nu_old = _held(nu_old, own)
             _fe.mul_(mu, b1e)
             _fe.add_(mu, a)
             _copy_(a, mu)
             _copy_(nu_old, nu)
-            return flat.rebuild(a), ScaleByNovogradState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                         _store(flat, nu_old, state.nu))
+            return _owned.finish(flat, a, state, count=counts, mu=mu, nu=nu_old)
         a = [x / d.to(x.dtype) for x, d in zip(g, denom)]
         if not _is_zero(wd):
             p = flat.params_live(params, "scale_by_novograd (weight_decay)")
@@ -662,8 +682,7 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
                 o.copy_(n)
             mu, nu = mu_old, nu_old
         out = [m.clone() for m in mu]
-        return flat.rebuild(out), ScaleByNovogradState(_store(flat, counts, state.count), _store(flat, mu, state.mu),
-                                                       _store(flat, nu, state.nu))
+        return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -721,10 +740,8 @@ def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.
 
     def owned_update(updates: Updates, state: ScaleByAdanState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByAdanState]:
-        del params
-        expect_state(state, ScaleByAdanState, "scale_by_adan")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAdanState, "scale_by_adan")
+        if flat is None:
             return updates, state
         beta1, beta2, beta3, e, er = (_tree.as_scalar(x) for x in (b1, b2, b3, eps, eps_root))
         g = flat.live
@@ -752,9 +769,7 @@ def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.
             new_g = prev
         else:
             new_g = [x.clone() for x in g]
-        return flat.rebuild(out), ScaleByAdanState(_store(flat, counts, state.count), _store(flat, m, state.m),
-                                                   _store(flat, v, state.v), _store(flat, n, state.n),
-                                                   _store(flat, new_g, state.g))
+        return _owned.finish(flat, out, state, count=counts, m=m, v=v, n=n, g=new_g)
 
     return owned_transform(init, owned_update)
 
@@ -773,10 +788,10 @@ def _adan_eager(flat: _Flat, state: Any, g: list[torch.Tensor], old_counts: list
         if f:
             d.zero_()
     counts = _step_counts(flat, state.count, own.state)
-    m = _moment(_held(flat.state_live(state.m, "state.m"), own), g, beta1, True)
-    v = _moment(_held(flat.state_live(state.v, "state.v"), own), diff, beta2, True)
+    m = _moment(_owned.held(flat, state.m, "state.m", own), g, beta1, True)
+    v = _moment(_owned.held(flat, state.v, "state.v", own), diff, beta2, True)
     u = list(_fe.add(g, diff, alpha=1 - beta2))
-    n = _moment_sq(_held(flat.state_live(state.n, "state.n"), own), u, beta3, True)
+    n = _moment_sq(_owned.held(flat, state.n, "state.n", own), u, beta3, True)
     c1, c2, c3 = (_bias_corrections(counts, b) for b in (beta1, beta2, beta3))
     # u = m / c1 + (1 - b2) v / c2, written as ((v * k c1) + m) / c1 with k = (1 - b2) / c2
     _copy_(u, v)
@@ -792,9 +807,7 @@ def _adan_eager(flat: _Flat, state: Any, g: list[torch.Tensor], old_counts: list
     _fe.add_(den, e)
     _fe.div_(u, den)
     _copy_(prev, g)
-    return flat.rebuild(u), ScaleByAdanState(_store(flat, counts, state.count), _store(flat, m, state.m),
-                                             _store(flat, v, state.v), _store(flat, n, state.n),
-                                             _store(flat, prev, state.g))
+    return _owned.finish(flat, u, state, count=counts, m=m, v=v, n=n, g=prev)
 
 
 # --- SM3 ------------------------------------------------------------------------------------------
@@ -879,10 +892,8 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
 
     def owned_update(updates: Updates, state: ScaleBySM3State, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleBySM3State]:
-        del params
-        expect_state(state, ScaleBySM3State, "scale_by_sm3")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleBySM3State, "scale_by_sm3")
+        if flat is None:
             return updates, state
         beta1, beta2, e = (_tree.as_scalar(x) for x in (b1, b2, eps))
         accs = flat.state_live(state.mu, "state.mu", check_shapes=False)
@@ -901,7 +912,7 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
                 o.copy_(n)
             new_acc = accs
         out = [x.clone() for x in nu]
-        return flat.rebuild(out), ScaleBySM3State(_store(flat, new_acc, state.mu), _store(flat, nu, state.nu))
+        return _owned.finish(flat, out, state, mu=new_acc, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -937,9 +948,9 @@ def _sm3_eager(flat: _Flat, state: Any, accs: list[torch.Tensor], beta1: float, 
         if mask is not None:
             x.masked_fill_(~mask, 0.0)
         w.append(x)
-    nu = _moment(_held(flat.state_live(state.nu, "state.nu"), own), w, beta1, True)
+    nu = _moment(_owned.held(flat, state.nu, "state.nu", own), w, beta1, True)
     _copy_(w, nu)
-    return flat.rebuild(w), ScaleBySM3State(_store(flat, accs, state.mu), _store(flat, nu, state.nu))
+    return _owned.finish(flat, w, state, mu=accs, nu=nu)
 
 
 # --- stateless per-leaf scalings --------------------------------------------------------------------
@@ -1210,10 +1221,8 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
 
     def owned_update(updates: Updates, state: ScaleByOptimisticGradientState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByOptimisticGradientState]:
-        del params
-        expect_state(state, ScaleByOptimisticGradientState, "scale_by_optimistic_gradient")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByOptimisticGradientState, "scale_by_optimistic_gradient")
+        if flat is None:
             return updates, state
         a, b = _tree.as_scalar(alpha), _tree.as_scalar(beta)
         g = flat.live
@@ -1234,8 +1243,7 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
             else:
                 new_prev = [x.clone() for x in g]
             counts = _step_counts(flat, state.count, own.state)
-            return flat.rebuild(out), ScaleByOptimisticGradientState(_store(flat, counts, state.count),
-                                                                     _store(flat, new_prev, state.previous_gradient))
+            return _owned.finish(flat, out, state, count=counts, previous_gradient=new_prev)
         if _scalars_traced(old_counts):
             prev_eff = [torch.where(c == 0, x, p) for c, x, p in zip(old_counts, g, prev)]
         else:
@@ -1248,8 +1256,7 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
             new_prev = prev
         else:
             new_prev = [x.clone() for x in g]
-        return flat.rebuild(out), ScaleByOptimisticGradientState(_store(flat, counts, state.count),
-                                                                 _store(flat, new_prev, state.previous_gradient))
+        return _owned.finish(flat, out, state, count=counts, previous_gradient=new_prev)
 
     return owned_transform(init, owned_update)
 
@@ -1337,9 +1344,8 @@ def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: float = 1e-8,
 
     def owned_update(updates: Updates, state: ScaleByDistanceOverGradientsState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByDistanceOverGradientsState]:
-        expect_state(state, ScaleByDistanceOverGradientsState, "scale_by_distance_over_gradients")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByDistanceOverGradientsState, "scale_by_distance_over_gradients")
+        if flat is None:
             return updates, state
         p = flat.params_live(params, "scale_by_distance_over_gradients")
         p0 = flat.state_live(state.init_params, "state.init_params", check_shapes=False)
@@ -1354,8 +1360,7 @@ def scale_by_distance_over_gradients(reps_rel: float = 1e-6, eps: float = 1e-8,
             for o, n in zip(d_old + gs_old, d + gs):
                 o.copy_(n)
             d, gs = d_old, gs_old
-        return out, ScaleByDistanceOverGradientsState(_store(flat, d, state.max_dist),
-                                                      _store(flat, gs, state.grad_sum_of_squares), state.init_params)
+        return out, _owned.restate(flat, state, max_dist=d, grad_sum_of_squares=gs)
 
     return owned_transform(init, owned_update)
 
@@ -1469,10 +1474,8 @@ def add_noise(eta: float | torch.Tensor = 0.01, gamma: float | torch.Tensor = 0.
 
     def owned_update(updates: Updates, state: AddNoiseState, params: Params | None,
                      own: Ownership) -> tuple[Updates, AddNoiseState]:
-        del params
-        expect_state(state, AddNoiseState, "add_noise")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, AddNoiseState, "add_noise")
+        if flat is None:
             return updates, state
         e, gm = _tree.as_scalar(eta), _tree.as_scalar(gamma)
         counts = _step_counts(flat, state.count, own.state)
@@ -1484,7 +1487,7 @@ def add_noise(eta: float | torch.Tensor = 0.01, gamma: float | torch.Tensor = 0.
             z = _normal_like(x, seed)
             # eagerly the noise is a fresh buffer of ours: scale it and add the update in place
             out.append(x + std * z if _tree.traced() else z.mul_(std).add_(x))
-        return flat.rebuild(out), AddNoiseState(_store(flat, counts, state.count), state.key)
+        return _owned.finish(flat, out, state, count=counts)
 
     return owned_transform(init, owned_update)
 
@@ -1511,10 +1514,8 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
 
     def owned_update(updates: Updates, state: OptaxRpropState, params: Params | None,
                      own: Ownership) -> tuple[Updates, OptaxRpropState]:
-        del params
-        expect_state(state, OptaxRpropState, "optax_rprop")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, OptaxRpropState, "optax_rprop")
+        if flat is None:
             return updates, state
         lr, em, ep, lo, hi = (_tree.as_scalar(x) for x in (learning_rate, eta_minus, eta_plus, min_step_size,
                                                            max_step_size))
@@ -1553,8 +1554,7 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
             for o, n in zip(steps_old + prev_old, steps + prev):
                 o.copy_(n)
             steps, prev = steps_old, prev_old
-        return flat.rebuild(out), OptaxRpropState(_store(flat, steps, state.step_sizes),
-                                                  _store(flat, prev, state.prev_updates))
+        return _owned.finish(flat, out, state, step_sizes=steps, prev_updates=prev)
 
     return owned_transform(init, owned_update)
 
@@ -1567,13 +1567,11 @@ def _ema_no_debias(decay: Any) -> GradientTransformation:
         return _EmaState(_tree.tree_zeros_like(params))
 
     def owned_update(updates: Updates, state: Any, params: Params | None, own: Ownership) -> tuple[Updates, Any]:
-        del params
-        expect_state(state, _EmaState, "signum (ema)")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, _EmaState, "signum (ema)")
+        if flat is None:
             return updates, state
         m = _moment(flat.state_live(state.ema, "state.ema"), flat.live, _tree.as_scalar(decay), own.state)
-        return flat.rebuild([x.clone() for x in m]), _EmaState(_store(flat, m, state.ema))
+        return _owned.finish(flat, [x.clone() for x in m], state, ema=m)
 
     return owned_transform(init, owned_update)
 

@@ -432,19 +432,27 @@ def test_madgrad_equals_authors_package():
         torch.testing.assert_close(p_gx[k], p.detach(), rtol=1e-9, atol=1e-11)
 
 
-# --- temporaries per step (regression: prodigy made 8, dadapt_adamw 9, cocob 9, dog 4) ----------
+# --- temporaries per step (regression: prodigy made 8, dadapt_adamw 9, cocob 9, dog 4, adopt 4,
+# ademamix 5, schedule_free_adamw 5, schedule_free_sgd 3) -----------------------------------------
 
 
-@pytest.mark.parametrize("name, make, limit", [
-    ("prodigy", lambda: gx.prodigy(1.0), 1.2),
-    ("dog", lambda: gx.dog(1.0), 1.2),
-    ("dadapt_adamw", lambda: gx.dadapt_adamw(1.0), 1.2),
-    ("madgrad", lambda: gx.madgrad(1e-2), 1.2),
-    ("cocob", lambda: gx.cocob(), 2.2),  # |g| then the ratio; x - x0 then the output
+@pytest.mark.parametrize("name, make, limit, large", [
+    ("prodigy", lambda: gx.prodigy(1.0), 1.2, False),
+    ("dog", lambda: gx.dog(1.0), 1.2, False),
+    ("dadapt_adamw", lambda: gx.dadapt_adamw(1.0), 1.2, False),
+    ("madgrad", lambda: gx.madgrad(1e-2), 1.2, False),
+    ("cocob", lambda: gx.cocob(), 2.2, False),  # |g| then the ratio; x - x0 then the output
+    ("adopt", lambda: gx.adopt(1e-3), 1.2, False),
+    ("adopt_nesterov", lambda: gx.adopt(1e-3, nesterov=True), 1.2, False),
+    # these make a cache-sized chunk scratch (128K elements): measured on 1.6M params
+    ("ademamix", lambda: gx.ademamix(1e-3), 1.15, True),
+    ("schedule_free_adamw", lambda: gx.schedule_free_adamw(1e-3), 1.15, True),
+    ("schedule_free_adamw_wd", lambda: gx.schedule_free_adamw(1e-3, warmup_steps=3, weight_decay=0.01), 1.15, True),
+    ("schedule_free_sgd", lambda: gx.schedule_free_sgd(0.1), 1.15, True),
 ])
-def test_an_adapter_step_makes_few_params_sized_temporaries(name, make, limit):
+def test_an_adapter_step_makes_few_params_sized_temporaries(name, make, limit, large):
     """Bytes one `gx.Optimizer` step allocates, in units of the params (torch.profiler's memory
     accounting, not a timing): the update once, the state in place."""
-    from test_optax_optimizers import temporaries_per_step
+    from test_optax_optimizers import LARGE, SMALL, temporaries_per_step
 
-    assert temporaries_per_step(make) <= limit, name
+    assert temporaries_per_step(make, shapes=LARGE if large else SMALL) <= limit, name

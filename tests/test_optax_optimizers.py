@@ -461,7 +461,12 @@ def test_batched_equals_per_model_runs(name):
 # --- temporaries per step (regression: the blocks used to allocate 2-15 params-sized tensors) ------
 
 
-def temporaries_per_step(make_tx, steps_before: int = 2) -> float:
+SMALL = [(256, 256), (256,), (128, 256), (128,)]
+# 1.6M params: a step's cache-sized chunk scratch (128K elements) is 8% of them, not more than all
+LARGE = [(1024, 1024), (1024,), (512, 1024), (512,)]
+
+
+def temporaries_per_step(make_tx, steps_before: int = 2, shapes=SMALL) -> float:
     """Bytes one `gx.Optimizer` step allocates, in units of the params' bytes (torch.profiler's
     CPU memory accounting, not a timing): the least of three profiled steps, since torch 2.1's
     profiler now and then books an allocation made outside the step (a temporary the step makes
@@ -469,7 +474,7 @@ def temporaries_per_step(make_tx, steps_before: int = 2) -> float:
     import torch.profiler as tp
 
     g = torch.Generator().manual_seed(0)
-    ps = [torch.randn(s, generator=g).requires_grad_() for s in [(256, 256), (256,), (128, 256), (128,)]]
+    ps = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
     for p in ps:
         p.grad = torch.randn(p.shape, generator=g) * 1e-2
     opt = gx.Optimizer(ps, make_tx())
@@ -498,6 +503,12 @@ def test_an_adapter_step_makes_one_params_sized_temporary(name):
     intermediate reuses that temporary or the state in place. Before: lion 5, adabelief 9,
     yogi 10, adan 15, sm3 12 params-sized allocations per step."""
     assert temporaries_per_step(ONE_TEMPORARY[name]) <= 1.2
+
+
+def test_nadamw_makes_one_params_sized_temporary():
+    """The Nesterov numerator is the step's one temporary; the denominator is made chunk by chunk
+    in a cache-sized scratch and divided in place (before: 2 params-sized temporaries)."""
+    assert temporaries_per_step(lambda: gx.nadamw(1e-3), shapes=LARGE) <= 1.15
 
 
 def test_noisy_sgd_hashes_in_place():

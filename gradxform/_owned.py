@@ -1,0 +1,53 @@
+"""The plumbing every owned ``update`` of the optax catalog repeats (private).
+
+An owned update (`gradxform.base.owned_transform`) starts by checking its state, flattening the
+updates once and passing an all-``None`` update through untouched; it takes the state buffers it
+will write in place (the buffers themselves when the caller owns the state, else copies); and it
+ends by rebuilding the output tree and the new state, whose frozen (``None``) positions keep the
+old state's leaves. These helpers do exactly that and nothing more: the arithmetic stays in the
+blocks, and under ``torch.compile`` they trace as the inline code they replace did.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from . import tree as _tree
+from .base import Ownership, Updates, expect_state
+from .transforms import _Flat
+
+
+def live(updates: Updates, state: Any, state_cls: type, who: str) -> _Flat | None:
+    """``state`` checked against ``state_cls`` (a clear error naming ``who``), then the updates
+    flattened once; ``None`` when no leaf is live (the caller returns ``updates, state``)."""
+    expect_state(state, state_cls, who)
+    flat = _Flat(updates)
+    return flat if flat.live else None
+
+
+def held(flat: _Flat, tree: Any, what: str, own: Ownership, same_dtype: bool = True) -> list[torch.Tensor]:
+    """The live leaves of the params-shaped state tree ``tree`` (structure- and shape-checked,
+    dtypes too unless ``same_dtype`` is False: a ``mu_dtype`` buffer), to be updated in place:
+    the buffers themselves when the caller owns the state, else copies."""
+    if same_dtype:
+        xs = flat.state_live(tree, what)
+    else:
+        xs = flat.state_live(tree, what, check_shapes=False)
+        _tree.check_shapes(lambda: [flat.paths()[i] for i in flat.idx], flat.live, xs, what)
+    return xs if own.state else [x.clone() for x in xs]
+
+
+def restate(flat: _Flat, state: NamedTuple, **trees: Any) -> Any:
+    """``state`` with each field named in ``trees`` replaced by those live leaves (frozen
+    positions keep the old state's leaves); the other fields stay as they are."""
+    for name, live_leaves in trees.items():
+        trees[name] = flat.rebuild(live_leaves, like=getattr(state, name))
+    return state._replace(**trees)
+
+
+def finish(flat: _Flat, out: list[torch.Tensor], state: NamedTuple, **trees: Any) -> tuple[Updates, Any]:
+    """``(output tree, new state)``: ``out`` unflattened into the updates' structure (``None`` at
+    frozen leaves) and `restate` ``(flat, state, **trees)``."""
+    return flat.rebuild(out), restate(flat, state, **trees)
