@@ -36,6 +36,7 @@ __all__ = [
     "has_get_total_norm",
     "fullgraph_compile_supported",
     "compile_supported",
+    "dynamo_traces_optree",
     "dtensor_foreach_complete",
     "foreach_scalarlist_traceable",
 ]
@@ -169,6 +170,14 @@ def foreach_scalarlist_traceable() -> bool:
     torch 2.1 (measured on 2.1.2: ``could not find kernel for aten._foreach_div_.ScalarList at
     dispatch key Meta``) and present in 2.13. Versions in between are treated as lacking it
     (untested), which costs nothing but a per-leaf op in the traced graph."""
+    return _at_least(2, 13)
+
+
+def dynamo_traces_optree() -> bool:
+    """Whether dynamo traces optree's C++ tree functions (``tree_flatten``, ``tree_unflatten``,
+    ``PyTreeSpec`` methods) without a graph break: torch 2.13 (measured; 2.4 to 2.12 break or
+    crash in their optree polyfills, 2.1 has none). Below it `gradxform.tree` flattens in plain
+    Python under a trace (`gradxform._pytree`). Version-based: torch offers no query."""
     return _at_least(2, 13)
 
 

@@ -18,7 +18,7 @@ from . import tree as _tree
 
 
 def _is_scalar_list(arg: Any) -> bool:
-    return isinstance(arg, (list, tuple)) and bool(arg) and not isinstance(arg[0], torch.Tensor)
+    return isinstance(arg, (list, tuple)) and len(arg) > 0 and not isinstance(arg[0], torch.Tensor)
 
 
 def _per_leaf_on_old_torch(xs: Any, args: tuple[Any, ...]) -> bool:
@@ -36,7 +36,7 @@ def _per_leaf_on_old_torch(xs: Any, args: tuple[Any, ...]) -> bool:
     if not _compat.dtensor_foreach_complete() and xs and _tree.is_dtensor(xs[0]):
         raise RuntimeError(f"gradxform transforms on FSDP2 (DTensor) leaves {_compat.requirement('fsdp2')}; "
                            "use DDP or the one-process path on this torch (docs/support.md)")
-    return not _compat.foreach_scalarlist_traceable() and _tree.is_compiling() and any(map(_is_scalar_list, args))
+    return not _compat.foreach_scalarlist_traceable() and _tree.is_compiling() and any(_is_scalar_list(a) for a in args)
 
 
 def _at(arg: Any, i: int) -> Any:

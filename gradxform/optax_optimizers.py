@@ -339,7 +339,7 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
+        beta1, beta2, e, er = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
@@ -413,7 +413,7 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
+        beta1, beta2, e, er = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
@@ -483,7 +483,7 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
+        beta1, beta2, e, er = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
@@ -621,7 +621,7 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        beta1, beta2, e, er, wd = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root, weight_decay))
+        beta1, beta2, e, er, wd = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root, weight_decay)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
         nu_old = flat.state_live(state.nu, "state.nu", check_shapes=False)
@@ -726,7 +726,7 @@ def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        beta1, beta2, beta3, e, er = (_tree.as_scalar(x) for x in (b1, b2, b3, eps, eps_root))
+        beta1, beta2, beta3, e, er = [_tree.as_scalar(x) for x in (b1, b2, b3, eps, eps_root)]
         g = flat.live
         old_counts = flat.state_live(state.count, "state.count", check_shapes=False)
         prev = flat.state_live(state.g, "state.g")
@@ -777,7 +777,7 @@ def _adan_eager(flat: _Flat, state: Any, g: list[torch.Tensor], old_counts: list
     v = _moment(_held(flat.state_live(state.v, "state.v"), own), diff, beta2, True)
     u = list(_fe.add(g, diff, alpha=1 - beta2))
     n = _moment_sq(_held(flat.state_live(state.n, "state.n"), own), u, beta3, True)
-    c1, c2, c3 = (_bias_corrections(counts, b) for b in (beta1, beta2, beta3))
+    c1, c2, c3 = [_bias_corrections(counts, b) for b in (beta1, beta2, beta3)]
     # u = m / c1 + (1 - b2) v / c2, written as ((v * k c1) + m) / c1 with k = (1 - b2) / c2
     _copy_(u, v)
     _fe.mul_(u, [(1 - beta2) / b * a for a, b in zip(c1, c2)])
@@ -884,7 +884,7 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        beta1, beta2, e = (_tree.as_scalar(x) for x in (b1, b2, eps))
+        beta1, beta2, e = [_tree.as_scalar(x) for x in (b1, b2, eps)]
         accs = flat.state_live(state.mu, "state.mu", check_shapes=False)
         for i, g, a in zip(flat.idx, flat.live, accs):
             if a.shape != (_sm3_size(g),):
@@ -991,7 +991,7 @@ def scale_by_trust_ratio(min_norm: float | torch.Tensor = 0.0, trust_coefficient
         if not flat.live:
             return updates
         p = flat.params_live(params, "scale_by_trust_ratio")
-        mn, tc, e = (_tree.as_scalar(x) for x in (min_norm, trust_coefficient, eps))
+        mn, tc, e = [_tree.as_scalar(x) for x in (min_norm, trust_coefficient, eps)]
         pn, un = _safe_norms(p, mn), _safe_norms(flat.live, mn)
         factors = [torch.where((a == 0) | (b == 0), torch.ones_like(a), tc * a / (b + e)) for a, b in zip(pn, un)]
         return _scaled_by(flat, factors, own)
@@ -1516,8 +1516,8 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
-        lr, em, ep, lo, hi = (_tree.as_scalar(x) for x in (learning_rate, eta_minus, eta_plus, min_step_size,
-                                                           max_step_size))
+        lr, em, ep, lo, hi = [_tree.as_scalar(x) for x in (learning_rate, eta_minus, eta_plus, min_step_size,
+                                                           max_step_size)]
         steps_old = flat.state_live(state.step_sizes, "state.step_sizes")
         prev_old = flat.state_live(state.prev_updates, "state.prev_updates")
         if _inplace(own) and not any(isinstance(x, torch.Tensor) for x in (lr, em, ep, lo, hi)):
@@ -1602,7 +1602,7 @@ def _add_scaled_params(weight: Any) -> GradientTransformation:
 
 
 def _nonzero(x: Any) -> bool:
-    if callable(x) and not isinstance(x, torch.Tensor):
+    if not isinstance(x, torch.Tensor) and callable(x):
         return True
     if isinstance(x, torch.Tensor):
         return bool((x != 0).any())
@@ -2213,7 +2213,7 @@ def optimistic_adam(learning_rate: float, optimism: float | None = None, b1: flo
     Example:
         >>> opt = gx.Optimizer(model.parameters(), gx.optimistic_adam(1e-3))
     """
-    if callable(learning_rate) and not isinstance(learning_rate, torch.Tensor):
+    if not isinstance(learning_rate, torch.Tensor) and callable(learning_rate):
         raise ValueError("optimistic_adam takes a number learning_rate, not a schedule (as optax); use an lr "
                          "scheduler on gx.Optimizer or inject_hyperparams")
     _check_lr(learning_rate)
