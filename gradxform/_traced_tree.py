@@ -10,9 +10,13 @@ dynamo inlines. They give optree's leaves in optree's order (``none_is_leaf=True
 - ``dict`` and ``collections.defaultdict`` in sorted key order (optree sorts the keys), rebuilt in
   the original insertion order (as optree's ``tree_unflatten``); ``OrderedDict`` in its own order.
 
-Anything else (a dict with keys of mixed types, a subclass of list or dict,
-a type registered with ``optree.register_pytree_node``) makes `flatten` answer ``None``: the
-caller then uses optree itself, which is exact on every torch and graph-breaks on an old one.
+Anything else (a dict with keys of mixed types, an object other than a number or string, a type
+registered with ``optree.register_pytree_node``) makes `flatten` answer ``False``: the caller then
+uses optree itself, which is exact on every torch and graph-breaks on an old one. Two departures
+from optree, both forced by what dynamo 2.1 can ask about an object: a subclass of ``list`` or
+``dict`` counts as a list or dict, and any subclass of ``tuple`` but ``torch.Size`` as a
+NamedTuple (optree: a leaf, or a ``PyStructSequence``); gradxform's states and the params trees
+it is given hold neither.
 
 A spec is ``LEAF`` (``None``) or a `Node`: the container's class, what rebuilding it needs
 (``meta``) and the children's specs. Nothing here is used outside a trace: eager code keeps

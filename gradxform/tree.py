@@ -18,7 +18,7 @@ import optree
 import torch
 
 from . import _compat
-from . import _traced_tree as _pytree
+from . import _traced_tree
 
 __all__ = [
     "tree_flatten",
@@ -97,29 +97,29 @@ def tree_flatten(tree: Tree) -> tuple[list[Any], optree.PyTreeSpec]:
     check_tree_root(tree)
     if _python_trees():
         leaves: list[Any] = []
-        spec = _pytree.flatten(tree, leaves)
+        spec = _traced_tree.flatten(tree, leaves)
         if spec is not False:
             return leaves, spec
     return optree.tree_flatten(tree, none_is_leaf=True)
 
 
 def _python_trees() -> bool:
-    """Whether to flatten with `gradxform._pytree` (optree's order, plain Python): under a dynamo
+    """Whether to flatten with `gradxform._traced_tree` (optree's order, plain Python): under a dynamo
     trace on a torch whose dynamo cannot trace optree's C++ functions (before 2.13). Elsewhere
     optree itself."""
     return is_compiling() and not _compat.dynamo_traces_optree()
 
 
 def _is_python_spec(spec: Any) -> bool:
-    """A spec from `gradxform._pytree` (a traced flatten): a ``Node``, or ``None`` for a tree
+    """A spec from `gradxform._traced_tree` (a traced flatten): a ``Node``, or ``None`` for a tree
     that is one leaf (only ever made under a trace)."""
-    return isinstance(spec, _pytree.Node) or (spec is None and is_compiling())
+    return isinstance(spec, _traced_tree.Node) or (spec is None and is_compiling())
 
 
 def _as_optree_spec(spec: Any) -> optree.PyTreeSpec:
-    """optree's spec of the structure a `gradxform._pytree` spec describes (for an error message
+    """optree's spec of the structure a `gradxform._traced_tree` spec describes (for an error message
     or a tree the traced flatten leaves to optree)."""
-    return optree.tree_structure(_pytree.unflatten(spec, [0] * _pytree.num_leaves(spec)), none_is_leaf=True)
+    return optree.tree_structure(_traced_tree.unflatten(spec, [0] * _traced_tree.num_leaves(spec)), none_is_leaf=True)
 
 
 def tree_unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Any]) -> Tree:
@@ -144,7 +144,7 @@ def tree_unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Any]) -> Tree:
         {'a': tensor([0.]), 'b': None}
     """
     if _is_python_spec(spec):
-        return _pytree.unflatten(spec, list(leaves))
+        return _traced_tree.unflatten(spec, list(leaves))
     return optree.tree_unflatten(spec, list(leaves))
 
 
@@ -251,7 +251,7 @@ def check_structure(
     if _is_python_spec(spec):
         check_tree_root(tree)
         leaves = []
-        if _pytree.flatten_up_to(spec, tree, leaves, strict=True):
+        if _traced_tree.flatten_up_to(spec, tree, leaves, strict=True):
             return leaves
         spec = _as_optree_spec(spec)  # a mismatch, or a type only optree knows: optree decides
         leaves, other_spec = optree.tree_flatten(tree, none_is_leaf=True)
@@ -345,18 +345,18 @@ def tree_map_all(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
     check_tree_root(tree)
     if _python_trees():
         leaves: list[Any] = []
-        spec = _pytree.flatten(tree, leaves)
+        spec = _traced_tree.flatten(tree, leaves)
         others: list[list[Any]] = []
         for other in rest:
             if spec is False:
                 break
             other_leaves: list[Any] = []
-            if not _pytree.flatten_up_to(spec, other, other_leaves, strict=False):
+            if not _traced_tree.flatten_up_to(spec, other, other_leaves, strict=False):
                 spec = False  # optree raises its error (or knows the type)
             others.append(other_leaves)
         if spec is not False:
             out = [fn(x, *[o[i] for o in others]) for i, x in enumerate(leaves)]
-            return _pytree.unflatten(spec, out)
+            return _traced_tree.unflatten(spec, out)
     return optree.tree_map(fn, tree, *rest, none_is_leaf=True)
 
 
@@ -513,8 +513,8 @@ def reduced_all(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def at_least_float32(dtype: torch.dtype) -> torch.dtype:
-    """``torch.promote_types(dtype, torch.float32)``, written out: dynamo before torch 2.2
-    cannot trace ``torch.promote_types`` (it returns a dtype, not a tensor). float64 and the
+    """``torch.promote_types(dtype, torch.float32)``, written out: dynamo 2.1 cannot trace
+    ``torch.promote_types`` (it returns a dtype, not a tensor; measured on 2.1.2). float64 and the
     complex dtypes are kept, every other dtype gives float32."""
     if dtype is torch.float64 or dtype is torch.complex64 or dtype is torch.complex128:
         return dtype

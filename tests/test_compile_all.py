@@ -1,6 +1,9 @@
 """Every public transform compiles with ``torch.compile(fullgraph=True)``, equals eager, and does
 not recompile.
 
+On torch 2.13; below it (from 2.1) the cases of ``FULLGRAPH_FROM_2_1`` (fixed hyperparameters), of
+which the floor job runs ``FLOOR_SAMPLE``: docs/support.md.
+
 The transforms are the cases of ``tests/test_purity.py::CASES`` (52 when this was written: the 45
 public transform factories of ``gx.__all__`` plus variants such as the TrueGrad fallbacks, random
 autoclip and nesterov/dampened trace); ``test_every_public_transform_is_covered`` there keeps them
@@ -181,11 +184,26 @@ def _donating_run(tx: gx.GradientTransformation, fn: Any) -> tuple[list, int]:
     return hist, fresh
 
 
+# One case or two per family of FULLGRAPH_FROM_2_1, run below torch 2.13 (the floor job): dynamo 2.1
+# traces slowly (all 60 cases: 61 passed in 7 min 14 s on 2.1.2, 2026-12-03, on the 2-core machine,
+# more than the rest of the floor job together); these 20 keep each code path in the floor.
+FLOOR_SAMPLE = {
+    "adaptive_grad_clip", "add_noise", "centralize", "clip_by_global_norm", "clip_by_leaf_norm", "ema", "scale",
+    "orthogonalize_via_newton_schulz", "scale_by_adam", "scale_by_factored_rms", "scale_by_lion", "scale_by_polyak",
+    "scale_by_rms", "scale_by_schedule", "scale_by_sm3", "scale_by_truegrad_adam", "scale_by_trust_ratio",
+    "stateless", "trace", "zero_nans",
+}
+
+
 def _skip_below_2_13(name: str | None = None) -> None:
     """Skip on a torch without fullgraph compile of every transform, unless ``name`` is a case
-    that compiles fullgraph from 2.1."""
-    if not _compat.FEATURES["fullgraph_compile"].available() and name not in FULLGRAPH_FROM_2_1:
+    that compiles fullgraph from 2.1 (sampled there: `FLOOR_SAMPLE`)."""
+    if _compat.FEATURES["fullgraph_compile"].available():
+        return
+    if name not in FULLGRAPH_FROM_2_1:
         pytest.skip(_compat.requirement("fullgraph_compile"))
+    if name not in FLOOR_SAMPLE:
+        pytest.skip("compiles fullgraph from torch 2.1 (measured on 2.1.2); below 2.13 the harness runs FLOOR_SAMPLE only")
 
 
 def _skip_if_not_compiled(name: str) -> None:
@@ -251,7 +269,7 @@ def test_aot_eager_backend_equals_eager(name):
 
 def test_step_size_lists_match_the_cases():
     """The case lists name real cases, and the scheduled ``lr`` does follow its schedule."""
-    assert STATIC_STEP | SCHEDULED_LR | FULLGRAPH_FROM_2_1 <= set(CASES)
+    assert STATIC_STEP | SCHEDULED_LR | FULLGRAPH_FROM_2_1 <= set(CASES) and FLOOR_SAMPLE <= FULLGRAPH_FROM_2_1
     assert not FULLGRAPH_FROM_2_1 & OWN_LR  # an injected rate rebuilds the transform under the trace
     assert not (STATIC_STEP | SCHEDULED_LR) & OWN_LR
     assert all(_has_injected(n, "lr") for n in SCHEDULED_LR)
