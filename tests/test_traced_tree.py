@@ -145,7 +145,9 @@ def _helpers_step(tree: Any, other: Any) -> Any:
     leaves, spec = gx.tree.tree_flatten(tree)
     doubled = gx.tree.tree_unflatten(spec, [None if x is None else 2 * x for x in leaves])
     checked = gx.tree.check_structure(spec, other, "other", reference=tree)
-    summed = gx.tree.tree_map(lambda a, b: a + b, doubled, other)
+    # ``tree`` first: dynamo 2.1 cannot take the class of a NamedTuple made in the graph (``doubled``
+    # holds one), so the Python flatten walks a made tree only against a known structure
+    summed = gx.tree.tree_map(lambda a, b, c: a + b + c, tree, doubled, other)
     return doubled, summed, checked
 
 
