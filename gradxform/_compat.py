@@ -37,6 +37,7 @@ __all__ = [
     "has_get_total_norm",
     "fullgraph_compile_supported",
     "compile_supported",
+    "dynamo_traces_optree",
     "dtensor_foreach_complete",
     "foreach_scalarlist_traceable",
 ]
@@ -192,6 +193,14 @@ def foreach_scalarlist_traceable() -> bool:
     return _at_least(2, 13)
 
 
+def dynamo_traces_optree() -> bool:
+    """Whether dynamo traces optree's C++ tree functions (``tree_flatten``, ``tree_unflatten``,
+    ``PyTreeSpec`` methods) without a graph break: torch 2.13 (measured; 2.4 to 2.12 break or
+    crash in their optree polyfills, 2.1 has none). Below it `gradxform.tree` flattens in plain
+    Python under a trace (`gradxform._traced_tree`). Version-based: torch offers no query."""
+    return _at_least(2, 13)
+
+
 def compile_supported() -> bool:
     """Whether ``torch.compile`` of a gradxform step (graph breaks allowed) runs: torch 2.1 and
     later (measured on 2.1.2 and 2.13)."""
@@ -199,8 +208,13 @@ def compile_supported() -> bool:
 
 
 def fullgraph_compile_supported() -> bool:
-    """Whether ``torch.compile(step, fullgraph=True)`` of a gradxform step traces without a graph
-    break: torch 2.13 (measured; dynamo before it breaks on optree's C++ tree functions).
+    """Whether ``torch.compile(step, fullgraph=True)`` of any gradxform step traces without a graph
+    break: torch 2.13 (measured). Before it, a step that builds transforms under the trace (an
+    alias's or ``inject_hyperparams``' update rebuilds its inner chain with the current values)
+    or reads what a transform declares (``chain``, the combinators, ``update_in_place``) breaks:
+    those live as attributes of the update functions, which dynamo 2.1 can neither set nor read
+    on a function, and 2.8 cannot read ``__code__`` of one made in the trace. The transforms with
+    fixed hyperparameters compile fullgraph from 2.1 (``FEATURES["fullgraph_compile_fixed"]``).
 
     Version-based: torch offers no query for what dynamo can trace.
     """
@@ -265,7 +279,11 @@ FEATURES: types.MappingProxyType[str, Feature] = types.MappingProxyType({
         Feature("func_sdpa", "2.13", "torch.func (vmap, double backward) through scaled_dot_product_attention",
                 lambda: _at_least(2, 13), "models without F.scaled_dot_product_attention (torch 2.1 lacks the batching "
                 "rule and double backward of its flash kernel)"),
-        Feature("fullgraph_compile", "2.13", "torch.compile(step, fullgraph=True) without graph breaks",
+        Feature("fullgraph_compile_fixed", "2.1", "torch.compile(step, fullgraph=True) of a transform with fixed "
+                "hyperparameters (no alias, inject_hyperparams, chain or combinator: docs/support.md lists them)",
+                compile_supported, "torch.compile with graph breaks"),
+        Feature("fullgraph_compile", "2.13", "torch.compile(step, fullgraph=True) of any transform (aliases, "
+                "inject_hyperparams, chain, combinators, gx.update_in_place)",
                 fullgraph_compile_supported, "torch.compile with graph breaks (from 2.1)"),
         Feature("compiled_adapter_step", "2.13", "torch.compile(opt.step) of gx.Optimizer",
                 lambda: _at_least(2, 13), "the functional step compiled with graph breaks, or the eager adapter"),

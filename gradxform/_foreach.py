@@ -18,14 +18,14 @@ from . import tree as _tree
 
 
 def _is_scalar_list(arg: Any) -> bool:
-    return isinstance(arg, (list, tuple)) and bool(arg) and not isinstance(arg[0], torch.Tensor)
+    return isinstance(arg, (list, tuple)) and len(arg) > 0 and not isinstance(arg[0], torch.Tensor)
 
 
 def _per_leaf_on_old_torch(xs: Any, args: tuple[Any, ...]) -> bool:
     """Whether a foreach op must run leaf by leaf (with the same arithmetic) on this torch: a list
     of Python numbers under torch.compile before torch 2.13 (no meta kernel for the ``ScalarList``
     overloads, measured on 2.1.2, so inductor cannot trace them)."""
-    return not _compat.foreach_scalarlist_traceable() and _tree.is_compiling() and any(map(_is_scalar_list, args))
+    return not _compat.foreach_scalarlist_traceable() and _tree.is_compiling() and any(_is_scalar_list(a) for a in args)
 
 
 def _local(arg: Any) -> Any:
@@ -79,7 +79,7 @@ def _op(name: str, per_leaf: Callable[..., torch.Tensor]) -> Callable[..., Any]:
 
     def op(xs: Any, *args: Any, **kwargs: Any) -> Any:
         # the version check is a constant and comes first: on torch >= 2.13 nothing else is looked up
-        if not _compat.dtensor_foreach_complete() and xs and _tree.is_dtensor(xs[0]):
+        if not _compat.dtensor_foreach_complete() and len(xs) > 0 and _tree.is_dtensor(xs[0]):
             return _on_local_shards(op, inplace, xs, args, kwargs)
         if _per_leaf_on_old_torch(xs, args):
             out = _keep_dtypes(xs, [per_leaf(x, *[_at(a, i) for a in args], **kwargs) for i, x in enumerate(xs)])

@@ -48,7 +48,7 @@ def _scalar_lr(lr: Any) -> Any:
 
 
 def _nonzero(x: Any) -> bool:
-    if callable(x) and not isinstance(x, torch.Tensor):
+    if not isinstance(x, torch.Tensor) and callable(x):
         return True
     if isinstance(x, torch.Tensor):
         return bool((x != 0).any())

@@ -87,7 +87,7 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     """The dtype norms are computed in: float32 or wider (half-precision norms overflow)."""
     if not dtype.is_floating_point:
         return torch.float32
-    return torch.promote_types(dtype, torch.float32)
+    return _tree.at_least_float32(dtype)
 
 
 def _leaf_norms(leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:

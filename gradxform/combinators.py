@@ -103,7 +103,7 @@ def _select(flag: torch.Tensor, new: Any, old: Any, inplace: bool = False) -> An
             return b
         return picked
 
-    return optree.tree_map(pick, new, old, none_is_leaf=True)
+    return _tree.tree_map_all(pick, new, old)
 
 
 def _mul_(xs: list[torch.Tensor], s: Any, inplace: bool) -> list[torch.Tensor]:
@@ -117,7 +117,7 @@ def _keep_frozen(fresh: Any, old: Any) -> Any:
     """``fresh`` with ``old``'s leaf wherever ``fresh`` has ``None`` (a state re-initialised from
     the live leaves only keeps the slots of the leaves without an update, so that the state's
     structure never changes between steps: a compiled or vmapped step needs a fixed one)."""
-    return optree.tree_map(lambda a, b: b if a is None else a, fresh, old, none_is_leaf=True)
+    return _tree.tree_map_all(lambda a, b: b if a is None else a, fresh, old)
 
 
 def _reset(fresh: Any, old: Any, inplace: bool) -> Any:
@@ -132,7 +132,7 @@ def _reset(fresh: Any, old: Any, inplace: bool) -> Any:
             return b
         return a
 
-    return optree.tree_map(put, fresh, old, none_is_leaf=True)
+    return _tree.tree_map_all(put, fresh, old)
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -981,7 +981,7 @@ def skip_large_updates(updates: Updates, gradient_step: Any, params: Params | No
     del gradient_step, params
     live = [x for x in _tree.tree_flatten(updates)[0] if x is not None]
     sums = [torch.sum(x * x) for x in live]
-    norm_sq = torch.stack([s.to(torch.promote_types(s.dtype, torch.float32)) for s in sums]).sum() if sums \
+    norm_sq = torch.stack([s.to(_tree.at_least_float32(s.dtype)) for s in sums]).sum() if sums \
         else torch.zeros(())
     should_skip = torch.logical_not(norm_sq < max_squared_norm)
     return should_skip, {"should_skip": should_skip, "norm_squared": norm_sq}

@@ -63,7 +63,7 @@ def _resolve(tree_or_fn: Any, params: Any) -> Any:
 def _labels_for(labels: Any, reference: Any, what: str) -> list[Any]:
     """Flatten a labels / mask tree that must have ``reference``'s structure."""
     _, spec = _tree.tree_flatten(reference)
-    if _tree.is_compiling():
+    if _tree.is_compiling() and not _tree._is_python_spec(spec):
         # dynamo constant-folds flattening a dict of Python constants (a mask of bools) through
         # optree's own dict flatten and cannot wrap its result; walk the params' structure instead
         # (``flatten_up_to`` raises ValueError on a mismatch; eager mode keeps the precise message).

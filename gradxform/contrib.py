@@ -193,7 +193,7 @@ def _check_dtype(name: str, dtype: Any) -> None:
 
 
 def _nonzero(x: Any) -> bool:
-    if callable(x) and not isinstance(x, torch.Tensor):
+    if not isinstance(x, torch.Tensor) and callable(x):
         return True
     if isinstance(x, torch.Tensor):
         return bool((x != 0).any())
@@ -619,7 +619,7 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
         g = flat.live
         p = flat.params_live(params, "prodigy")
         p0 = flat.state_live(state.params0, "state.params0")
-        b1, b2 = (_sv(b) for b in betas)
+        b1, b2 = [_sv(b) for b in betas]
         b3 = b2 ** 0.5 if beta3 is None else _sv(beta3)
         d, d0 = state.estim_lr, _sv(estim_lr0)
         sched = _sv(lr(state.count)) if callable(lr) else _sv(lr)
@@ -772,7 +772,7 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
             return updates, state
         g = flat.live
         p = flat.params_live(params, "dadapt_adamw")
-        b1, b2 = (_sv(b) for b in betas)
+        b1, b2 = [_sv(b) for b in betas]
         sb2 = b2 ** 0.5
         e = _sv(eps)
         sched = _sv(lr(state.count)) if callable(lr) else _sv(lr)

@@ -444,5 +444,5 @@ def declare_kernel(tx: GradientTransformation, kernel: AdamKernel | SGDKernel | 
         SGDKernel(nesterov=False, maximize=False)
     """
     flat = [x for v in hyperparams.values() for x in (v if isinstance(v, tuple) else (v,))]
-    if not any(callable(v) and not isinstance(v, torch.Tensor) for v in flat):
+    if not any(not isinstance(v, torch.Tensor) and callable(v) for v in flat):
         declare(tx, fast_path=Lowering(kernel))

@@ -317,7 +317,7 @@ def scale_by_truegrad_adam(
         if not flat.live:
             return updates, state
         tg_pos, s_in, base_pos = _read_sgs(flat, sgs, fallback, who, enforce_baseline)
-        beta1, beta2, beta3, e = (_tree.as_scalar(x) for x in (b1, b2, b3, eps))
+        beta1, beta2, beta3, e = [_tree.as_scalar(x) for x in (b1, b2, b3, eps)]
         inplace = own.state
         counts = _step_counts(flat, state.count, inplace)
         g = flat.live
@@ -441,7 +441,7 @@ def scale_by_truegrad_laprop(
         if not flat.live:
             return updates, state
         tg_pos, s_in, base_pos = _read_sgs(flat, sgs, fallback, who, enforce_baseline)
-        beta1, beta2, beta3, beta4, e = (_tree.as_scalar(x) for x in (b1, b2, b3, b4, eps))
+        beta1, beta2, beta3, beta4, e = [_tree.as_scalar(x) for x in (b1, b2, b3, b4, eps)]
         inplace = own.state
         counts = _step_counts(flat, state.count, inplace)
         g = flat.live
@@ -568,7 +568,7 @@ def scale_by_truegrad_rmsprop(
         if not flat.live:
             return updates, state
         tg_pos, s_in, base_pos = _read_sgs(flat, sgs, fallback, who, enforce_baseline)
-        beta1, beta2, e = (_tree.as_scalar(x) for x in (b1, b2, eps))
+        beta1, beta2, e = [_tree.as_scalar(x) for x in (b1, b2, eps)]
         inplace = own.state
         counts = _step_counts(flat, state.count, inplace)
         g = flat.live

@@ -374,7 +374,7 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         flat = _owned.live(updates, state, ScaleByBeliefState, "scale_by_belief")
         if flat is None:
             return updates, state
-        beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
+        beta1, beta2, e, er = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
@@ -444,7 +444,7 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         flat = _owned.live(updates, state, ScaleByYogiState, "scale_by_yogi")
         if flat is None:
             return updates, state
-        beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
+        beta1, beta2, e, er = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
@@ -515,7 +515,7 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
         flat = _owned.live(updates, state, OptaxAdamState, "scale_by_adam (optax)")
         if flat is None:
             return updates, state
-        beta1, beta2, e, er = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root))
+        beta1, beta2, e, er = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
@@ -642,7 +642,7 @@ def scale_by_novograd(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor =
         flat = _owned.live(updates, state, ScaleByNovogradState, "scale_by_novograd")
         if flat is None:
             return updates, state
-        beta1, beta2, e, er, wd = (_tree.as_scalar(x) for x in (b1, b2, eps, eps_root, weight_decay))
+        beta1, beta2, e, er, wd = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root, weight_decay)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
         nu_old = flat.state_live(state.nu, "state.nu", check_shapes=False)
@@ -743,7 +743,7 @@ def scale_by_adan(b1: float | torch.Tensor = 0.98, b2: float | torch.Tensor = 0.
         flat = _owned.live(updates, state, ScaleByAdanState, "scale_by_adan")
         if flat is None:
             return updates, state
-        beta1, beta2, beta3, e, er = (_tree.as_scalar(x) for x in (b1, b2, b3, eps, eps_root))
+        beta1, beta2, beta3, e, er = [_tree.as_scalar(x) for x in (b1, b2, b3, eps, eps_root)]
         g = flat.live
         old_counts = flat.state_live(state.count, "state.count", check_shapes=False)
         prev = flat.state_live(state.g, "state.g")
@@ -792,7 +792,7 @@ def _adan_eager(flat: _Flat, state: Any, g: list[torch.Tensor], old_counts: list
     v = _moment(_owned.held(flat, state.v, "state.v", own), diff, beta2, True)
     u = list(_fe.add(g, diff, alpha=1 - beta2))
     n = _moment_sq(_owned.held(flat, state.n, "state.n", own), u, beta3, True)
-    c1, c2, c3 = (_bias_corrections(counts, b) for b in (beta1, beta2, beta3))
+    c1, c2, c3 = [_bias_corrections(counts, b) for b in (beta1, beta2, beta3)]
     # u = m / c1 + (1 - b2) v / c2, written as ((v * k c1) + m) / c1 with k = (1 - b2) / c2
     _copy_(u, v)
     _fe.mul_(u, [(1 - beta2) / b * a for a, b in zip(c1, c2)])
@@ -895,7 +895,7 @@ def scale_by_sm3(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 1.0,
         flat = _owned.live(updates, state, ScaleBySM3State, "scale_by_sm3")
         if flat is None:
             return updates, state
-        beta1, beta2, e = (_tree.as_scalar(x) for x in (b1, b2, eps))
+        beta1, beta2, e = [_tree.as_scalar(x) for x in (b1, b2, eps)]
         accs = flat.state_live(state.mu, "state.mu", check_shapes=False)
         for i, g, a in zip(flat.idx, flat.live, accs):
             if a.shape != (_sm3_size(g),):
@@ -1002,7 +1002,7 @@ def scale_by_trust_ratio(min_norm: float | torch.Tensor = 0.0, trust_coefficient
         if not flat.live:
             return updates
         p = flat.params_live(params, "scale_by_trust_ratio")
-        mn, tc, e = (_tree.as_scalar(x) for x in (min_norm, trust_coefficient, eps))
+        mn, tc, e = [_tree.as_scalar(x) for x in (min_norm, trust_coefficient, eps)]
         pn, un = _safe_norms(p, mn), _safe_norms(flat.live, mn)
         factors = [torch.where((a == 0) | (b == 0), torch.ones_like(a), tc * a / (b + e)) for a, b in zip(pn, un)]
         return _scaled_by(flat, factors, own)
@@ -1517,8 +1517,8 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
         flat = _owned.live(updates, state, OptaxRpropState, "optax_rprop")
         if flat is None:
             return updates, state
-        lr, em, ep, lo, hi = (_tree.as_scalar(x) for x in (learning_rate, eta_minus, eta_plus, min_step_size,
-                                                           max_step_size))
+        lr, em, ep, lo, hi = [_tree.as_scalar(x) for x in (learning_rate, eta_minus, eta_plus, min_step_size,
+                                                           max_step_size)]
         steps_old = flat.state_live(state.step_sizes, "state.step_sizes")
         prev_old = flat.state_live(state.prev_updates, "state.prev_updates")
         if _inplace(own) and not any(isinstance(x, torch.Tensor) for x in (lr, em, ep, lo, hi)):
@@ -1600,7 +1600,7 @@ def _add_scaled_params(weight: Any) -> GradientTransformation:
 
 
 def _nonzero(x: Any) -> bool:
-    if callable(x) and not isinstance(x, torch.Tensor):
+    if not isinstance(x, torch.Tensor) and callable(x):
         return True
     if isinstance(x, torch.Tensor):
         return bool((x != 0).any())
@@ -2211,7 +2211,7 @@ def optimistic_adam(learning_rate: float, optimism: float | None = None, b1: flo
     Example:
         >>> opt = gx.Optimizer(model.parameters(), gx.optimistic_adam(1e-3))
     """
-    if callable(learning_rate) and not isinstance(learning_rate, torch.Tensor):
+    if not isinstance(learning_rate, torch.Tensor) and callable(learning_rate):
         raise ValueError("optimistic_adam takes a number learning_rate, not a schedule (as optax); use an lr "
                          "scheduler on gx.Optimizer or inject_hyperparams")
     _check_lr(learning_rate)

@@ -78,7 +78,7 @@ def _lr_dtype(lr: Any) -> torch.dtype | None:
 
 
 def _nonzero(x: Any) -> bool:
-    if callable(x) and not isinstance(x, torch.Tensor):
+    if not isinstance(x, torch.Tensor) and callable(x):
         return True
     if isinstance(x, torch.Tensor):
         return bool((x != 0).any())
@@ -176,7 +176,7 @@ def _factored_core(beta2_decay: Any, eps: Any, tail: Callable[..., list[torch.Te
             return updates, state
         inplace = own.state
         counts = _step_counts(flat, state.count, inplace)
-        rows, cols, vars_ = (_live_or_none(flat, t) for t in (state.row_var, state.col_var, state.variance))
+        rows, cols, vars_ = [_live_or_none(flat, t) for t in (state.row_var, state.col_var, state.variance)]
         b2d = _tree.as_scalar(beta2_decay)
         if _eager_counts(counts):
             ts: list[Any] = [float(int(c)) for c in counts]
@@ -255,7 +255,7 @@ def _adafactor_tail(lr: Any, eps2: Any, d: Any, weight_decay: Any, use_weight_de
 
     def tail(us: list[torch.Tensor], flat: _Flat, params: Params | None, ts: list[Any]) -> list[torch.Tensor]:
         ps = flat.params_live(params, "adafactor")
-        lr_, e2, d_, wd = (_tree.as_scalar(x) for x in (lr, eps2, d, weight_decay))
+        lr_, e2, d_, wd = [_tree.as_scalar(x) for x in (lr, eps2, d, weight_decay)]
         out = []
         for u, p, t in zip(us, ps, ts):
             n = max(p.numel(), 1)
@@ -457,7 +457,7 @@ def optax_scale_by_factored_rms(
             return updates, state
         inplace = own.state
         counts = _step_counts(flat, state.count, inplace)
-        rows, cols, vars_ = (_live_or_none(flat, t) for t in (state.v_row, state.v_col, state.v))
+        rows, cols, vars_ = [_live_or_none(flat, t) for t in (state.v_row, state.v_col, state.v)]
         dr = _tree.as_scalar(decay_rate)
         exponent = -(dr.to(torch.float32) if isinstance(dr, torch.Tensor) else torch.tensor(dr, dtype=torch.float32))
         eps = _tree.as_scalar(epsilon)
@@ -469,7 +469,7 @@ def optax_scale_by_factored_rms(
                    else (n - step_offset).to(torch.float32))
             b32 = 1.0 - torch.pow(t32, exponent)
             om32 = 1.0 - b32
-            work = torch.promote_types(g.dtype, torch.float32)
+            work = _tree.at_least_float32(g.dtype)
             if eager:
                 b: Any = float(b32)
                 om: Any = float(om32)
@@ -668,7 +668,7 @@ def orthogonalize_via_newton_schulz(
         raise ValueError(f"ns_steps must be < 100; got {ns_steps}")
     if len(ns_coefficients) != 3:
         raise ValueError(f"ns_coefficients must be a triple (a, b, c); got {ns_coefficients!r}")
-    a, b, c = (float(v) for v in ns_coefficients)
+    a, b, c = [float(v) for v in ns_coefficients]
     tall = x.size(0) > x.size(1)
     X = x.to(dtype) if dtype is not None else x.clone()
     if tall:
@@ -1372,7 +1372,7 @@ def lbfgs(
     """
     lr = _scalar_lr(lr)
     check_float("lr", lr, low=0.0)
-    if callable(lr) and not isinstance(lr, torch.Tensor):
+    if not isinstance(lr, torch.Tensor) and callable(lr):
         raise TypeError("lbfgs takes a number or a 0-d tensor as lr, not a schedule (use an LR scheduler "
                         "through gx.Optimizer, or rebuild it)")
     for name, v in (("max_iter", max_iter), ("history_size", history_size)):
@@ -1496,7 +1496,7 @@ def _sparse_adam(lr: Any, betas: Any, eps: Any, maximize: bool, lr_dtype: torch.
         if not flat.live:
             return updates, state
         inplace = own.state
-        b1, b2 = (_tree.as_scalar(b) for b in betas)
+        b1, b2 = [_tree.as_scalar(b) for b in betas]
         lr_, e = _tree.as_scalar(lr), _tree.as_scalar(eps)
         counts = _step_counts(flat, state.count, inplace)
         mus = flat.state_live(state.mu, "state.mu", check_shapes=False)

@@ -130,7 +130,7 @@ def check_float(name: str, value: Any, *, low: float | None = None, high: float 
 
     Called at construction time, so reading a tensor value here is not in any hot path.
     """
-    if callable(value) and not isinstance(value, torch.Tensor):
+    if not isinstance(value, torch.Tensor) and callable(value):
         return
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or _tree.traced():
@@ -283,7 +283,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     """
     check_float("learning rate", learning_rate, low=0.0)
     sign = -1.0 if flip_sign else 1.0
-    if callable(learning_rate) and not isinstance(learning_rate, torch.Tensor):
+    if not isinstance(learning_rate, torch.Tensor) and callable(learning_rate):
         fn = learning_rate
         return scale_by_schedule(lambda count: sign * fn(count))
     return scale(sign * learning_rate)

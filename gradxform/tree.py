@@ -17,6 +17,9 @@ from typing import Any, Callable, Iterator, Sequence
 import optree
 import torch
 
+from . import _compat
+from . import _traced_tree
+
 __all__ = [
     "tree_flatten",
     "tree_unflatten",
@@ -92,7 +95,31 @@ def tree_flatten(tree: Tree) -> tuple[list[Any], optree.PyTreeSpec]:
         [tensor([1.]), None]
     """
     check_tree_root(tree)
+    if _python_trees():
+        leaves: list[Any] = []
+        spec = _traced_tree.flatten(tree, leaves)
+        if spec is not False:
+            return leaves, spec
     return optree.tree_flatten(tree, none_is_leaf=True)
+
+
+def _python_trees() -> bool:
+    """Whether to flatten with `gradxform._traced_tree` (optree's order, plain Python): under a dynamo
+    trace on a torch whose dynamo cannot trace optree's C++ functions (before 2.13). Elsewhere
+    optree itself."""
+    return is_compiling() and not _compat.dynamo_traces_optree()
+
+
+def _is_python_spec(spec: Any) -> bool:
+    """A spec from `gradxform._traced_tree` (a traced flatten): a ``Node``, or ``None`` for a tree
+    that is one leaf (only ever made under a trace)."""
+    return isinstance(spec, _traced_tree.Node) or (spec is None and is_compiling())
+
+
+def _as_optree_spec(spec: Any) -> optree.PyTreeSpec:
+    """optree's spec of the structure a `gradxform._traced_tree` spec describes (for an error message
+    or a tree the traced flatten leaves to optree)."""
+    return optree.tree_structure(_traced_tree.unflatten(spec, [0] * _traced_tree.num_leaves(spec)), none_is_leaf=True)
 
 
 def tree_unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Any]) -> Tree:
@@ -116,6 +143,8 @@ def tree_unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Any]) -> Tree:
         >>> gx.tree.tree_unflatten(spec, [torch.zeros(1), None])
         {'a': tensor([0.]), 'b': None}
     """
+    if _is_python_spec(spec):
+        return _traced_tree.unflatten(spec, list(leaves))
     return optree.tree_unflatten(spec, list(leaves))
 
 
@@ -219,7 +248,15 @@ def check_structure(
         >>> gx.tree.check_structure(spec, {"w": torch.zeros(2)}, "state", reference=params)
         [tensor([0., 0.])]
     """
-    leaves, other_spec = tree_flatten(tree)
+    if _is_python_spec(spec):
+        check_tree_root(tree)
+        leaves = []
+        if _traced_tree.flatten_up_to(spec, tree, leaves, strict=True):
+            return leaves
+        spec = _as_optree_spec(spec)  # a mismatch, or a type only optree knows: optree decides
+        leaves, other_spec = optree.tree_flatten(tree, none_is_leaf=True)
+    else:
+        leaves, other_spec = tree_flatten(tree)
     if other_spec != spec:
         detail = _first_difference(reference, tree) if reference is not None else str(other_spec)
         raise ValueError(
@@ -298,8 +335,29 @@ def tree_map(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
     def wrapped(x: Any, *xs: Any) -> Any:
         return None if x is None else fn(x, *xs)
 
+    return tree_map_all(wrapped, tree, *rest)
+
+
+def tree_map_all(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
+    """``optree.tree_map(fn, tree, *rest, none_is_leaf=True)``: ``fn`` is called at ``None``
+    leaves too (`tree_map` skips them). Each tree of ``rest`` has ``tree``'s structure or
+    ``tree`` as a prefix (the subtree at a leaf of ``tree`` is passed whole), as optree's."""
     check_tree_root(tree)
-    return optree.tree_map(wrapped, tree, *rest, none_is_leaf=True)
+    if _python_trees():
+        leaves: list[Any] = []
+        spec = _traced_tree.flatten(tree, leaves)
+        others: list[list[Any]] = []
+        for other in rest:
+            if spec is False:
+                break
+            other_leaves: list[Any] = []
+            if not _traced_tree.flatten_up_to(spec, other, other_leaves, strict=False):
+                spec = False  # optree raises its error (or knows the type)
+            others.append(other_leaves)
+        if spec is not False:
+            out = [fn(x, *[o[i] for o in others]) for i, x in enumerate(leaves)]
+            return _traced_tree.unflatten(spec, out)
+    return optree.tree_map(fn, tree, *rest, none_is_leaf=True)
 
 
 def _zeros_like_leaf(x: Any) -> torch.Tensor:
@@ -422,7 +480,7 @@ _DTENSOR: Any = False
 
 def is_dtensor(x: Any) -> bool:
     """Whether ``x`` is a ``DTensor`` (a param or gradient sharded by FSDP2 / tensor parallel)."""
-    if type(x) is torch.Tensor:
+    if x.__class__ is torch.Tensor:  # not type(x): dynamo 2.1 refuses type() of a tensor made in the graph
         # plain tensors (every reduction result): no lookup, so that the lazy ``_DTENSOR`` global
         # is never first set inside a torch.compile trace (its guard would recompile next call)
         return False
@@ -454,6 +512,15 @@ def reduced_all(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return scatter(list(xs), sharded, full)
 
 
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(dtype, torch.float32)``, written out: dynamo 2.1 cannot trace
+    ``torch.promote_types`` (it returns a dtype, not a tensor; measured on 2.1.2). float64 and the
+    complex dtypes are kept, every other dtype gives float32."""
+    if dtype is torch.float64 or dtype is torch.complex64 or dtype is torch.complex128:
+        return dtype
+    return torch.float32
+
+
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """sqrt(sum_j ||t_j||^2) over a list of tensors, as a 0-d tensor (no host sync).
 
@@ -470,7 +537,7 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         norms = torch._foreach_norm(list(tensors))
     if any(is_dtensor(n) for n in norms):
         norms = reduced_all(norms)
-    stacked = torch.stack([n.to(device=device, dtype=torch.promote_types(n.dtype, torch.float32)) for n in norms])
+    stacked = torch.stack([n.to(device=device, dtype=at_least_float32(n.dtype)) for n in norms])
     return torch.linalg.vector_norm(stacked)
 
 

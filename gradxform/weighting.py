@@ -79,7 +79,7 @@ def _dtype_of(params: Params, dtype: torch.dtype | None) -> torch.dtype:
         return dtype
     for leaf in _tree.tree_flatten(params)[0]:
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            return torch.promote_types(leaf.dtype, torch.float32)
+            return _tree.at_least_float32(leaf.dtype)
     return torch.float32
 
 
