@@ -196,8 +196,9 @@ def foreach_scalarlist_traceable() -> bool:
 def dynamo_traces_optree() -> bool:
     """Whether dynamo traces optree's C++ tree functions (``tree_flatten``, ``tree_unflatten``,
     ``PyTreeSpec`` methods) without a graph break: torch 2.13 (measured; 2.4 to 2.12 break or
-    crash in their optree polyfills, 2.1 has none). Below it `gradxform.tree` flattens in plain
-    Python under a trace (`gradxform._traced_tree`). Version-based: torch offers no query."""
+    crash in their optree polyfills, 2.1 has none). `gradxform._traced_tree` flattens in plain
+    Python under every trace; where this is true it also asks container classes with ``type()``
+    (exactly optree's classes). Version-based: torch offers no query."""
     return _at_least(2, 13)
 
 

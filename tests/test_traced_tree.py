@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import gradxform as gx
 from gradxform import _compat
+from helpers import needs
 from gradxform import _traced_tree as tt
 
 
@@ -151,18 +152,17 @@ def _helpers_step(tree: Any, other: Any) -> Any:
     return doubled, summed, checked
 
 
-@pytest.mark.parametrize("python_trees", [True, False], ids=["python", "native"])
-def test_traced_helpers_equal_eager(monkeypatch, python_trees):
-    """``fullgraph=True`` with the Python flatten (every torch; forced on 2.13) and with the
-    version's own choice (optree from 2.13, the Python flatten before it)."""
-    if python_trees:
+@pytest.mark.parametrize("old_classes", [True, False], ids=["isinstance", "this-torch"])
+def test_traced_helpers_equal_eager(monkeypatch, old_classes):
+    """``fullgraph=True`` with the container classes asked as before torch 2.13 (``isinstance``;
+    forced on 2.13) and as this torch asks them (``type()`` from 2.13)."""
+    if old_classes:
         monkeypatch.setattr(_compat, "dynamo_traces_optree", lambda: False)
     torch._dynamo.reset()
     tree = {"w": _t(1.0, 2.0), "a": [None, Moments(_t(3.0), {"z": _t(4.0), "b": _t(5.0)}, None)]}
-    other = {"w": _t(1.0, 1.0), "a": [None, Moments(_t(1.0), {"z": _t(1.0), "b": _t(1.0)}, None)]}
-    if python_trees:  # keys in another insertion order: the same structure for optree (eager), and
-        # for the Python flatten; dynamo 2.13's optree polyfill calls the two specs different
-        other = {"a": [None, Moments(_t(1.0), {"b": _t(1.0), "z": _t(1.0)}, None)], "w": _t(1.0, 1.0)}
+    # keys in another insertion order: the same structure for optree (eager) and for the Python
+    # flatten (dynamo 2.13's own optree support calls the two specs different)
+    other = {"a": [None, Moments(_t(1.0), {"b": _t(1.0), "z": _t(1.0)}, None)], "w": _t(1.0, 1.0)}
     eager = _helpers_step(tree, other)
     compiled = torch.compile(_helpers_step, fullgraph=True, backend="eager")(tree, other)
     for e, c in zip(eager, compiled):
@@ -185,3 +185,33 @@ def test_traced_structure_mismatch_is_the_eager_error(monkeypatch):
 def test_eager_mode_keeps_optree():
     _, spec = gx.tree.tree_flatten({"w": _t(1.0)})
     assert isinstance(spec, optree.PyTreeSpec)
+
+
+@needs("fullgraph_compile")
+def test_compiled_update_takes_gradients_in_another_key_order():
+    """Gradients whose dict was built in another key order than the params: eagerly the same
+    structure (optree sorts the keys), and under ``fullgraph=True`` too (dynamo 2.13's optree
+    support raised here; gradxform flattens in plain Python under a trace)."""
+    torch._dynamo.reset()
+    tx = gx.adam(0.1)
+    params = {"w": _t(1.0, 2.0), "b": _t(3.0)}
+    grads = {"b": _t(0.5), "w": _t(-1.0, 2.0)}
+    state = tx.init(params)
+    want, _ = tx.update(grads, state, params)
+    got, _ = torch.compile(tx.update, fullgraph=True, backend="eager")(grads, state, params)
+    assert list(got) == list(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+def test_a_list_subclass_is_left_to_optree_from_2_13(monkeypatch):
+    """From torch 2.13 the Python flatten asks classes exactly: a subclass of ``list`` is not
+    taken for a list (optree: a leaf), so ``flatten`` hands the tree to optree."""
+    monkeypatch.setattr(_compat, "dynamo_traces_optree", lambda: True)
+
+    class MyList(list):
+        pass
+
+    assert tt.flatten({"a": MyList([_t(1.0)])}, []) is False
+    assert tt.flatten({"a": [_t(1.0)]}, []) is not False
