@@ -39,15 +39,27 @@ def held(flat: _Flat, tree: Any, what: str, own: Ownership, same_dtype: bool = T
     return xs if own.state else [x.clone() for x in xs]
 
 
-def restate(flat: _Flat, state: NamedTuple, **trees: Any) -> Any:
+def restate(flat: _Flat, state: NamedTuple, fields: dict[str, Any] | None = None, **trees: Any) -> Any:
     """``state`` with each field named in ``trees`` replaced by those live leaves (frozen
-    positions keep the old state's leaves); the other fields stay as they are."""
+    positions keep the old state's leaves) and each field named in ``fields`` (counts, scalars)
+    by its value; the other fields stay as they are. One NamedTuple built from the given state:
+    dynamo 2.1 cannot take the class of one made in the graph."""
     for name, live_leaves in trees.items():
         trees[name] = flat.rebuild(live_leaves, like=getattr(state, name))
-    return state._replace(**trees)
+    if fields:
+        trees.update(fields)
+    return replaced(state, **trees)
 
 
-def finish(flat: _Flat, out: list[torch.Tensor], state: NamedTuple, **trees: Any) -> tuple[Updates, Any]:
+def replaced(state: NamedTuple, **fields: Any) -> Any:
+    """``state._replace(**fields)``, built field by field: dynamo 2.1 does not trace into
+    ``collections`` (a graph break under torch.compile before 2.13)."""
+    cls = type(state)
+    return cls(*[fields[f] if f in fields else getattr(state, f) for f in cls._fields])
+
+
+def finish(flat: _Flat, out: list[torch.Tensor], state: NamedTuple, fields: dict[str, Any] | None = None,
+           **trees: Any) -> tuple[Updates, Any]:
     """``(output tree, new state)``: ``out`` unflattened into the updates' structure (``None`` at
-    frozen leaves) and `restate` ``(flat, state, **trees)``."""
-    return flat.rebuild(out), restate(flat, state, **trees)
+    frozen leaves) and `restate` ``(flat, state, fields, **trees)``."""
+    return flat.rebuild(out), restate(flat, state, fields, **trees)

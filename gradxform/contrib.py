@@ -449,11 +449,11 @@ def scale_by_rms_debiased(decay: float | torch.Tensor = 0.999, eps: float | torc
             _sqrt_(den)
             _fe.add_(den, e)
             _rdiv_(den, flat.live)
-            return _owned.finish(flat, den, state._replace(count=state.count + 1), nu=nu)
+            return _owned.finish(flat, den, state, {"count": state.count + 1}, nu=nu)
         den = list(_fe.sqrt(den))
         _fe.add_(den, e)
         out = list(_fe.div(flat.live, den))
-        return _owned.finish(flat, out, state._replace(count=state.count + 1), nu=nu)
+        return _owned.finish(flat, out, state, {"count": state.count + 1}, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -649,8 +649,8 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
         _fe.mul_(out, -dlr)
         if use_weight_decay:
             _fe.add_(out, _fe.mul(p, -_sv(weight_decay) * dlr))
-        scalars = state._replace(estim_lr=new_d, numerator_weighted=num, count=state.count + 1)
-        return _owned.finish(flat, out, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
+        scalars = {"estim_lr": new_d, "numerator_weighted": num, "count": state.count + 1}
+        return _owned.finish(flat, out, state, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
 
     return owned_transform(init, owned_update)
 
@@ -685,8 +685,8 @@ def _prodigy_eager(flat: _Flat, state: ProdigyState, g: list[torch.Tensor], p: l
     if wd != 0:
         _fe.add_(out, p, alpha=wd)
     _fe.mul_(out, -dlr)
-    scalars = state._replace(estim_lr=new_d, numerator_weighted=num, count=state.count + 1)
-    return _owned.finish(flat, out, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
+    scalars = {"estim_lr": new_d, "numerator_weighted": num, "count": state.count + 1}
+    return _owned.finish(flat, out, state, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
 
 
 @recorded
@@ -818,8 +818,8 @@ def _dadapt_eager(flat: _Flat, state: DAdaptAdamWState, g: list[torch.Tensor], p
     _fe.mul_(out, -1.0)
     if use_weight_decay:
         _fe.add_(out, _fe.mul(p, -_sv(weight_decay) * dlr))
-    scalars = state._replace(estim_lr=new_d, numerator_weighted=num, count=state.count + 1)
-    return _owned.finish(flat, out, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
+    scalars = {"estim_lr": new_d, "numerator_weighted": num, "count": state.count + 1}
+    return _owned.finish(flat, out, state, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
 
 
 @recorded
@@ -948,13 +948,13 @@ def scale_by_ademamix(
         m2 = _ema(live(state.m2, "state.m2"), _cast(g, state.m2, flat), c3, True)
         nu = _ema_sq(live(state.nu, "state.nu"), _cast(g, state.nu, flat), beta2, True)
         t = _count_value(state.count) + 1
-        new_state = state._replace(count=state.count + 1, count_m2=state.count_m2 + 1)
+        counts = {"count": state.count + 1, "count_m2": state.count_m2 + 1}
         if _eager_numbers(t, c3, ca, beta1, beta2, e, er) and all(x.dtype == y.dtype for x, y in zip(m1, g)):
             # one temporary: the numerator, divided in place by the denominator made chunk by chunk
             out = list(_fe.div(m1, 1 - beta1 ** t))
             _fe.add_(out, m2, alpha=ca)
             _div_by_root_(out, nu, [1 - beta2 ** t] * len(nu), er, e)
-            return _owned.finish(flat, out, new_state, m1=m1, m2=m2, nu=nu)
+            return _owned.finish(flat, out, state, counts, m1=m1, m2=m2, nu=nu)
         num = list(_fe.div(m1, 1 - beta1 ** t))
         _fe.add_(num, _fe.mul(m2, ca))
         den = list(_fe.div(nu, 1 - beta2 ** t))
@@ -963,7 +963,7 @@ def scale_by_ademamix(
         den = list(_fe.sqrt(den))
         _fe.add_(den, e)
         out = [o.to(x.dtype) for o, x in zip(_fe.div(num, den), g)]
-        return _owned.finish(flat, out, new_state, m1=m1, m2=m2, nu=nu)
+        return _owned.finish(flat, out, state, counts, m1=m1, m2=m2, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -1128,7 +1128,7 @@ def scale_by_adopt(
                     torch.lerp(m.to(x.dtype), x, 1.0 - beta1, out=x)
             else:
                 _copy_(s, mu)
-            return _owned.finish(flat, s, state._replace(count=state.count + 1), mu=mu, nu=nu)
+            return _owned.finish(flat, s, state, {"count": state.count + 1}, mu=mu, nu=nu)
         nu_old = flat.state_live(state.nu, "state.nu")
         den = list(_fe.sqrt(nu_old))
         if isinstance(e, torch.Tensor):
@@ -1145,7 +1145,7 @@ def scale_by_adopt(
             out = _ema([x.to(y.dtype) for x, y in zip(mu, g)], n, beta1, False)
         else:
             out = [x.to(y.dtype, copy=True) for x, y in zip(mu, g)]
-        return _owned.finish(flat, out, state._replace(count=state.count + 1), mu=mu, nu=nu)
+        return _owned.finish(flat, out, state, {"count": state.count + 1}, mu=mu, nu=nu)
 
     return owned_transform(init, owned_update)
 
@@ -1452,7 +1452,7 @@ def scale_by_madgrad(learning_rate: ScalarOrSchedule, momentum: float | torch.Te
         _fe.add_(z, flat.state_live(state.x0, "state.x0"))
         _fe.add_(z, x, alpha=-1)
         _fe.mul_(z, 1 - m)
-        return _owned.finish(flat, z, state._replace(count=state.count + 1), grad_sum_sq=gss, s=s)
+        return _owned.finish(flat, z, state, {"count": state.count + 1}, grad_sum_sq=gss, s=s)
 
     return owned_transform(init, owned_update)
 
