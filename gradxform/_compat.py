@@ -77,6 +77,12 @@ def fused_devices() -> list[str]:
     return list(_get_fused_kernels_supported_devices())
 
 
+def _fused_ops_supported(ops: tuple[str, ...], device: Any) -> bool:
+    """Whether every op in ``ops`` exists on ``torch`` and ``device``'s type is in torch's
+    fused-supported-devices list."""
+    return all(hasattr(torch, op) for op in ops) and _device_type(device) in fused_devices()
+
+
 def fused_adam_supported(device: Any) -> bool:
     """Whether ``torch._fused_adam_`` / ``torch._fused_adamw_`` run on ``device``.
 
@@ -91,9 +97,7 @@ def fused_adam_supported(device: Any) -> bool:
     Returns:
         Whether the fused Adam/AdamW kernels can be called for tensors on ``device``.
     """
-    if not (hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_")):
-        return False
-    return _device_type(device) in fused_devices()
+    return _fused_ops_supported(("_fused_adam_", "_fused_adamw_"), device)
 
 
 def fused_sgd_supported(device: Any) -> bool:
@@ -109,9 +113,7 @@ def fused_sgd_supported(device: Any) -> bool:
     Returns:
         Whether the fused SGD kernel can be called for tensors on ``device``.
     """
-    if not hasattr(torch, "_fused_sgd_"):
-        return False
-    return _device_type(device) in fused_devices()
+    return _fused_ops_supported(("_fused_sgd_",), device)
 
 
 def fused_adagrad_supported(device: Any) -> bool:
@@ -128,9 +130,7 @@ def fused_adagrad_supported(device: Any) -> bool:
     Returns:
         Whether the fused Adagrad kernel can be called for tensors on ``device``.
     """
-    if not hasattr(torch, "_fused_adagrad_"):
-        return False
-    return _device_type(device) in fused_devices()
+    return _fused_ops_supported(("_fused_adagrad_",), device)
 
 
 def has_fsdp2() -> bool:
