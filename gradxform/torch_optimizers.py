@@ -217,6 +217,53 @@ def _sum_div(ps: list[torch.Tensor] | None, a: list[torch.Tensor], b: list[torch
     return [None] * len(a) if ps is not None else d
 
 
+def _streamed(cols: list[list[torch.Tensor]]) -> list[int]:
+    """The leaves worth a whole step streamed chunk by chunk (`_in_chunks`): more than one chunk
+    of elements, every tensor of the leaf (``cols[k][i]``) contiguous. Smaller leaves stay on the
+    foreach kernels (one launch for all of them)."""
+    return [i for i, ts in enumerate(zip(*cols))
+            if ts[0].numel() > _CHUNK and all(t.is_contiguous() for t in ts)]
+
+
+def _in_chunks(cols: list[list[torch.Tensor]], idx: list[int], body: Any) -> None:
+    """``body(i, *views, scratch)`` for each leaf ``i`` in ``idx`` and each ``_CHUNK`` of its
+    elements: ``views`` the same flat slice of every ``cols[k][i]``, ``scratch`` a slice of one
+    small buffer of their dtype. A step written as such a body reads and writes each params-sized
+    buffer once, while a chunk's intermediates stay in cache (the foreach form passes over memory
+    once per kernel); the same elementwise kernels on the same elements, so the same numbers.
+    Eager only (`_host_scalars`), on leaves from `_streamed`."""
+    scratch: torch.Tensor | None = None
+    for i in idx:
+        ts = [c[i] for c in cols]
+        x = ts[0]
+        if scratch is None or scratch.dtype != x.dtype or scratch.device != x.device:
+            scratch = torch.empty(_CHUNK, dtype=x.dtype, device=x.device)
+        flat = [t.view(-1) for t in ts]
+        n = x.numel()
+        for lo in range(0, n, _CHUNK):
+            hi = min(n, lo + _CHUNK)
+            body(i, *[f[lo:hi] for f in flat], scratch[:hi - lo])
+
+
+def _except(xs: list[Any], idx: list[int]) -> list[Any]:
+    """``xs`` without the positions in ``idx``."""
+    skip = set(idx)
+    return [x for i, x in enumerate(xs) if i not in skip]
+
+
+def _merged(n: int, idx: list[int], at_idx: list[Any], rest: list[Any]) -> list[Any]:
+    """A list of ``n``: ``at_idx`` at the positions ``idx`` (in order), ``rest`` elsewhere."""
+    out: list[Any] = [None] * n
+    for i, x in zip(idx, at_idx):
+        out[i] = x
+    it = iter(rest)
+    skip = set(idx)
+    for i in range(n):
+        if i not in skip:
+            out[i] = next(it)
+    return out
+
+
 def _with_apply(init: Any, step: Any) -> GradientTransformation:
     """``owned_transform`` from ``step(updates, state, params, own, apply)``, declaring
     ``owned_apply`` (`gradxform.base.call_apply`): ``step`` with ``apply=True`` may add its last
@@ -510,6 +557,19 @@ def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
         zeros = _tree.tree_zeros_like
         return ScaleByAdamaxState(_leaf_counts(params), zeros(params), zeros(params))
 
+    def chunk(beta1: float, beta2: float, e: float, ks: list[float]) -> Any:
+        """The whole step on one chunk (`_in_chunks`): torch.optim.Adamax's foreach kernels, in its
+        order, on a cache-sized slice, ending in its ``addcdiv_`` into the params."""
+        def body(i: int, p: torch.Tensor, x: torch.Tensor, m: torch.Tensor, u: torch.Tensor, s: torch.Tensor) -> None:
+            m.lerp_(x, 1.0 - beta1)
+            u.mul_(beta2)
+            torch.abs(x, out=s)
+            s.add_(e)
+            torch.maximum(u, s, out=u)
+            p.addcdiv_(m, u, value=ks[i])
+
+        return body
+
     def step(updates: Updates, state: ScaleByAdamaxState, params: Params | None,
              own: Ownership, apply: bool) -> tuple[Updates, ScaleByAdamaxState]:
         expect_state(state, ScaleByAdamaxState, "scale_by_adamax")
@@ -519,46 +579,68 @@ def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
         beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
         neg_lr = _neg_lr(lr)
         counts = _step_counts(flat, state.count, own.state)
-        g = flat.live
-        mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
-        nu = _mul(flat.state_live(state.nu, "state.nu"), beta2, own.state)
-        mine = _owned_out(flat, own)
-        if mine:  # |g| + eps into the incoming buffer, which mu has consumed
-            torch._foreach_abs_(g)
-            a = g
-        else:
-            a = list(_abs(g))
-        _fe.add_(a, e)
-        if own.state:
-            _fe.maximum_(nu, a)
-        else:
-            nu = list(_fe.maximum(nu, a))
-        ts = _host_steps(counts)
-        if ts is not None and _host_scalars(beta1, neg_lr):
-            # one pass: u = k m / u_t with k = -(lr / (1 - b1^t)) (torch's -clr), into a's buffers
+        g_all = flat.live
+        n = len(g_all)
+        mu_all = flat.state_live(state.mu, "state.mu")
+        nu_all = flat.state_live(state.nu, "state.nu")
+        ts_all = _host_steps(counts)
+        host = ts_all is not None and _host_scalars(beta1, beta2, e, neg_lr)
+        ks_all: list[float] = []
+        if host:  # u = k m / u_t with k = -(lr / (1 - b1^t)) (torch's -clr)
             lr_v = 1.0 if neg_lr is None else -neg_lr
-            ks = [lr_v / (1.0 - beta1**t) for t in ts]
-            ks = ks if neg_lr is None else [-k for k in ks]
-            ps = _apply_params(flat, params, mu) if apply else None
-            # p <- p + k m / u_t: torch's one addcdiv_ into the params, else u into a's buffers
-            out = _add_scaled_div(ps, mu, nu, ks) if ps is not None else _scaled_div(mu, nu, ks, a)
-        else:
-            if ts is not None:
-                bc: list[Any] = [1.0 - beta1**t for t in ts]
+            ks_all = [lr_v / (1.0 - beta1**t) for t in ts_all]
+            ks_all = ks_all if neg_lr is None else [-k for k in ks_all]
+        ps_all = _apply_params(flat, params, g_all) if apply and host else None
+        big: list[int] = []
+        if ps_all is not None:  # (apply: the state is owned) large leaves: the step streamed in chunks
+            cols = [ps_all, g_all, mu_all, nu_all]
+            big = _streamed(cols)
+            if big:
+                _in_chunks(cols, big, chunk(beta1, beta2, e, ks_all))
+        g = _except(g_all, big)
+        mu, nu, out = [], [], []
+        if g:  # the other leaves: foreach kernels
+            mu = _ema(_except(mu_all, big), g, beta1, own.state)
+            nu = _mul(_except(nu_all, big), beta2, own.state)
+            if _owned_out(flat, own):  # |g| + eps into the incoming buffer, which mu has consumed
+                torch._foreach_abs_(g)
+                a = g
             else:
-                bc = _realized([1.0 - beta1**t for t in _f64(counts)])
-            # u = m / nu / bc; a (|g| + eps) is private to this call and no longer needed: the
-            # quotient goes into its buffers (no allocation) when not traced
-            if _tree.traced():
-                out = list(_fe.div(mu, nu))
+                a = list(_abs(g))
+            _fe.add_(a, e)
+            if own.state:
+                _fe.maximum_(nu, a)
             else:
-                for m, n, x in zip(mu, nu, a):
-                    torch.div(m, n, out=x)
-                out = a
-            out = _scaled(_each("div", out, bc, True), neg_lr, True)
-        new_state = ScaleByAdamaxState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
-                                       flat.rebuild(nu, like=state.nu))
-        return flat.rebuild(out), new_state
+                nu = list(_fe.maximum(nu, a))
+            ts = None if ts_all is None else _except(ts_all, big)
+            if host:
+                # one pass: u = k m / u_t
+                ks = _except(ks_all, big)
+                ps = None if ps_all is None else _except(ps_all, big)
+                # p <- p + k m / u_t: torch's one addcdiv_ into the params, else u into a's buffers
+                out = _add_scaled_div(ps, mu, nu, ks) if ps is not None else _scaled_div(mu, nu, ks, a)
+            else:
+                if ts is not None:
+                    bc: list[Any] = [1.0 - beta1**t for t in ts]
+                else:
+                    bc = _realized([1.0 - beta1**t for t in _f64(counts)])
+                # u = m / nu / bc; a (|g| + eps) is private to this call and no longer needed: the
+                # quotient goes into its buffers (no allocation) when not traced
+                if _tree.traced():
+                    out = list(_fe.div(mu, nu))
+                else:
+                    for m, v, x in zip(mu, nu, a):
+                        torch.div(m, v, out=x)
+                    out = a
+                out = _scaled(_each("div", out, bc, True), neg_lr, True)
+
+        def whole(xs_all: list[Any], rest: list[Any]) -> list[Any]:
+            return _merged(n, big, [xs_all[i] for i in big], rest)
+
+        new_state = ScaleByAdamaxState(flat.rebuild(counts, like=state.count),
+                                       flat.rebuild(whole(mu_all, mu), like=state.mu),
+                                       flat.rebuild(whole(nu_all, nu), like=state.nu))
+        return flat.rebuild(_merged(n, big, [None] * len(big), out)), new_state
 
     return _with_apply(init, step)
 
@@ -1466,7 +1548,10 @@ def _rms_step(alpha: Any, eps: Any, centered: bool, momentum: Any, lr: Any) -> G
     scale_by_learning_rate(lr))`` with torch.optim.RMSprop's passes: the momentum buffer takes
     ``g / (sqrt(v) + eps)`` in one ``addcdiv`` and ``-lr`` is folded into the last pass. Its state
     is the blocks' (`gradxform.ScaleByRmsState`, and `gradxform.TraceState` with momentum, whose
-    count only flags a stepped leaf: RMSprop's buffer starts at 0, without a first-step rule)."""
+    count only flags a stepped leaf: RMSprop's buffer starts at 0, without a first-step rule).
+    Added into the params (``owned_apply``), a leaf of more than one chunk takes the whole step
+    chunk by chunk (`_in_chunks`): each params-sized buffer read and written once, no
+    params-sized temporary, the same numbers."""
     rms = scale_by_rms(alpha, eps, centered=centered, count_steps=True)
 
     def init(params: Params) -> Any:
@@ -1474,6 +1559,33 @@ def _rms_step(alpha: Any, eps: Any, centered: bool, momentum: Any, lr: Any) -> G
         if momentum is None:
             return rs
         return (rs, TraceState(_leaf_counts(params), _tree.tree_zeros_like(params)))
+
+    def chunk(d: float, e: float, m: float | None, neg_lr: float) -> Any:
+        """The whole step on one chunk (`_in_chunks`): torch.optim.RMSprop's foreach kernels, in
+        its order, on a cache-sized slice; with momentum the update ``-lr b`` is formed in the
+        scratch and added (the rounding of ``p + u``, as the other leaves)."""
+        def body(i: int, p: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *more: torch.Tensor) -> None:
+            s = more[-1]
+            v.mul_(d)
+            v.addcmul_(x, x, value=1.0 - d)
+            if centered:
+                a = more[0]
+                a.lerp_(x, 1.0 - d)
+                torch.addcmul(v, a, a, value=-1.0, out=s)
+                s.sqrt_()
+            else:
+                torch.sqrt(v, out=s)
+            s.add_(e)
+            if m is None:
+                p.addcdiv_(x, s, value=neg_lr)
+            else:
+                b = more[-2]
+                b.mul_(m)
+                b.addcdiv_(x, s)
+                torch.mul(b, neg_lr, out=s)
+                p.add_(s)
+
+        return body
 
     def step(updates: Updates, state: Any, params: Params | None, own: Ownership, apply: bool) -> tuple[Updates, Any]:
         rs, ms = (state, None) if momentum is None else state
@@ -1484,42 +1596,62 @@ def _rms_step(alpha: Any, eps: Any, centered: bool, momentum: Any, lr: Any) -> G
         if not flat.live:
             return updates, state
         d, e, neg_lr = _tree.as_scalar(alpha), _tree.as_scalar(eps), _neg_lr(lr)
-        g = flat.live
+        m = None if ms is None else _tree.as_scalar(momentum)
+        g_all = flat.live
+        n = len(g_all)
         counts = _step_counts(flat, rs.count, own.state)
-        nu = _ema_sq(flat.state_live(rs.nu, "state.nu"), g, d, own.state)
-        grad_avg = None
-        if centered:
-            grad_avg = _ema(flat.state_live(rs.grad_avg, "state.grad_avg"), g, d, own.state)
-            avg = list(_addcmul(nu, grad_avg, grad_avg, value=-1.0))  # v - m^2, as torch.optim
-            _sqrt_(avg)
-        else:
-            avg = list(_fe.sqrt(nu))
-        _fe.add_(avg, e)
-        host = _host_scalars(d, e, neg_lr)
-        if ms is not None:
-            m = _tree.as_scalar(momentum)
-            mcounts = _step_counts(flat, ms.count, own.state)
-            buf = _mul(flat.state_live(ms.trace, "state.trace"), m, own.state)
-            _addcdiv_(buf, g, avg)  # in the state's buffers when owned, else in the new ones
-            if host:  # -lr b into avg's buffers (private to this call)
-                for b, a in zip(buf, avg):
-                    torch.mul(b, neg_lr, out=a)
-                out = avg
+        mcounts = None if ms is None else _step_counts(flat, ms.count, own.state)
+        nu_all = flat.state_live(rs.nu, "state.nu")
+        ga_all = flat.state_live(rs.grad_avg, "state.grad_avg") if centered else []
+        buf_all = [] if ms is None else flat.state_live(ms.trace, "state.trace")
+        host = _host_scalars(d, e, neg_lr, m)
+        ps_all = _apply_params(flat, params, g_all) if apply and host else None
+        big: list[int] = []
+        if ps_all is not None:  # (apply: the state is owned) large leaves: the step streamed in chunks
+            cols = [ps_all, g_all, nu_all] + ([ga_all] if centered else []) + ([buf_all] if ms is not None else [])
+            big = _streamed(cols)
+            if big:
+                _in_chunks(cols, big, chunk(d, e, m, neg_lr))
+        g = _except(g_all, big)
+        nu, grad_avg, buf, out = [], [], [], []
+        if g:  # the other leaves: foreach kernels
+            nu = _ema_sq(_except(nu_all, big), g, d, own.state)
+            if centered:
+                grad_avg = _ema(_except(ga_all, big), g, d, own.state)
+                avg = list(_addcmul(nu, grad_avg, grad_avg, value=-1.0))  # v - m^2, as torch.optim
+                _sqrt_(avg)
             else:
-                out = list(_fe.mul(buf, neg_lr))
-            new_ms = TraceState(flat.rebuild(mcounts, like=ms.count), flat.rebuild(buf, like=ms.trace))
-        else:
-            ps = _apply_params(flat, params, g) if apply and host else None
-            if ps is not None:  # p <- p - lr g / avg: torch's one addcdiv_ into the params
-                out = _add_scaled_div(ps, g, avg, [neg_lr] * len(g))
-            elif host:  # one pass: u = -lr g / avg
-                out = _scaled_div(g, avg, [neg_lr] * len(g), g if _owned_out(flat, own) else avg)
+                avg = list(_fe.sqrt(nu))
+            _fe.add_(avg, e)
+            if ms is not None:
+                buf = _mul(_except(buf_all, big), m, own.state)
+                _addcdiv_(buf, g, avg)  # in the state's buffers when owned, else in the new ones
+                if host:  # -lr b into avg's buffers (private to this call)
+                    for b, a in zip(buf, avg):
+                        torch.mul(b, neg_lr, out=a)
+                    out = avg
+                else:
+                    out = list(_fe.mul(buf, neg_lr))
             else:
-                out = list(_fe.mul(_fe.div(g, avg), neg_lr))
-        new_rs = ScaleByRmsState(flat.rebuild(nu, like=rs.nu),
-                                 flat.rebuild(grad_avg, like=rs.grad_avg) if centered else None,
+                ps = None if ps_all is None else _except(ps_all, big)
+                if ps is not None:  # p <- p - lr g / avg: torch's one addcdiv_ into the params
+                    out = _add_scaled_div(ps, g, avg, [neg_lr] * len(g))
+                elif host:  # one pass: u = -lr g / avg
+                    out = _scaled_div(g, avg, [neg_lr] * len(g), g if _owned_out(flat, own) else avg)
+                else:
+                    out = list(_fe.mul(_fe.div(g, avg), neg_lr))
+
+        def whole(xs_all: list[Any], rest: list[Any]) -> list[Any]:
+            return _merged(n, big, [xs_all[i] for i in big], rest)
+
+        out = _merged(n, big, [None] * len(big), out)
+        new_rs = ScaleByRmsState(flat.rebuild(whole(nu_all, nu), like=rs.nu),
+                                 flat.rebuild(whole(ga_all, grad_avg), like=rs.grad_avg) if centered else None,
                                  flat.rebuild(counts, like=rs.count))
-        return flat.rebuild(out), (new_rs if ms is None else (new_rs, new_ms))
+        if ms is None:
+            return flat.rebuild(out), new_rs
+        new_ms = TraceState(flat.rebuild(mcounts, like=ms.count), flat.rebuild(whole(buf_all, buf), like=ms.trace))
+        return flat.rebuild(out), (new_rs, new_ms)
 
     return _with_apply(init, step)
 
