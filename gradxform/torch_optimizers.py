@@ -94,6 +94,9 @@ def _f64(counts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [c.to(torch.float64) for c in counts]
 
 
+_REALIZE_WIDTH = 16  # above inductor's unroll_reductions_threshold (8): a reduction it keeps as one
+
+
 def _realized(xs: list[Any]) -> list[Any]:
     """Per-leaf 0-d factors (functions of the step counts) computed once under torch.compile:
     inductor would otherwise inline them into every element loop (a ``pow`` per vector of
@@ -102,7 +105,7 @@ def _realized(xs: list[Any]) -> list[Any]:
     if not xs or not _tree.is_compiling() or not all(isinstance(x, torch.Tensor) for x in xs):
         return xs
     v = torch.stack([x.reshape(()).to(torch.float64) for x in xs])
-    v = torch.stack([v, v], dim=1).amax(dim=1)
+    v = v.unsqueeze(1).expand(len(xs), _REALIZE_WIDTH).amax(dim=1)
     return [v[i] for i in range(len(xs))]
 
 
