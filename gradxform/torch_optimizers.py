@@ -287,6 +287,18 @@ def _scaled(xs: list[torch.Tensor], k: Any, inplace: bool) -> list[torch.Tensor]
     return _mul(xs, k, inplace)
 
 
+def _dense_only(flat: _Flat, who: str) -> None:
+    """A clear error for a sparse update (``nn.Embedding(sparse=True)``), which the dense
+    kernels below cannot take (torch's message names no culprit and no fix)."""
+    for k, x in enumerate(flat.live):
+        if x.layout is not torch.strided:
+            raise ValueError(
+                f"{who}: the update at '{flat.paths()[flat.idx[k]]}' is sparse ({x.layout}); gradxform's Adagrad "
+                "takes dense gradients only (torch.optim.Adagrad's sparse path is not reproduced): use dense "
+                "gradients (nn.Embedding(sparse=False), or g.to_dense()), or gx.sparse_adam / gx.sgd, which take "
+                "sparse ones")
+
+
 # --- Adagrad ------------------------------------------------------------------------------------
 
 
@@ -355,6 +367,7 @@ def _rss_tx(initial_accumulator_value: float, eps: Any, lr_decay: Any, eps_in_sq
         flat = _Flat(updates)
         if not flat.live:
             return updates, state
+        _dense_only(flat, "scale_by_rss (gx.adagrad)")
         e, decay, neg_lr = _tree.as_scalar(eps), _tree.as_scalar(lr_decay), _neg_lr(lr)
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
