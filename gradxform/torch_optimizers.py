@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _foreach as _fe
+from . import _owned
 from . import tree as _tree
 from .alias import _check_betas, _nonzero, _scalar_lr
 from .base import (GradientTransformation, Ownership, Params, Updates, chain, declare, expect_state, owned_transform,
@@ -363,9 +364,8 @@ def _rss_tx(initial_accumulator_value: float, eps: Any, lr_decay: Any, eps_in_sq
     def owned_update(updates: Updates, state: ScaleByRssState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByRssState]:
         del params
-        expect_state(state, ScaleByRssState, "scale_by_rss")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByRssState, "scale_by_rss")
+        if flat is None:
             return updates, state
         _dense_only(flat, "scale_by_rss (gx.adagrad)")
         e, decay, neg_lr = _tree.as_scalar(eps), _tree.as_scalar(lr_decay), _neg_lr(lr)
@@ -411,8 +411,7 @@ def _rss_tx(initial_accumulator_value: float, eps: Any, lr_decay: Any, eps_in_sq
                 if factors is not None:
                     denom = _each("mul", denom, _realized(factors), True)
                 out = list(_fe.div(g, denom))
-        new_state = ScaleByRssState(flat.rebuild(counts, like=state.count), flat.rebuild(s, like=state.sum_of_squares))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state, count=counts, sum_of_squares=s)
 
     return owned_transform(init, owned_update)
 
@@ -474,9 +473,8 @@ def _adadelta_tx(rho: Any, eps: Any, lr: Any) -> GradientTransformation:
     def owned_update(updates: Updates, state: ScaleByAdadeltaState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByAdadeltaState]:
         del params
-        expect_state(state, ScaleByAdadeltaState, "scale_by_adadelta")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAdadeltaState, "scale_by_adadelta")
+        if flat is None:
             return updates, state
         r, e, neg_lr = _tree.as_scalar(rho), _tree.as_scalar(eps), _neg_lr(lr)
         counts = _step_counts(flat, state.count, own.state)
@@ -509,9 +507,7 @@ def _adadelta_tx(rho: Any, eps: Any, lr: Any) -> GradientTransformation:
             _fe.mul_(delta, g)
             e_x = _ema_sq(e_x, delta, r, own.state)
             out = _scaled(list(delta), neg_lr, True)
-        new_state = ScaleByAdadeltaState(flat.rebuild(counts, like=state.count), flat.rebuild(e_g, like=state.e_g),
-                                         flat.rebuild(e_x, like=state.e_x))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state, count=counts, e_g=e_g, e_x=e_x)
 
     return owned_transform(init, owned_update)
 
@@ -588,9 +584,8 @@ def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
 
     def step(updates: Updates, state: ScaleByAdamaxState, params: Params | None,
              own: Ownership, apply: bool) -> tuple[Updates, ScaleByAdamaxState]:
-        expect_state(state, ScaleByAdamaxState, "scale_by_adamax")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAdamaxState, "scale_by_adamax")
+        if flat is None:
             return updates, state
         beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
         neg_lr = _neg_lr(lr)
@@ -653,10 +648,8 @@ def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
         def whole(xs_all: list[Any], rest: list[Any]) -> list[Any]:
             return _merged(n, big, [xs_all[i] for i in big], rest)
 
-        new_state = ScaleByAdamaxState(flat.rebuild(counts, like=state.count),
-                                       flat.rebuild(whole(mu_all, mu), like=state.mu),
-                                       flat.rebuild(whole(nu_all, nu), like=state.nu))
-        return flat.rebuild(_merged(n, big, [None] * len(big), out)), new_state
+        return _owned.finish(flat, _merged(n, big, [None] * len(big), out), state, count=counts,
+                             mu=whole(mu_all, mu), nu=whole(nu_all, nu))
 
     return _with_apply(init, step)
 
@@ -733,9 +726,8 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
 
     def step(updates: Updates, state: ScaleByNadamState, params: Params | None,
              own: Ownership, apply: bool) -> tuple[Updates, ScaleByNadamState]:
-        expect_state(state, ScaleByNadamState, "scale_by_nadam")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByNadamState, "scale_by_nadam")
+        if flat is None:
             return updates, state
         beta1, beta2 = _tree.as_scalar(b1), _tree.as_scalar(b2)
         e, psi = _tree.as_scalar(eps), _tree.as_scalar(momentum_decay)
@@ -805,10 +797,7 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
             if wd is not None:
                 out = list(_fe.add(out, _fe.mul(p, wd))) if isinstance(wd, torch.Tensor) else list(_fe.add(out, p, alpha=wd))
             out = _scaled(out, neg_lr, True)
-        new_state = ScaleByNadamState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
-                                      flat.rebuild(nu, like=state.nu),
-                                      flat.rebuild(new_products, like=state.mu_product))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu, mu_product=new_products)
 
     return _with_apply(init, step)
 
@@ -871,9 +860,8 @@ def _radam_tx(b1: Any, b2: Any, eps: Any, threshold: float, eps_on_debiased: boo
 
     def step(updates: Updates, state: ScaleByAdamState, params: Params | None,
              own: Ownership, apply: bool) -> tuple[Updates, ScaleByAdamState]:
-        expect_state(state, ScaleByAdamState, "scale_by_radam")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAdamState, "scale_by_radam")
+        if flat is None:
             return updates, state
         beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
         neg_lr = _neg_lr(lr)
@@ -950,9 +938,8 @@ def _radam_tx(b1: Any, b2: Any, eps: Any, threshold: float, eps_on_debiased: boo
             if wd is not None:
                 out = list(_fe.add(out, _fe.mul(p, wd))) if isinstance(wd, torch.Tensor) else list(_fe.add(out, p, alpha=wd))
             out = _scaled(out, neg_lr, True)
-        new_state = ScaleByAdamState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
-                                     flat.rebuild(nu, like=state.nu), None)
-        return flat.rebuild(out), new_state
+        # RAdam keeps no nu_max (torch has none)
+        return _owned.finish(flat, out, state, {"nu_max": None}, count=counts, mu=mu, nu=nu)
 
     return _with_apply(init, step)
 
@@ -1027,9 +1014,8 @@ def _rprop_tx(learning_rate: Any, eta_minus: Any, eta_plus: Any, min_step_size: 
     def owned_update(updates: Updates, state: ScaleByRpropState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByRpropState]:
         del params
-        expect_state(state, ScaleByRpropState, "scale_by_rprop")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByRpropState, "scale_by_rprop")
+        if flat is None:
             return updates, state
         lr, em, ep = _tree.as_scalar(learning_rate), _tree.as_scalar(eta_minus), _tree.as_scalar(eta_plus)
         lo, hi = _tree.as_scalar(min_step_size), _tree.as_scalar(max_step_size)
@@ -1070,10 +1056,7 @@ def _rprop_tx(learning_rate: Any, eta_minus: Any, eta_plus: Any, min_step_size: 
                 new_sizes.append(d)
                 new_prev.append(p)
             out.append(o)
-        new_state = ScaleByRpropState(flat.rebuild(counts, like=state.count),
-                                      flat.rebuild(new_sizes, like=state.step_sizes),
-                                      flat.rebuild(new_prev, like=state.prev_updates))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state, count=counts, step_sizes=new_sizes, prev_updates=new_prev)
 
     return owned_transform(init, owned_update)
 
@@ -1148,9 +1131,8 @@ def scale_by_asgd(learning_rate: float | torch.Tensor = 1e-2, lambd: float | tor
 
     def owned_update(updates: Updates, state: ScaleByAsgdState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByAsgdState]:
-        expect_state(state, ScaleByAsgdState, "scale_by_asgd")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAsgdState, "scale_by_asgd")
+        if flat is None:
             return updates, state
         p = flat.params_live(params, "scale_by_asgd")
         lr, lam = _tree.as_scalar(learning_rate), _tree.as_scalar(lambd)
@@ -1214,9 +1196,7 @@ def scale_by_asgd(learning_rate: float | torch.Tensor = 1e-2, lambd: float | tor
                 new_ax = ax
             else:
                 new_ax = list(_fe.add(ax, step))
-        new_state = ScaleByAsgdState(flat.rebuild(counts, like=state.count), flat.rebuild(new_etas, like=state.eta),
-                                     flat.rebuild(new_mus, like=state.mu), flat.rebuild(new_ax, like=state.ax))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state, count=counts, eta=new_etas, mu=new_mus, ax=new_ax)
 
     return owned_transform(init, owned_update)
 
