@@ -229,10 +229,10 @@ def _streamed(cols: list[list[torch.Tensor]]) -> list[int]:
             if ts[0].numel() > _CHUNK and all(t.is_contiguous() for t in ts)]
 
 
-def _in_chunks(cols: list[list[torch.Tensor]], idx: list[int], body: Any) -> None:
-    """``body(i, *views, scratch)`` for each leaf ``i`` in ``idx`` and each ``_CHUNK`` of its
-    elements: ``views`` the same flat slice of every ``cols[k][i]``, ``scratch`` a slice of one
-    small buffer of their dtype. A step written as such a body reads and writes each params-sized
+def _in_chunks(cols: list[list[torch.Tensor]], idx: list[int], body: Any, scratches: int = 1) -> None:
+    """``body(i, *views, *scratch)`` for each leaf ``i`` in ``idx`` and each ``_CHUNK`` of its
+    elements: ``views`` the same flat slice of every ``cols[k][i]``, ``scratch`` ``scratches``
+    slices of one small buffer of their dtype. A step written as such a body reads and writes each params-sized
     buffer once, while a chunk's intermediates stay in cache (the foreach form passes over memory
     once per kernel); the same elementwise kernels on the same elements, so the same numbers.
     Eager only (`_host_scalars`), on leaves from `_streamed`."""
@@ -241,12 +241,12 @@ def _in_chunks(cols: list[list[torch.Tensor]], idx: list[int], body: Any) -> Non
         ts = [c[i] for c in cols]
         x = ts[0]
         if scratch is None or scratch.dtype != x.dtype or scratch.device != x.device:
-            scratch = torch.empty(_CHUNK, dtype=x.dtype, device=x.device)
+            scratch = torch.empty(scratches, _CHUNK, dtype=x.dtype, device=x.device)
         flat = [t.view(-1) for t in ts]
         n = x.numel()
         for lo in range(0, n, _CHUNK):
             hi = min(n, lo + _CHUNK)
-            body(i, *[f[lo:hi] for f in flat], scratch[:hi - lo])
+            body(i, *[f[lo:hi] for f in flat], *[scratch[j, :hi - lo] for j in range(scratches)])
 
 
 def _except(xs: list[Any], idx: list[int]) -> list[Any]:
@@ -724,6 +724,31 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
         return ScaleByNadamState(_leaf_counts(params), zeros(params), zeros(params),
                                  _tree.tree_map(_ones_scalar, params))
 
+    def chunk(beta1: float, beta2: float, eps_s: list[float], rs: list[float], ks: list[float],
+              k_wd: float | None) -> Any:
+        """The whole step on one chunk (`_in_chunks`): the foreach path's kernels in its order on a
+        cache-sized slice, the denominator and the numerator ``g + r m`` in the two scratches;
+        ``p <- p + k (g + r m) / denom`` (with NAdamW's decay, ``u + k wd p`` formed and added)."""
+        def body(i: int, p: torch.Tensor, x: torch.Tensor, m: torch.Tensor, v: torch.Tensor, d: torch.Tensor,
+                 num: torch.Tensor) -> None:
+            m.lerp_(x, 1.0 - beta1)
+            v.mul_(beta2)
+            v.addcmul_(x, x, value=1.0 - beta2)
+            torch.sqrt(v, out=d)
+            d.add_(eps_s[i])
+            torch.add(x, m, alpha=rs[i], out=num)
+            if k_wd is None:
+                p.addcdiv_(num, d, value=ks[i])
+                return
+            if ks[i] == 1.0:
+                torch.div(num, d, out=d)
+            else:
+                torch.addcdiv(_zero(d), num, d, value=ks[i], out=d)
+            d.add_(p, alpha=k_wd)
+            p.add_(d)
+
+        return body
+
     def step(updates: Updates, state: ScaleByNadamState, params: Params | None,
              own: Ownership, apply: bool) -> tuple[Updates, ScaleByNadamState]:
         flat = _owned.live(updates, state, ScaleByNadamState, "scale_by_nadam")
@@ -738,8 +763,6 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
         g = flat.live
         sdtype = _scalar_dtype()
         products = flat.state_live(state.mu_product, "state.mu_product", check_shapes=False)
-        mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
-        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), g, beta2, own.state)
         ts = _host_steps(counts)
         if ts is not None and all(pr.device.type == "cpu" for pr in products):
             mus = [beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)) for t in ts]
@@ -767,14 +790,46 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
             n_l = len(c_g)
             both = _realized(c_g + c_m + eps_s)
             c_g, c_m, eps_s = both[:n_l], both[n_l:2 * n_l], both[2 * n_l:]
+        mu_all = flat.state_live(state.mu, "state.mu")
+        nu_all = flat.state_live(state.nu, "state.nu")
+        n = len(g)
+        host = ts is not None and _host_scalars(beta1, beta2, e, neg_lr, wd) and not isinstance(c_m[0], torch.Tensor)
+        ps_all = _apply_params(flat, params, g) if apply and host else None
+        big: list[int] = []
+        if ps_all is not None:  # (apply: the state is owned) large leaves: the step streamed in chunks
+            cols = [ps_all, g, mu_all, nu_all]
+            big = _streamed(cols)
+            if big:
+                k = 1.0 if neg_lr is None else neg_lr
+                _in_chunks(cols, big, chunk(beta1, beta2, eps_s, [cm / cg for cm, cg in zip(c_m, c_g)],
+                                            [k * cg for cg in c_g], None if wd is None else k * wd), scratches=2)
+                g, p, c_g, c_m, eps_s = (_except(x, big) for x in (g, p or [], c_g, c_m, eps_s))
+                p = p if wd is not None else None
+        mu, nu, out = [], [], []
+        if g:  # the other leaves: foreach kernels
+            mu, nu = _ema(_except(mu_all, big), g, beta1, own.state), _ema_sq(_except(nu_all, big), g, beta2, own.state)
+            out = rest(g, p, mu, nu, c_g, c_m, eps_s, None if ps_all is None else _except(ps_all, big), ts is not None,
+                       host, k_lr=neg_lr, wd=wd, mine=_owned_out(flat, own))
+
+        def whole(xs_all: list[Any], rest_: list[Any]) -> list[Any]:
+            return _merged(n, big, [xs_all[i] for i in big], rest_)
+
+        return _owned.finish(flat, _merged(n, big, [None] * len(big), out), state, count=counts,
+                             mu=whole(mu_all, mu), nu=whole(nu_all, nu), mu_product=new_products)
+
+    def rest(g: list[torch.Tensor], p: list[torch.Tensor] | None, mu: list[torch.Tensor], nu: list[torch.Tensor],
+             c_g: list[Any], c_m: list[Any], eps_s: list[Any], ps: list[torch.Tensor] | None, host_steps: bool,
+             host: bool, k_lr: Any, wd: Any, mine: bool) -> list[Any]:
+        """The step of the leaves not streamed, on foreach kernels: their updates (``None`` where
+        added into the params ``ps``)."""
+        neg_lr = k_lr
         denom = _each("add", list(_fe.sqrt(nu)), eps_s, True)
-        if ts is not None and _host_scalars(e, neg_lr, wd) and not isinstance(c_m[0], torch.Tensor):
+        if host:
             # u = k_g (g + (c_m / c_g) m) / denom, k_g = -lr c_g: two passes (c_g > 0 for beta1 < 1)
             k = 1.0 if neg_lr is None else neg_lr
-            mine = _owned_out(flat, own)
             rs, ks = [cm / cg for cm, cg in zip(c_m, c_g)], [k * cg for cg in c_g]
             # (with NAdamW's decay the update is u + k wd p: added by the caller, same rounding)
-            ps = _apply_params(flat, params, g) if apply and wd is None else None
+            ps = ps if wd is None else None
             if mine:
                 for x, m, r in zip(g, mu, rs):
                     x.add_(m, alpha=r)
@@ -784,20 +839,20 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
             if wd is not None:
                 _fe.add_(out, p, alpha=k * wd)
         else:
-            if _owned_out(flat, own):
+            if mine:
                 _fe.div_(g, denom)
                 out = g
             else:
                 out = list(_fe.div(g, denom))
             out = _each("mul", out, c_g, True)
-            if ts is not None and not isinstance(c_m[0], torch.Tensor):
+            if host_steps and not isinstance(c_m[0], torch.Tensor):
                 _addcdiv_(out, mu, denom, c_m)
             else:
                 out = list(_fe.add(out, _each("mul", list(_fe.div(mu, denom)), c_m, True)))
             if wd is not None:
                 out = list(_fe.add(out, _fe.mul(p, wd))) if isinstance(wd, torch.Tensor) else list(_fe.add(out, p, alpha=wd))
             out = _scaled(out, neg_lr, True)
-        return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu, mu_product=new_products)
+        return out
 
     return _with_apply(init, step)
 
