@@ -563,7 +563,8 @@ def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
 
 def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
     """`scale_by_adamax`; with ``lr``, followed by ``u <- -lr u`` folded into its last pass (as
-    torch: ``u = -(lr / (1 - b1^t)) m / u_t``)."""
+    torch: ``u = -(lr / (1 - b1^t)) m / u_t``). Added into the params (``owned_apply``), a leaf
+    of more than one chunk takes the whole step chunk by chunk (`_in_chunks`)."""
 
     def init(params: Params) -> ScaleByAdamaxState:
         zeros = _tree.tree_zeros_like
@@ -717,7 +718,9 @@ def scale_by_nadam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
 
 def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decoupled_wd: Any) -> GradientTransformation:
     """`scale_by_nadam`; with ``lr``, followed by ``u <- -lr (u + decoupled_wd p)`` folded into
-    its last passes (``decoupled_wd``: NAdamW's decay, or ``None``)."""
+    its last passes (``decoupled_wd``: NAdamW's decay, or ``None``). Added into the params
+    (``owned_apply``), a leaf of more than one chunk takes the whole step chunk by chunk
+    (`_in_chunks`): the same kernels on the same elements, so the numbers of the update path."""
 
     def init(params: Params) -> ScaleByNadamState:
         zeros = _tree.tree_zeros_like
