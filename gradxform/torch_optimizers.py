@@ -222,11 +222,13 @@ def _sum_div(ps: list[torch.Tensor] | None, a: list[torch.Tensor], b: list[torch
 
 
 def _streamed(cols: list[list[torch.Tensor]]) -> list[int]:
-    """The leaves worth a whole step streamed chunk by chunk (`_in_chunks`): more than one chunk
-    of elements, every tensor of the leaf (``cols[k][i]``) contiguous. Smaller leaves stay on the
-    foreach kernels (one launch for all of them)."""
+    """The leaves worth a whole step streamed chunk by chunk (`_in_chunks`): on the CPU (where a
+    kernel call costs microseconds and the chunk stays in the core's cache; an accelerator's
+    foreach kernels take every leaf in a few launches), more than one chunk of elements, every
+    tensor of the leaf (``cols[k][i]``) contiguous. Smaller leaves stay on the foreach kernels
+    (one call for all of them)."""
     return [i for i, ts in enumerate(zip(*cols))
-            if ts[0].numel() > _CHUNK and all(t.is_contiguous() for t in ts)]
+            if ts[0].device.type == "cpu" and ts[0].numel() > _CHUNK and all(t.is_contiguous() for t in ts)]
 
 
 def _in_chunks(cols: list[list[torch.Tensor]], idx: list[int], body: Any, scratches: int = 1) -> None:

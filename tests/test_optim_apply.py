@@ -295,3 +295,17 @@ def test_streamed_step_makes_no_params_sized_temporary(make):
     (before: ``sqrt(v) + eps``, or Adamax's ``|g| + eps``, one params-sized temporary each: 1.0)."""
     temporaries = _temporaries_per_step(make(), [(2048, 1024), (1024,)])
     assert temporaries <= 0.3, temporaries
+
+
+def test_only_large_contiguous_cpu_leaves_are_streamed():
+    """Streaming pays on the CPU only (an accelerator's foreach kernels take all leaves in a few
+    launches; 2^18-element chunks would be hundreds): a leaf elsewhere (here ``meta``), a small
+    one or a non-contiguous one stays on the foreach kernels."""
+    from gradxform.torch_optimizers import _CHUNK, _streamed
+
+    big = _CHUNK + 1
+    cpu = [torch.empty(big), torch.empty(big)]
+    assert _streamed([cpu, cpu]) == [0, 1]
+    assert _streamed([[torch.empty(big, device="meta")]] * 2) == []
+    assert _streamed([[torch.empty(_CHUNK)]] * 2) == []
+    assert _streamed([[torch.empty(2, big).t()]] * 2) == []
