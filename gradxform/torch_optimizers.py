@@ -251,6 +251,20 @@ def _in_chunks(cols: list[list[torch.Tensor]], idx: list[int], body: Any, scratc
             body(i, *[f[lo:hi] for f in flat], *[scratch[j, :hi - lo] for j in range(scratches)])
 
 
+def _stream(ps: list[torch.Tensor] | None, cols: list[list[torch.Tensor]], make_body: Any,
+            scratches: int = 1) -> list[int]:
+    """Stream the whole step of the large leaves (`_streamed`) through ``make_body()``
+    (`_in_chunks` over ``[ps] + cols``) when the step adds into the params ``ps`` (`_apply_params`;
+    ``None``: nothing streamed). Returns the streamed leaves' indices (the caller runs the others
+    on the foreach kernels)."""
+    if ps is None:
+        return []
+    big = _streamed([ps] + cols)
+    if big:
+        _in_chunks([ps] + cols, big, make_body(), scratches)
+    return big
+
+
 def _except(xs: list[Any], idx: list[int]) -> list[Any]:
     """``xs`` without the positions in ``idx``."""
     skip = set(idx)
@@ -605,12 +619,7 @@ def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
             ks_all = [lr_v / (1.0 - beta1**t) for t in ts_all]
             ks_all = ks_all if neg_lr is None else [-k for k in ks_all]
         ps_all = _apply_params(flat, params, g_all) if apply and host else None
-        big: list[int] = []
-        if ps_all is not None:  # (apply: the state is owned) large leaves: the step streamed in chunks
-            cols = [ps_all, g_all, mu_all, nu_all]
-            big = _streamed(cols)
-            if big:
-                _in_chunks(cols, big, chunk(beta1, beta2, e, ks_all))
+        big = _stream(ps_all, [g_all, mu_all, nu_all], lambda: chunk(beta1, beta2, e, ks_all))
         g = _except(g_all, big)
         mu, nu, out = [], [], []
         if g:  # the other leaves: foreach kernels
@@ -800,16 +809,13 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
         n = len(g)
         host = ts is not None and _host_scalars(beta1, beta2, e, neg_lr, wd) and not isinstance(c_m[0], torch.Tensor)
         ps_all = _apply_params(flat, params, g) if apply and host else None
-        big: list[int] = []
-        if ps_all is not None:  # (apply: the state is owned) large leaves: the step streamed in chunks
-            cols = [ps_all, g, mu_all, nu_all]
-            big = _streamed(cols)
-            if big:
-                k = 1.0 if neg_lr is None else neg_lr
-                _in_chunks(cols, big, chunk(beta1, beta2, eps_s, [cm / cg for cm, cg in zip(c_m, c_g)],
-                                            [k * cg for cg in c_g], None if wd is None else k * wd), scratches=2)
-                g, p, c_g, c_m, eps_s = (_except(x, big) for x in (g, p or [], c_g, c_m, eps_s))
-                p = p if wd is not None else None
+        k = 1.0 if neg_lr is None else neg_lr
+        big = _stream(ps_all, [g, mu_all, nu_all], lambda: chunk(
+            beta1, beta2, eps_s, [cm / cg for cm, cg in zip(c_m, c_g)], [k * cg for cg in c_g],
+            None if wd is None else k * wd), scratches=2)
+        if big:
+            g, p, c_g, c_m, eps_s = (_except(x, big) for x in (g, p or [], c_g, c_m, eps_s))
+            p = p if wd is not None else None
         mu, nu, out = [], [], []
         if g:  # the other leaves: foreach kernels
             mu, nu = _ema(_except(mu_all, big), g, beta1, own.state), _ema_sq(_except(nu_all, big), g, beta2, own.state)
@@ -1662,12 +1668,8 @@ def _rms_step(alpha: Any, eps: Any, centered: bool, momentum: Any, lr: Any) -> G
         buf_all = [] if ms is None else flat.state_live(ms.trace, "state.trace")
         host = _host_scalars(d, e, neg_lr, m)
         ps_all = _apply_params(flat, params, g_all) if apply and host else None
-        big: list[int] = []
-        if ps_all is not None:  # (apply: the state is owned) large leaves: the step streamed in chunks
-            cols = [ps_all, g_all, nu_all] + ([ga_all] if centered else []) + ([buf_all] if ms is not None else [])
-            big = _streamed(cols)
-            if big:
-                _in_chunks(cols, big, chunk(d, e, m, neg_lr))
+        big = _stream(ps_all, [g_all, nu_all] + ([ga_all] if centered else []) + ([buf_all] if ms is not None else []),
+                      lambda: chunk(d, e, m, neg_lr))
         g = _except(g_all, big)
         nu, grad_avg, buf, out = [], [], [], []
         if g:  # the other leaves: foreach kernels
