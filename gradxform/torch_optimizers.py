@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import _foreach as _fe
+from . import _owned
 from . import tree as _tree
 from .alias import _check_betas, _nonzero, _scalar_lr
 from .base import (GradientTransformation, Ownership, Params, Updates, chain, declare, expect_state, owned_transform,
@@ -94,6 +95,9 @@ def _f64(counts: list[torch.Tensor]) -> list[torch.Tensor]:
     return [c.to(torch.float64) for c in counts]
 
 
+_REALIZE_WIDTH = 16  # above inductor's unroll_reductions_threshold (8): a reduction it keeps as one
+
+
 def _realized(xs: list[Any]) -> list[Any]:
     """Per-leaf 0-d factors (functions of the step counts) computed once under torch.compile:
     inductor would otherwise inline them into every element loop (a ``pow`` per vector of
@@ -102,7 +106,7 @@ def _realized(xs: list[Any]) -> list[Any]:
     if not xs or not _tree.is_compiling() or not all(isinstance(x, torch.Tensor) for x in xs):
         return xs
     v = torch.stack([x.reshape(()).to(torch.float64) for x in xs])
-    v = torch.stack([v, v], dim=1).amax(dim=1)
+    v = v.unsqueeze(1).expand(len(xs), _REALIZE_WIDTH).amax(dim=1)
     return [v[i] for i in range(len(xs))]
 
 
@@ -217,6 +221,69 @@ def _sum_div(ps: list[torch.Tensor] | None, a: list[torch.Tensor], b: list[torch
     return [None] * len(a) if ps is not None else d
 
 
+def _streamed(cols: list[list[torch.Tensor]]) -> list[int]:
+    """The leaves worth a whole step streamed chunk by chunk (`_in_chunks`): on the CPU (where a
+    kernel call costs microseconds and the chunk stays in the core's cache; an accelerator's
+    foreach kernels take every leaf in a few launches), more than one chunk of elements, every
+    tensor of the leaf (``cols[k][i]``) contiguous. Smaller leaves stay on the foreach kernels
+    (one call for all of them)."""
+    return [i for i, ts in enumerate(zip(*cols))
+            if ts[0].device.type == "cpu" and ts[0].numel() > _CHUNK and all(t.is_contiguous() for t in ts)]
+
+
+def _in_chunks(cols: list[list[torch.Tensor]], idx: list[int], body: Any, scratches: int = 1) -> None:
+    """``body(i, *views, *scratch)`` for each leaf ``i`` in ``idx`` and each ``_CHUNK`` of its
+    elements: ``views`` the same flat slice of every ``cols[k][i]``, ``scratch`` ``scratches``
+    slices of one small buffer of their dtype. A step written as such a body reads and writes each params-sized
+    buffer once, while a chunk's intermediates stay in cache (the foreach form passes over memory
+    once per kernel); the same elementwise kernels on the same elements, so the same numbers.
+    Eager only (`_host_scalars`), on leaves from `_streamed`."""
+    scratch: torch.Tensor | None = None
+    for i in idx:
+        ts = [c[i] for c in cols]
+        x = ts[0]
+        if scratch is None or scratch.dtype != x.dtype or scratch.device != x.device:
+            scratch = torch.empty(scratches, _CHUNK, dtype=x.dtype, device=x.device)
+        flat = [t.view(-1) for t in ts]
+        n = x.numel()
+        for lo in range(0, n, _CHUNK):
+            hi = min(n, lo + _CHUNK)
+            body(i, *[f[lo:hi] for f in flat], *[scratch[j, :hi - lo] for j in range(scratches)])
+
+
+def _stream(ps: list[torch.Tensor] | None, cols: list[list[torch.Tensor]], make_body: Any,
+            scratches: int = 1) -> list[int]:
+    """Stream the whole step of the large leaves (`_streamed`) through ``make_body()``
+    (`_in_chunks` over ``[ps] + cols``) when the step adds into the params ``ps`` (`_apply_params`;
+    ``None``: nothing streamed). Returns the streamed leaves' indices (the caller runs the others
+    on the foreach kernels)."""
+    if ps is None:
+        return []
+    big = _streamed([ps] + cols)
+    if big:
+        _in_chunks([ps] + cols, big, make_body(), scratches)
+    return big
+
+
+def _except(xs: list[Any], idx: list[int]) -> list[Any]:
+    """``xs`` without the positions in ``idx``."""
+    skip = set(idx)
+    return [x for i, x in enumerate(xs) if i not in skip]
+
+
+def _merged(n: int, idx: list[int], at_idx: list[Any], rest: list[Any]) -> list[Any]:
+    """A list of ``n``: ``at_idx`` at the positions ``idx`` (in order), ``rest`` elsewhere."""
+    out: list[Any] = [None] * n
+    for i, x in zip(idx, at_idx):
+        out[i] = x
+    it = iter(rest)
+    skip = set(idx)
+    for i in range(n):
+        if i not in skip:
+            out[i] = next(it)
+    return out
+
+
 def _with_apply(init: Any, step: Any) -> GradientTransformation:
     """``owned_transform`` from ``step(updates, state, params, own, apply)``, declaring
     ``owned_apply`` (`gradxform.base.call_apply`): ``step`` with ``apply=True`` may add its last
@@ -235,6 +302,18 @@ def _scaled(xs: list[torch.Tensor], k: Any, inplace: bool) -> list[torch.Tensor]
     if k is None:
         return xs
     return _mul(xs, k, inplace)
+
+
+def _dense_only(flat: _Flat, who: str) -> None:
+    """A clear error for a sparse update (``nn.Embedding(sparse=True)``), which the dense
+    kernels below cannot take (torch's message names no culprit and no fix)."""
+    for k, x in enumerate(flat.live):
+        if x.layout is not torch.strided:
+            raise ValueError(
+                f"{who}: the update at '{flat.paths()[flat.idx[k]]}' is sparse ({x.layout}); gradxform's Adagrad "
+                "takes dense gradients only (torch.optim.Adagrad's sparse path is not reproduced): use dense "
+                "gradients (nn.Embedding(sparse=False), or g.to_dense()), or gx.sparse_adam / gx.sgd, which take "
+                "sparse ones")
 
 
 # --- Adagrad ------------------------------------------------------------------------------------
@@ -301,10 +380,10 @@ def _rss_tx(initial_accumulator_value: float, eps: Any, lr_decay: Any, eps_in_sq
     def owned_update(updates: Updates, state: ScaleByRssState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByRssState]:
         del params
-        expect_state(state, ScaleByRssState, "scale_by_rss")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByRssState, "scale_by_rss")
+        if flat is None:
             return updates, state
+        _dense_only(flat, "scale_by_rss (gx.adagrad)")
         e, decay, neg_lr = _tree.as_scalar(eps), _tree.as_scalar(lr_decay), _neg_lr(lr)
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
@@ -348,8 +427,7 @@ def _rss_tx(initial_accumulator_value: float, eps: Any, lr_decay: Any, eps_in_sq
                 if factors is not None:
                     denom = _each("mul", denom, _realized(factors), True)
                 out = list(_fe.div(g, denom))
-        new_state = ScaleByRssState(flat.rebuild(counts, like=state.count), flat.rebuild(s, like=state.sum_of_squares))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state, count=counts, sum_of_squares=s)
 
     return owned_transform(init, owned_update)
 
@@ -411,9 +489,8 @@ def _adadelta_tx(rho: Any, eps: Any, lr: Any) -> GradientTransformation:
     def owned_update(updates: Updates, state: ScaleByAdadeltaState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByAdadeltaState]:
         del params
-        expect_state(state, ScaleByAdadeltaState, "scale_by_adadelta")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAdadeltaState, "scale_by_adadelta")
+        if flat is None:
             return updates, state
         r, e, neg_lr = _tree.as_scalar(rho), _tree.as_scalar(eps), _neg_lr(lr)
         counts = _step_counts(flat, state.count, own.state)
@@ -446,9 +523,7 @@ def _adadelta_tx(rho: Any, eps: Any, lr: Any) -> GradientTransformation:
             _fe.mul_(delta, g)
             e_x = _ema_sq(e_x, delta, r, own.state)
             out = _scaled(list(delta), neg_lr, True)
-        new_state = ScaleByAdadeltaState(flat.rebuild(counts, like=state.count), flat.rebuild(e_g, like=state.e_g),
-                                         flat.rebuild(e_x, like=state.e_x))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state, count=counts, e_g=e_g, e_x=e_x)
 
     return owned_transform(init, owned_update)
 
@@ -504,61 +579,89 @@ def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
 
 def _adamax_tx(b1: Any, b2: Any, eps: Any, lr: Any) -> GradientTransformation:
     """`scale_by_adamax`; with ``lr``, followed by ``u <- -lr u`` folded into its last pass (as
-    torch: ``u = -(lr / (1 - b1^t)) m / u_t``)."""
+    torch: ``u = -(lr / (1 - b1^t)) m / u_t``). Added into the params (``owned_apply``), a leaf
+    of more than one chunk takes the whole step chunk by chunk (`_in_chunks`)."""
 
     def init(params: Params) -> ScaleByAdamaxState:
         zeros = _tree.tree_zeros_like
         return ScaleByAdamaxState(_leaf_counts(params), zeros(params), zeros(params))
 
+    def chunk(beta1: float, beta2: float, e: float, ks: list[float]) -> Any:
+        """The whole step on one chunk (`_in_chunks`): torch.optim.Adamax's foreach kernels, in its
+        order, on a cache-sized slice, ending in its ``addcdiv_`` into the params."""
+        def body(i: int, p: torch.Tensor, x: torch.Tensor, m: torch.Tensor, u: torch.Tensor, s: torch.Tensor) -> None:
+            m.lerp_(x, 1.0 - beta1)
+            u.mul_(beta2)
+            torch.abs(x, out=s)
+            s.add_(e)
+            torch.maximum(u, s, out=u)
+            p.addcdiv_(m, u, value=ks[i])
+
+        return body
+
     def step(updates: Updates, state: ScaleByAdamaxState, params: Params | None,
              own: Ownership, apply: bool) -> tuple[Updates, ScaleByAdamaxState]:
-        expect_state(state, ScaleByAdamaxState, "scale_by_adamax")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAdamaxState, "scale_by_adamax")
+        if flat is None:
             return updates, state
         beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
         neg_lr = _neg_lr(lr)
         counts = _step_counts(flat, state.count, own.state)
-        g = flat.live
-        mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
-        nu = _mul(flat.state_live(state.nu, "state.nu"), beta2, own.state)
-        mine = _owned_out(flat, own)
-        if mine:  # |g| + eps into the incoming buffer, which mu has consumed
-            torch._foreach_abs_(g)
-            a = g
-        else:
-            a = list(_abs(g))
-        _fe.add_(a, e)
-        if own.state:
-            _fe.maximum_(nu, a)
-        else:
-            nu = list(_fe.maximum(nu, a))
-        ts = _host_steps(counts)
-        if ts is not None and _host_scalars(beta1, neg_lr):
-            # one pass: u = k m / u_t with k = -(lr / (1 - b1^t)) (torch's -clr), into a's buffers
+        g_all = flat.live
+        n = len(g_all)
+        mu_all = flat.state_live(state.mu, "state.mu")
+        nu_all = flat.state_live(state.nu, "state.nu")
+        ts_all = _host_steps(counts)
+        host = ts_all is not None and _host_scalars(beta1, beta2, e, neg_lr)
+        ks_all: list[float] = []
+        if host:  # u = k m / u_t with k = -(lr / (1 - b1^t)) (torch's -clr)
             lr_v = 1.0 if neg_lr is None else -neg_lr
-            ks = [lr_v / (1.0 - beta1**t) for t in ts]
-            ks = ks if neg_lr is None else [-k for k in ks]
-            ps = _apply_params(flat, params, mu) if apply else None
-            # p <- p + k m / u_t: torch's one addcdiv_ into the params, else u into a's buffers
-            out = _add_scaled_div(ps, mu, nu, ks) if ps is not None else _scaled_div(mu, nu, ks, a)
-        else:
-            if ts is not None:
-                bc: list[Any] = [1.0 - beta1**t for t in ts]
+            ks_all = [lr_v / (1.0 - beta1**t) for t in ts_all]
+            ks_all = ks_all if neg_lr is None else [-k for k in ks_all]
+        ps_all = _apply_params(flat, params, g_all) if apply and host else None
+        big = _stream(ps_all, [g_all, mu_all, nu_all], lambda: chunk(beta1, beta2, e, ks_all))
+        g = _except(g_all, big)
+        mu, nu, out = [], [], []
+        if g:  # the other leaves: foreach kernels
+            mu = _ema(_except(mu_all, big), g, beta1, own.state)
+            nu = _mul(_except(nu_all, big), beta2, own.state)
+            if _owned_out(flat, own):  # |g| + eps into the incoming buffer, which mu has consumed
+                torch._foreach_abs_(g)
+                a = g
             else:
-                bc = _realized([1.0 - beta1**t for t in _f64(counts)])
-            # u = m / nu / bc; a (|g| + eps) is private to this call and no longer needed: the
-            # quotient goes into its buffers (no allocation) when not traced
-            if _tree.traced():
-                out = list(_fe.div(mu, nu))
+                a = list(_abs(g))
+            _fe.add_(a, e)
+            if own.state:
+                _fe.maximum_(nu, a)
             else:
-                for m, n, x in zip(mu, nu, a):
-                    torch.div(m, n, out=x)
-                out = a
-            out = _scaled(_each("div", out, bc, True), neg_lr, True)
-        new_state = ScaleByAdamaxState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
-                                       flat.rebuild(nu, like=state.nu))
-        return flat.rebuild(out), new_state
+                nu = list(_fe.maximum(nu, a))
+            ts = None if ts_all is None else _except(ts_all, big)
+            if host:
+                # one pass: u = k m / u_t
+                ks = _except(ks_all, big)
+                ps = None if ps_all is None else _except(ps_all, big)
+                # p <- p + k m / u_t: torch's one addcdiv_ into the params, else u into a's buffers
+                out = _add_scaled_div(ps, mu, nu, ks) if ps is not None else _scaled_div(mu, nu, ks, a)
+            else:
+                if ts is not None:
+                    bc: list[Any] = [1.0 - beta1**t for t in ts]
+                else:
+                    bc = _realized([1.0 - beta1**t for t in _f64(counts)])
+                # u = m / nu / bc; a (|g| + eps) is private to this call and no longer needed: the
+                # quotient goes into its buffers (no allocation) when not traced
+                if _tree.traced():
+                    out = list(_fe.div(mu, nu))
+                else:
+                    for m, v, x in zip(mu, nu, a):
+                        torch.div(m, v, out=x)
+                    out = a
+                out = _scaled(_each("div", out, bc, True), neg_lr, True)
+
+        def whole(xs_all: list[Any], rest: list[Any]) -> list[Any]:
+            return _merged(n, big, [xs_all[i] for i in big], rest)
+
+        return _owned.finish(flat, _merged(n, big, [None] * len(big), out), state, count=counts,
+                             mu=whole(mu_all, mu), nu=whole(nu_all, nu))
 
     return _with_apply(init, step)
 
@@ -626,18 +729,44 @@ def scale_by_nadam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
 
 def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decoupled_wd: Any) -> GradientTransformation:
     """`scale_by_nadam`; with ``lr``, followed by ``u <- -lr (u + decoupled_wd p)`` folded into
-    its last passes (``decoupled_wd``: NAdamW's decay, or ``None``)."""
+    its last passes (``decoupled_wd``: NAdamW's decay, or ``None``). Added into the params
+    (``owned_apply``), a leaf of more than one chunk takes the whole step chunk by chunk
+    (`_in_chunks`): the same kernels on the same elements, so the numbers of the update path."""
 
     def init(params: Params) -> ScaleByNadamState:
         zeros = _tree.tree_zeros_like
         return ScaleByNadamState(_leaf_counts(params), zeros(params), zeros(params),
                                  _tree.tree_map(_ones_scalar, params))
 
+    def chunk(beta1: float, beta2: float, eps_s: list[float], rs: list[float], ks: list[float],
+              k_wd: float | None) -> Any:
+        """The whole step on one chunk (`_in_chunks`): the foreach path's kernels in its order on a
+        cache-sized slice, the denominator and the numerator ``g + r m`` in the two scratches;
+        ``p <- p + k (g + r m) / denom`` (with NAdamW's decay, ``u + k wd p`` formed and added)."""
+        def body(i: int, p: torch.Tensor, x: torch.Tensor, m: torch.Tensor, v: torch.Tensor, d: torch.Tensor,
+                 num: torch.Tensor) -> None:
+            m.lerp_(x, 1.0 - beta1)
+            v.mul_(beta2)
+            v.addcmul_(x, x, value=1.0 - beta2)
+            torch.sqrt(v, out=d)
+            d.add_(eps_s[i])
+            torch.add(x, m, alpha=rs[i], out=num)
+            if k_wd is None:
+                p.addcdiv_(num, d, value=ks[i])
+                return
+            if ks[i] == 1.0:
+                torch.div(num, d, out=d)
+            else:
+                torch.addcdiv(_zero(d), num, d, value=ks[i], out=d)
+            d.add_(p, alpha=k_wd)
+            p.add_(d)
+
+        return body
+
     def step(updates: Updates, state: ScaleByNadamState, params: Params | None,
              own: Ownership, apply: bool) -> tuple[Updates, ScaleByNadamState]:
-        expect_state(state, ScaleByNadamState, "scale_by_nadam")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByNadamState, "scale_by_nadam")
+        if flat is None:
             return updates, state
         beta1, beta2 = _tree.as_scalar(b1), _tree.as_scalar(b2)
         e, psi = _tree.as_scalar(eps), _tree.as_scalar(momentum_decay)
@@ -648,8 +777,6 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
         g = flat.live
         sdtype = _scalar_dtype()
         products = flat.state_live(state.mu_product, "state.mu_product", check_shapes=False)
-        mu = _ema(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
-        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), g, beta2, own.state)
         ts = _host_steps(counts)
         if ts is not None and all(pr.device.type == "cpu" for pr in products):
             mus = [beta1 * (1.0 - 0.5 * 0.96 ** (t * psi)) for t in ts]
@@ -677,14 +804,43 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
             n_l = len(c_g)
             both = _realized(c_g + c_m + eps_s)
             c_g, c_m, eps_s = both[:n_l], both[n_l:2 * n_l], both[2 * n_l:]
+        mu_all = flat.state_live(state.mu, "state.mu")
+        nu_all = flat.state_live(state.nu, "state.nu")
+        n = len(g)
+        host = ts is not None and _host_scalars(beta1, beta2, e, neg_lr, wd) and not isinstance(c_m[0], torch.Tensor)
+        ps_all = _apply_params(flat, params, g) if apply and host else None
+        k = 1.0 if neg_lr is None else neg_lr
+        big = _stream(ps_all, [g, mu_all, nu_all], lambda: chunk(
+            beta1, beta2, eps_s, [cm / cg for cm, cg in zip(c_m, c_g)], [k * cg for cg in c_g],
+            None if wd is None else k * wd), scratches=2)
+        if big:
+            g, p, c_g, c_m, eps_s = (_except(x, big) for x in (g, p or [], c_g, c_m, eps_s))
+            p = p if wd is not None else None
+        mu, nu, out = [], [], []
+        if g:  # the other leaves: foreach kernels
+            mu, nu = _ema(_except(mu_all, big), g, beta1, own.state), _ema_sq(_except(nu_all, big), g, beta2, own.state)
+            out = rest(g, p, mu, nu, c_g, c_m, eps_s, None if ps_all is None else _except(ps_all, big), ts is not None,
+                       host, k_lr=neg_lr, wd=wd, mine=_owned_out(flat, own))
+
+        def whole(xs_all: list[Any], rest_: list[Any]) -> list[Any]:
+            return _merged(n, big, [xs_all[i] for i in big], rest_)
+
+        return _owned.finish(flat, _merged(n, big, [None] * len(big), out), state, count=counts,
+                             mu=whole(mu_all, mu), nu=whole(nu_all, nu), mu_product=new_products)
+
+    def rest(g: list[torch.Tensor], p: list[torch.Tensor] | None, mu: list[torch.Tensor], nu: list[torch.Tensor],
+             c_g: list[Any], c_m: list[Any], eps_s: list[Any], ps: list[torch.Tensor] | None, host_steps: bool,
+             host: bool, k_lr: Any, wd: Any, mine: bool) -> list[Any]:
+        """The step of the leaves not streamed, on foreach kernels: their updates (``None`` where
+        added into the params ``ps``)."""
+        neg_lr = k_lr
         denom = _each("add", list(_fe.sqrt(nu)), eps_s, True)
-        if ts is not None and _host_scalars(e, neg_lr, wd) and not isinstance(c_m[0], torch.Tensor):
+        if host:
             # u = k_g (g + (c_m / c_g) m) / denom, k_g = -lr c_g: two passes (c_g > 0 for beta1 < 1)
             k = 1.0 if neg_lr is None else neg_lr
-            mine = _owned_out(flat, own)
             rs, ks = [cm / cg for cm, cg in zip(c_m, c_g)], [k * cg for cg in c_g]
             # (with NAdamW's decay the update is u + k wd p: added by the caller, same rounding)
-            ps = _apply_params(flat, params, g) if apply and wd is None else None
+            ps = ps if wd is None else None
             if mine:
                 for x, m, r in zip(g, mu, rs):
                     x.add_(m, alpha=r)
@@ -694,23 +850,20 @@ def _nadam_tx(b1: Any, b2: Any, eps: Any, momentum_decay: Any, lr: Any, decouple
             if wd is not None:
                 _fe.add_(out, p, alpha=k * wd)
         else:
-            if _owned_out(flat, own):
+            if mine:
                 _fe.div_(g, denom)
                 out = g
             else:
                 out = list(_fe.div(g, denom))
             out = _each("mul", out, c_g, True)
-            if ts is not None and not isinstance(c_m[0], torch.Tensor):
+            if host_steps and not isinstance(c_m[0], torch.Tensor):
                 _addcdiv_(out, mu, denom, c_m)
             else:
                 out = list(_fe.add(out, _each("mul", list(_fe.div(mu, denom)), c_m, True)))
             if wd is not None:
                 out = list(_fe.add(out, _fe.mul(p, wd))) if isinstance(wd, torch.Tensor) else list(_fe.add(out, p, alpha=wd))
             out = _scaled(out, neg_lr, True)
-        new_state = ScaleByNadamState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
-                                      flat.rebuild(nu, like=state.nu),
-                                      flat.rebuild(new_products, like=state.mu_product))
-        return flat.rebuild(out), new_state
+        return out
 
     return _with_apply(init, step)
 
@@ -773,9 +926,8 @@ def _radam_tx(b1: Any, b2: Any, eps: Any, threshold: float, eps_on_debiased: boo
 
     def step(updates: Updates, state: ScaleByAdamState, params: Params | None,
              own: Ownership, apply: bool) -> tuple[Updates, ScaleByAdamState]:
-        expect_state(state, ScaleByAdamState, "scale_by_radam")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAdamState, "scale_by_radam")
+        if flat is None:
             return updates, state
         beta1, beta2, e = _tree.as_scalar(b1), _tree.as_scalar(b2), _tree.as_scalar(eps)
         neg_lr = _neg_lr(lr)
@@ -852,9 +1004,8 @@ def _radam_tx(b1: Any, b2: Any, eps: Any, threshold: float, eps_on_debiased: boo
             if wd is not None:
                 out = list(_fe.add(out, _fe.mul(p, wd))) if isinstance(wd, torch.Tensor) else list(_fe.add(out, p, alpha=wd))
             out = _scaled(out, neg_lr, True)
-        new_state = ScaleByAdamState(flat.rebuild(counts, like=state.count), flat.rebuild(mu, like=state.mu),
-                                     flat.rebuild(nu, like=state.nu), None)
-        return flat.rebuild(out), new_state
+        # RAdam keeps no nu_max (torch has none)
+        return _owned.finish(flat, out, state, {"nu_max": None}, count=counts, mu=mu, nu=nu)
 
     return _with_apply(init, step)
 
@@ -929,9 +1080,8 @@ def _rprop_tx(learning_rate: Any, eta_minus: Any, eta_plus: Any, min_step_size: 
     def owned_update(updates: Updates, state: ScaleByRpropState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByRpropState]:
         del params
-        expect_state(state, ScaleByRpropState, "scale_by_rprop")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByRpropState, "scale_by_rprop")
+        if flat is None:
             return updates, state
         lr, em, ep = _tree.as_scalar(learning_rate), _tree.as_scalar(eta_minus), _tree.as_scalar(eta_plus)
         lo, hi = _tree.as_scalar(min_step_size), _tree.as_scalar(max_step_size)
@@ -972,10 +1122,7 @@ def _rprop_tx(learning_rate: Any, eta_minus: Any, eta_plus: Any, min_step_size: 
                 new_sizes.append(d)
                 new_prev.append(p)
             out.append(o)
-        new_state = ScaleByRpropState(flat.rebuild(counts, like=state.count),
-                                      flat.rebuild(new_sizes, like=state.step_sizes),
-                                      flat.rebuild(new_prev, like=state.prev_updates))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state, count=counts, step_sizes=new_sizes, prev_updates=new_prev)
 
     return owned_transform(init, owned_update)
 
@@ -1050,9 +1197,8 @@ def scale_by_asgd(learning_rate: float | torch.Tensor = 1e-2, lambd: float | tor
 
     def owned_update(updates: Updates, state: ScaleByAsgdState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByAsgdState]:
-        expect_state(state, ScaleByAsgdState, "scale_by_asgd")
-        flat = _Flat(updates)
-        if not flat.live:
+        flat = _owned.live(updates, state, ScaleByAsgdState, "scale_by_asgd")
+        if flat is None:
             return updates, state
         p = flat.params_live(params, "scale_by_asgd")
         lr, lam = _tree.as_scalar(learning_rate), _tree.as_scalar(lambd)
@@ -1116,9 +1262,7 @@ def scale_by_asgd(learning_rate: float | torch.Tensor = 1e-2, lambd: float | tor
                 new_ax = ax
             else:
                 new_ax = list(_fe.add(ax, step))
-        new_state = ScaleByAsgdState(flat.rebuild(counts, like=state.count), flat.rebuild(new_etas, like=state.eta),
-                                     flat.rebuild(new_mus, like=state.mu), flat.rebuild(new_ax, like=state.ax))
-        return flat.rebuild(out), new_state
+        return _owned.finish(flat, out, state, count=counts, eta=new_etas, mu=new_mus, ax=new_ax)
 
     return owned_transform(init, owned_update)
 
@@ -1466,7 +1610,10 @@ def _rms_step(alpha: Any, eps: Any, centered: bool, momentum: Any, lr: Any) -> G
     scale_by_learning_rate(lr))`` with torch.optim.RMSprop's passes: the momentum buffer takes
     ``g / (sqrt(v) + eps)`` in one ``addcdiv`` and ``-lr`` is folded into the last pass. Its state
     is the blocks' (`gradxform.ScaleByRmsState`, and `gradxform.TraceState` with momentum, whose
-    count only flags a stepped leaf: RMSprop's buffer starts at 0, without a first-step rule)."""
+    count only flags a stepped leaf: RMSprop's buffer starts at 0, without a first-step rule).
+    Added into the params (``owned_apply``), a leaf of more than one chunk takes the whole step
+    chunk by chunk (`_in_chunks`): each params-sized buffer read and written once, no
+    params-sized temporary, the same numbers."""
     rms = scale_by_rms(alpha, eps, centered=centered, count_steps=True)
 
     def init(params: Params) -> Any:
@@ -1474,6 +1621,33 @@ def _rms_step(alpha: Any, eps: Any, centered: bool, momentum: Any, lr: Any) -> G
         if momentum is None:
             return rs
         return (rs, TraceState(_leaf_counts(params), _tree.tree_zeros_like(params)))
+
+    def chunk(d: float, e: float, m: float | None, neg_lr: float) -> Any:
+        """The whole step on one chunk (`_in_chunks`): torch.optim.RMSprop's foreach kernels, in
+        its order, on a cache-sized slice; with momentum the update ``-lr b`` is formed in the
+        scratch and added (the rounding of ``p + u``, as the other leaves)."""
+        def body(i: int, p: torch.Tensor, x: torch.Tensor, v: torch.Tensor, *more: torch.Tensor) -> None:
+            s = more[-1]
+            v.mul_(d)
+            v.addcmul_(x, x, value=1.0 - d)
+            if centered:
+                a = more[0]
+                a.lerp_(x, 1.0 - d)
+                torch.addcmul(v, a, a, value=-1.0, out=s)
+                s.sqrt_()
+            else:
+                torch.sqrt(v, out=s)
+            s.add_(e)
+            if m is None:
+                p.addcdiv_(x, s, value=neg_lr)
+            else:
+                b = more[-2]
+                b.mul_(m)
+                b.addcdiv_(x, s)
+                torch.mul(b, neg_lr, out=s)
+                p.add_(s)
+
+        return body
 
     def step(updates: Updates, state: Any, params: Params | None, own: Ownership, apply: bool) -> tuple[Updates, Any]:
         rs, ms = (state, None) if momentum is None else state
@@ -1484,42 +1658,58 @@ def _rms_step(alpha: Any, eps: Any, centered: bool, momentum: Any, lr: Any) -> G
         if not flat.live:
             return updates, state
         d, e, neg_lr = _tree.as_scalar(alpha), _tree.as_scalar(eps), _neg_lr(lr)
-        g = flat.live
+        m = None if ms is None else _tree.as_scalar(momentum)
+        g_all = flat.live
+        n = len(g_all)
         counts = _step_counts(flat, rs.count, own.state)
-        nu = _ema_sq(flat.state_live(rs.nu, "state.nu"), g, d, own.state)
-        grad_avg = None
-        if centered:
-            grad_avg = _ema(flat.state_live(rs.grad_avg, "state.grad_avg"), g, d, own.state)
-            avg = list(_addcmul(nu, grad_avg, grad_avg, value=-1.0))  # v - m^2, as torch.optim
-            _sqrt_(avg)
-        else:
-            avg = list(_fe.sqrt(nu))
-        _fe.add_(avg, e)
-        host = _host_scalars(d, e, neg_lr)
-        if ms is not None:
-            m = _tree.as_scalar(momentum)
-            mcounts = _step_counts(flat, ms.count, own.state)
-            buf = _mul(flat.state_live(ms.trace, "state.trace"), m, own.state)
-            _addcdiv_(buf, g, avg)  # in the state's buffers when owned, else in the new ones
-            if host:  # -lr b into avg's buffers (private to this call)
-                for b, a in zip(buf, avg):
-                    torch.mul(b, neg_lr, out=a)
-                out = avg
+        mcounts = None if ms is None else _step_counts(flat, ms.count, own.state)
+        nu_all = flat.state_live(rs.nu, "state.nu")
+        ga_all = flat.state_live(rs.grad_avg, "state.grad_avg") if centered else []
+        buf_all = [] if ms is None else flat.state_live(ms.trace, "state.trace")
+        host = _host_scalars(d, e, neg_lr, m)
+        ps_all = _apply_params(flat, params, g_all) if apply and host else None
+        big = _stream(ps_all, [g_all, nu_all] + ([ga_all] if centered else []) + ([buf_all] if ms is not None else []),
+                      lambda: chunk(d, e, m, neg_lr))
+        g = _except(g_all, big)
+        nu, grad_avg, buf, out = [], [], [], []
+        if g:  # the other leaves: foreach kernels
+            nu = _ema_sq(_except(nu_all, big), g, d, own.state)
+            if centered:
+                grad_avg = _ema(_except(ga_all, big), g, d, own.state)
+                avg = list(_addcmul(nu, grad_avg, grad_avg, value=-1.0))  # v - m^2, as torch.optim
+                _sqrt_(avg)
             else:
-                out = list(_fe.mul(buf, neg_lr))
-            new_ms = TraceState(flat.rebuild(mcounts, like=ms.count), flat.rebuild(buf, like=ms.trace))
-        else:
-            ps = _apply_params(flat, params, g) if apply and host else None
-            if ps is not None:  # p <- p - lr g / avg: torch's one addcdiv_ into the params
-                out = _add_scaled_div(ps, g, avg, [neg_lr] * len(g))
-            elif host:  # one pass: u = -lr g / avg
-                out = _scaled_div(g, avg, [neg_lr] * len(g), g if _owned_out(flat, own) else avg)
+                avg = list(_fe.sqrt(nu))
+            _fe.add_(avg, e)
+            if ms is not None:
+                buf = _mul(_except(buf_all, big), m, own.state)
+                _addcdiv_(buf, g, avg)  # in the state's buffers when owned, else in the new ones
+                if host:  # -lr b into avg's buffers (private to this call)
+                    for b, a in zip(buf, avg):
+                        torch.mul(b, neg_lr, out=a)
+                    out = avg
+                else:
+                    out = list(_fe.mul(buf, neg_lr))
             else:
-                out = list(_fe.mul(_fe.div(g, avg), neg_lr))
-        new_rs = ScaleByRmsState(flat.rebuild(nu, like=rs.nu),
-                                 flat.rebuild(grad_avg, like=rs.grad_avg) if centered else None,
+                ps = None if ps_all is None else _except(ps_all, big)
+                if ps is not None:  # p <- p - lr g / avg: torch's one addcdiv_ into the params
+                    out = _add_scaled_div(ps, g, avg, [neg_lr] * len(g))
+                elif host:  # one pass: u = -lr g / avg
+                    out = _scaled_div(g, avg, [neg_lr] * len(g), g if _owned_out(flat, own) else avg)
+                else:
+                    out = list(_fe.mul(_fe.div(g, avg), neg_lr))
+
+        def whole(xs_all: list[Any], rest: list[Any]) -> list[Any]:
+            return _merged(n, big, [xs_all[i] for i in big], rest)
+
+        out = _merged(n, big, [None] * len(big), out)
+        new_rs = ScaleByRmsState(flat.rebuild(whole(nu_all, nu), like=rs.nu),
+                                 flat.rebuild(whole(ga_all, grad_avg), like=rs.grad_avg) if centered else None,
                                  flat.rebuild(counts, like=rs.count))
-        return flat.rebuild(out), (new_rs if ms is None else (new_rs, new_ms))
+        if ms is None:
+            return flat.rebuild(out), new_rs
+        new_ms = TraceState(flat.rebuild(mcounts, like=ms.count), flat.rebuild(whole(buf_all, buf), like=ms.trace))
+        return flat.rebuild(out), (new_rs, new_ms)
 
     return _with_apply(init, step)
 

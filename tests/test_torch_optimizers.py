@@ -421,6 +421,24 @@ def test_bad_arguments_raise_early(make, match):
         make()
 
 
+@pytest.mark.parametrize("make, k", [(lambda: gx.adagrad(0.1), -0.1), (lambda: gx.adagrad(0.1, maximize=True), 0.1),
+                                     (lambda: gx.scale_by_rss(), 1.0)], ids=["adagrad", "adagrad_maximize", "scale_by_rss"])
+def test_adagrad_refuses_sparse_gradients_clearly(make, k):
+    """gx.adagrad takes dense gradients only (torch.optim.Adagrad's sparse path is not
+    reproduced): a sparse one (nn.Embedding(sparse=True)) gets an error naming the leaf and the
+    fix. Before: torch's NotImplementedError for ``addcmul`` on SparseCPU, from inside the step."""
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    emb(torch.tensor([0, 2])).sum().backward()
+    tx = make()
+    params = {"emb": emb.weight.detach()}
+    with pytest.raises(ValueError, match=r"'emb' is sparse .*dense gradients only.*nn.Embedding\(sparse=False\)"):
+        tx.update({"emb": emb.weight.grad}, tx.init(params), params)
+    dense = {"emb": emb.weight.grad.to_dense()}  # the fix named: the same gradient, dense, is taken
+    updates, _ = tx.update(dense, tx.init(params), params)
+    g = dense["emb"]  # first step from a zero sum: u = k g / (sqrt(g^2) + eps)
+    torch.testing.assert_close(updates["emb"], k * g / (g.abs() + 1e-10), rtol=1e-6, atol=0)
+
+
 def test_asgd_block_needs_params():
     tx = gx.scale_by_asgd(0.1)
     s = tx.init({"w": torch.zeros(2)})
