@@ -136,22 +136,22 @@ def apply_params(flat: "_Flat", params: Params | None, xs: Sequence[torch.Tensor
     return ps
 
 
-def add_scaled_(ps: Sequence[torch.Tensor], us: Sequence[torch.Tensor], k: float) -> None:
+def add_scaled_(ps: Sequence[torch.Tensor], us: Sequence[torch.Tensor], k: float, writable: bool = False) -> None:
     """``p <- p + (k u)`` with the rounding of the two kernels ``k * u`` then ``p + (k u)`` (a
-    fused ``p.add_(u, alpha=k)`` rounds once, differently), slice by slice through one scratch
-    that stays in cache: ``u`` is read once and never written (eager only, plain contiguous
-    leaves, see `apply_params`)."""
+    fused ``p.add_(u, alpha=k)`` rounds once, differently), slice by slice so that ``k u`` stays
+    in cache: ``u`` is read once from memory. ``k u`` is made in ``u``'s own slice when
+    ``writable`` (the caller's private buffer), else in one scratch slice (eager only, plain
+    contiguous leaves, see `apply_params`)."""
     if k == 1:
         for p, u in zip(ps, us):
             p.add_(u)
         return
-    bufs = scratch_for(us)
+    bufs = {} if writable else scratch_for(us)
     for p, u in zip(ps, us):
-        buf = bufs[(u.dtype, u.device)][0]
         pf, uf, n = p.view(-1), u.view(-1), u.numel()
         for s in slices(n):
             e = min(n, s + CHUNK)
-            d = buf[:e - s]
+            d = uf[s:e] if writable else bufs[(u.dtype, u.device)][0][:e - s]
             torch.mul(uf[s:e], k, out=d)
             pf[s:e].add_(d)
 
@@ -362,7 +362,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         ps = apply_params(flat, params, flat.live) if flat.live and isinstance(k, (int, float)) else None
         if ps is None:
             return call_update(tx, updates, state, params, own)
-        add_scaled_(ps, flat.live, k)
+        add_scaled_(ps, flat.live, k, own.may_write(flat.live))
         return flat.rebuild([None] * len(flat.live)), state
 
     return declare(tx, owned_apply=owned_apply)

@@ -501,8 +501,10 @@ ONE_TEMPORARY = {
 def test_an_adapter_step_makes_one_params_sized_temporary(name):
     """The update must be materialised once (``.grad`` is never written); every other
     intermediate reuses that temporary or the state in place. Before: lion 5, adabelief 9,
-    yogi 10, adan 15, sm3 12 params-sized allocations per step."""
-    assert temporaries_per_step(ONE_TEMPORARY[name]) <= 1.2
+    yogi 10, adan 15, sm3 12 params-sized allocations per step. Measured on the LARGE params:
+    adabelief, yogi and lamb work slice by slice through a fixed 64K-element scratch, which
+    would be 0.67 of the SMALL params' size."""
+    assert temporaries_per_step(ONE_TEMPORARY[name], shapes=LARGE) <= 1.2
 
 
 def test_nadamw_makes_one_params_sized_temporary():
