@@ -1578,26 +1578,26 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
         if _inplace(own) and not any(isinstance(x, torch.Tensor) for x in (lr, em, ep, lo, hi)) and em <= ep:
             # eager and owned: slice by slice (`_owned.by_slices`), the state rewritten in place,
             # g and the state read once, the output written once. The selects are exact
-            # arithmetic on sgn = sign(g * prev) (CPU comparisons and selects are not
-            # vectorised: 3-10x the cost of a multiply): factor = clamp(K sgn, em, ep) is em or
-            # ep exactly; nz = sgn^2 and keep = clamp(sgn + 1, 0, 1) are 0 or 1, so that
-            # a nz + b (1 - nz) picks a or b exactly (finite values; a kept zero may be -0.0).
+            # arithmetic on sgn = sign(g * prev) (CPU comparisons, where and masked_fill are
+            # not vectorised: 3-15x the cost of a multiply): factor = clamp(K sgn, em, ep) is em
+            # or ep exactly; nz = sgn^2 and keep = clamp(sgn + 1, 0, 1) are 0 or 1, and
+            # lerp(a, b, w) is a at w = 0 and b at w = 1 exactly (torch's two-sided lerp; finite
+            # values); a zeroed entry may be -0.0 where the select gives 0.0 (equal values).
             out = [torch.empty_like(g) for g in flat.live]
             big = 2.0 * max(abs(ep), abs(em), 1.0)
             rel_lo, rel_hi = lo / lr, hi / lr
 
             def step(i: int, gs: torch.Tensor, st: torch.Tensor, pv: torch.Tensor, os: torch.Tensor,
-                     sgn: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+                     sgn: torch.Tensor, a: torch.Tensor) -> None:
                 torch.mul(gs, pv, out=sgn).sign_()
                 torch.mul(sgn, big, out=a).clamp_(min=em, max=ep).mul_(st).clamp_(min=rel_lo, max=rel_hi)
-                torch.mul(sgn, sgn, out=b)  # nz
-                a.mul_(b)
-                st.mul_(b.neg_().add_(1.0)).add_(a)  # the step sizes (in units of lr)
-                torch.add(sgn, 1.0, out=b).clamp_(min=0.0, max=1.0)  # keep
-                torch.mul(pv, b, out=os)  # the output: last step's update
-                torch.sign(gs, out=pv).mul_(st).mul_(lr).mul_(b)  # this step's update
+                # the step sizes (units of lr); nz made in the output's slice, written below
+                st.lerp_(a, torch.mul(sgn, sgn, out=os))
+                keep = sgn.add_(1.0).clamp_(min=0.0, max=1.0)
+                torch.mul(pv, keep, out=os)  # the output: last step's update
+                torch.sign(gs, out=pv).mul_(st).mul_(lr).mul_(keep)  # this step's update
 
-            _owned.by_slices(list(zip(flat.live, steps_old, prev_old, out)), step, 3)
+            _owned.by_slices(list(zip(flat.live, steps_old, prev_old, out)), step, 2)
             return flat.rebuild(out), state
         steps, prev, out = [], [], []
         for g, s_old, p_old in zip(flat.live, steps_old, prev_old):
