@@ -378,8 +378,11 @@ def schedule_free(
         if len(bu) != len(z):
             raise ValueError("schedule_free: the base optimizer must return an update for every live leaf")
         beta = _sv(b1)
-        new_state = ScheduleFreeState(state.b1, total, state.step_count + 1, max_lr, base_state,
-                                      flat.rebuild(z, like=state.z))
+
+        def new_state() -> ScheduleFreeState:  # after z += u (inside torch.func, a new list of z)
+            return ScheduleFreeState(state.b1, total, state.step_count + 1, max_lr, base_state,
+                                     flat.rebuild(z, like=state.z))
+
         eager = not _tree.traced() and all(a.dtype == b.dtype == u.dtype and a.is_contiguous() and b.is_contiguous()
                                            and u.is_contiguous() for a, b, u in zip(z, y, bu))
         k2 = (1.0 - ck) * (1.0 - beta)
@@ -399,7 +402,7 @@ def schedule_free(
                 ys.add_(o)
 
             _owned.by_slices(list(zip(bu, z, ps)), step, 2)
-            return flat.rebuild([None] * len(bu)), new_state
+            return flat.rebuild([None] * len(bu)), new_state()
         _fe.add_(z, bu)
         if eager:
             # at most one temporary: the output is the base update scaled in place (when the
@@ -410,12 +413,12 @@ def schedule_free(
             else:
                 out = list(_fe.mul(bu, k2))
             _add_scaled_diff_(out, z, y, ck)
-            return flat.rebuild(out), new_state
+            return flat.rebuild(out), new_state()
         out = list(_fe.add(z, y, alpha=-1)) if all(a.dtype == b.dtype for a, b in zip(z, y)) else \
             [(a - b).to(b.dtype) for a, b in zip(z, y)]
         _fe.mul_(out, ck)
         _fe.add_(out, _fe.mul(bu, (1.0 - ck) * (1.0 - beta)))
-        return flat.rebuild(out), new_state
+        return flat.rebuild(out), new_state()
 
     def owned_update(updates: Updates, state: ScheduleFreeState, params: Params | None, own: Ownership,
                      **extra: Any) -> tuple[Updates, ScheduleFreeState]:
