@@ -16,7 +16,7 @@ import torch
 
 from . import tree as _tree
 from .base import Ownership, Updates, expect_state
-from .transforms import CHUNK, _Flat, plain, scratch_for, slices
+from .transforms import _CHUNK, _Flat, _plain, _scratch_for, _slices
 
 
 def live(updates: Updates, state: Any, state_cls: type, who: str) -> _Flat | None:
@@ -75,21 +75,21 @@ def _local(ts: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
 
 def by_slices(leaves: Sequence[Sequence[torch.Tensor]], fn: Callable[..., None], scratch: int = 0) -> None:
     """``fn(i, *slices, *scratch_slices)`` over each leaf ``i``'s tensors (``leaves[i]``: equally
-    sized tensors, the first giving dtype and device) one `gradxform.transforms.CHUNK`-element
+    sized tensors, the first giving dtype and device) one `gradxform.transforms._CHUNK`-element
     slice at a time, with ``scratch`` buffers of the slice's size that stay in cache: an eager
     step's intermediate results never travel to memory, and each params-sized buffer is read
     (and written) once. Per element the kernels are those of the whole-leaf form, so the numbers
     are the same. DTensors are worked on through their local shards; a leaf that is not plain
-    and contiguous (`gradxform.transforms.plain`) is passed whole, with whole-leaf scratch."""
+    and contiguous (`gradxform.transforms._plain`) is passed whole, with whole-leaf scratch."""
     leaves = [_local(ts) for ts in leaves]
-    bufs = scratch_for([ts[0] for ts in leaves if plain(ts)], scratch) if scratch else {}
+    bufs = _scratch_for([ts[0] for ts in leaves if _plain(ts)], scratch) if scratch else {}
     for i, ts in enumerate(leaves):
-        if not plain(ts):
+        if not _plain(ts):
             fn(i, *ts, *[torch.empty_like(ts[0]) for _ in range(scratch)])
             continue
         flat = [t.view(-1) for t in ts]
         n = ts[0].numel()
         b = bufs.get((ts[0].dtype, ts[0].device), [])
-        for s in slices(n):
-            e = min(n, s + CHUNK)
+        for s in _slices(n):
+            e = min(n, s + _CHUNK)
             fn(i, *[f[s:e] for f in flat], *[x[:e - s] for x in b])

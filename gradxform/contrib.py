@@ -43,7 +43,7 @@ from .transforms import (
     _ema_sq,
     _Flat,
     add_decayed_weights,
-    apply_params,
+    _apply_params,
     check_float,
     scale_by_learning_rate,
 )
@@ -386,7 +386,7 @@ def schedule_free(
         eager = not _tree.traced() and all(a.dtype == b.dtype == u.dtype and a.is_contiguous() and b.is_contiguous()
                                            and u.is_contiguous() for a, b, u in zip(z, y, bu))
         k2 = (1.0 - ck) * (1.0 - beta)
-        ps = apply_params(flat, params, bu) if apply and eager else None
+        ps = _apply_params(flat, params, bu) if apply and eager else None
         if ps is not None:
             # the caller adds the update into the params right after (gx.Optimizer): slice by
             # slice z += u; y += k2 u + ck (z - y), the kernels of the path below (the same

@@ -91,66 +91,66 @@ _addcmul = _fe._op("addcmul", lambda x, a, b, value=1: torch.addcmul(x, a, b, va
 _sqrt_ = _fe._op("sqrt_", _fe._safe_sqrt)
 
 
-CHUNK = 1 << 16
+_CHUNK = 1 << 16
 """Elements per slice of the eager paths that work through a leaf slice by slice (256 KiB in
 float32): the few slices one step touches at once stay in the core's cache, so their
 intermediate results never travel to memory."""
 
 
-def plain(xs: Sequence[Any]) -> bool:
+def _plain(xs: Sequence[Any]) -> bool:
     """Whether every tensor is a plain, contiguous one (not a subclass such as a DTensor, which
     cannot be sliced through a flat view): the slice-by-slice eager paths take only those."""
     return all(type(x) in (torch.Tensor, torch.nn.Parameter) and x.is_contiguous() for x in xs)
 
 
-def slices(n: int) -> range:
-    """Start offsets of the `CHUNK`-element slices of an ``n``-element leaf."""
-    return range(0, n, CHUNK)
+def _slices(n: int) -> range:
+    """Start offsets of the `_CHUNK`-element slices of an ``n``-element leaf."""
+    return range(0, n, _CHUNK)
 
 
-def scratch_for(xs: Sequence[torch.Tensor], count: int = 1) -> dict[tuple[torch.dtype, torch.device], list[torch.Tensor]]:
-    """``count`` scratch buffers of ``min(numel, CHUNK)`` elements per (dtype, device) of ``xs``."""
+def _scratch_for(xs: Sequence[torch.Tensor], count: int = 1) -> dict[tuple[torch.dtype, torch.device], list[torch.Tensor]]:
+    """``count`` scratch buffers of ``min(numel, _CHUNK)`` elements per (dtype, device) of ``xs``."""
     out: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     sizes: dict[tuple[torch.dtype, torch.device], int] = {}
     for x in xs:
         key = (x.dtype, x.device)
-        sizes[key] = max(sizes.get(key, 0), min(x.numel(), CHUNK))
+        sizes[key] = max(sizes.get(key, 0), min(x.numel(), _CHUNK))
     for key, size in sizes.items():
         out[key] = [torch.empty(size, dtype=key[0], device=key[1]) for _ in range(count)]
     return out
 
 
-def apply_params(flat: "_Flat", params: Params | None, xs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+def _apply_params(flat: "_Flat", params: Params | None, xs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
     """The live leaves of ``params`` when an update may be added into them here
     (`gradxform.base.call_apply`): eager, each plain and contiguous, shaped, typed and placed as
     its update in ``xs``; else ``None`` (the caller adds the update itself)."""
-    if params is None or _tree.traced() or not plain(xs):
+    if params is None or _tree.traced() or not _plain(xs):
         return None
     leaves = _tree.tree_flatten(params)[0]
     if len(leaves) != len(flat.leaves):
         return None
     ps = [leaves[i] for i in flat.idx]
     if any(not isinstance(p, torch.Tensor) or p.shape != x.shape or p.dtype != x.dtype or p.device != x.device
-           for p, x in zip(ps, xs)) or not plain(ps):
+           for p, x in zip(ps, xs)) or not _plain(ps):
         return None
     return ps
 
 
-def add_scaled_(ps: Sequence[torch.Tensor], us: Sequence[torch.Tensor], k: float, writable: bool = False) -> None:
+def _add_scaled_(ps: Sequence[torch.Tensor], us: Sequence[torch.Tensor], k: float, writable: bool = False) -> None:
     """``p <- p + (k u)`` with the rounding of the two kernels ``k * u`` then ``p + (k u)`` (a
     fused ``p.add_(u, alpha=k)`` rounds once, differently), slice by slice so that ``k u`` stays
     in cache: ``u`` is read once from memory. ``k u`` is made in ``u``'s own slice when
     ``writable`` (the caller's private buffer), else in one scratch slice (eager only, plain
-    contiguous leaves, see `apply_params`)."""
+    contiguous leaves, see `_apply_params`)."""
     if k == 1:
         for p, u in zip(ps, us):
             p.add_(u)
         return
-    bufs = {} if writable else scratch_for(us)
+    bufs = {} if writable else _scratch_for(us)
     for p, u in zip(ps, us):
         pf, uf, n = p.view(-1), u.view(-1), u.numel()
-        for s in slices(n):
-            e = min(n, s + CHUNK)
+        for s in _slices(n):
+            e = min(n, s + _CHUNK)
             d = uf[s:e] if writable else bufs[(u.dtype, u.device)][0][:e - s]
             torch.mul(uf[s:e], k, out=d)
             pf[s:e].add_(d)
@@ -359,10 +359,10 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
         # update goes into the params slice by slice (bitwise p + (-lr u)), never written whole.
         flat = _Flat(updates)
         k = _tree.as_scalar(sign * learning_rate)
-        ps = apply_params(flat, params, flat.live) if flat.live and isinstance(k, (int, float)) else None
+        ps = _apply_params(flat, params, flat.live) if flat.live and isinstance(k, (int, float)) else None
         if ps is None:
             return call_update(tx, updates, state, params, own)
-        add_scaled_(ps, flat.live, k, own.may_write(flat.live))
+        _add_scaled_(ps, flat.live, k, own.may_write(flat.live))
         return flat.rebuild([None] * len(flat.live)), state
 
     return declare(tx, owned_apply=owned_apply)

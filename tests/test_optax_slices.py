@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten
 
 import gradxform as gx
 from gradxform.base import Ownership, call_apply, info_of
-from gradxform.transforms import CHUNK
+from gradxform.transforms import _CHUNK
 
 ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     "yogi": lambda: gx.yogi(1e-2),
@@ -45,7 +45,7 @@ ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     "amsgrad": lambda: gx.amsgrad(1e-3),
 }
 # a leaf of 4 full slices and a partial one, one of exactly one slice, small ones
-SHAPES = [(4 * CHUNK + 123,), (CHUNK,), (300, 7), (17,), (1,)]
+SHAPES = [(4 * _CHUNK + 123,), (_CHUNK,), (300, 7), (17,), (1,)]
 
 
 def _params(dtype: torch.dtype, shapes=SHAPES) -> list[torch.Tensor]:
@@ -94,7 +94,7 @@ def test_non_contiguous_gradients_give_the_same_numbers(name):
     """A transposed (non-contiguous) gradient takes the whole-leaf form of the sliced step: the
     same numbers as its contiguous copy."""
     make = ALIASES[name]
-    shapes = [(CHUNK // 64 + 5, 130), (9, 4)]
+    shapes = [(_CHUNK // 64 + 5, 130), (9, 4)]
     p0 = [p.detach() for p in _params(torch.float64, shapes)]
     ta, tb = make(), make()
     pa, pb = [p.clone() for p in p0], [p.clone() for p in p0]
@@ -130,7 +130,7 @@ def test_a_learning_rate_schedule_or_a_tensor_rate_still_adds_correctly():
     0-d tensor rate it adds into the params exactly as ``p + (-lr u)``."""
     assert info_of(gx.scale_by_learning_rate(lambda c: 0.1)).owned_apply is None
     tx = gx.scale_by_learning_rate(torch.tensor(0.3))
-    ps = [p.detach() for p in _params(torch.float32, [(2 * CHUNK + 1,)])]
+    ps = [p.detach() for p in _params(torch.float32, [(2 * _CHUNK + 1,)])]
     u = _grads(ps, 0)
     expected = [p + u[0] * -0.3 for p in ps]
     out, _ = call_apply(tx, [x.clone() for x in u], tx.init(ps), ps, Ownership(state=True, updates=True))
@@ -153,7 +153,7 @@ class _WholeLeafKernels(TorchDispatchMode):
         name = func.__name__
         if not name.startswith(self.FREE):
             tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            if any(t.numel() > CHUNK for t in tensors):
+            if any(t.numel() > _CHUNK for t in tensors):
                 self.kernels.append(name)
         return func(*args, **kwargs)
 
