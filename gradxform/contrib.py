@@ -36,7 +36,8 @@ from .base import (
     stateless,
 )
 from .combine import inject_hyperparams
-from .optax_optimizers import _copy_, _div_by_root_, _dog_norms, _dog_scaled, _output, _rdiv_, _reciprocal_, _sqrt_, _sub
+from .optax_optimizers import (_copy_, _div_by_root_, _dog_norms, _dog_scaled, _output, _rdiv_, _reciprocal_,
+                               _scratch_needed, _sqrt_, _sub)
 from .transforms import (
     ScalarOrSchedule,
     _ema,
@@ -481,11 +482,12 @@ def scale_by_rms_debiased(decay: float | torch.Tensor = 0.999, eps: float | torc
             nu = _owned.held(flat, state.nu, "state.nu", own)
             out = _output(g, own)
 
-            def step(i: int, gs: torch.Tensor, vs: torch.Tensor, os: torch.Tensor, r: torch.Tensor) -> None:
+            def step(i: int, gs: torch.Tensor, vs: torch.Tensor, os: torch.Tensor, *scratch: torch.Tensor) -> None:
                 vs.mul_(d).addcmul_(gs, gs, value=1.0 - d)
+                r = scratch[0] if scratch else os
                 torch.div(gs, torch.div(vs, c, out=r).sqrt_().add_(e), out=os)
 
-            _owned.by_slices(list(zip(g, nu, out)), step, 1)
+            _owned.by_slices(list(zip(g, nu, out)), step, _scratch_needed(out, g))
             return _owned.finish(flat, out, state, {"count": state.count + 1}, nu=nu)
         nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, own.state)
         den = list(_fe.sqrt(_fe.div(nu, 1 - d ** t)))

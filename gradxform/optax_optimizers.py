@@ -194,6 +194,13 @@ def _output(g: list[torch.Tensor], own: Ownership) -> list[torch.Tensor]:
     return g if own.may_write(g) else [torch.empty_like(x) for x in g]
 
 
+def _scratch_needed(out: list[torch.Tensor], g: list[torch.Tensor]) -> int:
+    """Scratch slices a sliced step needs besides its output (see `_output`): none when the
+    output has buffers of its own, whose slice serves as the scratch until it is written last
+    (one cache-sized array less in the working set); one when the output is ``g`` itself."""
+    return 1 if out is g else 0
+
+
 def _ratio_into(out: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor, c1: float, c2: float, eps: Any,
                 eps_root: Any, t: torch.Tensor) -> None:
     """One slice of `_adam_ratio`: ``out <- mu / (c1 (sqrt(nu / c2 + eps_root) + eps))``, the
@@ -405,7 +412,8 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
             c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
 
             def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, os: torch.Tensor,
-                     t: torch.Tensor) -> None:
+                     *scratch: torch.Tensor) -> None:
+                t = scratch[0] if scratch else os
                 ms.lerp_(gs, 1 - beta1)
                 torch.sub(gs, ms, out=t)
                 vs.mul_(beta2).addcmul_(t, t, value=1 - beta2)
@@ -413,7 +421,7 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
                     vs.add_(er)
                 _ratio_into(os, ms, vs, c1[i], c2[i], e, 0.0, t)
 
-            _owned.by_slices(list(zip(g, mu, nu, out)), step, 1)
+            _owned.by_slices(list(zip(g, mu, nu, out)), step, _scratch_needed(out, g))
             return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         err = list(_sub(g, mu))
@@ -489,13 +497,14 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
             c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
 
             def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, os: torch.Tensor,
-                     t: torch.Tensor) -> None:
+                     *scratch: torch.Tensor) -> None:
+                t = scratch[0] if scratch else os
                 ms.lerp_(gs, 1 - beta1)
                 torch.sub(vs, torch.mul(gs, gs, out=t), out=t).sign_().mul_(gs)
                 vs.addcmul_(t, gs, value=-(1 - beta2))
                 _ratio_into(os, ms, vs, c1[i], c2[i], e, er, t)
 
-            _owned.by_slices(list(zip(g, mu, nu, out)), step, 1)
+            _owned.by_slices(list(zip(g, mu, nu, out)), step, _scratch_needed(out, g))
             return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         nu_old = flat.state_live(state.nu, "state.nu")
@@ -571,7 +580,8 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
             k = [(1 - beta1) / c / ai for c, ai in zip(c1, a)] if nesterov else c1
 
             def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, os: torch.Tensor,
-                     t: torch.Tensor) -> None:
+                     *scratch: torch.Tensor) -> None:
+                t = scratch[0] if scratch else os
                 ms.lerp_(gs, 1 - beta1)
                 vs.mul_(beta2).addcmul_(gs, gs, value=1 - beta2)
                 if not nesterov:
@@ -583,7 +593,7 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
                     t.add_(er)
                 os.div_(t.sqrt_().add_(e))
 
-            _owned.by_slices(list(zip(g, mu, nu, out)), step, 1)
+            _owned.by_slices(list(zip(g, mu, nu, out)), step, 1 if nesterov else _scratch_needed(out, g))
             return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         if fast:
