@@ -387,6 +387,9 @@ def schedule_free(
         eager = not _tree.traced() and all(a.dtype == b.dtype == u.dtype and a.is_contiguous() and b.is_contiguous()
                                            and u.is_contiguous() for a, b, u in zip(z, y, bu))
         k2 = (1.0 - ck) * (1.0 - beta)
+        # the eager paths' factors: Python numbers for CPU scalars (no per-kernel dtype cast of a
+        # 0-d float64 tensor; the same float32 product), tensors on an accelerator (no host read)
+        ckf, k2f = (_sv(ck), _sv(k2)) if eager else (ck, k2)
         ps = _apply_params(flat, params, bu) if apply and eager else None
         if ps is not None:
             # the caller adds the update into the params right after (gx.Optimizer): slice by
@@ -394,26 +397,25 @@ def schedule_free(
             # numbers) with its update and its difference in cached slices, never in memory
             writable = own.may_write(bu)
 
-            def step(i: int, us: torch.Tensor, zs: torch.Tensor, ys: torch.Tensor, o: torch.Tensor,
-                     d: torch.Tensor) -> None:
+            def step(i: int, us: torch.Tensor, zs: torch.Tensor, ys: torch.Tensor, *scratch: torch.Tensor) -> None:
                 zs.add_(us)
-                o = us if writable else o
-                torch.mul(us, k2, out=o)
-                o.add_(torch.sub(zs, ys, out=d).mul_(ck))
+                o = us if writable else scratch[0]
+                torch.mul(us, k2f, out=o)
+                o.add_(torch.sub(zs, ys, out=scratch[-1]).mul_(ckf))
                 ys.add_(o)
 
-            _owned.by_slices(list(zip(bu, z, ps)), step, 2)
+            _owned.by_slices(list(zip(bu, z, ps)), step, 1 if writable else 2)
             return flat.rebuild([None] * len(bu)), new_state()
         _fe.add_(z, bu)
         if eager:
             # at most one temporary: the output is the base update scaled in place (when the
             # caller lets us write it), then ck (z - y) is added chunk by chunk (`_add_scaled_diff_`)
             if own.may_write(bu):
-                _fe.mul_(bu, k2)
+                _fe.mul_(bu, k2f)
                 out = bu
             else:
-                out = list(_fe.mul(bu, k2))
-            _add_scaled_diff_(out, z, y, ck)
+                out = list(_fe.mul(bu, k2f))
+            _add_scaled_diff_(out, z, y, ckf)
             return flat.rebuild(out), new_state()
         out = list(_fe.add(z, y, alpha=-1)) if all(a.dtype == b.dtype for a, b in zip(z, y)) else \
             [(a - b).to(b.dtype) for a, b in zip(z, y)]
