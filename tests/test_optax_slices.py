@@ -187,3 +187,24 @@ def test_a_step_runs_no_whole_leaf_kernel_but_the_named_ones(name):
     with mode:
         opt.step()
     assert mode.kernels == WHOLE_LEAF[name]
+
+
+@pytest.mark.parametrize("name", ["yogi", "adabelief", "nadamw", "nadamw_no_wd_eps_root", "schedule_free_adamw"])
+def test_donated_updates_take_the_output_and_keep_the_numbers(name):
+    """With the incoming updates donated (``update_in_place(..., donate_updates=True)``) the
+    sliced step writes its output into them (each slice after its last read, the
+    intermediate results in a scratch slice): the same numbers as the pure update."""
+    make = ALIASES[name]
+    p0 = [p.detach() for p in _params(torch.float64)]
+    ta, tb = make(), make()
+    pa, pb = [p.clone() for p in p0], [p.clone() for p in p0]
+    sa, sb = ta.init(pa), tb.init(pb)
+    for k in range(4):
+        grads = _grads(p0, k)
+        donated = [g.clone() for g in grads]
+        ua, sa = gx.update_in_place(ta, donated, sa, pa, donate_updates=True)
+        ub, sb = tb.update(grads, sb, pb)
+        gx.apply_updates(pa, ua, inplace=True)
+        pb = gx.apply_updates(pb, ub)
+        for x, y in zip(pa, pb):
+            assert torch.equal(x, y), f"{name} step {k + 1}"
