@@ -91,10 +91,11 @@ _addcmul = _fe._op("addcmul", lambda x, a, b, value=1: torch.addcmul(x, a, b, va
 _sqrt_ = _fe._op("sqrt_", _fe._safe_sqrt)
 
 
-_CHUNK = 1 << 16
-"""Elements per slice of the eager paths that work through a leaf slice by slice (256 KiB in
-float32): the few slices one step touches at once stay in the core's cache, so their
-intermediate results never travel to memory."""
+_CHUNK = 1 << 18
+"""Elements per slice of the eager paths that work through a leaf slice by slice (1 MiB in
+float32): the few slices one step touches at once (3 to 5 arrays) stay in the cache, so their
+intermediate results never travel to memory, while each kernel call is large enough that its
+fixed cost stays small (measured at 25M params on one thread, 64K to 1M elements: 256K fastest)."""
 
 
 def _plain(xs: Sequence[Any]) -> bool:
