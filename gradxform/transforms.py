@@ -101,7 +101,8 @@ fixed cost stays small (measured at 25M params on one thread, 64K to 1M elements
 def _plain(xs: Sequence[Any]) -> bool:
     """Whether every tensor is a plain, contiguous one (not a subclass such as a DTensor, which
     cannot be sliced through a flat view): the slice-by-slice eager paths take only those."""
-    return all(type(x) in (torch.Tensor, torch.nn.Parameter) and x.is_contiguous() for x in xs)
+    return all(type(x) in (torch.Tensor, torch.nn.Parameter) and x.layout is torch.strided and x.is_contiguous()
+               for x in xs)
 
 
 def _slices(n: int) -> range:

@@ -208,3 +208,15 @@ def test_donated_updates_take_the_output_and_keep_the_numbers(name):
         pb = gx.apply_updates(pb, ub)
         for x, y in zip(pa, pb):
             assert torch.equal(x, y), f"{name} step {k + 1}"
+
+
+def test_a_sparse_update_is_left_to_the_caller():
+    """A sparse update (gx.sgd on an nn.Embedding(sparse=True)) is not sliced: the rate is
+    applied and the update returned for the adapter to add, as before."""
+    tx = gx.scale_by_learning_rate(0.5)
+    p = [torch.zeros(5, 3)]
+    g = [torch.sparse_coo_tensor([[0, 2]], torch.ones(2, 3), (5, 3))]
+    u, _ = call_apply(tx, g, tx.init(p), p, Ownership(state=True, updates=True))
+    assert u[0].layout is torch.sparse_coo
+    assert torch.equal(u[0].to_dense(), -0.5 * g[0].to_dense())
+    assert torch.equal(p[0], torch.zeros(5, 3))
