@@ -216,7 +216,8 @@ def test_a_sparse_update_is_left_to_the_caller():
     tx = gx.scale_by_learning_rate(0.5)
     p = [torch.zeros(5, 3)]
     g = [torch.sparse_coo_tensor([[0, 2]], torch.ones(2, 3), (5, 3))]
+    expected = -0.5 * g[0].to_dense()
     u, _ = call_apply(tx, g, tx.init(p), p, Ownership(state=True, updates=True))
     assert u[0].layout is torch.sparse_coo
-    assert torch.equal(u[0].to_dense(), -0.5 * g[0].to_dense())
+    assert torch.equal(u[0].to_dense(), expected)
     assert torch.equal(p[0], torch.zeros(5, 3))
