@@ -24,13 +24,15 @@ params-sized temporaries a step makes, a figure that does not drift with the mac
 
 Time: median of ``--steps`` timed steps after ``--warmup`` untimed ones; ``--repeat`` runs of
 the whole table keep, per row, the median of the runs' figures. Use ``--threads 1`` on a shared
-machine.
+machine; there ``--clock thread`` (the CPU time of the one thread that runs the kernels) leaves
+out the time the process waits for a core, though not the memory bandwidth other jobs take.
 
 Usage::
 
     python benchmarks/catalog_optax.py --threads 1
     python benchmarks/catalog_optax.py --only lars,sm3 --steps 10 --repeat 3
     python benchmarks/catalog_optax.py --allocs --params-millions 2
+    python benchmarks/catalog_optax.py --threads 1 --clock thread --only yogi,adabelief
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,11 +52,23 @@ import gradxform as gx  # noqa: E402
 from catalog import buffers, clone_params, make_params, time_calls  # noqa: E402
 
 
-def time_steps(opt: torch.optim.Optimizer, warmup: int, steps: int) -> float:
-    """Median ms of ``steps`` calls of ``opt.step()`` after ``warmup`` untimed ones."""
+CLOCK = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def time_steps(opt: torch.optim.Optimizer, warmup: int, steps: int, clock: str = "wall") -> float:
+    """Median ms of ``steps`` calls of ``opt.step()`` after ``warmup`` untimed ones, on the
+    clock named ``clock`` (``--clock``)."""
     for _ in range(warmup):
         opt.step()
-    return time_calls(opt.step, steps)
+    if clock == "wall":
+        return time_calls(opt.step, steps)
+    now = CLOCK[clock]
+    times = []
+    for _ in range(steps):
+        t = now()
+        opt.step()
+        times.append(now() - t)
+    return statistics.median(times) * 1e3
 
 
 Factory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
@@ -112,18 +127,19 @@ ROWS: dict[str, Factory] = {
 }
 
 
-def adamw_ms(base: list[torch.Tensor], warmup: int, steps: int) -> float:
+def adamw_ms(base: list[torch.Tensor], warmup: int, steps: int, clock: str = "wall") -> float:
     ps = clone_params(base)
-    return time_steps(torch.optim.AdamW(ps, lr=1e-3, foreach=True), warmup, steps)
+    return time_steps(torch.optim.AdamW(ps, lr=1e-3, foreach=True), warmup, steps, clock)
 
 
-def one_pass(base: list[torch.Tensor], names: list[str], warmup: int, steps: int) -> dict[str, tuple[float, float, float]]:
+def one_pass(base: list[torch.Tensor], names: list[str], warmup: int, steps: int,
+             clock: str = "wall") -> dict[str, tuple[float, float, float]]:
     out = {}
     for name in names:
-        t_ref = adamw_ms(base, warmup, steps)
+        t_ref = adamw_ms(base, warmup, steps, clock)
         ps = clone_params(base)
         opt = ROWS[name](ps)
-        t_gx = time_steps(opt, warmup, steps)
+        t_gx = time_steps(opt, warmup, steps, clock)
         out[name] = (t_gx, t_ref, buffers(opt, ps))
         del opt, ps
     return out
@@ -155,6 +171,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--only", default=None, help="comma-separated row names")
     ap.add_argument("--allocs", action="store_true", help="print temporaries per step instead of times")
+    ap.add_argument("--clock", choices=sorted(CLOCK), default="wall",
+                    help="wall: elapsed time; thread: CPU time of this thread (with --threads 1 the "
+                         "step's kernels run on it): time spent descheduled on a shared machine is left out")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,9 +183,10 @@ def main() -> None:
     if args.allocs:
         allocations(base, names)
         return
-    runs = [one_pass(base, names, args.warmup, args.steps) for _ in range(args.repeat)]
+    runs = [one_pass(base, names, args.warmup, args.steps, args.clock) for _ in range(args.repeat)]
     print(f"# {total / 1e6:.1f}M float32 params in {len(base)} tensors, {torch.get_num_threads()} thread(s), "
-          f"torch {torch.__version__}, median of {args.steps} steps, median of {args.repeat} run(s)")
+          f"torch {torch.__version__}, median of {args.steps} steps, median of {args.repeat} run(s), "
+          f"{args.clock} clock")
     print(f"{'alias':30s} {'gx ms':>8s} {'adamw ms':>9s} {'buffers':>8s} {'budget':>8s} {'ratio':>6s} {'traffic':>8s}")
     for name in names:
         t_gx = statistics.median(r[name][0] for r in runs)

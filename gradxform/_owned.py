@@ -10,13 +10,13 @@ blocks, and under ``torch.compile`` they trace as the inline code they replace d
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
 from . import tree as _tree
 from .base import Ownership, Updates, expect_state
-from .transforms import _Flat
+from .transforms import _CHUNK, _Flat, _plain, _scratch_for, _slices
 
 
 def live(updates: Updates, state: Any, state_cls: type, who: str) -> _Flat | None:
@@ -63,3 +63,33 @@ def finish(flat: _Flat, out: list[torch.Tensor], state: NamedTuple, fields: dict
     """``(output tree, new state)``: ``out`` unflattened into the updates' structure (``None`` at
     frozen leaves) and `restate` ``(flat, state, fields, **trees)``."""
     return flat.rebuild(out), restate(flat, state, fields, **trees)
+
+
+def _local(ts: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """A leaf's tensors, DTensors of one placement as their local shards (elementwise work is
+    local), else as they are."""
+    if ts and all(_tree.is_dtensor(t) for t in ts) and len({tuple(t.placements) for t in ts}) == 1:
+        return [t.to_local() for t in ts]
+    return ts
+
+
+def by_slices(leaves: Sequence[Sequence[torch.Tensor]], fn: Callable[..., None], scratch: int = 0) -> None:
+    """``fn(i, *slices, *scratch_slices)`` over each leaf ``i``'s tensors (``leaves[i]``: equally
+    sized tensors, the first giving dtype and device) one `gradxform.transforms._CHUNK`-element
+    slice at a time, with ``scratch`` buffers of the slice's size that stay in cache: an eager
+    step's intermediate results never travel to memory, and each params-sized buffer is read
+    (and written) once. Per element the kernels are those of the whole-leaf form, so the numbers
+    are the same. DTensors are worked on through their local shards; a leaf that is not plain
+    and contiguous (`gradxform.transforms._plain`) is passed whole, with whole-leaf scratch."""
+    leaves = [_local(ts) for ts in leaves]
+    bufs = _scratch_for([ts[0] for ts in leaves if _plain(ts)], scratch) if scratch else {}
+    for i, ts in enumerate(leaves):
+        if not _plain(ts):
+            fn(i, *ts, *[torch.empty_like(ts[0]) for _ in range(scratch)])
+            continue
+        flat = [t.view(-1) for t in ts]
+        n = ts[0].numel()
+        b = bufs.get((ts[0].dtype, ts[0].device), [])
+        for s in _slices(n):
+            e = min(n, s + _CHUNK)
+            fn(i, *[f[s:e] for f in flat], *[x[:e - s] for x in b])

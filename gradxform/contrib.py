@@ -29,19 +29,22 @@ from .base import (
     Updates,
     call_update,
     chain,
+    declare,
     extra_args_of,
     owned_transform,
     recorded,
     stateless,
 )
 from .combine import inject_hyperparams
-from .optax_optimizers import _copy_, _div_by_root_, _dog_norms, _dog_scaled, _rdiv_, _reciprocal_, _sqrt_, _sub
+from .optax_optimizers import (_copy_, _div_by_root_, _dog_norms, _dog_scaled, _output, _rdiv_, _reciprocal_,
+                               _scratch_needed, _sqrt_, _sub)
 from .transforms import (
     ScalarOrSchedule,
     _ema,
     _ema_sq,
     _Flat,
     add_decayed_weights,
+    _apply_params,
     check_float,
     scale_by_learning_rate,
 )
@@ -354,8 +357,8 @@ def schedule_free(
             z=_tree.tree_map(copy, params),
         )
 
-    def owned_update(updates: Updates, state: ScheduleFreeState, params: Params | None, own: Ownership,
-                     **extra: Any) -> tuple[Updates, ScheduleFreeState]:
+    def run(updates: Updates, state: ScheduleFreeState, params: Params | None, own: Ownership, apply: bool,
+            extra: dict[str, Any]) -> tuple[Updates, ScheduleFreeState]:
         flat = _owned.live(updates, state, ScheduleFreeState, "schedule_free")
         if flat is None:
             return updates, state
@@ -375,29 +378,60 @@ def schedule_free(
         bu = _Flat(base_u).live
         if len(bu) != len(z):
             raise ValueError("schedule_free: the base optimizer must return an update for every live leaf")
-        _fe.add_(z, bu)
         beta = _sv(b1)
-        new_state = ScheduleFreeState(state.b1, total, state.step_count + 1, max_lr, base_state,
-                                      flat.rebuild(z, like=state.z))
-        if not _tree.traced() and all(a.dtype == b.dtype == u.dtype and a.is_contiguous() and b.is_contiguous()
-                                      and u.is_contiguous() for a, b, u in zip(z, y, bu)):
+
+        def new_state() -> ScheduleFreeState:  # after z += u (inside torch.func, a new list of z)
+            return ScheduleFreeState(state.b1, total, state.step_count + 1, max_lr, base_state,
+                                     flat.rebuild(z, like=state.z))
+
+        eager = not _tree.traced() and all(a.dtype == b.dtype == u.dtype and a.is_contiguous() and b.is_contiguous()
+                                           and u.is_contiguous() for a, b, u in zip(z, y, bu))
+        k2 = (1.0 - ck) * (1.0 - beta)
+        # the eager paths' factors: Python numbers for CPU scalars (no per-kernel dtype cast of a
+        # 0-d float64 tensor; the same float32 product), tensors on an accelerator (no host read)
+        ckf, k2f = (_sv(ck), _sv(k2)) if eager else (ck, k2)
+        ps = _apply_params(flat, params, bu) if apply and eager else None
+        if ps is not None:
+            # the caller adds the update into the params right after (gx.Optimizer): slice by
+            # slice z += u; y += k2 u + ck (z - y), the kernels of the path below (the same
+            # numbers) with its update and its difference in cached slices, never in memory
+            writable = own.may_write(bu)
+
+            def step(i: int, us: torch.Tensor, zs: torch.Tensor, ys: torch.Tensor, *scratch: torch.Tensor) -> None:
+                zs.add_(us)
+                o = us if writable else scratch[0]
+                torch.mul(us, k2f, out=o)
+                o.add_(torch.sub(zs, ys, out=scratch[-1]).mul_(ckf))
+                ys.add_(o)
+
+            _owned.by_slices(list(zip(bu, z, ps)), step, 1 if writable else 2)
+            return flat.rebuild([None] * len(bu)), new_state()
+        _fe.add_(z, bu)
+        if eager:
             # at most one temporary: the output is the base update scaled in place (when the
             # caller lets us write it), then ck (z - y) is added chunk by chunk (`_add_scaled_diff_`)
-            k2 = (1.0 - ck) * (1.0 - beta)
             if own.may_write(bu):
-                _fe.mul_(bu, k2)
+                _fe.mul_(bu, k2f)
                 out = bu
             else:
-                out = list(_fe.mul(bu, k2))
-            _add_scaled_diff_(out, z, y, ck)
-            return flat.rebuild(out), new_state
+                out = list(_fe.mul(bu, k2f))
+            _add_scaled_diff_(out, z, y, ckf)
+            return flat.rebuild(out), new_state()
         out = list(_fe.add(z, y, alpha=-1)) if all(a.dtype == b.dtype for a, b in zip(z, y)) else \
             [(a - b).to(b.dtype) for a, b in zip(z, y)]
         _fe.mul_(out, ck)
         _fe.add_(out, _fe.mul(bu, (1.0 - ck) * (1.0 - beta)))
-        return flat.rebuild(out), new_state
+        return flat.rebuild(out), new_state()
 
-    return owned_transform(init, owned_update, extra_args_of(base_optimizer))
+    def owned_update(updates: Updates, state: ScheduleFreeState, params: Params | None, own: Ownership,
+                     **extra: Any) -> tuple[Updates, ScheduleFreeState]:
+        return run(updates, state, params, own, False, extra)
+
+    def owned_apply(updates: Updates, state: ScheduleFreeState, params: Params, own: Ownership,
+                    **extra: Any) -> tuple[Updates, ScheduleFreeState]:
+        return run(updates, state, params, own, True, extra)
+
+    return declare(owned_transform(init, owned_update, extra_args_of(base_optimizer)), owned_apply=owned_apply)
 
 
 class ScaleByRmsDebiasedState(NamedTuple):
@@ -442,15 +476,23 @@ def scale_by_rms_debiased(decay: float | torch.Tensor = 0.999, eps: float | torc
         if flat is None:
             return updates, state
         d, e = _sv(decay), _sv(eps)
-        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, own.state)
         t = _count_value(state.count) + 1
-        den = list(_fe.div(nu, 1 - d ** t))
-        if _eager_numbers(t, d, e):  # the denominator's buffer takes the output: one temporary
-            _sqrt_(den)
-            _fe.add_(den, e)
-            _rdiv_(den, flat.live)
-            return _owned.finish(flat, den, state, {"count": state.count + 1}, nu=nu)
-        den = list(_fe.sqrt(den))
+        if _eager_numbers(t, d, e):
+            # slice by slice (`_owned.by_slices`): g and nu are read once and nu written once;
+            # the denominator lives in a cached scratch (the kernels of the whole-leaf form)
+            g, c = flat.live, 1 - d ** t
+            nu = _owned.held(flat, state.nu, "state.nu", own)
+            out = _output(g, own)
+
+            def step(i: int, gs: torch.Tensor, vs: torch.Tensor, os: torch.Tensor, *scratch: torch.Tensor) -> None:
+                vs.mul_(d).addcmul_(gs, gs, value=1.0 - d)
+                r = scratch[0] if scratch else os
+                torch.div(gs, torch.div(vs, c, out=r).sqrt_().add_(e), out=os)
+
+            _owned.by_slices(list(zip(g, nu, out)), step, _scratch_needed(out, g))
+            return _owned.finish(flat, out, state, {"count": state.count + 1}, nu=nu)
+        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, own.state)
+        den = list(_fe.sqrt(_fe.div(nu, 1 - d ** t)))
         _fe.add_(den, e)
         out = list(_fe.div(flat.live, den))
         return _owned.finish(flat, out, state, {"count": state.count + 1}, nu=nu)

@@ -187,6 +187,33 @@ def _adam_ratio(mu: list[torch.Tensor], nu: list[torch.Tensor], c1: list[Any], c
     return s
 
 
+def _output(g: list[torch.Tensor], own: Ownership) -> list[torch.Tensor]:
+    """Where a slice-by-slice eager update writes its output: the incoming updates themselves
+    when the caller lets them be written (each slice is written after its last read), else new
+    buffers."""
+    return g if own.may_write(g) else [torch.empty_like(x) for x in g]
+
+
+def _scratch_needed(out: list[torch.Tensor], g: list[torch.Tensor]) -> int:
+    """Scratch slices a sliced step needs besides its output (see `_output`): none when the
+    output has buffers of its own, whose slice serves as the scratch until it is written last
+    (one cache-sized array less in the working set); one when the output is ``g`` itself."""
+    return 1 if out is g else 0
+
+
+def _ratio_into(out: torch.Tensor, mu: torch.Tensor, nu: torch.Tensor, c1: float, c2: float, eps: Any,
+                eps_root: Any, t: torch.Tensor) -> None:
+    """One slice of `_adam_ratio`: ``out <- mu / (c1 (sqrt(nu / c2 + eps_root) + eps))``, the
+    denominator made in the scratch slice ``t`` (the kernels of `_adam_ratio`, the same numbers)."""
+    torch.div(nu, c2, out=t)
+    if not _is_zero(eps_root):
+        t.add_(eps_root)
+    t.sqrt_().add_(eps)
+    if c1 != 1:
+        t.mul_(c1)
+    torch.div(mu, t, out=out)
+
+
 def _rdiv_(xs: list[torch.Tensor], num: list[torch.Tensor]) -> None:
     """``x <- num / x`` in place (one pass, the division's own rounding); no foreach kernel
     divides that way round, so per leaf with ``out=`` (eager paths only)."""
@@ -377,15 +404,30 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         beta1, beta2, e, er = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
+        if not nesterov and _eager(own, counts, beta1, beta2):
+            # slice by slice (`_owned.by_slices`): g, mu and nu are read once and the moments
+            # written once; the residual g - mu and the denominator live in a cached scratch
+            mu, nu = _held(flat.state_live(state.mu, "state.mu"), own), _held(flat.state_live(state.nu, "state.nu"), own)
+            out = _output(g, own)
+            c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
+
+            def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, os: torch.Tensor,
+                     *scratch: torch.Tensor) -> None:
+                t = scratch[0] if scratch else os
+                ms.lerp_(gs, 1 - beta1)
+                torch.sub(gs, ms, out=t)
+                vs.mul_(beta2).addcmul_(t, t, value=1 - beta2)
+                if not _is_zero(er):
+                    vs.add_(er)
+                _ratio_into(os, ms, vs, c1[i], c2[i], e, 0.0, t)
+
+            _owned.by_slices(list(zip(g, mu, nu, out)), step, _scratch_needed(out, g))
+            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         err = list(_sub(g, mu))
         nu = _moment_sq(flat.state_live(state.nu, "state.nu"), err, beta2, own.state)
         if not _is_zero(er):
             _fe.add_(nu, er)
-        if not nesterov and _eager(own, counts, beta1, beta2):
-            # the residual's buffer becomes the output: one temporary per step
-            out = _adam_ratio(mu, nu, _bias_corrections(counts, beta1), _bias_corrections(counts, beta2), e, 0.0, err)
-            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
         mu_hat = _nesterov_mu_hat(mu, g, counts, beta1) if nesterov else _div_each(mu, _bias_corrections(counts, beta1))
         nu_hat = _div_each(nu, _bias_corrections(counts, beta2))
         out = list(_fe.div(mu_hat, _denominators(nu_hat, e, 0.0)))
@@ -447,19 +489,25 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         beta1, beta2, e, er = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
+        if _eager(own, counts, beta1, beta2):
+            # slice by slice (`_owned.by_slices`): g, mu and nu are read once and the moments
+            # written once; t = sign(nu - g^2) g and the denominator live in a cached scratch
+            mu, nu = _held(flat.state_live(state.mu, "state.mu"), own), _held(flat.state_live(state.nu, "state.nu"), own)
+            out = _output(g, own)
+            c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
+
+            def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, os: torch.Tensor,
+                     *scratch: torch.Tensor) -> None:
+                t = scratch[0] if scratch else os
+                ms.lerp_(gs, 1 - beta1)
+                torch.sub(vs, torch.mul(gs, gs, out=t), out=t).sign_().mul_(gs)
+                vs.addcmul_(t, gs, value=-(1 - beta2))
+                _ratio_into(os, ms, vs, c1[i], c2[i], e, er, t)
+
+            _owned.by_slices(list(zip(g, mu, nu, out)), step, _scratch_needed(out, g))
+            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         nu_old = flat.state_live(state.nu, "state.nu")
-        if _eager(own, counts, beta1, beta2):
-            # one temporary t: t = sign(nu - g^2) g; nu -= (1 - b2) t g; then t holds the output
-            nu_old = _held(nu_old, own)
-            t = list(_fe.mul(g, g))
-            _fe.mul_(t, -1.0)
-            _fe.add_(t, nu_old)
-            _sign_(t)
-            _fe.mul_(t, g)
-            _fe.addcmul_(nu_old, t, g, -(1 - beta2))
-            out = _adam_ratio(mu, nu_old, _bias_corrections(counts, beta1), _bias_corrections(counts, beta2), e, er, t)
-            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu_old)
         g2 = list(_fe.mul(g, g))
         step = list(_fe.mul(_fe.mul(_sign(_fe.add(nu_old, g2, alpha=-1)), g2), 1 - beta2))
         if own.state:
@@ -518,10 +566,36 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
         beta1, beta2, e, er = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
-        mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         nu_old = flat.state_live(state.nu, "state.nu")
         nu_max = None
         fast = _eager(own, counts, beta1, beta2) and bias_correction_mu and bias_correction_nu
+        if fast and kind == "adam" and not (nesterov and _is_zero(beta1)):
+            # slice by slice (`_owned.by_slices`): g, mu and nu are read once and the moments
+            # written once; the denominator lives in a cached scratch
+            mu, nu = _held(flat.state_live(state.mu, "state.mu"), own), _held(nu_old, own)
+            out = _output(g, own)
+            c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
+            # Nesterov's numerator b1 mu / c1' + (1 - b1) g / c1 as a (mu + (b / a) g)
+            a = [beta1 / c for c in _bias_corrections(counts, beta1, shift=1)] if nesterov else c1
+            k = [(1 - beta1) / c / ai for c, ai in zip(c1, a)] if nesterov else c1
+
+            def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, os: torch.Tensor,
+                     *scratch: torch.Tensor) -> None:
+                t = scratch[0] if scratch else os
+                ms.lerp_(gs, 1 - beta1)
+                vs.mul_(beta2).addcmul_(gs, gs, value=1 - beta2)
+                if not nesterov:
+                    _ratio_into(os, ms, vs, c1[i], c2[i], e, er, t)
+                    return
+                torch.mul(gs, k[i], out=os).add_(ms).mul_(a[i])
+                torch.div(vs, c2[i], out=t)
+                if not _is_zero(er):
+                    t.add_(er)
+                os.div_(t.sqrt_().add_(e))
+
+            _owned.by_slices(list(zip(g, mu, nu, out)), step, 1 if nesterov else _scratch_needed(out, g))
+            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
+        mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         if fast:
             nu_old = _held(nu_old, own)
         if fast and kind == "adamax":
@@ -535,24 +609,14 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
             _reciprocal_(a)
             _fe.mul_(a, mu)
             return _owned.finish(flat, a, state, count=counts, mu=mu, nu=nu_old)
-        if fast and kind != "adamax" and not (nesterov and _is_zero(beta1)):
+        if fast and kind == "amsgrad":
             nu = _moment_sq(nu_old, g, beta2, True)
             c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
-            if kind == "amsgrad":
-                nu_max = _owned.held(flat, state.nu_max, "state.nu_max", own)
-                s = list(_fe.div(nu, c2))
-                _fe.maximum_(nu_max, s)
-                out = _adam_ratio(mu, nu_max, [1.0] * len(c1), None, e, er, s)
-                _fe.mul_(out, [1 / c for c in c1])
-            elif nesterov:
-                # numerator b1 mu / c1' + (1 - b1) g / c1 as a (mu + (b / a) g), then / denominator
-                a = [beta1 / c for c in _bias_corrections(counts, beta1, shift=1)]
-                out = list(_fe.mul(g, [(1 - beta1) / c / ai for c, ai in zip(c1, a)]))
-                _fe.add_(out, mu)
-                _fe.mul_(out, a)
-                _div_by_root_(out, nu, c2, er, e)  # the denominator in a cache-sized scratch
-            else:
-                out = _adam_ratio(mu, nu, c1, c2, e, er)
+            nu_max = _owned.held(flat, state.nu_max, "state.nu_max", own)
+            s = list(_fe.div(nu, c2))
+            _fe.maximum_(nu_max, s)
+            out = _adam_ratio(mu, nu_max, [1.0] * len(c1), None, e, er, s)
+            _fe.mul_(out, [1 / c for c in c1])
             return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu, **_amsgrad_max(kind, nu_max))
         if kind == "adamax":
             a = list(_fe.add(_fe._op("abs", torch.abs)(g), e))
@@ -1521,21 +1585,29 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
                                                            max_step_size)]
         steps_old = flat.state_live(state.step_sizes, "state.step_sizes")
         prev_old = flat.state_live(state.prev_updates, "state.prev_updates")
-        if _inplace(own) and not any(isinstance(x, torch.Tensor) for x in (lr, em, ep, lo, hi)):
-            # eager and owned: per leaf one float temporary (the output) and three masks, the
-            # state rewritten in place (elementwise selects have no foreach kernels)
-            out = []
-            for g, st, pv in zip(flat.live, steps_old, prev_old):
-                s = torch.mul(g, pv)
-                neg, zero = s < 0, s == 0
-                one = torch.ones((), dtype=g.dtype)
-                torch.where(s > 0, one * ep, one * em, out=s)
-                s.mul_(st).clamp_(min=lo / lr, max=hi / lr)
-                torch.where(zero, st, s, out=st)  # the step sizes (in units of lr)
-                torch.where(neg, torch.zeros((), dtype=g.dtype), pv, out=s)  # the output: last step's update
-                torch.sign(g, out=pv)
-                pv.mul_(st).mul_(lr).masked_fill_(neg, 0.0)  # this step's update
-                out.append(s)
+        if _inplace(own) and not any(isinstance(x, torch.Tensor) for x in (lr, em, ep, lo, hi)) and em <= ep:
+            # eager and owned: slice by slice (`_owned.by_slices`), the state rewritten in place,
+            # g and the state read once, the output written once. The selects are exact
+            # arithmetic on sgn = sign(g * prev) (CPU comparisons, where and masked_fill are
+            # not vectorised: 3-15x the cost of a multiply): factor = clamp(K sgn, em, ep) is em
+            # or ep exactly; nz = sgn^2 and keep = clamp(sgn + 1, 0, 1) are 0 or 1, and
+            # lerp(a, b, w) is a at w = 0 and b at w = 1 exactly (torch's two-sided lerp; finite
+            # values); a zeroed entry may be -0.0 where the select gives 0.0 (equal values).
+            out = [torch.empty_like(g) for g in flat.live]
+            big = 2.0 * max(abs(ep), abs(em), 1.0)
+            rel_lo, rel_hi = lo / lr, hi / lr
+
+            def step(i: int, gs: torch.Tensor, st: torch.Tensor, pv: torch.Tensor, os: torch.Tensor,
+                     sgn: torch.Tensor, a: torch.Tensor) -> None:
+                torch.mul(gs, pv, out=sgn).sign_()
+                torch.mul(sgn, big, out=a).clamp_(min=em, max=ep).mul_(st).clamp_(min=rel_lo, max=rel_hi)
+                # the step sizes (units of lr); nz made in the output's slice, written below
+                st.lerp_(a, torch.mul(sgn, sgn, out=os))
+                keep = sgn.add_(1.0).clamp_(min=0.0, max=1.0)
+                torch.mul(pv, keep, out=os)  # the output: last step's update
+                torch.sign(gs, out=pv).mul_(st).mul_(lr).mul_(keep)  # this step's update
+
+            _owned.by_slices(list(zip(flat.live, steps_old, prev_old, out)), step, 2)
             return flat.rebuild(out), state
         steps, prev, out = [], [], []
         for g, s_old, p_old in zip(flat.live, steps_old, prev_old):
@@ -2223,7 +2295,9 @@ def optimistic_adam(learning_rate: float, optimism: float | None = None, b1: flo
 
 
 def _rprop(lr: Any, eta_minus: Any, eta_plus: Any, min_step_size: Any, max_step_size: Any) -> GradientTransformation:
-    return chain(_scale_by_optax_rprop(lr, eta_minus, eta_plus, min_step_size, max_step_size), scale(-1.0))
+    # scale_by_learning_rate(1.0) is scale(-1.0) that adds itself into the params under gx.Optimizer
+    return chain(_scale_by_optax_rprop(lr, eta_minus, eta_plus, min_step_size, max_step_size),
+                 scale_by_learning_rate(1.0))
 
 
 @recorded

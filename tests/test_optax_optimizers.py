@@ -501,14 +501,17 @@ ONE_TEMPORARY = {
 def test_an_adapter_step_makes_one_params_sized_temporary(name):
     """The update must be materialised once (``.grad`` is never written); every other
     intermediate reuses that temporary or the state in place. Before: lion 5, adabelief 9,
-    yogi 10, adan 15, sm3 12 params-sized allocations per step."""
-    assert temporaries_per_step(ONE_TEMPORARY[name]) <= 1.2
+    yogi 10, adan 15, sm3 12 params-sized allocations per step. Measured on the LARGE params:
+    adabelief, yogi and lamb work slice by slice (256K-element slices), and a scratch slice
+    would be larger than the SMALL params."""
+    assert temporaries_per_step(ONE_TEMPORARY[name], shapes=LARGE) <= 1.2
 
 
 def test_nadamw_makes_one_params_sized_temporary():
-    """The Nesterov numerator is the step's one temporary; the denominator is made chunk by chunk
-    in a cache-sized scratch and divided in place (before: 2 params-sized temporaries)."""
-    assert temporaries_per_step(lambda: gx.nadamw(1e-3), shapes=LARGE) <= 1.15
+    """The Nesterov numerator is the step's one temporary; the denominator is made slice by
+    slice in a cache-sized scratch and divided in place (before: 2 params-sized temporaries).
+    The scratch is 256K elements, 0.16 of these 1.6M params (0.01 of 25M)."""
+    assert temporaries_per_step(lambda: gx.nadamw(1e-3), shapes=LARGE) <= 1.2
 
 
 def test_noisy_sgd_hashes_in_place():
