@@ -73,6 +73,13 @@ def _local(ts: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     return ts
 
 
+def on_cpu(xs: Sequence[torch.Tensor]) -> bool:
+    """Whether an eager step may work slice by slice (`by_slices`): every leaf on the CPU, where a
+    slice stays in the core's cache and a kernel call costs microseconds. On an accelerator the
+    foreach kernels take every leaf in a few launches, which slicing would multiply."""
+    return all(x.device.type == "cpu" for x in xs)
+
+
 def by_slices(leaves: Sequence[Sequence[torch.Tensor]], fn: Callable[..., None], scratch: int = 0) -> None:
     """``fn(i, *slices, *scratch_slices)`` over each leaf ``i``'s tensors (``leaves[i]``: equally
     sized tensors, the first giving dtype and device) one `gradxform.transforms._CHUNK`-element

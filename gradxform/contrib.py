@@ -477,7 +477,7 @@ def scale_by_rms_debiased(decay: float | torch.Tensor = 0.999, eps: float | torc
             return updates, state
         d, e = _sv(decay), _sv(eps)
         t = _count_value(state.count) + 1
-        if _eager_numbers(t, d, e):
+        if _eager_numbers(t, d, e) and _owned.on_cpu(flat.live):
             # slice by slice (`_owned.by_slices`): g and nu are read once and nu written once;
             # the denominator lives in a cached scratch (the kernels of the whole-leaf form)
             g, c = flat.live, 1 - d ** t

@@ -404,7 +404,7 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         beta1, beta2, e, er = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
-        if not nesterov and _eager(own, counts, beta1, beta2):
+        if not nesterov and _eager(own, counts, beta1, beta2) and _owned.on_cpu(g):
             # slice by slice (`_owned.by_slices`): g, mu and nu are read once and the moments
             # written once; the residual g - mu and the denominator live in a cached scratch
             mu, nu = _held(flat.state_live(state.mu, "state.mu"), own), _held(flat.state_live(state.nu, "state.nu"), own)
@@ -489,7 +489,7 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         beta1, beta2, e, er = [_tree.as_scalar(x) for x in (b1, b2, eps, eps_root)]
         g = flat.live
         counts = _step_counts(flat, state.count, own.state)
-        if _eager(own, counts, beta1, beta2):
+        if _eager(own, counts, beta1, beta2) and _owned.on_cpu(g):
             # slice by slice (`_owned.by_slices`): g, mu and nu are read once and the moments
             # written once; t = sign(nu - g^2) g and the denominator live in a cached scratch
             mu, nu = _held(flat.state_live(state.mu, "state.mu"), own), _held(flat.state_live(state.nu, "state.nu"), own)
@@ -569,7 +569,7 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
         nu_old = flat.state_live(state.nu, "state.nu")
         nu_max = None
         fast = _eager(own, counts, beta1, beta2) and bias_correction_mu and bias_correction_nu
-        if fast and kind == "adam" and not (nesterov and _is_zero(beta1)):
+        if fast and kind == "adam" and not (nesterov and _is_zero(beta1)) and _owned.on_cpu(g):
             # slice by slice (`_owned.by_slices`): g, mu and nu are read once and the moments
             # written once; the denominator lives in a cached scratch
             mu, nu = _held(flat.state_live(state.mu, "state.mu"), own), _held(nu_old, own)
@@ -1585,7 +1585,8 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
                                                            max_step_size)]
         steps_old = flat.state_live(state.step_sizes, "state.step_sizes")
         prev_old = flat.state_live(state.prev_updates, "state.prev_updates")
-        if _inplace(own) and not any(isinstance(x, torch.Tensor) for x in (lr, em, ep, lo, hi)) and em <= ep:
+        if (_inplace(own) and not any(isinstance(x, torch.Tensor) for x in (lr, em, ep, lo, hi)) and em <= ep
+                and _owned.on_cpu(flat.live)):
             # eager and owned: slice by slice (`_owned.by_slices`), the state rewritten in place,
             # g and the state read once, the output written once. The selects are exact
             # arithmetic on sgn = sign(g * prev) (CPU comparisons, where and masked_fill are

@@ -125,8 +125,9 @@ def _scratch_for(xs: Sequence[torch.Tensor], count: int = 1) -> dict[tuple[torch
 def _apply_params(flat: "_Flat", params: Params | None, xs: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
     """The live leaves of ``params`` when an update may be added into them here
     (`gradxform.base.call_apply`): eager, each plain and contiguous, shaped, typed and placed as
-    its update in ``xs``; else ``None`` (the caller adds the update itself)."""
-    if params is None or _tree.traced() or not _plain(xs):
+    its update in ``xs``, on the CPU (an accelerator's foreach add takes every leaf in a few
+    launches, which slicing would multiply); else ``None`` (the caller adds the update itself)."""
+    if params is None or _tree.traced() or not _plain(xs) or any(x.device.type != "cpu" for x in xs):
         return None
     leaves = _tree.tree_flatten(params)[0]
     if len(leaves) != len(flat.leaves):

@@ -221,3 +221,22 @@ def test_a_sparse_update_is_left_to_the_caller():
     assert u[0].layout is torch.sparse_coo
     assert torch.equal(u[0].to_dense(), expected)
     assert torch.equal(p[0], torch.zeros(5, 3))
+
+
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_an_accelerator_keeps_the_foreach_kernels(name, monkeypatch):
+    """Leaves off the CPU (here the ``meta`` device, which runs every kernel without data) are
+    never sliced and never added into the params by the step: slicing a leaf into cache-sized
+    pieces would multiply an accelerator's kernel launches. The caller gets every update back."""
+    from gradxform import _owned
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("sliced a leaf that is not on the CPU")
+
+    monkeypatch.setattr(_owned, "by_slices", refuse)
+    tx = ALIASES[name]()
+    ps = [torch.zeros(s, device="meta") for s in [(2 * _CHUNK + 5,), (30,)]]
+    state = tx.init(ps)
+    for _ in range(2):
+        updates, state = call_apply(tx, [torch.ones_like(p) for p in ps], state, ps, Ownership(state=True, updates=True))
+        assert [u.shape for u in updates] == [p.shape for p in ps]
