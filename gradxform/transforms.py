@@ -328,8 +328,9 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule, *, flip_sign: bool =
     A negative learning rate is rejected (use ``flip_sign`` to ascend). A schedule is read at the
     0-based step count, as `scale_by_schedule`. A constant rate (number or 0-d tensor) declares
     the add into the params (`gradxform.base.call_apply`): under `gradxform.Optimizer` a chain
-    ending in it adds ``-lr u`` into the params itself, slice by slice, with the rounding of
-    ``p + (-lr u)`` (one read of ``u`` instead of a scaling pass and an add pass).
+    ending in it adds ``-lr u`` into CPU params itself, slice by slice, with the rounding of
+    ``p + (-lr u)`` (one read of ``u`` instead of a scaling pass and an add pass); on an
+    accelerator the adapter adds with its foreach kernels.
 
     Args:
         learning_rate: a number, a 0-d tensor or a schedule of the step count (>= 0).
