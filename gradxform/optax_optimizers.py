@@ -22,7 +22,7 @@ Differences from optax, all deliberate:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -159,6 +159,27 @@ def _eager(own: Ownership, counts: list[torch.Tensor], *hps: Any) -> bool:
 def _held(xs: list[torch.Tensor], own: Ownership) -> list[torch.Tensor]:
     """State buffers to update in place: themselves when the caller owns the state, else copies."""
     return xs if own.state else [x.clone() for x in xs]
+
+
+def _moments_by_slices(flat: _Flat, state: Any, own: Ownership, counts: list[torch.Tensor], beta1: float,
+                       beta2: float, nu: list[torch.Tensor], body: Callable[..., None],
+                       scratch: int | None = None) -> tuple[Updates, Any]:
+    """The eager step of a two-moment block (state ``count``, ``mu``, ``nu``) slice by slice
+    (`_owned.by_slices`): ``body(i, c1, c2, g, mu, nu, out, t)`` on each slice of leaf ``i``
+    (``c1``, ``c2`` its bias corrections, ``t`` a cached scratch slice, or the output's own
+    slice when it has buffers of its own and ``scratch`` is ``None``) updates the moments in
+    place and writes the output; g, mu and nu are read once and the moments written once."""
+    g = flat.live
+    mu, nu = _held(flat.state_live(state.mu, "state.mu"), own), _held(nu, own)
+    out = _output(g, own)
+    c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
+
+    def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, os: torch.Tensor,
+             *scr: torch.Tensor) -> None:
+        body(i, c1[i], c2[i], gs, ms, vs, os, scr[0] if scr else os)
+
+    _owned.by_slices(list(zip(g, mu, nu, out)), step, _scratch_needed(out, g) if scratch is None else scratch)
+    return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
 
 
 def _adam_ratio(mu: list[torch.Tensor], nu: list[torch.Tensor], c1: list[Any], c2: list[Any] | None, eps: Any,
@@ -407,22 +428,17 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         if not nesterov and _eager(own, counts, beta1, beta2) and _owned.on_cpu(g):
             # slice by slice (`_owned.by_slices`): g, mu and nu are read once and the moments
             # written once; the residual g - mu and the denominator live in a cached scratch
-            mu, nu = _held(flat.state_live(state.mu, "state.mu"), own), _held(flat.state_live(state.nu, "state.nu"), own)
-            out = _output(g, own)
-            c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
-
-            def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, os: torch.Tensor,
-                     *scratch: torch.Tensor) -> None:
-                t = scratch[0] if scratch else os
+            def step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
+                     os: torch.Tensor, t: torch.Tensor) -> None:
                 ms.lerp_(gs, 1 - beta1)
                 torch.sub(gs, ms, out=t)
                 vs.mul_(beta2).addcmul_(t, t, value=1 - beta2)
                 if not _is_zero(er):
                     vs.add_(er)
-                _ratio_into(os, ms, vs, c1[i], c2[i], e, 0.0, t)
+                _ratio_into(os, ms, vs, c1, c2, e, 0.0, t)
 
-            _owned.by_slices(list(zip(g, mu, nu, out)), step, _scratch_needed(out, g))
-            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
+            return _moments_by_slices(flat, state, own, counts, beta1, beta2, flat.state_live(state.nu, "state.nu"),
+                                      step)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         err = list(_sub(g, mu))
         nu = _moment_sq(flat.state_live(state.nu, "state.nu"), err, beta2, own.state)
@@ -492,20 +508,15 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         if _eager(own, counts, beta1, beta2) and _owned.on_cpu(g):
             # slice by slice (`_owned.by_slices`): g, mu and nu are read once and the moments
             # written once; t = sign(nu - g^2) g and the denominator live in a cached scratch
-            mu, nu = _held(flat.state_live(state.mu, "state.mu"), own), _held(flat.state_live(state.nu, "state.nu"), own)
-            out = _output(g, own)
-            c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
-
-            def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, os: torch.Tensor,
-                     *scratch: torch.Tensor) -> None:
-                t = scratch[0] if scratch else os
+            def step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
+                     os: torch.Tensor, t: torch.Tensor) -> None:
                 ms.lerp_(gs, 1 - beta1)
                 torch.sub(vs, torch.mul(gs, gs, out=t), out=t).sign_().mul_(gs)
                 vs.addcmul_(t, gs, value=-(1 - beta2))
-                _ratio_into(os, ms, vs, c1[i], c2[i], e, er, t)
+                _ratio_into(os, ms, vs, c1, c2, e, er, t)
 
-            _owned.by_slices(list(zip(g, mu, nu, out)), step, _scratch_needed(out, g))
-            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
+            return _moments_by_slices(flat, state, own, counts, beta1, beta2, flat.state_live(state.nu, "state.nu"),
+                                      step)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         nu_old = flat.state_live(state.nu, "state.nu")
         g2 = list(_fe.mul(g, g))
@@ -572,29 +583,25 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
         if fast and kind == "adam" and not (nesterov and _is_zero(beta1)) and _owned.on_cpu(g):
             # slice by slice (`_owned.by_slices`): g, mu and nu are read once and the moments
             # written once; the denominator lives in a cached scratch
-            mu, nu = _held(flat.state_live(state.mu, "state.mu"), own), _held(nu_old, own)
-            out = _output(g, own)
-            c1, c2 = _bias_corrections(counts, beta1), _bias_corrections(counts, beta2)
             # Nesterov's numerator b1 mu / c1' + (1 - b1) g / c1 as a (mu + (b / a) g)
-            a = [beta1 / c for c in _bias_corrections(counts, beta1, shift=1)] if nesterov else c1
-            k = [(1 - beta1) / c / ai for c, ai in zip(c1, a)] if nesterov else c1
+            c1s = _bias_corrections(counts, beta1)
+            a = [beta1 / c for c in _bias_corrections(counts, beta1, shift=1)] if nesterov else c1s
+            k = [(1 - beta1) / c / ai for c, ai in zip(c1s, a)] if nesterov else c1s
 
-            def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, os: torch.Tensor,
-                     *scratch: torch.Tensor) -> None:
-                t = scratch[0] if scratch else os
+            def step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
+                     os: torch.Tensor, t: torch.Tensor) -> None:
                 ms.lerp_(gs, 1 - beta1)
                 vs.mul_(beta2).addcmul_(gs, gs, value=1 - beta2)
                 if not nesterov:
-                    _ratio_into(os, ms, vs, c1[i], c2[i], e, er, t)
+                    _ratio_into(os, ms, vs, c1, c2, e, er, t)
                     return
                 torch.mul(gs, k[i], out=os).add_(ms).mul_(a[i])
-                torch.div(vs, c2[i], out=t)
+                torch.div(vs, c2, out=t)
                 if not _is_zero(er):
                     t.add_(er)
                 os.div_(t.sqrt_().add_(e))
 
-            _owned.by_slices(list(zip(g, mu, nu, out)), step, 1 if nesterov else _scratch_needed(out, g))
-            return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu)
+            return _moments_by_slices(flat, state, own, counts, beta1, beta2, nu_old, step, 1 if nesterov else None)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         if fast:
             nu_old = _held(nu_old, own)
