@@ -295,8 +295,9 @@ class Optimizer(torch.optim.Optimizer):
                 state = stepped if stepped is not None else \
                     self._generic_step(tx, group, gi, ps, grads, state, extra_args)
             elif sparse and not _sm.takes_sparse_gradients(tx):
-                raise RuntimeError(f"param {sparse[0]} of group {gi} has a sparse gradient: only gx.sgd and "
-                                   f"gx.sparse_adam take sparse gradients, as torch.optim.SGD and SparseAdam (here: "
+                raise RuntimeError(f"param {sparse[0]} of group {gi} has a sparse gradient: only gx.sgd, "
+                                   f"gx.adagrad and gx.sparse_adam take sparse gradients, as torch.optim.SGD, Adagrad "
+                                   f"and SparseAdam (here: "
                                    f"{why}); use one of them, or dense gradients (e.g. nn.Embedding(sparse=False))")
             elif fused is True:
                 raise RuntimeError(f"group {gi}: `fused=True` requires all the params to be floating point Tensors on "

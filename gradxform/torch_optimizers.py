@@ -304,16 +304,48 @@ def _scaled(xs: list[torch.Tensor], k: Any, inplace: bool) -> list[torch.Tensor]
     return _mul(xs, k, inplace)
 
 
-def _dense_only(flat: _Flat, who: str) -> None:
-    """A clear error for a sparse update (``nn.Embedding(sparse=True)``), which the dense
-    kernels below cannot take (torch's message names no culprit and no fix)."""
-    for k, x in enumerate(flat.live):
-        if x.layout is not torch.strided:
-            raise ValueError(
-                f"{who}: the update at '{flat.paths()[flat.idx[k]]}' is sparse ({x.layout}); gradxform's Adagrad "
-                "takes dense gradients only (torch.optim.Adagrad's sparse path is not reproduced): use dense "
-                "gradients (nn.Embedding(sparse=False), or g.to_dense()), or gx.sparse_adam / gx.sgd, which take "
-                "sparse ones")
+def _sparse_rss(flat: _Flat, state: Any, own: Ownership, counts: list[torch.Tensor], e: Any, decay: Any,
+                neg_lr: Any, params: Params | None) -> tuple[Updates, Any]:
+    """Adagrad's step with sparse (COO) updates among the leaves, as torch.optim.Adagrad's
+    per-tensor path (which torch takes for the whole group when one gradient is sparse).
+
+    A sparse leaf, coalesced: ``s += g^2`` at its entries, ``u = k g / (sqrt(s) + eps)`` at its
+    entries only (a COO update; ``k = -clr``); with ``params`` (the adapter adds the step,
+    `gradxform.base.call_apply`) it is added as torch adds it, ``p.add_(g / (sqrt(s) + eps),
+    alpha=k)`` (a multiply-add per row: the rounding differs from ``p + u`` by an ulp) and
+    ``None`` is returned there. A dense leaf: ``u = (k g) / (sqrt(s) + eps)``, the rounding of
+    torch's ``addcdiv_``. Eager only."""
+    if _tree.traced():
+        raise RuntimeError("scale_by_rss (gx.adagrad): sparse gradients run eagerly only (no torch.compile or "
+                           "torch.func); use dense gradients there (nn.Embedding(sparse=False))")
+    ts = [int(c) for c in counts]
+    ps = None if params is None else [_tree.tree_flatten(params)[0][i] for i in flat.idx]
+    s_old = flat.state_live(state.sum_of_squares, "state.sum_of_squares")
+    out: list[torch.Tensor | None] = []
+    sums = []
+    for j, (g, s, t) in enumerate(zip(flat.live, s_old, ts)):
+        f = 1.0 + (t - 1) * decay
+        s = s if own.state else s.clone()
+        if g.layout is not torch.strided:
+            g = g.coalesce()
+            idx, vals = g._indices(), g._values()
+            s.add_(torch.sparse_coo_tensor(idx, vals.pow(2), g.shape, check_invariants=False))
+            std = s.sparse_mask(g)._values().sqrt_().add_(e)
+            if neg_lr is None:
+                out.append(torch.sparse_coo_tensor(idx, vals.div(std.mul_(f)), g.shape, check_invariants=False))
+            elif ps is not None and ps[j].dtype == g.dtype:
+                ps[j].add_(torch.sparse_coo_tensor(idx, vals.div(std), g.shape, check_invariants=False),
+                           alpha=neg_lr / f)
+                out.append(None)
+            else:
+                out.append(torch.sparse_coo_tensor(idx, vals.div(std).mul_(neg_lr / f), g.shape,
+                                                   check_invariants=False))
+        else:
+            s.addcmul_(g, g)
+            std = s.sqrt().add_(e)
+            out.append(torch.mul(g, neg_lr / f).div_(std) if neg_lr is not None else g.div(std.mul_(f)))
+        sums.append(s)
+    return _owned.finish(flat, out, state, count=counts, sum_of_squares=sums)
 
 
 # --- Adagrad ------------------------------------------------------------------------------------
@@ -377,14 +409,21 @@ def _rss_tx(initial_accumulator_value: float, eps: Any, lr_decay: Any, eps_in_sq
         return ScaleByRssState(_leaf_counts(params),
                                _tree.tree_map(lambda p: torch.full_like(p, initial_accumulator_value), params))
 
-    def owned_update(updates: Updates, state: ScaleByRssState, params: Params | None,
-                     own: Ownership) -> tuple[Updates, ScaleByRssState]:
-        del params
+    def step(updates: Updates, state: ScaleByRssState, params: Params | None, own: Ownership,
+             apply: bool) -> tuple[Updates, ScaleByRssState]:
         flat = _owned.live(updates, state, ScaleByRssState, "scale_by_rss")
         if flat is None:
             return updates, state
-        _dense_only(flat, "scale_by_rss (gx.adagrad)")
         e, decay, neg_lr = _tree.as_scalar(eps), _tree.as_scalar(lr_decay), _neg_lr(lr)
+        if any(x.layout is not torch.strided for x in flat.live):
+            if eps_in_sqrt:
+                k = next(i for i, x in enumerate(flat.live) if x.layout is not torch.strided)
+                raise ValueError(
+                    f"scale_by_rss(eps_in_sqrt=True) (optax's form) takes dense updates only; the update at "
+                    f"'{flat.paths()[flat.idx[k]]}' is sparse ({flat.live[k].layout}): use torch's form "
+                    "(eps_in_sqrt=False, as gx.adagrad), which takes sparse ones, or dense gradients")
+            return _sparse_rss(flat, state, own, _step_counts(flat, state.count, own.state), e, decay, neg_lr,
+                               params if apply else None)
         counts = _step_counts(flat, state.count, own.state)
         g = flat.live
         s = flat.state_live(state.sum_of_squares, "state.sum_of_squares")
@@ -429,7 +468,7 @@ def _rss_tx(initial_accumulator_value: float, eps: Any, lr_decay: Any, eps_in_sq
                 out = list(_fe.div(g, denom))
         return _owned.finish(flat, out, state, count=counts, sum_of_squares=s)
 
-    return owned_transform(init, owned_update)
+    return _with_apply(init, step)
 
 
 # --- Adadelta -----------------------------------------------------------------------------------
@@ -1381,6 +1420,11 @@ def adagrad(lr: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0, weight_decay: Sc
     initial_accumulator_value``); ``p <- p - lr / (1 + (t - 1) lr_decay) * g / (sqrt(s_t) + eps)``.
     ``chain(add_decayed_weights, scale_by_rss, scale_by_learning_rate)`` in ``inject_hyperparams``.
 
+    Sparse gradients (``nn.Embedding(sparse=True)``) are taken as torch takes them: ``s`` grows
+    and the param moves only at the gradient's rows (a COO update; through `gradxform.Optimizer`
+    bit for bit torch, which adds it with a multiply-add), eagerly; ``weight_decay`` with a sparse
+    gradient raises, as in torch.
+
     Args:
         lr: learning rate (a number, a one-element tensor or a schedule).
         lr_decay: torch's per-param learning-rate decay.
@@ -1397,7 +1441,8 @@ def adagrad(lr: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0, weight_decay: Sc
         holds, and the generic path otherwise.
 
     Raises:
-        ValueError: a negative argument.
+        ValueError: a negative argument; at ``update``, a sparse gradient with ``weight_decay``.
+        RuntimeError: a sparse gradient under ``torch.compile`` or ``torch.func``.
 
     References:
         Duchi, Hazan & Singer, JMLR 12 (2011); https://pytorch.org/docs/stable/generated/torch.optim.Adagrad.html
@@ -1416,6 +1461,9 @@ def adagrad(lr: ScalarOrSchedule = 1e-2, lr_decay: float = 0.0, weight_decay: Sc
     declare_kernel(tx, AdagradKernel(bool(maximize)),
                    {"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay, "eps": eps})
     return tx
+
+
+adagrad.takes_sparse_gradients = True  # type: ignore[attr-defined]  # gx.Optimizer passes COO grads through
 
 
 def _adadelta(lr: Any, rho: Any, eps: Any, weight_decay: Any, maximize: bool,

@@ -770,13 +770,23 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0, mask: Any = No
             return updates
         p = flat.params_live(params, "add_decayed_weights")
         wd = _tree.as_scalar(weight_decay)
-        if isinstance(wd, torch.Tensor):
-            out = list(_fe.add(flat.live, _fe.mul(p, wd)))
-        elif own.may_write(flat.live):
-            _fe.add_(flat.live, p, alpha=wd)
-            out = flat.live
-        else:
-            out = list(_fe.add(flat.live, p, alpha=wd))
+        try:
+            if isinstance(wd, torch.Tensor):
+                out = list(_fe.add(flat.live, _fe.mul(p, wd)))
+            elif own.may_write(flat.live):
+                _fe.add_(flat.live, p, alpha=wd)
+                out = flat.live
+            else:
+                out = list(_fe.add(flat.live, p, alpha=wd))
+        except RuntimeError:  # torch's message for a sparse update names no leaf and no fix
+            k = next((i for i, x in enumerate(flat.live) if x.layout is not torch.strided), None)
+            if k is None:
+                raise
+            raise ValueError(
+                f"add_decayed_weights: the update at '{flat.paths()[flat.idx[k]]}' is sparse ({flat.live[k].layout}); "
+                "weight decay would make it dense (torch.optim refuses it too: 'weight_decay option is not "
+                "compatible with sparse gradients'): put the params with sparse gradients in a param group with "
+                "weight_decay=0, or use dense gradients") from None
         return flat.rebuild(out)
 
     return stateless(update_fn)

@@ -1201,15 +1201,23 @@ def test_fused_adagrad_lowering_is_refused_for_non_contiguous_params():
 
 @needs("cpu_fused_adagrad")
 def test_fused_adagrad_lowering_is_refused_for_sparse_gradients():
-    """torch's fused Adagrad rejects sparse gradients; so does the lowering, and gx.adagrad's
-    generic path refuses them with the adapter's clear message (it takes dense gradients only)."""
+    """torch's fused Adagrad rejects sparse gradients; so does the lowering: the default path
+    runs gx.adagrad's generic update (torch's per-tensor sparse Adagrad, bit for bit), and
+    ``fused=True`` raises, as torch's does."""
+    torch.manual_seed(0)
     emb = nn.Embedding(5, 3, sparse=True)
-    emb(torch.tensor([0, 2])).sum().backward()
+    ref = nn.Embedding(5, 3, sparse=True)
+    ref.load_state_dict(emb.state_dict())
+    for m in (emb, ref):
+        m(torch.tensor([0, 2, 0])).sum().backward()
     lowering = gx.fastpath.lowering_of(gx.adagrad(0.1))
     state = gx.adagrad(0.1).init([emb.weight.detach()])
     assert "sparse" in lowering.unsupported([emb.weight], [emb.weight.grad], state)
-    with pytest.raises(RuntimeError, match="sparse gradient"):
-        gx.Optimizer(emb.parameters(), gx.adagrad(0.1)).step()
+    gx.Optimizer(emb.parameters(), gx.adagrad(0.1)).step()
+    torch.optim.Adagrad(ref.parameters(), lr=0.1).step()
+    assert torch.equal(emb.weight, ref.weight)
+    with pytest.raises(RuntimeError, match="fused=True"):
+        gx.Optimizer(emb.parameters(), gx.adagrad(0.1), fused=True).step()
 
 
 @needs("cpu_fused_adagrad")

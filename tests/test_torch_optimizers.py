@@ -421,22 +421,109 @@ def test_bad_arguments_raise_early(make, match):
         make()
 
 
-@pytest.mark.parametrize("make, k", [(lambda: gx.adagrad(0.1), -0.1), (lambda: gx.adagrad(0.1, maximize=True), 0.1),
-                                     (lambda: gx.scale_by_rss(), 1.0)], ids=["adagrad", "adagrad_maximize", "scale_by_rss"])
-def test_adagrad_refuses_sparse_gradients_clearly(make, k):
-    """gx.adagrad takes dense gradients only (torch.optim.Adagrad's sparse path is not
-    reproduced): a sparse one (nn.Embedding(sparse=True)) gets an error naming the leaf and the
-    fix. Before: torch's NotImplementedError for ``addcmul`` on SparseCPU, from inside the step."""
+# --- Adagrad with sparse gradients (nn.Embedding(sparse=True)), as torch.optim.Adagrad ---------------
+
+SPARSE_ADAGRAD = [{}, {"lr_decay": 0.01}, {"initial_accumulator_value": 0.1}, {"maximize": True}, {"eps": 1e-3}]
+
+
+def _embedding_model(dtype: torch.dtype) -> tuple[torch.nn.Embedding, torch.nn.Linear]:
+    torch.manual_seed(11)
+    return torch.nn.Embedding(40, 4, sparse=True, dtype=dtype), torch.nn.Linear(4, 1, dtype=dtype)
+
+
+def _embedding_steps(emb: torch.nn.Embedding, lin: torch.nn.Linear, opt: Any, steps: range,
+                     sched: Any = None) -> None:
+    for k in steps:
+        opt.zero_grad()
+        rows = torch.randint(0, 40, (6,), generator=torch.Generator().manual_seed(k))  # repeats: coalesced
+        lin(emb(rows)).pow(2).sum().backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kw", SPARSE_ADAGRAD, ids=lambda kw: ",".join(kw) or "default")
+def test_adagrad_sparse_gradients_equal_torch_bit_for_bit(kw, dtype):
+    """A sparse embedding and a dense linear layer in one group through gx.Optimizer: 12 steps
+    with a StepLR, a checkpoint round trip at step 6 and a torch.optim.Adagrad state dict loaded
+    into the twin, all bit for bit torch.optim.Adagrad (its per-tensor path, which torch takes
+    for a group with a sparse gradient: the sum updated at the gradient's rows, the step added
+    with ``add_(..., alpha=-clr)``)."""
+    ref_emb, ref_lin = _embedding_model(dtype)
+    ref = torch.optim.Adagrad([ref_emb.weight, *ref_lin.parameters()], lr=0.1, **kw)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref, step_size=4, gamma=0.5)
+    _embedding_steps(ref_emb, ref_lin, ref, range(6), ref_sched)
+    emb, lin = _embedding_model(dtype)
+    opt = gx.Optimizer([emb.weight, *lin.parameters()], gx.adagrad(0.1, **kw))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    _embedding_steps(emb, lin, opt, range(6), sched)
+    assert set(opt.state[emb.weight]) == set(ref.state[ref_emb.weight]) == {"step", "sum"}
+    for a, b in [(emb.weight, ref_emb.weight), (lin.weight, ref_lin.weight)]:
+        assert torch.equal(a, b) and torch.equal(opt.state[a]["sum"], ref.state[b]["sum"])
+    # resume: a gx checkpoint into a fresh gx twin, a torch checkpoint into another one
+    twins = []
+    for source in (opt, ref):
+        buf = io.BytesIO()
+        torch.save(source.state_dict(), buf)
+        buf.seek(0)
+        emb2, lin2 = _embedding_model(dtype)
+        with torch.no_grad():
+            for p, q in zip([emb2.weight, *lin2.parameters()], [emb.weight, *lin.parameters()]):
+                p.copy_(q)
+        twin = gx.Optimizer([emb2.weight, *lin2.parameters()], gx.adagrad(0.1, **kw))
+        twin.load_state_dict(torch.load(buf, weights_only=True))
+        twins.append((emb2, lin2, twin))
+    for e, m, o in [(emb, lin, opt), (ref_emb, ref_lin, ref), *twins]:
+        _embedding_steps(e, m, o, range(6, 12))
+    for e, m, _ in [(emb, lin, opt), *twins]:
+        assert torch.equal(e.weight, ref_emb.weight) and torch.equal(m.weight, ref_lin.weight)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_adagrad_functional_update_with_sparse_gradients():
+    """The functional API: a COO gradient gives a COO update at the gradient's (coalesced) rows,
+    ``u = -clr g / (sqrt(s) + eps)``, the sum grows only there, and the update added with
+    ``apply_updates`` equals torch.optim.Adagrad to rounding (torch adds with a multiply-add)."""
+    emb, _ = _embedding_model(torch.float64)
+    ref = torch.nn.Embedding(40, 4, sparse=True, dtype=torch.float64)
+    ref.load_state_dict(emb.state_dict())
+    torch_opt = torch.optim.Adagrad(ref.parameters(), lr=0.1, lr_decay=0.05)
+    tx = gx.adagrad(0.1, lr_decay=0.05)
+    params = {"emb": emb.weight.detach().clone()}
+    state = tx.init(params)
+    for k in range(5):
+        rows = torch.tensor([1, 7, 1, k])
+        ref.zero_grad()
+        ref(rows).sum().backward()
+        torch_opt.step()
+        g = ref.weight.grad.clone()
+        updates, state = tx.update({"emb": g}, state, params)
+        assert updates["emb"].layout is torch.sparse_coo
+        assert set(updates["emb"].coalesce().indices()[0].tolist()) == {1, 7, k}
+        params = gx.apply_updates(params, updates)
+        torch.testing.assert_close(params["emb"], ref.weight.detach(), rtol=1e-14, atol=1e-15)
+    assert torch.equal(state.inner_state[-1].sum_of_squares["emb"], torch_opt.state[ref.weight]["sum"])
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+def test_sparse_gradients_with_weight_decay_or_optax_eps_get_clear_errors():
+    """Weight decay would make a sparse gradient dense (torch.optim.Adagrad refuses it too), and
+    optax's ``eps_in_sqrt`` form takes dense updates only: each error names the leaf and the fix.
+    Before: torch's "add(sparse, dense) is not supported" from inside the step."""
     emb = torch.nn.Embedding(5, 3, sparse=True)
     emb(torch.tensor([0, 2])).sum().backward()
-    tx = make()
     params = {"emb": emb.weight.detach()}
-    with pytest.raises(ValueError, match=r"'emb' is sparse .*dense gradients only.*nn.Embedding\(sparse=False\)"):
+    tx = gx.adagrad(0.1, weight_decay=0.01)
+    with pytest.raises(ValueError, match=r"'emb' is sparse .*weight_decay=0"):
         tx.update({"emb": emb.weight.grad}, tx.init(params), params)
-    dense = {"emb": emb.weight.grad.to_dense()}  # the fix named: the same gradient, dense, is taken
-    updates, _ = tx.update(dense, tx.init(params), params)
-    g = dense["emb"]  # first step from a zero sum: u = k g / (sqrt(g^2) + eps)
-    torch.testing.assert_close(updates["emb"], k * g / (g.abs() + 1e-10), rtol=1e-6, atol=0)
+    tx = gx.scale_by_rss(eps_in_sqrt=True)
+    with pytest.raises(ValueError, match=r"'emb' is sparse .*eps_in_sqrt=False"):
+        tx.update({"emb": emb.weight.grad}, tx.init(params), params)
+    opt = gx.Optimizer(emb.parameters(), gx.adagrad(0.1, weight_decay=0.01))
+    with pytest.raises(ValueError, match=r"is sparse .*weight_decay=0"):
+        opt.step()
 
 
 def test_asgd_block_needs_params():
