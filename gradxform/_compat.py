@@ -38,6 +38,7 @@ __all__ = [
     "fullgraph_compile_supported",
     "compile_supported",
     "dynamo_traces_optree",
+    "dynamo_reads_function_attributes",
     "dtensor_foreach_complete",
     "foreach_scalarlist_traceable",
 ]
@@ -199,6 +200,17 @@ def dynamo_traces_optree() -> bool:
     crash in their optree polyfills, 2.1 has none). `gradxform._traced_tree` flattens in plain
     Python under every trace; where this is true it also asks container classes with ``type()``
     (exactly optree's classes). Version-based: torch offers no query."""
+    return _at_least(2, 13)
+
+
+def dynamo_reads_function_attributes() -> bool:
+    """Whether dynamo reads and sets attributes of a Python function while tracing (its
+    ``__code__``, ``__dict__``, an attribute set on it): torch 2.13 (measured). Dynamo 2.1 does
+    neither, not even ``getattr(fn, name, default)``, for a function made before the trace or
+    inside it (measured on 2.1.2: "Unsupported hasattr: UserFunctionVariable"); 2.8 cannot read
+    ``__code__`` of one made inside it. Where this is false, gradxform reads a transform's
+    declarations (`gradxform.base.TransformInfo`) from the transform's ``info`` field under a
+    trace, never from its functions. Version-based: torch offers no query."""
     return _at_least(2, 13)
 
 

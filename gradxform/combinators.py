@@ -27,6 +27,7 @@ from .base import (
     PURE,
     EmptyState,
     ExtraArgs,
+    union_of,
     GradientTransformation,
     Ownership,
     Params,
@@ -782,9 +783,9 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
         raise ValueError(f"named_chain: names must be unique; got {names}")
     members = [(n, t if isinstance(t, GradientTransformation) else GradientTransformation(*t)) for n, t in transforms]
     specs = [extra_args_of(t) for _, t in members]
-    union = ExtraArgs()
-    for s in specs:
-        union = union | s
+    union = union_of(specs)
+    # built once here: dynamo 2.1 reads no NamedTuple property inside update's trace
+    union_check = ExtraArgs(optional=union.names)
 
     def init(params: Params) -> dict[str, Any]:
         return {n: t.init(params) for n, t in members}
@@ -796,7 +797,7 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
             raise ValueError(f"named_chain.update() expects the dict of member states {names} returned by "
                              f"init(params), got {got}. Call init(params) first.")
         if not union.accepts_any:
-            check_extra(ExtraArgs(optional=union.names), extra, "named_chain")
+            check_extra(union_check, extra, "named_chain")
         new: dict[str, Any] = {}
         for (n, t), spec in zip(members, specs):
             kwargs = select_extra(spec, extra)

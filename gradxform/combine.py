@@ -37,7 +37,9 @@ from .base import (
     extra_args_of,
     select_extra,
     transform_name,
+    union_of,
     with_extra_args,
+    _names,
 )
 
 __all__ = [
@@ -73,10 +75,7 @@ def _labels_for(labels: Any, reference: Any, what: str) -> list[Any]:
 
 def _forward_spec(inner: GradientTransformation | list[GradientTransformation]) -> ExtraArgs:
     inners = inner if isinstance(inner, list) else [inner]
-    spec = ExtraArgs()
-    for tx in inners:
-        spec = spec | extra_args_of(tx)
-    return spec
+    return union_of([extra_args_of(tx) for tx in inners])
 
 
 def _forwarding(update: Callable[..., Any], inner: GradientTransformation | list[GradientTransformation]) -> Callable[..., Any]:
@@ -98,10 +97,8 @@ def _reject_unknown_extra(specs: Any, extra: dict[str, Any], owner: str) -> None
         return
     # membership tests, no ExtraArgs built per call: traceable by dynamo before torch 2.13
     if any(not any(spec.declares(k) for spec in specs) for k in extra):
-        union = ExtraArgs()
-        for spec in specs:
-            union = union | spec
-        check_extra(ExtraArgs(optional=union.names), extra, owner)
+        union = union_of(specs)
+        check_extra(ExtraArgs(optional=_names(union)), extra, owner)
 
 
 # --- masked -------------------------------------------------------------------------------------
@@ -612,7 +609,7 @@ def multi_steps(
         if not isinstance(name, str) or not _is_number(power):
             raise TypeError(f"accumulate must map extra-argument names to numbers; got {name!r}: {power!r}")
     inner_spec = extra_args_of(inner)
-    declared = inner_spec.names
+    declared = _names(inner_spec)
     acc_names = tuple(n for n in accumulate if n in declared)
     grad_scale = 1.0 / every_k if use_grad_mean else 1.0
 
