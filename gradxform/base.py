@@ -229,6 +229,13 @@ def _field_info(tx: Any) -> TransformInfo | None:
     return tx.info
 
 
+def name_update(fn: Callable[..., Any], name: str) -> None:
+    """``fn.__qualname__ = name`` (error messages name the transform), skipped while dynamo before
+    torch 2.13 traces the caller: it cannot set an attribute of a function made in its trace."""
+    if not _blind_trace():
+        fn.__qualname__ = name
+
+
 def info_of(tx: Any) -> TransformInfo:
     """The `TransformInfo` that ``tx`` declared (an empty one for user-made transforms).
 

@@ -104,7 +104,7 @@ def _select(flag: torch.Tensor, new: Any, old: Any, inplace: bool = False) -> An
             return b
         return picked
 
-    return _tree.tree_map_all(pick, new, old)
+    return _tree.map_new_over_old(pick, new, old)
 
 
 def _mul_(xs: list[torch.Tensor], s: Any, inplace: bool) -> list[torch.Tensor]:
@@ -118,7 +118,7 @@ def _keep_frozen(fresh: Any, old: Any) -> Any:
     """``fresh`` with ``old``'s leaf wherever ``fresh`` has ``None`` (a state re-initialised from
     the live leaves only keeps the slots of the leaves without an update, so that the state's
     structure never changes between steps: a compiled or vmapped step needs a fixed one)."""
-    return _tree.tree_map_all(lambda a, b: b if a is None else a, fresh, old)
+    return _tree.map_new_over_old(lambda a, b: b if a is None else a, fresh, old)
 
 
 def _reset(fresh: Any, old: Any, inplace: bool) -> Any:
@@ -133,7 +133,7 @@ def _reset(fresh: Any, old: Any, inplace: bool) -> Any:
             return b
         return a
 
-    return _tree.tree_map_all(put, fresh, old)
+    return _tree.map_new_over_old(put, fresh, old)
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

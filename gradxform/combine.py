@@ -208,9 +208,9 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
 
     def labels_of(ref: Any) -> list[Any]:
         labels = _labels_for(_resolve(param_labels, ref), ref, "param_labels")
-        paths = _tree.tree_paths(ref)
-        for path, x, lab in zip(paths, _tree.tree_flatten(ref)[0], labels):
+        for i, (x, lab) in enumerate(zip(_tree.tree_flatten(ref)[0], labels)):
             if x is not None and lab not in transforms:
+                path = _tree.tree_paths(ref)[i]  # only for the message: dynamo 2.1 cannot trace it
                 raise ValueError(
                     f"param_labels gives label {lab!r} at '{path}', but partition() has no transform "
                     f"for it (labels: {sorted(map(str, transforms))})"
@@ -526,7 +526,7 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
             return torch.where(finite.to(new.device), new, old)  # offloaded state: one flag read
 
         safe_u = [None if x is None else torch.where(finite.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in out_leaves]
-        return _tree.tree_unflatten(spec, safe_u), counted(finite, _tree.tree_map(pick, new_inner, state.inner_state))
+        return _tree.tree_unflatten(spec, safe_u), counted(finite, _tree.map_new_over_old(lambda n, o: None if n is None else pick(n, o), new_inner, state.inner_state))
 
     return GradientTransformation(init, _forwarding(update, inner))
 
@@ -673,7 +673,7 @@ def multi_steps(
             return torch.where(emit.to(a.device), torch.zeros_like(a), a)
 
         out = _tree.tree_map(pick, new_u, zeros_out)
-        inner_state = _tree.tree_map(pick, new_inner, state.inner_state)
+        inner_state = _tree.map_new_over_old(lambda n, o: None if n is None else pick(n, o), new_inner, state.inner_state)
         new_acc = _tree.tree_map(cleared, acc_tree)
         new_sums = None if sums is None else {n: _tree.tree_map(cleared, t) for n, t in sums.items()}
         mini = torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1)
