@@ -38,6 +38,7 @@ __all__ = [
     "fullgraph_compile_supported",
     "compile_supported",
     "dynamo_traces_optree",
+    "dynamo_reads_function_attributes",
     "dtensor_foreach_complete",
     "foreach_scalarlist_traceable",
 ]
@@ -202,6 +203,17 @@ def dynamo_traces_optree() -> bool:
     return _at_least(2, 13)
 
 
+def dynamo_reads_function_attributes() -> bool:
+    """Whether dynamo reads and sets attributes of a Python function while tracing (its
+    ``__code__``, ``__dict__``, an attribute set on it): torch 2.13 (measured). Dynamo 2.1 does
+    neither, not even ``getattr(fn, name, default)``, for a function made before the trace or
+    inside it (measured on 2.1.2: "Unsupported hasattr: UserFunctionVariable"); 2.8 cannot read
+    ``__code__`` of one made inside it. Where this is false, gradxform reads a transform's
+    declarations (`gradxform.base.TransformInfo`) from the transform's ``info`` field under a
+    trace, never from its functions. Version-based: torch offers no query."""
+    return _at_least(2, 13)
+
+
 def compile_supported() -> bool:
     """Whether ``torch.compile`` of a gradxform step (graph breaks allowed) runs: torch 2.1 and
     later (measured on 2.1.2 and 2.13)."""
@@ -209,13 +221,17 @@ def compile_supported() -> bool:
 
 
 def fullgraph_compile_supported() -> bool:
-    """Whether ``torch.compile(step, fullgraph=True)`` of any gradxform step traces without a graph
-    break: torch 2.13 (measured). Before it, a step that builds transforms under the trace (an
-    alias's or ``inject_hyperparams``' update rebuilds its inner chain with the current values)
-    or reads what a transform declares (``chain``, the combinators, ``update_in_place``) breaks:
-    those live as attributes of the update functions, which dynamo 2.1 can neither set nor read
-    on a function, and 2.8 cannot read ``__code__`` of one made in the trace. The transforms with
-    fixed hyperparameters compile fullgraph from 2.1 (``FEATURES["fullgraph_compile_fixed"]``).
+    """Whether ``torch.compile(step, fullgraph=True)`` of every gradxform step traces without a
+    graph break: torch 2.13 (measured). From 2.1 most do (``FEATURES["fullgraph_compile_fixed"]``):
+    the transforms with fixed hyperparameters, the aliases and ``inject_hyperparams`` (whose
+    update rebuilds the inner transform with the current values inside the trace: the rebuilt
+    transform carries its declarations in its ``info`` field, see
+    `dynamo_reads_function_attributes`), ``chain`` and most combinators. The exceptions below
+    2.13 (measured on 2.1.2, listed in docs/support.md) are a few catalog transforms whose code
+    dynamo 2.1 cannot trace (``callable`` of a tensor, a raise inside the step, a path-keyed
+    flatten), an extra argument given to a member rebuilt inside the trace whose update does not
+    declare it in its ``info``, and ``gx.update_in_place``, whose compiled step is checked on
+    2.13 only.
 
     Version-based: torch offers no query for what dynamo can trace.
     """
@@ -280,11 +296,12 @@ FEATURES: types.MappingProxyType[str, Feature] = types.MappingProxyType({
         Feature("func_sdpa", "2.13", "torch.func (vmap, double backward) through scaled_dot_product_attention",
                 lambda: _at_least(2, 13), "models without F.scaled_dot_product_attention (torch 2.1 lacks the batching "
                 "rule and double backward of its flash kernel)"),
-        Feature("fullgraph_compile_fixed", "2.1", "torch.compile(step, fullgraph=True) of a transform with fixed "
-                "hyperparameters (no alias, inject_hyperparams, chain or combinator: docs/support.md lists them)",
+        Feature("fullgraph_compile_fixed", "2.1", "torch.compile(step, fullgraph=True) of most transforms: "
+                "fixed hyperparameters, the aliases, inject_hyperparams, chain, most combinators "
+                "(docs/support.md lists the exceptions)",
                 compile_supported, "torch.compile with graph breaks"),
-        Feature("fullgraph_compile", "2.13", "torch.compile(step, fullgraph=True) of any transform (aliases, "
-                "inject_hyperparams, chain, combinators, gx.update_in_place)",
+        Feature("fullgraph_compile", "2.13", "torch.compile(step, fullgraph=True) of every transform (the exceptions "
+                "below 2.13 in docs/support.md), of gx.update_in_place and with a rate changed between steps",
                 fullgraph_compile_supported, "torch.compile with graph breaks (from 2.1)"),
         Feature("compiled_adapter_step", "2.13", "torch.compile(opt.step) of gx.Optimizer",
                 lambda: _at_least(2, 13), "the functional step compiled with graph breaks, or the eager adapter"),

@@ -24,8 +24,10 @@ def _is_scalar_list(arg: Any) -> bool:
 def _per_leaf_on_old_torch(xs: Any, args: tuple[Any, ...]) -> bool:
     """Whether a foreach op must run leaf by leaf (with the same arithmetic) on this torch: a list
     of Python numbers under torch.compile before torch 2.13 (no meta kernel for the ``ScalarList``
-    overloads, measured on 2.1.2, so inductor cannot trace them)."""
-    return not _compat.foreach_scalarlist_traceable() and _tree.is_compiling() and any(_is_scalar_list(a) for a in args)
+    overloads, measured on 2.1.2, so inductor cannot trace them), or a tensor as the scalar (an
+    injected hyperparameter: dynamo 2.1 reads it with ``.item()``, a data-dependent graph break)."""
+    return not _compat.foreach_scalarlist_traceable() and _tree.is_compiling() and any(
+        _is_scalar_list(a) or isinstance(a, torch.Tensor) for a in args)
 
 
 def _local(arg: Any) -> Any:

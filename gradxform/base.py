@@ -18,7 +18,6 @@ that no member declares.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import pickle
@@ -26,6 +25,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from . import _compat
 from . import tree as _tree
 
 __all__ = [
@@ -57,12 +57,7 @@ Updates = Any
 State = Any
 
 
-class _Pair(NamedTuple):
-    init: Callable[[Params], State]
-    update: Callable[..., tuple[Updates, State]]
-
-
-class GradientTransformation(_Pair):
+class GradientTransformation(NamedTuple):
     """A pair of pure functions ``init(params) -> state`` and
     ``update(updates, state, params=None, **extra_args) -> (updates, state)``.
 
@@ -71,11 +66,17 @@ class GradientTransformation(_Pair):
     ``update`` that may reuse buffers the caller owns, and an optional fused fast path. A
     transform made from user functions has none of them and is always called purely.
 
+    It is a pair: ``len(tx) == 2`` and ``init, update = tx``. The declaration rides along in a
+    third field, ``info``, so that code traced by ``torch.compile`` reads it from the tuple
+    (dynamo before torch 2.13 reads no attribute of a function); read it with `info_of`.
+
     Attributes:
         init: ``init(params) -> state``; ``params`` is a pytree of tensors.
         update: ``update(updates, state, params=None, **extra_args) -> (updates, state)``; the
             updates are *added* to the params (`apply_updates`). Keyword-only parameters are
             the transform's extra arguments (see `extra_args_of`).
+        info: the `TransformInfo` it declared when built (``None`` for a pair of user
+            functions); `info_of` is the reader to use.
 
     References:
         optax.GradientTransformation
@@ -90,7 +91,15 @@ class GradientTransformation(_Pair):
         ({'w': tensor([2.])}, ())
     """
 
-    __slots__ = ()
+    init: Callable[[Params], State]
+    update: Callable[..., tuple[Updates, State]]
+    info: "TransformInfo | None" = None
+
+    def __len__(self) -> int:
+        return 2  # a pair, as optax's: ``init, update = tx``
+
+    def __iter__(self) -> Any:
+        return iter((self.init, self.update))
 
     def __repr__(self) -> str:
         recipe = info_of(self).recipe
@@ -115,6 +124,16 @@ class GradientTransformation(_Pair):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "GradientTransformation":
         return self  # immutable: a pair of pure functions
+
+
+def _make_transform(cls: type, iterable: Any) -> "GradientTransformation":
+    # ``_make`` from a pair too: dynamo 2.1 rebuilds a transform made before its trace (which it
+    # sees as the two items it iterates) with ``_make`` when a closure made in the trace holds it
+    items = tuple(iterable)
+    return tuple.__new__(cls, items + (None,) if len(items) == 2 else items)  # type: ignore[return-value]
+
+
+GradientTransformation._make = classmethod(_make_transform)  # type: ignore[method-assign,assignment]
 
 
 def _rebuild(factory: Callable[..., "GradientTransformation"], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -177,6 +196,8 @@ class TransformInfo(NamedTuple):
             the rounding of ``param + update``, and return ``None`` there (one pass over memory
             less, as torch.optim's final ``addcdiv_`` into the params); the caller adds the
             leaves it returns. See `call_apply`.
+        extra_args: the `ExtraArgs` its ``update`` takes, when declared (``None``: read from
+            the function, see `extra_args_of`).
     """
 
     owned_update: Callable[..., tuple[Updates, State]] | None = None
@@ -184,10 +205,35 @@ class TransformInfo(NamedTuple):
     fast_path: Any = None
     members: tuple["GradientTransformation", ...] | None = None
     owned_apply: Callable[..., tuple[Updates, State]] | None = None
+    extra_args: "ExtraArgs | None" = None
 
 
 _NO_INFO = TransformInfo()
 _INFO_ATTR = "__gx_info__"
+
+
+def _blind_trace() -> bool:
+    """Whether dynamo traces the caller and can read no attribute of a function (torch before
+    2.13, `gradxform._compat.dynamo_reads_function_attributes`): declarations then travel in
+    the transform's ``info`` field only, and functions are never asked anything."""
+    return _tree.is_compiling() and not _compat.dynamo_reads_function_attributes()
+
+
+def _field_info(tx: Any) -> TransformInfo | None:
+    """The ``info`` field of a transform made inside a blind trace (`_blind_trace`); ``None`` for
+    any other. Dynamo 2.1 sees a transform made before the trace as its two items (it iterates
+    the pair), one made inside it as all three: a combinator made before the trace reads what
+    its members declare when it is built, not here."""
+    if not isinstance(tx, GradientTransformation) or len(tx) != 3:  # (eager: always 2)
+        return None
+    return tx.info
+
+
+def name_update(fn: Callable[..., Any], name: str) -> None:
+    """``fn.__qualname__ = name`` (error messages name the transform), skipped while dynamo before
+    torch 2.13 traces the caller: it cannot set an attribute of a function made in its trace."""
+    if not _blind_trace():
+        fn.__qualname__ = name
 
 
 def info_of(tx: Any) -> TransformInfo:
@@ -210,6 +256,9 @@ def info_of(tx: Any) -> TransformInfo:
         >>> info_of(gx.GradientTransformation(lambda p: (), lambda u, s, p=None: (u, s))).recipe is None
         True
     """
+    if _blind_trace():
+        field = _field_info(tx)
+        return _NO_INFO if field is None else field
     fn_dict = getattr(tx[1], "__dict__", None) or {}
     return fn_dict.get(_INFO_ATTR, _NO_INFO)
 
@@ -239,9 +288,14 @@ def declare(tx: "GradientTransformation", **fields: Any) -> "GradientTransformat
         >>> info_of(tx).members
         ()
     """
+    init, update = tx[0], tx[1]
+    if _blind_trace():  # a transform rebuilt inside the trace: its info rides in the tuple only
+        old = info_of(tx)  # (TransformInfo._replace is not traced by dynamo 2.1)
+        info = TransformInfo(*[fields[f] if f in fields else getattr(old, f) for f in TransformInfo._fields])
+        return GradientTransformation(init, update, info)
     info = info_of(tx)._replace(**fields)
-    setattr(tx.update, _INFO_ATTR, info)
-    return tx if isinstance(tx, GradientTransformation) else GradientTransformation(*tx)
+    setattr(update, _INFO_ATTR, info)
+    return tx if isinstance(tx, GradientTransformation) else GradientTransformation(init, update)
 
 
 def recorded(factory: Callable[..., "GradientTransformation"]) -> Callable[..., "GradientTransformation"]:
@@ -322,9 +376,10 @@ def owned_transform(init: Callable[[Params], State], owned_update: Callable[...,
     def update(updates: Updates, state: State, params: Params | None = None, **extra: Any) -> tuple[Updates, State]:
         return owned_update(updates, state, params, PURE, **extra)
 
-    update.__qualname__ = owned_update.__qualname__
-    with_extra_args(update, spec)
-    return declare(GradientTransformation(init, update), owned_update=owned_update)
+    if not _blind_trace():  # (rebuilt inside a dynamo 2.1 trace: a function's attributes cannot be set)
+        update.__qualname__ = owned_update.__qualname__
+        with_extra_args(update, spec)
+    return declare(GradientTransformation(init, update), owned_update=owned_update, extra_args=spec)
 
 
 def call_update(tx: "GradientTransformation", updates: Updates, state: State, params: Params | None,
@@ -433,8 +488,7 @@ class EmptyState(NamedTuple):
     """State of a stateless transform."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ExtraArgs:
+class ExtraArgs(NamedTuple):
     """Which extra keyword arguments an ``update`` takes.
 
     ``required`` must be given, ``optional`` may be given, ``accepts_any`` means the update
@@ -455,6 +509,7 @@ class ExtraArgs:
         >>> sorted(spec.names)
         ['losses', 'value']
     """
+    # (a NamedTuple, not a dataclass: dynamo before torch 2.13 builds NamedTuples in a trace)
 
     required: frozenset[str] = frozenset()
     optional: frozenset[str] = frozenset()
@@ -469,12 +524,43 @@ class ExtraArgs:
         dynamo before torch 2.13 cannot trace)."""
         return name in self.required or name in self.optional
 
-    def __or__(self, other: "ExtraArgs") -> "ExtraArgs":
-        return ExtraArgs(
-            required=self.required | other.required,
-            optional=(self.optional | other.optional) - (self.required | other.required),
-            accepts_any=self.accepts_any or other.accepts_any,
-        )
+    def __or__(self, other: Any) -> "ExtraArgs":
+        if not isinstance(other, ExtraArgs):
+            return NotImplemented
+        return union_of((self, other))
+
+
+_NO_NAMES: frozenset[str] = frozenset()
+
+
+def _names(spec: ExtraArgs) -> Any:
+    """``spec.names`` (a tuple inside a blind trace, see `union_of`)."""
+    if _blind_trace():
+        return tuple(spec.required) + tuple(k for k in spec.optional if k not in spec.required)
+    return spec.required | spec.optional
+
+
+def union_of(specs: Any) -> ExtraArgs:
+    """``specs[0] | specs[1] | ...`` (``ExtraArgs()`` for none), spelled so that dynamo 2.1
+    builds the result in the trace: it folds ``a | b`` of two constant NamedTuples into a
+    constant it cannot put back into a closure made in the trace, and reads no property."""
+    if _blind_trace():
+        # dynamo 2.1 does no set arithmetic on frozensets and builds none: the names of a union
+        # made inside its trace are tuples (used there for membership tests only)
+        req: tuple[str, ...] = ()
+        opt: tuple[str, ...] = ()
+        anyk = False
+        for spec in specs:
+            req = req + tuple(k for k in spec.required if k not in req)
+            opt = opt + tuple(k for k in spec.optional if k not in opt)
+            anyk = anyk or spec.accepts_any
+        return ExtraArgs(req, tuple(k for k in opt if k not in req), anyk)  # type: ignore[arg-type]
+    required, optional, accepts_any = _NO_NAMES, _NO_NAMES, False
+    for spec in specs:
+        required = required | spec.required
+        optional = optional | spec.optional
+        accepts_any = accepts_any or spec.accepts_any
+    return ExtraArgs(required, optional - required, accepts_any)
 
 
 _ATTR = "__gx_extra_args__"
@@ -504,7 +590,8 @@ def with_extra_args(update: Callable[..., Any], spec: ExtraArgs) -> Callable[...
         >>> gx.extra_args_of(gx.GradientTransformation(lambda p: (), update)).required
         frozenset({'losses'})
     """
-    setattr(update, _ATTR, spec)
+    if not _blind_trace():  # (inside a dynamo 2.1 trace the spec travels in `TransformInfo.extra_args`)
+        setattr(update, _ATTR, spec)
     return update
 
 
@@ -512,6 +599,12 @@ def _extra_args_of_fn(fn: Callable[..., Any]) -> ExtraArgs:
     """Extra arguments from a function's keyword-only parameters (required without a default),
     read from its code object: unlike inspect.signature this also traces under torch.compile,
     where an inject_hyperparams transform rebuilds its inner chain on every update."""
+    if _blind_trace():
+        # a function made inside a trace by dynamo before 2.13, which reads none of its attributes:
+        # gradxform's own transforms declare their extra arguments (`TransformInfo.extra_args`);
+        # an undeclared one is taken to have none, so an extra given to it is refused with a
+        # TypeError (unknown extra argument) inside the trace, never dropped silently
+        return ExtraArgs()
     code = fn.__code__
     start = code.co_argcount
     kwonly = code.co_varnames[start:start + code.co_kwonlyargcount]
@@ -548,6 +641,11 @@ def extra_args_of(tx: GradientTransformation) -> ExtraArgs:
         >>> gx.extra_args_of(gx.GradientTransformation(lambda p: (), update))
         ExtraArgs(required=frozenset({'losses'}), optional=frozenset({'step'}), accepts_any=False)
     """
+    if _blind_trace():
+        field = _field_info(tx)
+        if field is not None and field.extra_args is not None:
+            return field.extra_args
+        return _extra_args_of_fn(tx.update)
     fn = tx.update
     fn_dict = getattr(fn, "__dict__", None) or {}
     spec = fn_dict.get(_ATTR)
@@ -637,7 +735,9 @@ def stateless(fn: Callable[..., Updates]) -> GradientTransformation:
         >>> u["w"]
         tensor([ 1., -1.])
     """
-    code = getattr(fn, "__code__", None)  # (inspect.signature does not trace under torch.compile)
+    # (inspect.signature does not trace under torch.compile; inside a dynamo 2.1 trace nothing of
+    # ``fn`` can be read: the pure update then serves, which is what an owned one does traced)
+    code = None if _blind_trace() else getattr(fn, "__code__", None)
     takes_own = code is not None and "own" in code.co_varnames[:code.co_argcount]
 
     def init(params: Params) -> EmptyState:
@@ -647,13 +747,14 @@ def stateless(fn: Callable[..., Updates]) -> GradientTransformation:
     def update(updates: Updates, state: EmptyState, params: Params | None = None) -> tuple[Updates, EmptyState]:
         return fn(updates, params), state
 
-    update.__qualname__ = getattr(fn, "__qualname__", "stateless")
+    if not _blind_trace():
+        update.__qualname__ = getattr(fn, "__qualname__", "stateless")
     tx = GradientTransformation(init, update)
     if takes_own:
         def owned(updates: Updates, state: EmptyState, params: Params | None, own: Ownership) -> tuple[Updates, EmptyState]:
             return fn(updates, params, own), state
 
-        declare(tx, owned_update=owned)
+        tx = declare(tx, owned_update=owned)
     return tx
 
 
@@ -727,12 +828,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             members.append(tx if isinstance(tx, GradientTransformation) else GradientTransformation(*tx))
     specs = [extra_args_of(tx) for tx in members]
     owned_fns = [info_of(tx).owned_update for tx in members]
-    union = ExtraArgs()
-    for s in specs:
-        union = union | s
-
-    # built here, not inside update: a dataclass built under torch.compile is a graph break on 2.1
-    union_check = ExtraArgs(optional=union.names, accepts_any=False)
+    union = union_of(specs)
+    # built here, not inside update (rebuilt inside a trace: no property read, see union_of)
+    union_check = ExtraArgs(optional=_names(union), accepts_any=False)
 
     def init(params: Params) -> tuple[Any, ...]:
         _tree.check_tree_root(params)  # before a member consumes a generator
@@ -781,10 +879,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     with_extra_args(update, union)
     recipe = None
-    if all(info_of(m).recipe is not None for m in members):
+    if not _tree.is_compiling() and all(info_of(m).recipe is not None for m in members):
         recipe = (chain, tuple(members), {})
     return declare(GradientTransformation(init, update), owned_update=owned_update, members=tuple(members),
-                   recipe=recipe, owned_apply=owned_apply if last_apply is not None else None)
+                   recipe=recipe, owned_apply=owned_apply if last_apply is not None else None, extra_args=union)
 
 
 def apply_updates(params: Params, updates: Updates, *, inplace: bool = False) -> Params:

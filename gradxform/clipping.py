@@ -40,6 +40,7 @@ import torch
 
 from . import _foreach as _fe
 from . import tree as _tree
+from .base import name_update as _name_update
 from .base import PURE, GradientTransformation, Ownership, Params, Updates, chain, declare, expect_state, owned_transform, recorded, stateless
 from .fastpath import ClipFactor
 from .combine import inject_hyperparams
@@ -386,7 +387,7 @@ def clip_by_leaf_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
         factors = [_norm_factor(n, level) for n in _leaf_norms(flat.live)]
         return flat.rebuild(_scale_leaves(flat.live, factors, own.may_write(flat.live)))
 
-    update_fn.__qualname__ = "clip_by_leaf_norm"
+    _name_update(update_fn, "clip_by_leaf_norm")
     return _factor_rule(stateless(update_fn), "leaf", max_norm)
 
 
@@ -427,7 +428,7 @@ def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
         level = _tree.as_scalar(max_delta)
         return flat.rebuild(_clamp_leaves(flat.live, level, own.may_write(flat.live)))
 
-    update_fn.__qualname__ = "clip"
+    _name_update(update_fn, "clip")
     return _factor_rule(stateless(update_fn), "coordinate", max_delta)
 
 
@@ -470,7 +471,7 @@ def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation
         factors = [_norm_factor(n / math.sqrt(max(g.numel(), 1)), level) for n, g in zip(norms, flat.live)]
         return flat.rebuild(_scale_leaves(flat.live, factors, own.may_write(flat.live)))
 
-    update_fn.__qualname__ = "clip_by_block_rms"
+    _name_update(update_fn, "clip_by_block_rms")
     return stateless(update_fn)
 
 
@@ -586,7 +587,7 @@ def adaptive_grad_clip(clipping: float | torch.Tensor, eps: float | torch.Tensor
             out.append(g * factor.to(g.dtype))
         return flat.rebuild(out)
 
-    update_fn.__qualname__ = "adaptive_grad_clip"
+    _name_update(update_fn, "adaptive_grad_clip")
     return stateless(update_fn)
 
 

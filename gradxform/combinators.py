@@ -27,6 +27,7 @@ from .base import (
     PURE,
     EmptyState,
     ExtraArgs,
+    union_of,
     GradientTransformation,
     Ownership,
     Params,
@@ -103,7 +104,7 @@ def _select(flag: torch.Tensor, new: Any, old: Any, inplace: bool = False) -> An
             return b
         return picked
 
-    return _tree.tree_map_all(pick, new, old)
+    return _tree.map_new_over_old(pick, new, old)
 
 
 def _mul_(xs: list[torch.Tensor], s: Any, inplace: bool) -> list[torch.Tensor]:
@@ -117,7 +118,7 @@ def _keep_frozen(fresh: Any, old: Any) -> Any:
     """``fresh`` with ``old``'s leaf wherever ``fresh`` has ``None`` (a state re-initialised from
     the live leaves only keeps the slots of the leaves without an update, so that the state's
     structure never changes between steps: a compiled or vmapped step needs a fixed one)."""
-    return _tree.tree_map_all(lambda a, b: b if a is None else a, fresh, old)
+    return _tree.map_new_over_old(lambda a, b: b if a is None else a, fresh, old)
 
 
 def _reset(fresh: Any, old: Any, inplace: bool) -> Any:
@@ -132,7 +133,7 @@ def _reset(fresh: Any, old: Any, inplace: bool) -> Any:
             return b
         return a
 
-    return _tree.tree_map_all(put, fresh, old)
+    return _tree.map_new_over_old(put, fresh, old)
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -782,9 +783,9 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
         raise ValueError(f"named_chain: names must be unique; got {names}")
     members = [(n, t if isinstance(t, GradientTransformation) else GradientTransformation(*t)) for n, t in transforms]
     specs = [extra_args_of(t) for _, t in members]
-    union = ExtraArgs()
-    for s in specs:
-        union = union | s
+    union = union_of(specs)
+    # built once here: dynamo 2.1 reads no NamedTuple property inside update's trace
+    union_check = ExtraArgs(optional=union.names)
 
     def init(params: Params) -> dict[str, Any]:
         return {n: t.init(params) for n, t in members}
@@ -796,7 +797,7 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
             raise ValueError(f"named_chain.update() expects the dict of member states {names} returned by "
                              f"init(params), got {got}. Call init(params) first.")
         if not union.accepts_any:
-            check_extra(ExtraArgs(optional=union.names), extra, "named_chain")
+            check_extra(union_check, extra, "named_chain")
         new: dict[str, Any] = {}
         for (n, t), spec in zip(members, specs):
             kwargs = select_extra(spec, extra)

@@ -37,7 +37,9 @@ from .base import (
     extra_args_of,
     select_extra,
     transform_name,
+    union_of,
     with_extra_args,
+    _names,
 )
 
 __all__ = [
@@ -73,10 +75,7 @@ def _labels_for(labels: Any, reference: Any, what: str) -> list[Any]:
 
 def _forward_spec(inner: GradientTransformation | list[GradientTransformation]) -> ExtraArgs:
     inners = inner if isinstance(inner, list) else [inner]
-    spec = ExtraArgs()
-    for tx in inners:
-        spec = spec | extra_args_of(tx)
-    return spec
+    return union_of([extra_args_of(tx) for tx in inners])
 
 
 def _forwarding(update: Callable[..., Any], inner: GradientTransformation | list[GradientTransformation]) -> Callable[..., Any]:
@@ -98,10 +97,8 @@ def _reject_unknown_extra(specs: Any, extra: dict[str, Any], owner: str) -> None
         return
     # membership tests, no ExtraArgs built per call: traceable by dynamo before torch 2.13
     if any(not any(spec.declares(k) for spec in specs) for k in extra):
-        union = ExtraArgs()
-        for spec in specs:
-            union = union | spec
-        check_extra(ExtraArgs(optional=union.names), extra, owner)
+        union = union_of(specs)
+        check_extra(ExtraArgs(optional=_names(union)), extra, owner)
 
 
 # --- masked -------------------------------------------------------------------------------------
@@ -211,9 +208,9 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], param_label
 
     def labels_of(ref: Any) -> list[Any]:
         labels = _labels_for(_resolve(param_labels, ref), ref, "param_labels")
-        paths = _tree.tree_paths(ref)
-        for path, x, lab in zip(paths, _tree.tree_flatten(ref)[0], labels):
+        for i, (x, lab) in enumerate(zip(_tree.tree_flatten(ref)[0], labels)):
             if x is not None and lab not in transforms:
+                path = _tree.tree_paths(ref)[i]  # only for the message: dynamo 2.1 cannot trace it
                 raise ValueError(
                     f"param_labels gives label {lab!r} at '{path}', but partition() has no transform "
                     f"for it (labels: {sorted(map(str, transforms))})"
@@ -529,7 +526,7 @@ def apply_if_finite(inner: GradientTransformation) -> GradientTransformation:
             return torch.where(finite.to(new.device), new, old)  # offloaded state: one flag read
 
         safe_u = [None if x is None else torch.where(finite.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device)) for x in out_leaves]
-        return _tree.tree_unflatten(spec, safe_u), counted(finite, _tree.tree_map(pick, new_inner, state.inner_state))
+        return _tree.tree_unflatten(spec, safe_u), counted(finite, _tree.map_new_over_old(lambda n, o: None if n is None else pick(n, o), new_inner, state.inner_state))
 
     return GradientTransformation(init, _forwarding(update, inner))
 
@@ -612,7 +609,7 @@ def multi_steps(
         if not isinstance(name, str) or not _is_number(power):
             raise TypeError(f"accumulate must map extra-argument names to numbers; got {name!r}: {power!r}")
     inner_spec = extra_args_of(inner)
-    declared = inner_spec.names
+    declared = _names(inner_spec)
     acc_names = tuple(n for n in accumulate if n in declared)
     grad_scale = 1.0 / every_k if use_grad_mean else 1.0
 
@@ -676,7 +673,7 @@ def multi_steps(
             return torch.where(emit.to(a.device), torch.zeros_like(a), a)
 
         out = _tree.tree_map(pick, new_u, zeros_out)
-        inner_state = _tree.tree_map(pick, new_inner, state.inner_state)
+        inner_state = _tree.map_new_over_old(lambda n, o: None if n is None else pick(n, o), new_inner, state.inner_state)
         new_acc = _tree.tree_map(cleared, acc_tree)
         new_sums = None if sums is None else {n: _tree.tree_map(cleared, t) for n, t in sums.items()}
         mini = torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1)

@@ -49,6 +49,8 @@ import torch
 
 from . import _foreach as _fe
 from . import tree as _tree
+from .base import name_update as _name_update
+from .base import ExtraArgs
 from .base import GradientTransformation, Ownership, Params, Updates, expect_state, owned_transform, recorded
 from .transforms import _ema, _ema_sq, _Flat, _leaf_counts, _step_counts, check_float
 
@@ -216,8 +218,14 @@ def _make_transform(init: Any, impl: Any, required: bool, who: str) -> GradientT
                          sum_grad_squared: Any = None) -> tuple[Updates, Any]:
             del params
             return impl(updates, state, sum_grad_squared, own)
-    owned_update.__qualname__ = who  # error messages of chain name the transform
-    return owned_transform(init, owned_update)
+    _name_update(owned_update, who)  # error messages of chain name the transform
+    # declared, not read from the signature: a transform rebuilt inside a dynamo 2.1 trace (an
+    # alias's injected rate) cannot have its function read
+    spec = ExtraArgs(required=_SUM_GRAD_SQUARED) if required else ExtraArgs(optional=_SUM_GRAD_SQUARED)
+    return owned_transform(init, owned_update, spec)
+
+
+_SUM_GRAD_SQUARED: frozenset[str] = frozenset({"sum_grad_squared"})
 
 
 def _zeros_or_none(params: Params, keep: bool) -> Any:

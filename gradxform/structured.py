@@ -24,6 +24,7 @@ import torch
 
 from . import _foreach as _fe
 from . import tree as _tree
+from .base import name_update as _name_update
 from .base import (
     GradientTransformation,
     Ownership,
@@ -201,7 +202,7 @@ def _factored_core(beta2_decay: Any, eps: Any, tail: Callable[..., list[torch.Te
         )
         return flat.rebuild(out), new_state
 
-    owned_update.__qualname__ = name
+    _name_update(owned_update, name)
     return owned_transform(_factored_init, owned_update)
 
 
@@ -512,7 +513,7 @@ def optax_scale_by_factored_rms(
             flat.rebuild(new_c, like=state.v_col), flat.rebuild(new_v, like=state.v))
         return flat.rebuild(out), new_state
 
-    owned_update.__qualname__ = "optax_scale_by_factored_rms"
+    _name_update(owned_update, "optax_scale_by_factored_rms")
     return owned_transform(init, owned_update)
 
 
@@ -818,7 +819,7 @@ def _muon_step(lr: Any, weight_decay: Any, adjust_lr_fn: str | None, use_weight_
             out.append(new - p)
         return flat.rebuild(out)
 
-    update_fn.__qualname__ = "muon"
+    _name_update(update_fn, "muon")
     return stateless(update_fn)
 
 
@@ -1286,7 +1287,7 @@ def _lbfgs_core(lr: Any, max_iter: int, max_eval: int, tolerance_grad: float, to
             torch.tensor(float(prev_loss), dtype=torch.float64), rings[3], i64(start), i64(k))
         return as_tree(x - x0, only_live=True), new_state
 
-    owned_update.__qualname__ = "lbfgs"
+    _name_update(owned_update, "lbfgs")
     return owned_transform(init, owned_update)
 
 
@@ -1549,7 +1550,7 @@ def _sparse_adam(lr: Any, betas: Any, eps: Any, maximize: bool, lr_dtype: torch.
                                     flat.rebuild(new_nu, like=state.nu))
         return flat.rebuild(out), new_state
 
-    owned_update.__qualname__ = "sparse_adam"
+    _name_update(owned_update, "sparse_adam")
     return owned_transform(init, owned_update)
 
 

@@ -359,6 +359,13 @@ def tree_map_all(fn: Callable[..., Any], tree: Tree, *rest: Tree) -> Tree:
     return optree.tree_map(fn, tree, *rest, none_is_leaf=True)
 
 
+def map_new_over_old(fn: Callable[[Any, Any], Any], new: Tree, old: Tree) -> Tree:
+    """``tree_map_all(fn, new, old)`` for a ``new`` state made from ``old`` (the same structure),
+    walked and rebuilt along ``old``: dynamo 2.1 cannot take ``type()`` of a NamedTuple made
+    inside its trace, which ``new`` may be, while ``old`` came into it from outside."""
+    return tree_map_all(lambda o, n: fn(n, o), old, new)
+
+
 def _zeros_like_leaf(x: Any) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         what = _not_a_tree(x) or f"a {type(x).__name__}"
