@@ -195,8 +195,14 @@ def _check_dtype(name: str, dtype: Any) -> None:
         raise TypeError(f"{name} must be None or a floating torch.dtype; got {dtype!r}")
 
 
+def _is_schedule(x: Any) -> bool:
+    """Whether a hyperparameter is a schedule (a function of the step count). A tensor is asked
+    ``isinstance`` first: dynamo before torch 2.13 cannot trace ``callable()`` of a tensor."""
+    return not isinstance(x, torch.Tensor) and callable(x)
+
+
 def _nonzero(x: Any) -> bool:
-    if not isinstance(x, torch.Tensor) and callable(x):
+    if _is_schedule(x):
         return True
     if isinstance(x, torch.Tensor):
         return bool((x != 0).any())
@@ -366,7 +372,7 @@ def schedule_free(
         z = flat.state_live(state.z, "state.z", check_shapes=False)
         _tree.check_shapes(lambda: [flat.paths()[i] for i in flat.idx], flat.live, z, "state.z")
         z = z if own.state else [x.clone() for x in z]
-        lr = learning_rate(state.step_count) if callable(learning_rate) else learning_rate
+        lr = learning_rate(state.step_count) if _is_schedule(learning_rate) else learning_rate
         max_lr = torch.maximum(state.max_lr, _like(lr, state.max_lr))
         weight = max_lr ** _sv(weight_lr_power)
         weight = weight.to(state.weight_sum.dtype)
@@ -664,7 +670,7 @@ def _prodigy_tx(lr: Any, betas: Any, beta3: Any, eps: Any, estim_lr0: Any, estim
         b1, b2 = [_sv(b) for b in betas]
         b3 = b2 ** 0.5 if beta3 is None else _sv(beta3)
         d, d0 = state.estim_lr, _sv(estim_lr0)
-        sched = _sv(lr(state.count)) if callable(lr) else _sv(lr)
+        sched = _sv(lr(state.count)) if _is_schedule(lr) else _sv(lr)
         t = _count_value(state.count) + 1
         bc = ((1 - b2 ** t) ** 0.5) / (1 - b1 ** t)
         dlr = d * sched * bc
@@ -817,7 +823,7 @@ def _dadapt_tx(lr: Any, betas: Any, eps: Any, estim_lr0: Any, weight_decay: Any,
         b1, b2 = [_sv(b) for b in betas]
         sb2 = b2 ** 0.5
         e = _sv(eps)
-        sched = _sv(lr(state.count)) if callable(lr) else _sv(lr)
+        sched = _sv(lr(state.count)) if _is_schedule(lr) else _sv(lr)
         t = _count_value(state.count) + 1
         bc = ((1 - b2 ** t) ** 0.5) / (1 - b1 ** t)
         dlr = state.estim_lr * sched * bc
@@ -982,8 +988,8 @@ def scale_by_ademamix(
         if flat is None:
             return updates, state
         g = flat.live
-        c3 = _sv(b3(state.count_m2)) if callable(b3) else _sv(b3)
-        ca = _sv(alpha(state.count_m2)) if callable(alpha) else _sv(alpha)
+        c3 = _sv(b3(state.count_m2)) if _is_schedule(b3) else _sv(b3)
+        ca = _sv(alpha(state.count_m2)) if _is_schedule(alpha) else _sv(alpha)
         beta1, beta2, e, er = _sv(b1), _sv(b2), _sv(eps), _sv(eps_root)
         live = lambda tree, what: _owned.held(flat, tree, what, own, same_dtype=False)  # noqa: E731
         m1 = _ema(live(state.m1, "state.m1"), _cast(g, state.m1, flat), beta1, True)
@@ -1474,7 +1480,7 @@ def scale_by_madgrad(learning_rate: ScalarOrSchedule, momentum: float | torch.Te
             return updates, state
         g = flat.live
         x = flat.params_live(params, "scale_by_madgrad")
-        lr = _sv(learning_rate(state.count)) if callable(learning_rate) else _sv(learning_rate)
+        lr = _sv(learning_rate(state.count)) if _is_schedule(learning_rate) else _sv(learning_rate)
         e, m = _sv(eps), _sv(momentum)
         k = _count_value(state.count)
         lam = (lr + e) * ((k + 1) ** 0.5)

@@ -32,6 +32,7 @@ from . import tree as _tree
 from .base import (
     PURE,
     EmptyState,
+    ExtraArgs,
     GradientTransformation,
     Ownership,
     Params,
@@ -67,6 +68,7 @@ __all__ = [
 ]
 
 _sign = _fe._op("sign", torch.sign)
+_abs = _fe._op("abs", torch.abs)  # built once, outside any trace (dynamo 2.1 sets no function attribute)
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -606,7 +608,7 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
         if fast:
             nu_old = _held(nu_old, own)
         if fast and kind == "adamax":
-            a = list(_fe._op("abs", torch.abs)(g))
+            a = list(_abs(g))
             _fe.add_(a, e)
             _fe.mul_(nu_old, beta2)
             _fe.maximum_(nu_old, a)
@@ -626,7 +628,7 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
             _fe.mul_(out, [1 / c for c in c1])
             return _owned.finish(flat, out, state, count=counts, mu=mu, nu=nu, **_amsgrad_max(kind, nu_max))
         if kind == "adamax":
-            a = list(_fe.add(_fe._op("abs", torch.abs)(g), e))
+            a = list(_fe.add(_abs(g), e))
             if own.state:
                 _fe.mul_(nu_old, beta2)
                 _fe.maximum_(nu_old, a)
@@ -1184,6 +1186,9 @@ def scale_by_sign() -> GradientTransformation:
 # --- Polyak step size -----------------------------------------------------------------------------
 
 
+_POLYAK_EXTRA = ExtraArgs(required=frozenset({"value"}))  # built once, outside any trace
+
+
 @recorded
 def scale_by_polyak(f_min: float | torch.Tensor = 0.0, max_learning_rate: float | torch.Tensor = 1.0,
                     eps: float | torch.Tensor = 0.0, variant: str = "sps") -> GradientTransformation:
@@ -1246,7 +1251,9 @@ def scale_by_polyak(f_min: float | torch.Tensor = 0.0, max_learning_rate: float 
                            else torch.minimum(gap / den, max_learning_rate.to(den.dtype)))
         return _scaled_by(flat, [step] * len(flat.live), own), state
 
-    return owned_transform(init, owned_update)
+    # declared, not read from the signature: an alias rebuilt inside a torch 2.1 trace reads no
+    # function's signature, only what the transform carries (`gradxform.base.info_of`)
+    return owned_transform(init, owned_update, extra_args=_POLYAK_EXTRA)
 
 
 # --- optimistic gradient --------------------------------------------------------------------------
