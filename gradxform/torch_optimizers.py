@@ -266,13 +266,18 @@ def _stream(ps: list[torch.Tensor] | None, cols: list[list[torch.Tensor]], make_
 
 
 def _except(xs: list[Any], idx: list[int]) -> list[Any]:
-    """``xs`` without the positions in ``idx``."""
+    """``xs`` without the positions in ``idx`` (none under a trace, where nothing streams: dynamo
+    before torch 2.13 cannot trace ``in`` of a set)."""
+    if not idx:
+        return list(xs)
     skip = set(idx)
     return [x for i, x in enumerate(xs) if i not in skip]
 
 
 def _merged(n: int, idx: list[int], at_idx: list[Any], rest: list[Any]) -> list[Any]:
     """A list of ``n``: ``at_idx`` at the positions ``idx`` (in order), ``rest`` elsewhere."""
+    if not idx:
+        return list(rest)
     out: list[Any] = [None] * n
     for i, x in zip(idx, at_idx):
         out[i] = x
