@@ -30,7 +30,10 @@ step ``torch.compile(step, fullgraph=True)`` that donates its buffers
 (``gx.update_in_place(tx, grads, state, params)`` then
 ``gx.apply_updates(params, updates, inplace=True)``: params and state updated in place), against torch.optim's step compiled as torch documents
 (``torch.compile(opt.step)``, foreach implementation; ``fused=True`` is not traceable), both
-warmed up (compiled) before timing. The compile times of the first calls are printed.
+warmed up (compiled) before timing. The compile times of the first calls are printed. With
+``--twins`` each side has a second instance on its own buffers, timed in the same rounds: the
+columns ``gx2/gx`` and ``t2/t`` show how far two identical steps differ on this machine, and
+``gx2/t2`` repeats the ratio on the second pair.
 
 Adding rows
 -----------
@@ -46,6 +49,7 @@ Usage::
     python benchmarks/catalog.py --threads 1 --rounds 5
     python benchmarks/catalog.py --only rmsprop,nadam --steps 20
     python benchmarks/catalog.py --compiled --params-millions 5 --threads 1
+    python benchmarks/catalog.py --compiled --threads 1 --twins --rounds 5 --only adagrad,rprop
 """
 
 from __future__ import annotations
@@ -197,42 +201,48 @@ def eager_row(name: str, base: list[torch.Tensor], args: argparse.Namespace) -> 
 
 
 def compiled_rows(names: list[str], base: list[torch.Tensor], args: argparse.Namespace) -> None:
-    print(f"{'alias':34s} {'gx ms':>7s} {'torch ms':>8s} {'ratio':>6s} {'min':>6s} {'compile s gx/torch':>19s}")
+    head = f"{'alias':34s} {'gx ms':>7s} {'torch ms':>8s} {'ratio':>6s} {'min':>6s} {'compile s gx/torch':>19s}"
+    print(head + (f" {'gx2/gx':>7s} {'t2/t':>6s} {'gx2/t2':>7s}" if args.twins else ""))
     for name in names:
         compiled_row(name, base, args)
 
 
-def compiled_row(name: str, base: list[torch.Tensor], args: argparse.Namespace) -> None:
-    make_gx, make_t = ROWS[name]
-    tx = make_gx()
+def compiled_gx(tx: Any, base: list[torch.Tensor]) -> Callable[[], None]:
+    """One compiled gx step on its own copy of the params (state and params donated)."""
     ps = clone_params(base)
     params = [p.detach() for p in ps]
     grads = [p.grad for p in ps]
-    state = tx.init(params)
+    box = {"state": tx.init(params)}
 
     @torch.compile(fullgraph=True)
     def step(params: list[torch.Tensor], state: Any, grads: list[torch.Tensor]) -> tuple[Any, Any]:
         updates, state = gx.update_in_place(tx, grads, state, params)  # the state is donated
         return gx.apply_updates(params, updates, inplace=True), state
 
-    box = {"state": state}
-
     def run_gx() -> None:
         _, box["state"] = step(params, box["state"], grads)
 
+    return run_gx
+
+
+def compiled_row(name: str, base: list[torch.Tensor], args: argparse.Namespace) -> None:
+    make_gx, make_t = ROWS[name]
+    tx = make_gx()
+    runners: dict[str, Callable[[], Any]] = {"gx": compiled_gx(tx, base)}
     t0 = time.perf_counter()
-    run_gx()
+    runners["gx"]()
     c_gx = time.perf_counter() - t0
-    runners: dict[str, Callable[[], Any]] = {"gx": run_gx}
     c_t = float("nan")
     if make_t is not None:
-        tps = clone_params(base)
-        topt = make_t(tps, {"foreach": True})
-        cstep = torch.compile(topt.step)
+        topt = make_t(clone_params(base), {"foreach": True})
+        runners["torch"] = torch.compile(topt.step)
         t0 = time.perf_counter()
-        cstep()
+        runners["torch"]()
         c_t = time.perf_counter() - t0
-        runners["torch"] = cstep
+    if args.twins:  # a second instance of each side, timed in the same rounds: the spread of placement
+        runners["gx2"] = compiled_gx(tx, base)
+        if make_t is not None:
+            runners["torch2"] = torch.compile(make_t(clone_params(base), {"foreach": True}).step)
     print(f"  ({name}: compiled, first calls {c_gx:.1f} s / {c_t:.1f} s)", file=sys.stderr, flush=True)
     rounds: dict[str, list[float]] = {k: [] for k in runners}
 
@@ -247,12 +257,18 @@ def compiled_row(name: str, base: list[torch.Tensor], args: argparse.Namespace) 
     for _ in range(args.rounds):
         for k in runners:
             rounds[k].append(timed(k))
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(rounds[a], rounds[b]))
+
     gx_ms = statistics.median(rounds["gx"])
     if "torch" in rounds:
         t_ms = statistics.median(rounds["torch"])
-        r = statistics.median(g / t for g, t in zip(rounds["gx"], rounds["torch"]))
         r_min = min(mins["gx"]) / min(mins["torch"])
-        print(f"{name:34s} {gx_ms:7.1f} {t_ms:8.1f} {r:6.2f} {r_min:6.2f} {c_gx:9.1f}/{c_t:<9.1f}", flush=True)
+        twins = (f" {ratio('gx2', 'gx'):7.2f} {ratio('torch2', 'torch'):6.2f} {ratio('gx2', 'torch2'):7.2f}"
+                 if args.twins else "")
+        print(f"{name:34s} {gx_ms:7.1f} {t_ms:8.1f} {ratio('gx', 'torch'):6.2f} {r_min:6.2f} "
+              f"{c_gx:9.1f}/{c_t:<9.1f}{twins}", flush=True)
     else:
         print(f"{name:34s} {gx_ms:7.1f} {'-':>8s} {'-':>6s} {'-':>6s} {c_gx:9.1f}/-", flush=True)
     torch._dynamo.reset()
@@ -268,6 +284,9 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="row names, separated by commas (or by ';' when a name has one)")
     ap.add_argument("--compiled", action="store_true",
                     help="time compiled steps: gx donating its buffers vs torch.compile(opt.step)")
+    ap.add_argument("--twins", action="store_true",
+                    help="with --compiled: a second instance of each side in the same rounds (gx2/gx and t2/t: "
+                         "the spread of two identical steps on different buffers; gx2/t2: the ratio again)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
