@@ -31,6 +31,7 @@ from .base import (
     chain,
     declare,
     extra_args_of,
+    info_of,
     owned_transform,
     recorded,
     stateless,
@@ -478,32 +479,71 @@ def scale_by_rms_debiased(decay: float | torch.Tensor = 0.999, eps: float | torc
 
     def owned_update(updates: Updates, state: ScaleByRmsDebiasedState, params: Params | None,
                      own: Ownership) -> tuple[Updates, ScaleByRmsDebiasedState]:
-        flat = _owned.live(updates, state, ScaleByRmsDebiasedState, "scale_by_rms_debiased")
-        if flat is None:
-            return updates, state
-        d, e = _sv(decay), _sv(eps)
-        t = _count_value(state.count) + 1
-        if _eager_numbers(t, d, e) and _owned.on_cpu(flat.live):
-            # slice by slice (`_owned.by_slices`): g and nu are read once and nu written once;
-            # the denominator lives in a cached scratch (the kernels of the whole-leaf form)
-            g, c = flat.live, 1 - d ** t
-            nu = _owned.held(flat, state.nu, "state.nu", own)
-            out = _output(g, own)
-
-            def step(i: int, gs: torch.Tensor, vs: torch.Tensor, os: torch.Tensor, *scratch: torch.Tensor) -> None:
-                vs.mul_(d).addcmul_(gs, gs, value=1.0 - d)
-                r = scratch[0] if scratch else os
-                torch.div(gs, torch.div(vs, c, out=r).sqrt_().add_(e), out=os)
-
-            _owned.by_slices(list(zip(g, nu, out)), step, _scratch_needed(out, g))
-            return _owned.finish(flat, out, state, {"count": state.count + 1}, nu=nu)
-        nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, own.state)
-        den = list(_fe.sqrt(_fe.div(nu, 1 - d ** t)))
-        _fe.add_(den, e)
-        out = list(_fe.div(flat.live, den))
-        return _owned.finish(flat, out, state, {"count": state.count + 1}, nu=nu)
+        return _rms_debiased_update(updates, state, own, decay, eps, None)
 
     return owned_transform(init, owned_update)
+
+
+def _rms_debiased_update(updates: Updates, state: ScaleByRmsDebiasedState, own: Ownership, decay: Any, eps: Any,
+                         factor: float | None) -> tuple[Updates, ScaleByRmsDebiasedState]:
+    """`scale_by_rms_debiased`'s update; with a ``factor`` (eager CPU numbers only, see
+    `_rms_debiased_then_lr`) each output slice is then multiplied by it while in cache."""
+    flat = _owned.live(updates, state, ScaleByRmsDebiasedState, "scale_by_rms_debiased")
+    if flat is None:
+        return updates, state
+    d, e = _sv(decay), _sv(eps)
+    t = _count_value(state.count) + 1
+    if _eager_numbers(t, d, e) and _owned.on_cpu(flat.live):
+        # slice by slice (`_owned.by_slices`): g and nu are read once and nu written once;
+        # the denominator lives in a cached scratch (the kernels of the whole-leaf form)
+        g, c = flat.live, 1 - d ** t
+        nu = _owned.held(flat, state.nu, "state.nu", own)
+        out = _output(g, own)
+
+        def step(i: int, gs: torch.Tensor, vs: torch.Tensor, os: torch.Tensor, *scratch: torch.Tensor) -> None:
+            vs.mul_(d).addcmul_(gs, gs, value=1.0 - d)
+            r = scratch[0] if scratch else os
+            torch.div(gs, torch.div(vs, c, out=r).sqrt_().add_(e), out=os)
+            if factor is not None:
+                os.mul_(factor)
+
+        _owned.by_slices(list(zip(g, nu, out)), step, _scratch_needed(out, g))
+        return _owned.finish(flat, out, state, {"count": state.count + 1}, nu=nu)
+    if factor is not None:
+        raise AssertionError("a folded factor is for the eager CPU path only")
+    nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, own.state)
+    den = list(_fe.sqrt(_fe.div(nu, 1 - d ** t)))
+    _fe.add_(den, e)
+    out = list(_fe.div(flat.live, den))
+    return _owned.finish(flat, out, state, {"count": state.count + 1}, nu=nu)
+
+
+def _rms_debiased_then_lr(decay: Any, eps: Any, learning_rate: Any) -> GradientTransformation:
+    """``chain(scale_by_rms_debiased(decay, eps), scale_by_learning_rate(learning_rate))``, the
+    same state and the same numbers, with the rate's multiply done on each cached output slice of
+    the RMS step on CPU (`schedule_free_adamw`'s base: one pass pair over the update less). The
+    rate's factor is the Python number that `scale_by_learning_rate` itself multiplies by: its
+    update of a float64 one (exact), its state advanced by the same call."""
+    rms, lr = scale_by_rms_debiased(decay, eps), scale_by_learning_rate(learning_rate)
+    reference = chain(rms, lr)
+    ref_update = info_of(reference).owned_update
+
+    def owned_update(updates: Updates, state: tuple[Any, Any], params: Params | None, own: Ownership,
+                     **extra: Any) -> tuple[Updates, tuple[Any, Any]]:
+        if (own is PURE or _tree.traced() or not isinstance(state, tuple) or len(state) != 2
+                or not isinstance(state[0], ScaleByRmsDebiasedState)):
+            return ref_update(updates, state, params, own, **extra)
+        flat = _Flat(updates)
+        if not flat.live or not _owned.on_cpu(flat.live) or not _eager_numbers(
+                _count_value(state[0].count) + 1, _sv(decay), _sv(eps)):
+            return ref_update(updates, state, params, own, **extra)
+        one, lr_state = lr.update([torch.ones((), dtype=torch.float64)], state[1])
+        if one[0].requires_grad:
+            return ref_update(updates, state, params, own, **extra)
+        u, rms_state = _rms_debiased_update(updates, state[0], own, decay, eps, one[0].item())
+        return u, (rms_state, lr_state)
+
+    return declare(owned_transform(reference.init, owned_update), members=info_of(reference).members)
 
 
 def _sf_sgd(lr: Any, b1: Any, weight_decay: Any, weight_lr_power: Any, warmup_steps: int | None,
@@ -571,10 +611,9 @@ def schedule_free_sgd(
 def _sf_adamw(lr: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any, weight_lr_power: Any,
               warmup_steps: int | None, state_dtype: Any, use_weight_decay: bool) -> GradientTransformation:
     sched = _warmup(lr, warmup_steps)
-    parts = [scale_by_rms_debiased(b2, eps)]
-    if use_weight_decay:
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_learning_rate(sched))
+    if not use_weight_decay:
+        return schedule_free(_rms_debiased_then_lr(b2, eps, sched), sched, b1, weight_lr_power, state_dtype)
+    parts = [scale_by_rms_debiased(b2, eps), add_decayed_weights(weight_decay), scale_by_learning_rate(sched)]
     return schedule_free(chain(*parts), sched, b1, weight_lr_power, state_dtype)
 
 

@@ -40,6 +40,7 @@ ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     "schedule_free_sgd": lambda: gx.schedule_free_sgd(0.1),
     "schedule_free_sgd_wd_warmup": lambda: gx.schedule_free_sgd(0.1, weight_decay=1e-2, warmup_steps=3),
     "schedule_free_adamw": lambda: gx.schedule_free_adamw(1e-3),
+    "schedule_free_adamw_warmup": lambda: gx.schedule_free_adamw(1e-3, warmup_steps=3),  # the rate folded
     "schedule_free_adamw_wd_warmup": lambda: gx.schedule_free_adamw(1e-3, weight_decay=0.1, warmup_steps=3),
     "lion": lambda: gx.lion(1e-4),
     "amsgrad": lambda: gx.amsgrad(1e-3),
@@ -166,7 +167,8 @@ WHOLE_LEAF = {
     "nadamw": ["_foreach_add_.List"],  # add_decayed_weights: u + wd p
     "optax_rprop": [],
     "schedule_free_sgd": ["_foreach_mul.Scalar"],  # the base update -lr g
-    "schedule_free_adamw": ["_foreach_mul_.Scalar"],  # the base's learning rate
+    "schedule_free_adamw": [],  # the base's learning rate on each cached slice (was a whole-leaf multiply)
+    "schedule_free_adamw_wd_warmup": ["_foreach_add_.List", "_foreach_mul_.Scalar"],  # decay, then the rate
 }
 
 
