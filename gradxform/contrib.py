@@ -530,7 +530,7 @@ def _rms_debiased_then_lr(decay: Any, eps: Any, learning_rate: Any) -> GradientT
 
     def owned_update(updates: Updates, state: tuple[Any, Any], params: Params | None, own: Ownership,
                      **extra: Any) -> tuple[Updates, tuple[Any, Any]]:
-        if (own is PURE or _tree.traced() or not isinstance(state, tuple) or len(state) != 2
+        if (own is PURE or extra or _tree.traced() or not isinstance(state, tuple) or len(state) != 2
                 or not isinstance(state[0], ScaleByRmsDebiasedState)):
             return ref_update(updates, state, params, own, **extra)
         flat = _Flat(updates)
