@@ -34,6 +34,7 @@ from .base import (GradientTransformation, Ownership, Params, Updates, chain, de
 from .combine import inject_hyperparams
 from .fastpath import AdagradKernel, declare_kernel
 from .transforms import (
+    _CHUNK,
     ScalarOrSchedule,
     ScaleByAdamState,
     ScaleByRmsState,
@@ -185,7 +186,6 @@ def _add_scaled_div(ps: list[torch.Tensor], a: list[torch.Tensor], b: list[torch
     return [None] * len(ps)
 
 
-_CHUNK = 1 << 18  # elements: a 1 MiB float32 scratch that stays in cache between its two passes
 
 
 def _sum_div(ps: list[torch.Tensor] | None, a: list[torch.Tensor], b: list[torch.Tensor], rs: list[float],
@@ -233,22 +233,13 @@ def _streamed(cols: list[list[torch.Tensor]]) -> list[int]:
 
 def _in_chunks(cols: list[list[torch.Tensor]], idx: list[int], body: Any, scratches: int = 1) -> None:
     """``body(i, *views, *scratch)`` for each leaf ``i`` in ``idx`` and each ``_CHUNK`` of its
-    elements: ``views`` the same flat slice of every ``cols[k][i]``, ``scratch`` ``scratches``
-    slices of one small buffer of their dtype. A step written as such a body reads and writes each params-sized
-    buffer once, while a chunk's intermediates stay in cache (the foreach form passes over memory
-    once per kernel); the same elementwise kernels on the same elements, so the same numbers.
-    Eager only (`_host_scalars`), on leaves from `_streamed`."""
-    scratch: torch.Tensor | None = None
-    for i in idx:
-        ts = [c[i] for c in cols]
-        x = ts[0]
-        if scratch is None or scratch.dtype != x.dtype or scratch.device != x.device:
-            scratch = torch.empty(scratches, _CHUNK, dtype=x.dtype, device=x.device)
-        flat = [t.view(-1) for t in ts]
-        n = x.numel()
-        for lo in range(0, n, _CHUNK):
-            hi = min(n, lo + _CHUNK)
-            body(i, *[f[lo:hi] for f in flat], *[scratch[j, :hi - lo] for j in range(scratches)])
+    elements (`gradxform._owned.by_slices` over those leaves): ``views`` the same flat slice of
+    every ``cols[k][i]``, ``scratch`` ``scratches`` cache-sized slices of their dtype. A step
+    written as such a body reads and writes each params-sized buffer once, while a chunk's
+    intermediates stay in cache (the foreach form passes over memory once per kernel); the same
+    elementwise kernels on the same elements, so the same numbers. Eager only (`_host_scalars`),
+    on leaves from `_streamed`."""
+    _owned.by_slices([[c[i] for c in cols] for i in idx], lambda j, *views: body(idx[j], *views), scratches)
 
 
 def _stream(ps: list[torch.Tensor] | None, cols: list[list[torch.Tensor]], make_body: Any,

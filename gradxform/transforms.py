@@ -149,14 +149,14 @@ def _add_scaled_(ps: Sequence[torch.Tensor], us: Sequence[torch.Tensor], k: floa
         for p, u in zip(ps, us):
             p.add_(u)
         return
-    bufs = {} if writable else _scratch_for(us)
-    for p, u in zip(ps, us):
-        pf, uf, n = p.view(-1), u.view(-1), u.numel()
-        for s in _slices(n):
-            e = min(n, s + _CHUNK)
-            d = uf[s:e] if writable else bufs[(u.dtype, u.device)][0][:e - s]
-            torch.mul(uf[s:e], k, out=d)
-            pf[s:e].add_(d)
+    from ._owned import by_slices  # _owned builds on this module
+
+    def step(i: int, pf: torch.Tensor, uf: torch.Tensor, *scratch: torch.Tensor) -> None:
+        d = uf if writable else scratch[0]
+        torch.mul(uf, k, out=d)
+        pf.add_(d)
+
+    by_slices(list(zip(ps, us)), step, 0 if writable else 1)
 
 
 def _mul(xs: list[torch.Tensor], s: Any, inplace: bool) -> list[torch.Tensor]:
