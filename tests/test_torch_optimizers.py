@@ -328,6 +328,41 @@ def test_lr_changed_before_the_first_step(name):
     assert_same(model_g, opt_g, model_t, opt_t, **TOL[F64])
 
 
+def test_rprop_compiled_reads_lr_at_each_leafs_first_step():
+    """Compiled (fullgraph, donated state), Rprop's step size starts at the lr of each leaf's
+    own first step: lr changes after init and again before the second leaf's first step; equal
+    to torch.optim.Rprop bit for bit (compile-once under a changing lr is the compile harness's)."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(6, 5), (5,)]
+    start = [torch.randn(s, generator=g, dtype=F64) for s in shapes]
+    grads = [[torch.randn(s, generator=g, dtype=F64) for s in shapes] for _ in range(6)]
+    lrs = [0.03, 0.03, 0.07, 0.07, 0.07, 0.002]  # the lr read before each step
+    late = 2  # the second leaf has no gradient before step 2
+    ref = [p.clone().requires_grad_(True) for p in start]
+    opt = torch.optim.Rprop(ref, lr=0.01)
+    tx = gx.rprop(0.01)
+    params = [p.clone() for p in start]
+    state = tx.init(params)
+
+    @torch.compile(fullgraph=True)
+    def step(params, state, updates):
+        u, state = gx.update_in_place(tx, updates, state, params)
+        return gx.apply_updates(params, u, inplace=True), state
+
+    for k, (gs, lr) in enumerate(zip(grads, lrs)):
+        for p, x, live in zip(ref, gs, (True, k >= late)):
+            p.grad = x.clone() if live else None
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+        state.hyperparams["lr"].fill_(lr)
+        params, state = step(params, state, [gs[0], gs[1] if k >= late else None])
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    sizes = state.inner_state[0].step_sizes
+    for a, p in zip(sizes, ref):
+        torch.testing.assert_close(a, opt.state[p]["step_size"], rtol=0, atol=0)
+
+
 # --- the blocks' optax variants -----------------------------------------------------------------------
 
 
