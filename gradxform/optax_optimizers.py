@@ -1477,8 +1477,25 @@ def _mix32_(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_(x >> 16)
 
 
+def _mix32_i32_(x: torch.Tensor) -> torch.Tensor:
+    """`_mix32` in place on an int32 tensor holding the 32-bit patterns: the same function
+    modulo 2^32 (int32 products wrap; each right shift is masked to be logical), in half the
+    bytes and with a native multiply (int64's is emulated in the CPU's vector units)."""
+    x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
+    x.mul_(0x7FEB352D)
+    x.bitwise_xor_((x >> 15).bitwise_and_(0x1FFFF))
+    x.mul_(0x846CA68B - (1 << 32))
+    return x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
+
+
+def _as_i32(x: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of an int64 tensor as int32 (two's complement)."""
+    x = x & _M32
+    return (x - ((x >> 31) << 32)).to(torch.int32)
+
+
 _TWO32 = 4294967296.0
-_NOISE_CHUNK = 1 << 16  # pairs per eager chunk: the integer temporaries (1 MiB) stay in cache
+_NOISE_CHUNK = 1 << 16  # pairs per eager chunk: the integer temporaries stay in cache
 
 
 def _normal_like(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -1501,10 +1518,17 @@ def _normal_like(x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
         z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)])
     else:
         z = torch.empty(2 * m, device=x.device, dtype=dtype)
+        narrow = 2 * m < 2**31  # the counters fit int32: the hash runs on the low 32 bits
+        seed32 = _as_i32(seed) if narrow else seed
         for s in range(0, m, _NOISE_CHUNK):
             e = min(m, s + _NOISE_CHUNK)
-            a = torch.arange(s, e, device=x.device, dtype=torch.int64)
-            h = _mix32_(_mix32_(torch.cat([a, a + m]).bitwise_xor_(seed)).add_(seed))
+            if narrow:  # the same values as the int64 branch (all of it is arithmetic mod 2^32)
+                a = torch.arange(s, e, device=x.device, dtype=torch.int32)
+                h = _mix32_i32_(_mix32_i32_(torch.cat([a, a + m]).bitwise_xor_(seed32)).add_(seed32))
+                h = h.to(torch.int64).bitwise_and_(_M32)
+            else:
+                a = torch.arange(s, e, device=x.device, dtype=torch.int64)
+                h = _mix32_(_mix32_(torch.cat([a, a + m]).bitwise_xor_(seed)).add_(seed))
             u = h.to(dtype)
             k = e - s
             r = u[:k].add_(1.0).div_(_TWO32).log_().mul_(-2.0).sqrt_()

@@ -275,6 +275,25 @@ def test_add_noise_is_seeded_from_the_state_and_has_the_scheduled_variance():
     assert not torch.equal(again["b"], again["w"].reshape(-1)[:7])
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 2 * (1 << 16) + 3])  # the last: three eager chunks, odd size
+def test_eager_noise_is_the_traced_formula_bit_for_bit(n):
+    """The eager noise hashes in int32 (the low 32 bits); the traced path in int64 with masks.
+    Both must give the same draws: the int64 formula, run here eagerly, is the reference."""
+    from gradxform.optax_optimizers import _TWO32, _mix32, _normal_like
+
+    m = (n + 1) // 2
+    for dtype in (F64, torch.float32):
+        x = torch.empty(n, dtype=dtype)
+        for key in (0, 12345, 2**31 + 5, 2**62 - 7):
+            seed = torch.tensor(key)
+            h = _mix32(_mix32(torch.arange(2 * m, dtype=torch.int64) ^ seed) + seed)
+            u = h.to(dtype if dtype == F64 else torch.float32)
+            r = torch.sqrt(-2.0 * torch.log((u[:m] + 1.0) / _TWO32))
+            theta = 2.0 * math.pi * (u[m:] / _TWO32)
+            ref = torch.cat([r * torch.cos(theta), r * torch.sin(theta)])[:n]
+            assert torch.equal(_normal_like(x, seed), ref), (n, dtype, key)
+
+
 def test_add_noise_is_added_to_the_updates():
     tx = gx.add_noise(eta=0.01, gamma=0.55, key=0)
     p = {"w": torch.zeros(3)}
