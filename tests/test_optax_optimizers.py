@@ -275,13 +275,14 @@ def test_add_noise_is_seeded_from_the_state_and_has_the_scheduled_variance():
     assert not torch.equal(again["b"], again["w"].reshape(-1)[:7])
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 2 * (1 << 16) + 3])  # the last: three eager chunks, odd size
+@pytest.mark.parametrize("n", [1, 2, 7, 4 * (1 << 17) + 3])  # the last: three eager chunks, odd size
 def test_eager_noise_is_the_traced_formula_bit_for_bit(n):
     """The eager noise hashes in int32 (the low 32 bits); the traced path in int64 with masks.
     Both must give the same draws: the int64 formula, run here eagerly, is the reference."""
-    from gradxform.optax_optimizers import _TWO32, _mix32, _normal_like
+    from gradxform.optax_optimizers import _NOISE_CHUNK, _TWO32, _mix32, _normal_like
 
     m = (n + 1) // 2
+    assert n < 8 or m > 2 * _NOISE_CHUNK  # the large case spans several chunks
     for dtype in (F64, torch.float32):
         x = torch.empty(n, dtype=dtype)
         for key in (0, 12345, 2**31 + 5, 2**62 - 7):
