@@ -212,33 +212,24 @@ def _add_scaled_div(ps: list[torch.Tensor], a: list[torch.Tensor], b: list[torch
 def _sum_div(ps: list[torch.Tensor] | None, a: list[torch.Tensor], b: list[torch.Tensor], rs: list[float],
              d: list[torch.Tensor], ks: list[float]) -> list[Any]:
     """``u = k_i (a_i + r_i b_i) / d_i`` (NAdam's two terms) without a params-sized numerator:
-    it is made one ``_CHUNK`` at a time in one small scratch buffer (the same elementwise kernels
-    on the same elements, so the same numbers as ``_scaled_div(a + r b, d, ks, d)``). With params
-    ``ps``: ``p <- p + u`` (`call_apply`, the rounding of ``p + u``), ``None`` returned; else ``u``
-    is written into ``d`` (private to the caller) and returned."""
-    scratch: torch.Tensor | None = None
-    zero = None
-    for i, (x, y, r, dd, k) in enumerate(zip(a, b, rs, d, ks)):
-        p = None if ps is None else ps[i]
-        n = x.numel()
-        if n <= _CHUNK or not all(t.is_contiguous() for t in (x, y, dd) + (() if p is None else (p,))):
-            views = [(x, y, dd, p, None)]
+    it is made one slice at a time in a cache-sized scratch (`_owned.by_slices`; the same
+    elementwise kernels on the same elements, so the same numbers as ``_scaled_div(a + r b, d,
+    ks, d)``). With params ``ps``: ``p <- p + u`` (`call_apply`, the rounding of ``p + u``),
+    ``None`` returned; else ``u`` is written into ``d`` (private to the caller) and returned."""
+    zeros: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def body(i: int, x: torch.Tensor, y: torch.Tensor, dd: torch.Tensor, *rest: torch.Tensor) -> None:
+        num = torch.add(x, y, alpha=rs[i], out=rest[-1])
+        if ps is not None:
+            rest[0].addcdiv_(num, dd, value=ks[i])
+        elif ks[i] == 1.0:
+            torch.div(num, dd, out=dd)
         else:
-            if scratch is None or scratch.dtype != x.dtype or scratch.device != x.device:
-                scratch = torch.empty(_CHUNK, dtype=x.dtype, device=x.device)
-            xf, yf, df = x.view(-1), y.view(-1), dd.view(-1)
-            pf = None if p is None else p.view(-1)
-            views = [(xf[lo:lo + _CHUNK], yf[lo:lo + _CHUNK], df[lo:lo + _CHUNK],
-                      None if pf is None else pf[lo:lo + _CHUNK], scratch[:min(_CHUNK, n - lo)]) for lo in range(0, n, _CHUNK)]
-        for xc, yc, dc, pc, sc in views:
-            num = torch.add(xc, yc, alpha=r) if sc is None else torch.add(xc, yc, alpha=r, out=sc)
-            if pc is not None:
-                pc.addcdiv_(num, dc, value=k)
-            elif k == 1.0:
-                torch.div(num, dc, out=dc)
-            else:
-                zero = _zero(dc) if zero is None or zero.dtype != dc.dtype else zero
-                torch.addcdiv(zero, num, dc, value=k, out=dc)
+            zero = zeros.setdefault((dd.dtype, dd.device), _zero(dd))
+            torch.addcdiv(zero, num, dd, value=ks[i], out=dd)
+
+    cols = [[x, y, dd] + ([] if ps is None else [ps[i]]) for i, (x, y, dd) in enumerate(zip(a, b, d))]
+    _owned.by_slices(cols, body, scratch=1)
     return [None] * len(a) if ps is not None else d
 
 

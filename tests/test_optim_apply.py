@@ -132,7 +132,8 @@ def test_call_apply_needs_owned_state():
 
 
 class _ParamsSizedWrites(TorchDispatchMode):
-    """Counts the params-sized tensors each op writes (its mutated arguments, or its new outputs)."""
+    """Counts the params-sized tensors each op writes (its mutated arguments, or its new outputs;
+    a view, e.g. the flat view or a slice of a leaf, writes nothing)."""
 
     def __init__(self, numels: set[int]) -> None:
         super().__init__()
@@ -144,7 +145,10 @@ class _ParamsSizedWrites(TorchDispatchMode):
         out = func(*args, **kwargs)
         given = list(args) + [kwargs.get(a.name) for a in func._schema.arguments[len(args):]]
         written = [v for a, v in zip(func._schema.arguments, given) if a.alias_info is not None and a.alias_info.is_write]
-        tensors = tree_flatten(written if written else out)[0]
+        if not written:  # the outputs that are new tensors, not views of an argument
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            written = [o for r, o in zip(func._schema.returns, outs) if r.alias_info is None]
+        tensors = tree_flatten(written)[0]
         self.count += sum(1 for t in tensors if isinstance(t, torch.Tensor) and t.numel() in self.numels)
         return out
 
