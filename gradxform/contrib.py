@@ -37,8 +37,8 @@ from .base import (
     stateless,
 )
 from .combine import inject_hyperparams
-from .optax_optimizers import (_copy_, _div_by_root_, _dog_norms, _dog_scaled, _output, _rdiv_, _reciprocal_,
-                               _scratch_needed, _sqrt_, _sub)
+from .optax_optimizers import (_copy_, _div_by_root_, _dog_norms, _dog_scaled, _output, _ratio_into, _rdiv_,
+                               _reciprocal_, _scratch_needed, _sqrt_, _sub)
 from .transforms import (
     ScalarOrSchedule,
     _ema,
@@ -502,8 +502,7 @@ def _rms_debiased_update(updates: Updates, state: ScaleByRmsDebiasedState, own: 
 
         def step(i: int, gs: torch.Tensor, vs: torch.Tensor, os: torch.Tensor, *scratch: torch.Tensor) -> None:
             vs.mul_(d).addcmul_(gs, gs, value=1.0 - d)
-            r = scratch[0] if scratch else os
-            torch.div(gs, torch.div(vs, c, out=r).sqrt_().add_(e), out=os)
+            _ratio_into(os, gs, vs, 1.0, c, e, 0.0, scratch[0] if scratch else os)
             if factor is not None:
                 os.mul_(factor)
 
