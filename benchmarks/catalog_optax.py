@@ -116,6 +116,7 @@ ROWS: dict[str, Factory] = {
     "optax_rprop": _gx(gx.optax_rprop, 1e-2),
     "schedule_free_sgd": _gx(gx.schedule_free_sgd, 0.1),
     "schedule_free_adamw": _gx(gx.schedule_free_adamw, 1e-3),
+    "schedule_free_adamw_wd": _gx(gx.schedule_free_adamw, 1e-3, weight_decay=1e-2),
     "prodigy": _gx(gx.prodigy, 1.0, weight_decay=0.01),
     "dadapt_adamw": _gx(gx.dadapt_adamw, 1.0, weight_decay=0.01),
     "ademamix": _gx(gx.ademamix, 1e-3),

@@ -485,9 +485,11 @@ def scale_by_rms_debiased(decay: float | torch.Tensor = 0.999, eps: float | torc
 
 
 def _rms_debiased_update(updates: Updates, state: ScaleByRmsDebiasedState, own: Ownership, decay: Any, eps: Any,
-                         factor: float | None) -> tuple[Updates, ScaleByRmsDebiasedState]:
+                         factor: float | None, decayed: tuple[float, list[torch.Tensor]] | None = None,
+                         ) -> tuple[Updates, ScaleByRmsDebiasedState]:
     """`scale_by_rms_debiased`'s update; with a ``factor`` (eager CPU numbers only, see
-    `_rms_debiased_then_lr`) each output slice is then multiplied by it while in cache."""
+    `_rms_debiased_then_lr`) each output slice is then multiplied by it while in cache, after
+    ``decayed = (wd, live params)`` adds ``wd p`` to it (`add_decayed_weights`' kernel)."""
     flat = _owned.live(updates, state, ScaleByRmsDebiasedState, "scale_by_rms_debiased")
     if flat is None:
         return updates, state
@@ -499,16 +501,20 @@ def _rms_debiased_update(updates: Updates, state: ScaleByRmsDebiasedState, own: 
         g, c = flat.live, 1 - d ** t
         nu = _owned.held(flat, state.nu, "state.nu", own)
         out = _output(g, own)
+        wd = None if decayed is None else decayed[0]
 
-        def step(i: int, gs: torch.Tensor, vs: torch.Tensor, os: torch.Tensor, *scratch: torch.Tensor) -> None:
+        def step(i: int, gs: torch.Tensor, vs: torch.Tensor, os: torch.Tensor, *rest: torch.Tensor) -> None:
             vs.mul_(d).addcmul_(gs, gs, value=1.0 - d)
-            _ratio_into(os, gs, vs, 1.0, c, e, 0.0, scratch[0] if scratch else os)
+            _ratio_into(os, gs, vs, 1.0, c, e, 0.0, rest[-1] if len(rest) > (wd is not None) else os)
+            if wd is not None:
+                os.add_(rest[0], alpha=wd)
             if factor is not None:
                 os.mul_(factor)
 
-        _owned.by_slices(list(zip(g, nu, out)), step, _scratch_needed(out, g))
+        cols = [list(x) for x in zip(g, nu, out)] if decayed is None else [list(x) for x in zip(g, nu, out, decayed[1])]
+        _owned.by_slices(cols, step, _scratch_needed(out, g))
         return _owned.finish(flat, out, state, {"count": state.count + 1}, nu=nu)
-    if factor is not None:
+    if factor is not None or decayed is not None:
         raise AssertionError("a folded factor is for the eager CPU path only")
     nu = _ema_sq(flat.state_live(state.nu, "state.nu"), flat.live, d, own.state)
     den = list(_fe.sqrt(_fe.div(nu, 1 - d ** t)))
@@ -517,30 +523,38 @@ def _rms_debiased_update(updates: Updates, state: ScaleByRmsDebiasedState, own: 
     return _owned.finish(flat, out, state, {"count": state.count + 1}, nu=nu)
 
 
-def _rms_debiased_then_lr(decay: Any, eps: Any, learning_rate: Any) -> GradientTransformation:
-    """``chain(scale_by_rms_debiased(decay, eps), scale_by_learning_rate(learning_rate))``, the
-    same state and the same numbers, with the rate's multiply done on each cached output slice of
-    the RMS step on CPU (`schedule_free_adamw`'s base: one pass pair over the update less). The
-    rate's factor is the Python number that `scale_by_learning_rate` itself multiplies by: its
-    update of a float64 one (exact), its state advanced by the same call."""
+def _rms_debiased_then_lr(decay: Any, eps: Any, learning_rate: Any, weight_decay: Any = None) -> GradientTransformation:
+    """``chain(scale_by_rms_debiased(decay, eps), [add_decayed_weights(weight_decay)],
+    scale_by_learning_rate(learning_rate))``, the same state and the same numbers, with the decay
+    and the rate's multiply done on each cached output slice of the RMS step on CPU
+    (`schedule_free_adamw`'s base: one or two pass pairs over the update less). The rate's factor
+    is the Python number that `scale_by_learning_rate` itself multiplies by: its update of a
+    float64 one (exact), its state advanced by the same call."""
     rms, lr = scale_by_rms_debiased(decay, eps), scale_by_learning_rate(learning_rate)
-    reference = chain(rms, lr)
+    blocks = [rms, lr] if weight_decay is None else [rms, add_decayed_weights(weight_decay), lr]
+    reference = chain(*blocks)
     ref_update = info_of(reference).owned_update
 
-    def owned_update(updates: Updates, state: tuple[Any, Any], params: Params | None, own: Ownership,
-                     **extra: Any) -> tuple[Updates, tuple[Any, Any]]:
-        if (own is PURE or extra or _tree.traced() or not isinstance(state, tuple) or len(state) != 2
+    def owned_update(updates: Updates, state: tuple[Any, ...], params: Params | None, own: Ownership,
+                     **extra: Any) -> tuple[Updates, tuple[Any, ...]]:
+        if (own is PURE or extra or _tree.traced() or not isinstance(state, tuple) or len(state) != len(blocks)
                 or not isinstance(state[0], ScaleByRmsDebiasedState)):
             return ref_update(updates, state, params, own, **extra)
         flat = _Flat(updates)
         if not flat.live or not _owned.on_cpu(flat.live) or not _eager_numbers(
                 _count_value(state[0].count) + 1, _sv(decay), _sv(eps)):
             return ref_update(updates, state, params, own, **extra)
-        one, lr_state = lr.update([torch.ones((), dtype=torch.float64)], state[1])
+        decayed = None
+        if weight_decay is not None:
+            wd = _tree.as_scalar(weight_decay)
+            if params is None or isinstance(wd, torch.Tensor):  # the chain's own error, or a traced decay
+                return ref_update(updates, state, params, own, **extra)
+            decayed = (wd, flat.params_live(params, "add_decayed_weights"))
+        one, lr_state = lr.update([torch.ones((), dtype=torch.float64)], state[-1])
         if one[0].requires_grad:
             return ref_update(updates, state, params, own, **extra)
-        u, rms_state = _rms_debiased_update(updates, state[0], own, decay, eps, one[0].item())
-        return u, (rms_state, lr_state)
+        u, rms_state = _rms_debiased_update(updates, state[0], own, decay, eps, one[0].item(), decayed)
+        return u, (rms_state, *state[1:-1], lr_state)
 
     return declare(owned_transform(reference.init, owned_update), members=info_of(reference).members)
 
@@ -610,10 +624,8 @@ def schedule_free_sgd(
 def _sf_adamw(lr: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any, weight_lr_power: Any,
               warmup_steps: int | None, state_dtype: Any, use_weight_decay: bool) -> GradientTransformation:
     sched = _warmup(lr, warmup_steps)
-    if not use_weight_decay:
-        return schedule_free(_rms_debiased_then_lr(b2, eps, sched), sched, b1, weight_lr_power, state_dtype)
-    parts = [scale_by_rms_debiased(b2, eps), add_decayed_weights(weight_decay), scale_by_learning_rate(sched)]
-    return schedule_free(chain(*parts), sched, b1, weight_lr_power, state_dtype)
+    base = _rms_debiased_then_lr(b2, eps, sched, weight_decay if use_weight_decay else None)
+    return schedule_free(base, sched, b1, weight_lr_power, state_dtype)
 
 
 @recorded

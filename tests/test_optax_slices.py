@@ -168,7 +168,7 @@ WHOLE_LEAF = {
     "optax_rprop": [],
     "schedule_free_sgd": ["_foreach_mul.Scalar"],  # the base update -lr g
     "schedule_free_adamw": [],  # the base's learning rate on each cached slice (was a whole-leaf multiply)
-    "schedule_free_adamw_wd_warmup": ["_foreach_add_.List", "_foreach_mul_.Scalar"],  # decay, then the rate
+    "schedule_free_adamw_wd_warmup": [],  # the decay and the rate on each cached slice (were two whole-leaf kernels)
 }
 
 
