@@ -24,7 +24,8 @@ import torch
 __all__ = ["FORMAT_VERSION", "state_from_dict", "state_to_dict"]
 
 FORMAT_NAME = "gradxform.state"
-FORMAT_VERSION = 1  # bump when the meaning of saved paths changes; keep readers for older ones
+FORMAT_VERSION = 2  # bump when the meaning of saved paths changes; keep readers for older ones
+# 2: Rprop's step sizes of a leaf not yet stepped hold 1 (version 1: the initial learning rate)
 
 
 def _children(node: Any) -> list[tuple[str, Any]]:
@@ -72,7 +73,7 @@ def state_to_dict(state: Any) -> dict[str, Any]:
         >>> tx = gx.adam(0.1)
         >>> saved = gx.state_to_dict(tx.init(params))
         >>> saved["format"], saved["version"]
-        ('gradxform.state', 1)
+        ('gradxform.state', 2)
     """
     tensors: dict[str, torch.Tensor] = {}
     types: dict[str, str] = {}
@@ -155,7 +156,28 @@ def state_from_dict(template: Any, saved: dict[str, Any]) -> Any:
             values[path] = like
         else:
             values[path] = value.detach().to(device=like.device, dtype=like.dtype, copy=True)
-    return _rebuild(template, "", values)
+    state = _rebuild(template, "", values)
+    return _from_version_1(state) if saved["version"] < 2 else state
+
+
+def _from_version_1(node: Any) -> Any:
+    """A version-1 state read by version 2: Rprop's step sizes of a leaf that has not stepped
+    (count 0) held the initial learning rate; they now hold 1 (the leaf's first step multiplies
+    them by the rate of that step). Set in place, in the tensors just made."""
+    from .torch_optimizers import ScaleByRpropState
+
+    if isinstance(node, ScaleByRpropState):
+        counts: dict[str, torch.Tensor] = {}
+        sizes: dict[str, torch.Tensor] = {}
+        _walk(node.count, "", counts, {})
+        _walk(node.step_sizes, "", sizes, {})
+        for path, d in sizes.items():
+            if path in counts and int(counts[path]) == 0:
+                d.fill_(1.0)
+        return node
+    for _, child in _children(node):
+        _from_version_1(child)
+    return node
 
 
 def _rebuild(node: Any, path: str, values: dict[str, torch.Tensor]) -> Any:

@@ -38,7 +38,7 @@ def test_resume_is_bit_exact(name):
 
     p, s = _steps(tx, p0, tx.init(p0), range(3))
     saved = _roundtrip({"params": p, "opt": gx.state_to_dict(s)})
-    assert saved["opt"]["format"] == "gradxform.state" and saved["opt"]["version"] == 1
+    assert saved["opt"]["format"] == "gradxform.state" and saved["opt"]["version"] == 2
     restored = gx.state_from_dict(tx.init(p0), saved["opt"])
     assert_trees_equal(restored, s)
     p, s = _steps(tx, saved["params"], restored, range(3, 6))
@@ -54,6 +54,34 @@ def test_saved_paths_name_the_fields():
     assert all(isinstance(k, str) for k in d["tensors"])
 
 
+def test_a_version_1_rprop_state_loads_with_the_new_meaning():
+    """Version 1 stored a not-yet-stepped leaf's Rprop step sizes as the initial lr; version 2
+    stores 1 (the first step multiplies by that step's lr). A version-1 dict, as the former code
+    wrote it, resumes equal to the uninterrupted run; the stepped leaf is left as it was."""
+    tx = gx.rprop(0.05)
+    p0 = {"w": torch.zeros(3, 2, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+    g = torch.Generator().manual_seed(1)
+    grads = [{"w": torch.randn(3, 2, generator=g, dtype=torch.float64),
+              "b": None if k < 2 else torch.randn(2, generator=g, dtype=torch.float64)} for k in range(5)]
+
+    def run(params, state, ks):
+        for k in ks:
+            u, state = tx.update(grads[k], state, params)
+            params = gx.apply_updates(params, u)
+        return params, state
+
+    straight, _ = run(p0, tx.init(p0), range(5))
+    p, s = run(p0, tx.init(p0), range(2))
+    saved = gx.state_to_dict(s)
+    old = {**saved, "version": 1, "tensors": dict(saved["tensors"])}
+    old["tensors"]["inner_state.0.step_sizes.b"] = torch.full((2,), 0.05, dtype=torch.float64)  # version 1's value
+    restored = gx.state_from_dict(tx.init(p0), _roundtrip(old))
+    assert torch.equal(restored.inner_state[0].step_sizes["b"], torch.ones(2, dtype=torch.float64))
+    assert torch.equal(restored.inner_state[0].step_sizes["w"], s.inner_state[0].step_sizes["w"])
+    resumed, _ = run(p, restored, range(2, 5))
+    assert_trees_equal(resumed, straight)
+
+
 def test_mismatches_are_named():
     p = _params()
     adam = gx.state_to_dict(gx.adam(0.1).init(p))
@@ -61,8 +89,8 @@ def test_mismatches_are_named():
         gx.state_from_dict(gx.sgd(0.1, momentum=0.9).init(p), adam)
     with pytest.raises(ValueError, match="not a gradxform state dict"):
         gx.state_from_dict(gx.adam(0.1).init(p), {"state": {}})
-    with pytest.raises(ValueError, match="version 2.*up to 1.*newer gradxform"):
-        gx.state_from_dict(gx.adam(0.1).init(p), {**adam, "version": 2})
+    with pytest.raises(ValueError, match="version 3.*up to 2.*newer gradxform"):
+        gx.state_from_dict(gx.adam(0.1).init(p), {**adam, "version": 3})
     wide = {**p, "w": torch.zeros(5, 2)}
     with pytest.raises(ValueError, match=r"'inner_state.0.mu.w' has shape \(3, 2\).*\(5, 2\)"):
         gx.state_from_dict(gx.adam(0.1).init(wide), adam)
@@ -101,7 +129,7 @@ def test_torch_distributed_checkpoint_roundtrip(tmp_path):
     dcp.save({"opt": gx.state_to_dict(s)}, checkpoint_id=str(tmp_path / "ckpt"))
     template = {"opt": gx.state_to_dict(tx.init(p0))}
     dcp.load(template, checkpoint_id=str(tmp_path / "ckpt"))
-    assert template["opt"]["version"] == 1
+    assert template["opt"]["version"] == 2
     assert_trees_equal(gx.state_from_dict(tx.init(p0), template["opt"]), s)
 
 
