@@ -501,18 +501,18 @@ def _rms_debiased_update(updates: Updates, state: ScaleByRmsDebiasedState, own: 
         g, c = flat.live, 1 - d ** t
         nu = _owned.held(flat, state.nu, "state.nu", own)
         out = _output(g, own)
-        wd = None if decayed is None else decayed[0]
+        wd, ps = (None, []) if decayed is None else (decayed[0], [decayed[1]])
 
         def step(i: int, gs: torch.Tensor, vs: torch.Tensor, os: torch.Tensor, *rest: torch.Tensor) -> None:
+            p_s, scratch = rest[:len(ps)], rest[len(ps):]  # the params' slice (with a decay), the scratch
             vs.mul_(d).addcmul_(gs, gs, value=1.0 - d)
-            _ratio_into(os, gs, vs, 1.0, c, e, 0.0, rest[-1] if len(rest) > (wd is not None) else os)
-            if wd is not None:
-                os.add_(rest[0], alpha=wd)
+            _ratio_into(os, gs, vs, 1.0, c, e, 0.0, scratch[0] if scratch else os)
+            if p_s:
+                os.add_(p_s[0], alpha=wd)
             if factor is not None:
                 os.mul_(factor)
 
-        cols = [list(x) for x in zip(g, nu, out)] if decayed is None else [list(x) for x in zip(g, nu, out, decayed[1])]
-        _owned.by_slices(cols, step, _scratch_needed(out, g))
+        _owned.by_slices([list(x) for x in zip(g, nu, out, *ps)], step, _scratch_needed(out, g))
         return _owned.finish(flat, out, state, {"count": state.count + 1}, nu=nu)
     if factor is not None or decayed is not None:
         raise AssertionError("a folded factor is for the eager CPU path only")
@@ -541,15 +541,13 @@ def _rms_debiased_then_lr(decay: Any, eps: Any, learning_rate: Any, weight_decay
                 or not isinstance(state[0], ScaleByRmsDebiasedState)):
             return ref_update(updates, state, params, own, **extra)
         flat = _Flat(updates)
+        wd = None if weight_decay is None else _sv(weight_decay)
         if not flat.live or not _owned.on_cpu(flat.live) or not _eager_numbers(
-                _count_value(state[0].count) + 1, _sv(decay), _sv(eps)):
+                _count_value(state[0].count) + 1, _sv(decay), _sv(eps), wd):
             return ref_update(updates, state, params, own, **extra)
-        decayed = None
-        if weight_decay is not None:
-            wd = _tree.as_scalar(weight_decay)
-            if params is None or isinstance(wd, torch.Tensor):  # the chain's own error, or a traced decay
-                return ref_update(updates, state, params, own, **extra)
-            decayed = (wd, flat.params_live(params, "add_decayed_weights"))
+        if wd is not None and params is None:  # the chain's own error
+            return ref_update(updates, state, params, own, **extra)
+        decayed = None if wd is None else (wd, flat.params_live(params, "add_decayed_weights"))
         one, lr_state = lr.update([torch.ones((), dtype=torch.float64)], state[-1])
         if one[0].requires_grad:
             return ref_update(updates, state, params, own, **extra)

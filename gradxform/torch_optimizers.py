@@ -106,9 +106,14 @@ def _realized(xs: list[Any]) -> list[Any]:
     them one tiny kernel. Values unchanged; elsewhere ``xs`` itself."""
     if not xs or not _tree.is_compiling() or not all(isinstance(x, torch.Tensor) for x in xs):
         return xs
-    v = torch.stack([x.reshape(()).to(torch.float64) for x in xs])
-    v = v.unsqueeze(1).expand(len(xs), _REALIZE_WIDTH).amax(dim=1)
+    v = _kept(torch.stack([x.reshape(()).to(torch.float64) for x in xs]))
     return [v[i] for i in range(len(xs))]
+
+
+def _kept(v: torch.Tensor) -> torch.Tensor:
+    """``v`` (1-d) through an amax over ``_REALIZE_WIDTH`` copies of each element: a reduction,
+    which inductor always materialises, so ``v`` is computed once in a tiny kernel."""
+    return v.unsqueeze(1).expand(v.shape[0], _REALIZE_WIDTH).amax(dim=1)
 
 
 def _realized_apart(rows: list[list[Any]]) -> list[list[Any]]:
@@ -116,7 +121,7 @@ def _realized_apart(rows: list[list[Any]]) -> list[list[Any]]:
     torch.compile: inductor fuses element loops of the same size that read a common buffer (the
     hyperparameters) into one loop over several leaves, whose many memory streams run slower
     than one loop per leaf; loops that read only their own row stay apart. The row is built by
-    selects (no ``cat``, whose lowering adds a view per element) and kept by an amax, as in
+    selects (no ``cat``, whose lowering adds a view per element) and kept by `_kept`, as in
     `_realized`. Values unchanged (float64); elsewhere ``rows`` itself."""
     if not rows or not _tree.is_compiling():
         return rows
@@ -127,7 +132,7 @@ def _realized_apart(rows: list[list[Any]]) -> list[list[Any]]:
         v = torch.as_tensor(row[-1], dtype=torch.float64).expand(n)
         for j in range(n - 2, -1, -1):
             v = torch.where(i == j, torch.as_tensor(row[j], dtype=torch.float64), v)
-        v = v.unsqueeze(1).expand(n, _REALIZE_WIDTH).amax(dim=1)
+        v = _kept(v)
         out.append([v[j] for j in range(n)])
     return out
 
