@@ -418,6 +418,11 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
     is per leaf, as torch.optim's per-param buffer: a leaf frozen (``None``) for a while starts
     when it first receives an update.
 
+    Declares the add into the params (`gradxform.base.call_apply`): under `gradxform.Optimizer`
+    a chain that ends in ``trace`` (optax's LARS) adds the buffer into CPU params itself (the
+    bits of ``p + b_t``) instead of returning a copy of it, and an update that the caller hands
+    over (a temporary an earlier block made) receives the output instead of a new tensor.
+
     Args:
         decay: the momentum ``mu`` (>= 0; a number or a 0-d tensor).
         nesterov: output ``g_t + decay * b_t`` (Nesterov momentum) instead of ``b_t``.
@@ -450,8 +455,8 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
     def init(params: Params) -> TraceState:
         return TraceState(_leaf_counts(params), _tree.tree_zeros_like(params))
 
-    def owned_update(updates: Updates, state: TraceState, params: Params | None, own: Ownership) -> tuple[Updates, TraceState]:
-        del params
+    def step(updates: Updates, state: TraceState, params: Params | None, own: Ownership,
+             apply: bool) -> tuple[Updates, TraceState]:
         expect_state(state, TraceState, "trace")
         flat = _Flat(updates)
         if not flat.live:
@@ -473,19 +478,44 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
             # donating compiled step), out of place inside torch.func (see _foreach). The add
             # keeps the buffer's dtype (a 0-d leaf times a float64 weight would be float64).
             _fe.add_(buf, [x * (1.0 - damp * (c > 1).to(x.dtype)) for x, c in zip(g, after)])
+        # The incoming updates may be reused for the output when the caller grants them (a
+        # temporary an earlier block of the chain made): the same kernels, no new buffer.
+        reuse = own.may_write(g) and not _tree.pure_ops()
         if nesterov:
             if isinstance(mu, torch.Tensor):
                 out = list(_fe.add(g, _fe.mul(buf, mu)))
+            elif reuse:
+                _fe.add_(g, buf, alpha=mu)
+                out = list(g)
             else:
                 out = list(_fe.add(g, buf, alpha=mu))
+            ps = _apply_params(flat, params, out) if apply and reuse else None
         else:
-            # A copy: the output must not alias the state buffer, which the caller (or a later
-            # in-place transform inside the adapter) may otherwise overwrite.
-            out = [b.clone() for b in buf]
+            # the output must not alias the state buffer, which the caller (or a later in-place
+            # transform inside the adapter) may otherwise overwrite: a copy, or the buffer added
+            # straight into the params (`call_apply`: p + b, the rounding of the apply)
+            ps = _apply_params(flat, params, buf) if apply else None
+            if ps is not None:
+                out = buf
+            elif reuse:
+                for x, b in zip(g, buf):
+                    x.copy_(b)
+                out = list(g)
+            else:
+                out = [b.clone() for b in buf]
         new_state = TraceState(flat.rebuild(after, like=state.count), flat.rebuild(buf, like=state.trace))
+        if ps is not None:
+            _fe.add_(ps, out)
+            return flat.rebuild([None] * len(out)), new_state
         return flat.rebuild(out), new_state
 
-    return owned_transform(init, owned_update)
+    def owned_update(updates: Updates, state: TraceState, params: Params | None, own: Ownership) -> tuple[Updates, TraceState]:
+        return step(updates, state, params, own, False)
+
+    def owned_apply(updates: Updates, state: TraceState, params: Params, own: Ownership) -> tuple[Updates, TraceState]:
+        return step(updates, state, params, own, True)
+
+    return declare(owned_transform(init, owned_update), owned_apply=owned_apply)
 
 
 # --- adaptive moments ---------------------------------------------------------------------------

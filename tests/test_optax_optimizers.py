@@ -515,6 +515,8 @@ ONE_TEMPORARY = {
     "adan": lambda: gx.adan(1e-3, weight_decay=0.01), "sm3": lambda: gx.sm3(0.1), "amsgrad": lambda: gx.amsgrad(1e-3),
     "adamaxw": lambda: gx.adamaxw(1e-3), "signum": lambda: gx.signum(1e-2),
     "optimistic_gradient_descent": lambda: gx.optimistic_gradient_descent(1e-2),
+    # trace last: the momentum goes into the params (before: 2, a clone of the buffer)
+    "lars": lambda: gx.lars(0.1, weight_decay=1e-4), "lars_nesterov": lambda: gx.lars(0.1, nesterov=True),
 }
 
 

@@ -5,6 +5,8 @@ Under ``gx.Optimizer`` (which owns the state and adds the update into the params
 - a chain ending in ``scale_by_learning_rate`` adds ``-lr u`` into the params itself, slice by
   slice (`gradxform.base.call_apply`), with the rounding of ``p + (-lr u)`` computed the pure
   way (a fused ``p.add_(u, alpha=-lr)`` rounds once and would differ);
+- a chain ending in ``trace`` (optax's LARS) adds the momentum buffer into the params (the
+  bits of ``p + b``) rather than a copy of it;
 - yogi, adabelief, optax's Adam (nadamw, lamb), optax's Rprop, schedule-free's debiased RMS and
   schedule-free's own step work through each leaf one cache-sized slice at a time, so that a
   state buffer is read and written once per step and no intermediate result is params-sized.
@@ -44,6 +46,13 @@ ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     "schedule_free_adamw_wd_warmup": lambda: gx.schedule_free_adamw(1e-3, weight_decay=0.1, warmup_steps=3),
     "lion": lambda: gx.lion(1e-4),
     "amsgrad": lambda: gx.amsgrad(1e-3),
+    # trace last (optax's LARS): the momentum buffer is added into the params (it was cloned
+    # into a new params-sized output, then added by the adapter); Nesterov's output is made in
+    # the incoming temporary
+    "lars": lambda: gx.lars(0.5, weight_decay=1e-3),
+    "lars_nesterov": lambda: gx.lars(0.5, trust_coefficient=0.01, eps=1e-6, nesterov=True),
+    "trace": lambda: gx.trace(0.9),  # straight on the gradients, which the adapter never writes
+    "lr_then_trace_dampened": lambda: gx.chain(gx.scale_by_learning_rate(0.1), gx.trace(0.8, dampening=0.3)),
 }
 # a leaf of 4 full slices and a partial one, one of exactly one slice, small ones
 SHAPES = [(4 * _CHUNK + 123,), (_CHUNK,), (300, 7), (17,), (1,)]
@@ -242,3 +251,21 @@ def test_an_accelerator_keeps_the_foreach_kernels(name, monkeypatch):
     for _ in range(2):
         updates, state = call_apply(tx, [torch.ones_like(p) for p in ps], state, ps, Ownership(state=True, updates=True))
         assert [u.shape for u in updates] == [p.shape for p in ps]
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["heavy_ball", "nesterov"])
+def test_trace_writes_its_output_into_a_donated_update_never_into_its_buffer(nesterov):
+    """With the updates donated, trace's output is the donated tensor (no new buffer), equal to
+    the pure update's; without, a new tensor; never the state's buffer, which a later in-place
+    block of the chain would otherwise overwrite."""
+    params = [torch.zeros(5, dtype=torch.float64)]
+    ta, tb = gx.trace(0.9, nesterov=nesterov), gx.trace(0.9, nesterov=nesterov)
+    sa, sb = ta.init(params), tb.init(params)
+    for k in range(3):
+        g = [torch.linspace(-1, 1, 5, dtype=torch.float64) * (k + 1)]
+        donated = [x.clone() for x in g]
+        ua, sa = gx.update_in_place(ta, donated, sa, params, donate_updates=True)
+        ub, sb = tb.update(g, sb, params)
+        assert torch.equal(ua[0], ub[0]) and torch.equal(sa.trace[0], sb.trace[0]), k
+        assert ua[0] is donated[0] and ub[0] is not g[0], k
+        assert ua[0].data_ptr() != sa.trace[0].data_ptr() and ub[0].data_ptr() != sb.trace[0].data_ptr(), k
