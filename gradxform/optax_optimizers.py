@@ -38,6 +38,7 @@ from .base import (
     Params,
     Updates,
     chain,
+    declare,
     owned_transform,
     recorded,
     stateless,
@@ -46,7 +47,9 @@ from .combine import inject_hyperparams, masked
 from .transforms import (
     ScalarOrSchedule,
     _Flat,
+    _apply_params,
     _leaf_counts,
+    _plain,
     _step_counts,
     add_decayed_weights,
     check_float,
@@ -1695,16 +1698,42 @@ class _EmaState(NamedTuple):
 
 @recorded
 def _add_scaled_params(weight: Any) -> GradientTransformation:
-    """``u <- u + weight * p`` for any sign of ``weight`` (fromage's shrink)."""
+    """``u <- u + weight * p`` for any sign of ``weight`` (fromage's shrink).
 
-    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
+    Eager on CPU leaves with a number ``weight``, ``weight * p`` is made one cache-sized slice at
+    a time (`_owned.by_slices`) and added into an update the caller owns, or, for a caller that
+    adds the update into the params right after (`gradxform.base.call_apply`), ``u + weight p``
+    is added into the params slice by slice: the kernels of the pure form per element (``+`` is
+    commutative to the bit), no params-sized temporary."""
+
+    def step(updates: Updates, params: Params | None, own: Ownership, apply: bool) -> Updates:
         flat = _Flat(updates)
         if not flat.live:
             return updates
         p = flat.params_live(params, "fromage")
-        return flat.rebuild(list(_fe.add(flat.live, _fe.mul(p, _tree.as_scalar(weight)))))
+        w, u = _tree.as_scalar(weight), flat.live
+        sliced = (isinstance(w, (int, float)) and _owned.on_cpu(u) and _plain(u) and _plain(p)
+                  and all(a.dtype == b.dtype for a, b in zip(u, p)))
+        ps = _apply_params(flat, params, u) if apply and sliced else None
+        if ps is not None:
+            def into_params(i: int, pi: torch.Tensor, ui: torch.Tensor, s: torch.Tensor) -> None:
+                pi.add_(torch.mul(pi, w, out=s).add_(ui))
+            _owned.by_slices(list(zip(ps, u)), into_params, scratch=1)
+            return flat.rebuild([None] * len(u))
+        if sliced and own.may_write(u):
+            def into_update(i: int, ui: torch.Tensor, pi: torch.Tensor, s: torch.Tensor) -> None:
+                ui.add_(torch.mul(pi, w, out=s))
+            _owned.by_slices(list(zip(u, p)), into_update, scratch=1)
+            return flat.rebuild(u)
+        return flat.rebuild(list(_fe.add(u, _fe.mul(p, w))))
 
-    return stateless(update_fn)
+    def update_fn(updates: Updates, params: Params | None, own: Ownership = PURE) -> Updates:
+        return step(updates, params, own, False)
+
+    def owned_apply(updates: Updates, state: Any, params: Params, own: Ownership) -> tuple[Updates, Any]:
+        return step(updates, params, own, True), state
+
+    return declare(stateless(update_fn), owned_apply=owned_apply)
 
 
 # --- aliases --------------------------------------------------------------------------------------

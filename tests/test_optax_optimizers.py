@@ -517,6 +517,7 @@ ONE_TEMPORARY = {
     "optimistic_gradient_descent": lambda: gx.optimistic_gradient_descent(1e-2),
     # trace last: the momentum goes into the params (before: 2, a clone of the buffer)
     "lars": lambda: gx.lars(0.1, weight_decay=1e-4), "lars_nesterov": lambda: gx.lars(0.1, nesterov=True),
+    "fromage": lambda: gx.fromage(1e-2),  # the shrink's c p slice by slice (before: 3)
 }
 
 

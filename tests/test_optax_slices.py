@@ -6,7 +6,8 @@ Under ``gx.Optimizer`` (which owns the state and adds the update into the params
   slice (`gradxform.base.call_apply`), with the rounding of ``p + (-lr u)`` computed the pure
   way (a fused ``p.add_(u, alpha=-lr)`` rounds once and would differ);
 - a chain ending in ``trace`` (optax's LARS) adds the momentum buffer into the params (the
-  bits of ``p + b``) rather than a copy of it;
+  bits of ``p + b``) rather than a copy of it; fromage adds ``u + (c - 1) p`` into the params
+  slice by slice;
 - yogi, adabelief, optax's Adam (nadamw, lamb), optax's Rprop, schedule-free's debiased RMS and
   schedule-free's own step work through each leaf one cache-sized slice at a time, so that a
   state buffer is read and written once per step and no intermediate result is params-sized.
@@ -53,6 +54,8 @@ ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     "lars_nesterov": lambda: gx.lars(0.5, trust_coefficient=0.01, eps=1e-6, nesterov=True),
     "trace": lambda: gx.trace(0.9),  # straight on the gradients, which the adapter never writes
     "lr_then_trace_dampened": lambda: gx.chain(gx.scale_by_learning_rate(0.1), gx.trace(0.8, dampening=0.3)),
+    # fromage's shrink u + (c - 1) p, last: made slice by slice and added into the params
+    "fromage": lambda: gx.fromage(1e-2),
 }
 # a leaf of 4 full slices and a partial one, one of exactly one slice, small ones
 SHAPES = [(4 * _CHUNK + 123,), (_CHUNK,), (300, 7), (17,), (1,)]
