@@ -1314,7 +1314,18 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
             # The state keeps a copy of g, in its own buffers when they are ours, never g itself:
             # a donated update may be reused by the caller (a zero_grad(set_to_none=False) on it
             # would then zero the state)
-            prev_eff = [x if int(c) == 0 else pv for c, x, pv in zip(old_counts, g, prev)]
+            first = [int(c) == 0 for c in old_counts]
+            if own.state and own.may_write(g) and _owned.on_cpu(g) and _plain(g) and _plain(prev):
+                # the output into the owned update itself, one cache-sized slice at a time (read
+                # for the output and the new g_prev, then written): no params-sized temporary
+                def into_update(i: int, x: torch.Tensor, pv: torch.Tensor, t: torch.Tensor) -> None:
+                    torch.mul(x, a + b, out=t).add_(x if first[i] else pv, alpha=-b)
+                    pv.copy_(x)
+                    x.copy_(t)
+                _owned.by_slices(list(zip(g, prev)), into_update, scratch=1)
+                counts = _step_counts(flat, state.count, own.state)
+                return _owned.finish(flat, g, state, count=counts, previous_gradient=prev)
+            prev_eff = [x if f else pv for f, x, pv in zip(first, g, prev)]
             out = list(_fe.mul(g, a + b))
             _fe.add_(out, prev_eff, alpha=-b)
             if own.state:
@@ -2323,7 +2334,8 @@ def optimistic_gradient_descent(learning_rate: ScalarOrSchedule, alpha: float = 
 
 def _oadam(lr: Any, optimism: Any, b1: Any, b2: Any, eps: Any, eps_root: Any, nesterov: bool) -> GradientTransformation:
     return chain(_scale_by_optax_adam(b1, b2, eps, eps_root, nesterov, "adam"),
-                 scale_by_optimistic_gradient(lr, lr if optimism is None else optimism), scale(-1.0))
+                 scale_by_optimistic_gradient(lr, lr if optimism is None else optimism),
+                 scale_by_learning_rate(1.0))  # scale(-1.0) that adds itself into the params under gx.Optimizer
 
 
 @recorded

@@ -538,6 +538,14 @@ def test_nadamw_makes_one_params_sized_temporary():
     assert temporaries_per_step(lambda: gx.nadamw(1e-3), shapes=LARGE) <= 1.2
 
 
+def test_optimistic_adam_makes_one_params_sized_temporary():
+    """The optimistic step writes ``(lr + o) a_t - o a_{t-1}`` into the Adam output it receives,
+    slice by slice (before: a second params-sized output, 2.2 params' worth at this size). The
+    rest is two 256K-element scratch slices (Adam's and this step's), 0.33 of these 1.6M params
+    (0.02 of 25M)."""
+    assert temporaries_per_step(lambda: gx.optimistic_adam(1e-3), shapes=LARGE) <= 1.4
+
+
 def test_noisy_sgd_hashes_in_place():
     """The noise's integer temporaries are made in place over chunks (at this size one chunk per
     leaf: 18 params' worth of short-lived int64 scratch; before, 113: two hash rounds over twice

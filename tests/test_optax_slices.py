@@ -56,6 +56,10 @@ ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     "lr_then_trace_dampened": lambda: gx.chain(gx.scale_by_learning_rate(0.1), gx.trace(0.8, dampening=0.3)),
     # fromage's shrink u + (c - 1) p, last: made slice by slice and added into the params
     "fromage": lambda: gx.fromage(1e-2),
+    # the optimistic step writes into the Adam output it receives, slice by slice
+    "optimistic_adam": lambda: gx.optimistic_adam(1e-2),
+    "optimistic_adam_optimism": lambda: gx.optimistic_adam(1e-2, optimism=0.3, nesterov=False),
+    "optimistic_gradient_descent": lambda: gx.optimistic_gradient_descent(1e-2, alpha=0.7, beta=0.4),
 }
 # a leaf of 4 full slices and a partial one, one of exactly one slice, small ones
 SHAPES = [(4 * _CHUNK + 123,), (_CHUNK,), (300, 7), (17,), (1,)]
@@ -203,7 +207,8 @@ def test_a_step_runs_no_whole_leaf_kernel_but_the_named_ones(name):
     assert mode.kernels == WHOLE_LEAF[name]
 
 
-@pytest.mark.parametrize("name", ["yogi", "adabelief", "nadamw", "nadamw_no_wd_eps_root", "schedule_free_adamw"])
+@pytest.mark.parametrize("name", ["yogi", "adabelief", "nadamw", "nadamw_no_wd_eps_root", "schedule_free_adamw",
+                                  "optimistic_gradient_descent", "trace"])
 def test_donated_updates_take_the_output_and_keep_the_numbers(name):
     """With the incoming updates donated (``update_in_place(..., donate_updates=True)``) the
     sliced step writes its output into them (each slice after its last read, the
