@@ -607,6 +607,17 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
                 os.div_(t.sqrt_().add_(e))
 
             return _moments_by_slices(flat, state, own, counts, beta1, beta2, nu_old, step, 1 if nesterov else None)
+        if fast and kind == "adamax" and _owned.on_cpu(g):
+            # slice by slice, the kernels of the whole-leaf form below: g, mu and nu read once,
+            # the moments and the output written once (the output's slice holds |g| + eps)
+            def adamax_step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
+                            os: torch.Tensor, t: torch.Tensor) -> None:
+                ms.lerp_(gs, 1 - beta1)
+                torch.abs(gs, out=os).add_(e)
+                torch.maximum(vs.mul_(beta2), os, out=vs)
+                os.copy_(vs).mul_(c1).reciprocal_().mul_(ms)
+
+            return _moments_by_slices(flat, state, own, counts, beta1, beta2, nu_old, adamax_step, 0)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         if fast:
             nu_old = _held(nu_old, own)

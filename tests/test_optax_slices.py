@@ -60,6 +60,9 @@ ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     "optimistic_adam": lambda: gx.optimistic_adam(1e-2),
     "optimistic_adam_optimism": lambda: gx.optimistic_adam(1e-2, optimism=0.3, nesterov=False),
     "optimistic_gradient_descent": lambda: gx.optimistic_gradient_descent(1e-2, alpha=0.7, beta=0.4),
+    # optax's Adamax moments and ratio slice by slice
+    "adamaxw": lambda: gx.adamaxw(1e-3),
+    "adamaxw_no_wd": lambda: gx.adamaxw(1e-2, b1=0.8, eps=1e-6, weight_decay=0.0),
 }
 # a leaf of 4 full slices and a partial one, one of exactly one slice, small ones
 SHAPES = [(4 * _CHUNK + 123,), (_CHUNK,), (300, 7), (17,), (1,)]
@@ -106,7 +109,7 @@ def test_optimizer_equals_pure_update_then_add_bit_for_bit(name, dtype):
             assert torch.equal(a, b), f"{name}: state differs"
 
 
-@pytest.mark.parametrize("name", ["yogi", "adabelief", "nadamw", "optax_rprop", "schedule_free_adamw"])
+@pytest.mark.parametrize("name", ["yogi", "adabelief", "nadamw", "optax_rprop", "schedule_free_adamw", "adamaxw_no_wd"])
 def test_non_contiguous_gradients_give_the_same_numbers(name):
     """A transposed (non-contiguous) gradient takes the whole-leaf form of the sliced step: the
     same numbers as its contiguous copy."""
@@ -182,6 +185,8 @@ WHOLE_LEAF = {
     "nadamw_no_wd_eps_root": [],
     "nadamw": ["_foreach_add_.List"],  # add_decayed_weights: u + wd p
     "optax_rprop": [],
+    "adamaxw_no_wd": [],
+    "adamaxw": ["_foreach_add_.List"],  # add_decayed_weights: u + wd p
     "schedule_free_sgd": ["_foreach_mul.Scalar"],  # the base update -lr g
     "schedule_free_adamw": [],  # the base's learning rate on each cached slice (was a whole-leaf multiply)
     "schedule_free_adamw_wd_warmup": [],  # the decay and the rate on each cached slice (were two whole-leaf kernels)
@@ -208,7 +213,7 @@ def test_a_step_runs_no_whole_leaf_kernel_but_the_named_ones(name):
 
 
 @pytest.mark.parametrize("name", ["yogi", "adabelief", "nadamw", "nadamw_no_wd_eps_root", "schedule_free_adamw",
-                                  "optimistic_gradient_descent", "trace"])
+                                  "optimistic_gradient_descent", "trace", "adamaxw_no_wd"])
 def test_donated_updates_take_the_output_and_keep_the_numbers(name):
     """With the incoming updates donated (``update_in_place(..., donate_updates=True)``) the
     sliced step writes its output into them (each slice after its last read, the
