@@ -46,6 +46,7 @@ from .transforms import (
     _Flat,
     add_decayed_weights,
     _apply_params,
+    _plain,
     check_float,
     scale_by_learning_rate,
 )
@@ -913,7 +914,15 @@ def _dadapt_eager(flat: _Flat, state: DAdaptAdamWState, g: list[torch.Tensor], p
     _fe.mul_(out, ea)
     _fe.mul_(out, -1.0)
     if use_weight_decay:
-        _fe.add_(out, _fe.mul(p, -_sv(weight_decay) * dlr))
+        k = -_sv(weight_decay) * dlr
+        if not _tree.traced() and not _tree.pure_ops() and _owned.on_cpu(out) and _plain(out) and _plain(p):
+            # out += k p with k p made one cached slice at a time (the kernels of the form
+            # below, no second params-sized temporary)
+            def decay(i: int, o: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> None:
+                o.add_(torch.mul(x, k, out=t))
+            _owned.by_slices(list(zip(out, p)), decay, scratch=1)
+        else:
+            _fe.add_(out, _fe.mul(p, k))
     scalars = {"estim_lr": new_d, "numerator_weighted": num, "count": state.count + 1}
     return _owned.finish(flat, out, state, scalars, exp_avg=ea, exp_avg_sq=eas, grad_sum=s)
 
@@ -1540,7 +1549,14 @@ def scale_by_madgrad(learning_rate: ScalarOrSchedule, momentum: float | torch.Te
         else:
             _fe.add_(gss, _fe.mul(_fe.mul(g, g), lam))
             _fe.add_(s, _fe.mul(g, lam))
-        z = list(_pow(gss, 1.0 / 3.0))
+        if own.may_write(g) and not _tree.pure_ops():
+            # sigma into the incoming update, which the caller hands over (the decayed gradient
+            # add_decayed_weights made): its last read was the sums above
+            z = g
+            for zi, v in zip(z, gss):
+                torch.pow(v, 1.0 / 3.0, out=zi)
+        else:
+            z = list(_pow(gss, 1.0 / 3.0))
         _fe.add_(z, e)
         _reciprocal_(z)
         _fe.mul_(z, s)  # s / sigma, in sigma's buffer

@@ -440,7 +440,11 @@ def test_madgrad_equals_authors_package():
     ("prodigy", lambda: gx.prodigy(1.0), 1.2, False),
     ("dog", lambda: gx.dog(1.0), 1.2, False),
     ("dadapt_adamw", lambda: gx.dadapt_adamw(1.0), 1.2, False),
+    # the decay's w p made slice by slice in a 256K-element scratch (was a second params-sized one)
+    ("dadapt_adamw_wd", lambda: gx.dadapt_adamw(1.0, weight_decay=0.01), 1.2, True),
     ("madgrad", lambda: gx.madgrad(1e-2), 1.2, False),
+    # sigma written into the decayed gradient add_decayed_weights made (was a second temporary)
+    ("madgrad_wd", lambda: gx.madgrad(1e-2, weight_decay=0.01), 1.2, False),
     ("cocob", lambda: gx.cocob(), 2.2, False),  # |g| then the ratio; x - x0 then the output
     ("adopt", lambda: gx.adopt(1e-3), 1.2, False),
     ("adopt_nesterov", lambda: gx.adopt(1e-3, nesterov=True), 1.2, False),

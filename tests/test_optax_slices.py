@@ -64,6 +64,12 @@ ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     "adamaxw": lambda: gx.adamaxw(1e-3),
     "adamaxw_no_wd": lambda: gx.adamaxw(1e-2, b1=0.8, eps=1e-6, weight_decay=0.0),
 }
+# steps that reuse their input or slice a term but leave the add into the params to the adapter:
+# checked bit for bit only
+BITS_ONLY: dict[str, Callable[[], gx.GradientTransformation]] = {
+    "madgrad_wd": lambda: gx.madgrad(1e-2, weight_decay=0.01),  # sigma written into the decayed gradient
+    "dadapt_adamw_wd": lambda: gx.dadapt_adamw(1.0, weight_decay=0.05),  # the decay's term slice by slice
+}
 # a leaf of 4 full slices and a partial one, one of exactly one slice, small ones
 SHAPES = [(4 * _CHUNK + 123,), (_CHUNK,), (300, 7), (17,), (1,)]
 
@@ -79,12 +85,12 @@ def _grads(ps: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name", sorted(ALIASES))
+@pytest.mark.parametrize("name", sorted(ALIASES) + sorted(BITS_ONLY))
 def test_optimizer_equals_pure_update_then_add_bit_for_bit(name, dtype):
     """gx.Optimizer (sliced, the lr added into the params) against the pure ``tx.update`` +
     ``apply_updates`` and against ``update_in_place`` + ``apply_updates(inplace=True)``: equal
     bits over 6 steps (schedule-free's and rprop's steps included), params and float state."""
-    make = ALIASES[name]
+    make = {**ALIASES, **BITS_ONLY}[name]
     ps = _params(dtype)
     ref = [p.detach().clone() for p in ps]
     pure = [p.detach().clone() for p in ps]
