@@ -185,6 +185,14 @@ def dtensor_foreach_complete() -> bool:
     return _at_least(2, 13)
 
 
+def foreach_sparse() -> bool:
+    """Whether the foreach kernels take sparse (COO) tensors: torch 2.13 (measured); torch 2.1.2
+    has none for the ``SparseCPU`` key (``aten::_foreach_mul.Scalar``), so there gradxform's
+    foreach ops run such leaves one by one with the same per-tensor ops. Versions in between
+    are treated as lacking them (untested). Version-based: torch offers no query."""
+    return _at_least(2, 13)
+
+
 def foreach_scalarlist_traceable() -> bool:
     """Whether dynamo can trace the ``ScalarList`` overloads of the foreach ops (a list of Python
     numbers, e.g. ``torch._foreach_div_(xs, [0.9, 0.99])``): they need a meta kernel, missing in

@@ -25,9 +25,13 @@ def _per_leaf_on_old_torch(xs: Any, args: tuple[Any, ...]) -> bool:
     """Whether a foreach op must run leaf by leaf (with the same arithmetic) on this torch: a list
     of Python numbers under torch.compile before torch 2.13 (no meta kernel for the ``ScalarList``
     overloads, measured on 2.1.2, so inductor cannot trace them), or a tensor as the scalar (an
-    injected hyperparameter: dynamo 2.1 reads it with ``.item()``, a data-dependent graph break)."""
-    return not _compat.foreach_scalarlist_traceable() and _tree.is_compiling() and any(
-        _is_scalar_list(a) or isinstance(a, torch.Tensor) for a in args)
+    injected hyperparameter: dynamo 2.1 reads it with ``.item()``, a data-dependent graph break);
+    or a sparse leaf before torch 2.13 (`gradxform._compat.foreach_sparse`)."""
+    if _compat.foreach_scalarlist_traceable():  # torch >= 2.13: nothing else is looked up
+        return False
+    if _tree.is_compiling():
+        return any(_is_scalar_list(a) or isinstance(a, torch.Tensor) for a in args)
+    return not _compat.foreach_sparse() and any(isinstance(x, torch.Tensor) and x.is_sparse for x in xs)
 
 
 def _local(arg: Any) -> Any:
