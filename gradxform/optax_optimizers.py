@@ -39,6 +39,7 @@ from .base import (
     Updates,
     chain,
     declare,
+    info_of,
     owned_transform,
     recorded,
     stateless,
@@ -1783,7 +1784,38 @@ def _decayed(parts: list[GradientTransformation], weight_decay: Any, mask: Any, 
 def _lion(lr: Any, b1: Any, b2: Any, weight_decay: Any, mask: Any, use_weight_decay: bool) -> GradientTransformation:
     parts = [scale_by_lion(b1, b2)]
     _decayed(parts, weight_decay, mask, use_weight_decay)
-    return chain(*parts, scale_by_learning_rate(lr))
+    tx = chain(*parts, scale_by_learning_rate(lr))
+    chain_apply = info_of(tx).owned_apply
+    if chain_apply is None or mask is not None:
+        return tx
+
+    def owned_apply(updates: Updates, state: tuple[Any, ...], params: Params, own: Ownership) -> tuple[Updates, Any]:
+        # Under gx.Optimizer the whole chain one cache-sized slice at a time: sign(lerp(m, g)),
+        # the moment, the decay and -lr u added into the params, the kernels of the three
+        # blocks' eager paths per element (the same bits); the update is never params-sized.
+        if not isinstance(state, tuple) or len(state) != len(parts) + 1:
+            return chain_apply(updates, state, params, own)  # (which names what is wrong)
+        flat = _owned.live(updates, state[0], ScaleByLionState, "scale_by_lion")
+        hps = [_tree.as_scalar(x) for x in (-1.0 * lr, b1, b2, weight_decay if use_weight_decay else 0.0)]
+        ps = _apply_params(flat, params, flat.live) if flat is not None else None
+        if ps is None or _tree.pure_ops() or not all(isinstance(x, (int, float)) for x in hps):
+            return chain_apply(updates, state, params, own)
+        k, beta1, beta2, wd = hps
+        counts = _step_counts(flat, state[0].count, own.state)
+        mu = _owned.held(flat, state[0].mu, "state.mu", own)
+
+        def step(i: int, gs: torch.Tensor, ms: torch.Tensor, pf: torch.Tensor, t: torch.Tensor) -> None:
+            torch.lerp(ms, gs, 1 - beta1, out=t).sign_()
+            ms.lerp_(gs, 1 - beta2)
+            if use_weight_decay:
+                t.add_(pf, alpha=wd)
+            pf.add_(t.mul_(k))
+
+        _owned.by_slices(list(zip(flat.live, mu, ps)), step, scratch=1)
+        lion_state = _owned.restate(flat, state[0], count=counts, mu=mu)
+        return flat.rebuild([None] * len(ps)), (lion_state, *state[1:])
+
+    return declare(tx, owned_apply=owned_apply)
 
 
 @recorded

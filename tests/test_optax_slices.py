@@ -46,7 +46,9 @@ ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     "schedule_free_adamw": lambda: gx.schedule_free_adamw(1e-3),
     "schedule_free_adamw_warmup": lambda: gx.schedule_free_adamw(1e-3, warmup_steps=3),  # the rate folded
     "schedule_free_adamw_wd_warmup": lambda: gx.schedule_free_adamw(1e-3, weight_decay=0.1, warmup_steps=3),
-    "lion": lambda: gx.lion(1e-4),
+    "lion": lambda: gx.lion(1e-4),  # the whole chain slice by slice (sign, moment, decay, rate)
+    "lion_no_wd_schedule": lambda: gx.lion(lambda c: 1e-3 * 0.9 ** c, b1=0.8, weight_decay=0.0),
+    "lion_mask": lambda: gx.lion(1e-3, weight_decay=0.1, mask=lambda ps: [p.ndim > 1 for p in ps]),  # chain's path
     "amsgrad": lambda: gx.amsgrad(1e-3),
     # trace last (optax's LARS): the momentum buffer is added into the params (it was cloned
     # into a new params-sized output, then added by the adapter); Nesterov's output is made in
@@ -193,6 +195,9 @@ WHOLE_LEAF = {
     "nadamw": ["_foreach_add_.List"],  # add_decayed_weights: u + wd p
     "optax_rprop": [],
     "adamaxw_no_wd": [],
+    "lion": [],
+    # with a decay mask the three blocks run as a chain (the update made whole, then sliced into the params)
+    "lion_mask": ["_foreach_lerp.Scalar", "_foreach_sign_.default", "_foreach_lerp_.Scalar", "_foreach_add_.List"],
     "adamaxw": ["_foreach_add_.List"],  # add_decayed_weights: u + wd p
     "schedule_free_sgd": ["_foreach_mul.Scalar"],  # the base update -lr g
     "schedule_free_adamw": [],  # the base's learning rate on each cached slice (was a whole-leaf multiply)
