@@ -1762,6 +1762,43 @@ def _add_scaled_params(weight: Any) -> GradientTransformation:
 # --- aliases --------------------------------------------------------------------------------------
 
 
+def _sliced_chain(tx: GradientTransformation, members: int, state_cls: type, who: str, buffers: tuple[str, ...],
+                  hyperparams: tuple[Any, ...], body: Callable[..., Callable[..., None]]) -> GradientTransformation:
+    """``tx`` (a `chain` of ``members`` ending in ``scale_by_learning_rate``, whose first member
+    keeps ``state_cls``: a per-leaf ``count`` when it has one, and the params-shaped ``buffers``)
+    declaring an ``owned_apply`` (`gradxform.base.call_apply`) that runs the whole chain one
+    cache-sized slice at a time and adds into the params: the update is never params-sized.
+
+    ``body(*numbers, first)`` (the ``hyperparams`` read as numbers, ``first[i]`` whether leaf
+    ``i`` takes its first step) returns ``step(i, g, *buffers, param, scratch)`` for
+    `_owned.by_slices`, written with the kernels of the members' eager paths, so the numbers are
+    the chain's to the bit (`tests/test_optax_slices.py`). Anything else (a hyperparameter that
+    stays a tensor, a traced or ``torch.func`` step, params not on the CPU or not plain) takes
+    the chain's own ``owned_apply``."""
+    chain_apply = info_of(tx).owned_apply
+    if chain_apply is None:
+        return tx
+    counted = "count" in state_cls._fields
+
+    def owned_apply(updates: Updates, state: tuple[Any, ...], params: Params, own: Ownership) -> tuple[Updates, Any]:
+        if not isinstance(state, tuple) or len(state) != members:
+            return chain_apply(updates, state, params, own)  # (which names what is wrong)
+        flat = _owned.live(updates, state[0], state_cls, who)
+        numbers = [_tree.as_scalar(x) for x in hyperparams]
+        ps = _apply_params(flat, params, flat.live) if flat is not None else None
+        if ps is None or _tree.pure_ops() or not all(isinstance(x, (int, float)) for x in numbers):
+            return chain_apply(updates, state, params, own)
+        trees = {f: _owned.held(flat, getattr(state[0], f), f"state.{f}", own) for f in buffers}
+        first = [False] * len(ps)
+        if counted:
+            first = [int(c) == 0 for c in flat.state_live(state[0].count, "state.count", check_shapes=False)]
+            trees["count"] = _step_counts(flat, state[0].count, own.state)
+        _owned.by_slices(list(zip(flat.live, *[trees[f] for f in buffers], ps)), body(*numbers, first), scratch=1)
+        return flat.rebuild([None] * len(ps)), (_owned.restate(flat, state[0], **trees), *state[1:])
+
+    return declare(tx, owned_apply=owned_apply)
+
+
 def _nonzero(x: Any) -> bool:
     if not isinstance(x, torch.Tensor) and callable(x):
         return True
@@ -1785,37 +1822,20 @@ def _lion(lr: Any, b1: Any, b2: Any, weight_decay: Any, mask: Any, use_weight_de
     parts = [scale_by_lion(b1, b2)]
     _decayed(parts, weight_decay, mask, use_weight_decay)
     tx = chain(*parts, scale_by_learning_rate(lr))
-    chain_apply = info_of(tx).owned_apply
-    if chain_apply is None or mask is not None:
+    if mask is not None:
         return tx
 
-    def owned_apply(updates: Updates, state: tuple[Any, ...], params: Params, own: Ownership) -> tuple[Updates, Any]:
-        # Under gx.Optimizer the whole chain one cache-sized slice at a time: sign(lerp(m, g)),
-        # the moment, the decay and -lr u added into the params, the kernels of the three
-        # blocks' eager paths per element (the same bits); the update is never params-sized.
-        if not isinstance(state, tuple) or len(state) != len(parts) + 1:
-            return chain_apply(updates, state, params, own)  # (which names what is wrong)
-        flat = _owned.live(updates, state[0], ScaleByLionState, "scale_by_lion")
-        hps = [_tree.as_scalar(x) for x in (-1.0 * lr, b1, b2, weight_decay if use_weight_decay else 0.0)]
-        ps = _apply_params(flat, params, flat.live) if flat is not None else None
-        if ps is None or _tree.pure_ops() or not all(isinstance(x, (int, float)) for x in hps):
-            return chain_apply(updates, state, params, own)
-        k, beta1, beta2, wd = hps
-        counts = _step_counts(flat, state[0].count, own.state)
-        mu = _owned.held(flat, state[0].mu, "state.mu", own)
-
+    def body(k: float, beta1: float, beta2: float, wd: float, first: list[bool]) -> Callable[..., None]:
         def step(i: int, gs: torch.Tensor, ms: torch.Tensor, pf: torch.Tensor, t: torch.Tensor) -> None:
-            torch.lerp(ms, gs, 1 - beta1, out=t).sign_()
+            torch.lerp(ms, gs, 1 - beta1, out=t).sign_()  # scale_by_lion
             ms.lerp_(gs, 1 - beta2)
             if use_weight_decay:
-                t.add_(pf, alpha=wd)
-            pf.add_(t.mul_(k))
+                t.add_(pf, alpha=wd)  # add_decayed_weights
+            pf.add_(t.mul_(k))  # scale_by_learning_rate's add into the params
+        return step
 
-        _owned.by_slices(list(zip(flat.live, mu, ps)), step, scratch=1)
-        lion_state = _owned.restate(flat, state[0], count=counts, mu=mu)
-        return flat.rebuild([None] * len(ps)), (lion_state, *state[1:])
-
-    return declare(tx, owned_apply=owned_apply)
+    return _sliced_chain(tx, len(parts) + 1, ScaleByLionState, "scale_by_lion", ("mu",),
+                         (-1.0 * lr, b1, b2, weight_decay if use_weight_decay else 0.0), body)
 
 
 @recorded
@@ -2249,7 +2269,14 @@ def sign_sgd(learning_rate: ScalarOrSchedule) -> GradientTransformation:
 
 
 def _signum(lr: Any, beta: Any) -> GradientTransformation:
-    return chain(_ema_no_debias(beta), scale_by_sign(), scale_by_learning_rate(lr))
+    def body(k: float, b: float, first: list[bool]) -> Callable[..., None]:
+        def step(i: int, gs: torch.Tensor, ms: torch.Tensor, pf: torch.Tensor, t: torch.Tensor) -> None:
+            ms.lerp_(gs, 1 - b)  # the EMA
+            pf.add_(torch.sign(ms, out=t).mul_(k))  # its sign, -lr times it into the params
+        return step
+
+    return _sliced_chain(chain(_ema_no_debias(beta), scale_by_sign(), scale_by_learning_rate(lr)), 3, _EmaState,
+                         "signum (ema)", ("ema",), (-1.0 * lr, beta), body)
 
 
 @recorded
@@ -2346,7 +2373,16 @@ def polyak_sgd(max_learning_rate: float = 1.0, scaling: ScalarOrSchedule = 1.0, 
 
 
 def _ogd(lr: Any, alpha: Any, beta: Any) -> GradientTransformation:
-    return chain(scale_by_optimistic_gradient(alpha, beta), scale_by_learning_rate(lr))
+    def body(k: float, a: float, b: float, first: list[bool]) -> Callable[..., None]:
+        def step(i: int, gs: torch.Tensor, pv: torch.Tensor, pf: torch.Tensor, t: torch.Tensor) -> None:
+            torch.mul(gs, a + b, out=t).add_(gs if first[i] else pv, alpha=-b)  # (a + b) g - b g_prev
+            pv.copy_(gs)
+            pf.add_(t.mul_(k))
+        return step
+
+    return _sliced_chain(chain(scale_by_optimistic_gradient(alpha, beta), scale_by_learning_rate(lr)), 2,
+                         ScaleByOptimisticGradientState, "scale_by_optimistic_gradient", ("previous_gradient",),
+                         (-1.0 * lr, alpha, beta), body)
 
 
 @recorded

@@ -49,6 +49,7 @@ ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     "lion": lambda: gx.lion(1e-4),  # the whole chain slice by slice (sign, moment, decay, rate)
     "lion_no_wd_schedule": lambda: gx.lion(lambda c: 1e-3 * 0.9 ** c, b1=0.8, weight_decay=0.0),
     "lion_mask": lambda: gx.lion(1e-3, weight_decay=0.1, mask=lambda ps: [p.ndim > 1 for p in ps]),  # chain's path
+    "signum": lambda: gx.signum(1e-2, beta=0.8),  # the EMA, its sign and the rate slice by slice
     "amsgrad": lambda: gx.amsgrad(1e-3),
     # trace last (optax's LARS): the momentum buffer is added into the params (it was cloned
     # into a new params-sized output, then added by the adapter); Nesterov's output is made in
@@ -196,6 +197,8 @@ WHOLE_LEAF = {
     "optax_rprop": [],
     "adamaxw_no_wd": [],
     "lion": [],
+    "signum": [],
+    "optimistic_gradient_descent": [],
     # with a decay mask the three blocks run as a chain (the update made whole, then sliced into the params)
     "lion_mask": ["_foreach_lerp.Scalar", "_foreach_sign_.default", "_foreach_lerp_.Scalar", "_foreach_add_.List"],
     "adamaxw": ["_foreach_add_.List"],  # add_decayed_weights: u + wd p
