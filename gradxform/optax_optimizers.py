@@ -563,6 +563,45 @@ def _amsgrad_max(kind: str, nu_max: Any) -> dict[str, Any]:
     return {"nu_max": nu_max} if kind == "amsgrad" else {}
 
 
+def _adam_sliceable(kind: str, nesterov: bool, beta1: Any) -> bool:
+    """Whether `_adam_slice_step` covers this flavour of optax's Adam (eager, number decays)."""
+    return kind == "adamax" or (kind == "adam" and not (nesterov and _is_zero(beta1)))
+
+
+def _adam_slice_step(kind: str, nesterov: bool, beta1: float, beta2: float, e: Any, er: Any,
+                     ts: list[int]) -> Callable[..., None]:
+    """One slice of optax's Adam (``kind="adam"``, plain or Nesterov) or Adamax: ``step(i, c1, c2,
+    g, mu, nu, out, t)`` updates the moments in place and writes the output (``t`` a scratch
+    slice, possibly ``out`` itself for plain Adam; ``c1``, ``c2`` leaf ``i``'s bias corrections,
+    ``ts`` the leaves' step numbers): the kernels of the whole-leaf eager form, the same numbers."""
+    if kind == "adamax":
+        def adamax_step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
+                        os: torch.Tensor, t: torch.Tensor) -> None:
+            ms.lerp_(gs, 1 - beta1)
+            torch.abs(gs, out=os).add_(e)  # |g| + eps
+            torch.maximum(vs.mul_(beta2), os, out=vs)
+            os.copy_(vs).mul_(c1).reciprocal_().mul_(ms)
+        return adamax_step
+    # Nesterov's numerator b1 mu / c1' + (1 - b1) g / c1 as a (mu + (b / a) g)
+    c1s = [1 - beta1 ** t for t in ts]
+    a = [beta1 / (1 - beta1 ** (t + 1)) for t in ts] if nesterov else c1s
+    k = [(1 - beta1) / c / ai for c, ai in zip(c1s, a)] if nesterov else c1s
+
+    def step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
+             os: torch.Tensor, t: torch.Tensor) -> None:
+        ms.lerp_(gs, 1 - beta1)
+        vs.mul_(beta2).addcmul_(gs, gs, value=1 - beta2)
+        if not nesterov:
+            _ratio_into(os, ms, vs, c1, c2, e, er, t)
+            return
+        torch.mul(gs, k[i], out=os).add_(ms).mul_(a[i])
+        torch.div(vs, c2, out=t)
+        if not _is_zero(er):
+            t.add_(er)
+        os.div_(t.sqrt_().add_(e))
+    return step
+
+
 @recorded
 def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_root: Any = 0.0, nesterov: bool = False,
                          kind: str = "adam", bias_correction_mu: bool = True,
@@ -586,39 +625,12 @@ def _scale_by_optax_adam(b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, eps_ro
         nu_old = flat.state_live(state.nu, "state.nu")
         nu_max = None
         fast = _eager(own, counts, beta1, beta2) and bias_correction_mu and bias_correction_nu
-        if fast and kind == "adam" and not (nesterov and _is_zero(beta1)) and _owned.on_cpu(g):
+        if fast and _adam_sliceable(kind, nesterov, beta1) and _owned.on_cpu(g):
             # slice by slice (`_owned.by_slices`): g, mu and nu are read once and the moments
             # written once; the denominator lives in a cached scratch
-            # Nesterov's numerator b1 mu / c1' + (1 - b1) g / c1 as a (mu + (b / a) g)
-            c1s = _bias_corrections(counts, beta1)
-            a = [beta1 / c for c in _bias_corrections(counts, beta1, shift=1)] if nesterov else c1s
-            k = [(1 - beta1) / c / ai for c, ai in zip(c1s, a)] if nesterov else c1s
-
-            def step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
-                     os: torch.Tensor, t: torch.Tensor) -> None:
-                ms.lerp_(gs, 1 - beta1)
-                vs.mul_(beta2).addcmul_(gs, gs, value=1 - beta2)
-                if not nesterov:
-                    _ratio_into(os, ms, vs, c1, c2, e, er, t)
-                    return
-                torch.mul(gs, k[i], out=os).add_(ms).mul_(a[i])
-                torch.div(vs, c2, out=t)
-                if not _is_zero(er):
-                    t.add_(er)
-                os.div_(t.sqrt_().add_(e))
-
-            return _moments_by_slices(flat, state, own, counts, beta1, beta2, nu_old, step, 1 if nesterov else None)
-        if fast and kind == "adamax" and _owned.on_cpu(g):
-            # slice by slice, the kernels of the whole-leaf form below: g, mu and nu read once,
-            # the moments and the output written once (the output's slice holds |g| + eps)
-            def adamax_step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
-                            os: torch.Tensor, t: torch.Tensor) -> None:
-                ms.lerp_(gs, 1 - beta1)
-                torch.abs(gs, out=os).add_(e)
-                torch.maximum(vs.mul_(beta2), os, out=vs)
-                os.copy_(vs).mul_(c1).reciprocal_().mul_(ms)
-
-            return _moments_by_slices(flat, state, own, counts, beta1, beta2, nu_old, adamax_step, 0)
+            step = _adam_slice_step(kind, nesterov, beta1, beta2, e, er, [int(c) for c in counts])
+            scratch = (1 if nesterov else None) if kind == "adam" else 0
+            return _moments_by_slices(flat, state, own, counts, beta1, beta2, nu_old, step, scratch)
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         if fast:
             nu_old = _held(nu_old, own)
@@ -1763,18 +1775,21 @@ def _add_scaled_params(weight: Any) -> GradientTransformation:
 
 
 def _sliced_chain(tx: GradientTransformation, members: int, state_cls: type, who: str, buffers: tuple[str, ...],
-                  hyperparams: tuple[Any, ...], body: Callable[..., Callable[..., None]]) -> GradientTransformation:
+                  hyperparams: tuple[Any, ...], body: Callable[..., Callable[..., None]],
+                  scratch: int = 1, when: Callable[..., bool] | None = None) -> GradientTransformation:
     """``tx`` (a `chain` of ``members`` ending in ``scale_by_learning_rate``, whose first member
     keeps ``state_cls``: a per-leaf ``count`` when it has one, and the params-shaped ``buffers``)
     declaring an ``owned_apply`` (`gradxform.base.call_apply`) that runs the whole chain one
     cache-sized slice at a time and adds into the params: the update is never params-sized.
 
-    ``body(*numbers, first)`` (the ``hyperparams`` read as numbers, ``first[i]`` whether leaf
-    ``i`` takes its first step) returns ``step(i, g, *buffers, param, scratch)`` for
-    `_owned.by_slices`, written with the kernels of the members' eager paths, so the numbers are
-    the chain's to the bit (`tests/test_optax_slices.py`). Anything else (a hyperparameter that
-    stays a tensor, a traced or ``torch.func`` step, params not on the CPU or not plain) takes
-    the chain's own ``owned_apply``."""
+    ``body(*numbers, ts)`` (the ``hyperparams`` read as numbers, ``ts[i]`` leaf ``i``'s step
+    number after this step, 1 at its first; 0 without a count) returns ``step(i, g, *buffers,
+    param, *scratch)`` (``scratch`` slices) for `_owned.by_slices`, written with the kernels of
+    the members' eager paths, so the numbers are the chain's to the bit
+    (`tests/test_optax_slices.py`). ``when(*numbers)``, if given, may decline the numbers.
+    Anything else (declined numbers, a hyperparameter that stays a tensor, a traced or
+    ``torch.func`` step, params not on the CPU or not plain) takes the chain's own
+    ``owned_apply``."""
     chain_apply = info_of(tx).owned_apply
     if chain_apply is None:
         return tx
@@ -1786,14 +1801,15 @@ def _sliced_chain(tx: GradientTransformation, members: int, state_cls: type, who
         flat = _owned.live(updates, state[0], state_cls, who)
         numbers = [_tree.as_scalar(x) for x in hyperparams]
         ps = _apply_params(flat, params, flat.live) if flat is not None else None
-        if ps is None or _tree.pure_ops() or not all(isinstance(x, (int, float)) for x in numbers):
+        if (ps is None or _tree.pure_ops() or not all(isinstance(x, (int, float)) for x in numbers)
+                or (when is not None and not when(*numbers))):
             return chain_apply(updates, state, params, own)
         trees = {f: _owned.held(flat, getattr(state[0], f), f"state.{f}", own) for f in buffers}
-        first = [False] * len(ps)
+        ts = [0] * len(ps)
         if counted:
-            first = [int(c) == 0 for c in flat.state_live(state[0].count, "state.count", check_shapes=False)]
             trees["count"] = _step_counts(flat, state[0].count, own.state)
-        _owned.by_slices(list(zip(flat.live, *[trees[f] for f in buffers], ps)), body(*numbers, first), scratch=1)
+            ts = [int(c) for c in trees["count"]]
+        _owned.by_slices(list(zip(flat.live, *[trees[f] for f in buffers], ps)), body(*numbers, ts), scratch=scratch)
         return flat.rebuild([None] * len(ps)), (_owned.restate(flat, state[0], **trees), *state[1:])
 
     return declare(tx, owned_apply=owned_apply)
@@ -1825,7 +1841,7 @@ def _lion(lr: Any, b1: Any, b2: Any, weight_decay: Any, mask: Any, use_weight_de
     if mask is not None:
         return tx
 
-    def body(k: float, beta1: float, beta2: float, wd: float, first: list[bool]) -> Callable[..., None]:
+    def body(k: float, beta1: float, beta2: float, wd: float, ts: list[int]) -> Callable[..., None]:
         def step(i: int, gs: torch.Tensor, ms: torch.Tensor, pf: torch.Tensor, t: torch.Tensor) -> None:
             torch.lerp(ms, gs, 1 - beta1, out=t).sign_()  # scale_by_lion
             ms.lerp_(gs, 1 - beta2)
@@ -1876,7 +1892,26 @@ def _adam_wd(lr: Any, b1: Any, b2: Any, eps: Any, eps_root: Any, weight_decay: A
     _decayed(parts, weight_decay, mask, use_weight_decay)
     if trust_ratio:
         parts.append(scale_by_trust_ratio())
-    return chain(*parts, scale_by_learning_rate(lr))
+    tx = chain(*parts, scale_by_learning_rate(lr))
+    if trust_ratio or mask is not None or kind not in ("adam", "adamax"):
+        return tx
+
+    def body(k: float, beta1: float, beta2: float, e: float, er: float, wd: float,
+             ts: list[int]) -> Callable[..., None]:
+        inner = _adam_slice_step(kind, nesterov, beta1, beta2, e, er, ts)
+        c1s, c2s = [1 - beta1 ** t for t in ts], [1 - beta2 ** t for t in ts]
+
+        def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, pf: torch.Tensor,
+                 os: torch.Tensor, t: torch.Tensor) -> None:
+            inner(i, c1s[i], c2s[i], gs, ms, vs, os, t)  # the block's output, in a scratch slice
+            if use_weight_decay:
+                os.add_(pf, alpha=wd)  # add_decayed_weights
+            pf.add_(os.mul_(k))  # scale_by_learning_rate's add into the params
+        return step
+
+    return _sliced_chain(tx, len(parts) + 1, OptaxAdamState, "scale_by_adam (optax)", ("mu", "nu"),
+                         (-1.0 * lr, b1, b2, eps, eps_root, weight_decay if use_weight_decay else 0.0), body,
+                         scratch=2, when=lambda k, beta1, *rest: _adam_sliceable(kind, nesterov, beta1))
 
 
 def _adam_alias(learning_rate: Any, b1: Any, b2: Any, eps: Any, eps_root: Any, weight_decay: Any, mask: Any,
@@ -2269,7 +2304,7 @@ def sign_sgd(learning_rate: ScalarOrSchedule) -> GradientTransformation:
 
 
 def _signum(lr: Any, beta: Any) -> GradientTransformation:
-    def body(k: float, b: float, first: list[bool]) -> Callable[..., None]:
+    def body(k: float, b: float, ts: list[int]) -> Callable[..., None]:
         def step(i: int, gs: torch.Tensor, ms: torch.Tensor, pf: torch.Tensor, t: torch.Tensor) -> None:
             ms.lerp_(gs, 1 - b)  # the EMA
             pf.add_(torch.sign(ms, out=t).mul_(k))  # its sign, -lr times it into the params
@@ -2373,9 +2408,9 @@ def polyak_sgd(max_learning_rate: float = 1.0, scaling: ScalarOrSchedule = 1.0, 
 
 
 def _ogd(lr: Any, alpha: Any, beta: Any) -> GradientTransformation:
-    def body(k: float, a: float, b: float, first: list[bool]) -> Callable[..., None]:
+    def body(k: float, a: float, b: float, ts: list[int]) -> Callable[..., None]:
         def step(i: int, gs: torch.Tensor, pv: torch.Tensor, pf: torch.Tensor, t: torch.Tensor) -> None:
-            torch.mul(gs, a + b, out=t).add_(gs if first[i] else pv, alpha=-b)  # (a + b) g - b g_prev
+            torch.mul(gs, a + b, out=t).add_(gs if ts[i] == 1 else pv, alpha=-b)  # (a + b) g - b g_prev
             pv.copy_(gs)
             pf.add_(t.mul_(k))
         return step

@@ -67,6 +67,8 @@ ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     # optax's Adamax moments and ratio slice by slice
     "adamaxw": lambda: gx.adamaxw(1e-3),
     "adamaxw_no_wd": lambda: gx.adamaxw(1e-2, b1=0.8, eps=1e-6, weight_decay=0.0),
+    "adamaxw_mask": lambda: gx.adamaxw(1e-2, mask=lambda ps: [p.ndim > 1 for p in ps]),  # the chain's path
+    "nadamw_b1_zero": lambda: gx.nadamw(1e-3, b1=0.0),  # Nesterov at b1 = 0: declined, the chain's path
 }
 # steps that reuse their input or slice a term but leave the add into the params to the adapter:
 # checked bit for bit only
@@ -193,7 +195,7 @@ WHOLE_LEAF = {
     "yogi": [],
     "adabelief": [],
     "nadamw_no_wd_eps_root": [],
-    "nadamw": ["_foreach_add_.List"],  # add_decayed_weights: u + wd p
+    "nadamw": [],  # the whole chain slice by slice, the decay's u + wd p included (was one whole-leaf add)
     "optax_rprop": [],
     "adamaxw_no_wd": [],
     "lion": [],
@@ -201,7 +203,7 @@ WHOLE_LEAF = {
     "optimistic_gradient_descent": [],
     # with a decay mask the three blocks run as a chain (the update made whole, then sliced into the params)
     "lion_mask": ["_foreach_lerp.Scalar", "_foreach_sign_.default", "_foreach_lerp_.Scalar", "_foreach_add_.List"],
-    "adamaxw": ["_foreach_add_.List"],  # add_decayed_weights: u + wd p
+    "adamaxw": [],
     "schedule_free_sgd": ["_foreach_mul.Scalar"],  # the base update -lr g
     "schedule_free_adamw": [],  # the base's learning rate on each cached slice (was a whole-leaf multiply)
     "schedule_free_adamw_wd_warmup": [],  # the decay and the rate on each cached slice (were two whole-leaf kernels)
