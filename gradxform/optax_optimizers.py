@@ -434,17 +434,8 @@ def scale_by_belief(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         if not nesterov and _eager(own, counts, beta1, beta2) and _owned.on_cpu(g):
             # slice by slice (`_owned.by_slices`): g, mu and nu are read once and the moments
             # written once; the residual g - mu and the denominator live in a cached scratch
-            def step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
-                     os: torch.Tensor, t: torch.Tensor) -> None:
-                ms.lerp_(gs, 1 - beta1)
-                torch.sub(gs, ms, out=t)
-                vs.mul_(beta2).addcmul_(t, t, value=1 - beta2)
-                if not _is_zero(er):
-                    vs.add_(er)
-                _ratio_into(os, ms, vs, c1, c2, e, 0.0, t)
-
             return _moments_by_slices(flat, state, own, counts, beta1, beta2, flat.state_live(state.nu, "state.nu"),
-                                      step)
+                                      _belief_slice_step(beta1, beta2, e, er))
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         err = list(_sub(g, mu))
         nu = _moment_sq(flat.state_live(state.nu, "state.nu"), err, beta2, own.state)
@@ -514,15 +505,8 @@ def scale_by_yogi(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         if _eager(own, counts, beta1, beta2) and _owned.on_cpu(g):
             # slice by slice (`_owned.by_slices`): g, mu and nu are read once and the moments
             # written once; t = sign(nu - g^2) g and the denominator live in a cached scratch
-            def step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
-                     os: torch.Tensor, t: torch.Tensor) -> None:
-                ms.lerp_(gs, 1 - beta1)
-                torch.sub(vs, torch.mul(gs, gs, out=t), out=t).sign_().mul_(gs)
-                vs.addcmul_(t, gs, value=-(1 - beta2))
-                _ratio_into(os, ms, vs, c1, c2, e, er, t)
-
             return _moments_by_slices(flat, state, own, counts, beta1, beta2, flat.state_live(state.nu, "state.nu"),
-                                      step)
+                                      _yogi_slice_step(beta1, beta2, e, er))
         mu = _moment(flat.state_live(state.mu, "state.mu"), g, beta1, own.state)
         nu_old = flat.state_live(state.nu, "state.nu")
         g2 = list(_fe.mul(g, g))
@@ -561,6 +545,30 @@ class OptaxAdamState(NamedTuple):
 def _amsgrad_max(kind: str, nu_max: Any) -> dict[str, Any]:
     """The ``nu_max`` field to store: AMSGrad's maximum, else none (the state keeps ``None``)."""
     return {"nu_max": nu_max} if kind == "amsgrad" else {}
+
+
+def _belief_slice_step(beta1: float, beta2: float, e: Any, er: Any, ts: list[int] | None = None) -> Callable[..., None]:
+    """One slice of AdaBelief (see `_adam_slice_step` for the signature of the step)."""
+    def step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
+             os: torch.Tensor, t: torch.Tensor) -> None:
+        ms.lerp_(gs, 1 - beta1)
+        torch.sub(gs, ms, out=t)
+        vs.mul_(beta2).addcmul_(t, t, value=1 - beta2)
+        if not _is_zero(er):
+            vs.add_(er)
+        _ratio_into(os, ms, vs, c1, c2, e, 0.0, t)
+    return step
+
+
+def _yogi_slice_step(beta1: float, beta2: float, e: Any, er: Any, ts: list[int] | None = None) -> Callable[..., None]:
+    """One slice of Yogi (see `_adam_slice_step` for the signature of the step)."""
+    def step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
+             os: torch.Tensor, t: torch.Tensor) -> None:
+        ms.lerp_(gs, 1 - beta1)
+        torch.sub(vs, torch.mul(gs, gs, out=t), out=t).sign_().mul_(gs)
+        vs.addcmul_(t, gs, value=-(1 - beta2))
+        _ratio_into(os, ms, vs, c1, c2, e, er, t)
+    return step
 
 
 def _adam_sliceable(kind: str, nesterov: bool, beta1: Any) -> bool:
@@ -1815,6 +1823,32 @@ def _sliced_chain(tx: GradientTransformation, members: int, state_cls: type, who
     return declare(tx, owned_apply=owned_apply)
 
 
+def _sliced_moments_chain(tx: GradientTransformation, members: int, state_cls: type, who: str, lr: Any, b1: Any,
+                          b2: Any, others: tuple[Any, ...], make_step: Callable[..., Callable[..., None]],
+                          weight_decay: Any = None, when: Callable[..., bool] | None = None) -> GradientTransformation:
+    """`_sliced_chain` for ``chain(block, [add_decayed_weights(weight_decay)],
+    scale_by_learning_rate(lr))`` with a two-moment block (state ``count``, ``mu``, ``nu``) whose
+    slice step is ``make_step(beta1, beta2, *others, ts)`` (`_adam_slice_step`'s signature): the
+    block's output is made in a scratch slice, decayed and added into the params times ``-lr``."""
+    use_wd = weight_decay is not None
+
+    def body(k: float, beta1: float, beta2: float, *rest: Any) -> Callable[..., None]:
+        *values, wd, ts = rest
+        inner = make_step(beta1, beta2, *values, ts)
+        c1s, c2s = [1 - beta1 ** t for t in ts], [1 - beta2 ** t for t in ts]
+
+        def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, pf: torch.Tensor,
+                 os: torch.Tensor, t: torch.Tensor) -> None:
+            inner(i, c1s[i], c2s[i], gs, ms, vs, os, t)  # the block's output, in a scratch slice
+            if use_wd:
+                os.add_(pf, alpha=wd)  # add_decayed_weights
+            pf.add_(os.mul_(k))  # scale_by_learning_rate's add into the params
+        return step
+
+    return _sliced_chain(tx, members, state_cls, who, ("mu", "nu"),
+                         (-1.0 * lr, b1, b2, *others, weight_decay if use_wd else 0.0), body, scratch=2, when=when)
+
+
 def _nonzero(x: Any) -> bool:
     if not isinstance(x, torch.Tensor) and callable(x):
         return True
@@ -1895,23 +1929,10 @@ def _adam_wd(lr: Any, b1: Any, b2: Any, eps: Any, eps_root: Any, weight_decay: A
     tx = chain(*parts, scale_by_learning_rate(lr))
     if trust_ratio or mask is not None or kind not in ("adam", "adamax"):
         return tx
-
-    def body(k: float, beta1: float, beta2: float, e: float, er: float, wd: float,
-             ts: list[int]) -> Callable[..., None]:
-        inner = _adam_slice_step(kind, nesterov, beta1, beta2, e, er, ts)
-        c1s, c2s = [1 - beta1 ** t for t in ts], [1 - beta2 ** t for t in ts]
-
-        def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, pf: torch.Tensor,
-                 os: torch.Tensor, t: torch.Tensor) -> None:
-            inner(i, c1s[i], c2s[i], gs, ms, vs, os, t)  # the block's output, in a scratch slice
-            if use_weight_decay:
-                os.add_(pf, alpha=wd)  # add_decayed_weights
-            pf.add_(os.mul_(k))  # scale_by_learning_rate's add into the params
-        return step
-
-    return _sliced_chain(tx, len(parts) + 1, OptaxAdamState, "scale_by_adam (optax)", ("mu", "nu"),
-                         (-1.0 * lr, b1, b2, eps, eps_root, weight_decay if use_weight_decay else 0.0), body,
-                         scratch=2, when=lambda k, beta1, *rest: _adam_sliceable(kind, nesterov, beta1))
+    return _sliced_moments_chain(
+        tx, len(parts) + 1, OptaxAdamState, "scale_by_adam (optax)", lr, b1, b2, (eps, eps_root),
+        lambda beta1, beta2, e, er, ts: _adam_slice_step(kind, nesterov, beta1, beta2, e, er, ts),
+        weight_decay if use_weight_decay else None, when=lambda k, beta1, *rest: _adam_sliceable(kind, nesterov, beta1))
 
 
 def _adam_alias(learning_rate: Any, b1: Any, b2: Any, eps: Any, eps_root: Any, weight_decay: Any, mask: Any,
@@ -2088,7 +2109,11 @@ def lars(learning_rate: ScalarOrSchedule, weight_decay: ScalarOrSchedule = 0.0, 
 
 
 def _belief(lr: Any, b1: Any, b2: Any, eps: Any, eps_root: Any, nesterov: bool) -> GradientTransformation:
-    return chain(scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov), scale_by_learning_rate(lr))
+    tx = chain(scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov), scale_by_learning_rate(lr))
+    if nesterov:
+        return tx
+    return _sliced_moments_chain(tx, 2, ScaleByBeliefState, "scale_by_belief", lr, b1, b2, (eps, eps_root),
+                                 _belief_slice_step)
 
 
 @recorded
@@ -2121,7 +2146,9 @@ def adabelief(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.99
 
 
 def _yogi(lr: Any, b1: Any, b2: Any, eps: Any) -> GradientTransformation:
-    return chain(scale_by_yogi(b1, b2, eps), scale_by_learning_rate(lr))
+    tx = chain(scale_by_yogi(b1, b2, eps), scale_by_learning_rate(lr))
+    # (scale_by_yogi's eps_root default, 0.0, as the block reads it)
+    return _sliced_moments_chain(tx, 2, ScaleByYogiState, "scale_by_yogi", lr, b1, b2, (eps, 0.0), _yogi_slice_step)
 
 
 @recorded

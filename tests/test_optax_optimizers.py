@@ -552,6 +552,8 @@ def test_optimistic_adam_makes_one_params_sized_temporary():
     ("optimistic_gradient_descent", lambda: gx.optimistic_gradient_descent(1e-2), 0.2),
     ("nadamw", lambda: gx.nadamw(1e-3), 0.4),  # two scratch slices: the output's and the denominator's
     ("adamaxw", lambda: gx.adamaxw(1e-3), 0.4),
+    ("yogi", lambda: gx.yogi(1e-2), 0.4),
+    ("adabelief", lambda: gx.adabelief(1e-3), 0.4),
 ])
 def test_a_sliced_chain_makes_no_params_sized_temporary(name, make, limit):
     """Under gx.Optimizer these chains (lion: sign update, moment, decay, rate; signum: EMA,

@@ -37,6 +37,7 @@ ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     "yogi": lambda: gx.yogi(1e-2),
     "adabelief": lambda: gx.adabelief(1e-3),
     "adabelief_eps_root0": lambda: gx.adabelief(1e-3, eps_root=0.0),
+    "adabelief_nesterov": lambda: gx.adabelief(1e-3, nesterov=True),  # the chain's path (a whole-leaf block)
     "nadamw": lambda: gx.nadamw(1e-3),
     "nadamw_no_wd_eps_root": lambda: gx.nadamw(1e-3, weight_decay=0.0, eps_root=1e-9),
     "lamb": lambda: gx.lamb(1e-3, weight_decay=0.01),
