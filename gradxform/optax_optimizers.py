@@ -1651,6 +1651,29 @@ class OptaxRpropState(NamedTuple):
     prev_updates: Any
 
 
+def _rprop_slice_step(lr: float, em: float, ep: float, lo: float, hi: float) -> Callable[..., None]:
+    """One slice of optax's Rprop, eager and owned: ``step(i, g, step_sizes, prev, out, sgn, a)``
+    rewrites the state in place and writes the output (``sgn``, ``a``: scratch slices). The
+    selects are exact arithmetic on sgn = sign(g * prev) (CPU comparisons, where and masked_fill
+    are not vectorised: 3-15x the cost of a multiply): factor = clamp(K sgn, em, ep) is em or ep
+    exactly; nz = sgn^2 and keep = clamp(sgn + 1, 0, 1) are 0 or 1, and lerp(a, b, w) is a at
+    w = 0 and b at w = 1 exactly (torch's two-sided lerp; finite values); a zeroed entry may be
+    -0.0 where the select gives 0.0 (equal values)."""
+    big = 2.0 * max(abs(ep), abs(em), 1.0)
+    rel_lo, rel_hi = lo / lr, hi / lr
+
+    def step(i: int, gs: torch.Tensor, st: torch.Tensor, pv: torch.Tensor, os: torch.Tensor,
+             sgn: torch.Tensor, a: torch.Tensor) -> None:
+        torch.mul(gs, pv, out=sgn).sign_()
+        torch.mul(sgn, big, out=a).clamp_(min=em, max=ep).mul_(st).clamp_(min=rel_lo, max=rel_hi)
+        # the step sizes (units of lr); nz made in the output's slice, written below
+        st.lerp_(a, torch.mul(sgn, sgn, out=os))
+        keep = sgn.add_(1.0).clamp_(min=0.0, max=1.0)
+        torch.mul(pv, keep, out=os)  # the output: last step's update
+        torch.sign(gs, out=pv).mul_(st).mul_(lr).mul_(keep)  # this step's update
+    return step
+
+
 @recorded
 def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: Any = 1.2, min_step_size: Any = 1e-6,
                           max_step_size: Any = 50.0) -> GradientTransformation:
@@ -1672,27 +1695,9 @@ def _scale_by_optax_rprop(learning_rate: Any, eta_minus: Any = 0.5, eta_plus: An
         if (_inplace(own) and not any(isinstance(x, torch.Tensor) for x in (lr, em, ep, lo, hi)) and em <= ep
                 and _owned.on_cpu(flat.live)):
             # eager and owned: slice by slice (`_owned.by_slices`), the state rewritten in place,
-            # g and the state read once, the output written once. The selects are exact
-            # arithmetic on sgn = sign(g * prev) (CPU comparisons, where and masked_fill are
-            # not vectorised: 3-15x the cost of a multiply): factor = clamp(K sgn, em, ep) is em
-            # or ep exactly; nz = sgn^2 and keep = clamp(sgn + 1, 0, 1) are 0 or 1, and
-            # lerp(a, b, w) is a at w = 0 and b at w = 1 exactly (torch's two-sided lerp; finite
-            # values); a zeroed entry may be -0.0 where the select gives 0.0 (equal values).
+            # g and the state read once, the output written once (`_rprop_slice_step`)
             out = [torch.empty_like(g) for g in flat.live]
-            big = 2.0 * max(abs(ep), abs(em), 1.0)
-            rel_lo, rel_hi = lo / lr, hi / lr
-
-            def step(i: int, gs: torch.Tensor, st: torch.Tensor, pv: torch.Tensor, os: torch.Tensor,
-                     sgn: torch.Tensor, a: torch.Tensor) -> None:
-                torch.mul(gs, pv, out=sgn).sign_()
-                torch.mul(sgn, big, out=a).clamp_(min=em, max=ep).mul_(st).clamp_(min=rel_lo, max=rel_hi)
-                # the step sizes (units of lr); nz made in the output's slice, written below
-                st.lerp_(a, torch.mul(sgn, sgn, out=os))
-                keep = sgn.add_(1.0).clamp_(min=0.0, max=1.0)
-                torch.mul(pv, keep, out=os)  # the output: last step's update
-                torch.sign(gs, out=pv).mul_(st).mul_(lr).mul_(keep)  # this step's update
-
-            _owned.by_slices(list(zip(flat.live, steps_old, prev_old, out)), step, 2)
+            _owned.by_slices(list(zip(flat.live, steps_old, prev_old, out)), _rprop_slice_step(lr, em, ep, lo, hi), 2)
             return flat.rebuild(out), state
         steps, prev, out = [], [], []
         for g, s_old, p_old in zip(flat.live, steps_old, prev_old):
@@ -2517,8 +2522,21 @@ def optimistic_adam(learning_rate: float, optimism: float | None = None, b1: flo
 
 def _rprop(lr: Any, eta_minus: Any, eta_plus: Any, min_step_size: Any, max_step_size: Any) -> GradientTransformation:
     # scale_by_learning_rate(1.0) is scale(-1.0) that adds itself into the params under gx.Optimizer
-    return chain(_scale_by_optax_rprop(lr, eta_minus, eta_plus, min_step_size, max_step_size),
-                 scale_by_learning_rate(1.0))
+    tx = chain(_scale_by_optax_rprop(lr, eta_minus, eta_plus, min_step_size, max_step_size),
+               scale_by_learning_rate(1.0))
+
+    def body(k: float, lr_: float, em: float, ep: float, lo: float, hi: float, ts: list[int]) -> Callable[..., None]:
+        inner = _rprop_slice_step(lr_, em, ep, lo, hi)
+
+        def step(i: int, gs: torch.Tensor, st: torch.Tensor, pv: torch.Tensor, pf: torch.Tensor,
+                 os: torch.Tensor, sgn: torch.Tensor, a: torch.Tensor) -> None:
+            inner(i, gs, st, pv, os, sgn, a)  # the block's output, in a scratch slice
+            pf.add_(os.mul_(k))  # scale_by_learning_rate(1.0)'s add into the params
+        return step
+
+    return _sliced_chain(tx, 2, OptaxRpropState, "optax_rprop", ("step_sizes", "prev_updates"),
+                         (-1.0 * 1.0, lr, eta_minus, eta_plus, min_step_size, max_step_size), body, scratch=3,
+                         when=lambda k, lr_, em, ep, lo, hi: em <= ep)
 
 
 @recorded

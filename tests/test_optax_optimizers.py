@@ -554,6 +554,7 @@ def test_optimistic_adam_makes_one_params_sized_temporary():
     ("adamaxw", lambda: gx.adamaxw(1e-3), 0.4),
     ("yogi", lambda: gx.yogi(1e-2), 0.4),
     ("adabelief", lambda: gx.adabelief(1e-3), 0.4),
+    ("optax_rprop", lambda: gx.optax_rprop(1e-2), 0.55),  # three scratch slices (sign, factor, output)
 ])
 def test_a_sliced_chain_makes_no_params_sized_temporary(name, make, limit):
     """Under gx.Optimizer these chains (lion: sign update, moment, decay, rate; signum: EMA,

@@ -41,7 +41,8 @@ ALIASES: dict[str, Callable[[], gx.GradientTransformation]] = {
     "nadamw": lambda: gx.nadamw(1e-3),
     "nadamw_no_wd_eps_root": lambda: gx.nadamw(1e-3, weight_decay=0.0, eps_root=1e-9),
     "lamb": lambda: gx.lamb(1e-3, weight_decay=0.01),
-    "optax_rprop": lambda: gx.optax_rprop(1e-2),
+    "optax_rprop": lambda: gx.optax_rprop(1e-2),  # the whole chain slice by slice into the params
+    "optax_rprop_etas": lambda: gx.optax_rprop(1e-2, eta_minus=0.3, eta_plus=1.5, min_step_size=1e-4, max_step_size=0.05),
     "schedule_free_sgd": lambda: gx.schedule_free_sgd(0.1),
     "schedule_free_sgd_wd_warmup": lambda: gx.schedule_free_sgd(0.1, weight_decay=1e-2, warmup_steps=3),
     "schedule_free_adamw": lambda: gx.schedule_free_adamw(1e-3),
