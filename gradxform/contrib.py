@@ -45,6 +45,7 @@ from .transforms import (
     _ema_sq,
     _Flat,
     add_decayed_weights,
+    _add_scaled_,
     _apply_params,
     _plain,
     check_float,
@@ -918,9 +919,7 @@ def _dadapt_eager(flat: _Flat, state: DAdaptAdamWState, g: list[torch.Tensor], p
         if not _tree.traced() and not _tree.pure_ops() and _owned.on_cpu(out) and _plain(out) and _plain(p):
             # out += k p with k p made one cached slice at a time (the kernels of the form
             # below, no second params-sized temporary)
-            def decay(i: int, o: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> None:
-                o.add_(torch.mul(x, k, out=t))
-            _owned.by_slices(list(zip(out, p)), decay, scratch=1)
+            _add_scaled_(out, p, k)
         else:
             _fe.add_(out, _fe.mul(p, k))
     scalars = {"estim_lr": new_d, "numerator_weighted": num, "count": state.count + 1}

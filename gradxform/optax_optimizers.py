@@ -48,6 +48,7 @@ from .combine import inject_hyperparams, masked
 from .transforms import (
     ScalarOrSchedule,
     _Flat,
+    _add_scaled_,
     _apply_params,
     _leaf_counts,
     _plain,
@@ -89,7 +90,12 @@ def _bias_corrections(counts: list[torch.Tensor], decay: Any, shift: int = 0) ->
     if _scalars_traced(counts, decay):
         t = torch.stack(counts).to(torch.float64) + shift
         return list((1 - decay ** t).unbind())
-    return [1 - decay ** (int(c) + shift) for c in counts]
+    return _corrections([int(c) for c in counts], decay, shift)
+
+
+def _corrections(ts: list[int], decay: float, shift: int = 0) -> list[float]:
+    """`_bias_corrections` from step numbers already read: ``1 - decay**(t + shift)`` per leaf."""
+    return [1 - decay ** (t + shift) for t in ts]
 
 
 def _div_each(xs: list[torch.Tensor], cs: list[Any]) -> list[torch.Tensor]:
@@ -591,8 +597,8 @@ def _adam_slice_step(kind: str, nesterov: bool, beta1: float, beta2: float, e: A
             os.copy_(vs).mul_(c1).reciprocal_().mul_(ms)
         return adamax_step
     # Nesterov's numerator b1 mu / c1' + (1 - b1) g / c1 as a (mu + (b / a) g)
-    c1s = [1 - beta1 ** t for t in ts]
-    a = [beta1 / (1 - beta1 ** (t + 1)) for t in ts] if nesterov else c1s
+    c1s = _corrections(ts, beta1)
+    a = [beta1 / c for c in _corrections(ts, beta1, shift=1)] if nesterov else c1s
     k = [(1 - beta1) / c / ai for c, ai in zip(c1s, a)] if nesterov else c1s
 
     def step(i: int, c1: float, c2: float, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor,
@@ -1301,6 +1307,15 @@ class ScaleByOptimisticGradientState(NamedTuple):
     previous_gradient: Any
 
 
+def _optimistic_slice(g: torch.Tensor, prev: torch.Tensor, out: torch.Tensor, a: float, b: float,
+                      first: bool) -> torch.Tensor:
+    """One slice of the optimistic step: ``out <- (a + b) g - b g_prev`` (``g_prev = g`` at a leaf's
+    first step), then ``prev <- g``; the kernels of the whole-leaf eager form. Returns ``out``."""
+    torch.mul(g, a + b, out=out).add_(g if first else prev, alpha=-b)
+    prev.copy_(g)
+    return out
+
+
 @recorded
 def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float | torch.Tensor = 1.0) -> GradientTransformation:
     """Optimistic gradient (Mokhtari et al., AISTATS 2020, arXiv 1901.08511), as optax.
@@ -1351,9 +1366,7 @@ def scale_by_optimistic_gradient(alpha: float | torch.Tensor = 1.0, beta: float 
                 # the output into the owned update itself, one cache-sized slice at a time (read
                 # for the output and the new g_prev, then written): no params-sized temporary
                 def into_update(i: int, x: torch.Tensor, pv: torch.Tensor, t: torch.Tensor) -> None:
-                    torch.mul(x, a + b, out=t).add_(x if first[i] else pv, alpha=-b)
-                    pv.copy_(x)
-                    x.copy_(t)
+                    x.copy_(_optimistic_slice(x, pv, t, a, b, first[i]))
                 _owned.by_slices(list(zip(g, prev)), into_update, scratch=1)
                 counts = _step_counts(flat, state.count, own.state)
                 return _owned.finish(flat, g, state, count=counts, previous_gradient=prev)
@@ -1769,9 +1782,7 @@ def _add_scaled_params(weight: Any) -> GradientTransformation:
             _owned.by_slices(list(zip(ps, u)), into_params, scratch=1)
             return flat.rebuild([None] * len(u))
         if sliced and own.may_write(u):
-            def into_update(i: int, ui: torch.Tensor, pi: torch.Tensor, s: torch.Tensor) -> None:
-                ui.add_(torch.mul(pi, w, out=s))
-            _owned.by_slices(list(zip(u, p)), into_update, scratch=1)
+            _add_scaled_(u, p, w)  # u + (w p), w p made slice by slice in a scratch
             return flat.rebuild(u)
         return flat.rebuild(list(_fe.add(u, _fe.mul(p, w))))
 
@@ -1840,7 +1851,7 @@ def _sliced_moments_chain(tx: GradientTransformation, members: int, state_cls: t
     def body(k: float, beta1: float, beta2: float, *rest: Any) -> Callable[..., None]:
         *values, wd, ts = rest
         inner = make_step(beta1, beta2, *values, ts)
-        c1s, c2s = [1 - beta1 ** t for t in ts], [1 - beta2 ** t for t in ts]
+        c1s, c2s = _corrections(ts, beta1), _corrections(ts, beta2)
 
         def step(i: int, gs: torch.Tensor, ms: torch.Tensor, vs: torch.Tensor, pf: torch.Tensor,
                  os: torch.Tensor, t: torch.Tensor) -> None:
@@ -2442,9 +2453,7 @@ def polyak_sgd(max_learning_rate: float = 1.0, scaling: ScalarOrSchedule = 1.0, 
 def _ogd(lr: Any, alpha: Any, beta: Any) -> GradientTransformation:
     def body(k: float, a: float, b: float, ts: list[int]) -> Callable[..., None]:
         def step(i: int, gs: torch.Tensor, pv: torch.Tensor, pf: torch.Tensor, t: torch.Tensor) -> None:
-            torch.mul(gs, a + b, out=t).add_(gs if ts[i] == 1 else pv, alpha=-b)  # (a + b) g - b g_prev
-            pv.copy_(gs)
-            pf.add_(t.mul_(k))
+            pf.add_(_optimistic_slice(gs, pv, t, a, b, ts[i] == 1).mul_(k))
         return step
 
     return _sliced_chain(chain(scale_by_optimistic_gradient(alpha, beta), scale_by_learning_rate(lr)), 2,

@@ -139,12 +139,12 @@ def _apply_params(flat: "_Flat", params: Params | None, xs: Sequence[torch.Tenso
     return ps
 
 
-def _add_scaled_(ps: Sequence[torch.Tensor], us: Sequence[torch.Tensor], k: float, writable: bool = False) -> None:
+def _add_scaled_(ps: Sequence[torch.Tensor], us: Sequence[torch.Tensor], k: Any, writable: bool = False) -> None:
     """``p <- p + (k u)`` with the rounding of the two kernels ``k * u`` then ``p + (k u)`` (a
     fused ``p.add_(u, alpha=k)`` rounds once, differently), slice by slice so that ``k u`` stays
-    in cache: ``u`` is read once from memory. ``k u`` is made in ``u``'s own slice when
-    ``writable`` (the caller's private buffer), else in one scratch slice (eager only, plain
-    contiguous leaves, see `_apply_params`)."""
+    in cache: ``u`` is read once from memory (``k`` a number or a 0-d CPU tensor). ``k u`` is
+    made in ``u``'s own slice when ``writable`` (the caller's private buffer), else in one
+    scratch slice (eager only, plain contiguous leaves, see `_apply_params`)."""
     if k == 1:
         for p, u in zip(ps, us):
             p.add_(u)
@@ -498,7 +498,7 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False, dampening: float 
             if ps is not None:
                 out = buf
             elif reuse:
-                for x, b in zip(g, buf):
+                for x, b in zip(g, buf):  # per leaf: DTensor has no sharding rule for _foreach_copy_
                     x.copy_(b)
                 out = list(g)
             else:
